@@ -1,0 +1,200 @@
+"""The contract between the state manager and a storage backend.
+
+A backend stores one document per user id and applies a :class:`Write` to it
+atomically. Everything a write needs is in the write itself (compiled edits,
+limits, TTL, operation id), so a backend holds no merge rules of its own: it
+runs the edits with :func:`chatstate.state.apply_edits` (or, like the Redis
+backend, an equivalent on the server) and reports what happened.
+
+Third-party backends implement :class:`Backend` or :class:`AsyncBackend` and
+prove themselves with the contract suite in :mod:`chatstate.testing`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol, TypeAlias, runtime_checkable
+
+import attrs
+
+from chatstate.exceptions import StateTooLargeError
+from chatstate.state._codec import stored_size
+from chatstate.state._rules import Edit, apply_edits, keep_preserved
+from chatstate.typing import JSONObject, Path
+
+__all__ = [
+    "AsyncBackend",
+    "Backend",
+    "Delete",
+    "Edits",
+    "Operation",
+    "Outcome",
+    "Replace",
+    "Reset",
+    "Snapshot",
+    "Write",
+    "apply_operation",
+]
+
+
+@attrs.frozen
+class Snapshot:
+    """One user's document and its version.
+
+    ``version`` is 0 for a user with no stored document and goes up by one with
+    every write. ``data`` belongs to the caller: changing it changes nothing stored.
+    """
+
+    data: JSONObject = attrs.field(repr=False)
+    version: int
+
+    def __repr__(self) -> str:
+        # Values are left out: a document may hold tokens and personal data.
+        return f"Snapshot(version={self.version}, keys={sorted(self.data)!r})"
+
+
+@attrs.frozen
+class Edits:
+    """Apply compiled edits (an ``update`` or a ``set_preserved``)."""
+
+    edits: tuple[Edit, ...]
+
+
+@attrs.frozen
+class Reset:
+    """Drop everything but the preserved fields."""
+
+    preserved: tuple[Path, ...]
+
+
+@attrs.frozen
+class Replace:
+    """Compare-and-set: store ``data`` only if the stored version is ``expected_version``."""
+
+    data: JSONObject
+    expected_version: int
+
+
+@attrs.frozen
+class Delete:
+    """Remove the document, preserved fields included."""
+
+
+Operation: TypeAlias = Edits | Reset | Replace | Delete
+
+
+@attrs.frozen
+class Write:
+    """One atomic write, as a backend receives it.
+
+    Attributes:
+        operation: What to do.
+        op_id: A unique id for this write. A backend that sees the same id
+            again for the same user within ``dedupe_ms`` must not apply it again
+            and answers ``"duplicate"`` instead.
+        ttl_ms: If set, the document expires this many milliseconds after the write.
+        max_bytes: The largest stored size the result may have
+            (:func:`chatstate.state.stored_size`).
+        dedupe_ms: How long ``op_id`` is remembered.
+    """
+
+    operation: Operation
+    op_id: str
+    ttl_ms: int | None
+    max_bytes: int
+    dedupe_ms: int
+
+
+@attrs.frozen
+class Outcome:
+    """What a backend did with a write.
+
+    Attributes:
+        status: ``"applied"``; ``"duplicate"`` when ``op_id`` was seen before
+            (nothing was written); ``"conflict"`` when a :class:`Replace` found
+            another version (nothing was written).
+        snapshot: The document after the write, or as it stands for a
+            duplicate or a conflict.
+    """
+
+    status: Literal["applied", "duplicate", "conflict"]
+    snapshot: Snapshot
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A synchronous store of one document per user id."""
+
+    def load(self, user_id: str) -> Snapshot | None:
+        """Return the user's document, or ``None``. Never creates anything."""
+        ...
+
+    def apply(self, user_id: str, write: Write) -> Outcome:
+        """Apply ``write`` atomically.
+
+        Raises:
+            StateTooLargeError: the result would exceed ``write.max_bytes``;
+                nothing was written.
+            CorruptStateError: the stored data is not a document; nothing was written.
+            BackendError: the store failed.
+        """
+        ...
+
+    def close(self) -> None:
+        """Release what the backend owns. Clients passed in by the caller stay open."""
+        ...
+
+
+@runtime_checkable
+class AsyncBackend(Protocol):
+    """The asyncio twin of :class:`Backend`."""
+
+    async def load(self, user_id: str) -> Snapshot | None:
+        """Return the user's document, or ``None``. Never creates anything."""
+        ...
+
+    async def apply(self, user_id: str, write: Write) -> Outcome:
+        """Apply ``write`` atomically (see :meth:`Backend.apply`)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release what the backend owns. Clients passed in by the caller stay open."""
+        ...
+
+
+def apply_operation(
+    current: Snapshot | None, operation: Operation, max_bytes: int
+) -> tuple[Literal["applied", "conflict"], JSONObject | None]:
+    """Compute what ``operation`` makes of ``current``: the shared logic of a backend.
+
+    A backend that can hold a lock or a transaction around a read and a write
+    (the memory backend, a SQL table) calls this in between and stores the result.
+
+    Args:
+        current: The stored document, or ``None`` when there is none. Its
+            ``data`` is changed in place; pass a copy you own.
+        operation: What to do.
+        max_bytes: The largest stored size the result may have.
+
+    Returns:
+        ``("applied", new_data)``, ``("applied", None)`` for a delete, or
+        ``("conflict", None)`` when a :class:`Replace` expected another version.
+
+    Raises:
+        StateTooLargeError: the result would exceed ``max_bytes``.
+    """
+    if isinstance(operation, Delete):
+        return "applied", None
+    data = current.data if current is not None else {}
+    if isinstance(operation, Edits):
+        data = apply_edits(data, operation.edits)
+    elif isinstance(operation, Reset):
+        data = keep_preserved(data, operation.preserved)
+    else:
+        version = current.version if current is not None else 0
+        if version != operation.expected_version:
+            return "conflict", None
+        data = operation.data
+    size = stored_size(data)
+    if size > max_bytes:
+        raise StateTooLargeError(size=size, limit=max_bytes)
+    return "applied", data

@@ -1,0 +1,150 @@
+"""The in-memory backend: the embedded default, for tests, demos and single processes."""
+
+from __future__ import annotations
+
+import heapq
+import json
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+import attrs
+
+from chatstate.state._backend import Outcome, Snapshot, Write, apply_operation
+
+__all__ = ["AsyncMemoryBackend", "MemoryBackend"]
+
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+_decode = json.JSONDecoder().decode
+
+MAX_REMEMBERED_OPS = 128
+"""Operation ids remembered per user for deduplication (the same cap as Redis)."""
+
+
+@attrs.define
+class _Record:
+    text: str  # the document as JSON text: a read can never alias stored data
+    version: int
+    expires_at: float | None
+
+
+class MemoryBackend:
+    """A thread-safe store of documents in this process's memory.
+
+    Documents are kept as JSON text, so no object handed to or returned by the
+    backend is ever shared with what is stored. Expired documents are invisible
+    at once and their memory is reclaimed on later writes. One lock guards every
+    operation and is never held across an ``await``, so a sync and an async
+    service may share one ``MemoryBackend`` (see :class:`AsyncMemoryBackend`).
+
+    Args:
+        clock: A monotonic clock in seconds; tests pass a fake one to move time.
+    """
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._records: dict[str, _Record] = {}
+        self._expiries: list[tuple[float, str]] = []
+        self._ops: dict[str, OrderedDict[str, float]] = {}
+        self._op_expiries: list[tuple[float, str, str]] = []
+
+    def __repr__(self) -> str:
+        return f"<MemoryBackend users={len(self._records)}>"
+
+    def __len__(self) -> int:
+        """How many documents are stored, expired ones not yet reclaimed included."""
+        return len(self._records)
+
+    def load(self, user_id: str) -> Snapshot | None:
+        """Return the user's document, or ``None``."""
+        with self._lock:
+            record = self._live(user_id, self._clock())
+            if record is None:
+                return None
+            return Snapshot(_decode(record.text), record.version)
+
+    def apply(self, user_id: str, write: Write) -> Outcome:
+        """Apply ``write`` atomically."""
+        with self._lock:
+            now = self._clock()
+            self._reclaim(now)
+            record = self._live(user_id, now)
+            current = None if record is None else Snapshot(_decode(record.text), record.version)
+            if self._seen(user_id, write.op_id, now):
+                return Outcome("duplicate", current or Snapshot({}, 0))
+            status, data = apply_operation(current, write.operation, write.max_bytes)
+            if status == "conflict":
+                return Outcome("conflict", current or Snapshot({}, 0))
+            self._remember(user_id, write, now)
+            if data is None:
+                self._records.pop(user_id, None)
+                return Outcome("applied", Snapshot({}, 0))
+            version = (record.version if record is not None else 0) + 1
+            expires_at = None
+            if write.ttl_ms is not None:
+                expires_at = now + write.ttl_ms / 1000
+                heapq.heappush(self._expiries, (expires_at, user_id))
+            text = _encode(data)
+            self._records[user_id] = _Record(text, version, expires_at)
+            return Outcome("applied", Snapshot(_decode(text), version))
+
+    def close(self) -> None:
+        """Nothing to release; present for the :class:`Backend` protocol."""
+
+    def _live(self, user_id: str, now: float) -> _Record | None:
+        record = self._records.get(user_id)
+        if record is not None and record.expires_at is not None and record.expires_at <= now:
+            del self._records[user_id]
+            return None
+        return record
+
+    def _reclaim(self, now: float) -> None:
+        while self._expiries and self._expiries[0][0] <= now:
+            _, user_id = heapq.heappop(self._expiries)
+            self._live(user_id, now)
+        while self._op_expiries and self._op_expiries[0][0] <= now:
+            _, user_id, op_id = heapq.heappop(self._op_expiries)
+            ops = self._ops.get(user_id)
+            if ops is not None and ops.get(op_id, now + 1) <= now:
+                del ops[op_id]
+                if not ops:
+                    del self._ops[user_id]
+
+    def _seen(self, user_id: str, op_id: str, now: float) -> bool:
+        ops = self._ops.get(user_id)
+        return ops is not None and ops.get(op_id, 0.0) > now
+
+    def _remember(self, user_id: str, write: Write, now: float) -> None:
+        ops = self._ops.setdefault(user_id, OrderedDict())
+        expires = now + write.dedupe_ms / 1000
+        ops[write.op_id] = expires
+        heapq.heappush(self._op_expiries, (expires, user_id, write.op_id))
+        while len(ops) > MAX_REMEMBERED_OPS:
+            ops.popitem(last=False)
+
+
+class AsyncMemoryBackend:
+    """The asyncio face of a :class:`MemoryBackend`.
+
+    Args:
+        store: The memory backend to share; a new one when omitted.
+    """
+
+    def __init__(self, store: MemoryBackend | None = None) -> None:
+        self.store = store if store is not None else MemoryBackend()
+
+    def __repr__(self) -> str:
+        return f"<AsyncMemoryBackend users={len(self.store)}>"
+
+    async def load(self, user_id: str) -> Snapshot | None:
+        """Return the user's document, or ``None``."""
+        return self.store.load(user_id)
+
+    async def apply(self, user_id: str, write: Write) -> Outcome:
+        """Apply ``write`` atomically."""
+        return self.store.apply(user_id, write)
+
+    async def aclose(self) -> None:
+        """Nothing to release; present for the :class:`AsyncBackend` protocol."""

@@ -1,0 +1,360 @@
+"""The merge rules, written once and shared by every backend.
+
+A patch is compiled into a short list of *edits* (make an object, delete a path,
+set a leaf). The memory backend applies edits to a nested dict with
+:func:`apply_edits`; the Redis backend hands the same edits to a Lua script that
+applies them to the flat form (see ``_codec``). Both therefore follow the same
+rules, and the parity tests prove they reach the same document.
+
+The default rule is RFC 7396 (JSON Merge Patch): nested objects merge, ``None``
+deletes a key, lists and scalars replace. Per-field policies change that:
+*replaced* fields take an object patch whole instead of merging it, and
+*preserved* fields cannot be named by a patch at all.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any, Final, Literal, TypeAlias
+
+import attrs
+
+from chatstate.exceptions import PreservedFieldError, SerializationError
+from chatstate.typing import JSONObject, Path
+
+__all__ = [
+    "DELETE",
+    "MAKE_OBJECT",
+    "SET",
+    "Edit",
+    "StateData",
+    "apply_edits",
+    "format_path",
+    "keep_preserved",
+    "merge",
+]
+
+MAKE_OBJECT: Final = "o"
+DELETE: Final = "d"
+SET: Final = "s"
+
+EditKind: TypeAlias = Literal["o", "d", "s"]
+Edit: TypeAlias = tuple[EditKind, Path, Any]
+"""``(kind, path, value)``; ``value`` is only meaningful for ``SET``."""
+
+DEFAULT_MAX_DEPTH: Final = 32
+DEFAULT_MAX_BYTES: Final = 128 * 1024
+
+
+def format_path(path: Path | tuple[str | int, ...]) -> str:
+    """Render a path for messages: ``$.cart[2].name``, keys quoted when needed."""
+    out = ["$"]
+    for part in path:
+        if isinstance(part, int):
+            out.append(f"[{part}]")
+        elif part.isidentifier():
+            out.append(f".{part}")
+        else:
+            out.append(f"[{part!r}]")
+    return "".join(out)
+
+
+def _parse_path(spec: str | Iterable[str]) -> Path:
+    if isinstance(spec, str):
+        path = tuple(spec.split("."))
+    else:
+        path = tuple(spec)
+    if not path or not all(isinstance(k, str) and k for k in path):
+        raise ValueError(f"a field path must be non-empty keys, got {spec!r}")
+    return path
+
+
+def _to_paths(specs: Iterable[str | Iterable[str]]) -> frozenset[Path]:
+    if isinstance(specs, str):
+        specs = [specs]
+    return frozenset(_parse_path(s) for s in specs)
+
+
+def _is_prefix(prefix: Path, path: Path) -> bool:
+    return len(prefix) <= len(path) and path[: len(prefix)] == prefix
+
+
+@attrs.frozen
+class StateData:
+    """The rules for one kind of state document.
+
+    Args:
+        preserved: Fields kept by ``reset()`` and by every patch. A patch may not
+            name them, delete them with ``None`` or replace an object that holds
+            them; they change only through ``set_preserved``. Give dotted
+            strings (``"auth.jwt_token"``) or tuples of keys.
+        replaced: Fields whose object value a patch replaces whole instead of
+            merging into (a shopping cart, a form snapshot).
+        max_depth: The deepest nesting of objects and lists a value may have.
+        max_bytes: The largest stored size of a document, in UTF-8 bytes of its
+            flat paths and values (a little over its JSON size).
+        max_user_id_length: The longest user id, in characters.
+
+    Raises:
+        ValueError: a field is both preserved and replaced, or a replaced field
+            holds a preserved one.
+    """
+
+    preserved: frozenset[Path] = attrs.field(default=frozenset(), converter=_to_paths)
+    replaced: frozenset[Path] = attrs.field(default=frozenset(), converter=_to_paths)
+    max_depth: int = DEFAULT_MAX_DEPTH
+    max_bytes: int = DEFAULT_MAX_BYTES
+    max_user_id_length: int = 256
+    _preserved_ancestors: frozenset[Path] = attrs.field(init=False, repr=False, eq=False)
+
+    def __attrs_post_init__(self) -> None:
+        for r in self.replaced:
+            for p in self.preserved:
+                if _is_prefix(r, p) or _is_prefix(p, r):
+                    raise ValueError(
+                        f"field {format_path(r)} is replaced but overlaps preserved "
+                        f"field {format_path(p)}"
+                    )
+        if self.max_depth < 1 or self.max_bytes < 2 or self.max_user_id_length < 1:  # noqa: PLR2004
+            raise ValueError("max_depth, max_bytes and max_user_id_length must be positive")
+        ancestors = {p[:i] for p in self.preserved for i in range(1, len(p))}
+        object.__setattr__(self, "_preserved_ancestors", frozenset(ancestors))
+
+    def compile(self, patch: Mapping[str, Any]) -> list[Edit]:
+        """Validate a patch and compile it into edits.
+
+        Raises:
+            SerializationError: the patch is not a JSON object, or holds a value
+                that is not JSON, or is nested deeper than ``max_depth``.
+            PreservedFieldError: the patch names a preserved field.
+        """
+        if type(patch) is not dict:
+            if not isinstance(patch, Mapping):
+                raise SerializationError(
+                    f"a patch must be a JSON object (a dict), not {type(patch).__name__}",
+                    path="$",
+                )
+            patch = dict(patch)
+        edits: list[Edit] = []
+        self._compile_object(patch, (), 1, edits)
+        return edits
+
+    def _compile_object(
+        self, obj: Mapping[str, Any], path: Path, depth: int, edits: list[Edit]
+    ) -> None:
+        if depth > self.max_depth:
+            raise SerializationError(
+                f"value at {format_path(path)} is nested deeper than {self.max_depth}",
+                path=format_path(path),
+            )
+        for key, value in obj.items():
+            _check_key(key, path)
+            here = (*path, key)
+            if here in self.preserved:
+                raise PreservedFieldError(
+                    f"{format_path(here)} is preserved; change it with set_preserved()",
+                    path=format_path(here),
+                )
+            is_object = type(value) is dict
+            if here in self._preserved_ancestors and (value is None or not is_object):
+                raise PreservedFieldError(
+                    f"{format_path(here)} holds a preserved field and cannot be "
+                    "deleted or replaced by a patch",
+                    path=format_path(here),
+                )
+            if value is None:
+                edits.append((DELETE, here, None))
+            elif is_object:
+                if here in self.replaced:
+                    edits.append((DELETE, here, None))
+                    edits.append((MAKE_OBJECT, here, None))
+                    self._compile_object(_drop_nones(value), here, depth + 1, edits)
+                else:
+                    edits.append((MAKE_OBJECT, here, None))
+                    self._compile_object(value, here, depth + 1, edits)
+            else:
+                check_json(value, here, depth, self.max_depth)
+                edits.append((SET, here, value))
+
+    def check_document(self, doc: Mapping[str, Any]) -> JSONObject:
+        """Validate a whole document (as a transaction returns it).
+
+        Returns:
+            The document as a plain dict.
+
+        Raises:
+            SerializationError: the document is not a JSON object within limits.
+        """
+        if not isinstance(doc, Mapping):
+            raise SerializationError(
+                f"a state document must be a JSON object (a dict), not {type(doc).__name__}",
+                path="$",
+            )
+        doc = dict(doc)
+        check_json(doc, (), 0, self.max_depth)
+        return doc
+
+    def set_preserved_edits(self, path: Path, value: Any) -> list[Edit]:
+        """Edits that set (or, with ``None``, delete) one preserved field.
+
+        Raises:
+            PreservedFieldError: ``path`` is not a declared preserved field.
+            SerializationError: ``value`` is not JSON.
+        """
+        if path not in self.preserved:
+            raise PreservedFieldError(
+                f"{format_path(path)} is not declared preserved in StateData",
+                path=format_path(path),
+            )
+        if value is None:
+            return [(DELETE, path, None)]
+        check_json(value, path, len(path), self.max_depth)
+        edits: list[Edit] = [(MAKE_OBJECT, path[:i], None) for i in range(1, len(path))]
+        edits.append((DELETE, path, None))
+        if type(value) is dict:
+            edits.append((MAKE_OBJECT, path, None))
+            edits.extend(_leaf_edits(value, path))
+        else:
+            edits.append((SET, path, value))
+        return edits
+
+    def check_replacement(self, old: JSONObject, new: JSONObject) -> None:
+        """Refuse a whole-document replacement that changes a preserved field.
+
+        Raises:
+            PreservedFieldError: a preserved field differs between ``old`` and ``new``.
+        """
+        for path in self.preserved:
+            if _lookup(old, path) != _lookup(new, path):
+                raise PreservedFieldError(
+                    f"{format_path(path)} is preserved; a transaction cannot change "
+                    "it (use set_preserved())",
+                    path=format_path(path),
+                )
+
+
+_MISSING: Final = object()
+
+
+def _lookup(doc: JSONObject, path: Path) -> Any:
+    node: Any = doc
+    for key in path:
+        if type(node) is not dict or key not in node:
+            return _MISSING
+        node = node[key]
+    return node
+
+
+def _drop_nones(obj: JSONObject) -> JSONObject:
+    return {k: (_drop_nones(v) if type(v) is dict else v) for k, v in obj.items() if v is not None}
+
+
+def _leaf_edits(obj: JSONObject, path: Path) -> list[Edit]:
+    edits: list[Edit] = []
+    for key, value in obj.items():
+        here = (*path, key)
+        if type(value) is dict:
+            edits.append((MAKE_OBJECT, here, None))
+            edits.extend(_leaf_edits(value, here))
+        else:
+            edits.append((SET, here, value))
+    return edits
+
+
+def _check_key(key: object, path: Path) -> None:
+    if type(key) is not str:
+        raise SerializationError(
+            f"keys must be str; {format_path(path)} has a key of type {type(key).__name__}",
+            path=format_path(path),
+        )
+    if not key.isascii():
+        _check_text(key, path, "a key")
+
+
+def _check_text(text: str, path: tuple[str | int, ...], what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SerializationError(
+            f"{what} at {format_path(path)} holds a lone surrogate, which is not valid UTF-8",
+            path=format_path(path),
+        ) from None
+
+
+def check_json(
+    value: Any, path: tuple[str | int, ...], depth: int, max_depth: int
+) -> None:
+    """Raise :class:`SerializationError` unless ``value`` is plain JSON within ``max_depth``."""
+    kind = type(value)
+    if kind is str:
+        if not value.isascii():
+            _check_text(value, path, "the string")
+    elif kind is int or kind is bool or value is None:
+        return
+    elif kind is float:
+        if not math.isfinite(value):
+            raise SerializationError(
+                f"value at {format_path(path)} is {value!r}, which JSON cannot hold",
+                path=format_path(path),
+            )
+    elif kind is list or kind is dict:
+        if depth + 1 > max_depth:
+            raise SerializationError(
+                f"value at {format_path(path)} is nested deeper than {max_depth}",
+                path=format_path(path),
+            )
+        if kind is list:
+            for i, item in enumerate(value):
+                check_json(item, (*path, i), depth + 1, max_depth)
+        else:
+            for key, item in value.items():
+                _check_key(key, path)  # type: ignore[arg-type]
+                check_json(item, (*path, key), depth + 1, max_depth)
+    else:
+        raise SerializationError(
+            f"value at {format_path(path)} is a {kind.__name__}, not JSON "
+            "(use str, int, float, bool, None, list or dict)",
+            path=format_path(path),
+        )
+
+
+def apply_edits(doc: JSONObject, edits: Iterable[Edit]) -> JSONObject:
+    """Apply compiled edits to a nested document, in place, and return it."""
+    for kind, path, value in edits:
+        parent: Any = doc
+        for key in path[:-1]:
+            parent = parent[key]
+        last = path[-1]
+        if kind == SET:
+            parent[last] = value
+        elif kind == DELETE:
+            parent.pop(last, None)
+        elif type(parent.get(last)) is not dict:
+            parent[last] = {}
+    return doc
+
+
+def keep_preserved(doc: JSONObject, preserved: Iterable[Path]) -> JSONObject:
+    """The document a reset leaves: only the preserved fields, with their parents."""
+    out: JSONObject = {}
+    for path in sorted(preserved):
+        value = _lookup(doc, path)
+        if value is _MISSING:
+            continue
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return out
+
+
+def merge(doc: JSONObject, patch: Mapping[str, Any], rules: StateData | None = None) -> JSONObject:
+    """Merge ``patch`` into a copy of ``doc`` under ``rules`` and return the copy.
+
+    This is the pure reference every backend agrees with. ``doc`` is not changed.
+    """
+    import copy  # noqa: PLC0415 - only the reference path needs it
+
+    rules = rules or StateData()
+    return apply_edits(copy.deepcopy(doc), copy.deepcopy(rules.compile(patch)))
