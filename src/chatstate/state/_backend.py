@@ -94,7 +94,10 @@ class Write:
         ttl_ms: If set, the document expires this many milliseconds after the write.
         max_bytes: The largest stored size the result may have
             (:func:`chatstate.state.stored_size`).
-        dedupe_ms: How long ``op_id`` is remembered.
+        dedupe_ms: How long ``op_id`` is remembered after the user's last write
+            (a backend remembers at most the 128 newest ids per user).
+        generated_id: True when chatstate made ``op_id`` up, so a duplicate can
+            only be a retry of this very call (a backend may ignore it).
     """
 
     operation: Operation
@@ -102,6 +105,7 @@ class Write:
     ttl_ms: int | None
     max_bytes: int
     dedupe_ms: int
+    generated_id: bool = False
 
 
 @attrs.frozen
@@ -114,10 +118,18 @@ class Outcome:
             another version (nothing was written).
         snapshot: The document after the write, or as it stands for a
             duplicate or a conflict.
+        version: The version this write produced: for a duplicate, the one it
+            produced when it was first applied; 0 for a delete or a conflict.
     """
 
     status: Literal["applied", "duplicate", "conflict"]
     snapshot: Snapshot
+    version: int
+
+    @property
+    def applied(self) -> bool:
+        """True when this call applied the write."""
+        return self.status == "applied"
 
 
 @runtime_checkable

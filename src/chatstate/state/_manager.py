@@ -126,13 +126,23 @@ class _ManagerCore:
         return user_id
 
     def write(self, operation: Operation, op_id: str | None) -> Write:
+        generated = op_id is None
         if op_id is None:
             op_id = new_op_id()
         elif type(op_id) is not str or not op_id or len(op_id) > MAX_OP_ID_LENGTH:
             raise StateError(
                 f"op_id must be a non-empty str of at most {MAX_OP_ID_LENGTH} characters"
             )
-        return Write(operation, op_id, self.ttl_ms, self.rules.max_bytes, self.dedupe_ms)
+        return Write(
+            operation, op_id, self.ttl_ms, self.rules.max_bytes, self.dedupe_ms, generated
+        )
+
+    @staticmethod
+    def settle(write: Write, outcome: Outcome) -> Outcome:
+        """A duplicate of an id chatstate generated is this call's own retry: it applied."""
+        if outcome.status == "duplicate" and write.generated_id:
+            return Outcome("applied", outcome.snapshot, outcome.version)
+        return outcome
 
     def update_write(self, patch: Mapping[str, Any], op_id: str | None) -> Write:
         return self.write(Edits(tuple(self.rules.compile(patch))), op_id)
@@ -147,9 +157,9 @@ class _ManagerCore:
     def delete_write(self, op_id: str | None) -> Write:
         return self.write(Delete(), op_id)
 
-    def replace_write(self, current: Snapshot, result: JSONObject | None) -> Write:
-        data = current.data if result is None else result
-        data = self.rules.check_document(data)
+    def replace_write(self, current: Snapshot, draft: JSONObject, result: Any) -> Write:
+        """The compare-and-set write of a transaction step (``result`` None: the draft)."""
+        data = self.rules.check_document(draft if result is None else result)
         self.rules.check_replacement(current.data, data)
         return self.write(Replace(data, current.version), None)
 
@@ -209,7 +219,8 @@ class StateManager(_ManagerCore):
         """Validate, then apply one write; errors start with ``action``."""
         with failing(action):
             uid = self.user_id(user_id)
-            return self.backend.apply(uid, make())
+            write = make()
+            return self.settle(write, self.backend.apply(uid, write))
 
     def transaction(
         self, user_id: str, fn: TransactionFn, *, max_attempts: int | None = None
@@ -223,8 +234,9 @@ class StateManager(_ManagerCore):
             uid = self.user_id(user_id)
             current = self.backend.load(uid) or Snapshot({}, 0)
             for attempt in range(attempts):
-                result = fn(_copy(current.data))
-                outcome = self.backend.apply(uid, self.replace_write(current, result))
+                draft = _copy(current.data)
+                result = fn(draft)
+                outcome = self.backend.apply(uid, self.replace_write(current, draft, result))
                 if outcome.status != "conflict":
                     return outcome.snapshot
                 current = outcome.snapshot
@@ -272,7 +284,8 @@ class AsyncStateManager(_ManagerCore):
         """Validate, then apply one write; errors start with ``action``."""
         with failing(action):
             uid = self.user_id(user_id)
-            return await self.backend.apply(uid, make())
+            write = make()
+            return self.settle(write, await self.backend.apply(uid, write))
 
     async def transaction(
         self,
@@ -287,10 +300,12 @@ class AsyncStateManager(_ManagerCore):
             uid = self.user_id(user_id)
             current = await self.backend.load(uid) or Snapshot({}, 0)
             for attempt in range(attempts):
-                result = fn(_copy(current.data))
+                draft = _copy(current.data)
+                result = fn(draft)
                 if inspect.isawaitable(result):
                     result = await result
-                outcome = await self.backend.apply(uid, self.replace_write(current, result))
+                write = self.replace_write(current, draft, result)
+                outcome = await self.backend.apply(uid, write)
                 if outcome.status != "conflict":
                     return outcome.snapshot
                 current = outcome.snapshot

@@ -23,6 +23,12 @@ MAX_REMEMBERED_OPS = 128
 
 
 @attrs.define
+class _Ops:
+    versions: OrderedDict[str, int]  # op id -> the version it produced, oldest first
+    expires_at: float
+
+
+@attrs.define
 class _Record:
     text: str  # the document as JSON text: a read can never alias stored data
     version: int
@@ -47,8 +53,8 @@ class MemoryBackend:
         self._lock = threading.Lock()
         self._records: dict[str, _Record] = {}
         self._expiries: list[tuple[float, str]] = []
-        self._ops: dict[str, OrderedDict[str, float]] = {}
-        self._op_expiries: list[tuple[float, str, str]] = []
+        self._ops: dict[str, _Ops] = {}
+        self._op_expiries: list[tuple[float, str]] = []
 
     def __repr__(self) -> str:
         return f"<MemoryBackend users={len(self._records)}>"
@@ -72,15 +78,17 @@ class MemoryBackend:
             self._reclaim(now)
             record = self._live(user_id, now)
             current = None if record is None else Snapshot(_decode(record.text), record.version)
-            if self._seen(user_id, write.op_id, now):
-                return Outcome("duplicate", current or Snapshot({}, 0))
+            ops = self._ops.get(user_id)
+            if ops is not None and write.op_id in ops.versions:
+                seen = ops.versions[write.op_id]
+                return Outcome("duplicate", current or Snapshot({}, 0), seen)
             status, data = apply_operation(current, write.operation, write.max_bytes)
             if status == "conflict":
-                return Outcome("conflict", current or Snapshot({}, 0))
-            self._remember(user_id, write, now)
+                return Outcome("conflict", current or Snapshot({}, 0), 0)
             if data is None:
                 self._records.pop(user_id, None)
-                return Outcome("applied", Snapshot({}, 0))
+                self._remember(user_id, write, 0, now, fresh=True)
+                return Outcome("applied", Snapshot({}, 0), 0)
             version = (record.version if record is not None else 0) + 1
             expires_at = None
             if write.ttl_ms is not None:
@@ -88,7 +96,8 @@ class MemoryBackend:
                 heapq.heappush(self._expiries, (expires_at, user_id))
             text = _encode(data)
             self._records[user_id] = _Record(text, version, expires_at)
-            return Outcome("applied", Snapshot(_decode(text), version))
+            self._remember(user_id, write, version, now, fresh=False)
+            return Outcome("applied", Snapshot(_decode(text), version), version)
 
     def close(self) -> None:
         """Nothing to release; present for the :class:`Backend` protocol."""
@@ -105,24 +114,21 @@ class MemoryBackend:
             _, user_id = heapq.heappop(self._expiries)
             self._live(user_id, now)
         while self._op_expiries and self._op_expiries[0][0] <= now:
-            _, user_id, op_id = heapq.heappop(self._op_expiries)
+            _, user_id = heapq.heappop(self._op_expiries)
             ops = self._ops.get(user_id)
-            if ops is not None and ops.get(op_id, now + 1) <= now:
-                del ops[op_id]
-                if not ops:
-                    del self._ops[user_id]
+            if ops is not None and ops.expires_at <= now:
+                del self._ops[user_id]
 
-    def _seen(self, user_id: str, op_id: str, now: float) -> bool:
-        ops = self._ops.get(user_id)
-        return ops is not None and ops.get(op_id, 0.0) > now
-
-    def _remember(self, user_id: str, write: Write, now: float) -> None:
-        ops = self._ops.setdefault(user_id, OrderedDict())
-        expires = now + write.dedupe_ms / 1000
-        ops[write.op_id] = expires
-        heapq.heappush(self._op_expiries, (expires, user_id, write.op_id))
-        while len(ops) > MAX_REMEMBERED_OPS:
-            ops.popitem(last=False)
+    def _remember(self, user_id: str, write: Write, version: int, now: float, *, fresh: bool) -> None:
+        """Remember an op id, as the Redis script does: newest 128, until idle for dedupe_ms."""
+        ops = None if fresh else self._ops.get(user_id)
+        if ops is None or ops.expires_at <= now:
+            ops = self._ops[user_id] = _Ops(OrderedDict(), 0.0)
+        ops.versions[write.op_id] = version
+        while len(ops.versions) > MAX_REMEMBERED_OPS:
+            ops.versions.popitem(last=False)
+        ops.expires_at = now + write.dedupe_ms / 1000
+        heapq.heappush(self._op_expiries, (ops.expires_at, user_id))
 
 
 class AsyncMemoryBackend:

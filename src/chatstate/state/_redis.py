@@ -1,0 +1,383 @@
+"""Redis and Valkey backends: every write is one EVALSHA of one Lua script.
+
+:class:`_RedisCore` holds what is not I/O (keys, argument packing, reply
+decoding, error mapping); :class:`RedisBackend` and :class:`AsyncRedisBackend`
+only add the calls to redis-py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import quote
+
+import redis
+import redis.asyncio
+import redis.exceptions as rex
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
+
+from chatstate.exceptions import (
+    BackendAuthenticationError,
+    BackendError,
+    BackendUnavailable,
+    CorruptStateError,
+    OutcomeUnknown,
+    StateTooLargeError,
+    StoreBusyError,
+    StoreFullError,
+)
+from chatstate.state._backend import Outcome, Snapshot, Write
+from chatstate.state._codec import unflatten
+from chatstate.state._lua import APPLY_SCRIPT, LOAD_SCRIPT, write_args
+from chatstate.state._manager import new_op_id
+
+if TYPE_CHECKING:
+    from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+    from redis.cluster import RedisCluster
+
+__all__ = ["AsyncRedisBackend", "RedisBackend"]
+
+DEFAULT_NAMESPACE: Final = "chatstate"
+_SAFE_ID_CHARS: Final = "@+"  # plus quote()'s own: letters, digits and "_.-~"
+_STATUSES: Final = {"applied", "duplicate", "conflict"}
+
+
+def _text(value: bytes | str | int) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    return str(value)
+
+
+def _check_namespace(namespace: str) -> str:
+    if not isinstance(namespace, str) or not namespace:
+        raise ValueError("namespace must be a non-empty str")
+    if any(c in namespace for c in "{}") or not namespace.isprintable():
+        raise ValueError("namespace must be printable and hold no '{' or '}'")
+    return namespace
+
+
+def _safe_location(client: Any) -> str:
+    """host:port of a client for reprs, never its password."""
+    try:
+        kwargs = client.connection_pool.connection_kwargs
+        return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
+    except AttributeError:
+        return type(client).__name__
+
+
+def default_client_options() -> dict[str, Any]:
+    """Timeouts and retries for clients that chatstate creates itself.
+
+    redis-py re-sends a command after a dropped connection; that is safe for our
+    writes because every write carries an operation id the script remembers.
+    """
+    return {
+        "socket_timeout": 5.0,
+        "socket_connect_timeout": 5.0,
+        "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries=3),
+        "health_check_interval": 30,
+    }
+
+
+class _RedisCore:
+    """The pure half of the Redis backends."""
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = _check_namespace(namespace)
+
+    def keys(self, user_id: str) -> list[str]:
+        """The document key and the operation-id key of a user: one hash slot.
+
+        The user id is percent-encoded (so distinct ids give distinct keys and no
+        id can open or close a hash tag) and the encoded id is the hash tag.
+        """
+        tag = quote(user_id, safe=_SAFE_ID_CHARS)
+        base = f"{self.namespace}:{{{tag}}}"
+        return [base, base + ":ops"]
+
+    def parse_load(self, reply: Sequence[Any], key: str, echo: str) -> Snapshot | None:
+        status = _text(reply[0])
+        if status == "corrupt":
+            raise self._corrupt(reply)
+        if _text(reply[1]) != echo:
+            raise BackendError("the reply did not belong to this request; connection dropped")
+        version = int(reply[2])
+        if version == 0:
+            return None
+        return Snapshot(self._document(reply, key), version)
+
+    def parse_apply(self, reply: Sequence[Any], write: Write, key: str) -> Outcome:
+        status = _text(reply[0])
+        if status == "corrupt":
+            raise self._corrupt(reply)
+        if _text(reply[1]) != write.op_id:
+            raise BackendError("the reply did not belong to this request; connection dropped")
+        if status == "too_large":
+            raise StateTooLargeError(size=int(reply[2]), limit=write.max_bytes)
+        if status not in _STATUSES:
+            raise BackendError(f"unexpected reply status {status!r} from the script")
+        snapshot = Snapshot(self._document(reply, key), int(reply[2]))
+        return Outcome(status, snapshot, int(reply[3]))  # type: ignore[arg-type]
+
+    @staticmethod
+    def _corrupt(reply: Sequence[Any]) -> CorruptStateError:
+        key = _text(reply[1])
+        return CorruptStateError(f"{_text(reply[2])} (key {key!r}); nothing was written", key=key)
+
+    @staticmethod
+    def _document(reply: Sequence[Any], key: str) -> dict[str, Any]:
+        fields = {_text(reply[i]): _text(reply[i + 1]) for i in range(4, len(reply), 2)}
+        try:
+            return unflatten(fields)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CorruptStateError(
+                f"the hash does not hold a chatstate document (key {key!r}): {exc}", key=key
+            ) from exc
+
+
+@contextlib.contextmanager
+def map_redis_errors(key: str, op_id: str | None = None) -> Iterator[None]:
+    """Translate redis-py errors into chatstate errors, once, for both twins.
+
+    ``op_id`` marks a write: a connection lost during a write becomes
+    :class:`OutcomeUnknown`, since the script may have run.
+    """
+    try:
+        yield
+    except (rex.AuthenticationError, rex.AuthorizationError) as exc:
+        raise BackendAuthenticationError(
+            "the server refused the credentials (check the password or ACL user)"
+        ) from exc
+    except rex.BusyLoadingError as exc:
+        raise StoreBusyError("the server is loading its data set; try again shortly") from exc
+    except (rex.ConnectionError, rex.TimeoutError, rex.ClusterDownError) as exc:
+        if op_id is not None:
+            raise OutcomeUnknown(
+                f"lost the connection during a write to {key!r} ({type(exc).__name__}); "
+                "it may or may not have been applied; retrying with the same op_id is safe",
+                op_id=op_id,
+            ) from exc
+        raise BackendUnavailable(
+            f"cannot reach the server ({type(exc).__name__}: {_short(exc)})"
+        ) from exc
+    except rex.ReadOnlyError as exc:
+        raise BackendUnavailable(
+            "the server is a read-only replica (a failover in progress?)"
+        ) from exc
+    except rex.OutOfMemoryError as exc:
+        raise StoreFullError("the server is out of memory (maxmemory); nothing was written") from exc
+    except rex.ResponseError as exc:
+        message = str(exc)
+        if message.startswith("OOM"):
+            raise StoreFullError(
+                "the server is out of memory (maxmemory); nothing was written"
+            ) from exc
+        if message.startswith("BUSY"):
+            raise StoreBusyError("the server is busy running a script; try again shortly") from exc
+        if message.startswith("WRONGTYPE"):
+            raise CorruptStateError(
+                f"the key holds the wrong type (key {key!r}); nothing was written", key=key
+            ) from exc
+        raise BackendError(f"the server answered with an error: {_short(exc)}") from exc
+    except rex.RedisError as exc:
+        raise BackendError(f"the Redis client failed: {type(exc).__name__}: {_short(exc)}") from exc
+    except (AttributeError, TypeError, OSError, RuntimeError) as exc:
+        # redis-py's cluster clients can fail inside their own connection
+        # handling under concurrency; such a failure says nothing about the data.
+        if op_id is not None:
+            raise OutcomeUnknown(
+                f"the Redis client failed during a write to {key!r} ({type(exc).__name__}); "
+                "it may or may not have been applied; retrying with the same op_id is safe",
+                op_id=op_id,
+            ) from exc
+        raise BackendUnavailable(f"the Redis client failed ({type(exc).__name__})") from exc
+
+
+def _resolve_delay(attempt: int) -> float:
+    return float(min(1.0, 0.05 * 2**attempt))
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc)
+    return text if len(text) <= 200 else text[:197] + "..."  # noqa: PLR2004
+
+
+class RedisBackend:
+    """Documents in Redis or Valkey (standalone, Sentinel-managed or Cluster).
+
+    Each user's document is a hash ``<namespace>:{<id>}`` and the ids of its
+    recent writes a sorted set ``<namespace>:{<id>}:ops``; the braces make both
+    keys one Cluster hash slot. Every write and every read is one EVALSHA.
+
+    Args:
+        client: A ``redis.Redis`` (for Sentinel: ``Sentinel.master_for(...)``) or
+            ``redis.cluster.RedisCluster``. It stays yours: :meth:`close` does not
+            close it.
+        namespace: Prefix of every key, so that several bots or tenants can share
+            one server without seeing each other's data.
+        resolve_attempts: How often a write whose outcome is unknown is sent
+            again (safely, with its operation id) before ``OutcomeUnknown``.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis | RedisCluster,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        resolve_attempts: int = 2,
+        _owns_client: bool = False,
+    ) -> None:
+        self._core = _RedisCore(namespace)
+        self.client = client
+        self.resolve_attempts = resolve_attempts
+        self._owns_client = _owns_client
+        self._apply = client.register_script(APPLY_SCRIPT)
+        self._load = client.register_script(LOAD_SCRIPT)
+
+    @classmethod
+    def from_url(cls, url: str, *, namespace: str = DEFAULT_NAMESPACE, **options: Any) -> RedisBackend:
+        """Create a client from ``url`` (``redis://``, ``rediss://``, ``unix://``) and own it.
+
+        ``options`` go to ``redis.Redis.from_url`` and override chatstate's
+        defaults (5 s timeouts, 3 retries with jittered backoff). Pass
+        ``cluster=True`` for a Redis Cluster.
+        """
+        cluster = options.pop("cluster", False)
+        kwargs = {**default_client_options(), **options}
+        client: redis.Redis | RedisCluster
+        if cluster:
+            from redis.cluster import RedisCluster  # noqa: PLC0415
+
+            kwargs.pop("health_check_interval", None)
+            client = RedisCluster.from_url(url, **kwargs)
+        else:
+            client = redis.Redis.from_url(url, **kwargs)
+        return cls(client, namespace=namespace, _owns_client=True)
+
+    def __repr__(self) -> str:
+        return f"<RedisBackend {_safe_location(self.client)} namespace={self._core.namespace!r}>"
+
+    def keys(self, user_id: str) -> list[str]:
+        """The Redis keys of a user's data (already a checked user id)."""
+        return self._core.keys(user_id)
+
+    def load(self, user_id: str) -> Snapshot | None:
+        """Return the user's document, or ``None``."""
+        doc = self._core.keys(user_id)[0]
+        echo = new_op_id()
+        with map_redis_errors(doc):
+            reply = self._load(keys=[doc], args=[echo])
+        return self._core.parse_load(reply, doc, echo)
+
+    def apply(self, user_id: str, write: Write) -> Outcome:
+        """Apply ``write`` atomically with one EVALSHA.
+
+        When the outcome is unknown (the connection failed after sending), the
+        same write is sent again, up to ``resolve_attempts`` times: its operation
+        id makes the script apply it at most once, and a ``"duplicate"`` answer
+        tells that the first attempt had landed.
+        """
+        keys = self._core.keys(user_id)
+        args = write_args(write)
+        for attempt in range(self.resolve_attempts + 1):
+            try:
+                with map_redis_errors(keys[0], write.op_id):
+                    reply = self._apply(keys=keys, args=args)
+                break
+            except OutcomeUnknown:
+                if attempt == self.resolve_attempts:
+                    raise
+                time.sleep(_resolve_delay(attempt))
+        return self._core.parse_apply(reply, write, keys[0])
+
+    def close(self) -> None:
+        """Close the client if this backend created it."""
+        if self._owns_client:
+            self.client.close()
+
+
+class AsyncRedisBackend:
+    """The asyncio twin of :class:`RedisBackend`, over ``redis.asyncio``.
+
+    Args:
+        client: A ``redis.asyncio.Redis`` or ``redis.asyncio.cluster.RedisCluster``;
+            it stays yours.
+        namespace: See :class:`RedisBackend`.
+        resolve_attempts: See :class:`RedisBackend`.
+    """
+
+    def __init__(
+        self,
+        client: redis.asyncio.Redis | AsyncRedisCluster,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        resolve_attempts: int = 2,
+        _owns_client: bool = False,
+    ) -> None:
+        self._core = _RedisCore(namespace)
+        self.client = client
+        self.resolve_attempts = resolve_attempts
+        self._owns_client = _owns_client
+        self._apply = client.register_script(APPLY_SCRIPT)
+        self._load = client.register_script(LOAD_SCRIPT)
+
+    @classmethod
+    def from_url(
+        cls, url: str, *, namespace: str = DEFAULT_NAMESPACE, **options: Any
+    ) -> AsyncRedisBackend:
+        """See :meth:`RedisBackend.from_url`."""
+        cluster = options.pop("cluster", False)
+        kwargs = {**default_client_options(), **options}
+        client: redis.asyncio.Redis | AsyncRedisCluster
+        if cluster:
+            from redis.asyncio.cluster import RedisCluster  # noqa: PLC0415
+
+            kwargs.pop("health_check_interval", None)
+            client = RedisCluster.from_url(url, **kwargs)
+        else:
+            client = redis.asyncio.Redis.from_url(url, **kwargs)
+        return cls(client, namespace=namespace, _owns_client=True)
+
+    def __repr__(self) -> str:
+        return (
+            f"<AsyncRedisBackend {_safe_location(self.client)} "
+            f"namespace={self._core.namespace!r}>"
+        )
+
+    def keys(self, user_id: str) -> list[str]:
+        """See :meth:`RedisBackend.keys`."""
+        return self._core.keys(user_id)
+
+    async def load(self, user_id: str) -> Snapshot | None:
+        """Return the user's document, or ``None``."""
+        doc = self._core.keys(user_id)[0]
+        echo = new_op_id()
+        with map_redis_errors(doc):
+            reply = await self._load(keys=[doc], args=[echo])
+        return self._core.parse_load(reply, doc, echo)
+
+    async def apply(self, user_id: str, write: Write) -> Outcome:
+        """Apply ``write`` atomically with one EVALSHA (see :meth:`RedisBackend.apply`)."""
+        keys = self._core.keys(user_id)
+        args = write_args(write)
+        for attempt in range(self.resolve_attempts + 1):
+            try:
+                with map_redis_errors(keys[0], write.op_id):
+                    reply = await self._apply(keys=keys, args=args)
+                break
+            except OutcomeUnknown:
+                if attempt == self.resolve_attempts:
+                    raise
+                await asyncio.sleep(_resolve_delay(attempt))
+        return self._core.parse_apply(reply, write, keys[0])
+
+    async def aclose(self) -> None:
+        """Close the client if this backend created it."""
+        if self._owns_client:
+            await self.client.aclose()
+
+

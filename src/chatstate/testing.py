@@ -1,0 +1,528 @@
+"""Test helpers for chatstate users, starting with the backend contract suite.
+
+Any backend, ours or yours, proves itself by subclassing :class:`BackendContract`
+in a pytest module and saying how to make one::
+
+    from chatstate.testing import BackendContract
+
+    class TestMyBackend(BackendContract):
+        @pytest.fixture(autouse=True)
+        def _store(self):
+            self.store = make_empty_store()  # one empty store per test
+            yield
+            self.store.drop()
+
+        def make_backend(self):
+            return MyBackend(self.store)
+
+        def make_async_backend(self):
+            return MyAsyncBackend(self.store)  # or None if there is no async twin
+
+Within one test every backend the two factories return must share that test's
+store: some tests write through a second backend to play a concurrent client.
+
+Every contract test runs twice: through :class:`~chatstate.StateService` over
+the sync backend and through :class:`~chatstate.AsyncStateService` over the
+async one. The tests need ``pytest`` (imported here) and nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import unicodedata
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, TypeVar
+
+import pytest
+
+from chatstate.exceptions import (
+    ConflictError,
+    InvalidUserIdError,
+    PreservedFieldError,
+    SerializationError,
+    StateTooLargeError,
+)
+from chatstate.state import (
+    AsyncBackend,
+    AsyncStateService,
+    Backend,
+    Outcome,
+    Snapshot,
+    StateData,
+    StateService,
+)
+from chatstate.typing import JSONObject, Path
+
+__all__ = ["BackendContract", "ServiceTwin", "SyncServiceAsAsync"]
+
+T = TypeVar("T")
+
+EDGE_VALUES: list[Any] = [
+    0,
+    -1,
+    2**53,
+    2**53 + 1,
+    -(2**53) - 1,
+    2**63,
+    -(2**63) - 1,
+    123456789012345,
+    0.1 + 0.2,
+    5e-324,
+    1.7976931348623157e308,
+    -0.0,
+    1e-7,
+    True,
+    False,
+    None,
+    "",
+    "a/b",
+    'quote " and \\ backslash',
+    "\u00e9\u4e2d\U0001f600",
+    "\x00\n\t",
+    [],
+    {},
+    [[], {}, [{}]],
+    {"a": {"b": {}}},
+    [1, "two", 3.0, None, True],
+]
+
+
+class SyncServiceAsAsync:
+    """An async face over a :class:`StateService`, so one test body serves both twins."""
+
+    def __init__(self, service: StateService) -> None:
+        self.service = service
+        self.rules = service.rules
+
+    async def get(self, user_id: str) -> JSONObject:
+        return self.service.get(user_id)
+
+    async def snapshot(self, user_id: str) -> Snapshot:
+        return self.service.snapshot(user_id)
+
+    async def update(
+        self, user_id: str, patch: Mapping[str, Any], *, op_id: str | None = None
+    ) -> JSONObject:
+        return self.service.update(user_id, patch, op_id=op_id)
+
+    async def update_once(
+        self, user_id: str, patch: Mapping[str, Any], *, op_id: str | None
+    ) -> Outcome:
+        return self.service.update_once(user_id, patch, op_id=op_id)
+
+    async def set_preserved(self, user_id: str, path: str | Path, value: Any) -> JSONObject:
+        return self.service.set_preserved(user_id, path, value)
+
+    async def reset(self, user_id: str) -> JSONObject:
+        return self.service.reset(user_id)
+
+    async def delete(self, user_id: str) -> None:
+        self.service.delete(user_id)
+
+    async def transaction(
+        self, user_id: str, fn: Callable[[JSONObject], JSONObject | None], **kw: Any
+    ) -> JSONObject:
+        return self.service.transaction(user_id, fn, **kw)
+
+    async def aclose(self) -> None:
+        self.service.close()
+
+
+ServiceTwin = SyncServiceAsAsync | AsyncStateService
+"""What a contract test receives: either twin behind one awaitable interface."""
+
+
+def _twin_test(
+    body: Callable[[Any, Any], Coroutine[Any, Any, None]],
+) -> Callable[[Any, str], None]:
+    """Turn ``async def test(self, svc)`` into a sync pytest test run on each twin."""
+
+    def test(self: BackendContract, twin: str) -> None:
+        async def main() -> None:
+            svc = self.open_service(twin)
+            try:
+                await body(self, svc)
+            finally:
+                await svc.aclose()
+
+        asyncio.run(main())
+
+    test.__name__ = body.__name__
+    test.__qualname__ = body.__qualname__
+    test.__doc__ = body.__doc__
+    return test
+
+
+class BackendContract:
+    """The behaviour every chatstate backend must show. Subclass it in a test module."""
+
+    rules = StateData(
+        preserved=["jwt_token", "profile.id"], replaced=["cart"], max_bytes=4096, max_depth=8
+    )
+    ttl: float | None = None
+
+    def make_backend(self) -> Backend:
+        """Return a new sync backend over this test's store (empty when the test starts)."""
+        raise NotImplementedError
+
+    def make_async_backend(self) -> AsyncBackend | None:
+        """Return a new async backend over this test's store, or ``None`` if there is none.
+
+        Called inside the event loop that runs the test.
+        """
+        return None
+
+    @pytest.fixture(params=["sync", "async"])
+    def twin(self, request: pytest.FixtureRequest) -> str:
+        """Which twin a contract test runs on."""
+        return str(request.param)
+
+    def open_service(self, twin: str, *, ttl: float | None = None) -> ServiceTwin:
+        """A service over a fresh backend of the given twin."""
+        ttl = ttl if ttl is not None else self.ttl
+        if twin == "sync":
+            return SyncServiceAsAsync(StateService(self.make_backend(), self.rules, ttl=ttl))
+        backend = self.make_async_backend()
+        if backend is None:
+            pytest.skip("this backend has no async twin")
+        return AsyncStateService(backend, self.rules, ttl=ttl)
+
+    # -- reading -------------------------------------------------------------
+
+    @_twin_test
+    async def test_unknown_user_reads_empty_and_creates_nothing(self, svc: ServiceTwin) -> None:
+        """A read of an unknown user gives {} at version 0 and stores nothing."""
+        assert await svc.get("nobody") == {}
+        assert await svc.snapshot("nobody") == Snapshot({}, 0)
+        assert await svc.snapshot("nobody") == Snapshot({}, 0)
+
+    @_twin_test
+    async def test_returned_documents_are_copies(self, svc: ServiceTwin) -> None:
+        """Changing a returned document or a patch afterwards changes nothing stored."""
+        patch: JSONObject = {"a": {"list": [1, 2]}}
+        got = await svc.update("u", patch)
+        got["a"]["list"].append(3)
+        patch["a"]["list"].append(4)
+        read = await svc.get("u")
+        read["a"]["new"] = 1
+        assert await svc.get("u") == {"a": {"list": [1, 2]}}
+
+    # -- merging ---------------------------------------------------------------
+
+    @_twin_test
+    async def test_update_follows_json_merge_patch(self, svc: ServiceTwin) -> None:
+        """Objects merge, None deletes, lists and scalars replace (RFC 7396)."""
+        await svc.update("u", {"a": {"b": 1, "c": [1, 2]}, "d": "x", "e": {"f": 1}})
+        got = await svc.update("u", {"a": {"c": [3], "g": {}}, "d": None, "e": 5})
+        assert got == {"a": {"b": 1, "c": [3], "g": {}}, "e": 5}
+        got = await svc.update("u", {"e": {"h": None, "i": 1}, "a": {"b": None}})
+        assert got == {"a": {"c": [3], "g": {}}, "e": {"i": 1}}
+        assert await svc.get("u") == got
+
+    @_twin_test
+    async def test_every_write_bumps_the_version_by_one(self, svc: ServiceTwin) -> None:
+        """Versions go 1, 2, 3, ... with every write, resets included."""
+        for expected in range(1, 6):
+            await svc.update("u", {"n": expected})
+            assert (await svc.snapshot("u")).version == expected
+        await svc.reset("u")
+        assert (await svc.snapshot("u")).version == 6
+
+    @_twin_test
+    async def test_edge_values_round_trip_exactly(self, svc: ServiceTwin) -> None:
+        """Big ints, float extremes, -0.0, unicode, '/', empty containers come back as stored."""
+        doc = {f"k{i}": v for i, v in enumerate(EDGE_VALUES) if v is not None}
+        doc["nested"] = {"deep": dict(doc)}
+        got = await svc.update("u", doc)
+        assert got == doc
+        read = await svc.get("u")
+        assert read == doc
+        assert repr(read["k11"]) == "-0.0"
+        assert type(read["k5"]) is int
+        assert type(read["k10"]) is float
+
+    @_twin_test
+    async def test_unicode_keys_and_odd_keys_round_trip(self, svc: ServiceTwin) -> None:
+        """Keys with quotes, backslashes, dots, empty strings and emoji are kept apart."""
+        doc = {"": 1, '"': 2, "\\": 3, "a.b": 4, "a": {"b": 5}, "\U0001f600": {"": {"x": 6}}}
+        assert await svc.update("u", doc) == doc
+        assert await svc.update("u", {"a": {"b": None}, "": None}) == {
+            '"': 2, "\\": 3, "a.b": 4, "a": {}, "\U0001f600": {"": {"x": 6}}
+        }
+
+    @_twin_test
+    async def test_replaced_fields_take_objects_whole(self, svc: ServiceTwin) -> None:
+        """A field declared replaced is overwritten, not merged, and None inside is dropped."""
+        await svc.update("u", {"cart": {"apples": 2, "pears": 1}})
+        got = await svc.update("u", {"cart": {"plums": 3, "figs": None}})
+        assert got == {"cart": {"plums": 3}}
+
+    # -- preserved fields -----------------------------------------------------
+
+    @_twin_test
+    async def test_preserved_fields_survive_reset_and_refuse_patches(self, svc: ServiceTwin) -> None:
+        """Preserved fields change only through set_preserved and survive reset."""
+        await svc.set_preserved("u", "jwt_token", "secret-token")
+        await svc.set_preserved("u", "profile.id", 42)
+        await svc.update("u", {"profile": {"name": "Ann"}, "step": "menu"})
+        before = await svc.snapshot("u")
+        for patch in (
+            {"jwt_token": "other"},
+            {"jwt_token": None},
+            {"profile": None},
+            {"profile": "flat"},
+            {"profile": {"id": 7}},
+        ):
+            with pytest.raises(PreservedFieldError) as info:
+                await svc.update("u", patch)
+            assert "secret-token" not in str(info.value)
+        assert await svc.snapshot("u") == before
+        after = await svc.reset("u")
+        assert after == {"jwt_token": "secret-token", "profile": {"id": 42}}
+        await svc.set_preserved("u", "jwt_token", None)
+        assert await svc.get("u") == {"profile": {"id": 42}}
+
+    @_twin_test
+    async def test_set_preserved_refuses_undeclared_fields(self, svc: ServiceTwin) -> None:
+        """set_preserved only writes fields the rules declare preserved."""
+        with pytest.raises(PreservedFieldError):
+            await svc.set_preserved("u", "step", 1)
+        assert await svc.snapshot("u") == Snapshot({}, 0)
+
+    @_twin_test
+    async def test_reset_of_unset_preserved_leaves_nothing(self, svc: ServiceTwin) -> None:
+        """Reset keeps no empty parents for preserved fields that were never set."""
+        await svc.update("u", {"profile": {"name": "Ann"}, "step": 1})
+        assert await svc.reset("u") == {}
+
+    # -- refusals leave everything as it was ----------------------------------
+
+    @_twin_test
+    async def test_bad_values_are_refused_and_nothing_is_written(self, svc: ServiceTwin) -> None:
+        """Non-JSON values raise SerializationError naming the path; state is unchanged."""
+        await svc.update("u", {"keep": 1})
+        before = await svc.snapshot("u")
+        bad_values: list[Any] = [
+            {1, 2}, b"x", float("nan"), float("inf"), "\ud800", (1, 2), object(),
+        ]
+        for bad in bad_values:
+            with pytest.raises(SerializationError) as info:
+                await svc.update("u", {"ok": 1, "deep": {"list": [0, bad]}})
+            assert info.value.path == "$.deep.list[1]"
+            assert str(info.value).startswith("Failed to update state")
+        with pytest.raises(SerializationError):
+            await svc.update("u", {1: "int key"})  # type: ignore[dict-item]
+        with pytest.raises(SerializationError):
+            await svc.update("u", ["not", "an", "object"])  # type: ignore[arg-type]
+        deep: Any = 1
+        for _ in range(self.rules.max_depth + 1):
+            deep = {"d": deep}
+        with pytest.raises(SerializationError):
+            await svc.update("u", deep)
+        assert await svc.snapshot("u") == before
+
+    @_twin_test
+    async def test_size_limit_is_enforced_without_writing(self, svc: ServiceTwin) -> None:
+        """A write past max_bytes raises StateTooLargeError and leaves the document."""
+        await svc.update("u", {"a": "x" * 100})
+        before = await svc.snapshot("u")
+        with pytest.raises(StateTooLargeError) as info:
+            await svc.update("u", {"b": "y" * self.rules.max_bytes})
+        assert info.value.limit == self.rules.max_bytes
+        assert await svc.snapshot("u") == before
+
+    @_twin_test
+    async def test_bad_user_ids_are_refused(self, svc: ServiceTwin) -> None:
+        """Empty, non-str, too long and invalid unicode ids raise InvalidUserIdError."""
+        for bad in ("", 5, None, "x" * (self.rules.max_user_id_length + 1), "\udc00"):
+            with pytest.raises(InvalidUserIdError):
+                await svc.update(bad, {"a": 1})  # type: ignore[arg-type]
+
+    # -- users are kept apart -------------------------------------------------
+
+    @_twin_test
+    async def test_users_never_see_each_other(self, svc: ServiceTwin) -> None:
+        """Ids that differ only in separators, braces or globs are distinct users."""
+        ids = ["a", "a:b", "a:{b}", "{a}:b", "a*", "a?", "a[b]", "a\nb", "a b", "a%3Ab", "x" * 200]
+        for i, uid in enumerate(ids):
+            await svc.update(uid, {"i": i})
+        for i, uid in enumerate(ids):
+            assert await svc.get(uid) == {"i": i}
+
+    @_twin_test
+    async def test_canonically_equal_ids_name_one_user(self, svc: ServiceTwin) -> None:
+        """An id in NFD and the same id in NFC reach the same document."""
+        nfc = unicodedata.normalize("NFC", "Jos\u00e9")
+        nfd = unicodedata.normalize("NFD", nfc)
+        await svc.update(nfd, {"n": 1})
+        assert await svc.get(nfc) == {"n": 1}
+
+    # -- delete ---------------------------------------------------------------
+
+    @_twin_test
+    async def test_delete_removes_everything(self, svc: ServiceTwin) -> None:
+        """Delete drops the document, preserved fields included; the version restarts."""
+        await svc.set_preserved("u", "jwt_token", "t")
+        await svc.update("u", {"a": 1})
+        await svc.delete("u")
+        assert await svc.snapshot("u") == Snapshot({}, 0)
+        await svc.update("u", {"b": 2})
+        assert await svc.snapshot("u") == Snapshot({"b": 2}, 1)
+
+    # -- idempotency ----------------------------------------------------------
+
+    @_twin_test
+    async def test_repeated_op_id_is_applied_once(self, svc: ServiceTwin) -> None:
+        """A write repeated with the same op_id is reported duplicate and changes nothing."""
+        first = await svc.update_once("u", {"n": 1}, op_id="wamid.1")
+        assert first.status == "applied"
+        second = await svc.update_once("u", {"n": 2}, op_id="wamid.1")
+        assert second.status == "duplicate"
+        assert second.snapshot == Snapshot({"n": 1}, 1)
+        assert second.version == 1
+        assert not second.applied
+        other = await svc.update_once("other-user", {"n": 3}, op_id="wamid.1")
+        assert other.status == "applied"
+
+    # -- transactions -----------------------------------------------------------
+
+    @_twin_test
+    async def test_transaction_applies_a_python_function(self, svc: ServiceTwin) -> None:
+        """transaction() stores what the function returns, or what it changed in place."""
+        await svc.update("u", {"balance": 10})
+
+        def spend(doc: JSONObject) -> JSONObject:
+            return {**doc, "balance": doc["balance"] - 3, "last": "spend"}
+
+        assert await svc.transaction("u", spend) == {"balance": 7, "last": "spend"}
+
+        def in_place(doc: JSONObject) -> None:
+            doc["balance"] += 1
+
+        assert await svc.transaction("u", in_place) == {"balance": 8, "last": "spend"}
+        assert (await svc.snapshot("u")).version == 3
+
+    @_twin_test
+    async def test_transaction_retries_when_the_document_changed(self, svc: ServiceTwin) -> None:
+        """A write between the read and the compare-and-set makes the function run again."""
+        await svc.update("u", {"n": 0})
+        calls: list[int] = []
+        other = self.open_service("sync")
+
+        def bump(doc: JSONObject) -> JSONObject:
+            calls.append(doc["n"])
+            if len(calls) == 1:
+                # Another writer sneaks in after our read.
+                _run_sync_in_thread(lambda: _sync_update(other, "u", {"n": 100}))
+            return {"n": doc["n"] + 1}
+
+        assert await svc.transaction("u", bump) == {"n": 101}
+        assert calls == [0, 100]
+        await other.aclose()
+
+    @_twin_test
+    async def test_transaction_gives_up_with_conflict_error(self, svc: ServiceTwin) -> None:
+        """A function that always loses its race ends in ConflictError after max_attempts."""
+        await svc.update("u", {"n": 0})
+        other = self.open_service("sync")
+
+        def always_raced(doc: JSONObject) -> JSONObject:
+            _run_sync_in_thread(lambda: _sync_update(other, "u", {"n": doc["n"] + 10}))
+            return {"n": -1}
+
+        with pytest.raises(ConflictError) as info:
+            await svc.transaction("u", always_raced, max_attempts=3)
+        assert info.value.attempts == 3
+        assert (await svc.get("u"))["n"] == 30
+        await other.aclose()
+
+    @_twin_test
+    async def test_transaction_cannot_change_preserved_fields(self, svc: ServiceTwin) -> None:
+        """A transaction that changes or drops a preserved field is refused."""
+        await svc.set_preserved("u", "jwt_token", "t")
+        with pytest.raises(PreservedFieldError):
+            await svc.transaction("u", lambda doc: {"jwt_token": "changed"})
+        with pytest.raises(PreservedFieldError):
+            await svc.transaction("u", lambda doc: {})
+        assert await svc.get("u") == {"jwt_token": "t"}
+
+    # -- expiry ---------------------------------------------------------------
+
+    def test_ttl_expires_documents(self, twin: str) -> None:
+        """A document expires ttl after its last write; every write extends it."""
+
+        async def main() -> None:
+            svc = self.open_service(twin, ttl=0.3)
+            try:
+                await svc.update("u", {"a": 1})
+                await asyncio.sleep(0.2)
+                await svc.update("u", {"b": 2})
+                await asyncio.sleep(0.2)
+                assert await svc.get("u") == {"a": 1, "b": 2}
+                await asyncio.sleep(0.25)
+                assert await svc.snapshot("u") == Snapshot({}, 0)
+            finally:
+                await svc.aclose()
+
+        asyncio.run(main())
+
+    # -- concurrency ------------------------------------------------------------
+
+    def test_concurrent_writers_lose_no_update(self, twin: str) -> None:
+        """Many concurrent writers to one user: every write lands, versions are contiguous."""
+        writers, per_writer = 8, 25
+
+        async def main() -> None:
+            svc = self.open_service(twin)
+            try:
+                versions: list[int] = []
+
+                async def writer(w: int) -> None:
+                    for i in range(per_writer):
+                        out = await svc.update_once("hot", {f"w{w}": {f"i{i}": i}}, op_id=None)
+                        versions.append(out.version)
+
+                if isinstance(svc, SyncServiceAsAsync):
+                    threads = [
+                        threading.Thread(target=asyncio.run, args=(writer(w),))
+                        for w in range(writers)
+                    ]
+                    for t in threads:
+                        t.start()
+                    for t in threads:
+                        t.join()
+                else:
+                    await asyncio.gather(*(writer(w) for w in range(writers)))
+                total = writers * per_writer
+                assert sorted(versions) == list(range(1, total + 1))
+                doc = await svc.get("hot")
+                assert sum(len(v) for v in doc.values()) == total
+            finally:
+                await svc.aclose()
+
+        asyncio.run(main())
+
+
+def _sync_update(svc: ServiceTwin, user_id: str, patch: JSONObject) -> None:
+    asyncio.run(svc.update(user_id, patch))  # type: ignore[arg-type]
+
+
+def _run_sync_in_thread(fn: Callable[[], T]) -> T:
+    """Run ``fn`` in another thread and wait (a second client, outside our event loop)."""
+    box: list[T] = []
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            box.append(fn())
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            errors.append(exc)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+    return box[0]
+

