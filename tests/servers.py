@@ -59,12 +59,25 @@ class Server:
         return redis.Redis(host="127.0.0.1", port=self.port, **kw)  # type: ignore[arg-type]
 
     def start(self, timeout: float = 15.0) -> None:
-        with open(self.directory / "server.log", "ab") as log:
+        with (self.directory / "server.log").open("ab") as log:
             self.proc = subprocess.Popen(
-                [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
-                 "--dir", str(self.directory), "--daemonize", "no", "--save", "",
-                 *self.args],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                [
+                    self.binary,
+                    "--port",
+                    str(self.port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--dir",
+                    str(self.directory),
+                    "--daemonize",
+                    "no",
+                    "--save",
+                    "",
+                    *self.args,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
             )
         deadline = time.monotonic() + timeout
         password = None
@@ -72,9 +85,8 @@ class Server:
             password = self.args[self.args.index("--requirepass") + 1]
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"{self.kind} server exited: {(self.directory / 'server.log').read_text()[-2000:]}"
-                )
+                log = (self.directory / "server.log").read_text()[-2000:]
+                raise RuntimeError(f"{self.kind} server exited: {log}")
             try:
                 with self.client(password=password, socket_timeout=1) as c:
                     if c.ping():
@@ -113,8 +125,12 @@ def start_server(kind: str, *args: str) -> Server:
     if binary is None:
         raise FileNotFoundError(f"no {kind} server binary on this machine")
     for _attempt in range(5):
-        server = Server(kind, binary, ["--appendonly", "no", *args] if "--appendonly" not in args
-                        else list(args), Path(tempfile.mkdtemp(prefix=f"chatstate-{kind}-")))
+        server = Server(
+            kind,
+            binary,
+            ["--appendonly", "no", *args] if "--appendonly" not in args else list(args),
+            Path(tempfile.mkdtemp(prefix=f"chatstate-{kind}-")),
+        )
         server.port = free_port()
         try:
             server.start()
@@ -143,9 +159,16 @@ def start_cluster(kind: str, primaries: int = 3) -> Cluster:
     nodes: list[Server] = []
     try:
         for _ in range(primaries):
-            nodes.append(
-                start_server(kind, "--cluster-enabled", "yes", "--cluster-config-file",
-                             "nodes.conf", "--cluster-node-timeout", "3000")
+            nodes.append(  # noqa: PERF401 - the cleanup below needs every started node
+                start_server(
+                    kind,
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "3000",
+                )
             )
         first = nodes[0].client()
         for node in nodes[1:]:
@@ -161,8 +184,9 @@ def start_cluster(kind: str, primaries: int = 3) -> Cluster:
             for node in nodes:
                 info = node.client().execute_command("CLUSTER", "INFO")
                 text = info.decode() if isinstance(info, bytes) else str(info)
-                states.append("cluster_state:ok" in text
-                              and f"cluster_known_nodes:{primaries}" in text)
+                states.append(
+                    "cluster_state:ok" in text and f"cluster_known_nodes:{primaries}" in text
+                )
             if all(states):
                 return Cluster(nodes)
             time.sleep(0.1)

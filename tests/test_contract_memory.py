@@ -1,7 +1,5 @@
 """The backend contract suite run on the in-memory backend."""
 
-from collections.abc import Iterator
-
 import pytest
 
 from chatstate import AsyncMemoryBackend, MemoryBackend
@@ -10,9 +8,8 @@ from chatstate.testing import BackendContract
 
 class TestMemoryBackend(BackendContract):
     @pytest.fixture(autouse=True)
-    def _store(self) -> Iterator[None]:
+    def _store(self) -> None:
         self.store = MemoryBackend()
-        yield
 
     def make_backend(self) -> MemoryBackend:
         return self.store

@@ -1,6 +1,7 @@
 """chatstate: per-user conversation state and flows for chat bots, correct under concurrency."""
 
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
+from importlib.metadata import version as _version
 
 from chatstate.exceptions import (
     BackendAuthenticationError,
@@ -23,12 +24,14 @@ from chatstate.state import (
     AsyncBackend,
     AsyncCachedUser,
     AsyncMemoryBackend,
+    AsyncRedisBackend,
     AsyncStateManager,
     AsyncStateService,
     Backend,
     CachedUser,
     MemoryBackend,
     Outcome,
+    RedisBackend,
     Snapshot,
     StateData,
     StateManager,
@@ -37,16 +40,18 @@ from chatstate.state import (
 )
 
 try:
-    __version__ = version("chatstate")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = _version("chatstate")
+except _PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0+unknown"
 
 __all__ = [
     "AsyncBackend",
     "AsyncCachedUser",
     "AsyncMemoryBackend",
+    "AsyncRedisBackend",
     "AsyncStateManager",
     "AsyncStateService",
+    "Backend",
     "BackendAuthenticationError",
     "BackendError",
     "BackendUnavailable",
@@ -59,6 +64,7 @@ __all__ = [
     "Outcome",
     "OutcomeUnknown",
     "PreservedFieldError",
+    "RedisBackend",
     "SerializationError",
     "Snapshot",
     "StateData",

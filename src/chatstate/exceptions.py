@@ -156,7 +156,7 @@ class BackendAuthenticationError(BackendUnavailable):
     """The backend refused the credentials; retrying will not help."""
 
 
-class OutcomeUnknown(BackendUnavailable):  # noqa: N818 - the name reads as a state
+class OutcomeUnknown(BackendUnavailable):
     """A write was sent but no reply came back, even after retrying it.
 
     It may or may not have been applied. Retrying the same call with the same

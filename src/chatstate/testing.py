@@ -96,36 +96,45 @@ class SyncServiceAsAsync:
         self.rules = service.rules
 
     async def get(self, user_id: str) -> JSONObject:
+        """Await :meth:`StateService.get`."""
         return self.service.get(user_id)
 
     async def snapshot(self, user_id: str) -> Snapshot:
+        """Await :meth:`StateService.snapshot`."""
         return self.service.snapshot(user_id)
 
     async def update(
         self, user_id: str, patch: Mapping[str, Any], *, op_id: str | None = None
     ) -> JSONObject:
+        """Await :meth:`StateService.update`."""
         return self.service.update(user_id, patch, op_id=op_id)
 
     async def update_once(
         self, user_id: str, patch: Mapping[str, Any], *, op_id: str | None
     ) -> Outcome:
+        """Await :meth:`StateService.update_once`."""
         return self.service.update_once(user_id, patch, op_id=op_id)
 
     async def set_preserved(self, user_id: str, path: str | Path, value: Any) -> JSONObject:
+        """Await :meth:`StateService.set_preserved`."""
         return self.service.set_preserved(user_id, path, value)
 
     async def reset(self, user_id: str) -> JSONObject:
+        """Await :meth:`StateService.update_once`."""
         return self.service.reset(user_id)
 
     async def delete(self, user_id: str) -> None:
+        """Await :meth:`StateService.update`."""
         self.service.delete(user_id)
 
     async def transaction(
         self, user_id: str, fn: Callable[[JSONObject], JSONObject | None], **kw: Any
     ) -> JSONObject:
+        """Await :meth:`StateService.snapshot`."""
         return self.service.transaction(user_id, fn, **kw)
 
     async def aclose(self) -> None:
+        """Await :meth:`StateService.get`."""
         self.service.close()
 
 
@@ -248,7 +257,11 @@ class BackendContract:
         doc = {"": 1, '"': 2, "\\": 3, "a.b": 4, "a": {"b": 5}, "\U0001f600": {"": {"x": 6}}}
         assert await svc.update("u", doc) == doc
         assert await svc.update("u", {"a": {"b": None}, "": None}) == {
-            '"': 2, "\\": 3, "a.b": 4, "a": {}, "\U0001f600": {"": {"x": 6}}
+            '"': 2,
+            "\\": 3,
+            "a.b": 4,
+            "a": {},
+            "\U0001f600": {"": {"x": 6}},
         }
 
     @_twin_test
@@ -261,7 +274,9 @@ class BackendContract:
     # -- preserved fields -----------------------------------------------------
 
     @_twin_test
-    async def test_preserved_fields_survive_reset_and_refuse_patches(self, svc: ServiceTwin) -> None:
+    async def test_preserved_fields_survive_reset_and_refuse_patches(
+        self, svc: ServiceTwin
+    ) -> None:
         """Preserved fields change only through set_preserved and survive reset."""
         await svc.set_preserved("u", "jwt_token", "secret-token")
         await svc.set_preserved("u", "profile.id", 42)
@@ -304,7 +319,13 @@ class BackendContract:
         await svc.update("u", {"keep": 1})
         before = await svc.snapshot("u")
         bad_values: list[Any] = [
-            {1, 2}, b"x", float("nan"), float("inf"), "\ud800", (1, 2), object(),
+            {1, 2},
+            b"x",
+            float("nan"),
+            float("inf"),
+            "\ud800",
+            (1, 2),
+            object(),
         ]
         for bad in bad_values:
             with pytest.raises(SerializationError) as info:
@@ -442,9 +463,9 @@ class BackendContract:
         """A transaction that changes or drops a preserved field is refused."""
         await svc.set_preserved("u", "jwt_token", "t")
         with pytest.raises(PreservedFieldError):
-            await svc.transaction("u", lambda doc: {"jwt_token": "changed"})
+            await svc.transaction("u", lambda _doc: {"jwt_token": "changed"})
         with pytest.raises(PreservedFieldError):
-            await svc.transaction("u", lambda doc: {})
+            await svc.transaction("u", lambda _doc: {})
         assert await svc.get("u") == {"jwt_token": "t"}
 
     # -- expiry ---------------------------------------------------------------
@@ -505,7 +526,7 @@ class BackendContract:
 
 
 def _sync_update(svc: ServiceTwin, user_id: str, patch: JSONObject) -> None:
-    asyncio.run(svc.update(user_id, patch))  # type: ignore[arg-type]
+    asyncio.run(svc.update(user_id, patch))
 
 
 def _run_sync_in_thread(fn: Callable[[], T]) -> T:
@@ -525,4 +546,3 @@ def _run_sync_in_thread(fn: Callable[[], T]) -> T:
     if errors:
         raise errors[0]
     return box[0]
-

@@ -6,7 +6,7 @@ from typing import Any, TypeAlias
 
 __all__ = ["JSON", "JSONObject", "Path"]
 
-JSON: TypeAlias = "str | int | float | bool | None | list[JSON] | dict[str, JSON]"
+JSON: TypeAlias = "str | int | float | bool | list[JSON] | dict[str, JSON] | None"
 """A JSON value as Python holds it after ``json.loads``."""
 
 JSONObject: TypeAlias = dict[str, Any]

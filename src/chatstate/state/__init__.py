@@ -16,6 +16,7 @@ from chatstate.state._backend import (
 from chatstate.state._codec import stored_size
 from chatstate.state._manager import AsyncStateManager, StateManager
 from chatstate.state._memory import AsyncMemoryBackend, MemoryBackend
+from chatstate.state._redis import AsyncRedisBackend, RedisBackend
 from chatstate.state._rules import Edit, StateData, apply_edits, merge
 from chatstate.state._service import (
     AsyncCachedState,
@@ -31,6 +32,7 @@ __all__ = [
     "AsyncCachedState",
     "AsyncCachedUser",
     "AsyncMemoryBackend",
+    "AsyncRedisBackend",
     "AsyncStateManager",
     "AsyncStateService",
     "Backend",
@@ -41,6 +43,7 @@ __all__ = [
     "Edits",
     "MemoryBackend",
     "Operation",
+    "RedisBackend",
     "Outcome",
     "Replace",
     "Reset",

@@ -28,6 +28,7 @@ OBJECT_MARKER = "{}"
 
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 _decode = json.JSONDecoder().decode
+_CONTROL = re.compile(r"[\x00-\x1f]")
 _SEGMENT = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
 
 
@@ -59,11 +60,16 @@ def decode_path(text: str) -> Path:
     Raises:
         ValueError: ``text`` is not a concatenation of JSON strings.
     """
-    if len(text) < 2 or text[0] != '"' or text[-1] != '"':  # noqa: PLR2004
+    if len(text) < 2 or text[0] != '"' or text[-1] != '"':
         raise ValueError("a path is a concatenation of JSON strings")
+    if _CONTROL.search(text):
+        raise ValueError("a path holds an unescaped control character")
     if "\\" not in text:
         # No escapes means no quote inside a key, so the boundaries are '""'.
-        return tuple(text[1:-1].split('""'))
+        parts = text[1:-1].split('""')
+        if any('"' in part for part in parts):
+            raise ValueError("a path is a concatenation of JSON strings")
+        return tuple(parts)
     segments = _SEGMENT.findall(text)
     if sum(len(s) for s in segments) != len(text):
         raise ValueError("a path is a concatenation of JSON strings")

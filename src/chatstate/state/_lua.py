@@ -189,8 +189,12 @@ end
 if mode == 'D' then redis.call('DEL', opskey) end
 redis.call('ZADD', opskey, version, op_id)
 local count = redis.call('ZCARD', opskey)
-if count > """ + str(MAX_REMEMBERED_OPS) + r""" then
-  redis.call('ZREMRANGEBYRANK', opskey, 0, count - """ + str(MAX_REMEMBERED_OPS + 1) + r""")
+if count > """
+    + str(MAX_REMEMBERED_OPS)
+    + r""" then
+  redis.call('ZREMRANGEBYRANK', opskey, 0, count - """
+    + str(MAX_REMEMBERED_OPS + 1)
+    + r""")
 end
 redis.call('PEXPIRE', opskey, ARGV[2])
 if mode == 'D' then return {'applied', op_id, 0, 0} end

@@ -107,9 +107,7 @@ class _ManagerCore:
         Canonically equivalent ids (the same text in NFC and NFD) name one user.
         """
         if type(user_id) is not str:
-            raise InvalidUserIdError(
-                f"a user id must be a str, not {type(user_id).__name__}"
-            )
+            raise InvalidUserIdError(f"a user id must be a str, not {type(user_id).__name__}")
         if not user_id:
             raise InvalidUserIdError("a user id must not be empty")
         if not user_id.isascii():
@@ -133,9 +131,7 @@ class _ManagerCore:
             raise StateError(
                 f"op_id must be a non-empty str of at most {MAX_OP_ID_LENGTH} characters"
             )
-        return Write(
-            operation, op_id, self.ttl_ms, self.rules.max_bytes, self.dedupe_ms, generated
-        )
+        return Write(operation, op_id, self.ttl_ms, self.rules.max_bytes, self.dedupe_ms, generated)
 
     @staticmethod
     def settle(write: Write, outcome: Outcome) -> Outcome:
@@ -290,7 +286,7 @@ class AsyncStateManager(_ManagerCore):
     async def transaction(
         self,
         user_id: str,
-        fn: Callable[[JSONObject], JSONObject | None | Awaitable[JSONObject | None]],
+        fn: Callable[[JSONObject], JSONObject | Awaitable[JSONObject | None] | None],
         *,
         max_attempts: int | None = None,
     ) -> Snapshot:
@@ -319,11 +315,13 @@ class AsyncStateManager(_ManagerCore):
 
 def _copy(data: JSONObject) -> JSONObject:
     """A deep copy of a JSON document (faster than ``copy.deepcopy``)."""
-    return {k: _copy(v) if type(v) is dict else (_copy_list(v) if type(v) is list else v)
-            for k, v in data.items()}
+    return {
+        k: _copy(v) if type(v) is dict else (_copy_list(v) if type(v) is list else v)
+        for k, v in data.items()
+    }
 
 
 def _copy_list(items: list[Any]) -> list[Any]:
-    return [_copy(v) if type(v) is dict else (_copy_list(v) if type(v) is list else v)
-            for v in items]
-
+    return [
+        _copy(v) if type(v) is dict else (_copy_list(v) if type(v) is list else v) for v in items
+    ]

@@ -119,7 +119,9 @@ class MemoryBackend:
             if ops is not None and ops.expires_at <= now:
                 del self._ops[user_id]
 
-    def _remember(self, user_id: str, write: Write, version: int, now: float, *, fresh: bool) -> None:
+    def _remember(
+        self, user_id: str, write: Write, version: int, now: float, *, fresh: bool
+    ) -> None:
         """Remember an op id, as the Redis script does: newest 128, until idle for dedupe_ms."""
         ops = None if fresh else self._ops.get(user_id)
         if ops is None or ops.expires_at <= now:

@@ -52,7 +52,7 @@ def _text(value: bytes | str | int) -> str:
     return str(value)
 
 
-def _check_namespace(namespace: str) -> str:
+def _check_namespace(namespace: object) -> str:
     if not isinstance(namespace, str) or not namespace:
         raise ValueError("namespace must be a non-empty str")
     if any(c in namespace for c in "{}") or not namespace.isprintable():
@@ -140,7 +140,7 @@ class _RedisCore:
 
 
 @contextlib.contextmanager
-def map_redis_errors(key: str, op_id: str | None = None) -> Iterator[None]:
+def map_redis_errors(key: str, op_id: str | None = None) -> Iterator[None]:  # noqa: C901, PLR0912 - one flat table of translations
     """Translate redis-py errors into chatstate errors, once, for both twins.
 
     ``op_id`` marks a write: a connection lost during a write becomes
@@ -169,7 +169,9 @@ def map_redis_errors(key: str, op_id: str | None = None) -> Iterator[None]:
             "the server is a read-only replica (a failover in progress?)"
         ) from exc
     except rex.OutOfMemoryError as exc:
-        raise StoreFullError("the server is out of memory (maxmemory); nothing was written") from exc
+        raise StoreFullError(
+            "the server is out of memory (maxmemory); nothing was written"
+        ) from exc
     except rex.ResponseError as exc:
         message = str(exc)
         if message.startswith("OOM"):
@@ -203,7 +205,7 @@ def _resolve_delay(attempt: int) -> float:
 
 def _short(exc: BaseException) -> str:
     text = str(exc)
-    return text if len(text) <= 200 else text[:197] + "..."  # noqa: PLR2004
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 class RedisBackend:
@@ -239,7 +241,9 @@ class RedisBackend:
         self._load = client.register_script(LOAD_SCRIPT)
 
     @classmethod
-    def from_url(cls, url: str, *, namespace: str = DEFAULT_NAMESPACE, **options: Any) -> RedisBackend:
+    def from_url(
+        cls, url: str, *, namespace: str = DEFAULT_NAMESPACE, **options: Any
+    ) -> RedisBackend:
         """Create a client from ``url`` (``redis://``, ``rediss://``, ``unix://``) and own it.
 
         ``options`` go to ``redis.Redis.from_url`` and override chatstate's
@@ -344,8 +348,7 @@ class AsyncRedisBackend:
 
     def __repr__(self) -> str:
         return (
-            f"<AsyncRedisBackend {_safe_location(self.client)} "
-            f"namespace={self._core.namespace!r}>"
+            f"<AsyncRedisBackend {_safe_location(self.client)} namespace={self._core.namespace!r}>"
         )
 
     def keys(self, user_id: str) -> list[str]:
@@ -379,5 +382,3 @@ class AsyncRedisBackend:
         """Close the client if this backend created it."""
         if self._owns_client:
             await self.client.aclose()
-
-

@@ -60,14 +60,15 @@ def format_path(path: Path | tuple[str | int, ...]) -> str:
     return "".join(out)
 
 
-def _parse_path(spec: str | Iterable[str]) -> Path:
+def _parse_path(spec: object) -> Path:
+    parts: list[object] = []
     if isinstance(spec, str):
-        path = tuple(spec.split("."))
-    else:
-        path = tuple(spec)
-    if not path or not all(isinstance(k, str) and k for k in path):
+        parts.extend(spec.split("."))
+    elif isinstance(spec, Iterable):
+        parts.extend(spec)
+    if not parts or not all(isinstance(k, str) and k for k in parts):
         raise ValueError(f"a field path must be non-empty keys, got {spec!r}")
-    return path
+    return tuple(str(k) for k in parts)
 
 
 def _to_paths(specs: Iterable[str | Iterable[str]]) -> frozenset[Path]:
@@ -116,7 +117,7 @@ class StateData:
                         f"field {format_path(r)} is replaced but overlaps preserved "
                         f"field {format_path(p)}"
                     )
-        if self.max_depth < 1 or self.max_bytes < 2 or self.max_user_id_length < 1:  # noqa: PLR2004
+        if self.max_depth < 1 or self.max_bytes < 2 or self.max_user_id_length < 1:
             raise ValueError("max_depth, max_bytes and max_user_id_length must be positive")
         ancestors = {p[:i] for p in self.preserved for i in range(1, len(p))}
         object.__setattr__(self, "_preserved_ancestors", frozenset(ancestors))
@@ -282,7 +283,7 @@ def _check_text(text: str, path: tuple[str | int, ...], what: str) -> None:
         ) from None
 
 
-def check_json(
+def check_json(  # noqa: C901 - one branch per JSON type
     value: Any, path: tuple[str | int, ...], depth: int, max_depth: int
 ) -> None:
     """Raise :class:`SerializationError` unless ``value`` is plain JSON within ``max_depth``."""

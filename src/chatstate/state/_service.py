@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from datetime import timedelta
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from chatstate.state._backend import AsyncBackend, Backend, Outcome, Snapshot
 from chatstate.state._manager import (
@@ -89,7 +89,9 @@ class StateService:
         """Return the user's document together with its version."""
         return self.manager.load(user_id)
 
-    def update(self, user_id: str, patch: Mapping[str, Any], *, op_id: str | None = None) -> JSONObject:
+    def update(
+        self, user_id: str, patch: Mapping[str, Any], *, op_id: str | None = None
+    ) -> JSONObject:
         """Merge ``patch`` into the user's document atomically and return the result.
 
         Objects merge, ``None`` deletes a key, lists and scalars replace
@@ -133,7 +135,9 @@ class StateService:
 
     def reset(self, user_id: str, *, op_id: str | None = None) -> JSONObject:
         """Drop everything but the preserved fields; return what is left."""
-        return self.manager.apply(user_id, RESET, lambda: self.manager.reset_write(op_id)).snapshot.data
+        return self.manager.apply(
+            user_id, RESET, lambda: self.manager.reset_write(op_id)
+        ).snapshot.data
 
     def delete(self, user_id: str, *, op_id: str | None = None) -> None:
         """Remove the user's document, preserved fields included."""
@@ -165,11 +169,14 @@ class StateService:
         """Close the backend (a client the caller passed in stays open)."""
         self.manager.close()
 
-    def __enter__(self) -> StateService:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.close()
 
@@ -251,7 +258,7 @@ class AsyncStateService:
     async def transaction(
         self,
         user_id: str,
-        fn: Callable[[JSONObject], JSONObject | None | Awaitable[JSONObject | None]],
+        fn: Callable[[JSONObject], JSONObject | Awaitable[JSONObject | None] | None],
         *,
         max_attempts: int | None = None,
     ) -> JSONObject:
@@ -266,11 +273,14 @@ class AsyncStateService:
         """Close the backend (a client the caller passed in stays open)."""
         await self.manager.aclose()
 
-    async def __aenter__(self) -> AsyncStateService:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         await self.aclose()
 

@@ -1,0 +1,44 @@
+"""The public face: __all__ lists exactly what each public module exports."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+import chatstate
+
+PUBLIC = ["chatstate", "chatstate.state", "chatstate.exceptions", "chatstate.typing",
+          "chatstate.testing"]
+
+
+@pytest.mark.parametrize("name", PUBLIC)
+def test_all_names_exist_and_are_documented(name: str) -> None:
+    """Every name in __all__ exists, and every public class or function has a docstring."""
+    module = importlib.import_module(name)
+    for attr in module.__all__:
+        obj = getattr(module, attr)
+        if callable(obj) and not attr.startswith("__"):
+            assert (obj.__doc__ or "").strip(), f"{name}.{attr} has no docstring"
+
+
+def test_top_level_exports_every_public_name() -> None:
+    """What chatstate defines publicly without an underscore is in __all__."""
+    exported = {n for n in dir(chatstate) if not n.startswith("_")}
+    modules = {"exceptions", "state", "typing", "flow", "auth", "testing"}
+    assert exported - modules == set(chatstate.__all__) - {"__version__"}
+
+
+def test_version_comes_from_metadata() -> None:
+    """__version__ is the installed distribution's version."""
+    from importlib.metadata import version
+
+    assert chatstate.__version__ == version("chatstate")
+
+
+def test_errors_subclass_the_builtins_they_resemble() -> None:
+    """Validation errors are ValueErrors; unavailability is a ConnectionError."""
+    assert issubclass(chatstate.SerializationError, ValueError)
+    assert issubclass(chatstate.BackendUnavailable, ConnectionError)
+    assert issubclass(chatstate.OutcomeUnknown, chatstate.BackendUnavailable)
+    assert issubclass(chatstate.StateError, chatstate.ChatstateError)
