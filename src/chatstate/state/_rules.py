@@ -325,7 +325,10 @@ def apply_edits(doc: JSONObject, edits: Iterable[Edit]) -> JSONObject:
     for kind, path, value in edits:
         parent: Any = doc
         for key in path[:-1]:
-            parent = parent[key]
+            parent = parent.get(key) if type(parent) is dict else None
+        if type(parent) is not dict:
+            # Only a delete can name a path whose parent is missing: nothing to do.
+            continue
         last = path[-1]
         if kind == SET:
             parent[last] = value
