@@ -8,8 +8,13 @@ import pytest
 
 import chatstate
 
-PUBLIC = ["chatstate", "chatstate.state", "chatstate.exceptions", "chatstate.typing",
-          "chatstate.testing"]
+PUBLIC = [
+    "chatstate",
+    "chatstate.state",
+    "chatstate.exceptions",
+    "chatstate.typing",
+    "chatstate.testing",
+]
 
 
 @pytest.mark.parametrize("name", PUBLIC)

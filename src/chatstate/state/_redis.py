@@ -10,14 +10,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 from urllib.parse import quote
 
 import redis
 import redis.asyncio
 import redis.exceptions as rex
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.commands.core import AsyncScript, Script
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.retry import Retry
 
 from chatstate.exceptions import (
@@ -40,6 +42,8 @@ if TYPE_CHECKING:
     from redis.cluster import RedisCluster
 
 __all__ = ["AsyncRedisBackend", "RedisBackend"]
+
+T = TypeVar("T")
 
 DEFAULT_NAMESPACE: Final = "chatstate"
 _SAFE_ID_CHARS: Final = "@+"  # plus quote()'s own: letters, digits and "_.-~"
@@ -69,16 +73,55 @@ def _safe_location(client: Any) -> str:
         return type(client).__name__
 
 
-def default_client_options() -> dict[str, Any]:
+def _retryable(error: Exception, inner: Callable[[Exception], bool] | None) -> bool:
+    # A refused password stays refused: fail at once instead of after every retry.
+    if isinstance(error, rex.AuthenticationError | rex.AuthorizationError):
+        return False
+    return inner(error) if inner is not None else True
+
+
+class _Retry(Retry):
+    """redis-py's Retry, except that credential errors are never retried."""
+
+    def call_with_retry(
+        self,
+        do: Callable[[], T],
+        fail: Callable[..., Any],
+        is_retryable: Callable[[Exception], bool] | None = None,
+        with_failure_count: bool = False,
+    ) -> T:
+        return super().call_with_retry(
+            do, fail, lambda e: _retryable(e, is_retryable), with_failure_count
+        )
+
+
+class _AsyncRetry(AsyncRetry):
+    """The asyncio twin of :class:`_Retry`."""
+
+    async def call_with_retry(
+        self,
+        do: Callable[[], Awaitable[T]],
+        fail: Callable[..., Any],
+        is_retryable: Callable[[Exception], bool] | None = None,
+        with_failure_count: bool = False,
+    ) -> T:
+        return await super().call_with_retry(
+            do, fail, lambda e: _retryable(e, is_retryable), with_failure_count
+        )
+
+
+def default_client_options(*, asynchronous: bool) -> dict[str, Any]:
     """Timeouts and retries for clients that chatstate creates itself.
 
     redis-py re-sends a command after a dropped connection; that is safe for our
     writes because every write carries an operation id the script remembers.
     """
+    backoff = ExponentialWithJitterBackoff(base=0.05, cap=1.0)
+    retry = _AsyncRetry(backoff, retries=3) if asynchronous else _Retry(backoff, retries=3)
     return {
         "socket_timeout": 5.0,
         "socket_connect_timeout": 5.0,
-        "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries=3),
+        "retry": retry,
         "health_check_interval": 30,
     }
 
@@ -199,6 +242,36 @@ def map_redis_errors(key: str, op_id: str | None = None) -> Iterator[None]:  # n
         raise BackendUnavailable(f"the Redis client failed ({type(exc).__name__})") from exc
 
 
+_NOSCRIPT_ATTEMPTS: Final = 5
+
+
+def _run(script: Script, keys: list[str], args: list[Any]) -> Any:
+    """Call a registered script; redis-py reloads it once on NOSCRIPT, we insist.
+
+    A flush can land between redis-py's reload and its second EVALSHA (seen
+    under a SCRIPT FLUSH loop). NOSCRIPT means the script did not run, so
+    calling again is always safe.
+    """
+    for attempt in range(_NOSCRIPT_ATTEMPTS):
+        try:
+            return script(keys=keys, args=args)
+        except rex.NoScriptError:
+            if attempt == _NOSCRIPT_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def _arun(script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+    """The asyncio twin of :func:`_run`."""
+    for attempt in range(_NOSCRIPT_ATTEMPTS):
+        try:
+            return await script(keys=keys, args=args)
+        except rex.NoScriptError:
+            if attempt == _NOSCRIPT_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 def _resolve_delay(attempt: int) -> float:
     return float(min(1.0, 0.05 * 2**attempt))
 
@@ -248,10 +321,12 @@ class RedisBackend:
 
         ``options`` go to ``redis.Redis.from_url`` and override chatstate's
         defaults (5 s timeouts, 3 retries with jittered backoff). Pass
-        ``cluster=True`` for a Redis Cluster.
+        ``cluster=True`` for a Redis Cluster, and ``resolve_attempts`` to
+        change how often a write of unknown outcome is re-sent.
         """
         cluster = options.pop("cluster", False)
-        kwargs = {**default_client_options(), **options}
+        resolve_attempts = options.pop("resolve_attempts", 2)
+        kwargs = {**default_client_options(asynchronous=False), **options}
         client: redis.Redis | RedisCluster
         if cluster:
             from redis.cluster import RedisCluster  # noqa: PLC0415
@@ -260,7 +335,9 @@ class RedisBackend:
             client = RedisCluster.from_url(url, **kwargs)
         else:
             client = redis.Redis.from_url(url, **kwargs)
-        return cls(client, namespace=namespace, _owns_client=True)
+        return cls(
+            client, namespace=namespace, resolve_attempts=resolve_attempts, _owns_client=True
+        )
 
     def __repr__(self) -> str:
         return f"<RedisBackend {_safe_location(self.client)} namespace={self._core.namespace!r}>"
@@ -274,7 +351,7 @@ class RedisBackend:
         doc = self._core.keys(user_id)[0]
         echo = new_op_id()
         with map_redis_errors(doc):
-            reply = self._load(keys=[doc], args=[echo])
+            reply = _run(self._load, [doc], [echo])
         return self._core.parse_load(reply, doc, echo)
 
     def apply(self, user_id: str, write: Write) -> Outcome:
@@ -290,7 +367,7 @@ class RedisBackend:
         for attempt in range(self.resolve_attempts + 1):
             try:
                 with map_redis_errors(keys[0], write.op_id):
-                    reply = self._apply(keys=keys, args=args)
+                    reply = _run(self._apply, keys, args)
                 break
             except OutcomeUnknown:
                 if attempt == self.resolve_attempts:
@@ -335,7 +412,8 @@ class AsyncRedisBackend:
     ) -> AsyncRedisBackend:
         """See :meth:`RedisBackend.from_url`."""
         cluster = options.pop("cluster", False)
-        kwargs = {**default_client_options(), **options}
+        resolve_attempts = options.pop("resolve_attempts", 2)
+        kwargs = {**default_client_options(asynchronous=True), **options}
         client: redis.asyncio.Redis | AsyncRedisCluster
         if cluster:
             from redis.asyncio.cluster import RedisCluster  # noqa: PLC0415
@@ -344,7 +422,9 @@ class AsyncRedisBackend:
             client = RedisCluster.from_url(url, **kwargs)
         else:
             client = redis.asyncio.Redis.from_url(url, **kwargs)
-        return cls(client, namespace=namespace, _owns_client=True)
+        return cls(
+            client, namespace=namespace, resolve_attempts=resolve_attempts, _owns_client=True
+        )
 
     def __repr__(self) -> str:
         return (
@@ -360,7 +440,7 @@ class AsyncRedisBackend:
         doc = self._core.keys(user_id)[0]
         echo = new_op_id()
         with map_redis_errors(doc):
-            reply = await self._load(keys=[doc], args=[echo])
+            reply = await _arun(self._load, [doc], [echo])
         return self._core.parse_load(reply, doc, echo)
 
     async def apply(self, user_id: str, write: Write) -> Outcome:
@@ -370,7 +450,7 @@ class AsyncRedisBackend:
         for attempt in range(self.resolve_attempts + 1):
             try:
                 with map_redis_errors(keys[0], write.op_id):
-                    reply = await self._apply(keys=keys, args=args)
+                    reply = await _arun(self._apply, keys, args)
                 break
             except OutcomeUnknown:
                 if attempt == self.resolve_attempts:

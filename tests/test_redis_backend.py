@@ -1,0 +1,460 @@
+"""Redis and Valkey backend behaviour beyond the contract: keys, layout, faults, ownership."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+
+import pytest
+import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from proxy import ReplyDroppingProxy
+from redis.cluster import key_slot
+
+import servers
+from chatstate import (
+    AsyncRedisBackend,
+    AsyncStateService,
+    BackendAuthenticationError,
+    BackendUnavailable,
+    CorruptStateError,
+    OutcomeUnknown,
+    RedisBackend,
+    StateData,
+    StateError,
+    StateService,
+    StoreBusyError,
+    StoreFullError,
+)
+from chatstate.state._lua import APPLY_SCRIPT
+
+pytestmark = pytest.mark.redis
+
+SECRET = "S3NTINEL-secret-9f2b"
+
+
+@pytest.fixture
+def private(server_kind: str):
+    """A server of our own that a test may flush, fill, stop or kill."""
+    server = servers.start_server(server_kind)
+    yield server
+    server.cleanup()
+
+
+def _svc(url: str, namespace: str = "chatstate", **kw) -> StateService:
+    return StateService(RedisBackend.from_url(url, namespace=namespace, **kw))
+
+
+# -- keys ----------------------------------------------------------------------
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(a=st.text(min_size=1, max_size=40), b=st.text(min_size=1, max_size=40))
+def test_distinct_ids_give_distinct_keys_in_one_slot(a: str, b: str) -> None:
+    """Keys are injective in the id, and a user's two keys share one hash slot."""
+    backend = RedisBackend(redis.Redis(), namespace="ns")
+    svc = StateService(backend)
+    try:
+        ua, ub = svc.manager.user_id(a), svc.manager.user_id(b)
+    except StateError:
+        return
+    ka, kb = backend.keys(ua), backend.keys(ub)
+    assert (ka == kb) == (ua == ub)
+    assert key_slot(ka[0].encode()) == key_slot(ka[1].encode())
+
+
+@pytest.mark.parametrize(
+    "hostile", ["}{", "{", "}", "{x}", "a}{b", "*", "?", "[a-z]", "\n", "\u00e9", "x" * 256, "%7B"]
+)
+def test_hostile_ids_cannot_choose_the_hash_tag(hostile: str) -> None:
+    """The hash tag is the percent-encoded id: braces in an id never open or close one."""
+    backend = RedisBackend(redis.Redis(), namespace="bot")
+    doc, ops = backend.keys(hostile)
+    tag = doc[doc.index("{") + 1 : doc.index("}")]
+    assert "{" not in tag
+    assert "}" not in tag
+    assert doc == f"bot:{{{tag}}}"
+    assert ops == doc + ":ops"
+    assert key_slot(doc.encode()) == key_slot(ops.encode()) == key_slot(tag.encode())
+
+
+def test_namespaces_keep_tenants_apart(redis_url: str, namespace: str) -> None:
+    """Two namespaces on one server never see each other's documents."""
+    a, b = _svc(redis_url, namespace + "a"), _svc(redis_url, namespace + "b")
+    a.update("u", {"tenant": "a"})
+    assert b.get("u") == {}
+    b.update("u", {"tenant": "b"})
+    assert a.get("u") == {"tenant": "a"}
+    with pytest.raises(ValueError):
+        RedisBackend(redis.Redis(), namespace="bad{ns}")
+    a.close()
+    b.close()
+
+
+# -- layout and TTL ------------------------------------------------------------
+
+
+def test_ttl_is_set_on_both_keys_in_the_same_script(redis_url: str, namespace: str) -> None:
+    """With a ttl, a write leaves a PTTL on the document; ops expire after the dedupe window."""
+    svc = StateService(
+        RedisBackend.from_url(redis_url, namespace=namespace), ttl=60, dedupe_window=30
+    )
+    svc.update("u", {"a": 1})
+    client = svc.manager.backend.client  # type: ignore[attr-defined]
+    doc, ops = svc.manager.backend.keys("u")  # type: ignore[attr-defined]
+    assert 59_000 < client.pttl(doc) <= 60_000
+    assert 29_000 < client.pttl(ops) <= 30_000
+    svc.close()
+
+
+def test_a_write_without_ttl_keeps_an_existing_ttl(redis_url: str, namespace: str) -> None:
+    """HSET does not drop a TTL set earlier, unlike a plain SET would."""
+    with_ttl = StateService(RedisBackend.from_url(redis_url, namespace=namespace), ttl=60)
+    without = StateService(RedisBackend.from_url(redis_url, namespace=namespace))
+    with_ttl.update("u", {"a": 1})
+    without.update("u", {"b": 2})
+    client = without.manager.backend.client  # type: ignore[attr-defined]
+    assert client.pttl(without.manager.backend.keys("u")[0]) > 0  # type: ignore[attr-defined]
+    with_ttl.close()
+    without.close()
+
+
+def test_only_changed_fields_are_written(redis_url: str, namespace: str) -> None:
+    """A merge rewrites the fields it changes and nothing else (checked with OBJECT FREQ-free HLEN)."""
+    svc = _svc(redis_url, namespace)
+    svc.update("u", {"a": {"b": 1, "c": 2}, "d": [1]})
+    client = svc.manager.backend.client  # type: ignore[attr-defined]
+    key = svc.manager.backend.keys("u")[0]  # type: ignore[attr-defined]
+    assert client.hlen(key) == 5  # "a", "a""b", "a""c", "d", #v
+    svc.update("u", {"a": None})
+    assert sorted(client.hkeys(key)) == [b'"d"', b"#v"]
+    svc.close()
+
+
+# -- scripts -------------------------------------------------------------------
+
+
+def test_script_flush_in_a_loop_never_surfaces(private: servers.Server) -> None:
+    """NOSCRIPT after SCRIPT FLUSH is reloaded transparently, under load."""
+    svc = _svc(private.url)
+    admin = private.client()
+    stop = threading.Event()
+    flushes = 0
+
+    def flusher() -> None:
+        nonlocal flushes
+        while not stop.is_set():
+            admin.script_flush()
+            flushes += 1
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=flusher)
+    thread.start()
+    try:
+        for i in range(500):
+            svc.update("u", {"n": i})
+            assert svc.get("u") == {"n": i}
+    finally:
+        stop.set()
+        thread.join()
+    assert flushes > 10
+    assert svc.snapshot("u").version == 500
+    svc.close()
+
+
+def test_busy_server_maps_to_store_busy(private: servers.Server) -> None:
+    """A server stuck in a long script answers BUSY, which becomes StoreBusyError."""
+    admin = private.client()
+    admin.config_set("busy-reply-threshold" if private.kind == "valkey" else "lua-time-limit", 50)
+    blocker = threading.Thread(
+        target=lambda: private.client(socket_timeout=10).eval(
+            "local t = redis.call('TIME'); while true do "
+            "local n = redis.call('TIME'); if n[1] - t[1] > 1 then break end end",
+            0,
+        )
+    )
+    blocker.start()
+    time.sleep(0.3)
+    svc = _svc(private.url, socket_timeout=5)
+    try:
+        with pytest.raises(StoreBusyError) as info:
+            svc.update("u", {"a": 1})
+        assert str(info.value).startswith("Failed to update state")
+    finally:
+        blocker.join()
+    assert svc.get("u") == {}
+    svc.close()
+
+
+def test_maxmemory_gives_store_full_and_keeps_data(private: servers.Server) -> None:
+    """At maxmemory (noeviction) writes fail with StoreFullError; stored data stays readable."""
+    admin = private.client()
+    used = int(admin.info("memory")["used_memory"])
+    admin.config_set("maxmemory", used + 2_000_000)
+    admin.config_set("maxmemory-policy", "noeviction")
+    svc = StateService(RedisBackend.from_url(private.url), StateData(max_bytes=1_000_000))
+    stored = 0
+    with pytest.raises(StoreFullError):
+        for i in range(10_000):
+            svc.update(f"u{i}", {"blob": "x" * 20_000, "i": i})
+            stored = i + 1
+    assert stored > 10
+    for i in range(stored):
+        assert svc.get(f"u{i}")["i"] == i
+    svc.close()
+
+
+# -- corrupt data ----------------------------------------------------------------
+
+
+def test_foreign_and_corrupt_data_is_reported_and_kept(redis_url: str, namespace: str) -> None:
+    """Wrong types, pickles, foreign hashes and bad JSON raise CorruptStateError; nothing is overwritten."""
+    svc = _svc(redis_url, namespace)
+    backend = svc.manager.backend
+    client = backend.client  # type: ignore[attr-defined]
+    cases = {
+        "string": lambda k: client.set(k, b"\x80\x04\x95pickle"),
+        "list": lambda k: client.rpush(k, "a"),
+        "foreign-hash": lambda k: client.hset(k, mapping={"name": "x", "#v": 1}),
+        "no-version": lambda k: client.hset(k, '"a"', "1"),
+        "bad-version": lambda k: client.hset(k, mapping={"#v": "x"}),
+    }
+    for user, plant in cases.items():
+        key = backend.keys(user)[0]  # type: ignore[attr-defined]
+        plant(key)
+        before = client.dump(key)
+        for action in (lambda u=user: svc.get(u), lambda u=user: svc.update(u, {"a": 2})):
+            with pytest.raises(CorruptStateError) as info:
+                action()
+            assert info.value.key == key
+            assert key in str(info.value)
+        assert client.dump(key) == before, user
+
+    # A stored value that is not JSON is caught when read back.
+    key = backend.keys("bad-json")[0]  # type: ignore[attr-defined]
+    client.hset(key, mapping={"#v": 1, '"a"': "{not json"})
+    with pytest.raises(CorruptStateError):
+        svc.get("bad-json")
+    # The ops key of the wrong type is refused before anything is written.
+    doc, ops = backend.keys("bad-ops")  # type: ignore[attr-defined]
+    client.set(ops, "x")
+    with pytest.raises(CorruptStateError) as info:
+        svc.update("bad-ops", {"a": 1})
+    assert info.value.key == ops
+    assert not client.exists(doc)
+    svc.close()
+
+
+# -- connection faults -------------------------------------------------------------
+
+
+def test_lost_reply_is_applied_exactly_once(redis_url: str, namespace: str) -> None:
+    """A write whose reply is lost is re-sent with its op id and applied once."""
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    proxy = ReplyDroppingProxy(port)
+    svc = _svc(f"redis://127.0.0.1:{proxy.port}/0", namespace)
+    try:
+        svc.update("u", {"n": 0})
+        proxy.arm(b"EVALSHA", times=1)
+        out = svc.update_once("u", {"n": 1, "items": [1]}, op_id=None)
+        assert proxy.dropped == 1
+        assert out.applied
+        assert out.version == 2
+        assert svc.snapshot("u").version == 2
+    finally:
+        svc.close()
+        proxy.close()
+
+
+def test_lost_reply_without_retries_is_outcome_unknown(redis_url: str, namespace: str) -> None:
+    """With every retry disabled, a lost reply raises OutcomeUnknown; a retry with the op id settles it."""
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    proxy = ReplyDroppingProxy(port)
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    backend = RedisBackend.from_url(
+        f"redis://127.0.0.1:{proxy.port}/0",
+        namespace=namespace,
+        retry=Retry(NoBackoff(), 0),
+        resolve_attempts=0,
+    )
+    svc = StateService(backend)
+    try:
+        svc.update("u", {"n": 0})
+        proxy.arm(b"EVALSHA", times=1)
+        with pytest.raises(OutcomeUnknown) as info:
+            svc.update("u", {"n": 1}, op_id="msg-7")
+        assert info.value.op_id == "msg-7"
+        again = svc.update_once("u", {"n": 1}, op_id="msg-7")
+        assert again.status == "duplicate"
+        assert again.version == 2
+        assert svc.snapshot("u").version == 2
+    finally:
+        svc.close()
+        proxy.close()
+
+
+def test_server_down_is_backend_unavailable(namespace: str) -> None:
+    """Nothing listening: reads raise BackendUnavailable, writes OutcomeUnknown (also unavailable)."""
+    port = servers.free_port()
+    svc = _svc(f"redis://127.0.0.1:{port}/0", namespace, socket_connect_timeout=0.5)
+    with pytest.raises(BackendUnavailable) as info:
+        svc.get("u")
+    assert str(info.value).startswith("Failed to read state")
+    with pytest.raises(BackendUnavailable):
+        svc.update("u", {"a": 1})
+    svc.close()
+
+
+def test_bad_password_fails_fast_and_never_shows_the_secret(server_kind: str) -> None:
+    """A wrong password raises BackendAuthenticationError after one connection, no retries."""
+    server = servers.start_server(server_kind, "--requirepass", SECRET)
+    try:
+        admin = server.client(password=SECRET)
+        before = int(admin.info("stats")["total_connections_received"])
+        wrong = f"redis://:{SECRET}-wrong@127.0.0.1:{server.port}/0"
+        svc = _svc(wrong)
+        with pytest.raises(BackendAuthenticationError) as info:
+            svc.update("u", {"a": 1})
+        after = int(admin.info("stats")["total_connections_received"])
+        assert after - before == 1
+        texts = [str(info.value), repr(info.value), repr(svc), repr(svc.manager.backend)]
+        assert not any(SECRET in t for t in texts)
+        right = _svc(f"redis://:{SECRET}@127.0.0.1:{server.port}/0")
+        assert right.update("u", {"a": 1}) == {"a": 1}
+        assert SECRET not in repr(right.manager.backend)
+        svc.close()
+        right.close()
+    finally:
+        server.cleanup()
+
+
+def test_kill_and_restart_with_aof_loses_no_acknowledged_update(server_kind: str) -> None:
+    """SIGKILL mid-load with appendfsync always: every acknowledged update is there afterwards."""
+    server = servers.start_server(server_kind, "--appendonly", "yes", "--appendfsync", "always")
+    rules = StateData(preserved=["jwt_token"])
+    acked: dict[str, set[int]] = {f"u{i}": set() for i in range(4)}
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def writer(user: str) -> None:
+        svc = StateService(
+            RedisBackend.from_url(server.url, socket_timeout=1, socket_connect_timeout=0.5), rules
+        )
+        svc.set_preserved(user, "jwt_token", f"token-{user}")
+        i = 0
+        while not stop.is_set():
+            try:
+                svc.update(user, {"seen": {str(i): i}})
+                acked[user].add(i)
+            except BackendUnavailable:
+                errors.append("unavailable")
+                time.sleep(0.05)
+            i += 1
+        svc.close()
+
+    threads = [threading.Thread(target=writer, args=(u,)) for u in acked]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.5)
+        run_id = server.client().info("server")["run_id"]
+        server.kill()
+        time.sleep(0.3)
+        server.start()
+        acked_at_restart = sum(len(v) for v in acked.values())
+        time.sleep(0.5)
+        assert server.client().info("server")["run_id"] != run_id
+        assert sum(len(v) for v in acked.values()) > acked_at_restart
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    try:
+        check = StateService(RedisBackend.from_url(server.url), rules)
+        for user, seen in acked.items():
+            doc = check.get(user)
+            assert doc["jwt_token"] == f"token-{user}"
+            stored = {int(k) for k in doc["seen"]}
+            assert seen <= stored, f"lost {sorted(seen - stored)[:5]}"
+        check.close()
+    finally:
+        server.cleanup()
+
+
+# -- async ---------------------------------------------------------------------------
+
+
+def test_cancelled_tasks_never_mix_users_or_half_write(redis_url: str, namespace: str) -> None:
+    """Cancelling tasks mid-call never shows one user's state to another or half a write."""
+
+    async def main() -> None:
+        svc = AsyncStateService(AsyncRedisBackend.from_url(redis_url, namespace=namespace))
+        users = [f"user{i}" for i in range(20)]
+        rnd = random.Random(7)
+
+        async def worker(user: str) -> None:
+            for i in range(30):
+                await svc.update(user, {"owner": user, "pair": {"a": i, "b": i}})
+                doc = await svc.get(user)
+                assert doc["owner"] == user
+                assert doc["pair"]["a"] == doc["pair"]["b"]
+
+        for _round in range(10):
+            tasks = [asyncio.create_task(worker(u)) for u in users]
+            await asyncio.sleep(rnd.uniform(0.001, 0.02))
+            for task in tasks:
+                if rnd.random() < 0.5:
+                    task.cancel()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            for result in results:
+                if isinstance(result, BaseException) and not isinstance(
+                    result, asyncio.CancelledError
+                ):
+                    raise result
+        for user in users:
+            doc = await svc.get(user)
+            assert doc["owner"] == user
+            assert doc["pair"]["a"] == doc["pair"]["b"]
+        await svc.aclose()
+
+    asyncio.run(main())
+
+
+# -- ownership -----------------------------------------------------------------------
+
+
+def test_a_client_passed_in_is_never_closed(redis_url: str, namespace: str) -> None:
+    """close() closes a client from_url created, and leaves the caller's own client open."""
+    client = redis.Redis.from_url(redis_url)
+    svc = StateService(RedisBackend(client, namespace=namespace))
+    svc.update("u", {"a": 1})
+    svc.close()
+    assert client.ping()
+    client.close()
+
+
+def test_script_is_one_evalsha_per_write(redis_url: str, namespace: str) -> None:
+    """update() sends exactly one command: EVALSHA of the apply script."""
+    svc = _svc(redis_url, namespace)
+    svc.update("u", {"warm": 1})
+    client = svc.manager.backend.client  # type: ignore[attr-defined]
+    sent: list[tuple] = []
+    original = client.execute_command
+
+    def spy(*args, **kw):
+        sent.append(args)
+        return original(*args, **kw)
+
+    client.execute_command = spy
+    svc.update("u", {"a": 1})
+    svc.get("u")
+    assert [a[0] for a in sent] == ["EVALSHA", "EVALSHA"]
+    import hashlib
+
+    assert sent[0][1] == hashlib.sha1(APPLY_SCRIPT.encode()).hexdigest()  # noqa: S324
+    svc.close()
