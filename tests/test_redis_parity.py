@@ -7,9 +7,9 @@ import itertools
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from strategies import EDGE_FLOATS, EDGE_INTS, canonical, documents, patches
 
 from chatstate import MemoryBackend, RedisBackend, StateData, StateError, StateService
+from strategies import EDGE_FLOATS, EDGE_INTS, canonical, documents, patches
 
 pytestmark = pytest.mark.redis
 

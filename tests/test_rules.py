@@ -7,7 +7,6 @@ import json
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from strategies import canonical, documents, json_values, keys, patches, rfc7396
 
 from chatstate import PreservedFieldError, SerializationError, StateData, merge
 from chatstate.state import stored_size
@@ -20,6 +19,7 @@ from chatstate.state._codec import (
     utf8_len,
 )
 from chatstate.state._rules import apply_edits, format_path, keep_preserved
+from strategies import canonical, documents, json_values, keys, patches, rfc7396
 
 PRESERVING = StateData(preserved=["jwt_token", "profile.id"])
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-from strategies import canonical, patches, rfc7396
 
 from chatstate import PreservedFieldError, StateData, StateService, StateTooLargeError
 from chatstate.state import stored_size
+from strategies import canonical, patches, rfc7396
 
 USERS = st.sampled_from(["ann", "bob", "a:{b}"])
 RULES = StateData(preserved=["jwt_token"], max_bytes=2048)
@@ -29,7 +29,7 @@ class ServiceModel(RuleBasedStateMachine):
 
     @rule(user=USERS, patch=patches(max_leaves=6))
     def update(self, user, patch) -> None:
-        """update() merges like RFC 7396 or refuses, leaving the model unchanged."""
+        """Merge like RFC 7396, or refuse and leave the model unchanged."""
         current = self.docs.get(user, {})
         try:
             got = self.svc.update(user, patch)
@@ -45,14 +45,14 @@ class ServiceModel(RuleBasedStateMachine):
 
     @rule(user=USERS, token=st.text(min_size=1, max_size=8))
     def login(self, user, token) -> None:
-        """set_preserved writes the token."""
+        """Set_preserved writes the token."""
         got = self.svc.set_preserved(user, "jwt_token", token)
         self._bump(user, {**self.docs.get(user, {}), "jwt_token": token})
         assert got == self.docs[user]
 
     @rule(user=USERS)
     def reset(self, user) -> None:
-        """reset keeps only the token."""
+        """Reset keeps only the token."""
         got = self.svc.reset(user)
         old = self.docs.get(user, {})
         self._bump(user, {"jwt_token": old["jwt_token"]} if "jwt_token" in old else {})
@@ -61,7 +61,7 @@ class ServiceModel(RuleBasedStateMachine):
     @precondition(lambda self: bool(self.docs))
     @rule(data=st.data())
     def delete(self, data) -> None:
-        """delete forgets the user and restarts the version."""
+        """Delete forgets the user and restarts the version."""
         user = data.draw(st.sampled_from(sorted(self.docs)))
         self.svc.delete(user)
         del self.docs[user]

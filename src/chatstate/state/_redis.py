@@ -17,9 +17,9 @@ from urllib.parse import quote
 import redis
 import redis.asyncio
 import redis.exceptions as rex
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.commands.core import AsyncScript, Script
-from redis.asyncio.retry import Retry as AsyncRetry
 from redis.retry import Retry
 
 from chatstate.exceptions import (
