@@ -128,9 +128,9 @@ def test_only_changed_fields_are_written(redis_url: str, namespace: str) -> None
     svc.update("u", {"a": {"b": 1, "c": 2}, "d": [1]})
     client = svc.manager.backend.client  # type: ignore[attr-defined]
     key = svc.manager.backend.keys("u")[0]  # type: ignore[attr-defined]
-    assert client.hlen(key) == 5  # "a", "a""b", "a""c", "d", #v
+    assert client.hlen(key) == 6  # "a", "a""b", "a""c", "d", #v, #s
     svc.update("u", {"a": None})
-    assert sorted(client.hkeys(key)) == [b'"d"', b"#v"]
+    assert sorted(client.hkeys(key)) == [b'"d"', b"#s", b"#v"]
     svc.close()
 
 

@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chatstate import MemoryBackend, RedisBackend, StateData, StateError, StateService
+from chatstate.state import stored_size
 from strategies import EDGE_FLOATS, EDGE_INTS, canonical, documents, patches
 
 pytestmark = pytest.mark.redis
@@ -67,9 +68,14 @@ def test_memory_and_redis_agree(services, start, ops) -> None:
     memory_svc, redis_svc = services
     user = f"user:{next(_users)}"
     start = {k: v for k, v in start.items() if k not in ("jwt_token", "p", "cart")}
+    backend = redis_svc.manager.backend
+    key = backend.keys(user)[0]  # type: ignore[attr-defined]
     assert _run(memory_svc, user, "update", start) == _run(redis_svc, user, "update", start)
     for op, arg in ops:
         assert _run(memory_svc, user, op, arg) == _run(redis_svc, user, op, arg)
+        # The size the script keeps incrementally is the size of the document.
+        kept = backend.client.hget(key, "#s")  # type: ignore[attr-defined]
+        assert int(kept or 0) == stored_size(redis_svc.get(user))
 
 
 def test_edge_values_survive_lua(services) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import re
 from functools import lru_cache
-from typing import Any
+from typing import Any, Final
 
 from chatstate.typing import JSONObject, Path
 
@@ -117,6 +117,50 @@ def _flatten_into(out: dict[str, str], obj: JSONObject, prefix: str) -> None:
             out[path] = _encode(value)
 
 
+_META_FIELDS: Final = frozenset({"#v", "#s"})
+
+
+@lru_cache(maxsize=4096)
+def _decode_scalar(text: str) -> Any:
+    return _decode(text)
+
+
+def decode_stored(text: str) -> Any:
+    """Decode one stored value; scalars (immutable) come from a cache."""
+    if text[:1] in ("[", "{"):
+        return _decode(text)
+    return _decode_scalar(text)
+
+
+def unflatten_joined(text: str) -> JSONObject:
+    """Rebuild a document from a script's reply: fields and values joined by newlines.
+
+    Meta fields (``#v``, ``#s``) are skipped.
+
+    Raises:
+        ValueError: the reply does not hold a document.
+    """
+    if not text:
+        return {}
+    parts = text.split("\n")
+    if len(parts) % 2:
+        raise ValueError("a field without a value (a value holds a raw newline?)")
+    fields = dict(zip(parts[::2], parts[1::2], strict=True))
+    for meta in _META_FIELDS:
+        fields.pop(meta, None)
+    return unflatten(fields)
+
+
+@lru_cache(maxsize=8192)
+def _split_path(text: str) -> tuple[str, str]:
+    """A path's parent path (as text) and its last key."""
+    path = decode_path(text)
+    last = encode_key(path[-1])
+    if not text.endswith(last):  # pragma: no cover - encode/decode are inverses
+        raise ValueError(f"path {text!r} does not end in its last key")
+    return text[: len(text) - len(last)], path[-1]
+
+
 def unflatten(fields: dict[str, str]) -> JSONObject:
     """Rebuild a document from its flat form.
 
@@ -126,17 +170,17 @@ def unflatten(fields: dict[str, str]) -> JSONObject:
     """
     root: JSONObject = {}
     # A parent's path is a prefix of its children's, so sorting visits it first.
-    objects: dict[Path, JSONObject] = {(): root}
+    objects: dict[str, JSONObject] = {"": root}
     for text in sorted(fields):
-        path = decode_path(text)
-        parent = objects.get(path[:-1])
+        parent_text, key = _split_path(text)
+        parent = objects.get(parent_text)
         if parent is None:
             raise ValueError(f"entry {text!r} has no parent object")
         raw = fields[text]
         if raw == OBJECT_MARKER:
             child: JSONObject = {}
-            objects[path] = child
-            parent[path[-1]] = child
+            objects[text] = child
+            parent[key] = child
         else:
-            parent[path[-1]] = _decode(raw)
+            parent[key] = decode_stored(raw)
     return root

@@ -1,13 +1,19 @@
 """The Lua scripts of the Redis backend, and the pure code that packs their arguments.
 
 Layout (see ``_codec``): a user's document is a hash whose fields are encoded
-paths and whose values are JSON text written by Python; the field ``#v`` holds
-the version. Lua compares and copies these strings but never decodes a value,
-so cjson cannot round a number, turn ``[]`` into ``{}`` or escape a ``/``.
+paths and whose values are JSON text written by Python; ``#v`` holds the
+version and ``#s`` the stored size. Lua compares and copies these strings but
+never decodes a value, so cjson cannot round a number, turn ``[]`` into ``{}``
+or escape a ``/``.
 
-Every script checks everything (key types, field shapes, the version, the
-operation id, the size limit) before its first write, so a script that refuses
-a write leaves the stored data exactly as it was.
+An update reads only the fields its patch names (plus ``#v`` and ``#s``) and
+keeps the size up to date from their lengths. Only a write that replaces or
+deletes a whole object, a reset and a compare-and-set read the whole hash.
+
+Every script checks everything (key types, the version, the operation id, the
+size limit) before its first write, so a refused write leaves the stored data
+exactly as it was. Replies carry the document as one string: fields and values
+joined by newlines, which compact JSON never contains unescaped.
 """
 
 from __future__ import annotations
@@ -18,187 +24,259 @@ from chatstate.state._backend import Delete, Edits, Replace, Reset, Write
 from chatstate.state._codec import encode_path, encode_value, flatten
 from chatstate.state._rules import SET
 
-__all__ = ["APPLY_SCRIPT", "LOAD_SCRIPT", "MAX_REMEMBERED_OPS", "write_args"]
+__all__ = ["APPLY_SCRIPT", "LOAD_SCRIPT", "MAX_REMEMBERED_OPS", "SEPARATOR", "write_args"]
+
+SEPARATOR: Final = "\n"
 
 MAX_REMEMBERED_OPS: Final = 128
 
-# Shared by both scripts: read and check the document hash.
-_READ_DOCUMENT = r"""
-local function read_document(doc)
-  local kind = redis.call('TYPE', doc)['ok']
-  if kind ~= 'hash' and kind ~= 'none' then
-    return nil, {'corrupt', doc, 'the key holds a ' .. kind .. ', not a chatstate hash'}
-  end
-  local flat = redis.call('HGETALL', doc)
-  local fields, version = {}, 0
-  for i = 1, #flat, 2 do
-    local f, v = flat[i], flat[i + 1]
-    if f == '#v' then
-      version = tonumber(v)
-      if version == nil then
-        return nil, {'corrupt', doc, 'the version field is not a number'}
-      end
-    elseif string.byte(f, 1) == 34 and string.byte(f, -1) == 34 and #f >= 2 then
-      fields[f] = v
-    else
-      return nil, {'corrupt', doc, 'the hash has a field that is not a chatstate path'}
-    end
-  end
-  if #flat > 0 and version == 0 then
-    return nil, {'corrupt', doc, 'the hash has no version field'}
-  end
-  return {fields, version}
+_COMMON = r"""
+local function corrupt(key, why)
+  return {'corrupt', key, why}
 end
 
-local function reply(status, echo, version, applied, fields)
-  local out = {status, echo, version, applied}
-  for f, v in pairs(fields) do
-    out[#out + 1] = f
-    out[#out + 1] = v
+-- The document's version and size (and the values of ``extra`` fields, fetched in
+-- the same HMGET), after checking the key is one of ours.
+local function read_meta(doc, extra)
+  local meta
+  if extra ~= nil and #extra > 0 and #extra < 4000 then
+    meta = redis.pcall('HMGET', doc, '#v', '#s', unpack(extra))
+  else
+    meta = redis.pcall('HMGET', doc, '#v', '#s')
+  end
+  if meta['err'] then
+    return nil, corrupt(doc, 'the key holds a ' .. redis.call('TYPE', doc)['ok'] ..
+      ', not a chatstate hash')
+  end
+  if not meta[1] then
+    if redis.call('EXISTS', doc) == 1 then
+      return nil, corrupt(doc, 'the hash has no version field')
+    end
+    return {0, 0, meta}
+  end
+  local version, size = tonumber(meta[1]), tonumber(meta[2])
+  if version == nil or size == nil then
+    return nil, corrupt(doc, 'the version or size field is not a number')
+  end
+  return {version, size, meta}
+end
+
+local function chunked(cmd, key, items)
+  local out = {}
+  for s = 1, #items, 1000 do
+    local part = redis.call(cmd, key, unpack(items, s, math.min(s + 999, #items)))
+    if type(part) == 'table' then
+      for j = 1, #part do out[#out + 1] = part[j] end
+    end
   end
   return out
+end
+
+local function dump(doc)
+  return table.concat(redis.call('HGETALL', doc), '\n')
 end
 """
 
 LOAD_SCRIPT: Final = (
-    _READ_DOCUMENT
+    _COMMON
     + r"""
 -- KEYS[1] document; ARGV[1] an echo the caller checks against its request
-local got, err = read_document(KEYS[1])
-if got == nil then return err end
-return reply('ok', ARGV[1], got[2], 0, got[1])
+local meta, err = read_meta(KEYS[1])
+if meta == nil then return err end
+return {'ok', ARGV[1], meta[1], 0, dump(KEYS[1])}
 """
 )
 
 APPLY_SCRIPT: Final = (
-    _READ_DOCUMENT
+    _COMMON
     + r"""
 -- KEYS[1] document hash, KEYS[2] remembered operation ids (zset: id -> version it made)
 -- ARGV[1] op id (echoed), ARGV[2] dedupe ms, ARGV[3] ttl ms or '', ARGV[4] max bytes,
 -- ARGV[5] mode: 'e' edits, 'r' reset, 'x' replace, 'D' delete; ARGV[6..] its arguments
-local doc, opskey, op_id = KEYS[1], KEYS[2], ARGV[1]
-local got, err = read_document(doc)
-if got == nil then return err end
-local fields, version = got[1], got[2]
+local doc, opskey, op_id, mode = KEYS[1], KEYS[2], ARGV[1], ARGV[5]
 
-local okind = redis.call('TYPE', opskey)['ok']
-if okind ~= 'zset' and okind ~= 'none' then
-  return {'corrupt', opskey, 'the key holds a ' .. okind .. ', not a sorted set'}
-end
-local seen = redis.call('ZSCORE', opskey, op_id)
-if seen then
-  return reply('duplicate', op_id, version, tonumber(seen), fields)
-end
-
-local mode = ARGV[5]
-local new = {}
+-- Parse the edits: kinds, paths, values.
+local kinds, paths, values = {}, {}, {}
 if mode == 'e' then
-  for f, v in pairs(fields) do new[f] = v end
-  local function drop(p)
-    local old = new[p]
-    if old == '{}' then
-      local n = #p
-      for f in pairs(new) do
-        if string.sub(f, 1, n) == p then new[f] = nil end
-      end
-    elseif old ~= nil then
-      new[p] = nil
-    end
-  end
   local i = 6
   while i <= #ARGV do
     local a = ARGV[i]
-    local kind, p = string.sub(a, 1, 1), string.sub(a, 2)
-    if kind == 's' then
-      drop(p)
-      new[p] = ARGV[i + 1]
+    local n = #kinds + 1
+    kinds[n], paths[n] = string.sub(a, 1, 1), string.sub(a, 2)
+    if kinds[n] == 's' then
+      values[n] = ARGV[i + 1]
       i = i + 2
-    elseif kind == 'd' then
-      drop(p)
-      i = i + 1
     else
-      -- make an object: a leaf in the way has no children, so overwrite it
-      if new[p] ~= '{}' then new[p] = '{}' end
       i = i + 1
     end
   end
-elseif mode == 'r' then
-  -- groups: path, number of ancestors, the ancestors' paths
-  local i = 6
-  while i <= #ARGV do
-    local p, n = ARGV[i], tonumber(ARGV[i + 1])
-    local old = fields[p]
-    if old ~= nil then
-      if old == '{}' then
-        local len = #p
-        for f, v in pairs(fields) do
-          if string.sub(f, 1, len) == p then new[f] = v end
-        end
-      else
-        new[p] = old
-      end
-      for j = 1, n do new[ARGV[i + 1 + j]] = '{}' end
-    end
-    i = i + 2 + n
-  end
-elseif mode == 'x' then
-  if tonumber(ARGV[6]) ~= version then
-    return reply('conflict', op_id, version, 0, fields)
-  end
-  for i = 7, #ARGV, 2 do new[ARGV[i]] = ARGV[i + 1] end
-elseif mode ~= 'D' then
-  return redis.error_reply('chatstate: unknown mode')
 end
 
-local size = 0
-for f, v in pairs(new) do size = size + #f + #v end
+local meta, err = read_meta(doc, paths)
+if meta == nil then return err end
+local version, size = meta[1], meta[2]
+
+local seen = redis.pcall('ZSCORE', opskey, op_id)
+if type(seen) == 'table' and seen['err'] then
+  return corrupt(opskey, 'the key is not a sorted set of operation ids')
+end
+if seen then
+  return {'duplicate', op_id, version, tonumber(seen), dump(doc)}
+end
+
+local changes = nil  -- path -> new value, or false to delete
+if mode == 'e' then
+  local stored
+  if #paths < 4000 then
+    stored = {}
+    for j = 1, #paths do stored[j] = meta[3][j + 2] end
+  else
+    stored = chunked('HMGET', doc, paths)
+  end
+  local whole = false
+  for j = 1, #kinds do
+    if kinds[j] ~= 'o' and stored[j] == '{}' then whole = true end
+  end
+  if not whole then
+    -- Fast path: no subtree goes away, so only the named fields change.
+    local cur, orig = {}, {}
+    for j = 1, #paths do
+      if orig[paths[j]] == nil then
+        orig[paths[j]] = stored[j] or false
+        cur[paths[j]] = stored[j] or false
+      end
+    end
+    for j = 1, #kinds do
+      local p = paths[j]
+      if kinds[j] == 's' then
+        cur[p] = values[j]
+      elseif kinds[j] == 'd' then
+        cur[p] = false
+      elseif cur[p] ~= '{}' then
+        cur[p] = '{}'
+      end
+    end
+    changes = {}
+    for p, v in pairs(cur) do
+      local o = orig[p]
+      if v ~= o then
+        if o then size = size - #p - #o end
+        if v then size = size + #p + #v end
+        changes[p] = v
+      end
+    end
+  end
+end
+
+if changes == nil and mode ~= 'D' then
+  -- Whole-document path: read every field, compute the new set, diff.
+  local flat = redis.call('HGETALL', doc)
+  local fields = {}
+  for i = 1, #flat, 2 do
+    local f = flat[i]
+    if string.byte(f, 1) == 34 then
+      fields[f] = flat[i + 1]
+    elseif f ~= '#v' and f ~= '#s' then
+      return corrupt(doc, 'the hash has a field that is not a chatstate path')
+    end
+  end
+  local new = {}
+  if mode == 'e' then
+    for f, v in pairs(fields) do new[f] = v end
+    local function drop(p)
+      local old = new[p]
+      if old == '{}' then
+        local n = #p
+        for f in pairs(new) do
+          if string.sub(f, 1, n) == p then new[f] = nil end
+        end
+      elseif old ~= nil then
+        new[p] = nil
+      end
+    end
+    for j = 1, #kinds do
+      local p = paths[j]
+      if kinds[j] == 's' then
+        drop(p)
+        new[p] = values[j]
+      elseif kinds[j] == 'd' then
+        drop(p)
+      elseif new[p] ~= '{}' then
+        new[p] = '{}'
+      end
+    end
+  elseif mode == 'r' then
+    -- groups: path, number of ancestors, the ancestors' paths
+    local i = 6
+    while i <= #ARGV do
+      local p, n = ARGV[i], tonumber(ARGV[i + 1])
+      local old = fields[p]
+      if old ~= nil then
+        if old == '{}' then
+          local len = #p
+          for f, v in pairs(fields) do
+            if string.sub(f, 1, len) == p then new[f] = v end
+          end
+        else
+          new[p] = old
+        end
+        for j = 1, n do new[ARGV[i + 1 + j]] = '{}' end
+      end
+      i = i + 2 + n
+    end
+  elseif mode == 'x' then
+    if tonumber(ARGV[6]) ~= version then
+      return {'conflict', op_id, version, 0, dump(doc)}
+    end
+    for i = 7, #ARGV, 2 do new[ARGV[i]] = ARGV[i + 1] end
+  else
+    return redis.error_reply('chatstate: unknown mode')
+  end
+  changes = {}
+  size = 0
+  for f, v in pairs(new) do
+    size = size + #f + #v
+    if fields[f] ~= v then changes[f] = v end
+  end
+  for f in pairs(fields) do
+    if new[f] == nil then changes[f] = false end
+  end
+end
+
 if size > tonumber(ARGV[4]) then
   return {'too_large', op_id, size}
 end
 
 -- Everything is checked: from here on the script only writes.
-local function call_chunked(cmd, key, items)
-  for s = 1, #items, 1000 do
-    redis.call(cmd, key, unpack(items, s, math.min(s + 999, #items)))
-  end
-end
-
 if mode == 'D' then
-  redis.call('DEL', doc)
+  redis.call('DEL', doc, opskey)
   version = 0
 else
-  local dels, sets = {}, {}
-  for f in pairs(fields) do
-    if new[f] == nil then dels[#dels + 1] = f end
-  end
-  for f, v in pairs(new) do
-    if fields[f] ~= v then
+  version = version + 1
+  local sets, dels = {'#v', version, '#s', size}, {}
+  for f, v in pairs(changes) do
+    if v then
       sets[#sets + 1] = f
       sets[#sets + 1] = v
+    else
+      dels[#dels + 1] = f
     end
   end
-  version = version + 1
-  sets[#sets + 1] = '#v'
-  sets[#sets + 1] = tostring(version)
-  call_chunked('HDEL', doc, dels)
-  call_chunked('HSET', doc, sets)
+  chunked('HDEL', doc, dels)
+  chunked('HSET', doc, sets)
   if ARGV[3] ~= '' then redis.call('PEXPIRE', doc, ARGV[3]) end
 end
 
 -- Remember the operation: the newest ids, for dedupe ms after the user's last write.
-if mode == 'D' then redis.call('DEL', opskey) end
 redis.call('ZADD', opskey, version, op_id)
-local count = redis.call('ZCARD', opskey)
-if count > """
-    + str(MAX_REMEMBERED_OPS)
-    + r""" then
-  redis.call('ZREMRANGEBYRANK', opskey, 0, count - """
+if version % 16 == 0 then
+  redis.call('ZREMRANGEBYRANK', opskey, 0, -"""
     + str(MAX_REMEMBERED_OPS + 1)
     + r""")
 end
 redis.call('PEXPIRE', opskey, ARGV[2])
-if mode == 'D' then return {'applied', op_id, 0, 0} end
-return reply('applied', op_id, version, version, new)
+if mode == 'D' then return {'applied', op_id, 0, 0, ''} end
+return {'applied', op_id, version, version, dump(doc)}
 """
 )
 

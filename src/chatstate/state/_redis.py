@@ -33,7 +33,7 @@ from chatstate.exceptions import (
     StoreFullError,
 )
 from chatstate.state._backend import Outcome, Snapshot, Write
-from chatstate.state._codec import unflatten
+from chatstate.state._codec import unflatten_joined
 from chatstate.state._lua import APPLY_SCRIPT, LOAD_SCRIPT, write_args
 from chatstate.state._manager import new_op_id
 
@@ -173,9 +173,8 @@ class _RedisCore:
 
     @staticmethod
     def _document(reply: Sequence[Any], key: str) -> dict[str, Any]:
-        fields = {_text(reply[i]): _text(reply[i + 1]) for i in range(4, len(reply), 2)}
         try:
-            return unflatten(fields)
+            return unflatten_joined(_text(reply[4]))
         except (ValueError, UnicodeDecodeError) as exc:
             raise CorruptStateError(
                 f"the hash does not hold a chatstate document (key {key!r}): {exc}", key=key
