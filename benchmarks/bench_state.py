@@ -28,15 +28,15 @@ import redis.asyncio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from chatstate import (  # noqa: E402
+from chatstate import (
     AsyncRedisBackend,
     AsyncStateService,
     RedisBackend,
     StateService,
     merge,
 )
-from chatstate.state._lua import write_args  # noqa: E402
-from chatstate.state._redis import _RedisCore  # noqa: E402
+from chatstate.state._lua import write_args
+from chatstate.state._redis import _RedisCore
 
 NOOP = "return 1"
 CONCURRENCY = 50
@@ -51,7 +51,7 @@ def typical_state() -> dict[str, Any]:
         "draft": {"amount": 125.5, "currency": "EUR", "to": "+34611111111", "memo": "rent"},
         "menu": {"last": "main", "page": 2, "choices": ["balance", "transfer", "help"]},
         "history": [{"at": 1764072000 + i, "text": f"message number {i}"} for i in range(8)],
-        "flags": {"verified": True, "marketing": False, "beta": None is None},
+        "flags": {"verified": True, "marketing": False, "beta": True},
         "jwt_token": "eyJhbGciOiJIUzI1NiJ9." + "x" * 180 + ".sig",
     }
 
@@ -177,7 +177,10 @@ def run(url: str, seconds: float) -> None:
     client.close()
 
     size = len(json.dumps(typical_state()))
-    print(f"state: {size} bytes of JSON; patch touches 3 fields; server {url.split('@')[-1]}")
+    print(
+        f"state: {size} bytes of JSON; patch touches 3 fields; "
+        f"server {url.rsplit('@', maxsplit=1)[-1]}"
+    )
     print(f"{'':34}{'sync (1 conn)':>16}{'async (50 tasks)':>18}")
     rows = [
         ("raw EVALSHA no-op", "noop"),
