@@ -29,6 +29,8 @@ async one. The tests need ``pytest`` (imported here) and nothing else.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import decimal
 import threading
 import unicodedata
 from collections.abc import Callable, Coroutine, Mapping
@@ -325,6 +327,8 @@ class BackendContract:
             float("inf"),
             "\ud800",
             (1, 2),
+            dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
+            decimal.Decimal("1.5"),
             object(),
         ]
         for bad in bad_values:
