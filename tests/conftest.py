@@ -10,6 +10,7 @@ namespace of its own and never flushes anything.
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Iterator
@@ -77,3 +78,24 @@ def server_kind(request: pytest.FixtureRequest) -> str:
 def namespace() -> str:
     """A key namespace no other test uses."""
     return f"t{uuid.uuid4().hex[:12]}"
+
+
+SECRETS: set[str] = set()
+"""Secrets a test has made (tokens, passwords); no log record may contain one."""
+
+
+def register_secret(secret: str) -> str:
+    """Mark ``secret`` so that the current test fails if any log record shows it."""
+    SECRETS.add(secret)
+    return secret
+
+
+@pytest.fixture(autouse=True)
+def _no_secret_in_logs(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Fail any test whose chatstate log records contain a registered secret."""
+    caplog.set_level(logging.DEBUG, logger="chatstate")
+    SECRETS.clear()
+    yield
+    text = caplog.text + "".join(str(r.args) for r in caplog.records)
+    leaked = [s for s in SECRETS if s in text]
+    assert not leaked, "a secret appeared in the logs"

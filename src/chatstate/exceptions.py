@@ -17,6 +17,11 @@ The tree::
             │   └── OutcomeUnknown         a write was sent; whether it applied is unknown
             ├── StoreFullError             the store is out of memory
             └── StoreBusyError             the store is busy (a long script, loading)
+        TokenError                         a JWT could not be stored or used
+        ├── InvalidTokenError (ValueError) not a usable JWT (malformed, unsigned, bad signature)
+        ├── ExpiredTokenError              its exp has passed
+        ├── ImmatureTokenError             its nbf or iat lies in the future
+        └── TokenRefreshError              the refresh callable failed
 
 Each message starts with what failed (``"Failed to update state"``, ``"Failed to
 read state"``, ...) followed by why. Messages and attributes never carry the value
@@ -32,6 +37,9 @@ __all__ = [
     "ChatstateError",
     "ConflictError",
     "CorruptStateError",
+    "ExpiredTokenError",
+    "ImmatureTokenError",
+    "InvalidTokenError",
     "InvalidUserIdError",
     "OutcomeUnknown",
     "PreservedFieldError",
@@ -40,6 +48,8 @@ __all__ = [
     "StateTooLargeError",
     "StoreBusyError",
     "StoreFullError",
+    "TokenError",
+    "TokenRefreshError",
     "ValidationError",
 ]
 
@@ -177,3 +187,36 @@ class StoreFullError(BackendError):
 
 class StoreBusyError(BackendError):
     """The store is busy (a long-running script, or loading its data set)."""
+
+
+class TokenError(StateError):
+    """A JWT could not be stored, read or refreshed. The token is never in the message."""
+
+    default_action = "Failed to use JWT token"
+
+
+class InvalidTokenError(TokenError, ValueError):
+    """Not a usable JWT: missing, malformed, unsigned, or failing verification."""
+
+
+class ExpiredTokenError(TokenError):
+    """The token's ``exp`` has passed."""
+
+
+class ImmatureTokenError(TokenError):
+    """The token's ``nbf`` or ``iat`` lies in the future."""
+
+
+class TokenRefreshError(TokenError):
+    """The refresh callable failed or returned something that is not a usable token.
+
+    The stored token is left as it was.
+
+    Attributes:
+        old_token_valid: True when the stored token has not expired yet and can
+            still be used until it does.
+    """
+
+    def __init__(self, detail: str, *, old_token_valid: bool, action: str | None = None) -> None:
+        self.old_token_valid = old_token_valid
+        super().__init__(detail, action=action)

@@ -58,6 +58,11 @@ class Edits:
 
     edits: tuple[Edit, ...]
 
+    def __repr__(self) -> str:
+        # Values are left out: a preserved field may hold a token.
+        paths = ", ".join(f"{kind}:{'.'.join(path)}" for kind, path, _ in self.edits)
+        return f"Edits({paths})"
+
 
 @attrs.frozen
 class Reset:
@@ -70,8 +75,11 @@ class Reset:
 class Replace:
     """Compare-and-set: store ``data`` only if the stored version is ``expected_version``."""
 
-    data: JSONObject
+    data: JSONObject = attrs.field(repr=False)
     expected_version: int
+
+    def __repr__(self) -> str:
+        return f"Replace(expected_version={self.expected_version}, keys={sorted(self.data)!r})"
 
 
 @attrs.frozen

@@ -68,7 +68,7 @@ def failing(action: str) -> Iterator[None]:
     try:
         yield
     except StateError as exc:
-        if exc.action == StateError.default_action:
+        if exc.action == type(exc).default_action:
             exc.action = action
         raise
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import heapq
 import json
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import attrs
 
@@ -55,6 +57,7 @@ class MemoryBackend:
         self._expiries: list[tuple[float, str]] = []
         self._ops: dict[str, _Ops] = {}
         self._op_expiries: list[tuple[float, str]] = []
+        self._user_locks: dict[tuple[str, str], threading.Lock] = {}
 
     def __repr__(self) -> str:
         return f"<MemoryBackend users={len(self._records)}>"
@@ -102,6 +105,26 @@ class MemoryBackend:
     def close(self) -> None:
         """Nothing to release; present for the :class:`Backend` protocol."""
 
+    @contextlib.contextmanager
+    def lock(self, user_id: str, name: str, *, lease: float, wait: float) -> Iterator[None]:
+        """Hold a per-user lock of this process (a single-flight token refresh uses it).
+
+        Args:
+            user_id: The user.
+            name: Which lock of the user's.
+            lease: Unused in memory (a process that dies takes its locks along).
+            wait: How long to wait for the lock before ``TimeoutError``.
+        """
+        del lease
+        with self._lock:
+            held = self._user_locks.setdefault((user_id, name), threading.Lock())
+        if not held.acquire(timeout=wait):
+            raise TimeoutError(f"another holder kept the {name!r} lock for {wait} s")
+        try:
+            yield
+        finally:
+            held.release()
+
     def _live(self, user_id: str, now: float) -> _Record | None:
         record = self._records.get(user_id)
         if record is not None and record.expires_at is not None and record.expires_at <= now:
@@ -142,6 +165,7 @@ class AsyncMemoryBackend:
 
     def __init__(self, store: MemoryBackend | None = None) -> None:
         self.store = store if store is not None else MemoryBackend()
+        self._locks: dict[tuple[int, str, str], asyncio.Lock] = {}
 
     def __repr__(self) -> str:
         return f"<AsyncMemoryBackend users={len(self.store)}>"
@@ -156,3 +180,20 @@ class AsyncMemoryBackend:
 
     async def aclose(self) -> None:
         """Nothing to release; present for the :class:`AsyncBackend` protocol."""
+
+    @contextlib.asynccontextmanager
+    async def lock(
+        self, user_id: str, name: str, *, lease: float, wait: float
+    ) -> AsyncIterator[None]:
+        """The asyncio twin of :meth:`MemoryBackend.lock` (tasks of one event loop)."""
+        del lease
+        key = (id(asyncio.get_running_loop()), user_id, name)
+        held = self._locks.setdefault(key, asyncio.Lock())
+        try:
+            await asyncio.wait_for(held.acquire(), wait)
+        except TimeoutError:
+            raise TimeoutError(f"another holder kept the {name!r} lock for {wait} s") from None
+        try:
+            yield
+        finally:
+            held.release()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 from urllib.parse import quote
 
@@ -379,6 +379,28 @@ class RedisBackend:
         if self._owns_client:
             self.client.close()
 
+    @contextlib.contextmanager
+    def lock(self, user_id: str, name: str, *, lease: float, wait: float) -> Iterator[None]:
+        """Hold a per-user lock in the user's own hash slot, across processes.
+
+        Built on redis-py's ``Lock`` (``SET NX PX`` and a compare-and-delete
+        script). It expires after ``lease`` seconds if its holder dies.
+
+        Raises:
+            TimeoutError: the lock was not free within ``wait`` seconds.
+        """
+        key = f"{self._core.keys(user_id)[0]}:lock:{name}"
+        held = self.client.lock(key, timeout=lease, sleep=0.01, blocking_timeout=wait)
+        with map_redis_errors(key):
+            acquired = held.acquire()
+        if not acquired:
+            raise TimeoutError(f"another holder kept the {name!r} lock for {wait} s")
+        try:
+            yield
+        finally:
+            with map_redis_errors(key), contextlib.suppress(rex.LockError):
+                held.release()
+
 
 class AsyncRedisBackend:
     """The asyncio twin of :class:`RedisBackend`, over ``redis.asyncio``.
@@ -461,3 +483,20 @@ class AsyncRedisBackend:
         """Close the client if this backend created it."""
         if self._owns_client:
             await self.client.aclose()
+
+    @contextlib.asynccontextmanager
+    async def lock(
+        self, user_id: str, name: str, *, lease: float, wait: float
+    ) -> AsyncIterator[None]:
+        """The asyncio twin of :meth:`RedisBackend.lock`."""
+        key = f"{self._core.keys(user_id)[0]}:lock:{name}"
+        held = self.client.lock(key, timeout=lease, sleep=0.01, blocking_timeout=wait)
+        with map_redis_errors(key):
+            acquired = await held.acquire()
+        if not acquired:
+            raise TimeoutError(f"another holder kept the {name!r} lock for {wait} s")
+        try:
+            yield
+        finally:
+            with map_redis_errors(key), contextlib.suppress(rex.LockError):
+                await held.release()

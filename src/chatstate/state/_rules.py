@@ -96,6 +96,8 @@ class StateData:
         max_bytes: The largest stored size of a document, in UTF-8 bytes of its
             flat paths and values (a little over its JSON size).
         max_user_id_length: The longest user id, in characters.
+        token_field: The top-level field where :mod:`chatstate.auth` keeps a
+            user's JWT. The auth helpers require it to be preserved.
 
     Raises:
         ValueError: a field is both preserved and replaced, or a replaced field
@@ -107,6 +109,7 @@ class StateData:
     max_depth: int = DEFAULT_MAX_DEPTH
     max_bytes: int = DEFAULT_MAX_BYTES
     max_user_id_length: int = 256
+    token_field: str = "jwt_token"  # noqa: S105 - a field name, not a secret
     _preserved_ancestors: frozenset[Path] = attrs.field(init=False, repr=False, eq=False)
 
     def __attrs_post_init__(self) -> None:

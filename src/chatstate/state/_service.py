@@ -310,6 +310,16 @@ class _CachedStateView(Mapping[str, Any]):
     def __len__(self) -> int:
         return len(self._snapshot.data)
 
+    @property
+    def jwt_token(self) -> str | None:
+        """The user's JWT (the rules' ``token_field``), or ``None``."""
+        token = self._snapshot.data.get(self._token_field)
+        return token if isinstance(token, str) else None
+
+    @property
+    def _token_field(self) -> str:
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} version={self.version} keys={sorted(self.data)}>"
 
@@ -320,6 +330,10 @@ class CachedState(_CachedStateView):
     def __init__(self, user: CachedUser, snapshot: Snapshot) -> None:
         super().__init__(snapshot)
         self._user = user
+
+    @property
+    def _token_field(self) -> str:
+        return self._user.service.rules.token_field
 
     def _store(self, outcome: Outcome) -> JSONObject:
         self._snapshot = outcome.snapshot
@@ -375,6 +389,11 @@ class CachedUser:
             self._state = CachedState(self, self.service.snapshot(self.user_id))
         return self._state
 
+    @property
+    def jwt_token(self) -> str | None:
+        """The user's JWT from the cached state, or ``None`` (see :mod:`chatstate.auth`)."""
+        return self.state.jwt_token
+
 
 class AsyncCachedState(_CachedStateView):
     """The asyncio twin of :class:`CachedState`."""
@@ -382,6 +401,10 @@ class AsyncCachedState(_CachedStateView):
     def __init__(self, user: AsyncCachedUser, snapshot: Snapshot) -> None:
         super().__init__(snapshot)
         self._user = user
+
+    @property
+    def _token_field(self) -> str:
+        return self._user.service.rules.token_field
 
     def _store(self, outcome: Outcome) -> JSONObject:
         self._snapshot = outcome.snapshot
@@ -437,3 +460,8 @@ class AsyncCachedUser:
         if self._state is None:
             raise RuntimeError("await AsyncCachedUser.load() before reading .state")
         return self._state
+
+    @property
+    def jwt_token(self) -> str | None:
+        """The user's JWT from the loaded state, or ``None``."""
+        return self.state.jwt_token
