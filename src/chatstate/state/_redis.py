@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Self, TypeVar
 from urllib.parse import quote
 
 import redis
@@ -280,7 +280,57 @@ def _short(exc: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-class RedisBackend:
+class _RedisBackendBase:
+    """What the two Redis backends share: construction, keys, repr."""
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        resolve_attempts: int = 2,
+        _owns_client: bool = False,
+    ) -> None:
+        self._core = _RedisCore(namespace)
+        self.client = client
+        self.resolve_attempts = resolve_attempts
+        self._owns_client = _owns_client
+        self._apply = client.register_script(APPLY_SCRIPT)
+        self._load = client.register_script(LOAD_SCRIPT)
+
+    @classmethod
+    def _from_url(
+        cls, url: str, namespace: str, options: dict[str, Any], *, asynchronous: bool
+    ) -> Any:
+        cluster = options.pop("cluster", False)
+        resolve_attempts = options.pop("resolve_attempts", 2)
+        kwargs = {**default_client_options(asynchronous=asynchronous), **options}
+        client: Any
+        if cluster:
+            kwargs.pop("health_check_interval", None)
+            if asynchronous:
+                from redis.asyncio.cluster import RedisCluster as Cluster  # noqa: PLC0415
+            else:
+                from redis.cluster import RedisCluster as Cluster  # type: ignore[assignment]  # noqa: PLC0415
+            client = Cluster.from_url(url, **kwargs)
+        elif asynchronous:
+            client = redis.asyncio.Redis.from_url(url, **kwargs)
+        else:
+            client = redis.Redis.from_url(url, **kwargs)
+        return cls(
+            client, namespace=namespace, resolve_attempts=resolve_attempts, _owns_client=True
+        )
+
+    def __repr__(self) -> str:
+        location = _safe_location(self.client)
+        return f"<{type(self).__name__} {location} namespace={self._core.namespace!r}>"
+
+    def keys(self, user_id: str) -> list[str]:
+        """The Redis keys of a user's data (for an already checked user id)."""
+        return self._core.keys(user_id)
+
+
+class RedisBackend(_RedisBackendBase):
     """Documents in Redis or Valkey (standalone, Sentinel-managed or Cluster).
 
     Each user's document is a hash ``<namespace>:{<id>}`` and the ids of its
@@ -297,25 +347,10 @@ class RedisBackend:
             again (safely, with its operation id) before ``OutcomeUnknown``.
     """
 
-    def __init__(
-        self,
-        client: redis.Redis | RedisCluster,
-        *,
-        namespace: str = DEFAULT_NAMESPACE,
-        resolve_attempts: int = 2,
-        _owns_client: bool = False,
-    ) -> None:
-        self._core = _RedisCore(namespace)
-        self.client = client
-        self.resolve_attempts = resolve_attempts
-        self._owns_client = _owns_client
-        self._apply = client.register_script(APPLY_SCRIPT)
-        self._load = client.register_script(LOAD_SCRIPT)
+    client: redis.Redis | RedisCluster
 
     @classmethod
-    def from_url(
-        cls, url: str, *, namespace: str = DEFAULT_NAMESPACE, **options: Any
-    ) -> RedisBackend:
+    def from_url(cls, url: str, *, namespace: str = DEFAULT_NAMESPACE, **options: Any) -> Self:
         """Create a client from ``url`` (``redis://``, ``rediss://``, ``unix://``) and own it.
 
         ``options`` go to ``redis.Redis.from_url`` and override chatstate's
@@ -323,27 +358,8 @@ class RedisBackend:
         ``cluster=True`` for a Redis Cluster, and ``resolve_attempts`` to
         change how often a write of unknown outcome is re-sent.
         """
-        cluster = options.pop("cluster", False)
-        resolve_attempts = options.pop("resolve_attempts", 2)
-        kwargs = {**default_client_options(asynchronous=False), **options}
-        client: redis.Redis | RedisCluster
-        if cluster:
-            from redis.cluster import RedisCluster  # noqa: PLC0415
-
-            kwargs.pop("health_check_interval", None)
-            client = RedisCluster.from_url(url, **kwargs)
-        else:
-            client = redis.Redis.from_url(url, **kwargs)
-        return cls(
-            client, namespace=namespace, resolve_attempts=resolve_attempts, _owns_client=True
-        )
-
-    def __repr__(self) -> str:
-        return f"<RedisBackend {_safe_location(self.client)} namespace={self._core.namespace!r}>"
-
-    def keys(self, user_id: str) -> list[str]:
-        """The Redis keys of a user's data (already a checked user id)."""
-        return self._core.keys(user_id)
+        backend: Self = cls._from_url(url, namespace, options, asynchronous=False)
+        return backend
 
     def load(self, user_id: str) -> Snapshot | None:
         """Return the user's document, or ``None``."""
@@ -402,7 +418,7 @@ class RedisBackend:
                 held.release()
 
 
-class AsyncRedisBackend:
+class AsyncRedisBackend(_RedisBackendBase):
     """The asyncio twin of :class:`RedisBackend`, over ``redis.asyncio``.
 
     Args:
@@ -412,49 +428,13 @@ class AsyncRedisBackend:
         resolve_attempts: See :class:`RedisBackend`.
     """
 
-    def __init__(
-        self,
-        client: redis.asyncio.Redis | AsyncRedisCluster,
-        *,
-        namespace: str = DEFAULT_NAMESPACE,
-        resolve_attempts: int = 2,
-        _owns_client: bool = False,
-    ) -> None:
-        self._core = _RedisCore(namespace)
-        self.client = client
-        self.resolve_attempts = resolve_attempts
-        self._owns_client = _owns_client
-        self._apply = client.register_script(APPLY_SCRIPT)
-        self._load = client.register_script(LOAD_SCRIPT)
+    client: redis.asyncio.Redis | AsyncRedisCluster
 
     @classmethod
-    def from_url(
-        cls, url: str, *, namespace: str = DEFAULT_NAMESPACE, **options: Any
-    ) -> AsyncRedisBackend:
+    def from_url(cls, url: str, *, namespace: str = DEFAULT_NAMESPACE, **options: Any) -> Self:
         """See :meth:`RedisBackend.from_url`."""
-        cluster = options.pop("cluster", False)
-        resolve_attempts = options.pop("resolve_attempts", 2)
-        kwargs = {**default_client_options(asynchronous=True), **options}
-        client: redis.asyncio.Redis | AsyncRedisCluster
-        if cluster:
-            from redis.asyncio.cluster import RedisCluster  # noqa: PLC0415
-
-            kwargs.pop("health_check_interval", None)
-            client = RedisCluster.from_url(url, **kwargs)
-        else:
-            client = redis.asyncio.Redis.from_url(url, **kwargs)
-        return cls(
-            client, namespace=namespace, resolve_attempts=resolve_attempts, _owns_client=True
-        )
-
-    def __repr__(self) -> str:
-        return (
-            f"<AsyncRedisBackend {_safe_location(self.client)} namespace={self._core.namespace!r}>"
-        )
-
-    def keys(self, user_id: str) -> list[str]:
-        """See :meth:`RedisBackend.keys`."""
-        return self._core.keys(user_id)
+        backend: Self = cls._from_url(url, namespace, options, asynchronous=True)
+        return backend
 
     async def load(self, user_id: str) -> Snapshot | None:
         """Return the user's document, or ``None``."""
