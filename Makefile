@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint typecheck pytest bench docs clean
+.PHONY: demo test lint typecheck pytest wheel-check bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,19 +23,30 @@ demo: $(VENV)/.demo-installed
 	$(BIN)/python examples/demo.py
 
 lint: $(VENV)/.test-installed
-	$(BIN)/ruff check src tests examples benchmarks
-	$(BIN)/ruff format --check src tests examples benchmarks
+	$(BIN)/ruff check src tests examples benchmarks typing_tests
+	$(BIN)/ruff format --check src tests examples benchmarks typing_tests
 
 typecheck: $(VENV)/.test-installed
-	$(BIN)/mypy src
+	$(BIN)/mypy src typing_tests
 
 pytest: $(VENV)/.test-installed
 	$(BIN)/pytest
 
 test: lint typecheck pytest
 
+# What users install: build the wheel, install it in a fresh environment, run the
+# demo and the memory-backend contract suite against it (not against src/).
+wheel-check: $(VENV)/.test-installed
+	rm -rf dist .wheel-venv
+	$(BIN)/python -m pip wheel --quiet --no-deps --wheel-dir dist .
+	$(PYTHON) -m venv .wheel-venv
+	.wheel-venv/bin/python -m pip install --quiet dist/chatstate-*.whl pytest hypothesis
+	cd examples && ../.wheel-venv/bin/python demo.py > /dev/null
+	.wheel-venv/bin/python -c "import chatstate, pathlib; assert 'site-packages' in chatstate.__file__"
+	.wheel-venv/bin/python -m pytest -q -p no:cacheprovider tests/test_contract_memory.py tests/test_exports.py
+
 bench: $(VENV)/.test-installed
 	$(BIN)/python benchmarks/bench_state.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .wheel-venv dist .pytest_cache .mypy_cache .ruff_cache .hypothesis
