@@ -29,6 +29,7 @@ from chatstate import (
     StoreFullError,
 )
 from chatstate.state._lua import APPLY_SCRIPT
+from conftest import register_secret
 from proxy import ReplyDroppingProxy
 
 pytestmark = pytest.mark.redis
@@ -317,6 +318,7 @@ def test_server_down_is_backend_unavailable(namespace: str) -> None:
 
 def test_bad_password_fails_fast_and_never_shows_the_secret(server_kind: str) -> None:
     """A wrong password raises BackendAuthenticationError after one connection, no retries."""
+    register_secret(SECRET)
     server = servers.start_server(server_kind, "--requirepass", SECRET)
     try:
         admin = server.client(password=SECRET)
