@@ -112,10 +112,15 @@ class SyncServiceAsAsync:
         return self.service.update(user_id, patch, op_id=op_id)
 
     async def update_once(
-        self, user_id: str, patch: Mapping[str, Any], *, op_id: str | None
+        self,
+        user_id: str,
+        patch: Mapping[str, Any],
+        *,
+        op_id: str | None,
+        if_version: int | None = None,
     ) -> Outcome:
         """Await :meth:`StateService.update_once`."""
-        return self.service.update_once(user_id, patch, op_id=op_id)
+        return self.service.update_once(user_id, patch, op_id=op_id, if_version=if_version)
 
     async def set_preserved(self, user_id: str, path: str | Path, value: Any) -> JSONObject:
         """Await :meth:`StateService.set_preserved`."""
@@ -409,6 +414,20 @@ class BackendContract:
         assert not second.applied
         other = await svc.update_once("other-user", {"n": 3}, op_id="wamid.1")
         assert other.status == "applied"
+
+    @_twin_test
+    async def test_conditional_update_applies_only_at_the_expected_version(
+        self, svc: ServiceTwin
+    ) -> None:
+        """update_once(if_version=v) writes at version v and reports a conflict otherwise."""
+        first = await svc.update_once("u", {"step": 1}, op_id=None, if_version=0)
+        assert first.status == "applied"
+        stale = await svc.update_once("u", {"step": 9}, op_id=None, if_version=0)
+        assert stale.status == "conflict"
+        assert stale.snapshot == Snapshot({"step": 1}, 1)
+        second = await svc.update_once("u", {"step": 2}, op_id=None, if_version=1)
+        assert second.status == "applied"
+        assert await svc.snapshot("u") == Snapshot({"step": 2}, 2)
 
     # -- transactions -----------------------------------------------------------
 

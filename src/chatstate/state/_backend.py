@@ -54,9 +54,15 @@ class Snapshot:
 
 @attrs.frozen
 class Edits:
-    """Apply compiled edits (an ``update`` or a ``set_preserved``)."""
+    """Apply compiled edits (an ``update`` or a ``set_preserved``).
+
+    With ``expected_version`` set, the edits apply only if the stored version is
+    that one (a conditional update, as a flow step uses); otherwise the outcome
+    is ``"conflict"``.
+    """
 
     edits: tuple[Edit, ...]
+    expected_version: int | None = None
 
     def __repr__(self) -> str:
         # Values are left out: a preserved field may hold a token.
@@ -197,7 +203,8 @@ def apply_operation(
 
     Returns:
         ``("applied", new_data)``, ``("applied", None)`` for a delete, or
-        ``("conflict", None)`` when a :class:`Replace` expected another version.
+        ``("conflict", None)`` when a :class:`Replace` or a conditional
+        :class:`Edits` expected another version.
 
     Raises:
         StateTooLargeError: the result would exceed ``max_bytes``.
@@ -205,12 +212,14 @@ def apply_operation(
     if isinstance(operation, Delete):
         return "applied", None
     data = current.data if current is not None else {}
+    version = current.version if current is not None else 0
     if isinstance(operation, Edits):
+        if operation.expected_version is not None and operation.expected_version != version:
+            return "conflict", None
         data = apply_edits(data, operation.edits)
     elif isinstance(operation, Reset):
         data = keep_preserved(data, operation.preserved)
     else:
-        version = current.version if current is not None else 0
         if version != operation.expected_version:
             return "conflict", None
         data = operation.data

@@ -93,12 +93,13 @@ APPLY_SCRIPT: Final = (
 -- KEYS[1] document hash, KEYS[2] remembered operation ids (zset: id -> version it made)
 -- ARGV[1] op id (echoed), ARGV[2] dedupe ms, ARGV[3] ttl ms or '', ARGV[4] max bytes,
 -- ARGV[5] mode: 'e' edits, 'r' reset, 'x' replace, 'D' delete; ARGV[6..] its arguments
+-- ('e': ARGV[6] the expected version or '', then the edits)
 local doc, opskey, op_id, mode = KEYS[1], KEYS[2], ARGV[1], ARGV[5]
 
 -- Parse the edits: kinds, paths, values.
 local kinds, paths, values = {}, {}, {}
 if mode == 'e' then
-  local i = 6
+  local i = 7
   while i <= #ARGV do
     local a = ARGV[i]
     local n = #kinds + 1
@@ -122,6 +123,9 @@ if type(seen) == 'table' and seen['err'] then
 end
 if seen then
   return {'duplicate', op_id, version, tonumber(seen), dump(doc)}
+end
+if mode == 'e' and ARGV[6] ~= '' and tonumber(ARGV[6]) ~= version then
+  return {'conflict', op_id, version, 0, dump(doc)}
 end
 
 local changes = nil  -- path -> new value, or false to delete
@@ -288,6 +292,7 @@ def write_args(write: Write) -> list[str | int]:
     op = write.operation
     if isinstance(op, Edits):
         args.append("e")
+        args.append("" if op.expected_version is None else op.expected_version)
         for kind, path, value in op.edits:
             args.append(kind + encode_path(path))
             if kind == SET:

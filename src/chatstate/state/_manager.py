@@ -140,8 +140,10 @@ class _ManagerCore:
             return Outcome("applied", outcome.snapshot, outcome.version)
         return outcome
 
-    def update_write(self, patch: Mapping[str, Any], op_id: str | None) -> Write:
-        return self.write(Edits(tuple(self.rules.compile(patch))), op_id)
+    def update_write(
+        self, patch: Mapping[str, Any], op_id: str | None, if_version: int | None = None
+    ) -> Write:
+        return self.write(Edits(tuple(self.rules.compile(patch)), if_version), op_id)
 
     def preserved_write(self, path: str | Path, value: Any, op_id: str | None) -> Write:
         key = tuple(path.split(".")) if isinstance(path, str) else tuple(path)

@@ -113,14 +113,30 @@ class StateService:
         """
         return self.update_once(user_id, patch, op_id=op_id).snapshot.data
 
-    def update_once(self, user_id: str, patch: Mapping[str, Any], *, op_id: str | None) -> Outcome:
+    def update_once(
+        self,
+        user_id: str,
+        patch: Mapping[str, Any],
+        *,
+        op_id: str | None,
+        if_version: int | None = None,
+    ) -> Outcome:
         """Like :meth:`update`, but say whether this call applied the patch.
 
+        Args:
+            user_id: The user.
+            patch: A JSON object.
+            op_id: See :meth:`update`.
+            if_version: Apply only if the document is still at this version
+                (0: no document yet); otherwise nothing is written and the
+                outcome is ``"conflict"`` with the current document.
+
         Returns:
-            An :class:`Outcome` whose ``status`` is ``"applied"``, or
-            ``"duplicate"`` when ``op_id`` had already been applied.
+            An :class:`Outcome` whose ``status`` is ``"applied"``, ``"duplicate"``
+            when ``op_id`` had already been applied, or ``"conflict"``.
         """
-        return self.manager.apply(user_id, UPDATE, lambda: self.manager.update_write(patch, op_id))
+        make = lambda: self.manager.update_write(patch, op_id, if_version)  # noqa: E731
+        return self.manager.apply(user_id, UPDATE, make)
 
     def set_preserved(
         self, user_id: str, path: str | Path, value: Any, *, op_id: str | None = None
@@ -232,12 +248,16 @@ class AsyncStateService:
         return (await self.update_once(user_id, patch, op_id=op_id)).snapshot.data
 
     async def update_once(
-        self, user_id: str, patch: Mapping[str, Any], *, op_id: str | None
+        self,
+        user_id: str,
+        patch: Mapping[str, Any],
+        *,
+        op_id: str | None,
+        if_version: int | None = None,
     ) -> Outcome:
         """See :meth:`StateService.update_once`."""
-        return await self.manager.apply(
-            user_id, UPDATE, lambda: self.manager.update_write(patch, op_id)
-        )
+        make = lambda: self.manager.update_write(patch, op_id, if_version)  # noqa: E731
+        return await self.manager.apply(user_id, UPDATE, make)
 
     async def set_preserved(
         self, user_id: str, path: str | Path, value: Any, *, op_id: str | None = None
