@@ -1,59 +1,88 @@
-"""A scripted chat on the in-memory backend: state updated, preserved, reset, deduplicated.
+"""The credit-exchange demo bot: a scripted chat by default, or talk to it yourself.
 
-Run it with ``make demo`` (or ``python examples/demo.py``). No server is needed.
+python examples/demo.py                  # scripted, in-memory backend
+python examples/demo.py --interactive    # type the messages yourself
+python examples/demo.py --redis redis://localhost:6379/0
 """
 
 from __future__ import annotations
 
-from chatstate import CachedUser, StateData, StateService
+import argparse
+import sys
+from pathlib import Path
 
-RULES = StateData(preserved=["jwt_token", "profile"], replaced=["draft"])
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from credit_bot import RULES, build_router, seeded_bank
+
+from chatstate import MemoryBackend, RedisBackend, StateService
+from chatstate.flow import Message, render_text
+
+USER = "+34600000000"
+SCRIPT = [
+    "hi",
+    "register",
+    "Ana",
+    "12",  # not a PIN: the bot asks again
+    "4321",
+    "hi",
+    "login",
+    "4321",
+    "balance",
+    "transfer",
+    "lots",  # not a number
+    "25",
+    "+34611111111",
+    "no",  # change the amount
+    "30",
+    "+34611111111",
+    "yes",
+    "hi",
+]
 
 
-def bot_reply(user: CachedUser, text: str) -> str:  # noqa: PLR0911 - one reply per branch
-    """A tiny bot: a menu, a two-step transfer form and a login, all in user state."""
-    state = user.state
-    step = state.get("step")
-    if text == "hi":
-        state.reset()
-        name = state.get("profile", {}).get("name", "stranger")
-        return f"Hello {name}! Reply 'login', 'transfer' or 'bye'."
-    if text == "login":
-        # Tokens and profiles are preserved: only set_preserved changes them.
-        state.set_preserved("jwt_token", "eyJhbGciOi...demo")
-        state.set_preserved("profile", {"name": "Ana", "phone": "+34600000000"})
-        return "Logged in as Ana."
-    if text == "transfer":
-        state.update({"step": "amount", "draft": {"kind": "transfer"}})
-        return "How many credits?"
-    if step == "amount":
-        if not text.isdigit():
-            return "Please send a whole number of credits."
-        state.update({"step": "recipient", "draft": {**state["draft"], "amount": int(text)}})
-        return "Who should receive them?"
-    if step == "recipient":
-        draft = {**state["draft"], "to": text}
-        state.update({"step": None, "draft": None, "history": [*state.get("history", []), draft]})
-        return f"Sent {draft['amount']} credits to {text}."
-    return "Sorry, I did not get that. Say 'hi' for the menu."
+def show(replies: list[str]) -> None:
+    for reply in replies:
+        for i, line in enumerate(reply.splitlines()):
+            print(("bot > " if i == 0 else "      ") + line)
 
 
 def main() -> None:
-    """Play a short conversation and show the state after every message."""
-    service = StateService(rules=RULES)
-    script = ["hi", "login", "hi", "transfer", "ten", "10", "bob", "hi"]
-    for text in script:
-        user = CachedUser("+34600000000", service)  # one per incoming message
-        reply = bot_reply(user, text)
-        shown = {k: ("<redacted>" if k == "jwt_token" else v) for k, v in user.state.items()}
-        print(f"user> {text}")
-        print(f"bot > {reply}")
-        print(f"      state v{user.state.version}: {shown}")
+    parser = argparse.ArgumentParser(description="chatstate's credit-exchange demo bot")
+    parser.add_argument("--interactive", action="store_true", help="type the messages yourself")
+    parser.add_argument("--redis", metavar="URL", help="keep state in Redis instead of memory")
+    args = parser.parse_args()
+    backend = RedisBackend.from_url(args.redis, namespace="demo") if args.redis else MemoryBackend()
+    service = StateService(backend, RULES)
+    if args.redis:
+        service.delete(USER)
+    router = build_router(service, seeded_bank())
+    counter = 0
 
-    # A webhook redelivers a message: the same message id is applied once.
-    first = service.update_once("+34600000000", {"last_seen": "wamid.42"}, op_id="wamid.42")
-    again = service.update_once("+34600000000", {"last_seen": "wamid.42"}, op_id="wamid.42")
-    print(f"message wamid.42 first delivery: {first.status}; redelivery: {again.status}")
+    def send(text: str) -> None:
+        nonlocal counter
+        counter += 1
+        message = Message(USER, text=text, message_id=f"wamid.demo{counter}")
+        show([render_text(screen) for screen in router.handle(message)])
+
+    if args.interactive:
+        print("Type messages (empty line or Ctrl-D to quit). Try: hi")
+        for line in sys.stdin:
+            if not line.strip():
+                break
+            send(line.strip())
+    else:
+        for text in SCRIPT:
+            print(f"user> {text}")
+            send(text)
+        doc = service.get(USER)
+        shown = {k: ("<token>" if k == "jwt_token" else v) for k, v in doc.items()}
+        print(f"\nstored state: {shown}")
+        # A webhook redelivers the last message: the same message id changes nothing.
+        again = router.handle(Message(USER, text="transfer", message_id="wamid.x"))
+        dup = router.handle(Message(USER, text="25", message_id="wamid.x"))
+        print(f"redelivered message handled again: {bool(dup)} (first reply: {len(again)})")
+    service.close()
 
 
 if __name__ == "__main__":

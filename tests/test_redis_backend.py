@@ -34,7 +34,7 @@ from proxy import ReplyDroppingProxy
 
 pytestmark = pytest.mark.redis
 
-SECRET = "S3NTINEL-secret-9f2b"  # noqa: S105 - a sentinel the tests look for
+SECRET = "S3NTINEL-secret-9f2b"
 
 
 @pytest.fixture

@@ -22,6 +22,9 @@ The tree::
         ├── ExpiredTokenError              its exp has passed
         ├── ImmatureTokenError             its nbf or iat lies in the future
         └── TokenRefreshError              the refresh callable failed
+    FlowError                              a conversation flow went wrong
+    ├── InvalidFlowDefinition (TypeError)  a Flow subclass is inconsistent (raised at import)
+    └── InvalidScreenError (ValueError)    a screen breaks WhatsApp's limits
 
 Each message starts with what failed (``"Failed to update state"``, ``"Failed to
 read state"``, ...) followed by why. Messages and attributes never carry the value
@@ -38,7 +41,10 @@ __all__ = [
     "ConflictError",
     "CorruptStateError",
     "ExpiredTokenError",
+    "FlowError",
     "ImmatureTokenError",
+    "InvalidFlowDefinition",
+    "InvalidScreenError",
     "InvalidTokenError",
     "InvalidUserIdError",
     "OutcomeUnknown",
@@ -220,3 +226,23 @@ class TokenRefreshError(TokenError):
     def __init__(self, detail: str, *, old_token_valid: bool, action: str | None = None) -> None:
         self.old_token_valid = old_token_valid
         super().__init__(detail, action=action)
+
+
+class FlowError(ChatstateError):
+    """A conversation flow or a screen went wrong."""
+
+
+class InvalidFlowDefinition(FlowError, TypeError):  # noqa: N818 - named like the subclassing error
+    """A ``Flow`` subclass is inconsistent; raised when the class is defined.
+
+    Attributes:
+        flow: The class name.
+    """
+
+    def __init__(self, message: str, *, flow: str) -> None:
+        self.flow = flow
+        super().__init__(f"flow {flow}: {message}")
+
+
+class InvalidScreenError(FlowError, ValueError):
+    """A screen breaks one of WhatsApp's limits (too many buttons, a title too long, ...)."""

@@ -33,6 +33,7 @@ import datetime as dt
 import decimal
 import threading
 import unicodedata
+import uuid
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
@@ -45,6 +46,7 @@ from chatstate.exceptions import (
     SerializationError,
     StateTooLargeError,
 )
+from chatstate.flow import AsyncRouter, Message, Router, Screen, render_text
 from chatstate.state import (
     AsyncBackend,
     AsyncStateService,
@@ -56,7 +58,13 @@ from chatstate.state import (
 )
 from chatstate.typing import JSONObject, Path
 
-__all__ = ["BackendContract", "ServiceTwin", "SyncServiceAsAsync"]
+__all__ = [
+    "AsyncConversation",
+    "BackendContract",
+    "Conversation",
+    "ServiceTwin",
+    "SyncServiceAsAsync",
+]
 
 T = TypeVar("T")
 
@@ -569,3 +577,93 @@ def _run_sync_in_thread(fn: Callable[[], T]) -> T:
     if errors:
         raise errors[0]
     return box[0]
+
+
+class _ConversationBase:
+    def __init__(self, user_id: str) -> None:
+        self.user_id = user_id
+        self.replies: list[Screen] = []
+        self._count = 0
+        self._prefix = f"test-{uuid.uuid4().hex[:12]}"
+
+    def _message(self, text: str | None, reply_id: str | None, message_id: str | None) -> Message:
+        self._count += 1
+        return Message(
+            self.user_id,
+            text=text,
+            reply_id=reply_id,
+            message_id=message_id if message_id is not None else f"{self._prefix}-{self._count}",
+        )
+
+    @property
+    def texts(self) -> list[str]:
+        """The last replies rendered as plain text."""
+        return [render_text(s) for s in self.replies]
+
+    @property
+    def last_text(self) -> str:
+        """All of the last replies as one plain text (empty if there were none)."""
+        return "\n".join(self.texts)
+
+    def assert_reply_contains(self, fragment: str) -> None:
+        """Fail unless ``fragment`` appears in the last replies."""
+        assert fragment in self.last_text, f"{fragment!r} not in the replies:\n{self.last_text}"
+
+
+class Conversation(_ConversationBase):
+    """Talk to a :class:`~chatstate.flow.Router` as one user, in a test.
+
+    Example:
+        >>> from chatstate import StateService
+        >>> from chatstate.flow import DONE, Flow, Menu, MenuItem, Router, Step
+        >>> class Greet(Flow):
+        ...     name_ = Step("Your name?", key="name")
+        ...     def on_complete(self, data):
+        ...         return f"Hello {data['name']}!"
+        >>> menu = Menu("Hi!", [MenuItem("greet", "Greet", flow=Greet)])
+        >>> router = Router(StateService(), main_menu=menu)
+        >>> chat = Conversation(router)
+        >>> chat.send("greet")
+        ['Your name?']
+        >>> chat.send("Ana")
+        ['Hello Ana!']
+    """
+
+    def __init__(self, router: Router, user_id: str = "test-user") -> None:
+        super().__init__(user_id)
+        self.router = router
+
+    def send(
+        self, text: str | None = None, *, reply_id: str | None = None, message_id: str | None = None
+    ) -> list[str]:
+        """Send a message (text or a tapped reply id); return the replies as plain text.
+
+        Each message gets a fresh message id unless you pass one (pass the same
+        one twice to play a webhook redelivery).
+        """
+        self.replies = self.router.handle(self._message(text, reply_id, message_id))
+        return self.texts
+
+    @property
+    def state(self) -> JSONObject:
+        """The user's stored state document."""
+        return self.router.service.get(self.user_id)
+
+
+class AsyncConversation(_ConversationBase):
+    """The asyncio twin of :class:`Conversation`, for an :class:`~chatstate.flow.AsyncRouter`."""
+
+    def __init__(self, router: AsyncRouter, user_id: str = "test-user") -> None:
+        super().__init__(user_id)
+        self.router = router
+
+    async def send(
+        self, text: str | None = None, *, reply_id: str | None = None, message_id: str | None = None
+    ) -> list[str]:
+        """See :meth:`Conversation.send`."""
+        self.replies = await self.router.handle(self._message(text, reply_id, message_id))
+        return self.texts
+
+    async def state(self) -> JSONObject:
+        """The user's stored state document."""
+        return await self.router.service.get(self.user_id)

@@ -17,7 +17,7 @@ from chatstate.state._codec import stored_size
 from chatstate.state._manager import AsyncStateManager, StateManager
 from chatstate.state._memory import AsyncMemoryBackend, MemoryBackend
 from chatstate.state._redis import AsyncRedisBackend, RedisBackend
-from chatstate.state._rules import Edit, StateData, apply_edits, merge
+from chatstate.state._rules import Edit, StateData, apply_edits, diff, merge
 from chatstate.state._service import (
     AsyncCachedState,
     AsyncCachedUser,
@@ -54,6 +54,7 @@ __all__ = [
     "Write",
     "apply_edits",
     "apply_operation",
+    "diff",
     "merge",
     "stored_size",
 ]

@@ -30,6 +30,7 @@ __all__ = [
     "Edit",
     "StateData",
     "apply_edits",
+    "diff",
     "format_path",
     "keep_preserved",
     "merge",
@@ -365,3 +366,25 @@ def merge(doc: JSONObject, patch: Mapping[str, Any], rules: StateData | None = N
 
     rules = rules or StateData()
     return apply_edits(copy.deepcopy(doc), copy.deepcopy(rules.compile(patch)))
+
+
+def diff(old: JSONObject, new: JSONObject) -> JSONObject:
+    """The smallest merge patch that turns ``old`` into ``new`` (RFC 7396).
+
+    ``None`` values inside objects of ``new`` cannot be expressed (a merge patch
+    reads them as deletions) and are dropped.
+    """
+    patch: JSONObject = {key: None for key in old if new.get(key) is None}
+    for key, value in new.items():
+        if value is None:
+            continue
+        before = old.get(key, _MISSING)
+        if type(before) is type(value) and before == value:
+            continue
+        if type(value) is dict and type(before) is dict:
+            sub = diff(before, value)
+            if sub:
+                patch[key] = sub
+        else:
+            patch[key] = value
+    return patch

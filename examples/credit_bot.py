@@ -1,0 +1,209 @@
+"""A small credit-exchange bot: register, log in, see a balance, transfer with confirmation.
+
+The bank is a fake in-process API that issues real JWTs (PyJWT, HS256); the bot
+keeps each user's token in preserved state with :mod:`chatstate.auth`.
+``build_router`` wires everything over any :class:`~chatstate.StateService`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import jwt
+
+from chatstate import CachedUser, StateData, StateService
+from chatstate.auth import clear_jwt_token, get_valid_token, set_jwt_token
+from chatstate.flow import (
+    DONE,
+    Button,
+    Buttons,
+    Flow,
+    Invalid,
+    Menu,
+    MenuItem,
+    Router,
+    Step,
+    Text,
+    Turn,
+)
+
+RULES = StateData(preserved=["jwt_token", "profile"])
+SECRET = "demo-bank-signing-key-0123456789abcdef"  # noqa: S105 - a demo key
+
+
+class BankError(Exception):
+    """The fake bank refused a request."""
+
+
+@dataclass
+class Bank:
+    """A fake banking API: accounts by phone number, JWT sessions, transfers."""
+
+    accounts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    token_lifetime: int = 900
+
+    def register(self, phone: str, name: str, pin: str) -> None:
+        if phone in self.accounts:
+            raise BankError("already registered")
+        self.accounts[phone] = {"name": name, "pin": pin, "balance": 100}
+
+    def login(self, phone: str, pin: str) -> str:
+        account = self.accounts.get(phone)
+        if account is None or account["pin"] != pin:
+            raise BankError("wrong phone or PIN")
+        now = int(time.time())
+        claims = {"sub": phone, "iat": now, "exp": now + self.token_lifetime}
+        return jwt.encode(claims, SECRET, algorithm="HS256")
+
+    def _who(self, token: str) -> str:
+        try:
+            return str(jwt.decode(token, SECRET, algorithms=["HS256"])["sub"])
+        except jwt.PyJWTError as exc:
+            raise BankError("session expired") from exc
+
+    def balance(self, token: str) -> int:
+        return int(self.accounts[self._who(token)]["balance"])
+
+    def transfer(self, token: str, to: str, amount: int) -> int:
+        sender = self.accounts[self._who(token)]
+        if to not in self.accounts:
+            raise BankError("unknown recipient")
+        if amount > sender["balance"]:
+            raise BankError("not enough credits")
+        sender["balance"] -= amount
+        self.accounts[to]["balance"] += amount
+        return int(sender["balance"])
+
+
+class CreditFlow(Flow, abstract=True):
+    """Flows of this bot: they reach the bank and the state service."""
+
+    bank: ClassVar[Bank]
+    service: ClassVar[StateService]
+
+    def user(self) -> CachedUser:
+        assert self.turn is not None
+        return CachedUser(self.turn.user_id, self.service)
+
+
+def _pin(answer: str) -> str:
+    if not (answer.isdigit() and len(answer) == 4):
+        raise Invalid("A PIN is 4 digits.")
+    return answer
+
+
+def _amount(answer: str) -> int:
+    if not answer.isdigit() or int(answer) <= 0:
+        raise Invalid("Please send a whole number of credits, like 25.")
+    return int(answer)
+
+
+def _phone(answer: str) -> str:
+    phone = answer.replace(" ", "")
+    if not (phone.startswith("+") and phone[1:].isdigit() and 8 <= len(phone) <= 16):
+        raise Invalid("Please send a phone number like +34611111111.")
+    return phone
+
+
+class Register(CreditFlow):
+    """Open an account."""
+
+    full_name = Step("What is your name?", key="name", next="pin")
+    pin = Step("Choose a 4-digit PIN.", clean=_pin)
+
+    def on_complete(self, data: dict[str, Any]) -> str:
+        assert self.turn is not None
+        try:
+            self.bank.register(self.turn.user_id, data["name"], data["pin"])
+        except BankError as exc:
+            return f"Could not register: {exc}."
+        self.user().state.set_preserved("profile", {"name": data["name"]})
+        return f"Welcome, {data['name']}! You have 100 credits. Reply 'login' to log in."
+
+
+class Login(CreditFlow):
+    """Log in with the PIN; the bank's JWT goes into preserved state."""
+
+    pin = Step("Your PIN, please.", clean=_pin)
+
+    def on_complete(self, data: dict[str, Any]) -> str:
+        assert self.turn is not None
+        try:
+            token = self.bank.login(self.turn.user_id, data["pin"])
+        except BankError as exc:
+            return f"Login failed: {exc}."
+        set_jwt_token(self.user(), token)
+        return "You are logged in."
+
+
+def _confirm(data: dict[str, Any]) -> Buttons:
+    return Buttons(
+        f"Send {data['amount']} credits to {data['to']}?",
+        [Button("yes", "Send"), Button("no", "Change amount")],
+    )
+
+
+class Transfer(CreditFlow):
+    """Send credits, with a confirmation step."""
+
+    requires_auth = True
+    amount = Step("How many credits?", clean=_amount, next="to")
+    to = Step("Who should receive them? (a phone number)", clean=_phone, next="confirm")
+    confirm = Step(_confirm, next={"yes": DONE, "no": "amount"})
+
+    def on_complete(self, data: dict[str, Any]) -> str:
+        user = self.user()
+
+        def relogin(_old: str | None) -> str:
+            raise BankError("please log in again")
+
+        try:
+            token = get_valid_token(user, relogin)
+            left = self.bank.transfer(token, data["to"], data["amount"])
+        except (BankError, Exception) as exc:  # noqa: BLE001 - every failure is told to the user
+            return f"Transfer failed: {exc}."
+        return f"Sent {data['amount']} credits to {data['to']}. Your balance: {left}."
+
+
+def _balance(turn: Turn) -> str:
+    token = turn.state.get("jwt_token")
+    try:
+        return f"Your balance: {Transfer.bank.balance(token)} credits."
+    except BankError as exc:
+        return f"Could not read your balance: {exc}."
+
+
+def _logout(turn: Turn) -> str:
+    clear_jwt_token(CachedUser(turn.user_id, Transfer.service))
+    return "Logged out. Say hi to start again."
+
+
+def build_router(service: StateService, bank: Bank | None = None) -> Router:
+    """The bot's router over ``service`` (whose rules must preserve jwt_token)."""
+    CreditFlow.bank = bank if bank is not None else Bank()
+    CreditFlow.service = service
+    auth_menu = Menu(
+        "Welcome to Credit Exchange.",
+        [MenuItem("register", "Register", flow=Register), MenuItem("login", "Log in", flow=Login)],
+    )
+    main_menu = Menu(
+        "What would you like to do?",
+        [
+            MenuItem("balance", "Balance", handler=_balance, requires_auth=True),
+            MenuItem("transfer", "Transfer", flow=Transfer),
+            MenuItem("logout", "Log out", handler=_logout, requires_auth=True),
+        ],
+    )
+    return Router(service, main_menu=main_menu, auth_menu=auth_menu)
+
+
+def seeded_bank() -> Bank:
+    """A bank where Bob (+34611111111) already has an account."""
+    bank = Bank()
+    bank.register("+34611111111", "Bob", "1111")
+    return bank
+
+
+__all__ = ["RULES", "Bank", "Login", "Register", "Text", "Transfer", "build_router", "seeded_bank"]
