@@ -46,6 +46,7 @@ wheel-check: $(VENV)/.test-installed
 	.wheel-venv/bin/python -m pytest -q -p no:cacheprovider tests/test_contract_memory.py tests/test_exports.py
 
 bench: $(VENV)/.test-installed
+	$(BIN)/python benchmarks/bench_flow.py
 	$(BIN)/python benchmarks/bench_state.py
 
 clean:

@@ -73,6 +73,9 @@ class ServiceModel(RuleBasedStateMachine):
             snap = self.svc.snapshot(user)
             assert canonical(snap.data) == canonical(self.docs.get(user, {}))
             assert snap.version == self.versions.get(user, 0)
+            # The size the memory backend keeps incrementally is the document's size.
+            record = self.svc.manager.backend._records.get(user)  # type: ignore[attr-defined]
+            assert (record.size if record else 0) == stored_size(snap.data)
 
 
 TestServiceModel = ServiceModel.TestCase

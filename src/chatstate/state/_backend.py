@@ -18,7 +18,7 @@ import attrs
 
 from chatstate.exceptions import StateTooLargeError
 from chatstate.state._codec import stored_size
-from chatstate.state._rules import Edit, apply_edits, keep_preserved
+from chatstate.state._rules import Edit, apply_edits, apply_edits_sized, keep_preserved
 from chatstate.typing import JSONObject, Path
 
 __all__ = [
@@ -188,8 +188,11 @@ class AsyncBackend(Protocol):
 
 
 def apply_operation(
-    current: Snapshot | None, operation: Operation, max_bytes: int
-) -> tuple[Literal["applied", "conflict"], JSONObject | None]:
+    current: Snapshot | None,
+    operation: Operation,
+    max_bytes: int,
+    current_size: int | None = None,
+) -> tuple[Literal["applied", "conflict"], JSONObject | None, int]:
     """Compute what ``operation`` makes of ``current``: the shared logic of a backend.
 
     A backend that can hold a lock or a transaction around a read and a write
@@ -200,30 +203,38 @@ def apply_operation(
             ``data`` is changed in place; pass a copy you own.
         operation: What to do.
         max_bytes: The largest stored size the result may have.
+        current_size: The stored size of ``current`` if the backend keeps it:
+            edits then update it from the fields they touch instead of
+            measuring the whole document.
 
     Returns:
-        ``("applied", new_data)``, ``("applied", None)`` for a delete, or
-        ``("conflict", None)`` when a :class:`Replace` or a conditional
-        :class:`Edits` expected another version.
+        ``(status, data, size)``: ``("applied", new_data, its stored size)``,
+        ``("applied", None, 0)`` for a delete, or ``("conflict", None, 0)`` when
+        a :class:`Replace` or a conditional :class:`Edits` expected another version.
 
     Raises:
         StateTooLargeError: the result would exceed ``max_bytes``.
     """
     if isinstance(operation, Delete):
-        return "applied", None
+        return "applied", None, 0
     data = current.data if current is not None else {}
     version = current.version if current is not None else 0
+    size: int | None = None
     if isinstance(operation, Edits):
         if operation.expected_version is not None and operation.expected_version != version:
-            return "conflict", None
-        data = apply_edits(data, operation.edits)
+            return "conflict", None, 0
+        if current_size is not None or current is None:
+            size = apply_edits_sized(data, operation.edits, current_size or 0)
+        else:
+            data = apply_edits(data, operation.edits)
     elif isinstance(operation, Reset):
         data = keep_preserved(data, operation.preserved)
     else:
         if version != operation.expected_version:
-            return "conflict", None
+            return "conflict", None, 0
         data = operation.data
-    size = stored_size(data)
+    if size is None:
+        size = stored_size(data)
     if size > max_bytes:
         raise StateTooLargeError(size=size, limit=max_bytes)
-    return "applied", data
+    return "applied", data, size

@@ -86,15 +86,16 @@ def stored_size(doc: JSONObject) -> int:
 
     This is what ``StateData.max_bytes`` limits, on every backend.
     """
-    return _subtree_size(doc, 0)
+    return subtree_size(doc, 0)
 
 
-def _subtree_size(obj: JSONObject, prefix_len: int) -> int:
+def subtree_size(obj: JSONObject, prefix_len: int) -> int:
+    """The stored size of an object's contents under a path of ``prefix_len`` bytes."""
     total = 0
     for key, value in obj.items():
         path_len = prefix_len + utf8_len(encode_key(key))
         if type(value) is dict:
-            total += path_len + 2 + _subtree_size(value, path_len)
+            total += path_len + 2 + subtree_size(value, path_len)
         else:
             total += path_len + utf8_len(_encode(value))
     return total

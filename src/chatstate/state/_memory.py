@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import attrs
 
-from chatstate.state._backend import Outcome, Snapshot, Write, apply_operation
+from chatstate.state._backend import Edits, Outcome, Snapshot, Write, apply_operation
 
 __all__ = ["AsyncMemoryBackend", "MemoryBackend"]
 
@@ -35,6 +35,7 @@ class _Record:
     text: str  # the document as JSON text: a read can never alias stored data
     version: int
     expires_at: float | None
+    size: int  # the stored size, kept up to date by each write
 
 
 class MemoryBackend:
@@ -85,7 +86,8 @@ class MemoryBackend:
             if ops is not None and write.op_id in ops.versions:
                 seen = ops.versions[write.op_id]
                 return Outcome("duplicate", current or Snapshot({}, 0), seen)
-            status, data = apply_operation(current, write.operation, write.max_bytes)
+            size = record.size if record is not None else 0
+            status, data, size = apply_operation(current, write.operation, write.max_bytes, size)
             if status == "conflict":
                 return Outcome("conflict", current or Snapshot({}, 0), 0)
             if data is None:
@@ -98,9 +100,12 @@ class MemoryBackend:
                 expires_at = now + write.ttl_ms / 1000
                 heapq.heappush(self._expiries, (expires_at, user_id))
             text = _encode(data)
-            self._records[user_id] = _Record(text, version, expires_at)
+            self._records[user_id] = _Record(text, version, expires_at, size)
             self._remember(user_id, write, version, now, fresh=False)
-            return Outcome("applied", Snapshot(_decode(text), version), version)
+            # Edits build fresh objects (compile copies list values), so the result can
+            # be handed out as it is; other operations may hold the caller's objects.
+            out = data if isinstance(write.operation, Edits) else _decode(text)
+            return Outcome("applied", Snapshot(out, version), version)
 
     def close(self) -> None:
         """Nothing to release; present for the :class:`Backend` protocol."""

@@ -15,12 +15,14 @@ deletes a key, lists and scalars replace. Per-field policies change that:
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from collections.abc import Iterable, Mapping
 from typing import Any, Final, Literal, TypeAlias
 
 import attrs
 
 from chatstate.exceptions import PreservedFieldError, SerializationError
+from chatstate.state._codec import encode_key, encode_value, subtree_size, utf8_len
 from chatstate.typing import JSONObject, Path
 
 __all__ = [
@@ -180,7 +182,7 @@ class StateData:
                     self._compile_object(value, here, depth + 1, edits)
             else:
                 check_json(value, here, depth, self.max_depth)
-                edits.append((SET, here, value))
+                edits.append((SET, here, _fresh(value) if type(value) is list else value))
 
     def check_document(self, doc: Mapping[str, Any]) -> JSONObject:
         """Validate a whole document (as a transaction returns it).
@@ -221,7 +223,7 @@ class StateData:
             edits.append((MAKE_OBJECT, path, None))
             edits.extend(_leaf_edits(value, path))
         else:
-            edits.append((SET, path, value))
+            edits.append((SET, path, _fresh(value) if type(value) is list else value))
         return edits
 
     def check_replacement(self, old: JSONObject, new: JSONObject) -> None:
@@ -251,6 +253,20 @@ def _lookup(doc: JSONObject, path: Path) -> Any:
     return node
 
 
+def _fresh(value: Any) -> Any:
+    """A deep copy of a JSON value, so stored or returned data never aliases the caller's."""
+    if type(value) is list:
+        return [_fresh(v) for v in value]
+    if type(value) is dict:
+        return {k: _fresh(v) for k, v in value.items()}
+    return value
+
+
+@lru_cache(maxsize=8192)
+def _path_len(path: Path) -> int:
+    return sum(utf8_len(encode_key(k)) for k in path)
+
+
 def _drop_nones(obj: JSONObject) -> JSONObject:
     return {k: (_drop_nones(v) if type(v) is dict else v) for k, v in obj.items() if v is not None}
 
@@ -263,7 +279,7 @@ def _leaf_edits(obj: JSONObject, path: Path) -> list[Edit]:
             edits.append((MAKE_OBJECT, here, None))
             edits.extend(_leaf_edits(value, here))
         else:
-            edits.append((SET, here, value))
+            edits.append((SET, here, _fresh(value) if type(value) is list else value))
     return edits
 
 
@@ -341,6 +357,45 @@ def apply_edits(doc: JSONObject, edits: Iterable[Edit]) -> JSONObject:
         elif type(parent.get(last)) is not dict:
             parent[last] = {}
     return doc
+
+
+def apply_edits_sized(doc: JSONObject, edits: Iterable[Edit], size: int) -> int:
+    """Apply edits like :func:`apply_edits` and return the new stored size.
+
+    ``size`` is the document's stored size before; only the touched fields are
+    measured, so an update costs what it changes, not what the document holds.
+    """
+    for kind, path, value in edits:
+        parent: Any = doc
+        for key in path[:-1]:
+            parent = parent.get(key) if type(parent) is dict else None
+        if type(parent) is not dict:
+            continue
+        last = path[-1]
+        path_len = _path_len(path)
+        old = parent.get(last, _MISSING)
+        if kind == MAKE_OBJECT:
+            if type(old) is dict:
+                continue
+            if old is not _MISSING:
+                size -= path_len + utf8_len(encode_value(old))
+            parent[last] = {}
+            size += path_len + 2
+            continue
+        if old is not _MISSING:
+            size -= _node_size(old, path_len)
+        if kind == DELETE:
+            parent.pop(last, None)
+        else:
+            parent[last] = value
+            size += path_len + utf8_len(encode_value(value))
+    return size
+
+
+def _node_size(value: Any, path_len: int) -> int:
+    if type(value) is dict:
+        return path_len + 2 + subtree_size(value, path_len)
+    return path_len + utf8_len(encode_value(value))
 
 
 def keep_preserved(doc: JSONObject, preserved: Iterable[Path]) -> JSONObject:
