@@ -15,8 +15,8 @@ deletes a key, lists and scalars replace. Per-field policies change that:
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 from collections.abc import Iterable, Mapping
+from functools import lru_cache
 from typing import Any, Final, Literal, TypeAlias
 
 import attrs
