@@ -41,6 +41,7 @@ import pytest
 
 from chatstate.exceptions import (
     ConflictError,
+    StateError,
     InvalidUserIdError,
     PreservedFieldError,
     SerializationError,
@@ -422,6 +423,10 @@ class BackendContract:
         assert not second.applied
         other = await svc.update_once("other-user", {"n": 3}, op_id="wamid.1")
         assert other.status == "applied"
+        for bad in ("", "line\nbreak", "x" * 201):
+            with pytest.raises(StateError):
+                await svc.update_once("u", {"n": 4}, op_id=bad)
+        assert (await svc.snapshot("u")).version == 1
 
     @_twin_test
     async def test_conditional_update_applies_only_at_the_expected_version(

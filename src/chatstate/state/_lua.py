@@ -91,21 +91,34 @@ APPLY_SCRIPT: Final = (
     _COMMON
     + r"""
 -- KEYS[1] document hash, KEYS[2] remembered operation ids (zset: id -> version it made)
--- ARGV[1] op id (echoed), ARGV[2] dedupe ms, ARGV[3] ttl ms or '', ARGV[4] max bytes,
--- ARGV[5] mode: 'e' edits, 'r' reset, 'x' replace, 'D' delete; ARGV[6..] its arguments
--- ('e': ARGV[6] the expected version or '', then the edits)
-local doc, opskey, op_id, mode = KEYS[1], KEYS[2], ARGV[1], ARGV[5]
+-- ARGV[1] op id (echoed); ARGV[2] the parameters, newline-separated: dedupe ms,
+-- ttl ms or '', max bytes, mode ('e' edits, 'r' reset, 'x' replace, 'D' delete),
+-- expected version or ''; ARGV[3] the mode's arguments, newline-separated. (Paths
+-- and values are compact JSON, which never holds a raw newline; one argument
+-- instead of one per path saves redis-py most of its packing work.)
+local function split(text)
+  local out, n = {}, 0
+  if text == '' then return out end
+  for part in string.gmatch(text .. '\n', '([^\n]*)\n') do
+    n = n + 1
+    out[n] = part
+  end
+  return out
+end
+local P, A = split(ARGV[2]), split(ARGV[3])
+local doc, opskey, op_id, mode = KEYS[1], KEYS[2], ARGV[1], P[4]
+local dedupe, ttl, max_bytes, expected = P[1], P[2], tonumber(P[3]), P[5]
 
 -- Parse the edits: kinds, paths, values.
 local kinds, paths, values = {}, {}, {}
 if mode == 'e' then
-  local i = 7
-  while i <= #ARGV do
-    local a = ARGV[i]
+  local i = 1
+  while i <= #A do
+    local a = A[i]
     local n = #kinds + 1
     kinds[n], paths[n] = string.sub(a, 1, 1), string.sub(a, 2)
     if kinds[n] == 's' then
-      values[n] = ARGV[i + 1]
+      values[n] = A[i + 1]
       i = i + 2
     else
       i = i + 1
@@ -124,7 +137,7 @@ end
 if seen then
   return {'duplicate', op_id, version, tonumber(seen), dump(doc)}
 end
-if mode == 'e' and ARGV[6] ~= '' and tonumber(ARGV[6]) ~= version then
+if mode == 'e' and expected ~= '' and tonumber(expected) ~= version then
   return {'conflict', op_id, version, 0, dump(doc)}
 end
 
@@ -211,9 +224,9 @@ if changes == nil and mode ~= 'D' then
     end
   elseif mode == 'r' then
     -- groups: path, number of ancestors, the ancestors' paths
-    local i = 6
-    while i <= #ARGV do
-      local p, n = ARGV[i], tonumber(ARGV[i + 1])
+    local i = 1
+    while i <= #A do
+      local p, n = A[i], tonumber(A[i + 1])
       local old = fields[p]
       if old ~= nil then
         if old == '{}' then
@@ -224,15 +237,15 @@ if changes == nil and mode ~= 'D' then
         else
           new[p] = old
         end
-        for j = 1, n do new[ARGV[i + 1 + j]] = '{}' end
+        for j = 1, n do new[A[i + 1 + j]] = '{}' end
       end
       i = i + 2 + n
     end
   elseif mode == 'x' then
-    if tonumber(ARGV[6]) ~= version then
+    if tonumber(expected) ~= version then
       return {'conflict', op_id, version, 0, dump(doc)}
     end
-    for i = 7, #ARGV, 2 do new[ARGV[i]] = ARGV[i + 1] end
+    for i = 1, #A, 2 do new[A[i]] = A[i + 1] end
   else
     return redis.error_reply('chatstate: unknown mode')
   end
@@ -247,7 +260,7 @@ if changes == nil and mode ~= 'D' then
   end
 end
 
-if size > tonumber(ARGV[4]) then
+if size > max_bytes then
   return {'too_large', op_id, size}
 end
 
@@ -268,7 +281,7 @@ else
   end
   chunked('HDEL', doc, dels)
   chunked('HSET', doc, sets)
-  if ARGV[3] ~= '' then redis.call('PEXPIRE', doc, ARGV[3]) end
+  if ttl ~= '' then redis.call('PEXPIRE', doc, ttl) end
 end
 
 -- Remember the operation: the newest ids, for dedupe ms after the user's last write.
@@ -278,37 +291,39 @@ if version % 16 == 0 then
     + str(MAX_REMEMBERED_OPS + 1)
     + r""")
 end
-redis.call('PEXPIRE', opskey, ARGV[2])
+redis.call('PEXPIRE', opskey, dedupe)
 if mode == 'D' then return {'applied', op_id, 0, 0, ''} end
 return {'applied', op_id, version, version, dump(doc)}
 """
 )
 
 
-def write_args(write: Write) -> list[str | int]:
-    """Pack a write into the apply script's ARGV."""
-    ttl = "" if write.ttl_ms is None else write.ttl_ms
-    args: list[str | int] = [write.op_id, write.dedupe_ms, ttl, write.max_bytes]
+def write_args(write: Write) -> list[str]:
+    """Pack a write into the apply script's three arguments."""
     op = write.operation
+    body: list[str] = []
+    expected: int | str = ""
     if isinstance(op, Edits):
-        args.append("e")
-        args.append("" if op.expected_version is None else op.expected_version)
+        mode = "e"
+        expected = "" if op.expected_version is None else op.expected_version
         for kind, path, value in op.edits:
-            args.append(kind + encode_path(path))
+            body.append(kind + encode_path(path))
             if kind == SET:
-                args.append(encode_value(value))
+                body.append(encode_value(value))
     elif isinstance(op, Reset):
-        args.append("r")
+        mode = "r"
         for path in op.preserved:
-            args.append(encode_path(path))
-            args.append(len(path) - 1)
-            args.extend(encode_path(path[:i]) for i in range(1, len(path)))
+            body.append(encode_path(path))
+            body.append(str(len(path) - 1))
+            body.extend(encode_path(path[:i]) for i in range(1, len(path)))
     elif isinstance(op, Replace):
-        args.append("x")
-        args.append(op.expected_version)
+        mode = "x"
+        expected = op.expected_version
         for item in flatten(op.data).items():
-            args.extend(item)
+            body.extend(item)
     else:
         assert isinstance(op, Delete)
-        args.append("D")
-    return args
+        mode = "D"
+    ttl = "" if write.ttl_ms is None else write.ttl_ms
+    params = f"{write.dedupe_ms}\n{ttl}\n{write.max_bytes}\n{mode}\n{expected}"
+    return [write.op_id, params, "\n".join(body)]

@@ -127,9 +127,14 @@ class _ManagerCore:
         generated = op_id is None
         if op_id is None:
             op_id = new_op_id()
-        elif type(op_id) is not str or not op_id or len(op_id) > MAX_OP_ID_LENGTH:
+        elif (
+            type(op_id) is not str
+            or not op_id
+            or len(op_id) > MAX_OP_ID_LENGTH
+            or not op_id.isprintable()
+        ):
             raise StateError(
-                f"op_id must be a non-empty str of at most {MAX_OP_ID_LENGTH} characters"
+                f"op_id must be a non-empty printable str of at most {MAX_OP_ID_LENGTH} characters"
             )
         return Write(operation, op_id, self.ttl_ms, self.rules.max_bytes, self.dedupe_ms, generated)
 
