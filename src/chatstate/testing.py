@@ -41,10 +41,10 @@ import pytest
 
 from chatstate.exceptions import (
     ConflictError,
-    StateError,
     InvalidUserIdError,
     PreservedFieldError,
     SerializationError,
+    StateError,
     StateTooLargeError,
 )
 from chatstate.flow import AsyncRouter, Message, Router, Screen, render_text
