@@ -90,6 +90,17 @@ def register_secret(secret: str) -> str:
     return secret
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Fail a test whose error text or captured output shows a registered secret."""
+    report = yield
+    shown = [report.longreprtext, report.capstdout, report.capstderr]
+    if any(secret in text for secret in SECRETS for text in shown):
+        report.outcome = "failed"
+        report.longrepr = "a registered secret appeared in an error text or in the output"
+    return report
+
+
 @pytest.fixture(autouse=True)
 def _no_secret_in_logs(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     """Fail any test whose chatstate log records contain a registered secret."""

@@ -518,3 +518,16 @@ def test_demo_script_runs() -> None:
     )
     assert "Sent 30 credits to +34611111111. Your balance: 70." in out.stdout
     assert "eyJ" not in out.stdout
+
+
+def test_demo_interactive_mode() -> None:
+    """--interactive reads the user's lines from standard input."""
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLES / "demo.py"), "--interactive"],
+        input="hi\nregister\nAna\n\n",
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "Welcome to Credit Exchange." in out.stdout
+    assert "Choose a 4-digit PIN." in out.stdout
