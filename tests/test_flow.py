@@ -181,6 +181,23 @@ def test_back_cancel_restart_and_preserved_fields() -> None:
     assert c.state == {"jwt_token": "tok"}
 
 
+def test_clean_raising_value_error_reprompts() -> None:
+    """clean=int re-prompts with invalid_message on non-numbers instead of crashing."""
+
+    class Count(Flow):
+        n = Step("How many?", clean=int, invalid_message="A whole number, please.")
+
+        def on_complete(self, data: dict[str, Any]) -> str:
+            return f"{data['n'] * 2}"
+
+    c = Conversation(
+        Router(StateService(), main_menu=Menu("M", [MenuItem("c", "Count", flow=Count)]))
+    )
+    c.send("c")
+    assert c.send("two") == ["A whole number, please.", "How many?"]
+    assert c.send("2") == ["4"]
+
+
 def test_too_many_invalid_answers_cancel() -> None:
     """After max_attempts invalid answers the flow ends with the configured outcome."""
     c = chat()

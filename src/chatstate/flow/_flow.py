@@ -70,13 +70,15 @@ class Step:
         validate: Gets the answer; returns an error message to re-prompt with,
             or ``None`` when the answer is fine (sync or async).
         clean: Turns the answer into the value to store (sync or async); may
-            raise :class:`Invalid` to re-prompt.
+            raise :class:`Invalid` to re-prompt with its message, or
+            ``ValueError`` (as ``int`` does) to re-prompt with ``invalid_message``.
         next: Where to go: a step name, :data:`DONE`, a dict from the cleaned
             value to a target, or a callable of the data (declare ``targets``).
         targets: The targets a callable ``next`` may return.
         key: The data key the value is stored under (default: the step's name).
         max_attempts: Invalid answers in a row before ``on_too_many`` happens.
         on_too_many: ``"cancel"`` the flow or ``"restart"`` it.
+        invalid_message: The re-prompt when ``clean`` raises ``ValueError``.
     """
 
     prompt: Prompt
@@ -87,6 +89,7 @@ class Step:
     key: str | None = None
     max_attempts: int = 3
     on_too_many: Literal["cancel", "restart"] = "cancel"
+    invalid_message: str = "Sorry, that is not a valid answer."
     name: str = attrs.field(default="", init=False)
 
     def __set_name__(self, owner: type, name: str) -> None:
@@ -121,6 +124,8 @@ class Step:
                 value = await _maybe_await(self.clean(answer))
             except Invalid as exc:
                 return False, exc.message
+            except ValueError:
+                return False, self.invalid_message
         if isinstance(self.next, Mapping) and value not in self.next and "*" not in self.next:
             choices = ", ".join(str(k) for k in self.next if k != "*")
             return False, f"Please answer one of: {choices}."

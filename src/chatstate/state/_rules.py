@@ -342,20 +342,7 @@ def check_json(  # noqa: C901 - one branch per JSON type
 
 def apply_edits(doc: JSONObject, edits: Iterable[Edit]) -> JSONObject:
     """Apply compiled edits to a nested document, in place, and return it."""
-    for kind, path, value in edits:
-        parent: Any = doc
-        for key in path[:-1]:
-            parent = parent.get(key) if type(parent) is dict else None
-        if type(parent) is not dict:
-            # Only a delete can name a path whose parent is missing: nothing to do.
-            continue
-        last = path[-1]
-        if kind == SET:
-            parent[last] = value
-        elif kind == DELETE:
-            parent.pop(last, None)
-        elif type(parent.get(last)) is not dict:
-            parent[last] = {}
+    _apply(doc, edits, None)
     return doc
 
 
@@ -365,31 +352,38 @@ def apply_edits_sized(doc: JSONObject, edits: Iterable[Edit], size: int) -> int:
     ``size`` is the document's stored size before; only the touched fields are
     measured, so an update costs what it changes, not what the document holds.
     """
+    return _apply(doc, edits, size)
+
+
+def _apply(doc: JSONObject, edits: Iterable[Edit], size: int | None) -> int:  # noqa: C901
+    """Apply edits in place; keep ``size`` up to date unless it is ``None``."""
+    total = size or 0
     for kind, path, value in edits:
         parent: Any = doc
         for key in path[:-1]:
             parent = parent.get(key) if type(parent) is dict else None
         if type(parent) is not dict:
+            # Only a delete can name a path whose parent is missing: nothing to do.
             continue
         last = path[-1]
-        path_len = _path_len(path)
         old = parent.get(last, _MISSING)
-        if kind == MAKE_OBJECT:
-            if type(old) is dict:
-                continue
-            if old is not _MISSING:
-                size -= path_len + utf8_len(encode_value(old))
-            parent[last] = {}
-            size += path_len + 2
+        if kind == MAKE_OBJECT and type(old) is dict:
             continue
-        if old is not _MISSING:
-            size -= _node_size(old, path_len)
-        if kind == DELETE:
+        if size is not None:
+            path_len = _path_len(path)
+            if old is not _MISSING:
+                total -= _node_size(old, path_len)
+            if kind == MAKE_OBJECT:
+                total += path_len + 2
+            elif kind == SET:
+                total += path_len + utf8_len(encode_value(value))
+        if kind == SET:
+            parent[last] = value
+        elif kind == DELETE:
             parent.pop(last, None)
         else:
-            parent[last] = value
-            size += path_len + utf8_len(encode_value(value))
-    return size
+            parent[last] = {}
+    return total
 
 
 def _node_size(value: Any, path_len: int) -> int:
