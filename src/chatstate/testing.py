@@ -510,14 +510,14 @@ class BackendContract:
         """A document expires ttl after its last write; every write extends it."""
 
         async def main() -> None:
-            svc = self.open_service(twin, ttl=0.3)
+            svc = self.open_service(twin, ttl=0.6)
             try:
                 await svc.update("u", {"a": 1})
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(0.35)
                 await svc.update("u", {"b": 2})
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(0.35)  # 0.7 s after the first write, 0.35 s after the last
                 assert await svc.get("u") == {"a": 1, "b": 2}
-                await asyncio.sleep(0.25)
+                await asyncio.sleep(0.4)
                 assert await svc.snapshot("u") == Snapshot({}, 0)
             finally:
                 await svc.aclose()
