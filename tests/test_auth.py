@@ -471,3 +471,50 @@ def test_log_records_show_fingerprints(user: CachedUser, caplog: pytest.LogCaptu
     set_jwt_token(user, token)
     assert fingerprint(token) in caplog.text
     assert token not in caplog.text
+
+
+def _refresh_in_process(url: str, namespace: str, token: str) -> list[str]:
+    """One process of the cross-process single-flight test: 5 threads want a token."""
+    import redis as redis_lib
+
+    counter = redis_lib.Redis.from_url(url)
+    svc = StateService(RedisBackend.from_url(url, namespace=namespace), RULES)
+
+    def refresh(previous: str | None) -> str:
+        counter.incr(f"{namespace}:refresh-calls")
+        time.sleep(0.3)
+        return token
+
+    results: list[str] = []
+    threads = [
+        threading.Thread(
+            target=lambda: results.append(get_valid_token(CachedUser("u", svc), refresh))
+        )
+        for _ in range(5)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    svc.close()
+    counter.close()
+    return results
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+def test_single_flight_across_processes(redis_url: str, namespace: str) -> None:
+    """4 processes x 5 threads needing a refresh at once: the refresh runs once in all."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    import redis as redis_lib
+
+    token = make_token(3600, jti="cross-process")
+    with ProcessPoolExecutor(4, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_refresh_in_process, redis_url, namespace, token) for _ in range(4)]
+        results = [r for f in futures for r in f.result()]
+    assert results == [token] * 20
+    counter = redis_lib.Redis.from_url(redis_url)
+    assert int(counter.get(f"{namespace}:refresh-calls")) == 1
+    counter.close()
