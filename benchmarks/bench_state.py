@@ -117,9 +117,13 @@ def python_overhead_us(svc: StateService, seconds: float) -> tuple[float, float]
         assert core.keys(uid)
 
     fake = [reply[0], write.op_id.encode(), *reply[2:]]
+    # The best of three: the machine's noise only ever adds time.
     return (
-        1e6 / measure(write_side, seconds),
-        1e6 / measure(lambda: core.parse_apply(fake, write, keys[0]), seconds),
+        min(1e6 / measure(write_side, seconds / 3) for _ in range(3)),
+        min(
+            1e6 / measure(lambda: core.parse_apply(fake, write, keys[0]), seconds / 3)
+            for _ in range(3)
+        ),
     )
 
 
