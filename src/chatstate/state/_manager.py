@@ -36,7 +36,7 @@ from chatstate.state._backend import (
     Snapshot,
     Write,
 )
-from chatstate.state._rules import StateData
+from chatstate.state._rules import StateData, copy_json
 from chatstate.typing import JSONObject, Path
 
 __all__ = ["AsyncStateManager", "StateManager"]
@@ -237,7 +237,7 @@ class StateManager(_ManagerCore):
             uid = self.user_id(user_id)
             current = self.backend.load(uid) or Snapshot({}, 0)
             for attempt in range(attempts):
-                draft = _copy(current.data)
+                draft = copy_json(current.data)
                 result = fn(draft)
                 outcome = self.backend.apply(uid, self.replace_write(current, draft, result))
                 if outcome.status != "conflict":
@@ -303,7 +303,7 @@ class AsyncStateManager(_ManagerCore):
             uid = self.user_id(user_id)
             current = await self.backend.load(uid) or Snapshot({}, 0)
             for attempt in range(attempts):
-                draft = _copy(current.data)
+                draft = copy_json(current.data)
                 result = fn(draft)
                 if inspect.isawaitable(result):
                     result = await result
@@ -318,17 +318,3 @@ class AsyncStateManager(_ManagerCore):
     async def aclose(self) -> None:
         """Close the backend."""
         await self.backend.aclose()
-
-
-def _copy(data: JSONObject) -> JSONObject:
-    """A deep copy of a JSON document (faster than ``copy.deepcopy``)."""
-    return {
-        k: _copy(v) if type(v) is dict else (_copy_list(v) if type(v) is list else v)
-        for k, v in data.items()
-    }
-
-
-def _copy_list(items: list[Any]) -> list[Any]:
-    return [
-        _copy(v) if type(v) is dict else (_copy_list(v) if type(v) is list else v) for v in items
-    ]

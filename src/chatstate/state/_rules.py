@@ -182,7 +182,7 @@ class StateData:
                     self._compile_object(value, here, depth + 1, edits)
             else:
                 check_json(value, here, depth, self.max_depth)
-                edits.append((SET, here, _fresh(value) if type(value) is list else value))
+                edits.append((SET, here, copy_json(value) if type(value) is list else value))
 
     def check_document(self, doc: Mapping[str, Any]) -> JSONObject:
         """Validate a whole document (as a transaction returns it).
@@ -223,7 +223,7 @@ class StateData:
             edits.append((MAKE_OBJECT, path, None))
             edits.extend(_leaf_edits(value, path))
         else:
-            edits.append((SET, path, _fresh(value) if type(value) is list else value))
+            edits.append((SET, path, copy_json(value) if type(value) is list else value))
         return edits
 
     def check_replacement(self, old: JSONObject, new: JSONObject) -> None:
@@ -253,12 +253,15 @@ def _lookup(doc: JSONObject, path: Path) -> Any:
     return node
 
 
-def _fresh(value: Any) -> Any:
-    """A deep copy of a JSON value, so stored or returned data never aliases the caller's."""
+def copy_json(value: Any) -> Any:
+    """A deep copy of a JSON value, faster than ``copy.deepcopy``.
+
+    Used so that stored or returned data never aliases the caller's.
+    """
     if type(value) is list:
-        return [_fresh(v) for v in value]
+        return [copy_json(v) for v in value]
     if type(value) is dict:
-        return {k: _fresh(v) for k, v in value.items()}
+        return {k: copy_json(v) for k, v in value.items()}
     return value
 
 
@@ -279,7 +282,7 @@ def _leaf_edits(obj: JSONObject, path: Path) -> list[Edit]:
             edits.append((MAKE_OBJECT, here, None))
             edits.extend(_leaf_edits(value, here))
         else:
-            edits.append((SET, here, _fresh(value) if type(value) is list else value))
+            edits.append((SET, here, copy_json(value) if type(value) is list else value))
     return edits
 
 
@@ -409,12 +412,11 @@ def keep_preserved(doc: JSONObject, preserved: Iterable[Path]) -> JSONObject:
 def merge(doc: JSONObject, patch: Mapping[str, Any], rules: StateData | None = None) -> JSONObject:
     """Merge ``patch`` into a copy of ``doc`` under ``rules`` and return the copy.
 
-    This is the pure reference every backend agrees with. ``doc`` is not changed.
+    This is the pure reference every backend agrees with. ``doc`` is not changed,
+    and the result shares no list with ``patch`` (compiling copies list values).
     """
-    import copy  # noqa: PLC0415 - only the reference path needs it
-
     rules = rules or StateData()
-    return apply_edits(copy.deepcopy(doc), copy.deepcopy(rules.compile(patch)))
+    return apply_edits(copy_json(doc), rules.compile(patch))
 
 
 def diff(old: JSONObject, new: JSONObject) -> JSONObject:
