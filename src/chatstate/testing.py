@@ -34,7 +34,7 @@ import decimal
 import threading
 import unicodedata
 import uuid
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import pytest
@@ -52,12 +52,12 @@ from chatstate.state import (
     AsyncBackend,
     AsyncStateService,
     Backend,
-    Outcome,
     Snapshot,
     StateData,
     StateService,
 )
-from chatstate.typing import JSONObject, Path
+from chatstate.state._service import SyncServiceAsAsync
+from chatstate.typing import JSONObject
 
 __all__ = [
     "AsyncConversation",
@@ -97,61 +97,6 @@ EDGE_VALUES: list[Any] = [
     {"a": {"b": {}}},
     [1, "two", 3.0, None, True],
 ]
-
-
-class SyncServiceAsAsync:
-    """An async face over a :class:`StateService`, so one test body serves both twins."""
-
-    def __init__(self, service: StateService) -> None:
-        self.service = service
-        self.rules = service.rules
-
-    async def get(self, user_id: str) -> JSONObject:
-        """Await :meth:`StateService.get`."""
-        return self.service.get(user_id)
-
-    async def snapshot(self, user_id: str) -> Snapshot:
-        """Await :meth:`StateService.snapshot`."""
-        return self.service.snapshot(user_id)
-
-    async def update(
-        self, user_id: str, patch: Mapping[str, Any], *, op_id: str | None = None
-    ) -> JSONObject:
-        """Await :meth:`StateService.update`."""
-        return self.service.update(user_id, patch, op_id=op_id)
-
-    async def update_once(
-        self,
-        user_id: str,
-        patch: Mapping[str, Any],
-        *,
-        op_id: str | None,
-        if_version: int | None = None,
-    ) -> Outcome:
-        """Await :meth:`StateService.update_once`."""
-        return self.service.update_once(user_id, patch, op_id=op_id, if_version=if_version)
-
-    async def set_preserved(self, user_id: str, path: str | Path, value: Any) -> JSONObject:
-        """Await :meth:`StateService.set_preserved`."""
-        return self.service.set_preserved(user_id, path, value)
-
-    async def reset(self, user_id: str) -> JSONObject:
-        """Await :meth:`StateService.update_once`."""
-        return self.service.reset(user_id)
-
-    async def delete(self, user_id: str) -> None:
-        """Await :meth:`StateService.update`."""
-        self.service.delete(user_id)
-
-    async def transaction(
-        self, user_id: str, fn: Callable[[JSONObject], JSONObject | None], **kw: Any
-    ) -> JSONObject:
-        """Await :meth:`StateService.snapshot`."""
-        return self.service.transaction(user_id, fn, **kw)
-
-    async def aclose(self) -> None:
-        """Await :meth:`StateService.get`."""
-        self.service.close()
 
 
 ServiceTwin = SyncServiceAsAsync | AsyncStateService

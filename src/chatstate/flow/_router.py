@@ -25,7 +25,7 @@ from chatstate.flow._flow import DONE, Flow, Replies
 from chatstate.flow._screens import Button, Buttons, ListScreen, Row, Screen, Section, Text
 from chatstate.state._backend import Outcome, Snapshot
 from chatstate.state._rules import diff
-from chatstate.state._service import AsyncStateService, StateService
+from chatstate.state._service import AsyncStateService, StateService, SyncServiceAsAsync
 
 __all__ = ["AsyncRouter", "Menu", "MenuItem", "Message", "Router", "Turn"]
 
@@ -136,21 +136,6 @@ class _StateLike(Protocol):
     async def update_once(
         self, user_id: str, patch: dict[str, Any], *, op_id: str | None, if_version: int | None
     ) -> Outcome: ...
-
-
-class _SyncState:
-    """The sync service behind coroutines that never suspend."""
-
-    def __init__(self, service: StateService) -> None:
-        self.service = service
-
-    async def snapshot(self, user_id: str) -> Snapshot:
-        return self.service.snapshot(user_id)
-
-    async def update_once(
-        self, user_id: str, patch: dict[str, Any], *, op_id: str | None, if_version: int | None
-    ) -> Outcome:
-        return self.service.update_once(user_id, patch, op_id=op_id, if_version=if_version)
 
 
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:
@@ -343,7 +328,7 @@ class Router(_RouterCore):
     def __init__(self, service: StateService, **options: Any) -> None:
         super().__init__(**options)
         self.service = service
-        self._state = _SyncState(service)
+        self._state = SyncServiceAsAsync(service)
 
     def handle(self, message: Message) -> list[Screen]:
         """Handle one message and return the replies to send.
