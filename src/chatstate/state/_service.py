@@ -309,8 +309,13 @@ class AsyncStateService:
 class _CachedStateView(Mapping[str, Any]):
     """Read access to a cached document; the twins below add the writes."""
 
-    def __init__(self, snapshot: Snapshot) -> None:
+    def __init__(self, snapshot: Snapshot, token_field: str) -> None:
         self._snapshot = snapshot
+        self._token_field = token_field
+
+    def _store(self, outcome: Outcome) -> JSONObject:
+        self._snapshot = outcome.snapshot
+        return self._snapshot.data
 
     @property
     def data(self) -> JSONObject:
@@ -337,10 +342,6 @@ class _CachedStateView(Mapping[str, Any]):
         token = self._snapshot.data.get(self._token_field)
         return token if isinstance(token, str) else None
 
-    @property
-    def _token_field(self) -> str:
-        raise NotImplementedError
-
     def __repr__(self) -> str:
         return f"<{type(self).__name__} version={self.version} keys={sorted(self.data)}>"
 
@@ -349,16 +350,8 @@ class CachedState(_CachedStateView):
     """A user's document read once; every write goes through and refreshes it."""
 
     def __init__(self, user: CachedUser, snapshot: Snapshot) -> None:
-        super().__init__(snapshot)
+        super().__init__(snapshot, user.service.rules.token_field)
         self._user = user
-
-    @property
-    def _token_field(self) -> str:
-        return self._user.service.rules.token_field
-
-    def _store(self, outcome: Outcome) -> JSONObject:
-        self._snapshot = outcome.snapshot
-        return self._snapshot.data
 
     def update(self, patch: Mapping[str, Any], *, op_id: str | None = None) -> JSONObject:
         """Write ``patch`` through (see :meth:`StateService.update`)."""
@@ -420,16 +413,8 @@ class AsyncCachedState(_CachedStateView):
     """The asyncio twin of :class:`CachedState`."""
 
     def __init__(self, user: AsyncCachedUser, snapshot: Snapshot) -> None:
-        super().__init__(snapshot)
+        super().__init__(snapshot, user.service.rules.token_field)
         self._user = user
-
-    @property
-    def _token_field(self) -> str:
-        return self._user.service.rules.token_field
-
-    def _store(self, outcome: Outcome) -> JSONObject:
-        self._snapshot = outcome.snapshot
-        return self._snapshot.data
 
     async def update(self, patch: Mapping[str, Any], *, op_id: str | None = None) -> JSONObject:
         """Write ``patch`` through."""
