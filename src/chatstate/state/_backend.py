@@ -12,7 +12,7 @@ prove themselves with the contract suite in :mod:`chatstate.testing`.
 
 from __future__ import annotations
 
-from typing import Literal, Protocol, TypeAlias, runtime_checkable
+from typing import Final, Literal, Protocol, TypeAlias, runtime_checkable
 
 import attrs
 
@@ -34,6 +34,10 @@ __all__ = [
     "Write",
     "apply_operation",
 ]
+
+
+MAX_REMEMBERED_OPS: Final = 128
+"""Operation ids every backend remembers per user, at least, for deduplication."""
 
 
 @attrs.frozen

@@ -20,15 +20,12 @@ from __future__ import annotations
 
 from typing import Final
 
-from chatstate.state._backend import Delete, Edits, Replace, Reset, Write
+from chatstate.state._backend import MAX_REMEMBERED_OPS, Delete, Edits, Replace, Reset, Write
 from chatstate.state._codec import encode_path, encode_value, flatten
 from chatstate.state._rules import SET
 
-__all__ = ["APPLY_SCRIPT", "LOAD_SCRIPT", "MAX_REMEMBERED_OPS", "SEPARATOR", "write_args"]
+__all__ = ["APPLY_SCRIPT", "LOAD_SCRIPT", "write_args"]
 
-SEPARATOR: Final = "\n"
-
-MAX_REMEMBERED_OPS: Final = 128
 
 _COMMON = r"""
 local function corrupt(key, why)

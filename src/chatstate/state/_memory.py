@@ -13,15 +13,19 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import attrs
 
-from chatstate.state._backend import Edits, Outcome, Snapshot, Write, apply_operation
+from chatstate.state._backend import (
+    MAX_REMEMBERED_OPS,
+    Edits,
+    Outcome,
+    Snapshot,
+    Write,
+    apply_operation,
+)
 
 __all__ = ["AsyncMemoryBackend", "MemoryBackend"]
 
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 _decode = json.JSONDecoder().decode
-
-MAX_REMEMBERED_OPS = 128
-"""Operation ids remembered per user for deduplication (the same cap as Redis)."""
 
 
 @attrs.define
