@@ -37,11 +37,6 @@ def encode_value(value: Any) -> str:
     return _encode(value)
 
 
-def decode_value(text: str) -> Any:
-    """Decode one stored value. Raises ``ValueError`` when it is not JSON."""
-    return _decode(text)
-
-
 @lru_cache(maxsize=8192)
 def encode_key(key: str) -> str:
     """Encode one key of a path as a JSON string literal."""
