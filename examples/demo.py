@@ -78,10 +78,10 @@ def main() -> None:
         doc = service.get(USER)
         shown = {k: ("<token>" if k == "jwt_token" else v) for k, v in doc.items()}
         print(f"\nstored state: {shown}")
-        # A webhook redelivers the last message: the same message id changes nothing.
-        again = router.handle(Message(USER, text="transfer", message_id="wamid.x"))
-        dup = router.handle(Message(USER, text="25", message_id="wamid.x"))
-        print(f"redelivered message handled again: {bool(dup)} (first reply: {len(again)})")
+        # A webhook redelivers a message: the same message id is handled once.
+        first = router.handle(Message(USER, text="balance", message_id="wamid.x"))
+        again = router.handle(Message(USER, text="balance", message_id="wamid.x"))
+        print(f"redelivered message answered again: {bool(again)} (first reply: {len(first)})")
     service.close()
 
 

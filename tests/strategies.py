@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 
 from hypothesis import strategies as st
 
@@ -57,8 +58,14 @@ def _drop_nones(value: object) -> object:
 
 
 def canonical(value: object) -> str:
-    """JSON text that tells 1 from 1.0 from True and 0.0 from -0.0."""
-    return json.dumps(value, sort_keys=True, ensure_ascii=False)
+    """JSON text that tells 1 from 1.0 from True and 0.0 from -0.0 (a Document as its dict)."""
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, default=_as_dict)
+
+
+def _as_dict(value: object) -> object:
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(f"{type(value).__name__} is not JSON")
 
 
 def rfc7396(target: object, patch: object) -> object:

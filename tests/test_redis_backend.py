@@ -73,13 +73,19 @@ def test_distinct_ids_give_distinct_keys_in_one_slot(a: str, b: str) -> None:
 def test_hostile_ids_cannot_choose_the_hash_tag(hostile: str) -> None:
     """The hash tag is the percent-encoded id: braces in an id never open or close one."""
     backend = RedisBackend(redis.Redis(), namespace="bot")
-    doc, ops = backend.keys(hostile)
+    doc, ops, claim = backend.keys(hostile)
     tag = doc[doc.index("{") + 1 : doc.index("}")]
     assert "{" not in tag
     assert "}" not in tag
     assert doc == f"bot:{{{tag}}}"
     assert ops == doc + ":ops"
-    assert key_slot(doc.encode()) == key_slot(ops.encode()) == key_slot(tag.encode())
+    assert claim == doc + ":claim"
+    assert (
+        key_slot(doc.encode())
+        == key_slot(ops.encode())
+        == key_slot(claim.encode())
+        == key_slot(tag.encode())
+    )
 
 
 def test_namespaces_keep_tenants_apart(redis_url: str, namespace: str) -> None:
@@ -105,7 +111,7 @@ def test_ttl_is_set_on_both_keys_in_the_same_script(redis_url: str, namespace: s
     )
     svc.update("u", {"a": 1})
     client = svc.manager.backend.client  # type: ignore[attr-defined]
-    doc, ops = svc.manager.backend.keys("u")  # type: ignore[attr-defined]
+    doc, ops, _ = svc.manager.backend.keys("u")  # type: ignore[attr-defined]
     assert 59_000 < client.pttl(doc) <= 60_000
     assert 29_000 < client.pttl(ops) <= 30_000
     svc.close()
@@ -245,8 +251,8 @@ def test_foreign_and_corrupt_data_is_reported_and_kept(redis_url: str, namespace
     with pytest.raises(CorruptStateError):
         svc.get("bad-json")
     # The ops key of the wrong type is refused before anything is written.
-    doc, ops = backend.keys("bad-ops")  # type: ignore[attr-defined]
-    client.set(ops, "x")
+    doc, ops, _ = backend.keys("bad-ops")  # type: ignore[attr-defined]
+    client.hset(ops, "x", "y")
     with pytest.raises(CorruptStateError) as info:
         svc.update("bad-ops", {"a": 1})
     assert info.value.key == ops

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from chatstate import MemoryBackend, RedisBackend, StateData, StateError, StateService
 from chatstate.state import stored_size
-from strategies import EDGE_FLOATS, EDGE_INTS, canonical, documents, patches
+from strategies import EDGE_FLOATS, EDGE_INTS, canonical, documents, json_values, patches
 
 pytestmark = pytest.mark.redis
 
@@ -24,6 +24,21 @@ operations = st.lists(
         st.tuples(st.just("token"), st.one_of(st.text(max_size=8), st.none())),
         st.tuples(st.just("pid"), st.one_of(st.sampled_from(EDGE_INTS + EDGE_FLOATS), st.none())),
         st.tuples(st.just("replace"), documents()),
+        st.tuples(
+            st.just("increment"),
+            st.tuples(
+                st.lists(st.sampled_from(["n", "c", "a", "cart", "p"]), min_size=1, max_size=3),
+                st.sampled_from([1, -1, 0, 2**62, -(2**62), 2**63 - 1, -(2**63)]),
+            ),
+        ),
+        st.tuples(
+            st.just("assign"),
+            st.dictionaries(
+                st.lists(st.sampled_from(["a", "b", "n", "x"]), min_size=1, max_size=2).map(tuple),
+                st.one_of(json_values(max_leaves=4), st.none()),
+                max_size=3,
+            ),
+        ),
     ),
     min_size=1,
     max_size=8,
@@ -40,6 +55,12 @@ def _run(svc: StateService, user: str, op: str, arg: object) -> tuple[str, str]:
             out = svc.set_preserved(user, "jwt_token", arg)
         elif op == "pid":
             out = svc.set_preserved(user, "p.id", arg)
+        elif op == "increment":
+            path, by = arg  # type: ignore[misc]
+            value = svc.increment(user, tuple(path), by)
+            out = {"value": value}
+        elif op == "assign":
+            out = svc.assign(user, arg)  # type: ignore[arg-type]
         else:
             keep = {k: v for k, v in svc.get(user).items() if k in ("jwt_token", "p")}
             new = {**arg, **keep}  # type: ignore[dict-item]
@@ -49,7 +70,7 @@ def _run(svc: StateService, user: str, op: str, arg: object) -> tuple[str, str]:
     except StateError as exc:
         return "error", type(exc).__name__
     snap = svc.snapshot(user)
-    return canonical(out), f"{canonical(snap.data)} v{snap.version}"
+    return canonical(dict(out)), f"{canonical(snap.data)} v{snap.version}"
 
 
 @pytest.fixture

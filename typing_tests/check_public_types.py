@@ -6,8 +6,11 @@ from typing import Any, assert_type
 
 from chatstate import (
     AsyncCachedUser,
+    AsyncClaim,
     AsyncStateService,
     CachedUser,
+    Claim,
+    Document,
     MemoryBackend,
     Outcome,
     RedisBackend,
@@ -22,10 +25,14 @@ from chatstate.state import AsyncCachedState
 def sync_api(svc: StateService) -> None:
     assert_type(svc.get("u"), dict[str, Any])
     assert_type(svc.snapshot("u"), Snapshot)
-    assert_type(svc.update("u", {"a": 1}), dict[str, Any])
+    assert_type(svc.update("u", {"a": 1}), Document)
     assert_type(svc.update_once("u", {"a": 1}, op_id="m1"), Outcome)
     assert_type(svc.update_once("u", {}, op_id=None).applied, bool)
-    assert_type(svc.reset("u"), dict[str, Any])
+    assert_type(svc.reset("u"), Document)
+    assert_type(svc.increment("u", "n"), int)
+    assert_type(svc.assign("u", {"a": None}), Document)
+    assert_type(svc.claim("u", "m1"), Claim)
+    assert_type(svc.claim("u", "m1").duplicate, bool)
     assert_type(svc.delete("u"), None)
     assert_type(svc.transaction("u", lambda doc: {**doc, "n": 1}), dict[str, Any])
     assert_type(svc.user("u"), CachedUser)
@@ -38,7 +45,9 @@ def sync_api(svc: StateService) -> None:
 
 async def async_api(svc: AsyncStateService) -> None:
     assert_type(await svc.get("u"), dict[str, Any])
-    assert_type(await svc.update("u", {"a": 1}), dict[str, Any])
+    assert_type(await svc.update("u", {"a": 1}), Document)
+    assert_type(await svc.claim("u", "m1"), AsyncClaim)
+    assert_type(await svc.increment("u", ("a", "b"), 2), int)
     assert_type(await svc.snapshot("u"), Snapshot)
     user = svc.user("u")
     assert_type(user, AsyncCachedUser)

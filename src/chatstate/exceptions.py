@@ -3,32 +3,49 @@
 The tree::
 
     ChatstateError
-    └── StateError                      a state operation failed
-        ├── ValidationError (ValueError)   the input was refused; nothing was stored
-        │   ├── SerializationError         a value is not JSON (``path`` names it)
-        │   ├── StateTooLargeError         the document would exceed ``max_bytes``
-        │   ├── InvalidUserIdError         the user id is empty, too long or not a str
-        │   └── PreservedFieldError        a patch tried to touch a preserved field
-        ├── ConflictError                  a transaction kept losing its race
-        ├── CorruptStateError              stored data is not a chatstate document
-        └── BackendError                   the store failed
-            ├── BackendUnavailable (ConnectionError)
-            │   ├── BackendAuthenticationError   wrong password or ACL user
-            │   └── OutcomeUnknown         a write was sent; whether it applied is unknown
-            ├── StoreFullError             the store is out of memory
-            └── StoreBusyError             the store is busy (a long script, loading)
-        TokenError                         a JWT could not be stored or used
-        ├── InvalidTokenError (ValueError) not a usable JWT (malformed, unsigned, bad signature)
-        ├── ExpiredTokenError              its exp has passed
-        ├── ImmatureTokenError             its nbf or iat lies in the future
-        └── TokenRefreshError              the refresh callable failed
-    FlowError                              a conversation flow went wrong
-    ├── InvalidFlowDefinition (TypeError)  a Flow subclass is inconsistent (raised at import)
-    └── InvalidScreenError (ValueError)    a screen breaks WhatsApp's limits
+    ├── ConfigurationError (ValueError)    an option or declaration is invalid (at construction)
+    ├── UsageError (TypeError)             the API was used the wrong way (the wrong twin, ...)
+    ├── StateError                         a state operation failed
+    │   ├── ValidationError (ValueError)      the input was refused; nothing was stored
+    │   │   ├── SerializationError            a value is not JSON (``path`` names it)
+    │   │   ├── StateTooLargeError            the document would exceed ``max_bytes``
+    │   │   ├── InvalidUserIdError            the user id is empty, too long or not a str
+    │   │   ├── InvalidOpIdError              the op_id is empty, too long or not printable
+    │   │   ├── PreservedFieldError           a patch tried to touch a preserved field
+    │   │   ├── CounterError                  increment() met a non-integer or overflowed
+    │   │   └── OpIdReusedError               an op_id came back with a different request
+    │   ├── ConflictError                     a transaction kept losing its race
+    │   ├── CorruptStateError                 stored data is not a chatstate document
+    │   ├── UserBusyError                     another message of the user is being handled
+    │   ├── ClaimLostError                    a claim expired and another handler took over
+    │   ├── LockError                         a backend lock (single-flight refresh)
+    │   │   ├── LockTimeoutError (TimeoutError)  not acquired in time
+    │   │   └── LockLostError                 its lease ran out while held
+    │   ├── BackendError                      the store failed
+    │   │   ├── BackendUnavailable (ConnectionError)   unreachable; retrying may help
+    │   │   │   └── OutcomeUnknown            a write was sent; whether it applied is unknown
+    │   │   ├── BackendAuthenticationError (PermissionError)   refused credentials
+    │   │   │   └── BackendPermissionError    the ACL user lacks a command the library needs
+    │   │   ├── StoreFullError                the store is out of memory
+    │   │   └── StoreBusyError                the store is busy (a long script, loading)
+    │   └── TokenError                        a JWT could not be stored or used
+    │       ├── InvalidTokenError (ValueError)   not a usable JWT
+    │       ├── ExpiredTokenError             its exp has passed
+    │       ├── ImmatureTokenError            its nbf or iat lies in the future
+    │       └── TokenRefreshError             the refresh callable failed
+    └── FlowError                          a conversation flow went wrong
+        ├── InvalidFlowDefinition (TypeError)   a Flow subclass is inconsistent (at import)
+        └── InvalidScreenError (ValueError)     a screen breaks WhatsApp's limits
 
-Each message starts with what failed (``"Failed to update state"``, ``"Failed to
-read state"``, ...) followed by why. Messages and attributes never carry the value
-of a preserved field, a token or a password: they name paths and keys instead.
+Guarantees: a :class:`ValidationError` (and every error below :class:`StateError`
+except :class:`OutcomeUnknown`) means nothing was written. :class:`OutcomeUnknown`
+means a write was sent and may have applied; calling again with the same
+``op_id`` is safe. Each message starts with what failed (``"Failed to update
+state"``, ...) followed by why. Messages and attributes never carry the value of
+a field, a token or a password: they name paths and keys instead.
+
+Errors Python itself raises for programming mistakes inside *your* callables (a
+validator that raises ``KeyError``) pass through unchanged.
 """
 
 from __future__ import annotations
@@ -36,19 +53,29 @@ from __future__ import annotations
 __all__ = [
     "BackendAuthenticationError",
     "BackendError",
+    "BackendPermissionError",
     "BackendUnavailable",
     "ChatstateError",
+    "ClaimLostError",
+    "ConfigurationError",
     "ConflictError",
     "CorruptStateError",
+    "CounterError",
     "ExpiredTokenError",
     "FlowError",
     "ImmatureTokenError",
     "InvalidFlowDefinition",
+    "InvalidOpIdError",
     "InvalidScreenError",
     "InvalidTokenError",
     "InvalidUserIdError",
+    "LockError",
+    "LockLostError",
+    "LockTimeoutError",
+    "OpIdReusedError",
     "OutcomeUnknown",
     "PreservedFieldError",
+    "RedactedError",
     "SerializationError",
     "StateError",
     "StateTooLargeError",
@@ -56,12 +83,22 @@ __all__ = [
     "StoreFullError",
     "TokenError",
     "TokenRefreshError",
+    "UsageError",
+    "UserBusyError",
     "ValidationError",
 ]
 
 
 class ChatstateError(Exception):
     """Root of every error raised by chatstate."""
+
+
+class ConfigurationError(ChatstateError, ValueError):
+    """An option or a declaration is invalid; raised when the object is built."""
+
+
+class UsageError(ChatstateError, TypeError):
+    """The API was used the wrong way: the sync twin with an async backend, and the like."""
 
 
 class StateError(ChatstateError):
@@ -103,23 +140,31 @@ class SerializationError(ValidationError):
 
 
 class StateTooLargeError(ValidationError):
-    """The document would be larger than the configured limit.
+    """The document (or the patch) would be larger than the configured limit.
 
     Attributes:
-        size: The stored size the write would have produced, in bytes.
+        size: The stored size the write would have produced, in bytes (a lower
+            bound when the write was refused before it was sent).
         limit: The configured ``max_bytes``.
     """
 
-    def __init__(self, *, size: int, limit: int, action: str | None = None) -> None:
+    def __init__(
+        self, *, size: int, limit: int, action: str | None = None, detail: str | None = None
+    ) -> None:
         self.size = size
         self.limit = limit
         super().__init__(
-            f"the document would take {size} bytes, over the limit of {limit}", action=action
+            detail or f"the document would take {size} bytes, over the limit of {limit}",
+            action=action,
         )
 
 
 class InvalidUserIdError(ValidationError):
     """The user id is not a non-empty str within the length limit."""
+
+
+class InvalidOpIdError(ValidationError):
+    """The operation id is not a non-empty printable str within the length limit."""
 
 
 class PreservedFieldError(ValidationError):
@@ -133,6 +178,39 @@ class PreservedFieldError(ValidationError):
 
     def __init__(self, detail: str, *, path: str, action: str | None = None) -> None:
         self.path = path
+        super().__init__(detail, action=action)
+
+
+class CounterError(ValidationError):
+    """``increment()`` found something other than an integer, or would overflow.
+
+    Attributes:
+        path: The counter's path, such as ``$.stats.visits``.
+        reason: ``"not_integer"`` (the value is not an integer, or an ancestor
+            is not an object) or ``"overflow"`` (the result leaves the signed
+            64-bit range).
+    """
+
+    def __init__(self, detail: str, *, path: str, reason: str, action: str | None = None) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(detail, action=action)
+
+
+class OpIdReusedError(ValidationError):
+    """An ``op_id`` already used for a different request came back.
+
+    Like an HTTP idempotency key: the same id with the same request is a
+    harmless duplicate, the same id with another request is a mistake (two
+    messages given one id, an id reused across users' actions) and is refused
+    rather than silently dropped.
+
+    Attributes:
+        op_id: The operation id.
+    """
+
+    def __init__(self, detail: str, *, op_id: str, action: str | None = None) -> None:
+        self.op_id = op_id
         super().__init__(detail, action=action)
 
 
@@ -160,16 +238,46 @@ class CorruptStateError(StateError):
         super().__init__(detail, action=action)
 
 
+class UserBusyError(StateError):
+    """Another message of the same user was still being handled when the wait ran out.
+
+    Nothing was written. Let the platform deliver the message again later (a
+    webhook answers 503), or raise the claim's ``wait``.
+
+    Attributes:
+        retry_after: Seconds until the other handler's claim lapses at the latest.
+    """
+
+    def __init__(self, detail: str, *, retry_after: float, action: str | None = None) -> None:
+        self.retry_after = retry_after
+        super().__init__(detail, action=action)
+
+
+class ClaimLostError(StateError):
+    """A claim outlived its lease and another handler took the user over.
+
+    Nothing of this handler was written; the other handler handles the message.
+    """
+
+
+class LockError(StateError):
+    """A backend lock (the single-flight token refresh uses one) failed."""
+
+
+class LockTimeoutError(LockError, TimeoutError):
+    """The lock was not acquired within the wait."""
+
+
+class LockLostError(LockError):
+    """The lock's lease ran out while it was held: another holder may have run too."""
+
+
 class BackendError(StateError):
     """The storage backend failed."""
 
 
 class BackendUnavailable(BackendError, ConnectionError):  # noqa: N818 - the name reads as a state
-    """The backend could not be reached (refused, reset, timed out)."""
-
-
-class BackendAuthenticationError(BackendUnavailable):
-    """The backend refused the credentials; retrying will not help."""
+    """The backend could not be reached (refused, reset, timed out); retrying may help."""
 
 
 class OutcomeUnknown(BackendUnavailable):
@@ -185,6 +293,14 @@ class OutcomeUnknown(BackendUnavailable):
     def __init__(self, detail: str, *, op_id: str, action: str | None = None) -> None:
         self.op_id = op_id
         super().__init__(detail, action=action)
+
+
+class BackendAuthenticationError(BackendError, PermissionError):
+    """The backend refused the credentials; retrying will not help."""
+
+
+class BackendPermissionError(BackendAuthenticationError):
+    """The backend user lacks a command or key chatstate needs (a Redis ACL ``NOPERM``)."""
 
 
 class StoreFullError(BackendError):
@@ -216,7 +332,9 @@ class ImmatureTokenError(TokenError):
 class TokenRefreshError(TokenError):
     """The refresh callable failed or returned something that is not a usable token.
 
-    The stored token is left as it was.
+    The stored token is left as it was. The refresh callable's own exception is
+    not chained (its message might quote a token): ``__cause__`` is a
+    :class:`RedactedError` naming its type, with its traceback.
 
     Attributes:
         old_token_valid: True when the stored token has not expired yet and can
@@ -226,6 +344,20 @@ class TokenRefreshError(TokenError):
     def __init__(self, detail: str, *, old_token_valid: bool, action: str | None = None) -> None:
         self.old_token_valid = old_token_valid
         super().__init__(detail, action=action)
+
+
+class RedactedError(Exception):
+    """Stands in for an exception whose message may hold a secret: its type and traceback only.
+
+    Attributes:
+        original_type: The qualified name of the hidden exception's class.
+    """
+
+    def __init__(self, original: BaseException) -> None:
+        kind = type(original)
+        self.original_type = f"{kind.__module__}.{kind.__qualname__}"
+        super().__init__(f"{self.original_type} (message hidden: it may hold a secret)")
+        self.__traceback__ = original.__traceback__
 
 
 class FlowError(ChatstateError):

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import decimal
+import inspect
 import threading
 import unicodedata
 import uuid
@@ -40,21 +41,29 @@ from typing import Any, TypeVar
 import pytest
 
 from chatstate.exceptions import (
+    ClaimLostError,
     ConflictError,
+    CounterError,
+    InvalidOpIdError,
     InvalidUserIdError,
+    OpIdReusedError,
     PreservedFieldError,
     SerializationError,
-    StateError,
     StateTooLargeError,
+    UserBusyError,
 )
 from chatstate.flow import AsyncRouter, Message, Router, Screen, render_text
 from chatstate.state import (
+    INT64_MAX,
+    INT64_MIN,
+    REMEMBERED_OPS,
     AsyncBackend,
     AsyncStateService,
     Backend,
     Snapshot,
     StateData,
     StateService,
+    stored_size,
 )
 from chatstate.state._service import SyncServiceAsAsync
 from chatstate.typing import JSONObject
@@ -142,6 +151,14 @@ class BackendContract:
         Called inside the event loop that runs the test.
         """
         return None
+
+    async def advance(self, seconds: float) -> None:
+        """Let ``seconds`` pass for the backend (TTLs, claims). Sleeps unless overridden.
+
+        A backend with an injectable clock overrides this to move the clock
+        instead, so the expiry tests take no time.
+        """
+        await asyncio.sleep(seconds)
 
     @pytest.fixture(params=["sync", "async"])
     def twin(self, request: pytest.FixtureRequest) -> str:
@@ -358,20 +375,85 @@ class BackendContract:
 
     @_twin_test
     async def test_repeated_op_id_is_applied_once(self, svc: ServiceTwin) -> None:
-        """A write repeated with the same op_id is reported duplicate and changes nothing."""
+        """A write repeated with the same op_id is a duplicate; another request is refused."""
         first = await svc.update_once("u", {"n": 1}, op_id="wamid.1")
         assert first.status == "applied"
-        second = await svc.update_once("u", {"n": 2}, op_id="wamid.1")
+        second = await svc.update_once("u", {"n": 1}, op_id="wamid.1")
         assert second.status == "duplicate"
         assert second.snapshot == Snapshot({"n": 1}, 1)
         assert second.version == 1
         assert not second.applied
+        with pytest.raises(OpIdReusedError) as info:
+            await svc.update_once("u", {"n": 2}, op_id="wamid.1")
+        assert info.value.op_id == "wamid.1"
         other = await svc.update_once("other-user", {"n": 3}, op_id="wamid.1")
         assert other.status == "applied"
         for bad in ("", "line\nbreak", "x" * 201):
-            with pytest.raises(StateError):
+            with pytest.raises(InvalidOpIdError):
                 await svc.update_once("u", {"n": 4}, op_id=bad)
+        assert await svc.snapshot("u") == Snapshot({"n": 1}, 1)
+
+    @_twin_test
+    async def test_a_duplicate_reports_the_version_it_produced(self, svc: ServiceTwin) -> None:
+        """A duplicate's version is the one its first application made, not the current one."""
+        await svc.update_once("u", {"a": 1}, op_id="first")
+        await svc.update("u", {"b": 2})
+        await svc.update("u", {"c": 3})
+        again = await svc.update_once("u", {"a": 1}, op_id="first")
+        assert again.status == "duplicate"
+        assert again.version == 1
+        assert again.snapshot.version == 3
+        assert again.snapshot.data == {"a": 1, "b": 2, "c": 3}
+
+    @_twin_test
+    async def test_a_resent_write_of_the_same_call_counts_as_applied(
+        self, svc: ServiceTwin
+    ) -> None:
+        """The same Write sent twice (a lost reply) is applied once and both answers say so."""
+        write = svc.manager.update_write({"n": 1}, "wamid.lost")
+        backend = svc.manager.backend
+        first = await _maybe(backend.apply("u", write))
+        again = await _maybe(backend.apply("u", write))
+        assert (first.status, again.status) == ("applied", "applied")
+        assert again.version == first.version == 1
         assert (await svc.snapshot("u")).version == 1
+        # Another call with the same op_id (another nonce) is a duplicate.
+        other = await svc.update_once("u", {"n": 1}, op_id="wamid.lost")
+        assert other.status == "duplicate"
+
+    @_twin_test
+    async def test_op_ids_outlive_a_delete(self, svc: ServiceTwin) -> None:
+        """After delete, a redelivered op_id is still recognised and recreates nothing."""
+        await svc.update_once("u", {"a": 1}, op_id="m1")
+        await svc.delete("u", op_id="m2")
+        again = await svc.update_once("u", {"a": 1}, op_id="m1")
+        assert again.status == "duplicate"
+        assert await svc.snapshot("u") == Snapshot({}, 0)
+        fresh = await svc.update_once("u", {"a": 1}, op_id="m3")
+        assert fresh.applied
+        assert fresh.version == 1
+
+    @_twin_test
+    async def test_the_newest_op_ids_are_remembered_and_the_log_is_capped(
+        self, svc: ServiceTwin
+    ) -> None:
+        """The newest REMEMBERED_OPS ids stay duplicates; old ones are forgotten at last."""
+        total = 3 * REMEMBERED_OPS
+        for i in range(total):
+            await svc.update_once("u", {"i": i}, op_id=f"id-{i}")
+        for i in range(total - REMEMBERED_OPS, total):
+            assert (await svc.update_once("u", {"i": i}, op_id=f"id-{i}")).status == "duplicate"
+        assert (await svc.snapshot("u")).version == total
+        forgotten = await svc.update_once("u", {"i": 0}, op_id="id-0")
+        assert forgotten.applied, "the log must be trimmed (it may not keep every id forever)"
+
+    @_twin_test
+    async def test_an_empty_patch_only_records_its_op_id(self, svc: ServiceTwin) -> None:
+        """update({}) creates nothing and bumps no version, but its op_id is remembered."""
+        out = await svc.update_once("u", {}, op_id="noop")
+        assert out.applied
+        assert await svc.snapshot("u") == Snapshot({}, 0)
+        assert (await svc.update_once("u", {}, op_id="noop")).status == "duplicate"
 
     @_twin_test
     async def test_conditional_update_applies_only_at_the_expected_version(
@@ -386,6 +468,160 @@ class BackendContract:
         second = await svc.update_once("u", {"step": 2}, op_id=None, if_version=1)
         assert second.status == "applied"
         assert await svc.snapshot("u") == Snapshot({"step": 2}, 2)
+
+    # -- counters and exact assignment ----------------------------------------
+
+    @_twin_test
+    async def test_increment_counts_exactly_over_the_int64_range(self, svc: ServiceTwin) -> None:
+        """increment() starts at 0, creates parents, and is exact to the int64 limits."""
+        assert await svc.increment("u", "stats.visits") == 1
+        assert await svc.increment("u", ("stats", "visits"), 41) == 42
+        assert await svc.get("u") == {"stats": {"visits": 42}}
+        assert await svc.increment("u", "big", INT64_MAX) == INT64_MAX
+        assert await svc.increment("u", "small", INT64_MIN) == INT64_MIN
+        assert await svc.increment("u", "big", -1) == INT64_MAX - 1
+        got = await svc.get("u")
+        assert got["big"] == INT64_MAX - 1
+        assert type(got["big"]) is int
+        assert (await svc.snapshot("u")).version == 5
+
+    @_twin_test
+    async def test_increment_refuses_non_integers_and_overflow(self, svc: ServiceTwin) -> None:
+        """A non-integer, a non-object parent or an overflow is a CounterError; nothing changes."""
+        await svc.update("u", {"f": 1.5, "s": "3", "b": True, "o": {}, "l": [1], "leaf": 7})
+        await svc.increment("u", "max", INT64_MAX)
+        before = await svc.snapshot("u")
+        for path in ("f", "s", "b", "o", "l", "leaf.x", "s.x"):
+            with pytest.raises(CounterError) as info:
+                await svc.increment("u", path)
+            assert info.value.reason == "not_integer"
+        with pytest.raises(CounterError) as info:
+            await svc.increment("u", "max")
+        assert info.value.reason == "overflow"
+        with pytest.raises(CounterError):
+            await svc.increment("u", "new", INT64_MIN - 1)
+        with pytest.raises(PreservedFieldError):
+            await svc.increment("u", "jwt_token")
+        with pytest.raises(PreservedFieldError):
+            await svc.increment("u", "profile")
+        assert await svc.snapshot("u") == before
+
+    @_twin_test
+    async def test_increment_with_an_op_id_counts_once(self, svc: ServiceTwin) -> None:
+        """A redelivered increment changes nothing and returns the current value."""
+        assert await svc.increment("u", "n", 5, op_id="m1") == 5
+        assert await svc.increment("u", "n", 5, op_id="m1") == 5
+        assert await svc.increment("u", "n", 1) == 6
+        assert await svc.increment("u", "n", 5, op_id="m1") == 6
+        assert (await svc.snapshot("u")).version == 2
+
+    @_twin_test
+    async def test_increment_keeps_the_size_limit(self, svc: ServiceTwin) -> None:
+        """A counter that grows past max_bytes is refused like any write."""
+        filler = self.rules.max_bytes - len('"pad"') - 2 - len('"n"') - 1
+        await svc.update("u", {"pad": "x" * filler, "n": 1})
+        assert stored_size(await svc.get("u")) == self.rules.max_bytes
+        before = await svc.snapshot("u")
+        with pytest.raises(StateTooLargeError):
+            await svc.increment("u", "n", 10)
+        assert await svc.snapshot("u") == before
+        assert await svc.increment("u", "n", 1) == 2
+
+    @_twin_test
+    async def test_assign_sets_exact_values(self, svc: ServiceTwin) -> None:
+        """assign() replaces objects whole, stores None, creates parents, keeps the rest."""
+        await svc.update("u", {"form": {"a": 1, "b": 2}, "keep": 1})
+        got = await svc.assign("u", {"form": {"c": 3}, ("meta", "seen"): None, "a.b": [1]})
+        expected = {"form": {"c": 3}, "keep": 1, "meta": {"seen": None}, "a.b": [1]}
+        assert got == expected
+        assert await svc.get("u") == expected
+        await svc.set_preserved("u", "profile.id", 1)
+        bad: dict[Any, Any]
+        for bad in ({"jwt_token": "x"}, {"profile": {}}, {("profile", "id"): 2}):
+            with pytest.raises(PreservedFieldError):
+                await svc.assign("u", bad)
+        assert (await svc.get("u"))["profile"] == {"id": 1}
+
+    # -- size bookkeeping -------------------------------------------------------
+
+    @_twin_test
+    async def test_the_size_limit_is_exact_after_many_writes(self, svc: ServiceTwin) -> None:
+        """After updates, deletes and replacements the backend's size is the true size."""
+        await svc.update("u", {"a": {"b": "x" * 50, "c": [1, 2]}, "d": "y" * 30})
+        await svc.update("u", {"a": {"b": None, "e": {"f": "z" * 20}}, "d": None, "g": 1})
+        await svc.update("u", {"cart": {"p": "q" * 40}})
+        await svc.update("u", {"cart": {"r": 1}})
+        await svc.update("u", {"a": None, "h": "w" * 10})
+        size = stored_size(await svc.get("u"))
+        room = self.rules.max_bytes - size - len('"pad"') - 2
+        await svc.update("u", {"pad": "p" * room})
+        assert stored_size(await svc.get("u")) == self.rules.max_bytes
+        with pytest.raises(StateTooLargeError):
+            await svc.update("u", {"pad": "p" * (room + 1)})
+
+    # -- claims -------------------------------------------------------------------
+
+    @_twin_test
+    async def test_a_claim_commits_its_changes_once(self, svc: ServiceTwin) -> None:
+        """A claim reads, stages changes, commits them with its op_id; a repeat is a duplicate."""
+        await svc.update("u", {"n": 1})
+        claim = await svc.claim("u", "msg-1", wait=0)
+        assert not claim.duplicate
+        assert claim.data == {"n": 1}
+        claim.update({"n": 2})
+        claim.set_preserved("jwt_token", "tok")
+        out = await claim.commit()
+        assert out.applied
+        assert await svc.snapshot("u") == Snapshot({"n": 2, "jwt_token": "tok"}, 2)
+        again = await svc.claim("u", "msg-1", wait=0)
+        assert again.duplicate
+        # A message that changes nothing is remembered all the same.
+        quiet = await svc.claim("u", "msg-2", wait=0)
+        await quiet.commit()
+        assert (await svc.claim("u", "msg-2", wait=0)).duplicate
+        assert (await svc.snapshot("u")).version == 2
+
+    @_twin_test
+    async def test_a_held_claim_makes_other_messages_wait(self, svc: ServiceTwin) -> None:
+        """While a claim is held, the same message is a duplicate and another one is busy."""
+        first = await svc.claim("u", "a", wait=0)
+        assert (await svc.claim("u", "a", wait=0)).duplicate
+        with pytest.raises(UserBusyError) as info:
+            await svc.claim("u", "b", wait=0.05)
+        assert 0 < info.value.retry_after <= 30
+        await first.release()
+        second = await svc.claim("u", "b", wait=0)
+        assert not second.duplicate
+        await second.commit()
+        # A released message was not remembered: it can be handled again.
+        third = await svc.claim("u", "a", wait=0)
+        assert not third.duplicate
+        await third.release()
+
+    @_twin_test
+    async def test_a_lapsed_claim_loses_to_the_next(self, svc: ServiceTwin) -> None:
+        """A claim past its lease can be taken over; the old holder's commit writes nothing."""
+        stale = await svc.claim("u", "slow", lease=0.05, wait=0)
+        stale.update({"by": "stale"})
+        await self.advance(0.1)
+        # The same message, redelivered after the lease ran out, is handled again...
+        fresh = await svc.claim("u", "slow", wait=0)
+        assert not fresh.duplicate
+        fresh.update({"by": "fresh"})
+        await fresh.commit()
+        # ...and the stale handler's commit finds it handled: nothing is written.
+        late = await stale.commit()
+        assert late.status == "duplicate"
+        assert await svc.get("u") == {"by": "fresh"}
+        # A stale claim whose user another message took over cannot commit at all.
+        slow = await svc.claim("u", "m1", lease=0.05, wait=0)
+        slow.update({"by": "slow"})
+        await self.advance(0.1)
+        other = await svc.claim("u", "m2", wait=0)
+        with pytest.raises(ClaimLostError):
+            await slow.commit()
+        await other.commit()
+        assert await svc.get("u") == {"by": "fresh"}
 
     # -- transactions -----------------------------------------------------------
 
@@ -458,11 +694,30 @@ class BackendContract:
             svc = self.open_service(twin, ttl=0.6)
             try:
                 await svc.update("u", {"a": 1})
-                await asyncio.sleep(0.35)
+                await self.advance(0.35)
                 await svc.update("u", {"b": 2})
-                await asyncio.sleep(0.35)  # 0.7 s after the first write, 0.35 s after the last
+                await self.advance(0.35)  # 0.7 s after the first write, 0.35 s after the last
                 assert await svc.get("u") == {"a": 1, "b": 2}
-                await asyncio.sleep(0.4)
+                await self.advance(0.4)
+                assert await svc.snapshot("u") == Snapshot({}, 0)
+            finally:
+                await svc.aclose()
+
+        asyncio.run(main())
+
+    def test_op_ids_outlive_an_expired_document(self, twin: str) -> None:
+        """With ttl shorter than dedupe_window, ids of an expired document stay remembered."""
+
+        async def main() -> None:
+            svc = self.open_service(twin, ttl=0.3)
+            try:
+                for i in range(32):
+                    await svc.update_once("u", {"i": i}, op_id=f"m{i}")
+                await self.advance(0.5)
+                assert await svc.snapshot("u") == Snapshot({}, 0)
+                for i in range(32):
+                    again = await svc.update_once("u", {"i": i}, op_id=f"m{i}")
+                    assert again.status == "duplicate", i
                 assert await svc.snapshot("u") == Snapshot({}, 0)
             finally:
                 await svc.aclose()
@@ -504,6 +759,10 @@ class BackendContract:
                 await svc.aclose()
 
         asyncio.run(main())
+
+
+async def _maybe(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
 
 
 def _sync_update(svc: ServiceTwin, user_id: str, patch: JSONObject) -> None:

@@ -12,6 +12,7 @@ import attrs
 import jwt
 
 from chatstate.exceptions import (
+    ConfigurationError,
     ExpiredTokenError,
     ImmatureTokenError,
     InvalidTokenError,
@@ -123,7 +124,7 @@ class TokenVerifier:
         issuer: If set, the ``iss`` claim must match.
 
     Raises:
-        ValueError: the algorithm list is empty, names ``none``, an unknown
+        ConfigurationError: the algorithm list is empty, names ``none``, an unknown
             algorithm, or mixes HMAC with asymmetric ones.
     """
 
@@ -137,12 +138,14 @@ class TokenVerifier:
     def _check_algorithms(self, _attr: object, value: Sequence[str]) -> None:
         algs = set(value)
         if not algs:
-            raise ValueError("give at least one algorithm")
+            raise ConfigurationError("give at least one algorithm")
         unknown = algs - _HMAC - _ASYMMETRIC
         if unknown:
-            raise ValueError(f"unsupported or unsafe algorithms: {sorted(unknown)}")
+            raise ConfigurationError(f"unsupported or unsafe algorithms: {sorted(unknown)}")
         if algs & _HMAC and algs & _ASYMMETRIC:
-            raise ValueError("never mix HMAC (HS*) and asymmetric algorithms in one verifier")
+            raise ConfigurationError(
+                "never mix HMAC (HS*) and asymmetric algorithms in one verifier"
+            )
 
     def verify(self, token: object) -> TokenInfo:
         """Check the signature and the time claims; return what the token says.

@@ -5,18 +5,23 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import timedelta
-from typing import Final
+from typing import Any, Final
 
+from chatstate._locks import AsyncKeyedLocks, KeyedLocks
 from chatstate.auth._jwt import TokenInfo, TokenVerifier, fingerprint, read_token
 from chatstate.exceptions import (
+    ConfigurationError,
     ExpiredTokenError,
     ImmatureTokenError,
     InvalidTokenError,
+    LockLostError,
+    LockTimeoutError,
+    RedactedError,
     TokenError,
     TokenRefreshError,
+    UsageError,
 )
 from chatstate.state._manager import failing
 from chatstate.state._service import AsyncCachedUser, CachedUser
@@ -44,14 +49,11 @@ LOCK_NAME: Final = "jwt-refresh"
 Refresh = Callable[[str | None], str]
 AsyncRefresh = Callable[[str | None], str | Awaitable[str]]
 
-_local_locks: dict[tuple[int, str], threading.Lock] = {}
-_local_locks_guard = threading.Lock()
-
 
 def _field(user: CachedUser | AsyncCachedUser) -> str:
     rules = user.service.rules
     if (rules.token_field,) not in rules.preserved:
-        raise ValueError(
+        raise ConfigurationError(
             f"the token field {rules.token_field!r} must be preserved: "
             f"StateData(preserved=[{rules.token_field!r}, ...])"
         )
@@ -143,22 +145,65 @@ def _checked_new(new: object, old: str | None, verifier: TokenVerifier | None) -
         ) from None
 
 
+_local_locks = KeyedLocks()
+_async_local_locks = AsyncKeyedLocks()
+_warned: set[str] = set()
+
+
+def _backend_lock(backend: object) -> Any:
+    lock = getattr(backend, "lock", None)
+    if lock is None:
+        name = type(backend).__name__
+        if name not in _warned:
+            _warned.add(name)
+            log.warning(
+                "%s has no lock(): token refreshes are single-flight within this "
+                "process only (see 'Writing a backend' in the docs)",
+                name,
+            )
+    return lock
+
+
 @contextlib.contextmanager
 def _sync_lock(user: CachedUser, lease: float, wait: float) -> Iterator[None]:
     backend = user.service.manager.backend
-    lock = getattr(backend, "lock", None)
+    lock = _backend_lock(backend)
     if lock is not None:
         with lock(user.user_id, LOCK_NAME, lease=lease, wait=wait):
             yield
         return
-    with _local_locks_guard:
-        held = _local_locks.setdefault((id(backend), user.user_id), threading.Lock())
-    if not held.acquire(timeout=wait):
-        raise TimeoutError("another refresh held the lock too long")
-    try:
+    with _local_locks.hold((id(backend), user.user_id), wait, LOCK_NAME):
         yield
-    finally:
-        held.release()
+
+
+@contextlib.asynccontextmanager
+async def _async_lock(user: AsyncCachedUser, lease: float, wait: float) -> AsyncIterator[None]:
+    backend = user.service.manager.backend
+    lock = _backend_lock(backend)
+    if lock is not None:
+        async with lock(user.user_id, LOCK_NAME, lease=lease, wait=wait):
+            yield
+        return
+    async with _async_local_locks.hold((id(backend), user.user_id), wait, LOCK_NAME):
+        yield
+
+
+def _refresh_failed_by(
+    exc: Exception, old: str | None, verifier: TokenVerifier | None
+) -> TokenRefreshError:
+    """The error for a refresh callable that raised; its message is not kept (a secret?)."""
+    error = _refresh_failed(f"the refresh callable raised {type(exc).__name__}", old, verifier)
+    error.__cause__ = RedactedError(exc)
+    error.__suppress_context__ = True
+    return error
+
+
+def _lost_lock(user_id: str) -> None:
+    log.warning(
+        "the token refresh lock of user %r expired before the refresh ended: raise "
+        "lock_timeout, another process may have refreshed at the same time",
+        user_id,
+    )
 
 
 def get_valid_token(
@@ -173,9 +218,10 @@ def get_valid_token(
     """Return a token that is good for at least ``margin``, refreshing it if needed.
 
     ``refresh`` gets the old token (or ``None``) and returns a new one. Only one
-    refresh runs at a time per user: across threads with the memory backend,
-    across threads and processes with Redis (a short lock in the user's own
-    hash slot). The others wait, then reuse the token it stored.
+    refresh runs at a time per user: across threads and processes with a
+    backend that has ``lock()`` (Redis: a short lock in the user's own hash
+    slot), across threads otherwise. The others wait, then reuse the token it
+    stored.
 
     Args:
         user: The user whose token it is.
@@ -183,50 +229,48 @@ def get_valid_token(
         margin: Refresh when the token lapses within this long.
         verifier: If given, tokens are verified (signature and claims), not just read.
         lock_timeout: The refresh lock expires after this many seconds if its
-            holder dies.
+            holder dies. A refresh that takes longer is logged as a warning.
         wait: How long to wait for another refresh before giving up.
 
     Raises:
         TokenRefreshError: the refresh failed or returned an unusable token; the
             stored token is kept (``old_token_valid`` says whether it still works).
+            The refresh callable's own exception is not chained (its message
+            could quote a token): ``__cause__`` is a ``RedactedError``.
     """
     field = _field(user)
     token = user.state.jwt_token
     if _usable(token, verifier, margin):
         assert token is not None
         return token
-    with failing(REFRESH_TOKEN), contextlib.ExitStack() as stack:
+    result: str | None = None
+    with failing(REFRESH_TOKEN):
         try:
-            stack.enter_context(_sync_lock(user, lock_timeout, wait))
-        except TimeoutError:
+            with _sync_lock(user, lock_timeout, wait):
+                # Another thread or process may have refreshed while we waited.
+                token = user.state.refresh().get(field)
+                if _usable(token, verifier, margin):
+                    assert isinstance(token, str)
+                    result = token
+                else:
+                    try:
+                        new = refresh(token)
+                    except Exception as exc:  # noqa: BLE001 - any failure of the refresh is reported
+                        raise _refresh_failed_by(exc, token, verifier) from None
+                    info = _checked_new(new, token, verifier)
+                    user.state.set_preserved(field, new)
+                    log.info("refreshed JWT for user %r: now %s", user.user_id, info.fingerprint)
+                    result = new
+        except LockTimeoutError:
             raise _refresh_failed(
                 "timed out waiting for another refresh", token, verifier
             ) from None
-        # Another thread or process may have refreshed while we waited.
-        token = user.state.refresh().get(field)
-        if _usable(token, verifier, margin):
-            assert isinstance(token, str)
-            return token
-        try:
-            new = refresh(token)
-        except Exception as exc:
-            raise _refresh_failed(
-                f"the refresh callable raised {type(exc).__name__}", token, verifier
-            ) from exc
-        info = _checked_new(new, token, verifier)
-        user.state.set_preserved(field, new)
-        log.info("refreshed JWT for user %r: now %s", user.user_id, info.fingerprint)
-        return new
-
-
-@contextlib.asynccontextmanager
-async def _async_lock(user: AsyncCachedUser, lease: float, wait: float) -> AsyncIterator[None]:
-    backend = user.service.manager.backend
-    lock = getattr(backend, "lock", None)
-    if lock is None:
-        raise TypeError(f"{type(backend).__name__} has no lock(): cannot refresh single-flight")
-    async with lock(user.user_id, LOCK_NAME, lease=lease, wait=wait):
-        yield
+        except LockLostError:
+            if result is None:
+                raise
+            _lost_lock(user.user_id)
+    assert result is not None
+    return result
 
 
 async def aget_valid_token(
@@ -245,29 +289,34 @@ async def aget_valid_token(
     if _usable(token, verifier, margin):
         assert token is not None
         return token
+    result: str | None = None
     with failing(REFRESH_TOKEN):
-        async with contextlib.AsyncExitStack() as stack:
-            try:
-                await stack.enter_async_context(_async_lock(user, lock_timeout, wait))
-            except TimeoutError:
-                raise _refresh_failed(
-                    "timed out waiting for another refresh", token, verifier
-                ) from None
-            token = (await state.refresh()).get(field)
-            if _usable(token, verifier, margin):
-                assert isinstance(token, str)
-                return token
-            try:
-                result = refresh(token)
-                new = await result if inspect.isawaitable(result) else result
-            except Exception as exc:
-                raise _refresh_failed(
-                    f"the refresh callable raised {type(exc).__name__}", token, verifier
-                ) from exc
-            info = _checked_new(new, token, verifier)
-            await state.set_preserved(field, new)
-            log.info("refreshed JWT for user %r: now %s", user.user_id, info.fingerprint)
-            return new
+        try:
+            async with _async_lock(user, lock_timeout, wait):
+                token = (await state.refresh()).get(field)
+                if _usable(token, verifier, margin):
+                    assert isinstance(token, str)
+                    result = token
+                else:
+                    try:
+                        made = refresh(token)
+                        new = await made if inspect.isawaitable(made) else made
+                    except Exception as exc:  # noqa: BLE001 - any failure of the refresh is reported
+                        raise _refresh_failed_by(exc, token, verifier) from None
+                    info = _checked_new(new, token, verifier)
+                    await state.set_preserved(field, new)
+                    log.info("refreshed JWT for user %r: now %s", user.user_id, info.fingerprint)
+                    result = new
+        except LockTimeoutError:
+            raise _refresh_failed(
+                "timed out waiting for another refresh", token, verifier
+            ) from None
+        except LockLostError:
+            if result is None:
+                raise
+            _lost_lock(user.user_id)
+    assert result is not None
+    return result
 
 
 class ApiClient:
@@ -332,7 +381,7 @@ class AsyncApiClient:
     def __repr__(self) -> str:
         try:
             token = get_jwt_token(self.parent)
-        except RuntimeError:
+        except UsageError:
             token = None
         shown = fingerprint(token) if token else None
         return f"<{type(self).__name__} user_id={self.parent.user_id!r} token={shown}>"

@@ -16,14 +16,15 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from datetime import timedelta
 from typing import Any, Final, Protocol, TypeVar
 
 import attrs
 
-from chatstate.exceptions import ConflictError, FlowError
+from chatstate.exceptions import FlowError
 from chatstate.flow._flow import DONE, Flow, Replies
 from chatstate.flow._screens import Button, Buttons, ListScreen, Row, Screen, Section, Text
-from chatstate.state._backend import Outcome, Snapshot
+from chatstate.state._backend import Outcome
 from chatstate.state._rules import diff
 from chatstate.state._service import AsyncStateService, StateService, SyncServiceAsAsync
 
@@ -31,7 +32,7 @@ __all__ = ["AsyncRouter", "Menu", "MenuItem", "Message", "Router", "Turn"]
 
 T = TypeVar("T")
 FLOW_KEY: Final = "flow"
-MAX_REPLANS: Final = 8
+ROUTER_PURPOSE: Final = "router"
 DEFAULT_GREETINGS: Final = frozenset({"hi", "hello", "hey", "hola", "start", "/start", "menu"})
 
 
@@ -58,6 +59,11 @@ class Message:
     def answer(self) -> str:
         """The tapped reply id, else the typed text, stripped."""
         return (self.reply_id or self.text or "").strip()
+
+    @property
+    def fingerprint(self) -> str:
+        """What identifies the message's content: a redelivery has the same one."""
+        return f"{self.user_id}\x1f{self.text}\x1f{self.reply_id}"
 
 
 @attrs.frozen
@@ -130,12 +136,31 @@ class _Plan:
     after: Callable[[dict[str, Any]], Awaitable[list[Screen]]] | None = None
 
 
-class _StateLike(Protocol):
-    async def snapshot(self, user_id: str) -> Snapshot: ...
+class _ClaimLike(Protocol):
+    @property
+    def duplicate(self) -> bool: ...
 
-    async def update_once(
-        self, user_id: str, patch: dict[str, Any], *, op_id: str | None, if_version: int | None
-    ) -> Outcome: ...
+    @property
+    def data(self) -> dict[str, Any]: ...
+
+    def update(self, patch: dict[str, Any]) -> None: ...
+
+    async def commit(self) -> Outcome: ...
+
+    async def release(self) -> None: ...
+
+
+class _StateLike(Protocol):
+    async def claim(
+        self,
+        user_id: str,
+        op_id: str | None = None,
+        *,
+        fingerprint: str | None = None,
+        purpose: str = ...,
+        lease: float | timedelta = ...,
+        wait: float | timedelta = ...,
+    ) -> _ClaimLike: ...
 
 
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:
@@ -174,6 +199,8 @@ class _RouterCore:
         expired_text: str = "That conversation timed out; let's start again.",
         login_first_text: str = "Please log in first.",
         clock: Callable[[], float] = time.time,
+        lease: float | timedelta = timedelta(seconds=30),
+        wait: float | timedelta = timedelta(seconds=10),
     ) -> None:
         self.main_menu = main_menu
         self.auth_menu = auth_menu or main_menu
@@ -182,6 +209,8 @@ class _RouterCore:
         self.expired_text = expired_text
         self.login_first_text = login_first_text
         self.clock = clock
+        self.lease = lease
+        self.wait = wait
         self.flows: dict[str, type[Flow]] = {}
         self.items: dict[str, MenuItem] = {}
         for menu in (self.main_menu, self.auth_menu):
@@ -198,24 +227,38 @@ class _RouterCore:
         return (self.main_menu if authenticated else self.auth_menu).screen()
 
     async def handle_with(self, state: _StateLike, message: Message) -> list[Screen]:
-        """Handle one message: plan against the stored state, write, run hooks."""
-        for _ in range(MAX_REPLANS):
-            snapshot = await state.snapshot(message.user_id)
-            plan = await self._plan(snapshot.data, message)
-            if plan.patch is None:
-                return plan.replies
-            outcome = await state.update_once(
-                message.user_id, plan.patch, op_id=message.message_id, if_version=snapshot.version
-            )
-            if outcome.status == "duplicate":
-                return []
-            if outcome.status == "conflict":
-                continue  # another message moved the state: plan again on what it left
-            after = await plan.after(outcome.snapshot.data) if plan.after else []
-            return plan.replies + after
-        raise ConflictError(
-            "the user's state kept changing while handling a message", attempts=MAX_REPLANS
+        """Handle one message exactly once: claim the user, plan, commit, reply.
+
+        The claim (one atomic read) recognises a message id seen before, from
+        any process, whatever its handling wrote, and makes the user's other
+        messages wait: a redelivery, early or late, returns nothing and runs
+        nothing. Validators, hooks and handlers run while the claim is held;
+        what the step changes is written in one atomic write that also records
+        the message id and releases the claim. If anything raises, the claim is
+        released with nothing written, so the redelivered message runs again.
+        """
+        claim = await state.claim(
+            message.user_id,
+            message.message_id,
+            fingerprint=message.fingerprint,
+            purpose=ROUTER_PURPOSE,
+            lease=self.lease,
+            wait=self.wait,
         )
+        if claim.duplicate:
+            return []
+        try:
+            plan = await self._plan(claim.data, message)
+            if plan.patch:
+                claim.update(plan.patch)
+            after = await plan.after(claim.data) if plan.after else []
+            outcome = await claim.commit()
+        except BaseException:
+            await claim.release()
+            raise
+        if outcome.status == "duplicate":
+            return []  # a handler that took over a lapsed claim answered already
+        return plan.replies + after
 
     async def _plan(self, doc: dict[str, Any], message: Message) -> _Plan:  # noqa: PLR0911 - a rule each
         authenticated = self._is_authenticated(doc)

@@ -1,68 +1,236 @@
 """The contract between the state manager and a storage backend.
 
-A backend stores one document per user id and applies a :class:`Write` to it
-atomically. Everything a write needs is in the write itself (compiled edits,
-limits, TTL, operation id), so a backend holds no merge rules of its own: it
-runs the edits with :func:`chatstate.state.apply_edits` (or, like the Redis
-backend, an equivalent on the server) and reports what happened.
+A backend stores, per user id, one document (with its version and stored size)
+and an *operation log*: the recent operation ids it has applied, and at most one
+claim (a lease a message handler holds while it handles one message of the user).
+It applies a :class:`Write` to both atomically. Everything a write needs is in
+the write itself (compiled edits, limits, TTL, operation key, nonce), so a
+backend holds no merge rules of its own.
 
-Third-party backends implement :class:`Backend` or :class:`AsyncBackend` and
-prove themselves with the contract suite in :mod:`chatstate.testing`.
+A backend that can hold a lock or a transaction around a read and a write (the
+memory backend, a SQL table) loads the user's record, calls :func:`apply_write`
+and stores what it returns; the Redis backend does the same work in a Lua script.
+Both follow this module's rules, and the contract suite in
+:mod:`chatstate.testing` proves it.
 """
 
 from __future__ import annotations
 
-from typing import Final, Literal, Protocol, TypeAlias, runtime_checkable
+import marshal
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Final, Literal, Protocol, TypeAlias, runtime_checkable
 
 import attrs
 
-from chatstate.exceptions import StateTooLargeError
-from chatstate.state._codec import stored_size
-from chatstate.state._rules import Edit, apply_edits, apply_edits_sized, keep_preserved
+from chatstate.exceptions import (
+    CorruptStateError,
+    CounterError,
+    OpIdReusedError,
+    StateTooLargeError,
+)
+from chatstate.state._codec import encode_key, encode_value, stored_size, utf8_len
+from chatstate.state._rules import (
+    Edit,
+    apply_edits,
+    apply_edits_shared,
+    apply_edits_sized,
+    format_path,
+    keep_preserved,
+)
 from chatstate.typing import JSONObject, Path
 
 __all__ = [
+    "INT64_MAX",
+    "INT64_MIN",
+    "OPS_TRIM_BYTES",
+    "REMEMBERED_OPS",
+    "Acquire",
     "AsyncBackend",
     "Backend",
     "Delete",
+    "Document",
     "Edits",
+    "Increment",
+    "Lease",
+    "OpLog",
+    "OpRecord",
     "Operation",
     "Outcome",
+    "Release",
     "Replace",
     "Reset",
     "Snapshot",
     "Write",
+    "WriteResult",
     "apply_operation",
+    "apply_write",
 ]
 
+REMEMBERED_OPS: Final = 100
+"""The newest operation ids every backend remembers per user, at least.
 
-MAX_REMEMBERED_OPS: Final = 128
-"""Operation ids every backend remembers per user, at least, for deduplication."""
+An id stays remembered until ``dedupe_window`` has passed since the user's last
+write, whatever happens to the document meanwhile (expiry, ``delete``). Older
+ids may be remembered a little longer: a backend trims the log in batches.
+"""
+
+OPS_TRIM_BYTES: Final = 4608
+"""The log is trimmed back to the newest :data:`REMEMBERED_OPS` ids past this size.
+
+The size is that of the log's text form (:meth:`OpRecord.text`), which the Redis
+backend stores as one string: about 4.5 KB per active user at most.
+"""
+
+INT64_MIN: Final = -(2**63)
+INT64_MAX: Final = 2**63 - 1
 
 
-@attrs.frozen
 class Snapshot:
     """One user's document and its version.
 
     ``version`` is 0 for a user with no stored document and goes up by one with
-    every write. ``data`` belongs to the caller: changing it changes nothing stored.
+    every write. ``data`` belongs to the caller: changing it changes nothing
+    stored. A backend may hand over a snapshot whose data is decoded only when
+    ``data`` is first read (a decoding failure then raises
+    :class:`~chatstate.CorruptStateError` from ``data``).
+
+    Args:
+        data: The document.
+        version: Its version.
     """
 
-    data: JSONObject = attrs.field(repr=False)
-    version: int
+    __slots__ = ("_data", "_load", "version")
+
+    def __init__(self, data: JSONObject | None = None, version: int = 0) -> None:
+        self._data = data if data is not None else {}
+        self._load: Callable[[], JSONObject] | None = None
+        self.version = version
+
+    @classmethod
+    def lazy(cls, version: int, load: Callable[[], JSONObject]) -> Snapshot:
+        """A snapshot whose data ``load()`` makes when it is first read."""
+        snapshot = cls(None, version)
+        snapshot._load = load
+        return snapshot
+
+    @property
+    def data(self) -> JSONObject:
+        """The document (decoded now if it was not yet)."""
+        load = self._load
+        if load is not None:
+            self._data = load()
+            self._load = None
+        return self._data
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Snapshot):
+            return NotImplemented
+        return self.version == other.version and self.data == other.data
+
+    __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
         # Values are left out: a document may hold tokens and personal data.
         return f"Snapshot(version={self.version}, keys={sorted(self.data)!r})"
 
 
+class _Masked:
+    """Stands for a preserved value in a :class:`Document`'s repr."""
+
+    def __repr__(self) -> str:
+        return "<preserved>"
+
+
+_MASKED: Final = _Masked()
+
+
+class Document(Mapping[str, Any]):
+    """A document a write returns: a read-only mapping, decoded when first read.
+
+    It compares equal to a dict with the same content; ``dict(doc)`` or
+    :meth:`to_dict` give a plain, mutable copy (``json.dumps`` needs one). Its
+    ``repr`` hides the values of preserved fields (tokens).
+
+    Attributes:
+        version: The version this document has.
+    """
+
+    __slots__ = ("_preserved", "_snapshot")
+
+    def __init__(self, snapshot: Snapshot, preserved: frozenset[Path] = frozenset()) -> None:
+        self._snapshot = snapshot
+        self._preserved = preserved
+
+    @property
+    def version(self) -> int:
+        """The document's version."""
+        return self._snapshot.version
+
+    def __getitem__(self, key: str) -> Any:
+        return self._snapshot.data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._snapshot.data)
+
+    def __len__(self) -> int:
+        return len(self._snapshot.data)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._snapshot.data
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Document):
+            return self._snapshot.data == other._snapshot.data
+        if isinstance(other, Mapping):
+            return self._snapshot.data == dict(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def to_dict(self) -> JSONObject:
+        """A deep, mutable copy of the document."""
+        copy: JSONObject = _copy(self._snapshot.data)
+        return copy
+
+    def __repr__(self) -> str:
+        return repr(_mask(self._snapshot.data, self._preserved))
+
+
+def _copy(value: Any) -> Any:
+    if type(value) is dict:
+        return {k: _copy(v) for k, v in value.items()}
+    if type(value) is list:
+        return [_copy(v) for v in value]
+    return value
+
+
+def _mask(doc: JSONObject, preserved: frozenset[Path]) -> JSONObject:
+    if not preserved:
+        return doc
+    out = dict(doc)
+    for path in preserved:
+        node: Any = out
+        for key in path[:-1]:
+            child = node.get(key) if type(node) is dict else None
+            if type(child) is not dict:
+                break
+            node[key] = child = dict(child)
+            node = child
+        else:
+            if type(node) is dict and path[-1] in node:
+                node[path[-1]] = _MASKED
+    return out
+
+
+# -- operations ----------------------------------------------------------------
+
+
 @attrs.frozen
 class Edits:
-    """Apply compiled edits (an ``update`` or a ``set_preserved``).
+    """Apply compiled edits (an ``update``, ``assign`` or ``set_preserved``).
 
     With ``expected_version`` set, the edits apply only if the stored version is
-    that one (a conditional update, as a flow step uses); otherwise the outcome
-    is ``"conflict"``.
+    that one (a conditional update); otherwise the outcome is ``"conflict"``.
     """
 
     edits: tuple[Edit, ...]
@@ -72,6 +240,14 @@ class Edits:
         # Values are left out: a preserved field may hold a token.
         paths = ", ".join(f"{kind}:{'.'.join(path)}" for kind, path, _ in self.edits)
         return f"Edits({paths})"
+
+
+@attrs.frozen
+class Increment:
+    """Add ``by`` to the integer at ``path`` (0 when missing), creating missing parent objects."""
+
+    path: Path
+    by: int
 
 
 @attrs.frozen
@@ -94,76 +270,510 @@ class Replace:
 
 @attrs.frozen
 class Delete:
-    """Remove the document, preserved fields included."""
+    """Remove the document, preserved fields included (the operation log is kept).
 
+    ``force`` removes whatever the document's storage holds, even data that is
+    not a chatstate document (the Redis backend deletes a key of any type).
+    """
 
-Operation: TypeAlias = Edits | Reset | Replace | Delete
+    force: bool = False
 
 
 @attrs.frozen
+class Acquire:
+    """Take the user's claim for the write's operation key, for ``lease_ms``.
+
+    Answers ``"claimed"`` (with the document), ``"duplicate"`` when the key was
+    applied already or is being handled under another claim, or ``"busy"`` when
+    another key holds the claim (``retry_after_ms`` says how long at most).
+    """
+
+    lease_ms: int
+
+
+@attrs.frozen
+class Release:
+    """Give up the claim held under the write's nonce without recording anything."""
+
+
+Operation: TypeAlias = Edits | Increment | Reset | Replace | Delete | Acquire | Release
+
+
 class Write:
     """One atomic write, as a backend receives it.
 
     Attributes:
         operation: What to do.
-        op_id: A unique id for this write. A backend that sees the same id
-            again for the same user within ``dedupe_ms`` must not apply it again
-            and answers ``"duplicate"`` instead.
+        op_key: The short, printable key under which the operation is
+            remembered (the manager derives it from the caller's ``op_id`` and
+            its purpose, or makes one up).
+        nonce: Identifies this call: its re-sends carry the same nonce, so a
+            write that finds its own key *and* nonce recorded was applied by an
+            earlier attempt of the same call and answers ``"applied"``.
+        digest: A digest of the request (``""``: none). The same key with
+            another digest is refused (:class:`~chatstate.OpIdReusedError`).
         ttl_ms: If set, the document expires this many milliseconds after the write.
         max_bytes: The largest stored size the result may have
             (:func:`chatstate.state.stored_size`).
-        dedupe_ms: How long ``op_id`` is remembered after the user's last write
-            (a backend remembers at most the 128 newest ids per user).
-        generated_id: True when chatstate made ``op_id`` up, so a duplicate can
-            only be a retry of this very call (a backend may ignore it).
+        dedupe_ms: How long the operation log is kept after the user's last write.
+        completes_claim: The write ends the claim held under ``nonce``: it
+            applies only while that claim is the user's (else ``"lost"``), and
+            it releases the claim.
+        op_id: The caller's operation id, for error messages (``None`` when
+            chatstate made it up).
+        want_document: ``False`` when the caller does not need the document
+            back (a backend may then leave it out of the outcome's snapshot,
+            whose ``data`` is then ``{}``).
     """
 
-    operation: Operation
-    op_id: str
-    ttl_ms: int | None
-    max_bytes: int
-    dedupe_ms: int
-    generated_id: bool = False
+    __slots__ = (
+        "completes_claim",
+        "dedupe_ms",
+        "digest",
+        "max_bytes",
+        "nonce",
+        "op_id",
+        "op_key",
+        "operation",
+        "ttl_ms",
+        "want_document",
+    )
+
+    def __init__(  # noqa: PLR0917 - a plain record, built by the manager only
+        self,
+        operation: Operation,
+        op_key: str,
+        nonce: str,
+        digest: str,
+        ttl_ms: int | None,
+        max_bytes: int,
+        dedupe_ms: int,
+        completes_claim: bool = False,
+        op_id: str | None = None,
+        want_document: bool = True,
+    ) -> None:
+        self.operation = operation
+        self.op_key = op_key
+        self.nonce = nonce
+        self.digest = digest
+        self.ttl_ms = ttl_ms
+        self.max_bytes = max_bytes
+        self.dedupe_ms = dedupe_ms
+        self.completes_claim = completes_claim
+        self.op_id = op_id
+        self.want_document = want_document
+
+    def __repr__(self) -> str:
+        return f"Write({self.operation!r}, op_key={self.op_key!r})"
 
 
-@attrs.frozen
+Status: TypeAlias = Literal[
+    "applied", "duplicate", "conflict", "claimed", "busy", "released", "lost"
+]
+
+
 class Outcome:
     """What a backend did with a write.
 
     Attributes:
-        status: ``"applied"``; ``"duplicate"`` when ``op_id`` was seen before
-            (nothing was written); ``"conflict"`` when a :class:`Replace` found
-            another version (nothing was written).
-        snapshot: The document after the write, or as it stands for a
-            duplicate or a conflict.
+        status: ``"applied"``; ``"duplicate"`` when the operation id was seen
+            before (nothing was written); ``"conflict"`` when a conditional
+            write found another version (nothing was written); for claims,
+            ``"claimed"``, ``"busy"``, ``"released"`` or ``"lost"``.
+        snapshot: The document after the write, or as it stands.
         version: The version this write produced: for a duplicate, the one it
             produced when it was first applied; 0 for a delete or a conflict.
+        value: The new value of an :class:`Increment`.
+        retry_after_ms: For ``"busy"``: when the other claim lapses at the latest.
     """
 
-    status: Literal["applied", "duplicate", "conflict"]
-    snapshot: Snapshot
-    version: int
+    __slots__ = ("retry_after_ms", "snapshot", "status", "value", "version")
+
+    def __init__(
+        self,
+        status: Status,
+        snapshot: Snapshot,
+        version: int,
+        value: Any = None,
+        retry_after_ms: int = 0,
+    ) -> None:
+        self.status = status
+        self.snapshot = snapshot
+        self.version = version
+        self.value = value
+        self.retry_after_ms = retry_after_ms
 
     @property
     def applied(self) -> bool:
         """True when this call applied the write."""
         return self.status == "applied"
 
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Outcome):
+            return NotImplemented
+        return (self.status, self.version, self.value, self.retry_after_ms, self.snapshot) == (
+            other.status,
+            other.version,
+            other.value,
+            other.retry_after_ms,
+            other.snapshot,
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return (
+            f"Outcome(status={self.status!r}, version={self.version}, snapshot={self.snapshot!r})"
+        )
+
+
+# -- the operation log ---------------------------------------------------------
+
+
+@attrs.define
+class OpRecord:
+    """One remembered operation: the version it made, its call's nonce, its digest."""
+
+    version: int
+    nonce: str
+    digest: str
+
+    def text(self, op_key: str) -> str:
+        """The record as the Redis log writes it (its length counts toward the trim size)."""
+        return f";{op_key},{self.version},{self.nonce},{self.digest}"
+
+
+@attrs.define
+class Lease:
+    """The claim on a user: who holds it, until when, and for which operation key."""
+
+    nonce: str
+    expires_ms: int
+    op_key: str
+
+
+@attrs.define
+class OpLog:
+    """A user's operation log (oldest first) and claim, as a backend keeps them."""
+
+    records: dict[str, OpRecord] = attrs.Factory(dict)
+    size: int = 0
+    lease: Lease | None = None
+
+    def remember(self, write: Write, version: int) -> None:
+        """Record ``write``'s key with the version it made; trim to the newest ids."""
+        record = OpRecord(version, write.nonce, write.digest)
+        self.records[write.op_key] = record
+        self.size += len(record.text(write.op_key))
+        if self.size > OPS_TRIM_BYTES:
+            keep = list(self.records.items())[-REMEMBERED_OPS:]
+            self.records = dict(keep)
+            self.size = sum(len(r.text(k)) for k, r in keep)
+
+
+@attrs.frozen
+class WriteResult:
+    """What :func:`apply_write` decided.
+
+    Attributes:
+        outcome: What to answer.
+        data: The new document to store; ``None`` when the document must be
+            removed (a delete); :data:`UNCHANGED` when nothing changes.
+        size: The new document's stored size.
+        log_changed: True when the operation log changed and must be stored.
+    """
+
+    outcome: Outcome
+    data: JSONObject | object | None
+    size: int
+    log_changed: bool
+
+
+UNCHANGED: Final = object()
+"""``WriteResult.data`` when the document is left as it is."""
+
+
+def apply_write(  # noqa: C901, PLR0911, PLR0912 - one branch per rule, in the Lua script's order
+    current: Snapshot | None,
+    log: OpLog,
+    write: Write,
+    now_ms: int,
+    current_size: int | None = None,
+    *,
+    shared: bool = False,
+) -> WriteResult:
+    """Decide what ``write`` does to a user's document and operation log.
+
+    This is a backend's whole job between reading a user's record and storing
+    it, under whatever lock or transaction makes the two atomic. ``log`` is
+    changed in place; ``current.data`` may be too (pass a copy you own).
+
+    Args:
+        current: The stored document, or ``None`` when there is none.
+        log: The user's operation log (an empty :class:`OpLog` when none is stored).
+        write: The write.
+        now_ms: The backend's clock in milliseconds (claims expire by it).
+        current_size: The stored size of ``current`` if the backend keeps it.
+        shared: ``current.data`` must not change (the memory backend keeps
+            stored documents immutable): the result copies only what it edits,
+            and every snapshot in the outcome is a private copy made when read.
+
+    Returns:
+        What to answer and what to store.
+
+    Raises:
+        OpIdReusedError: the operation key was used with another digest.
+        StateTooLargeError: the result would exceed ``write.max_bytes``.
+        CounterError: an :class:`Increment` met a non-integer or overflowed.
+    """
+    version = current.version if current is not None else 0
+    if current is None:
+        here = Snapshot({}, 0)
+    elif shared:
+        here = _private(current.data, version)
+    else:
+        here = current
+    op = write.operation
+    record = log.records.get(write.op_key)
+    if record is not None and not isinstance(op, Release):
+        if write.digest and record.digest and record.digest != write.digest:
+            raise OpIdReusedError(
+                "this op_id was already used for a different request",
+                op_id=write.op_id or write.op_key,
+            )
+        own = record.nonce == write.nonce and not isinstance(op, Acquire)
+        status: Status = "applied" if own else "duplicate"
+        return WriteResult(Outcome(status, here, record.version), UNCHANGED, 0, log_changed=False)
+    lease = log.lease
+    if isinstance(op, Acquire):
+        if lease is not None and lease.nonce != write.nonce and lease.expires_ms > now_ms:
+            if lease.op_key == write.op_key:
+                outcome = Outcome("duplicate", here, version)
+                return WriteResult(outcome, UNCHANGED, 0, log_changed=False)
+            wait = lease.expires_ms - now_ms
+            outcome = Outcome("busy", here, version, retry_after_ms=wait)
+            return WriteResult(outcome, UNCHANGED, 0, log_changed=False)
+        log.lease = Lease(write.nonce, now_ms + op.lease_ms, write.op_key)
+        return WriteResult(Outcome("claimed", here, version), UNCHANGED, 0, log_changed=True)
+    if isinstance(op, Release):
+        mine = lease is not None and lease.nonce == write.nonce
+        if mine:
+            log.lease = None
+        return WriteResult(Outcome("released", here, 0), UNCHANGED, 0, log_changed=mine)
+    if write.completes_claim and (lease is None or lease.nonce != write.nonce):
+        return WriteResult(Outcome("lost", here, version), UNCHANGED, 0, log_changed=False)
+    if isinstance(op, Edits) and not op.edits:
+        # Nothing to change: no version, no document made; only the id is remembered.
+        if op.expected_version is not None and op.expected_version != version:
+            return WriteResult(Outcome("conflict", here, 0), UNCHANGED, 0, log_changed=False)
+        log.remember(write, version)
+        if write.completes_claim:
+            log.lease = None
+        return WriteResult(Outcome("applied", here, version), UNCHANGED, 0, log_changed=True)
+    status_, data, size, value = _apply_document(
+        current, op, write.max_bytes, current_size, shared=shared
+    )
+    if status_ == "conflict":
+        return WriteResult(Outcome("conflict", here, 0), UNCHANGED, 0, log_changed=False)
+    new_version = 0 if data is None else version + 1
+    log.remember(write, new_version)
+    if write.completes_claim:
+        log.lease = None
+    if data is None:
+        snapshot = Snapshot({}, 0)
+    elif shared:
+        snapshot = _private(data, new_version)
+    else:
+        snapshot = Snapshot(data, new_version)
+    outcome = Outcome("applied", snapshot, new_version, value=value)
+    return WriteResult(outcome, data, size, log_changed=True)
+
+
+def apply_operation(
+    current: Snapshot | None,
+    operation: Operation,
+    max_bytes: int,
+    current_size: int | None = None,
+) -> tuple[Literal["applied", "conflict"], JSONObject | None, int]:
+    """Compute what a document operation makes of ``current``, ignoring operation ids.
+
+    :func:`apply_write` calls it; it is public for backends that keep their own
+    operation log.
+
+    Args:
+        current: The stored document, or ``None``. Its ``data`` is changed in
+            place; pass a copy you own.
+        operation: What to do (not an :class:`Acquire` or :class:`Release`).
+        max_bytes: The largest stored size the result may have.
+        current_size: The stored size of ``current`` if the backend keeps it.
+
+    Returns:
+        ``(status, data, size)``: ``("applied", new_data, its stored size)``,
+        ``("applied", None, 0)`` for a delete, or ``("conflict", None, 0)``.
+
+    Raises:
+        StateTooLargeError: the result would exceed ``max_bytes``.
+        CounterError: an :class:`Increment` met a non-integer or overflowed.
+    """
+    status, data, size, _ = _apply_document(current, operation, max_bytes, current_size)
+    return status, data, size
+
+
+def clone(doc: JSONObject) -> JSONObject:
+    """A deep copy of a JSON document (marshal is the fastest deep copy of plain data).
+
+    Only ever loads what it dumped a moment before, in this process.
+    """
+    return marshal.loads(marshal.dumps(doc))  # type: ignore[no-any-return]  # noqa: S302
+
+
+def _private(data: JSONObject, version: int) -> Snapshot:
+    return Snapshot.lazy(version, lambda: clone(data))
+
+
+def _apply_document(  # noqa: C901, PLR0912 - one branch per operation
+    current: Snapshot | None,
+    operation: Operation,
+    max_bytes: int,
+    current_size: int | None,
+    *,
+    shared: bool = False,
+) -> tuple[Literal["applied", "conflict"], JSONObject | None, int, Any]:
+    if isinstance(operation, Delete):
+        return "applied", None, 0, None
+    data = current.data if current is not None else {}
+    version = current.version if current is not None else 0
+    size: int | None = None
+    value: Any = None
+    if isinstance(operation, Edits):
+        if operation.expected_version is not None and operation.expected_version != version:
+            return "conflict", None, 0, None
+        if shared:
+            data, size = apply_edits_shared(data, operation.edits, current_size or 0)
+        elif current_size is not None or current is None:
+            size = apply_edits_sized(data, operation.edits, current_size or 0)
+        else:
+            data = apply_edits(data, operation.edits)
+    elif isinstance(operation, Increment):
+        if shared:
+            data = _copy_path(data, operation.path)
+        value, delta = increment_in_place(data, operation.path, operation.by)
+        if current_size is not None or current is None:
+            size = (current_size or 0) + delta
+    elif isinstance(operation, Reset):
+        data = keep_preserved(data, operation.preserved)
+    elif isinstance(operation, Replace):
+        if version != operation.expected_version:
+            return "conflict", None, 0, None
+        data = operation.data
+        if shared:
+            data = clone(data)
+    else:
+        raise TypeError(f"{type(operation).__name__} is not a document operation")
+    if size is None:
+        size = stored_size(data)
+    if size > max_bytes:
+        raise StateTooLargeError(size=size, limit=max_bytes)
+    return "applied", data, size, value
+
+
+def _copy_path(doc: JSONObject, path: Path) -> JSONObject:
+    """A shallow copy of ``doc`` with the objects on ``path`` (above its leaf) copied too."""
+    new = dict(doc)
+    node = new
+    for key in path[:-1]:
+        child = node.get(key)
+        if type(child) is not dict:
+            break
+        node[key] = child = dict(child)
+        node = child
+    return new
+
+
+def increment_in_place(doc: JSONObject, path: Path, by: int) -> tuple[int, int]:
+    """Add ``by`` to the integer at ``path`` in ``doc``; return the new value and the size change.
+
+    Missing parent objects are created. Raises :class:`CounterError` when a
+    parent is not an object, the value is not an int, or the result leaves the
+    signed 64-bit range; ``doc`` is then unchanged.
+    """
+    node: Any = doc
+    delta = 0
+    prefix = 0
+    missing_from = None
+    for i, key in enumerate(path[:-1]):
+        prefix += utf8_len(encode_key(key))
+        child = node.get(key) if missing_from is None else None
+        if missing_from is None and child is None and key not in node:
+            missing_from = i
+        if missing_from is None:
+            if type(child) is not dict:
+                raise counter_not_integer(path)
+            node = child
+        else:
+            delta += prefix + 2
+    last = path[-1]
+    leaf_len = prefix + utf8_len(encode_key(last))
+    old: Any = 0
+    if missing_from is None and last in node:
+        old = node[last]
+        if type(old) is not int or not INT64_MIN <= old <= INT64_MAX:
+            raise counter_not_integer(path)
+        delta -= leaf_len + len(str(old))
+    new = old + by
+    if not INT64_MIN <= new <= INT64_MAX:
+        raise counter_overflow(path)
+    if missing_from is not None:
+        for key in path[missing_from:-1]:
+            node = node.setdefault(key, {})
+    node[last] = new
+    delta += leaf_len + len(encode_value(new))
+    return new, delta
+
+
+def counter_not_integer(path: Path) -> CounterError:
+    where = format_path(path)
+    return CounterError(
+        f"the value at {where} (or a parent) is not a 64-bit integer",
+        path=where,
+        reason="not_integer",
+    )
+
+
+def counter_overflow(path: Path) -> CounterError:
+    """The error for an increment that leaves the signed 64-bit range."""
+    where = format_path(path)
+    return CounterError(
+        f"incrementing {where} would overflow the signed 64-bit range",
+        path=where,
+        reason="overflow",
+    )
+
+
+def corrupt(key: str, why: str) -> CorruptStateError:
+    """The error for stored data that is not a chatstate record."""
+    return CorruptStateError(f"{why} (key {key!r}); nothing was written", key=key)
+
+
+# -- protocols -----------------------------------------------------------------
+
 
 @runtime_checkable
 class Backend(Protocol):
-    """A synchronous store of one document per user id."""
+    """A synchronous store of one document and one operation log per user id."""
 
     def load(self, user_id: str) -> Snapshot | None:
         """Return the user's document, or ``None``. Never creates anything."""
         ...
 
     def apply(self, user_id: str, write: Write) -> Outcome:
-        """Apply ``write`` atomically.
+        """Apply ``write`` atomically (see :func:`apply_write` for the rules).
 
         Raises:
             StateTooLargeError: the result would exceed ``write.max_bytes``;
                 nothing was written.
+            OpIdReusedError: the operation key came back with another digest.
+            CounterError: an increment met a non-integer or overflowed.
             CorruptStateError: the stored data is not a document; nothing was written.
             BackendError: the store failed.
         """
@@ -189,56 +799,3 @@ class AsyncBackend(Protocol):
     async def aclose(self) -> None:
         """Release what the backend owns. Clients passed in by the caller stay open."""
         ...
-
-
-def apply_operation(
-    current: Snapshot | None,
-    operation: Operation,
-    max_bytes: int,
-    current_size: int | None = None,
-) -> tuple[Literal["applied", "conflict"], JSONObject | None, int]:
-    """Compute what ``operation`` makes of ``current``: the shared logic of a backend.
-
-    A backend that can hold a lock or a transaction around a read and a write
-    (the memory backend, a SQL table) calls this in between and stores the result.
-
-    Args:
-        current: The stored document, or ``None`` when there is none. Its
-            ``data`` is changed in place; pass a copy you own.
-        operation: What to do.
-        max_bytes: The largest stored size the result may have.
-        current_size: The stored size of ``current`` if the backend keeps it:
-            edits then update it from the fields they touch instead of
-            measuring the whole document.
-
-    Returns:
-        ``(status, data, size)``: ``("applied", new_data, its stored size)``,
-        ``("applied", None, 0)`` for a delete, or ``("conflict", None, 0)`` when
-        a :class:`Replace` or a conditional :class:`Edits` expected another version.
-
-    Raises:
-        StateTooLargeError: the result would exceed ``max_bytes``.
-    """
-    if isinstance(operation, Delete):
-        return "applied", None, 0
-    data = current.data if current is not None else {}
-    version = current.version if current is not None else 0
-    size: int | None = None
-    if isinstance(operation, Edits):
-        if operation.expected_version is not None and operation.expected_version != version:
-            return "conflict", None, 0
-        if current_size is not None or current is None:
-            size = apply_edits_sized(data, operation.edits, current_size or 0)
-        else:
-            data = apply_edits(data, operation.edits)
-    elif isinstance(operation, Reset):
-        data = keep_preserved(data, operation.preserved)
-    else:
-        if version != operation.expected_version:
-            return "conflict", None, 0
-        data = operation.data
-    if size is None:
-        size = stored_size(data)
-    if size > max_bytes:
-        raise StateTooLargeError(size=size, limit=max_bytes)
-    return "applied", data, size

@@ -116,35 +116,56 @@ def _flatten_into(out: dict[str, str], obj: JSONObject, prefix: str) -> None:
 _META_FIELDS: Final = frozenset({"#v", "#s"})
 
 
-@lru_cache(maxsize=4096)
-def _decode_scalar(text: str) -> Any:
+def decode_stored(text: str) -> Any:
+    """Decode one stored value."""
     return _decode(text)
 
 
-def decode_stored(text: str) -> Any:
-    """Decode one stored value; scalars (immutable) come from a cache."""
-    if text[:1] in ("[", "{"):
-        return _decode(text)
-    return _decode_scalar(text)
-
-
 def unflatten_joined(text: str) -> JSONObject:
-    """Rebuild a document from a script's reply: fields and values joined by newlines.
+    """Rebuild a document from fields and values joined by newlines (a script's reply).
 
-    Meta fields (``#v``, ``#s``) are skipped.
+    Fields that are not paths (``#v``, ``#s``) are skipped. All values are
+    decoded in one C-level parse.
 
     Raises:
-        ValueError: the reply does not hold a document.
+        ValueError: the text does not hold a document.
     """
     if not text:
         return {}
-    parts = text.split("\n")
+    return unflatten_parts(text.split("\n"))
+
+
+def unflatten_parts(parts: list[str]) -> JSONObject:
+    """Rebuild a document from its fields and values, alternating in one list.
+
+    Raises:
+        ValueError: the list does not hold a document.
+    """
     if len(parts) % 2:
         raise ValueError("a field without a value (a value holds a raw newline?)")
-    fields = dict(zip(parts[::2], parts[1::2], strict=True))
-    for meta in _META_FIELDS:
-        fields.pop(meta, None)
-    return unflatten(fields)
+    fields = parts[0::2]
+    values = _decode("[" + ",".join(parts[1::2]) + "]")
+    if len(values) != len(fields):
+        raise ValueError("a stored value is not one JSON value")
+    root: JSONObject = {}
+    objects: dict[str, JSONObject] = {"": root}
+    pairs = list(zip(fields, values, strict=True))
+    for field, value in pairs:
+        if type(value) is dict:
+            if value:
+                raise ValueError(f"entry {field!r} holds an object instead of the marker")
+            objects[field] = value
+    for field, value in pairs:
+        if field[:1] != '"':
+            if field not in _META_FIELDS:
+                raise ValueError(f"field {field!r} is not a path")
+            continue
+        parent_text, key = _split_path(field)
+        parent = objects.get(parent_text)
+        if parent is None:
+            raise ValueError(f"entry {field!r} has no parent object")
+        parent[key] = value
+    return root
 
 
 @lru_cache(maxsize=8192)
@@ -164,19 +185,4 @@ def unflatten(fields: dict[str, str]) -> JSONObject:
         ValueError: the entries do not form a document (a bad path, a value that
             is not JSON, a child without its parent object).
     """
-    root: JSONObject = {}
-    # A parent's path is a prefix of its children's, so sorting visits it first.
-    objects: dict[str, JSONObject] = {"": root}
-    for text in sorted(fields):
-        parent_text, key = _split_path(text)
-        parent = objects.get(parent_text)
-        if parent is None:
-            raise ValueError(f"entry {text!r} has no parent object")
-        raw = fields[text]
-        if raw == OBJECT_MARKER:
-            child: JSONObject = {}
-            objects[text] = child
-            parent[key] = child
-        else:
-            parent[key] = decode_stored(raw)
-    return root
+    return unflatten_joined("\n".join(x for item in fields.items() for x in item))

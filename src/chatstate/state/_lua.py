@@ -6,21 +6,43 @@ version and ``#s`` the stored size. Lua compares and copies these strings but
 never decodes a value, so cjson cannot round a number, turn ``[]`` into ``{}``
 or escape a ``/``.
 
+Beside it, in the same hash slot, the user's *operation log* is a string of
+records ``;op_key,version,nonce,digest``, oldest first: a write finds its key
+with one C-level search and appends with ``APPEND``; past 4.5 KB the log is cut
+back to the newest ids. A *claim* (a message handler holding the user) is a
+third key, ``nonce op_key``, that expires by itself (``SET ... PX``).
+
 An update reads only the fields its patch names (plus ``#v`` and ``#s``) and
 keeps the size up to date from their lengths. Only a write that replaces or
 deletes a whole object, a reset and a compare-and-set read the whole hash.
 
-Every script checks everything (key types, the version, the operation id, the
+Every script checks everything (key types, the operation log, the version, the
 size limit) before its first write, so a refused write leaves the stored data
-exactly as it was. Replies carry the document as one string: fields and values
-joined by newlines, which compact JSON never contains unescaped.
+exactly as it was. A reply is one string: a head of newline-separated fields,
+then the document's fields and values joined by newlines (compact JSON never
+holds a raw newline), which redis-py reads in one piece.
+
+The logic mirrors :func:`chatstate.state.apply_write`; the parity tests run
+both on random operations and compare.
 """
 
 from __future__ import annotations
 
 from typing import Final
 
-from chatstate.state._backend import MAX_REMEMBERED_OPS, Delete, Edits, Replace, Reset, Write
+from chatstate.exceptions import StateTooLargeError
+from chatstate.state._backend import (
+    OPS_TRIM_BYTES,
+    REMEMBERED_OPS,
+    Acquire,
+    Delete,
+    Edits,
+    Increment,
+    Release,
+    Replace,
+    Reset,
+    Write,
+)
 from chatstate.state._codec import encode_path, encode_value, flatten
 from chatstate.state._rules import SET
 
@@ -28,45 +50,19 @@ __all__ = ["APPLY_SCRIPT", "LOAD_SCRIPT", "write_args"]
 
 
 _COMMON = r"""
-local function corrupt(key, why)
-  return {'corrupt', key, why}
+local function fail(key, why)
+  return 'corrupt\n' .. key .. '\n' .. why
 end
 
--- The document's version and size (and the values of ``extra`` fields, fetched in
--- the same HMGET), after checking the key is one of ours.
-local function read_meta(doc, extra)
-  local meta
-  if extra ~= nil and #extra > 0 and #extra < 4000 then
-    meta = redis.pcall('HMGET', doc, '#v', '#s', unpack(extra))
-  else
-    meta = redis.pcall('HMGET', doc, '#v', '#s')
+-- pcall a command; a permission error is raised as it is, any other error means
+-- the key holds something that is not ours.
+local function try(...)
+  local r = redis.pcall(...)
+  if type(r) == 'table' and r['err'] then
+    if string.sub(r['err'], 1, 6) == 'NOPERM' then error(r) end
+    return nil, r['err']
   end
-  if meta['err'] then
-    return nil, corrupt(doc, 'the key holds a ' .. redis.call('TYPE', doc)['ok'] ..
-      ', not a chatstate hash')
-  end
-  if not meta[1] then
-    if redis.call('EXISTS', doc) == 1 then
-      return nil, corrupt(doc, 'the hash has no version field')
-    end
-    return {0, 0, meta}
-  end
-  local version, size = tonumber(meta[1]), tonumber(meta[2])
-  if version == nil or size == nil then
-    return nil, corrupt(doc, 'the version or size field is not a number')
-  end
-  return {version, size, meta}
-end
-
-local function chunked(cmd, key, items)
-  local out = {}
-  for s = 1, #items, 1000 do
-    local part = redis.call(cmd, key, unpack(items, s, math.min(s + 999, #items)))
-    if type(part) == 'table' then
-      for j = 1, #part do out[#out + 1] = part[j] end
-    end
-  end
-  return out
+  return r
 end
 
 local function dump(doc)
@@ -77,36 +73,115 @@ end
 LOAD_SCRIPT: Final = (
     _COMMON
     + r"""
--- KEYS[1] document; ARGV[1] an echo the caller checks against its request
-local meta, err = read_meta(KEYS[1])
-if meta == nil then return err end
-return {'ok', ARGV[1], meta[1], 0, dump(KEYS[1])}
+-- KEYS[1] document; ARGV[1] an echo the caller checks against its request.
+local all = try('HGETALL', KEYS[1])
+if all == nil then
+  return fail(KEYS[1], 'the key holds a ' .. redis.call('TYPE', KEYS[1])['ok'] ..
+    ', not a chatstate hash')
+end
+return 'ok\n' .. ARGV[1] .. '\n' .. table.concat(all, '\n')
 """
 )
 
 APPLY_SCRIPT: Final = (
     _COMMON
     + r"""
--- KEYS[1] document hash, KEYS[2] remembered operation ids (zset: id -> version it made)
--- ARGV[1] op id (echoed); ARGV[2] the parameters, newline-separated: dedupe ms,
--- ttl ms or '', max bytes, mode ('e' edits, 'r' reset, 'x' replace, 'D' delete),
--- expected version or ''; ARGV[3] the mode's arguments, newline-separated. (Paths
--- and values are compact JSON, which never holds a raw newline; one argument
--- instead of one per path saves redis-py most of its packing work.)
-local function split(text)
-  local out, n = {}, 0
-  if text == '' then return out end
-  for part in string.gmatch(text .. '\n', '([^\n]*)\n') do
-    n = n + 1
-    out[n] = part
-  end
-  return out
-end
-local P, A = split(ARGV[2]), split(ARGV[3])
-local doc, opskey, op_id, mode = KEYS[1], KEYS[2], ARGV[1], P[4]
-local dedupe, ttl, max_bytes, expected = P[1], P[2], tonumber(P[3]), P[5]
+-- KEYS[1] document hash, KEYS[2] operation log (a string), KEYS[3] claim (a string).
+-- ARGV[1] the parameters, newline-separated: op key, nonce, digest, dedupe ms,
+-- ttl ms or '', max bytes, mode, expected version or '', flags, lease ms or '',
+-- and '1' when the reply should carry the document.
+-- ARGV[2] the mode's arguments, newline-separated. (Paths and values are compact
+-- JSON, which never holds a raw newline; two arguments instead of one per path
+-- save redis-py most of its packing work.)
+-- Modes: e edits, i increment, r reset, x replace, D delete, c claim, l release.
+-- Flags: c the write completes the claim held under its nonce; f force (delete);
+-- n the first send of a write whose op key chatstate made up (it cannot be logged yet).
+local doc, ops, claimkey = KEYS[1], KEYS[2], KEYS[3]
+local opkey, nonce, digest, dedupe, ttl, max_bytes, mode, expected, flags, lease_ms, want =
+  string.match(ARGV[1],
+    '^(%S+)\n(%S+)\n(%S*)\n(%d+)\n(%d*)\n(%d+)\n(%a)\n(%d*)\n(%a*)\n(%d*)\n([01])$')
+if opkey == nil then return redis.error_reply('chatstate: malformed arguments') end
+dedupe, max_bytes, lease_ms = tonumber(dedupe), tonumber(max_bytes), tonumber(lease_ms)
+local completes = string.find(flags, 'c', 1, true) ~= nil
+local force = string.find(flags, 'f', 1, true) ~= nil
+local fresh = string.find(flags, 'n', 1, true) ~= nil
+want = want == '1'
 
--- Parse the edits: kinds, paths, values.
+local function split(s)
+  local out, n, i = {}, 0, 1
+  if s == '' then return out end
+  while true do
+    local j = string.find(s, '\n', i, true)
+    n = n + 1
+    if not j then
+      out[n] = string.sub(s, i)
+      return out
+    end
+    out[n] = string.sub(s, i, j - 1)
+    i = j + 1
+  end
+end
+
+-- The reply's head: status, nonce (echoed), the version the write made (or
+-- found), the document's version now, and a mode's extra value.
+local version = 0
+local function reply(status, v, extra)
+  local head = status .. '\n' .. nonce .. '\n' .. v .. '\n' .. version .. '\n' .. (extra or '')
+  if want then return head .. '\n' .. dump(doc) end
+  return head .. '\n'
+end
+
+-- Remember the operation: append its record, trim to the newest ids past a size.
+local function record(v)
+  local len = redis.call('APPEND', ops, ';' .. opkey .. ',' .. v .. ',' .. nonce .. ',' .. digest)
+  if len > TRIM_BYTES then
+    local text = redis.call('GET', ops)
+    local starts, i = {}, 1
+    while true do
+      local j = string.find(text, ';', i, true)
+      if not j then break end
+      starts[#starts + 1] = j
+      i = j + 1
+    end
+    if #starts > REMEMBERED then text = string.sub(text, starts[#starts - REMEMBERED + 1]) end
+    redis.call('SET', ops, text, 'PX', dedupe)
+  else
+    redis.call('PEXPIRE', ops, dedupe)
+  end
+  if completes then redis.call('DEL', claimkey) end
+end
+
+-- The operation log: is this op key in it?
+local rver, rnonce, rdig
+local logtext, lerr
+if fresh then logtext, lerr = try('STRLEN', ops) else logtext, lerr = try('GET', ops) end
+if lerr then
+  if not (mode == 'D' and force) then
+    return fail(ops, 'the key is not a chatstate operation log')
+  end
+  redis.call('DEL', ops)
+elseif not fresh and logtext then
+  local at = string.find(logtext, ';' .. opkey .. ',', 1, true)
+  if at then
+    rver, rnonce, rdig = string.match(logtext, '^;[^,]*,(%d+),([^,;]*),([^;]*)', at)
+    if rver == nil then return fail(ops, 'an operation record is malformed') end
+  end
+end
+
+-- The claim, for the modes that look at it.
+local hnonce, hkey
+if mode == 'c' or mode == 'l' or completes then
+  local held, herr = try('GET', claimkey)
+  if herr then return fail(claimkey, 'the key is not a chatstate claim') end
+  if held then
+    hnonce, hkey = string.match(held, '^(%S+) (%S+)$')
+    if hnonce == nil then return fail(claimkey, 'the claim is malformed') end
+  end
+end
+
+-- The document's version and size (and, for edits, the named fields).
+local A = {}
+if mode ~= 'l' then A = split(ARGV[2]) end
 local kinds, paths, values = {}, {}, {}
 if mode == 'e' then
   local i = 1
@@ -121,39 +196,82 @@ if mode == 'e' then
       i = i + 1
     end
   end
+elseif mode == 'i' then
+  -- the counter's path, then its ancestors' paths
+  for j = 1, #A - 1 do paths[j] = A[j] end
 end
 
-local meta, err = read_meta(doc, paths)
-if meta == nil then return err end
-local version, size = meta[1], meta[2]
+local size, stored = 0, {}
+if not (mode == 'D' and force) and mode ~= 'l' then
+  local meta
+  if #paths > 0 and #paths < 4000 then
+    meta = try('HMGET', doc, '#v', '#s', unpack(paths))
+  else
+    meta = try('HMGET', doc, '#v', '#s')
+  end
+  if meta == nil then
+    return fail(doc, 'the key holds a ' .. redis.call('TYPE', doc)['ok'] ..
+      ', not a chatstate hash')
+  end
+  if not meta[1] then
+    if redis.call('EXISTS', doc) == 1 then
+      return fail(doc, 'the hash has no version field')
+    end
+  else
+    if not (string.match(meta[1], '^%d+$') and meta[2] and string.match(meta[2], '^%d+$')) then
+      return fail(doc, 'the version or size field is not a whole number')
+    end
+    version, size = tonumber(meta[1]), tonumber(meta[2])
+  end
+  if #paths > 0 and #paths < 4000 then
+    for j = 1, #paths do stored[j] = meta[j + 2] end
+  elseif #paths > 0 then
+    for s = 1, #paths, 1000 do
+      local part = redis.call('HMGET', doc, unpack(paths, s, math.min(s + 999, #paths)))
+      for j = 1, #part do stored[#stored + 1] = part[j] end
+    end
+  end
+end
 
-local seen = redis.pcall('ZSCORE', opskey, op_id)
-if type(seen) == 'table' and seen['err'] then
-  return corrupt(opskey, 'the key is not a sorted set of operation ids')
+if rver and mode ~= 'l' then
+  if digest ~= '' and rdig ~= '' and rdig ~= digest then return reply('reused', version) end
+  if rnonce == nonce and mode ~= 'c' then return reply('applied', rver) end
+  return reply('duplicate', rver)
 end
-if seen then
-  return {'duplicate', op_id, version, tonumber(seen), dump(doc)}
+
+if mode == 'c' then
+  if hnonce and hnonce ~= nonce then
+    if hkey == opkey then return reply('duplicate', version) end
+    return reply('busy', version, redis.call('PTTL', claimkey))
+  end
+  redis.call('SET', claimkey, nonce .. ' ' .. opkey, 'PX', lease_ms)
+  return reply('claimed', version)
 end
-if mode == 'e' and expected ~= '' and tonumber(expected) ~= version then
-  return {'conflict', op_id, version, 0, dump(doc)}
+if mode == 'l' then
+  if hnonce == nonce then redis.call('DEL', claimkey) end
+  return reply('released', 0)
+end
+if completes and hnonce ~= nonce then return reply('lost', version) end
+if mode == 'e' and #kinds == 0 then
+  -- Nothing to change: no version, no document made; only the id is remembered.
+  if expected ~= '' and tonumber(expected) ~= version then return reply('conflict', 0) end
+  record(version)
+  return reply('applied', version)
 end
 
 local changes = nil  -- path -> new value, or false to delete
+local value = nil
 if mode == 'e' then
-  local stored
-  if #paths < 4000 then
-    stored = {}
-    for j = 1, #paths do stored[j] = meta[3][j + 2] end
-  else
-    stored = chunked('HMGET', doc, paths)
+  if expected ~= '' and tonumber(expected) ~= version then
+    return reply('conflict', 0)
   end
   local whole = false
   for j = 1, #kinds do
     if kinds[j] ~= 'o' and stored[j] == '{}' then whole = true end
   end
+  local cur, orig = {}, {}
   if not whole then
     -- Fast path: no subtree goes away, so only the named fields change.
-    local cur, orig = {}, {}
     for j = 1, #paths do
       if orig[paths[j]] == nil then
         orig[paths[j]] = stored[j] or false
@@ -162,14 +280,22 @@ if mode == 'e' then
     end
     for j = 1, #kinds do
       local p = paths[j]
+      if kinds[j] ~= 'o' and cur[p] == '{}' then
+        -- An object made earlier in this write goes away again: take the
+        -- whole-document path, which drops its subtree.
+        whole = true
+        break
+      end
       if kinds[j] == 's' then
         cur[p] = values[j]
       elseif kinds[j] == 'd' then
         cur[p] = false
-      elseif cur[p] ~= '{}' then
+      else
         cur[p] = '{}'
       end
     end
+  end
+  if not whole then
     changes = {}
     for p, v in pairs(cur) do
       local o = orig[p]
@@ -180,6 +306,36 @@ if mode == 'e' then
       end
     end
   end
+elseif mode == 'i' then
+  -- Ancestors must be objects or missing; the counter an integer or missing.
+  local missing = {}
+  for j = 2, #paths do
+    local v = stored[j]
+    if v == false or v == nil then
+      missing[#missing + 1] = paths[j]
+    elseif v ~= '{}' then
+      return reply('counter', version, 'not_integer')
+    end
+  end
+  local old = stored[1]
+  if #missing > 0 and old then return reply('counter', version, 'not_integer') end
+  local ok, err = try('HINCRBY', doc, paths[1], A[#A])
+  if ok == nil then
+    if string.find(err, 'overflow', 1, true) then return reply('counter', version, 'overflow') end
+    return reply('counter', version, 'not_integer')
+  end
+  -- The reply of HINCRBY is a Lua number (a double): read the exact text back.
+  value = redis.call('HGET', doc, paths[1])
+  if old then size = size - #paths[1] - #old end
+  size = size + #paths[1] + #value
+  for j = 1, #missing do size = size + #missing[j] + 2 end
+  if size > max_bytes then
+    -- Too large: put the exact old text back (the only write a script undoes).
+    if old then redis.call('HSET', doc, paths[1], old) else redis.call('HDEL', doc, paths[1]) end
+    return 'too_large\n' .. nonce .. '\n' .. size
+  end
+  changes = {}
+  for j = 1, #missing do changes[missing[j]] = '{}' end
 end
 
 if changes == nil and mode ~= 'D' then
@@ -191,7 +347,7 @@ if changes == nil and mode ~= 'D' then
     if string.byte(f, 1) == 34 then
       fields[f] = flat[i + 1]
     elseif f ~= '#v' and f ~= '#s' then
-      return corrupt(doc, 'the hash has a field that is not a chatstate path')
+      return fail(doc, 'the hash has a field that is not a chatstate path')
     end
   end
   local new = {}
@@ -239,9 +395,7 @@ if changes == nil and mode ~= 'D' then
       i = i + 2 + n
     end
   elseif mode == 'x' then
-    if tonumber(expected) ~= version then
-      return {'conflict', op_id, version, 0, dump(doc)}
-    end
+    if tonumber(expected) ~= version then return reply('conflict', 0) end
     for i = 1, #A, 2 do new[A[i]] = A[i + 1] end
   else
     return redis.error_reply('chatstate: unknown mode')
@@ -258,55 +412,76 @@ if changes == nil and mode ~= 'D' then
 end
 
 if size > max_bytes then
-  return {'too_large', op_id, size}
+  return 'too_large\n' .. nonce .. '\n' .. size
 end
 
 -- Everything is checked: from here on the script only writes.
 if mode == 'D' then
-  redis.call('DEL', doc, opskey)
+  redis.call('DEL', doc)
   version = 0
-else
-  version = version + 1
-  local sets, dels = {'#v', version, '#s', size}, {}
-  for f, v in pairs(changes) do
-    if v then
-      sets[#sets + 1] = f
-      sets[#sets + 1] = v
-    else
-      dels[#dels + 1] = f
-    end
+  record(0)
+  want = false
+  return reply('applied', 0)
+end
+version = version + 1
+local sets, dels = {'#v', version, '#s', size}, {}
+for f, v in pairs(changes) do
+  if v then
+    sets[#sets + 1] = f
+    sets[#sets + 1] = v
+  else
+    dels[#dels + 1] = f
   end
-  chunked('HDEL', doc, dels)
-  chunked('HSET', doc, sets)
-  if ttl ~= '' then redis.call('PEXPIRE', doc, ttl) end
 end
-
--- Remember the operation: the newest ids, for dedupe ms after the user's last write.
-redis.call('ZADD', opskey, version, op_id)
-if version % 16 == 0 then
-  redis.call('ZREMRANGEBYRANK', opskey, 0, -"""
-    + str(MAX_REMEMBERED_OPS + 1)
-    + r""")
+for s = 1, #dels, 1000 do
+  redis.call('HDEL', doc, unpack(dels, s, math.min(s + 999, #dels)))
 end
-redis.call('PEXPIRE', opskey, dedupe)
-if mode == 'D' then return {'applied', op_id, 0, 0, ''} end
-return {'applied', op_id, version, version, dump(doc)}
-"""
+for s = 1, #sets, 2000 do
+  redis.call('HSET', doc, unpack(sets, s, math.min(s + 1999, #sets)))
+end
+if ttl ~= '' then redis.call('PEXPIRE', doc, ttl) end
+record(version)
+return reply('applied', version, value)
+""".replace("TRIM_BYTES", str(OPS_TRIM_BYTES)).replace("REMEMBERED", str(REMEMBERED_OPS))
 )
 
 
-def write_args(write: Write) -> list[str]:
-    """Pack a write into the apply script's three arguments."""
+def write_args(write: Write, *, fresh: bool = False) -> list[str]:  # noqa: C901, PLR0912 - one branch per operation
+    """Pack a write into the apply script's two arguments.
+
+    ``fresh`` marks the first send of a write whose op key chatstate made up:
+    the script then skips looking the key up (it cannot have been logged).
+
+    Raises:
+        StateTooLargeError: the entries a patch sets already take more than
+            ``max_bytes``, or the patch is over twice that size (checked here,
+            so such a write never reaches, or holds up, the server).
+    """
     op = write.operation
     body: list[str] = []
     expected: int | str = ""
+    flags = ("c" if write.completes_claim else "") + ("n" if fresh else "")
+    lease: int | str = ""
     if isinstance(op, Edits):
         mode = "e"
         expected = "" if op.expected_version is None else op.expected_version
+        least = 0
         for kind, path, value in op.edits:
-            body.append(kind + encode_path(path))
+            text = kind + encode_path(path)
+            body.append(text)
             if kind == SET:
-                body.append(encode_value(value))
+                encoded = encode_value(value)
+                body.append(encoded)
+                least += len(text) - 1 + len(encoded)
+            elif kind != "d":
+                least += len(text) + 1
+        if least > write.max_bytes:
+            raise StateTooLargeError(size=least, limit=write.max_bytes)
+    elif isinstance(op, Increment):
+        mode = "i"
+        body.append(encode_path(op.path))
+        body.extend(encode_path(op.path[:i]) for i in range(1, len(op.path)))
+        body.append(str(op.by))
     elif isinstance(op, Reset):
         mode = "r"
         for path in op.preserved:
@@ -318,9 +493,26 @@ def write_args(write: Write) -> list[str]:
         expected = op.expected_version
         for item in flatten(op.data).items():
             body.extend(item)
+    elif isinstance(op, Acquire):
+        mode = "c"
+        lease = op.lease_ms
+    elif isinstance(op, Release):
+        mode = "l"
     else:
         assert isinstance(op, Delete)
         mode = "D"
+        if op.force:
+            flags += "f"
+    packed = "\n".join(body)
+    if len(packed) > 2 * write.max_bytes + 64:
+        raise StateTooLargeError(
+            size=len(packed),
+            limit=write.max_bytes,
+            detail=f"the write takes {len(packed)} bytes to send, over twice max_bytes",
+        )
     ttl = "" if write.ttl_ms is None else write.ttl_ms
-    params = f"{write.dedupe_ms}\n{ttl}\n{write.max_bytes}\n{mode}\n{expected}"
-    return [write.op_id, params, "\n".join(body)]
+    params = (
+        f"{write.op_key}\n{write.nonce}\n{write.digest}\n{write.dedupe_ms}\n{ttl}\n"
+        f"{write.max_bytes}\n{mode}\n{expected}\n{flags}\n{lease}\n{int(write.want_document)}"
+    )
+    return [params, packed]

@@ -1,14 +1,16 @@
 """StateManager: validates every operation, then has a backend apply it atomically.
 
-The logic (user id checks, compiling patches, building writes, reading outcomes)
-lives in :class:`_ManagerCore` and is pure. :class:`StateManager` and
-:class:`AsyncStateManager` are thin shells that only add the backend call.
+The logic (user id checks, compiling patches, operation keys, nonces and
+digests, building writes, reading outcomes) lives in :class:`_ManagerCore` and
+is pure. :class:`StateManager` and :class:`AsyncStateManager` are thin shells
+that only add the backend calls (and the sleeps between retries).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import inspect
 import os
 import random
@@ -20,23 +22,33 @@ from datetime import timedelta
 from typing import Any, Final, TypeVar
 
 from chatstate.exceptions import (
+    ClaimLostError,
+    ConfigurationError,
     ConflictError,
+    InvalidOpIdError,
     InvalidUserIdError,
     StateError,
+    UsageError,
+    UserBusyError,
 )
 from chatstate.state._backend import (
+    Acquire,
     AsyncBackend,
     Backend,
     Delete,
+    Document,
     Edits,
+    Increment,
     Operation,
     Outcome,
+    Release,
     Replace,
     Reset,
     Snapshot,
     Write,
 )
-from chatstate.state._rules import StateData, copy_json
+from chatstate.state._codec import encode_path, encode_value
+from chatstate.state._rules import SET, Edit, StateData, copy_json, parse_path
 from chatstate.typing import JSONObject, Path
 
 __all__ = ["AsyncStateManager", "StateManager"]
@@ -45,21 +57,55 @@ T = TypeVar("T")
 
 READ: Final = "Failed to read state"
 UPDATE: Final = "Failed to update state"
+ASSIGN: Final = "Failed to assign state"
+INCREMENT: Final = "Failed to increment counter"
 RESET: Final = "Failed to reset state"
 DELETE: Final = "Failed to delete state"
 SET_PRESERVED: Final = "Failed to set preserved field"
 TRANSACTION: Final = "Failed to run state transaction"
+CLAIM: Final = "Failed to claim user"
+COMMIT: Final = "Failed to commit claim"
 
 DEFAULT_DEDUPE: Final = timedelta(minutes=10)
 DEFAULT_MAX_ATTEMPTS: Final = 8
+DEFAULT_LEASE: Final = timedelta(seconds=30)
+DEFAULT_WAIT: Final = timedelta(seconds=10)
 MAX_OP_ID_LENGTH: Final = 200
+APP: Final = "app"
+"""The purpose of op ids given to the service's write methods."""
 
 TransactionFn = Callable[[JSONObject], JSONObject | None]
 
 
+def _b64(raw: bytes) -> str:
+    return urlsafe_b64encode(raw).decode("ascii")
+
+
 def new_op_id() -> str:
     """A fresh random operation id (96 bits, URL-safe text)."""
-    return urlsafe_b64encode(os.urandom(12)).decode("ascii")
+    return _b64(os.urandom(12))
+
+
+def digest_text(text: str) -> str:
+    """A short digest of a request (48 bits): enough to tell two requests apart."""
+    return _b64(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=6).digest())
+
+
+def request_digest(operation: Operation) -> str:
+    """The digest of what an operation asks for (its precondition left out)."""
+    if isinstance(operation, Edits):
+        parts = [
+            kind + encode_path(path) + ("\x00" + encode_value(value) if kind == SET else "")
+            for kind, path, value in operation.edits
+        ]
+        return digest_text("e\n" + "\n".join(parts))
+    if isinstance(operation, Increment):
+        return digest_text(f"i\n{encode_path(operation.path)}\n{operation.by}")
+    if isinstance(operation, Delete):
+        return digest_text("D")
+    if isinstance(operation, Reset):
+        return digest_text("r")
+    return ""
 
 
 @contextlib.contextmanager
@@ -73,13 +119,26 @@ def failing(action: str) -> Iterator[None]:
         raise
 
 
-def _to_ms(value: float | timedelta | None, name: str) -> int | None:
+def to_ms(value: float | timedelta | None, name: str) -> int | None:
+    """Seconds or a timedelta as whole milliseconds (at least 1).
+
+    Raises:
+        ConfigurationError: the value is not positive.
+    """
     if value is None:
         return None
+    if isinstance(value, bool) or not isinstance(value, int | float | timedelta):
+        raise ConfigurationError(f"{name} must be seconds or a timedelta, got {value!r}")
     seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
     if not seconds > 0:
-        raise ValueError(f"{name} must be positive, got {value!r}")
+        raise ConfigurationError(f"{name} must be positive, got {value!r}")
     return max(1, round(seconds * 1000))
+
+
+def _attempts(value: object, name: str = "max_attempts") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f"{name} must be a whole number of at least 1, got {value!r}")
+    return value
 
 
 class _ManagerCore:
@@ -92,14 +151,14 @@ class _ManagerCore:
         dedupe_window: float | timedelta,
         max_attempts: int,
     ) -> None:
+        if rules is not None and not isinstance(rules, StateData):
+            raise ConfigurationError(f"rules must be a StateData, not {type(rules).__name__}")
         self.rules = rules if rules is not None else StateData()
-        self.ttl_ms = _to_ms(ttl, "ttl")
-        dedupe_ms = _to_ms(dedupe_window, "dedupe_window")
+        self.ttl_ms = to_ms(ttl, "ttl")
+        dedupe_ms = to_ms(dedupe_window, "dedupe_window")
         assert dedupe_ms is not None
         self.dedupe_ms = dedupe_ms
-        if max_attempts < 1:
-            raise ValueError("max_attempts must be at least 1")
-        self.max_attempts = max_attempts
+        self.max_attempts = _attempts(max_attempts)
 
     def user_id(self, user_id: object) -> str:
         """Check a user id and return its NFC form.
@@ -123,48 +182,98 @@ class _ManagerCore:
             )
         return user_id
 
-    def write(self, operation: Operation, op_id: str | None) -> Write:
-        generated = op_id is None
-        if op_id is None:
-            op_id = new_op_id()
-        elif (
-            type(op_id) is not str
-            or not op_id
-            or len(op_id) > MAX_OP_ID_LENGTH
-            or not op_id.isprintable()
-        ):
-            raise StateError(
-                f"op_id must be a non-empty printable str of at most {MAX_OP_ID_LENGTH} characters"
-            )
-        return Write(operation, op_id, self.ttl_ms, self.rules.max_bytes, self.dedupe_ms, generated)
+    def write(
+        self,
+        operation: Operation,
+        op_id: str | None,
+        *,
+        purpose: str = APP,
+        fingerprint: str | None = None,
+        digest_request: bool = True,
+    ) -> Write:
+        """Build the write of ``operation``: its operation key, nonce and digest.
 
-    @staticmethod
-    def settle(write: Write, outcome: Outcome) -> Outcome:
-        """A duplicate of an id chatstate generated is this call's own retry: it applied."""
-        if outcome.status == "duplicate" and write.generated_id:
-            return Outcome("applied", outcome.snapshot, outcome.version)
-        return outcome
+        An explicit ``op_id`` is remembered under a key derived from it and
+        ``purpose`` (so the router's ids and yours never collide), with the
+        digest of the request (or of ``fingerprint``) beside it.
+        """
+        raw = os.urandom(15)
+        nonce = _b64(raw[:6])
+        if op_id is None:
+            key = _b64(raw[6:])
+            digest = ""
+        else:
+            if (
+                type(op_id) is not str
+                or not op_id
+                or len(op_id) > MAX_OP_ID_LENGTH
+                or not op_id.isprintable()
+            ):
+                raise InvalidOpIdError(
+                    "op_id must be a non-empty printable str of at most "
+                    f"{MAX_OP_ID_LENGTH} characters"
+                )
+            material = f"{purpose}\x1f{op_id}".encode("utf-8", "surrogatepass")
+            key = _b64(hashlib.blake2b(material, digest_size=9).digest())
+            if fingerprint is not None:
+                digest = digest_text(fingerprint)
+            elif digest_request:
+                digest = request_digest(operation)
+            else:
+                digest = ""
+        return Write(
+            operation, key, nonce, digest, self.ttl_ms, self.rules.max_bytes, self.dedupe_ms,
+            op_id=op_id,
+        )  # fmt: skip
+
+    def edits_write(
+        self,
+        edits: list[Edit],
+        op_id: str | None,
+        if_version: int | None = None,
+        fingerprint: str | None = None,
+    ) -> Write:
+        if if_version is not None and (type(if_version) is not int or if_version < 0):
+            raise UsageError(f"if_version must be a version number, not {if_version!r}")
+        return self.write(Edits(tuple(edits), if_version), op_id, fingerprint=fingerprint)
 
     def update_write(
-        self, patch: Mapping[str, Any], op_id: str | None, if_version: int | None = None
+        self,
+        patch: Mapping[str, Any],
+        op_id: str | None,
+        if_version: int | None = None,
+        fingerprint: str | None = None,
     ) -> Write:
-        return self.write(Edits(tuple(self.rules.compile(patch)), if_version), op_id)
+        return self.edits_write(self.rules.compile(patch), op_id, if_version, fingerprint)
+
+    def assign_write(self, values: Mapping[Any, Any], op_id: str | None) -> Write:
+        return self.write(Edits(tuple(self.rules.assign_edits(values))), op_id)
+
+    def increment_write(self, path: str | Path, by: int, op_id: str | None) -> Write:
+        if type(by) is not int:
+            raise UsageError(f"increment() adds an int, not {type(by).__name__}")
+        checked = self.rules.increment_path(path)
+        return self.write(Increment(checked, by), op_id)
 
     def preserved_write(self, path: str | Path, value: Any, op_id: str | None) -> Write:
-        key = tuple(path.split(".")) if isinstance(path, str) else tuple(path)
+        key = parse_path(path)
         return self.write(Edits(tuple(self.rules.set_preserved_edits(key, value))), op_id)
 
     def reset_write(self, op_id: str | None) -> Write:
         return self.write(Reset(tuple(sorted(self.rules.preserved))), op_id)
 
-    def delete_write(self, op_id: str | None) -> Write:
-        return self.write(Delete(), op_id)
+    def delete_write(self, op_id: str | None, *, force: bool = False) -> Write:
+        return self.write(Delete(force), op_id)
 
     def replace_write(self, current: Snapshot, draft: JSONObject, result: Any) -> Write:
         """The compare-and-set write of a transaction step (``result`` None: the draft)."""
         data = self.rules.check_document(draft if result is None else result)
         self.rules.check_replacement(current.data, data)
         return self.write(Replace(data, current.version), None)
+
+    def document(self, outcome: Outcome) -> Document:
+        """The read-only document a write returns."""
+        return Document(outcome.snapshot, self.rules.preserved)
 
     def conflict(self, attempts: int) -> ConflictError:
         return ConflictError(
@@ -177,6 +286,93 @@ class _ManagerCore:
         """Seconds to wait before the next transaction attempt (jittered)."""
         return random.uniform(0, min(0.05, 0.001 * 2**attempt))  # noqa: S311 - jitter only
 
+    # -- claims ------------------------------------------------------------------
+
+    def acquire_write(
+        self,
+        op_id: str | None,
+        *,
+        purpose: str,
+        fingerprint: str | None,
+        lease_ms: int,
+    ) -> Write:
+        return self.write(
+            Acquire(lease_ms),
+            op_id,
+            purpose=purpose,
+            fingerprint=fingerprint,
+            digest_request=False,
+        )
+
+    def commit_write(self, claim: _ClaimCore) -> Write:
+        return self._claim_write(claim, Edits(tuple(claim.edits)), completes=True)
+
+    def release_write(self, claim: _ClaimCore) -> Write:
+        return self._claim_write(claim, Release(), completes=False)
+
+    def _claim_write(self, claim: _ClaimCore, operation: Operation, *, completes: bool) -> Write:
+        return Write(
+            operation, claim.op_key, claim.nonce, claim.digest, self.ttl_ms,
+            self.rules.max_bytes, self.dedupe_ms, completes_claim=completes, op_id=claim.op_id,
+            want_document=False,
+        )  # fmt: skip
+
+    @staticmethod
+    def busy_delay(attempt: int, retry_after_ms: int) -> float:
+        """How long to wait before asking for a busy claim again (jittered, growing)."""
+        step = min(0.05, 0.002 * 2**attempt)
+        return min(retry_after_ms / 1000, random.uniform(step / 2, step))  # noqa: S311
+
+    @staticmethod
+    def busy(outcome: Outcome, waited: float) -> UserBusyError:
+        return UserBusyError(
+            f"another message of this user was still being handled after {waited:.1f} s",
+            retry_after=outcome.retry_after_ms / 1000,
+        )
+
+
+class _ClaimCore:
+    """What a claim holds: its identity, the snapshot it saw, the staged changes."""
+
+    def __init__(self, core: _ManagerCore, user_id: str, write: Write, outcome: Outcome) -> None:
+        self._core = core
+        self.user_id = user_id
+        self.op_key = write.op_key
+        self.nonce = write.nonce
+        self.digest = write.digest
+        self.op_id = write.op_id
+        self.status = outcome.status
+        self.snapshot = outcome.snapshot
+        self.edits: list[Edit] = []
+        self.state = "open" if outcome.status == "claimed" else "done"
+
+    def stage_update(self, patch: Mapping[str, Any]) -> None:
+        self._open()
+        self.edits.extend(self._core.rules.compile(patch))
+
+    def stage_assign(self, values: Mapping[Any, Any]) -> None:
+        self._open()
+        self.edits.extend(self._core.rules.assign_edits(values))
+
+    def stage_preserved(self, path: str | Path, value: Any) -> None:
+        self._open()
+        self.edits.extend(self._core.rules.set_preserved_edits(parse_path(path), value))
+
+    def _open(self) -> None:
+        if self.state != "open":
+            raise UsageError(
+                "this claim is not open (a duplicate, or already committed or released)"
+            )
+
+    def settle_commit(self, outcome: Outcome) -> Outcome:
+        self.state = "done"
+        if outcome.status == "lost":
+            raise ClaimLostError(
+                "the claim's lease ran out and another handler took the user over; "
+                "nothing was written"
+            )
+        return outcome
+
 
 class StateManager(_ManagerCore):
     """Applies state operations atomically on a synchronous backend.
@@ -185,11 +381,12 @@ class StateManager(_ManagerCore):
         backend: Where documents live.
         rules: The merge rules; ``StateData()`` when omitted.
         ttl: If set, a document expires this long after its last write.
-        dedupe_window: How long an operation id is remembered.
+        dedupe_window: How long operation ids are remembered after a user's last write.
         max_attempts: How often a transaction retries before ``ConflictError``.
 
     Raises:
-        TypeError: ``backend`` is an async backend (use :class:`AsyncStateManager`).
+        UsageError: ``backend`` is an async backend (use :class:`AsyncStateManager`).
+        ConfigurationError: an option is out of range.
     """
 
     def __init__(
@@ -201,8 +398,10 @@ class StateManager(_ManagerCore):
         dedupe_window: float | timedelta = DEFAULT_DEDUPE,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     ) -> None:
-        if inspect.iscoroutinefunction(getattr(backend, "apply", None)):
-            raise TypeError(
+        if not callable(getattr(backend, "apply", None)):
+            raise UsageError(f"{type(backend).__name__} is not a chatstate backend")
+        if inspect.iscoroutinefunction(backend.apply):
+            raise UsageError(
                 f"{type(backend).__name__} is asynchronous: use AsyncStateManager "
                 "or AsyncStateService"
             )
@@ -222,8 +421,7 @@ class StateManager(_ManagerCore):
         """Validate, then apply one write; errors start with ``action``."""
         with failing(action):
             uid = self.user_id(user_id)
-            write = make()
-            return self.settle(write, self.backend.apply(uid, write))
+            return self.backend.apply(uid, make())
 
     def transaction(
         self, user_id: str, fn: TransactionFn, *, max_attempts: int | None = None
@@ -232,7 +430,7 @@ class StateManager(_ManagerCore):
 
         See :meth:`chatstate.StateService.transaction`.
         """
-        attempts = max_attempts or self.max_attempts
+        attempts = self.max_attempts if max_attempts is None else _attempts(max_attempts)
         with failing(TRANSACTION):
             uid = self.user_id(user_id)
             current = self.backend.load(uid) or Snapshot({}, 0)
@@ -243,8 +441,55 @@ class StateManager(_ManagerCore):
                 if outcome.status != "conflict":
                     return outcome.snapshot
                 current = outcome.snapshot
-                time.sleep(self.backoff(attempt))
+                if attempt + 1 < attempts:
+                    time.sleep(self.backoff(attempt))
             raise self.conflict(attempts)
+
+    def claim(
+        self,
+        user_id: str,
+        op_id: str | None,
+        *,
+        purpose: str,
+        fingerprint: str | None,
+        lease: float | timedelta,
+        wait: float | timedelta,
+    ) -> _ClaimCore:
+        """Take the user's claim for ``op_id``, waiting up to ``wait`` while another holds it."""
+        with failing(CLAIM):
+            uid = self.user_id(user_id)
+            lease_ms = to_ms(lease, "lease")
+            wait_ms = to_ms(wait, "wait") if wait else 0
+            assert lease_ms is not None
+            write = self.acquire_write(
+                op_id, purpose=purpose, fingerprint=fingerprint, lease_ms=lease_ms
+            )
+            start = time.monotonic()
+            attempt = 0
+            while True:
+                outcome = self.backend.apply(uid, write)
+                if outcome.status != "busy":
+                    return _ClaimCore(self, uid, write, outcome)
+                waited = time.monotonic() - start
+                delay = self.busy_delay(attempt, outcome.retry_after_ms)
+                if waited + delay > (wait_ms or 0) / 1000:
+                    raise self.busy(outcome, waited)
+                time.sleep(delay)
+                attempt += 1
+
+    def commit(self, claim: _ClaimCore) -> Outcome:
+        """Write the claim's staged changes, remember its op id and release it."""
+        with failing(COMMIT):
+            claim._open()  # noqa: SLF001 - the claim's own check
+            return claim.settle_commit(self.backend.apply(claim.user_id, self.commit_write(claim)))
+
+    def release(self, claim: _ClaimCore) -> None:
+        """Give the claim up without recording anything (the message may come again)."""
+        if claim.state != "open":
+            return
+        claim.state = "done"
+        with failing(COMMIT):
+            self.backend.apply(claim.user_id, self.release_write(claim))
 
     def close(self) -> None:
         """Close the backend."""
@@ -255,7 +500,7 @@ class AsyncStateManager(_ManagerCore):
     """The asyncio twin of :class:`StateManager`.
 
     Raises:
-        TypeError: ``backend`` is a sync backend (use :class:`StateManager`).
+        UsageError: ``backend`` is a sync backend (use :class:`StateManager`).
     """
 
     def __init__(
@@ -268,7 +513,7 @@ class AsyncStateManager(_ManagerCore):
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     ) -> None:
         if not inspect.iscoroutinefunction(getattr(backend, "apply", None)):
-            raise TypeError(
+            raise UsageError(
                 f"{type(backend).__name__} is synchronous: use StateManager or StateService"
             )
         super().__init__(rules, ttl, dedupe_window, max_attempts)
@@ -287,8 +532,7 @@ class AsyncStateManager(_ManagerCore):
         """Validate, then apply one write; errors start with ``action``."""
         with failing(action):
             uid = self.user_id(user_id)
-            write = make()
-            return self.settle(write, await self.backend.apply(uid, write))
+            return await self.backend.apply(uid, make())
 
     async def transaction(
         self,
@@ -298,7 +542,7 @@ class AsyncStateManager(_ManagerCore):
         max_attempts: int | None = None,
     ) -> Snapshot:
         """The asyncio twin of :meth:`StateManager.transaction`; ``fn`` may be async."""
-        attempts = max_attempts or self.max_attempts
+        attempts = self.max_attempts if max_attempts is None else _attempts(max_attempts)
         with failing(TRANSACTION):
             uid = self.user_id(user_id)
             current = await self.backend.load(uid) or Snapshot({}, 0)
@@ -312,8 +556,57 @@ class AsyncStateManager(_ManagerCore):
                 if outcome.status != "conflict":
                     return outcome.snapshot
                 current = outcome.snapshot
-                await asyncio.sleep(self.backoff(attempt))
+                if attempt + 1 < attempts:
+                    await asyncio.sleep(self.backoff(attempt))
             raise self.conflict(attempts)
+
+    async def claim(
+        self,
+        user_id: str,
+        op_id: str | None,
+        *,
+        purpose: str,
+        fingerprint: str | None,
+        lease: float | timedelta,
+        wait: float | timedelta,
+    ) -> _ClaimCore:
+        """The asyncio twin of :meth:`StateManager.claim`."""
+        with failing(CLAIM):
+            uid = self.user_id(user_id)
+            lease_ms = to_ms(lease, "lease")
+            wait_ms = to_ms(wait, "wait") if wait else 0
+            assert lease_ms is not None
+            write = self.acquire_write(
+                op_id, purpose=purpose, fingerprint=fingerprint, lease_ms=lease_ms
+            )
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            attempt = 0
+            while True:
+                outcome = await self.backend.apply(uid, write)
+                if outcome.status != "busy":
+                    return _ClaimCore(self, uid, write, outcome)
+                waited = loop.time() - start
+                delay = self.busy_delay(attempt, outcome.retry_after_ms)
+                if waited + delay > (wait_ms or 0) / 1000:
+                    raise self.busy(outcome, waited)
+                await asyncio.sleep(delay)
+                attempt += 1
+
+    async def commit(self, claim: _ClaimCore) -> Outcome:
+        """The asyncio twin of :meth:`StateManager.commit`."""
+        with failing(COMMIT):
+            claim._open()  # noqa: SLF001 - the claim's own check
+            outcome = await self.backend.apply(claim.user_id, self.commit_write(claim))
+            return claim.settle_commit(outcome)
+
+    async def release(self, claim: _ClaimCore) -> None:
+        """The asyncio twin of :meth:`StateManager.release`."""
+        if claim.state != "open":
+            return
+        claim.state = "done"
+        with failing(COMMIT):
+            await self.backend.apply(claim.user_id, self.release_write(claim))
 
     async def aclose(self) -> None:
         """Close the backend."""

@@ -2,114 +2,116 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import heapq
-import json
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import attrs
 
+from chatstate._locks import AsyncKeyedLocks, KeyedLocks
 from chatstate.state._backend import (
-    MAX_REMEMBERED_OPS,
-    Edits,
+    UNCHANGED,
+    Acquire,
+    OpLog,
     Outcome,
     Snapshot,
     Write,
-    apply_operation,
+    apply_write,
+    clone,
 )
+from chatstate.typing import JSONObject
 
 __all__ = ["AsyncMemoryBackend", "MemoryBackend"]
 
-_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
-_decode = json.JSONDecoder().decode
 
+@attrs.define(slots=True)
+class _User:
+    """One user's record: the document (never changed once stored) and the operation log."""
 
-@attrs.define
-class _Ops:
-    versions: OrderedDict[str, int]  # op id -> the version it produced, oldest first
-    expires_at: float
-
-
-@attrs.define
-class _Record:
-    text: str  # the document as JSON text: a read can never alias stored data
-    version: int
-    expires_at: float | None
-    size: int  # the stored size, kept up to date by each write
+    root: JSONObject | None = None
+    version: int = 0
+    size: int = 0
+    expires_at: float | None = None
+    log: OpLog = attrs.Factory(OpLog)
+    log_expires_at: float = 0.0
 
 
 class MemoryBackend:
     """A thread-safe store of documents in this process's memory.
 
-    Documents are kept as JSON text, so no object handed to or returned by the
-    backend is ever shared with what is stored. Expired documents are invisible
-    at once and their memory is reclaimed on later writes. One lock guards every
+    A stored document is never changed: a write builds the new one, copying
+    only the objects on the paths it edits, and every document handed out is a
+    private copy made when it is first read. Expired documents are invisible at
+    once and their memory is reclaimed on later writes. One lock guards every
     operation and is never held across an ``await``, so a sync and an async
     service may share one ``MemoryBackend`` (see :class:`AsyncMemoryBackend`).
 
     Args:
-        clock: A monotonic clock in seconds; tests pass a fake one to move time.
+        clock: A monotonic clock in seconds; tests pass a fake one to move time
+            (expiry, the dedupe window and claims all follow it).
     """
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._lock = threading.Lock()
-        self._records: dict[str, _Record] = {}
+        self._users: dict[str, _User] = {}
         self._expiries: list[tuple[float, str]] = []
-        self._ops: dict[str, _Ops] = {}
-        self._op_expiries: list[tuple[float, str]] = []
-        self._user_locks: dict[tuple[str, str], threading.Lock] = {}
+        self._locks = KeyedLocks()
 
     def __repr__(self) -> str:
-        return f"<MemoryBackend users={len(self._records)}>"
+        return f"<MemoryBackend users={len(self)}>"
 
     def __len__(self) -> int:
         """How many documents are stored, expired ones not yet reclaimed included."""
-        return len(self._records)
+        return sum(1 for u in self._users.values() if u.root is not None)
 
     def load(self, user_id: str) -> Snapshot | None:
         """Return the user's document, or ``None``."""
         with self._lock:
-            record = self._live(user_id, self._clock())
-            if record is None:
+            user = self._users.get(user_id)
+            if user is None or user.root is None:
                 return None
-            return Snapshot(_decode(record.text), record.version)
+            if user.expires_at is not None and user.expires_at <= self._clock():
+                return None
+            root = user.root
+            return Snapshot.lazy(user.version, lambda: clone(root))
 
     def apply(self, user_id: str, write: Write) -> Outcome:
         """Apply ``write`` atomically."""
         with self._lock:
             now = self._clock()
-            self._reclaim(now)
-            record = self._live(user_id, now)
-            current = None if record is None else Snapshot(_decode(record.text), record.version)
-            ops = self._ops.get(user_id)
-            if ops is not None and write.op_id in ops.versions:
-                seen = ops.versions[write.op_id]
-                return Outcome("duplicate", current or Snapshot({}, 0), seen)
-            size = record.size if record is not None else 0
-            status, data, size = apply_operation(current, write.operation, write.max_bytes, size)
-            if status == "conflict":
-                return Outcome("conflict", current or Snapshot({}, 0), 0)
-            if data is None:
-                self._records.pop(user_id, None)
-                self._remember(user_id, write, 0, now, fresh=True)
-                return Outcome("applied", Snapshot({}, 0), 0)
-            version = (record.version if record is not None else 0) + 1
-            expires_at = None
-            if write.ttl_ms is not None:
-                expires_at = now + write.ttl_ms / 1000
-                heapq.heappush(self._expiries, (expires_at, user_id))
-            text = _encode(data)
-            self._records[user_id] = _Record(text, version, expires_at, size)
-            self._remember(user_id, write, version, now, fresh=False)
-            # Edits build fresh objects (compile copies list values), so the result can
-            # be handed out as it is; other operations may hold the caller's objects.
-            out = data if isinstance(write.operation, Edits) else _decode(text)
-            return Outcome("applied", Snapshot(out, version), version)
+            if self._expiries and self._expiries[0][0] <= now:
+                self._reclaim(now)
+            user = self._users.get(user_id) or _User()
+            if user.root is not None and user.expires_at is not None and user.expires_at <= now:
+                user.root, user.version, user.size, user.expires_at = None, 0, 0, None
+            if user.log_expires_at <= now:
+                user.log = OpLog()
+            current = None if user.root is None else Snapshot(user.root, user.version)
+            result = apply_write(current, user.log, write, int(now * 1000), user.size, shared=True)
+            if result.log_changed:
+                keep = write.dedupe_ms
+                if isinstance(write.operation, Acquire):
+                    keep = max(keep, write.operation.lease_ms)
+                user.log_expires_at = now + keep / 1000
+                heapq.heappush(self._expiries, (user.log_expires_at, user_id))
+            data = result.data
+            if data is not UNCHANGED:
+                if data is None:
+                    user.root, user.version, user.size, user.expires_at = None, 0, 0, None
+                else:
+                    assert isinstance(data, dict)
+                    user.root, user.version, user.size = data, result.outcome.version, result.size
+                    if write.ttl_ms is not None:
+                        user.expires_at = now + write.ttl_ms / 1000
+                        heapq.heappush(self._expiries, (user.expires_at, user_id))
+            if user.root is None and not user.log.records and user.log.lease is None:
+                self._users.pop(user_id, None)
+            else:
+                self._users[user_id] = user
+            return result.outcome
 
     def close(self) -> None:
         """Nothing to release; present for the :class:`Backend` protocol."""
@@ -122,47 +124,27 @@ class MemoryBackend:
             user_id: The user.
             name: Which lock of the user's.
             lease: Unused in memory (a process that dies takes its locks along).
-            wait: How long to wait for the lock before ``TimeoutError``.
+            wait: How long to wait for the lock.
+
+        Raises:
+            LockTimeoutError: the lock was not free within ``wait`` seconds.
         """
         del lease
-        with self._lock:
-            held = self._user_locks.setdefault((user_id, name), threading.Lock())
-        if not held.acquire(timeout=wait):
-            raise TimeoutError(f"another holder kept the {name!r} lock for {wait} s")
-        try:
+        with self._locks.hold((user_id, name), wait, name):
             yield
-        finally:
-            held.release()
-
-    def _live(self, user_id: str, now: float) -> _Record | None:
-        record = self._records.get(user_id)
-        if record is not None and record.expires_at is not None and record.expires_at <= now:
-            del self._records[user_id]
-            return None
-        return record
 
     def _reclaim(self, now: float) -> None:
         while self._expiries and self._expiries[0][0] <= now:
             _, user_id = heapq.heappop(self._expiries)
-            self._live(user_id, now)
-        while self._op_expiries and self._op_expiries[0][0] <= now:
-            _, user_id = heapq.heappop(self._op_expiries)
-            ops = self._ops.get(user_id)
-            if ops is not None and ops.expires_at <= now:
-                del self._ops[user_id]
-
-    def _remember(
-        self, user_id: str, write: Write, version: int, now: float, *, fresh: bool
-    ) -> None:
-        """Remember an op id, as the Redis script does: newest 128, until idle for dedupe_ms."""
-        ops = None if fresh else self._ops.get(user_id)
-        if ops is None or ops.expires_at <= now:
-            ops = self._ops[user_id] = _Ops(OrderedDict(), 0.0)
-        ops.versions[write.op_id] = version
-        while len(ops.versions) > MAX_REMEMBERED_OPS:
-            ops.versions.popitem(last=False)
-        ops.expires_at = now + write.dedupe_ms / 1000
-        heapq.heappush(self._op_expiries, (ops.expires_at, user_id))
+            user = self._users.get(user_id)
+            if user is None:
+                continue
+            if user.root is not None and user.expires_at is not None and user.expires_at <= now:
+                user.root, user.version, user.size, user.expires_at = None, 0, 0, None
+            if user.log_expires_at <= now:
+                user.log = OpLog()
+            if user.root is None and not user.log.records and user.log.lease is None:
+                del self._users[user_id]
 
 
 class AsyncMemoryBackend:
@@ -174,7 +156,7 @@ class AsyncMemoryBackend:
 
     def __init__(self, store: MemoryBackend | None = None) -> None:
         self.store = store if store is not None else MemoryBackend()
-        self._locks: dict[tuple[int, str, str], asyncio.Lock] = {}
+        self._locks = AsyncKeyedLocks()
 
     def __repr__(self) -> str:
         return f"<AsyncMemoryBackend users={len(self.store)}>"
@@ -196,13 +178,5 @@ class AsyncMemoryBackend:
     ) -> AsyncIterator[None]:
         """The asyncio twin of :meth:`MemoryBackend.lock` (tasks of one event loop)."""
         del lease
-        key = (id(asyncio.get_running_loop()), user_id, name)
-        held = self._locks.setdefault(key, asyncio.Lock())
-        try:
-            await asyncio.wait_for(held.acquire(), wait)
-        except TimeoutError:
-            raise TimeoutError(f"another holder kept the {name!r} lock for {wait} s") from None
-        try:
+        async with self._locks.hold((user_id, name), wait, name):
             yield
-        finally:
-            held.release()

@@ -2,7 +2,10 @@
 
 :class:`_RedisCore` holds what is not I/O (keys, argument packing, reply
 decoding, error mapping); :class:`RedisBackend` and :class:`AsyncRedisBackend`
-only add the calls to redis-py.
+only add the calls to redis-py. On a standalone server (or one Sentinel
+manages) they send commands on pooled connections themselves, so they always
+know whether a write was sent: a write that never left is never called
+"unknown". The asyncio backend also pipelines automatically (see ``_pipeline``).
 """
 
 from __future__ import annotations
@@ -10,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Final, Self, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, Final, Self, TypeVar
 from urllib.parse import quote
 
 import redis
@@ -19,27 +22,42 @@ import redis.asyncio
 import redis.exceptions as rex
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.commands.core import AsyncScript, Script
 from redis.retry import Retry
 
 from chatstate.exceptions import (
     BackendAuthenticationError,
     BackendError,
+    BackendPermissionError,
     BackendUnavailable,
+    ConfigurationError,
     CorruptStateError,
+    LockLostError,
+    LockTimeoutError,
+    OpIdReusedError,
     OutcomeUnknown,
     StateTooLargeError,
     StoreBusyError,
     StoreFullError,
 )
-from chatstate.state._backend import Outcome, Snapshot, Write
-from chatstate.state._codec import unflatten_joined
+from chatstate.state._backend import (
+    Increment,
+    Outcome,
+    Snapshot,
+    Write,
+    corrupt,
+    counter_not_integer,
+    counter_overflow,
+)
+from chatstate.state._codec import unflatten_parts
 from chatstate.state._lua import APPLY_SCRIPT, LOAD_SCRIPT, write_args
 from chatstate.state._manager import new_op_id
-
-if TYPE_CHECKING:
-    from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
-    from redis.cluster import RedisCluster
+from chatstate.state._pipeline import (
+    AutoPipeline,
+    NotSent,
+    connection_args,
+    execute_once,
+    pack,
+)
 
 __all__ = ["AsyncRedisBackend", "RedisBackend"]
 
@@ -47,20 +65,17 @@ T = TypeVar("T")
 
 DEFAULT_NAMESPACE: Final = "chatstate"
 _SAFE_ID_CHARS: Final = "@+"  # plus quote()'s own: letters, digits and "_.-~"
-_STATUSES: Final = {"applied", "duplicate", "conflict"}
-
-
-def _text(value: bytes | str | int) -> str:
-    if isinstance(value, bytes):
-        return value.decode("utf-8")
-    return str(value)
+_STATUSES: Final = frozenset(
+    {"applied", "duplicate", "conflict", "claimed", "busy", "released", "lost"}
+)
+_NOSCRIPT_ATTEMPTS: Final = 5
 
 
 def _check_namespace(namespace: object) -> str:
     if not isinstance(namespace, str) or not namespace:
-        raise ValueError("namespace must be a non-empty str")
+        raise ConfigurationError("namespace must be a non-empty str")
     if any(c in namespace for c in "{}") or not namespace.isprintable():
-        raise ValueError("namespace must be printable and hold no '{' or '}'")
+        raise ConfigurationError("namespace must be printable and hold no '{' or '}'")
     return namespace
 
 
@@ -113,8 +128,9 @@ class _AsyncRetry(AsyncRetry):
 def default_client_options(*, asynchronous: bool) -> dict[str, Any]:
     """Timeouts and retries for clients that chatstate creates itself.
 
-    redis-py re-sends a command after a dropped connection; that is safe for our
-    writes because every write carries an operation id the script remembers.
+    redis-py's own retries apply to the commands chatstate leaves to it (locks,
+    ``ping``, Cluster routing); chatstate re-sends its scripts itself, safely,
+    because every write carries an operation key and a nonce.
     """
     backoff = ExponentialWithJitterBackoff(base=0.05, cap=1.0)
     retry = _AsyncRetry(backoff, retries=3) if asynchronous else _Retry(backoff, retries=3)
@@ -126,96 +142,213 @@ def default_client_options(*, asynchronous: bool) -> dict[str, Any]:
     }
 
 
+def _text(raw: Any) -> str:
+    if isinstance(raw, bytes):
+        return raw.decode("utf-8")
+    if isinstance(raw, str):
+        return raw
+    raise TypeError(f"a script replied with a {type(raw).__name__}")
+
+
 class _RedisCore:
-    """The pure half of the Redis backends."""
+    """The pure half of the Redis backends: keys and replies."""
 
     def __init__(self, namespace: str) -> None:
         self.namespace = _check_namespace(namespace)
 
     def keys(self, user_id: str) -> list[str]:
-        """The document key and the operation-id key of a user: one hash slot.
+        """A user's document, operation-log and claim keys: one hash slot.
 
         The user id is percent-encoded (so distinct ids give distinct keys and no
         id can open or close a hash tag) and the encoded id is the hash tag.
         """
         tag = quote(user_id, safe=_SAFE_ID_CHARS)
         base = f"{self.namespace}:{{{tag}}}"
-        return [base, base + ":ops"]
+        return [base, base + ":ops", base + ":claim"]
 
-    def parse_load(self, reply: Sequence[Any], key: str, echo: str) -> Snapshot | None:
-        status = _text(reply[0])
-        if status == "corrupt":
-            raise self._corrupt(reply)
-        if _text(reply[1]) != echo:
-            raise BackendError("the reply did not belong to this request; connection dropped")
-        version = int(reply[2])
-        if version == 0:
+    @staticmethod
+    def hash_snapshot(parts: list[str], key: str) -> Snapshot | None:
+        """A snapshot of a document hash given as its fields and values, alternating.
+
+        The version is checked now; the values are decoded when first read.
+        """
+        if not parts or parts == [""]:
             return None
-        return Snapshot(self._document(reply, key), version)
-
-    def parse_apply(self, reply: Sequence[Any], write: Write, key: str) -> Outcome:
-        status = _text(reply[0])
-        if status == "corrupt":
-            raise self._corrupt(reply)
-        if _text(reply[1]) != write.op_id:
-            raise BackendError("the reply did not belong to this request; connection dropped")
-        if status == "too_large":
-            raise StateTooLargeError(size=int(reply[2]), limit=write.max_bytes)
-        if status not in _STATUSES:
-            raise BackendError(f"unexpected reply status {status!r} from the script")
-        snapshot = Snapshot(self._document(reply, key), int(reply[2]))
-        return Outcome(status, snapshot, int(reply[3]))  # type: ignore[arg-type]
-
-    @staticmethod
-    def _corrupt(reply: Sequence[Any]) -> CorruptStateError:
-        key = _text(reply[1])
-        return CorruptStateError(f"{_text(reply[2])} (key {key!r}); nothing was written", key=key)
-
-    @staticmethod
-    def _document(reply: Sequence[Any], key: str) -> dict[str, Any]:
+        if len(parts) % 2:
+            raise corrupt(key, "the hash does not hold a chatstate document")
+        fields = parts[0::2]
         try:
-            return unflatten_joined(_text(reply[4]))
-        except (ValueError, UnicodeDecodeError) as exc:
+            at = fields.index("#v")
+        except ValueError:
+            raise corrupt(key, "the hash has no version field") from None
+        raw = parts[2 * at + 1]
+        if not (raw.isascii() and raw.isdigit()) or "#s" not in fields:
+            raise corrupt(key, "the version or size field is not a whole number")
+
+        def decode() -> dict[str, Any]:
+            try:
+                return unflatten_parts(parts)
+            except ValueError as exc:
+                raise CorruptStateError(
+                    f"the hash does not hold a chatstate document (key {key!r}): {exc}", key=key
+                ) from exc
+
+        return Snapshot.lazy(int(raw), decode)
+
+    @staticmethod
+    def decode_dump(dump: str, key: str) -> dict[str, Any]:
+        """Decode a document hash given as its fields and values joined by newlines."""
+        try:
+            return unflatten_parts(dump.split("\n"))
+        except ValueError as exc:
             raise CorruptStateError(
                 f"the hash does not hold a chatstate document (key {key!r}): {exc}", key=key
             ) from exc
 
+    def parse_load(self, raw: Any, key: str, echo: str) -> Snapshot | None:
+        text = self._reply_text(raw, key)
+        head, _, rest = text.partition("\n")
+        if head == "corrupt":
+            raise self._corrupt(text)
+        mark, _, dump = rest.partition("\n")
+        if head != "ok" or mark != echo:
+            raise BackendError("the reply did not belong to this request; connection dropped")
+        return self.hash_snapshot(dump.split("\n") if dump else [], key)
+
+    def parse_hgetall(self, raw: Any, key: str) -> Snapshot | None:
+        # A dict from RESP3 or a client with response callbacks, else a flat list.
+        items = [x for kv in raw.items() for x in kv] if isinstance(raw, dict) else list(raw)
+        if not items:
+            return None
+        try:
+            parts = [x.decode("utf-8") if isinstance(x, bytes) else str(x) for x in items]
+        except UnicodeDecodeError:
+            raise corrupt(key, "the hash holds text that is not UTF-8") from None
+        return self.hash_snapshot(parts, key)
+
+    def parse_apply(self, raw: Any, write: Write, key: str) -> Outcome:
+        text = self._reply_text(raw, key)
+        parts = text.split("\n", 5)
+        status = parts[0]
+        if status == "corrupt":
+            raise self._corrupt(text)
+        if len(parts) < 3 or parts[1] != write.nonce:
+            raise BackendError("the reply did not belong to this request; connection dropped")
+        if status == "too_large":
+            raise StateTooLargeError(size=int(parts[2]), limit=write.max_bytes)
+        if status == "reused":
+            raise OpIdReusedError(
+                "this op_id was already used for a different request",
+                op_id=write.op_id or write.op_key,
+            )
+        op = write.operation
+        if status == "counter":
+            assert isinstance(op, Increment)
+            if parts[4] == "overflow":
+                raise counter_overflow(op.path)
+            raise counter_not_integer(op.path)
+        if status not in _STATUSES:
+            raise BackendError(f"unexpected reply status {status!r} from the script")
+        version, current, extra = int(parts[2]), int(parts[3]), parts[4]
+        dump = parts[5] if len(parts) > 5 else ""
+        if write.want_document and dump:
+            snapshot = Snapshot.lazy(current, lambda: self.decode_dump(dump, key))
+        else:
+            snapshot = Snapshot({}, current)
+        value = int(extra) if status == "applied" and isinstance(op, Increment) else None
+        retry = int(extra) if status == "busy" else 0
+        return Outcome(status, snapshot, version, value=value, retry_after_ms=retry)  # type: ignore[arg-type]
+
+    @staticmethod
+    def _reply_text(raw: Any, key: str) -> str:
+        try:
+            return _text(raw)
+        except (UnicodeDecodeError, TypeError):
+            raise corrupt(key, "the hash holds text that is not UTF-8") from None
+
+    @staticmethod
+    def _corrupt(text: str) -> CorruptStateError:
+        _, key, why = [*text.split("\n", 2), "", ""][:3]
+        return corrupt(key, why)
+
 
 @contextlib.contextmanager
-def map_redis_errors(key: str, op_id: str | None = None) -> Iterator[None]:  # noqa: C901, PLR0912 - one flat table of translations
+def map_redis_errors(  # noqa: C901, PLR0912, PLR0915 - one flat table of translations
+    key: str, write: Write | None = None, *, unknown: bool = False
+) -> Iterator[None]:
     """Translate redis-py errors into chatstate errors, once, for both twins.
 
-    ``op_id`` marks a write: a connection lost during a write becomes
-    :class:`OutcomeUnknown`, since the script may have run.
+    ``write`` marks a write: a connection lost after sending it becomes
+    :class:`OutcomeUnknown`, since the script may have run. ``unknown`` says an
+    earlier attempt of the same write ended so: then every failure that is not
+    an answer from the script stays :class:`OutcomeUnknown`.
     """
+    op_id = None if write is None else (write.op_id or write.op_key)
+
+    def unknown_outcome(exc: BaseException) -> OutcomeUnknown:
+        assert op_id is not None
+        return OutcomeUnknown(
+            f"lost the connection during a write to {key!r} ({type(exc).__name__}); "
+            "it may or may not have been applied; retrying with the same op_id is safe",
+            op_id=op_id,
+        )
+
     try:
         yield
+    except NotSent as exc:
+        if unknown and op_id is not None:
+            raise unknown_outcome(exc) from exc
+        raise BackendUnavailable(
+            f"no connection to the server ({_short(exc)}); nothing was sent"
+        ) from exc
     except (rex.AuthenticationError, rex.AuthorizationError) as exc:
+        if unknown and op_id is not None:
+            raise unknown_outcome(exc) from exc
         raise BackendAuthenticationError(
             "the server refused the credentials (check the password or ACL user)"
         ) from exc
+    except rex.NoPermissionError as exc:
+        raise BackendPermissionError(
+            f"the ACL user may not run a command chatstate needs ({_short(exc)}); "
+            "see the ACL in the operations guide"
+        ) from exc
     except rex.BusyLoadingError as exc:
+        if unknown and op_id is not None:
+            raise unknown_outcome(exc) from exc
         raise StoreBusyError("the server is loading its data set; try again shortly") from exc
-    except (rex.ConnectionError, rex.TimeoutError, rex.ClusterDownError) as exc:
+    except rex.MaxConnectionsError as exc:
+        if unknown and op_id is not None:
+            raise unknown_outcome(exc) from exc
+        raise BackendUnavailable(
+            "every connection of the pool is in use; nothing was sent"
+        ) from exc
+    except (rex.ConnectionError, rex.TimeoutError, rex.ClusterDownError, OSError) as exc:
         if op_id is not None:
-            raise OutcomeUnknown(
-                f"lost the connection during a write to {key!r} ({type(exc).__name__}); "
-                "it may or may not have been applied; retrying with the same op_id is safe",
-                op_id=op_id,
-            ) from exc
+            raise unknown_outcome(exc) from exc
         raise BackendUnavailable(
             f"cannot reach the server ({type(exc).__name__}: {_short(exc)})"
         ) from exc
     except rex.ReadOnlyError as exc:
+        if unknown and op_id is not None:
+            raise unknown_outcome(exc) from exc
         raise BackendUnavailable(
             "the server is a read-only replica (a failover in progress?)"
         ) from exc
     except rex.OutOfMemoryError as exc:
+        if unknown and op_id is not None:
+            raise unknown_outcome(exc) from exc
         raise StoreFullError(
             "the server is out of memory (maxmemory); nothing was written"
         ) from exc
     except rex.ResponseError as exc:
         message = str(exc)
+        if message.startswith("NOPERM") or "NOPERM" in message[:80]:
+            raise BackendPermissionError(
+                f"the ACL user may not run a command chatstate needs ({_short(exc)}); "
+                "see the ACL in the operations guide"
+            ) from exc
+        if unknown and op_id is not None:
+            raise unknown_outcome(exc) from exc
         if message.startswith("OOM"):
             raise StoreFullError(
                 "the server is out of memory (maxmemory); nothing was written"
@@ -228,47 +361,9 @@ def map_redis_errors(key: str, op_id: str | None = None) -> Iterator[None]:  # n
             ) from exc
         raise BackendError(f"the server answered with an error: {_short(exc)}") from exc
     except rex.RedisError as exc:
+        if unknown and op_id is not None:
+            raise unknown_outcome(exc) from exc
         raise BackendError(f"the Redis client failed: {type(exc).__name__}: {_short(exc)}") from exc
-    except (AttributeError, TypeError, OSError, RuntimeError) as exc:
-        # redis-py's cluster clients can fail inside their own connection
-        # handling under concurrency; such a failure says nothing about the data.
-        if op_id is not None:
-            raise OutcomeUnknown(
-                f"the Redis client failed during a write to {key!r} ({type(exc).__name__}); "
-                "it may or may not have been applied; retrying with the same op_id is safe",
-                op_id=op_id,
-            ) from exc
-        raise BackendUnavailable(f"the Redis client failed ({type(exc).__name__})") from exc
-
-
-_NOSCRIPT_ATTEMPTS: Final = 5
-
-
-def _run(script: Script, keys: list[str], args: list[Any]) -> Any:
-    """Call a registered script; redis-py reloads it once on NOSCRIPT, we insist.
-
-    A flush can land between redis-py's reload and its second EVALSHA (seen
-    under a SCRIPT FLUSH loop). NOSCRIPT means the script did not run, so
-    calling again is always safe.
-    """
-    for attempt in range(_NOSCRIPT_ATTEMPTS):
-        try:
-            return script(keys=keys, args=args)
-        except rex.NoScriptError:
-            if attempt == _NOSCRIPT_ATTEMPTS - 1:
-                raise
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-async def _arun(script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
-    """The asyncio twin of :func:`_run`."""
-    for attempt in range(_NOSCRIPT_ATTEMPTS):
-        try:
-            return await script(keys=keys, args=args)
-        except rex.NoScriptError:
-            if attempt == _NOSCRIPT_ATTEMPTS - 1:
-                raise
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _resolve_delay(attempt: int) -> float:
@@ -280,8 +375,24 @@ def _short(exc: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
+def _is_cluster(client: Any) -> bool:
+    return hasattr(client, "get_node_from_key") or hasattr(client, "nodes_manager")
+
+
+def _hiredis(client: Any) -> bool:
+    """True when the client parses replies with hiredis (plain HGETALL is then fastest)."""
+    try:
+        from redis.utils import HIREDIS_AVAILABLE  # noqa: PLC0415 - only checked once
+    except ImportError:  # pragma: no cover - every supported redis-py has it
+        return False
+    if not HIREDIS_AVAILABLE or _is_cluster(client):
+        return False
+    parser = client.connection_pool.connection_kwargs.get("parser_class")
+    return parser is None or "Hiredis" in getattr(parser, "__name__", "")
+
+
 class _RedisBackendBase:
-    """What the two Redis backends share: construction, keys, repr."""
+    """What the two Redis backends share: construction, keys, scripts, repr."""
 
     def __init__(
         self,
@@ -291,35 +402,25 @@ class _RedisBackendBase:
         resolve_attempts: int = 2,
         _owns_client: bool = False,
     ) -> None:
+        if isinstance(resolve_attempts, bool) or not isinstance(resolve_attempts, int):
+            raise ConfigurationError("resolve_attempts must be a whole number")
+        if resolve_attempts < 0:
+            raise ConfigurationError("resolve_attempts must not be negative")
         self._core = _RedisCore(namespace)
         self.client = client
         self.resolve_attempts = resolve_attempts
         self._owns_client = _owns_client
-        self._apply = client.register_script(APPLY_SCRIPT)
-        self._load = client.register_script(LOAD_SCRIPT)
+        self._cluster = _is_cluster(client)
+        self._apply_script = client.register_script(APPLY_SCRIPT)
+        self._load_script = client.register_script(LOAD_SCRIPT)
+        self._plain_reads = _hiredis(client)
+        pool = getattr(client, "connection_pool", None)
+        self._how = connection_args(pool) if pool is not None else ()
+        self._idle: list[Any] = []
 
-    @classmethod
-    def _from_url(
-        cls, url: str, namespace: str, options: dict[str, Any], *, asynchronous: bool
-    ) -> Any:
-        cluster = options.pop("cluster", False)
-        resolve_attempts = options.pop("resolve_attempts", 2)
-        kwargs = {**default_client_options(asynchronous=asynchronous), **options}
-        client: Any
-        if cluster:
-            kwargs.pop("health_check_interval", None)
-            if asynchronous:
-                from redis.asyncio.cluster import RedisCluster as Cluster  # noqa: PLC0415
-            else:
-                from redis.cluster import RedisCluster as Cluster  # type: ignore[assignment]  # noqa: PLC0415
-            client = Cluster.from_url(url, **kwargs)
-        elif asynchronous:
-            client = redis.asyncio.Redis.from_url(url, **kwargs)
-        else:
-            client = redis.Redis.from_url(url, **kwargs)
-        return cls(
-            client, namespace=namespace, resolve_attempts=resolve_attempts, _owns_client=True
-        )
+    @staticmethod
+    def _client_kwargs(options: dict[str, Any], *, asynchronous: bool) -> dict[str, Any]:
+        return {**default_client_options(asynchronous=asynchronous), **options}
 
     def __repr__(self) -> str:
         location = _safe_location(self.client)
@@ -329,13 +430,26 @@ class _RedisBackendBase:
         """The Redis keys of a user's data (for an already checked user id)."""
         return self._core.keys(user_id)
 
+    def _apply_args(self, write: Write, keys: list[str], *, fresh: bool) -> tuple[Any, ...]:
+        # A first send may skip the op-log lookup only where nothing re-sends
+        # behind our back (redis-py's cluster client retries on its own).
+        fresh = fresh and write.op_id is None and not self._cluster
+        return ("EVALSHA", self._apply_script.sha, 3, *keys, *write_args(write, fresh=fresh))
+
+    def _load_args(self, key: str, echo: str) -> tuple[Any, ...]:
+        return ("EVALSHA", self._load_script.sha, 1, key, echo)
+
+    def _script_text(self, sha: str) -> str:
+        return APPLY_SCRIPT if sha == self._apply_script.sha else LOAD_SCRIPT
+
 
 class RedisBackend(_RedisBackendBase):
     """Documents in Redis or Valkey (standalone, Sentinel-managed or Cluster).
 
-    Each user's document is a hash ``<namespace>:{<id>}`` and the ids of its
-    recent writes a sorted set ``<namespace>:{<id>}:ops``; the braces make both
-    keys one Cluster hash slot. Every write and every read is one EVALSHA.
+    Each user's document is a hash ``<namespace>:{<id>}`` and its operation log
+    a hash ``<namespace>:{<id>}:ops``; the braces make both keys one Cluster
+    hash slot. Every write is one EVALSHA; a read is one EVALSHA, or one plain
+    HGETALL when hiredis parses the replies.
 
     Args:
         client: A ``redis.Redis`` (for Sentinel: ``Sentinel.master_for(...)``) or
@@ -344,56 +458,147 @@ class RedisBackend(_RedisBackendBase):
         namespace: Prefix of every key, so that several bots or tenants can share
             one server without seeing each other's data.
         resolve_attempts: How often a write whose outcome is unknown is sent
-            again (safely, with its operation id) before ``OutcomeUnknown``.
+            again (safely, with its operation key) before ``OutcomeUnknown``.
     """
 
-    client: redis.Redis | RedisCluster
+    client: Any  # redis.Redis or redis.cluster.RedisCluster (redis-py's stubs are partial)
 
     @classmethod
     def from_url(cls, url: str, *, namespace: str = DEFAULT_NAMESPACE, **options: Any) -> Self:
         """Create a client from ``url`` (``redis://``, ``rediss://``, ``unix://``) and own it.
 
-        ``options`` go to ``redis.Redis.from_url`` and override chatstate's
-        defaults (5 s timeouts, 3 retries with jittered backoff). Pass
-        ``cluster=True`` for a Redis Cluster, and ``resolve_attempts`` to
-        change how often a write of unknown outcome is re-sent.
+        ``options`` go to redis-py and override chatstate's defaults (5 s
+        timeouts, 3 retries with jittered backoff for redis-py's own commands).
+        Connections come from a blocking pool of ``max_connections`` (default
+        50): a thread that finds them all busy waits up to ``pool_timeout``
+        seconds (default: ``socket_timeout``) instead of failing. Pass
+        ``cluster=True`` for a Redis Cluster, and ``resolve_attempts`` to change
+        how often a write of unknown outcome is re-sent.
         """
-        backend: Self = cls._from_url(url, namespace, options, asynchronous=False)
-        return backend
+        options = dict(options)
+        cluster = options.pop("cluster", False)
+        resolve_attempts = options.pop("resolve_attempts", 2)
+        kwargs = cls._client_kwargs(options, asynchronous=False)
+        client: Any
+        if cluster:
+            from redis.cluster import RedisCluster as Cluster  # noqa: PLC0415
+
+            kwargs.pop("health_check_interval", None)
+            kwargs.pop("pool_timeout", None)
+            client = Cluster.from_url(url, **kwargs)
+        else:
+            max_connections = kwargs.pop("max_connections", 50)
+            timeout = kwargs.pop("pool_timeout", kwargs.get("socket_timeout"))
+            pool = redis.BlockingConnectionPool.from_url(
+                url, max_connections=max_connections, timeout=timeout, **kwargs
+            )
+            client = redis.Redis(connection_pool=pool)
+        return cls(
+            client, namespace=namespace, resolve_attempts=resolve_attempts, _owns_client=True
+        )
+
+    def _execute(self, args: tuple[Any, ...]) -> Any:
+        """Send one command; ``NotSent`` when no connection could be had.
+
+        Connections are taken from the client's pool and kept in a small idle
+        list of this backend's between commands (the pool's own bookkeeping
+        costs more than a round trip's worth of Python here).
+        """
+        if self._cluster:
+            try:
+                return self.client.execute_command(*args)
+            except rex.MaxConnectionsError as exc:
+                raise NotSent(str(exc)) from exc
+        idle = self._idle
+        try:
+            conn = idle.pop()
+        except IndexError:
+            try:
+                conn = self.client.connection_pool.get_connection(*self._how)
+            except (rex.AuthenticationError, rex.AuthorizationError):
+                raise
+            except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
+                raise NotSent(str(exc)) from exc
+        try:
+            conn.send_packed_command([pack(args)])
+            reply = conn.read_response()
+        except rex.ResponseError:
+            idle.append(conn)
+            raise
+        except BaseException:
+            conn.disconnect()
+            self.client.connection_pool.release(conn)
+            raise
+        idle.append(conn)
+        return reply
+
+    def _script(self, args: tuple[Any, ...]) -> Any:
+        """Run a script; load it again after NOSCRIPT (which means it did not run)."""
+        for attempt in range(_NOSCRIPT_ATTEMPTS):
+            try:
+                return self._execute(args)
+            except rex.NoScriptError:
+                if attempt == _NOSCRIPT_ATTEMPTS - 1:
+                    raise
+                self.client.script_load(self._script_text(args[1]))
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def load(self, user_id: str) -> Snapshot | None:
         """Return the user's document, or ``None``."""
-        doc = self._core.keys(user_id)[0]
+        key = self._core.keys(user_id)[0]
+        if self._plain_reads:
+            with map_redis_errors(key):
+                raw = self._execute(("HGETALL", key))
+            return self._core.parse_hgetall(raw, key)
         echo = new_op_id()
-        with map_redis_errors(doc):
-            reply = _run(self._load, [doc], [echo])
-        return self._core.parse_load(reply, doc, echo)
+        with map_redis_errors(key):
+            raw = self._script(self._load_args(key, echo))
+        return self._core.parse_load(raw, key, echo)
 
     def apply(self, user_id: str, write: Write) -> Outcome:
         """Apply ``write`` atomically with one EVALSHA.
 
         When the outcome is unknown (the connection failed after sending), the
-        same write is sent again, up to ``resolve_attempts`` times: its operation
-        id makes the script apply it at most once, and a ``"duplicate"`` answer
-        tells that the first attempt had landed.
+        same write is sent again, up to ``resolve_attempts`` times: its
+        operation key and nonce make the script apply it at most once, and
+        answer ``"applied"`` if the earlier attempt had landed.
         """
         keys = self._core.keys(user_id)
-        args = write_args(write)
+        unknown = False
         for attempt in range(self.resolve_attempts + 1):
+            args = self._apply_args(write, keys, fresh=attempt == 0)
             try:
-                with map_redis_errors(keys[0], write.op_id):
-                    reply = _run(self._apply, keys, args)
+                with map_redis_errors(keys[0], write, unknown=unknown):
+                    raw = self._script(args)
                 break
             except OutcomeUnknown:
+                unknown = True
                 if attempt == self.resolve_attempts:
                     raise
                 time.sleep(_resolve_delay(attempt))
-        return self._core.parse_apply(reply, write, keys[0])
+        return self._core.parse_apply(raw, write, keys[0])
+
+    def ping(self) -> float:
+        """Round-trip the server once; return the latency in seconds.
+
+        Raises:
+            BackendUnavailable: the server cannot be reached.
+        """
+        start = time.perf_counter()
+        with map_redis_errors("PING"):
+            self.client.ping()
+        return time.perf_counter() - start
 
     def close(self) -> None:
-        """Close the client if this backend created it."""
+        """Give idle connections back; close the client if this backend created it."""
+        while self._idle:
+            with contextlib.suppress(Exception):
+                self.client.connection_pool.release(self._idle.pop())
         if self._owns_client:
             self.client.close()
+            pool = getattr(self.client, "connection_pool", None)
+            if pool is not None:
+                pool.disconnect()
 
     @contextlib.contextmanager
     def lock(self, user_id: str, name: str, *, lease: float, wait: float) -> Iterator[None]:
@@ -403,66 +608,175 @@ class RedisBackend(_RedisBackendBase):
         script). It expires after ``lease`` seconds if its holder dies.
 
         Raises:
-            TimeoutError: the lock was not free within ``wait`` seconds.
+            LockTimeoutError: the lock was not free within ``wait`` seconds.
+            LockLostError: the lease ran out while the lock was held (another
+                holder may have run meanwhile); raised when the block ends
+                without an error of its own.
         """
         key = f"{self._core.keys(user_id)[0]}:lock:{name}"
         held = self.client.lock(key, timeout=lease, sleep=0.01, blocking_timeout=wait)
         with map_redis_errors(key):
             acquired = held.acquire()
         if not acquired:
-            raise TimeoutError(f"another holder kept the {name!r} lock for {wait} s")
+            raise LockTimeoutError(f"another holder kept the {name!r} lock for {wait} s")
+        failed = False
         try:
             yield
+        except BaseException:
+            failed = True
+            raise
         finally:
-            with map_redis_errors(key), contextlib.suppress(rex.LockError):
-                held.release()
+            try:
+                with map_redis_errors(key):
+                    held.release()
+            except rex.LockNotOwnedError:
+                if not failed:
+                    raise LockLostError(
+                        f"the {name!r} lock expired while held (lease {lease} s); "
+                        "another holder may have run at the same time"
+                    ) from None
+            except rex.LockError:
+                pass
 
 
 class AsyncRedisBackend(_RedisBackendBase):
-    """The asyncio twin of :class:`RedisBackend`, over ``redis.asyncio``.
+    """The asyncio twin of :class:`RedisBackend`, over ``redis.asyncio``, pipelined.
+
+    Commands that concurrent tasks issue at the same moment go to the server in
+    one round trip per connection (per node on a Cluster), each still its own
+    atomic script with its own reply and error; a user's commands keep their
+    order. ``pipelining=False`` sends each command on its own.
 
     Args:
         client: A ``redis.asyncio.Redis`` or ``redis.asyncio.cluster.RedisCluster``;
             it stays yours.
         namespace: See :class:`RedisBackend`.
         resolve_attempts: See :class:`RedisBackend`.
+        pipelining: Batch concurrent commands (the default).
+        lanes: How many batches may be in flight at once (one connection each).
     """
 
-    client: redis.asyncio.Redis | AsyncRedisCluster
+    client: Any  # redis.asyncio.Redis or its RedisCluster (redis-py's stubs are partial)
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        resolve_attempts: int = 2,
+        pipelining: bool = True,
+        lanes: int = 2,
+        _owns_client: bool = False,
+    ) -> None:
+        super().__init__(
+            client,
+            namespace=namespace,
+            resolve_attempts=resolve_attempts,
+            _owns_client=_owns_client,
+        )
+        if type(lanes) is not int or lanes < 1:
+            raise ConfigurationError("lanes must be a whole number of at least 1")
+        self.pipelining = bool(pipelining)
+        self._pipe: AutoPipeline | _ClusterBatcher | None = None
+        if self.pipelining:
+            self._pipe = (
+                _ClusterBatcher(client)
+                if self._cluster
+                else AutoPipeline(client.connection_pool, lanes=lanes)
+            )
 
     @classmethod
     def from_url(cls, url: str, *, namespace: str = DEFAULT_NAMESPACE, **options: Any) -> Self:
-        """See :meth:`RedisBackend.from_url`."""
-        backend: Self = cls._from_url(url, namespace, options, asynchronous=True)
-        return backend
+        """See :meth:`RedisBackend.from_url`; also takes ``pipelining`` and ``lanes``."""
+        options = dict(options)
+        cluster = options.pop("cluster", False)
+        own = {
+            name: options.pop(name)
+            for name in ("resolve_attempts", "pipelining", "lanes")
+            if name in options
+        }
+        kwargs = cls._client_kwargs(options, asynchronous=True)
+        client: Any
+        if cluster:
+            from redis.asyncio.cluster import RedisCluster as Cluster  # noqa: PLC0415
+
+            kwargs.pop("health_check_interval", None)
+            kwargs.pop("pool_timeout", None)
+            client = Cluster.from_url(url, **kwargs)
+        else:
+            max_connections = kwargs.pop("max_connections", 50)
+            timeout = kwargs.pop("pool_timeout", kwargs.get("socket_timeout"))
+            pool = redis.asyncio.BlockingConnectionPool.from_url(
+                url, max_connections=max_connections, timeout=timeout, **kwargs
+            )
+            client = redis.asyncio.Redis(connection_pool=pool)
+        return cls(client, namespace=namespace, _owns_client=True, **own)
+
+    async def _execute(self, route: str, args: tuple[Any, ...]) -> Any:
+        if self._pipe is not None:
+            return await self._pipe.call(route, args)
+        if self._cluster:
+            try:
+                return await self.client.execute_command(*args)
+            except rex.MaxConnectionsError as exc:
+                raise NotSent(str(exc)) from exc
+        return await execute_once(self.client.connection_pool, args, self._how)
+
+    async def _script(self, route: str, args: tuple[Any, ...]) -> Any:
+        for attempt in range(_NOSCRIPT_ATTEMPTS):
+            try:
+                return await self._execute(route, args)
+            except rex.NoScriptError:
+                if attempt == _NOSCRIPT_ATTEMPTS - 1:
+                    raise
+                await self.client.script_load(self._script_text(args[1]))
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def load(self, user_id: str) -> Snapshot | None:
         """Return the user's document, or ``None``."""
-        doc = self._core.keys(user_id)[0]
+        key = self._core.keys(user_id)[0]
+        if self._plain_reads:
+            with map_redis_errors(key):
+                raw = await self._execute(key, ("HGETALL", key))
+            return self._core.parse_hgetall(raw, key)
         echo = new_op_id()
-        with map_redis_errors(doc):
-            reply = await _arun(self._load, [doc], [echo])
-        return self._core.parse_load(reply, doc, echo)
+        with map_redis_errors(key):
+            raw = await self._script(key, self._load_args(key, echo))
+        return self._core.parse_load(raw, key, echo)
 
     async def apply(self, user_id: str, write: Write) -> Outcome:
         """Apply ``write`` atomically with one EVALSHA (see :meth:`RedisBackend.apply`)."""
         keys = self._core.keys(user_id)
-        args = write_args(write)
+        unknown = False
         for attempt in range(self.resolve_attempts + 1):
+            args = self._apply_args(write, keys, fresh=attempt == 0)
             try:
-                with map_redis_errors(keys[0], write.op_id):
-                    reply = await _arun(self._apply, keys, args)
+                with map_redis_errors(keys[0], write, unknown=unknown):
+                    raw = await self._script(keys[0], args)
                 break
             except OutcomeUnknown:
+                unknown = True
                 if attempt == self.resolve_attempts:
                     raise
                 await asyncio.sleep(_resolve_delay(attempt))
-        return self._core.parse_apply(reply, write, keys[0])
+        return self._core.parse_apply(raw, write, keys[0])
+
+    async def ping(self) -> float:
+        """See :meth:`RedisBackend.ping`."""
+        start = time.perf_counter()
+        with map_redis_errors("PING"):
+            await self.client.ping()
+        return time.perf_counter() - start
 
     async def aclose(self) -> None:
-        """Close the client if this backend created it."""
+        """Stop the pipeline, and close the client if this backend created it."""
+        if self._pipe is not None:
+            await self._pipe.aclose()
         if self._owns_client:
             await self.client.aclose()
+            pool = getattr(self.client, "connection_pool", None)
+            if pool is not None:
+                await pool.disconnect()
 
     @contextlib.asynccontextmanager
     async def lock(
@@ -474,9 +788,87 @@ class AsyncRedisBackend(_RedisBackendBase):
         with map_redis_errors(key):
             acquired = await held.acquire()
         if not acquired:
-            raise TimeoutError(f"another holder kept the {name!r} lock for {wait} s")
+            raise LockTimeoutError(f"another holder kept the {name!r} lock for {wait} s")
+        failed = False
         try:
             yield
+        except BaseException:
+            failed = True
+            raise
         finally:
-            with map_redis_errors(key), contextlib.suppress(rex.LockError):
-                await held.release()
+            try:
+                with map_redis_errors(key):
+                    await held.release()
+            except rex.LockNotOwnedError:
+                if not failed:
+                    raise LockLostError(
+                        f"the {name!r} lock expired while held (lease {lease} s); "
+                        "another holder may have run at the same time"
+                    ) from None
+            except rex.LockError:
+                pass
+
+
+class _ClusterBatcher:
+    """Automatic pipelining on a Cluster: redis-py's cluster pipeline routes each batch.
+
+    One batch at a time keeps every user's commands in order; within a batch
+    redis-py sends each node its commands in one round trip.
+    """
+
+    def __init__(self, client: Any, *, max_batch: int = 512) -> None:
+        self.client = client
+        self.max_batch = max_batch
+        self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def call(self, route: str, args: tuple[Any, ...]) -> Any:
+        del route  # the cluster pipeline routes by the command's keys
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._queue, self._task, self._loop = [], None, loop
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queue.append((args, future))
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self._run())
+        return await future
+
+    async def _run(self) -> None:
+        while self._queue:
+            batch = [item for item in self._queue[: self.max_batch] if not item[1].done()]
+            del self._queue[: self.max_batch]
+            if not batch:
+                continue
+            pipe = self.client.pipeline()
+            for args, _ in batch:
+                pipe.execute_command(*args)
+            try:
+                replies = await pipe.execute(raise_on_error=False)
+            except rex.MaxConnectionsError as exc:
+                error: BaseException = NotSent(str(exc))
+                error.__cause__ = exc
+                replies = [error] * len(batch)
+            except Exception as exc:  # noqa: BLE001 - handed to every caller in the batch
+                replies = [exc] * len(batch)
+            for (_, future), reply in zip(batch, replies, strict=True):
+                if future.done():
+                    continue
+                if isinstance(reply, BaseException):
+                    future.set_exception(_fresh(reply))
+                else:
+                    future.set_result(reply)
+
+    async def aclose(self) -> None:
+        if self._task is not None and not self._task.done():
+            with contextlib.suppress(BaseException):
+                await self._task
+
+
+def _fresh(exc: BaseException) -> BaseException:
+    try:
+        fresh = type(exc)(*exc.args)
+    except Exception:  # noqa: BLE001 - an error type we cannot rebuild
+        return exc
+    fresh.__cause__ = exc.__cause__
+    return fresh

@@ -15,13 +15,19 @@ deletes a key, lists and scalars replace. Per-field policies change that:
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable, Mapping
 from functools import lru_cache
 from typing import Any, Final, Literal, TypeAlias
 
 import attrs
 
-from chatstate.exceptions import PreservedFieldError, SerializationError
+from chatstate.exceptions import (
+    ConfigurationError,
+    PreservedFieldError,
+    SerializationError,
+    StateTooLargeError,
+)
 from chatstate.state._codec import encode_key, encode_value, subtree_size, utf8_len
 from chatstate.typing import JSONObject, Path
 
@@ -36,6 +42,7 @@ __all__ = [
     "format_path",
     "keep_preserved",
     "merge",
+    "parse_path",
 ]
 
 MAKE_OBJECT: Final = "o"
@@ -63,21 +70,26 @@ def format_path(path: Path | tuple[str | int, ...]) -> str:
     return "".join(out)
 
 
-def _parse_path(spec: object) -> Path:
+def parse_path(spec: object) -> Path:
+    """A field path from a dotted str (``"auth.jwt"``) or a sequence of keys.
+
+    Raises:
+        ConfigurationError: the path is empty or holds an empty or non-str key.
+    """
     parts: list[object] = []
     if isinstance(spec, str):
         parts.extend(spec.split("."))
     elif isinstance(spec, Iterable):
         parts.extend(spec)
     if not parts or not all(isinstance(k, str) and k for k in parts):
-        raise ValueError(f"a field path must be non-empty keys, got {spec!r}")
+        raise ConfigurationError(f"a field path must be non-empty keys, got {spec!r}")
     return tuple(str(k) for k in parts)
 
 
 def _to_paths(specs: Iterable[str | Iterable[str]]) -> frozenset[Path]:
     if isinstance(specs, str):
         specs = [specs]
-    return frozenset(_parse_path(s) for s in specs)
+    return frozenset(parse_path(s) for s in specs)
 
 
 def _is_prefix(prefix: Path, path: Path) -> bool:
@@ -103,8 +115,8 @@ class StateData:
             user's JWT. The auth helpers require it to be preserved.
 
     Raises:
-        ValueError: a field is both preserved and replaced, or a replaced field
-            holds a preserved one.
+        ConfigurationError: a field is both preserved and replaced, a replaced
+            field holds a preserved one, or a limit is not positive.
     """
 
     preserved: frozenset[Path] = attrs.field(default=frozenset(), converter=_to_paths)
@@ -119,12 +131,12 @@ class StateData:
         for r in self.replaced:
             for p in self.preserved:
                 if _is_prefix(r, p) or _is_prefix(p, r):
-                    raise ValueError(
+                    raise ConfigurationError(
                         f"field {format_path(r)} is replaced but overlaps preserved "
                         f"field {format_path(p)}"
                     )
         if self.max_depth < 1 or self.max_bytes < 2 or self.max_user_id_length < 1:
-            raise ValueError("max_depth, max_bytes and max_user_id_length must be positive")
+            raise ConfigurationError("max_depth, max_bytes and max_user_id_length must be positive")
         ancestors = {p[:i] for p in self.preserved for i in range(1, len(p))}
         object.__setattr__(self, "_preserved_ancestors", frozenset(ancestors))
 
@@ -147,6 +159,24 @@ class StateData:
         self._compile_object(patch, (), 1, edits)
         return edits
 
+    @property
+    def max_entries(self) -> int:
+        """The most entries (fields and objects) a patch may name.
+
+        Every stored entry takes at least 3 bytes, so a document within
+        ``max_bytes`` never holds more; a patch naming more is refused before
+        any work is done on it (it would also hold the store for long).
+        """
+        return max(16, self.max_bytes // 3)
+
+    def _too_many(self, count: int) -> StateTooLargeError:
+        return StateTooLargeError(
+            size=3 * count,
+            limit=self.max_bytes,
+            detail=f"the patch names over {self.max_entries} entries; a document within "
+            f"max_bytes={self.max_bytes} holds at most that many",
+        )
+
     def _compile_object(
         self, obj: Mapping[str, Any], path: Path, depth: int, edits: list[Edit]
     ) -> None:
@@ -155,6 +185,8 @@ class StateData:
                 f"value at {format_path(path)} is nested deeper than {self.max_depth}",
                 path=format_path(path),
             )
+        if len(edits) + len(obj) > self.max_entries:
+            raise self._too_many(len(edits) + len(obj))
         for key, value in obj.items():
             _check_key(key, path)
             here = (*path, key)
@@ -216,6 +248,69 @@ class StateData:
             )
         if value is None:
             return [(DELETE, path, None)]
+        return self._exact_edits(path, value)
+
+    def assign_edits(self, values: Mapping[Any, Any]) -> list[Edit]:
+        """Edits that set each path to exactly its value.
+
+        Keys are top-level field names (a str is one key, dots and all) or
+        tuples of keys. An object replaces what was there, ``None`` is stored
+        as JSON null, missing parent objects are created.
+
+        Raises:
+            PreservedFieldError: a path is, holds or lies under a preserved field.
+            SerializationError: a value is not JSON or a path is not str keys.
+        """
+        if not isinstance(values, Mapping):
+            raise SerializationError(
+                f"assign() takes a mapping of paths to values, not {type(values).__name__}",
+                path="$",
+            )
+        if len(values) > self.max_entries:
+            raise self._too_many(len(values))
+        edits: list[Edit] = []
+        for spec, value in values.items():
+            path: Path = (spec,) if isinstance(spec, str) else tuple(spec)
+            if not path:
+                raise SerializationError("assign() got an empty path", path="$")
+            for i, key in enumerate(path):
+                _check_key(key, path[:i])
+            self._check_not_preserved(path)
+            edits.extend(self._exact_edits(path, value))
+            if len(edits) > self.max_entries:
+                raise self._too_many(len(edits))
+        return edits
+
+    def increment_path(self, spec: str | Path) -> Path:
+        """Check the path of a counter: str keys, within ``max_depth``, not preserved.
+
+        Raises:
+            PreservedFieldError: the path is, holds or lies under a preserved field.
+            SerializationError: the path is empty or too deep.
+        """
+        path: Path = tuple(spec.split(".")) if isinstance(spec, str) else tuple(spec)
+        if not path:
+            raise SerializationError("increment() got an empty path", path="$")
+        for i, key in enumerate(path):
+            _check_key(key, path[:i])
+        if len(path) > self.max_depth:
+            raise SerializationError(
+                f"{format_path(path)} is nested deeper than {self.max_depth}",
+                path=format_path(path),
+            )
+        self._check_not_preserved(path)
+        return path
+
+    def _check_not_preserved(self, path: Path) -> None:
+        for p in self.preserved:
+            if _is_prefix(p, path) or _is_prefix(path, p):
+                raise PreservedFieldError(
+                    f"{format_path(path)} is or holds a preserved field; "
+                    "change it with set_preserved()",
+                    path=format_path(p),
+                )
+
+    def _exact_edits(self, path: Path, value: Any) -> list[Edit]:
         check_json(value, path, len(path), self.max_depth)
         edits: list[Edit] = [(MAKE_OBJECT, path[:i], None) for i in range(1, len(path))]
         edits.append((DELETE, path, None))
@@ -306,7 +401,22 @@ def _check_text(text: str, path: tuple[str | int, ...], what: str) -> None:
         ) from None
 
 
-def check_json(  # noqa: C901 - one branch per JSON type
+_BIG_INT: Final = 10**600  # below the smallest limit sys.set_int_max_str_digits() accepts
+
+
+def _check_int_text(value: int, path: tuple[str | int, ...]) -> None:
+    try:
+        str(value)
+    except ValueError:
+        limit = sys.get_int_max_str_digits()
+        raise SerializationError(
+            f"the integer at {format_path(path)} has more than {limit} digits, "
+            "more than Python writes as text (sys.set_int_max_str_digits)",
+            path=format_path(path),
+        ) from None
+
+
+def check_json(  # noqa: C901, PLR0912 - one branch per JSON type
     value: Any, path: tuple[str | int, ...], depth: int, max_depth: int
 ) -> None:
     """Raise :class:`SerializationError` unless ``value`` is plain JSON within ``max_depth``."""
@@ -314,7 +424,10 @@ def check_json(  # noqa: C901 - one branch per JSON type
     if kind is str:
         if not value.isascii():
             _check_text(value, path, "the string")
-    elif kind is int or kind is bool or value is None:
+    elif kind is int:
+        if not -_BIG_INT < value < _BIG_INT:
+            _check_int_text(value, path)
+    elif kind is bool or value is None:
         return
     elif kind is float:
         if not math.isfinite(value):
@@ -345,7 +458,7 @@ def check_json(  # noqa: C901 - one branch per JSON type
 
 def apply_edits(doc: JSONObject, edits: Iterable[Edit]) -> JSONObject:
     """Apply compiled edits to a nested document, in place, and return it."""
-    _apply(doc, edits, None)
+    _apply(doc, edits, None, None)
     return doc
 
 
@@ -355,16 +468,37 @@ def apply_edits_sized(doc: JSONObject, edits: Iterable[Edit], size: int) -> int:
     ``size`` is the document's stored size before; only the touched fields are
     measured, so an update costs what it changes, not what the document holds.
     """
-    return _apply(doc, edits, size)
+    return _apply(doc, edits, size, None)
 
 
-def _apply(doc: JSONObject, edits: Iterable[Edit], size: int | None) -> int:  # noqa: C901
-    """Apply edits in place; keep ``size`` up to date unless it is ``None``."""
+def apply_edits_shared(doc: JSONObject, edits: Iterable[Edit], size: int) -> tuple[JSONObject, int]:
+    """Apply edits to a document that must stay as it is; return the new one and its size.
+
+    Only the objects on the edited paths are copied; the rest is shared with
+    ``doc``, which the memory backend never changes once stored.
+    """
+    new = dict(doc)
+    return new, _apply(new, edits, size, {id(new)})
+
+
+def _apply(  # noqa: C901, PLR0912 - one walk, with or without copying on write
+    doc: JSONObject, edits: Iterable[Edit], size: int | None, fresh: set[int] | None
+) -> int:
+    """Apply edits; keep ``size`` up to date unless it is ``None``.
+
+    With ``fresh`` (the ids of objects this call made), objects not made here
+    are copied before they are changed.
+    """
     total = size or 0
     for kind, path, value in edits:
         parent: Any = doc
         for key in path[:-1]:
-            parent = parent.get(key) if type(parent) is dict else None
+            child = parent.get(key) if type(parent) is dict else None
+            if fresh is not None and type(child) is dict and id(child) not in fresh:
+                child = dict(child)
+                parent[key] = child
+                fresh.add(id(child))
+            parent = child
         if type(parent) is not dict:
             # Only a delete can name a path whose parent is missing: nothing to do.
             continue
@@ -385,7 +519,10 @@ def _apply(doc: JSONObject, edits: Iterable[Edit], size: int | None) -> int:  # 
         elif kind == DELETE:
             parent.pop(last, None)
         else:
-            parent[last] = {}
+            made: JSONObject = {}
+            parent[last] = made
+            if fresh is not None:
+                fresh.add(id(made))
     return total
 
 

@@ -1,0 +1,227 @@
+"""Automatic pipelining for the asyncio Redis backend.
+
+Commands that many tasks issue at the same moment go to the server together: one
+write of all of them and one read of all replies per connection, instead of one
+round trip each. Each command is still its own atomic ``EVALSHA`` with its own
+reply and its own error.
+
+- **Lanes.** A user's commands always go through the same lane (by the hash of
+  its key), and a lane sends one batch at a time, in the order the commands
+  came: a user's commands reach the server in the order they were issued.
+  Several lanes (each with its own connection) keep the server and the client
+  busy at once.
+- **Cancellation.** A task cancelled before its command was sent is dropped
+  from the batch; one cancelled after is answered into the void. Replies are
+  read by the lane's own task, which no caller's cancellation interrupts, so
+  replies can never be mixed up between callers.
+- **Failures.** A connection that cannot be had means nothing was sent
+  (:class:`NotSent`). A connection lost while sending or reading fails every
+  command whose reply was not read; the callers turn that into
+  ``OutcomeUnknown`` and settle it with the write's operation key and nonce.
+
+This asymmetry with the sync backend is deliberate: threads each wait on their
+own connection, so only asyncio can gather concurrent commands without adding
+latency to any of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import inspect
+from typing import Any
+
+import redis.exceptions as rex
+
+__all__ = ["AutoPipeline", "NotSent", "connection_args", "execute_once", "pack"]
+
+
+def pack(args: tuple[Any, ...]) -> bytes:
+    """The RESP encoding of a command (str arguments as UTF-8).
+
+    Written here rather than left to redis-py: chatstate's commands are a few
+    plain strings, and this is several times cheaper than redis-py's packer.
+    """
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg.encode() if type(arg) is str else arg if type(arg) is bytes else b"%d" % arg
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+class NotSent(Exception):  # noqa: N818 - a state, like redis-py's own names
+    """No connection could be had: the command was not sent. ``__cause__`` says why."""
+
+
+class _Lane:
+    __slots__ = ("conn", "queue", "task", "wake")
+
+    def __init__(self) -> None:
+        self.queue: collections.deque[tuple[tuple[Any, ...], asyncio.Future[Any]]] = (
+            collections.deque()
+        )
+        self.wake = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.conn: Any = None
+
+
+def connection_args(pool: Any) -> tuple[str, ...]:
+    """What ``pool.get_connection`` takes: redis-py < 5.3 needs a command name, later ones none."""
+    try:
+        parameter = inspect.signature(pool.get_connection).parameters.get("command_name")
+    except (TypeError, ValueError):  # pragma: no cover - a pool we cannot inspect
+        return ("EVALSHA",)
+    if parameter is None or parameter.default is not inspect.Parameter.empty:
+        return ()
+    return ("EVALSHA",)
+
+
+async def _get_connection(pool: Any, args: tuple[str, ...] | None = None) -> Any:
+    try:
+        return await pool.get_connection(*(connection_args(pool) if args is None else args))
+    except (rex.AuthenticationError, rex.AuthorizationError):
+        raise
+    except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
+        raise NotSent(str(exc)) from exc
+
+
+async def execute_once(pool: Any, args: tuple[Any, ...], how: tuple[str, ...]) -> Any:
+    """Send one command on a pooled connection and read its reply (no pipelining).
+
+    ``how`` is :func:`connection_args` of the pool.
+    """
+    conn = await _get_connection(pool, how)
+    try:
+        await conn.send_packed_command([pack(args)])
+        return await conn.read_response()
+    except rex.ResponseError:
+        raise
+    except BaseException:
+        await conn.disconnect()
+        raise
+    finally:
+        await pool.release(conn)
+
+
+class AutoPipeline:
+    """Batches the commands of concurrent tasks, per lane, on one event loop.
+
+    Args:
+        pool: The ``redis.asyncio`` connection pool to take connections from.
+        lanes: How many batches may be in flight at once (one connection each).
+        max_batch: The most commands in one batch.
+    """
+
+    def __init__(self, pool: Any, *, lanes: int = 2, max_batch: int = 512) -> None:
+        self.pool = pool
+        self._how = connection_args(pool)
+        self.max_batch = max_batch
+        self._size = lanes
+        self._lanes: list[_Lane] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def call(self, route: str, args: tuple[Any, ...]) -> Any:
+        """Send ``args`` in the next batch of ``route``'s lane and return its reply."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._lanes = [_Lane() for _ in range(self._size)]
+            self._loop = loop
+        lane = self._lanes[hash(route) % self._size]
+        future: asyncio.Future[Any] = loop.create_future()
+        lane.queue.append((args, future))
+        if lane.task is None or lane.task.done():
+            lane.task = loop.create_task(self._run(lane))
+        else:
+            lane.wake.set()
+        return await future
+
+    async def aclose(self) -> None:
+        """Stop the lanes' tasks and give their connections back."""
+        lanes, self._lanes, self._loop = self._lanes, [], None
+        for lane in lanes:
+            if lane.task is not None and not lane.task.done():
+                lane.task.cancel()
+                with contextlib.suppress(BaseException):
+                    await lane.task
+
+    async def _run(self, lane: _Lane) -> None:
+        """The lane's loop: send what is queued, read the replies, wait for more."""
+        try:
+            while True:
+                while lane.queue:
+                    await self._flush(lane)
+                lane.wake.clear()
+                await lane.wake.wait()
+        finally:
+            conn, lane.conn = lane.conn, None
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.disconnect()
+                with contextlib.suppress(Exception):
+                    await self.pool.release(conn)
+            while lane.queue:
+                _, future = lane.queue.popleft()
+                if not future.done():
+                    future.set_exception(NotSent("the backend was closed"))
+
+    async def _flush(self, lane: _Lane) -> None:  # noqa: C901, PLR0912 - one path per outcome
+        batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        while lane.queue and len(batch) < self.max_batch:
+            item = lane.queue.popleft()
+            if not item[1].done():  # a cancelled caller's command is never sent
+                batch.append(item)
+        if not batch:
+            return
+        if lane.conn is None:
+            try:
+                lane.conn = await _get_connection(self.pool, self._how)
+            except (NotSent, rex.AuthenticationError, rex.AuthorizationError) as exc:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(_copy_error(exc))
+                return
+        conn = lane.conn
+        done = 0
+        try:
+            await conn.send_packed_command([pack(args) for args, _ in batch])
+            for _, future in batch:
+                try:
+                    reply: Any = await conn.read_response()
+                except rex.ResponseError as exc:
+                    reply = exc
+                done += 1
+                if future.done():
+                    continue
+                if isinstance(reply, BaseException):
+                    future.set_exception(reply)
+                else:
+                    future.set_result(reply)
+        except BaseException as exc:
+            # The connection is out of step: drop it; the rest get the failure.
+            lane.conn = None
+            with contextlib.suppress(Exception):
+                await conn.disconnect()
+            with contextlib.suppress(Exception):
+                await self.pool.release(conn)
+            for _, future in batch[done:]:
+                if not future.done():
+                    future.set_exception(_copy_error(exc))
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+
+
+def _copy_error(exc: BaseException) -> BaseException:
+    """A fresh exception per waiting caller (one instance must not be raised in many tasks)."""
+    if isinstance(exc, NotSent):
+        fresh: BaseException = NotSent(str(exc))
+        fresh.__cause__ = exc.__cause__
+        return fresh
+    if isinstance(exc, asyncio.CancelledError):
+        return rex.ConnectionError("the pipeline was closed while the command was in flight")
+    try:
+        fresh = type(exc)(*exc.args)
+    except Exception:  # noqa: BLE001 - an error type we cannot rebuild
+        fresh = rex.ConnectionError(f"{type(exc).__name__}: {exc}")
+    fresh.__cause__ = exc
+    return fresh
