@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
+import traceback
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -25,6 +27,7 @@ from chatstate import (
     ExpiredTokenError,
     ImmatureTokenError,
     InvalidTokenError,
+    LockLostError,
     MemoryBackend,
     PreservedFieldError,
     RedisBackend,
@@ -46,6 +49,7 @@ from chatstate.auth import (
     read_token,
     set_jwt_token,
 )
+from chatstate.exceptions import RedactedError
 from conftest import register_secret
 from strategies import patches
 
@@ -306,6 +310,65 @@ def test_refresh_failure_keeps_the_old_token(user: CachedUser) -> None:
     assert user.jwt_token == old
 
 
+def test_a_failed_refresh_never_chains_the_callables_message(user: CachedUser) -> None:
+    """The refresh callable's error (which may quote a token) is not in the traceback."""
+    old = make_token(30)
+    set_jwt_token(user, old)
+    leaked = register_secret(f"refresh-secret-{old[-12:]}")
+
+    def broken(previous: str | None) -> str:
+        raise ValueError(f"upstream said: token {previous} rejected ({leaked})")
+
+    with pytest.raises(TokenRefreshError) as info:
+        get_valid_token(user, broken)
+    cause = info.value.__cause__
+    assert isinstance(cause, RedactedError)
+    assert cause.original_type == "builtins.ValueError"
+    assert info.value.__suppress_context__
+    text = "".join(traceback.format_exception(info.value))
+    assert "ValueError" in text
+    assert leaked not in text
+    assert old not in text
+    logging.getLogger("chatstate.test").error("refresh failed", exc_info=info.value)
+
+
+def test_a_refresh_that_outlives_its_lock_is_reported(
+    redis_url: str, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A refresh longer than lock_timeout logs a warning; the lock itself raises LockLostError."""
+    svc = StateService(RedisBackend.from_url(redis_url, namespace=namespace), RULES)
+    backend = svc.manager.backend
+    gone = threading.Event()
+
+    def expire_lock() -> None:
+        client = backend.client  # type: ignore[attr-defined]
+        key = f"{backend.keys('u')[0]}:lock:test"  # type: ignore[attr-defined]
+        while not client.exists(key):
+            time.sleep(0.001)
+        client.delete(key)  # as if the lease ran out
+        gone.set()
+
+    thread = threading.Thread(target=expire_lock)
+    thread.start()
+    with pytest.raises(LockLostError), backend.lock("u", "test", lease=30, wait=1):  # type: ignore[attr-defined]
+        gone.wait(5)
+    thread.join()
+
+    user = CachedUser("u", svc)
+    new = make_token(3600, jti="slow")
+
+    def slow(previous: str | None) -> str:
+        key = f"{backend.keys('u')[0]}:lock:jwt-refresh"  # type: ignore[attr-defined]
+        backend.client.delete(key)  # type: ignore[attr-defined]  # the lease lapses meanwhile
+        return new
+
+    with caplog.at_level(logging.WARNING, logger="chatstate.auth"):
+        assert get_valid_token(user, slow) == new
+    assert "expired before the refresh ended" in caplog.text
+    assert user.state.refresh()["jwt_token"] == new
+    svc.close()
+
+
 def test_expired_old_token_is_reported_invalid(user: CachedUser) -> None:
     """When the old token has expired, the error says it cannot be used."""
     user.state.set_preserved("jwt_token", make_token(-5))
@@ -451,13 +514,17 @@ def test_async_api_client() -> None:
 
 
 def test_writes_never_show_tokens_in_reprs(user: CachedUser) -> None:
-    """The write and operation objects a backend sees do not print token values."""
+    """The objects a write makes or returns do not print the token they hold."""
     token = make_token()
     write = user.service.manager.preserved_write("jwt_token", token, None)
     assert token not in repr(write)
-    outcome = user.service.update_once(user.user_id, {"a": 1}, op_id=None)
     set_jwt_token(user, token)
-    assert token not in repr(outcome)
+    outcome = user.service.update_once(user.user_id, {"a": 1}, op_id=None)
+    document = user.service.update(user.user_id, {"b": 2})
+    assert document["jwt_token"] == token  # the token is there...
+    for shown in (repr(outcome), repr(outcome.snapshot), repr(document), str(document)):
+        assert token not in shown  # ...and never printed
+    assert token not in repr(user.service.reset(user.user_id))
     assert token not in repr(
         user.service.manager.replace_write(
             user.service.snapshot(user.user_id), user.service.get(user.user_id), None

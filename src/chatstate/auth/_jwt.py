@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -11,6 +10,7 @@ from typing import Any, Final
 import attrs
 import jwt
 
+from chatstate._redact import fingerprint
 from chatstate.exceptions import (
     ConfigurationError,
     ExpiredTokenError,
@@ -27,11 +27,6 @@ _ASYMMETRIC: Final = frozenset(
 _SAFE_KID: Final = re.compile(r"[A-Za-z0-9_.:=+-]{1,128}")
 
 KeyResolver = Callable[[str | None], Any]
-
-
-def fingerprint(token: str) -> str:
-    """A short, non-reversible name for a token, safe to log: ``sha256:1a2b3c4d5e6f``."""
-    return "sha256:" + hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()[:12]
 
 
 @attrs.frozen

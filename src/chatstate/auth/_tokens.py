@@ -256,7 +256,7 @@ def get_valid_token(
                     try:
                         new = refresh(token)
                     except Exception as exc:  # noqa: BLE001 - any failure of the refresh is reported
-                        raise _refresh_failed_by(exc, token, verifier) from None
+                        raise _refresh_failed_by(exc, token, verifier) from RedactedError(exc)
                     info = _checked_new(new, token, verifier)
                     user.state.set_preserved(field, new)
                     log.info("refreshed JWT for user %r: now %s", user.user_id, info.fingerprint)
@@ -302,7 +302,7 @@ async def aget_valid_token(
                         made = refresh(token)
                         new = await made if inspect.isawaitable(made) else made
                     except Exception as exc:  # noqa: BLE001 - any failure of the refresh is reported
-                        raise _refresh_failed_by(exc, token, verifier) from None
+                        raise _refresh_failed_by(exc, token, verifier) from RedactedError(exc)
                     info = _checked_new(new, token, verifier)
                     await state.set_preserved(field, new)
                     log.info("refreshed JWT for user %r: now %s", user.user_id, info.fingerprint)

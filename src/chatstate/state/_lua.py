@@ -54,13 +54,17 @@ local function fail(key, why)
   return 'corrupt\n' .. key .. '\n' .. why
 end
 
--- pcall a command; a permission error is raised as it is, any other error means
--- the key holds something that is not ours.
+-- pcall a command; a permission error is raised (as NOPERM, whichever words the
+-- server used), any other error means the key holds something that is not ours.
 local function try(...)
   local r = redis.pcall(...)
   if type(r) == 'table' and r['err'] then
-    if string.sub(r['err'], 1, 6) == 'NOPERM' then error(r) end
-    return nil, r['err']
+    local e = r['err']
+    if string.find(e, 'NOPERM', 1, true) or string.find(e, 'ACL failure', 1, true)
+        or string.find(e, 'user executing the script', 1, true) then
+      error({err = 'NOPERM ' .. e})
+    end
+    return nil, e
   end
   return r
 end

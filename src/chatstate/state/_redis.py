@@ -51,13 +51,7 @@ from chatstate.state._backend import (
 from chatstate.state._codec import unflatten_parts
 from chatstate.state._lua import APPLY_SCRIPT, LOAD_SCRIPT, write_args
 from chatstate.state._manager import new_op_id
-from chatstate.state._pipeline import (
-    AutoPipeline,
-    NotSent,
-    connection_args,
-    execute_once,
-    pack,
-)
+from chatstate.state._pipeline import AsyncConnections, AutoPipeline, Connections, NotSent
 
 __all__ = ["AsyncRedisBackend", "RedisBackend"]
 
@@ -366,6 +360,13 @@ def map_redis_errors(  # noqa: C901, PLR0912, PLR0915 - one flat table of transl
         raise BackendError(f"the Redis client failed: {type(exc).__name__}: {_short(exc)}") from exc
 
 
+def _lock_lost(name: str, lease: float) -> LockLostError:
+    return LockLostError(
+        f"the {name!r} lock expired while held (lease {lease} s); "
+        "another holder may have run at the same time"
+    )
+
+
 def _resolve_delay(attempt: int) -> float:
     return float(min(1.0, 0.05 * 2**attempt))
 
@@ -414,9 +415,16 @@ class _RedisBackendBase:
         self._apply_script = client.register_script(APPLY_SCRIPT)
         self._load_script = client.register_script(LOAD_SCRIPT)
         self._plain_reads = _hiredis(client)
-        pool = getattr(client, "connection_pool", None)
-        self._how = connection_args(pool) if pool is not None else ()
-        self._idle: list[Any] = []
+
+    @staticmethod
+    def _pool_limits(client: Any) -> tuple[int, float | None]:
+        """How many connections chatstate may open, and how long a caller waits for one."""
+        pool = client.connection_pool
+        most = int(getattr(pool, "max_connections", 50) or 50)
+        timeout = getattr(pool, "timeout", None)
+        if timeout is None:
+            timeout = pool.connection_kwargs.get("socket_timeout") or 5.0
+        return min(most, 10_000), float(timeout)
 
     @staticmethod
     def _client_kwargs(options: dict[str, Any], *, asynchronous: bool) -> dict[str, Any]:
@@ -463,15 +471,33 @@ class RedisBackend(_RedisBackendBase):
 
     client: Any  # redis.Redis or redis.cluster.RedisCluster (redis-py's stubs are partial)
 
+    def __init__(
+        self,
+        client: Any,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        resolve_attempts: int = 2,
+        _owns_client: bool = False,
+    ) -> None:
+        super().__init__(
+            client,
+            namespace=namespace,
+            resolve_attempts=resolve_attempts,
+            _owns_client=_owns_client,
+        )
+        limits = None if self._cluster else self._pool_limits(client)
+        self._conns = None if limits is None else Connections(client.connection_pool, *limits)
+
     @classmethod
     def from_url(cls, url: str, *, namespace: str = DEFAULT_NAMESPACE, **options: Any) -> Self:
         """Create a client from ``url`` (``redis://``, ``rediss://``, ``unix://``) and own it.
 
         ``options`` go to redis-py and override chatstate's defaults (5 s
         timeouts, 3 retries with jittered backoff for redis-py's own commands).
-        Connections come from a blocking pool of ``max_connections`` (default
-        50): a thread that finds them all busy waits up to ``pool_timeout``
-        seconds (default: ``socket_timeout``) instead of failing. Pass
+        chatstate keeps at most ``max_connections`` connections (default 50):
+        a thread that finds them all busy waits up to ``pool_timeout`` seconds
+        (default: ``socket_timeout``) instead of failing, and a write that gets
+        no connection at all raises ``BackendUnavailable`` (it was not sent). Pass
         ``cluster=True`` for a Redis Cluster, and ``resolve_attempts`` to change
         how often a write of unknown outcome is re-sent.
         """
@@ -504,33 +530,12 @@ class RedisBackend(_RedisBackendBase):
         list of this backend's between commands (the pool's own bookkeeping
         costs more than a round trip's worth of Python here).
         """
-        if self._cluster:
+        if self._conns is None:
             try:
                 return self.client.execute_command(*args)
             except rex.MaxConnectionsError as exc:
                 raise NotSent(str(exc)) from exc
-        idle = self._idle
-        try:
-            conn = idle.pop()
-        except IndexError:
-            try:
-                conn = self.client.connection_pool.get_connection(*self._how)
-            except (rex.AuthenticationError, rex.AuthorizationError):
-                raise
-            except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
-                raise NotSent(str(exc)) from exc
-        try:
-            conn.send_packed_command([pack(args)])
-            reply = conn.read_response()
-        except rex.ResponseError:
-            idle.append(conn)
-            raise
-        except BaseException:
-            conn.disconnect()
-            self.client.connection_pool.release(conn)
-            raise
-        idle.append(conn)
-        return reply
+        return self._conns.execute(args)
 
     def _script(self, args: tuple[Any, ...]) -> Any:
         """Run a script; load it again after NOSCRIPT (which means it did not run)."""
@@ -590,10 +595,9 @@ class RedisBackend(_RedisBackendBase):
         return time.perf_counter() - start
 
     def close(self) -> None:
-        """Give idle connections back; close the client if this backend created it."""
-        while self._idle:
-            with contextlib.suppress(Exception):
-                self.client.connection_pool.release(self._idle.pop())
+        """Close chatstate's connections; close the client if this backend created it."""
+        if self._conns is not None:
+            self._conns.close()
         if self._owns_client:
             self.client.close()
             pool = getattr(self.client, "connection_pool", None)
@@ -626,17 +630,16 @@ class RedisBackend(_RedisBackendBase):
             failed = True
             raise
         finally:
-            try:
-                with map_redis_errors(key):
+            lost = False
+            with map_redis_errors(key):
+                try:
                     held.release()
-            except rex.LockNotOwnedError:
-                if not failed:
-                    raise LockLostError(
-                        f"the {name!r} lock expired while held (lease {lease} s); "
-                        "another holder may have run at the same time"
-                    ) from None
-            except rex.LockError:
-                pass
+                except rex.LockNotOwnedError:
+                    lost = True
+                except rex.LockError:
+                    pass
+            if lost and not failed:
+                raise _lock_lost(name, lease)
 
 
 class AsyncRedisBackend(_RedisBackendBase):
@@ -677,12 +680,17 @@ class AsyncRedisBackend(_RedisBackendBase):
         if type(lanes) is not int or lanes < 1:
             raise ConfigurationError("lanes must be a whole number of at least 1")
         self.pipelining = bool(pipelining)
+        self._conns = (
+            None
+            if self._cluster
+            else AsyncConnections(client.connection_pool, *self._pool_limits(client))
+        )
         self._pipe: AutoPipeline | _ClusterBatcher | None = None
         if self.pipelining:
             self._pipe = (
                 _ClusterBatcher(client)
-                if self._cluster
-                else AutoPipeline(client.connection_pool, lanes=lanes)
+                if self._conns is None
+                else AutoPipeline(self._conns, lanes=lanes)
             )
 
     @classmethod
@@ -715,12 +723,12 @@ class AsyncRedisBackend(_RedisBackendBase):
     async def _execute(self, route: str, args: tuple[Any, ...]) -> Any:
         if self._pipe is not None:
             return await self._pipe.call(route, args)
-        if self._cluster:
+        if self._conns is None:
             try:
                 return await self.client.execute_command(*args)
             except rex.MaxConnectionsError as exc:
                 raise NotSent(str(exc)) from exc
-        return await execute_once(self.client.connection_pool, args, self._how)
+        return await self._conns.execute(args)
 
     async def _script(self, route: str, args: tuple[Any, ...]) -> Any:
         for attempt in range(_NOSCRIPT_ATTEMPTS):
@@ -772,6 +780,8 @@ class AsyncRedisBackend(_RedisBackendBase):
         """Stop the pipeline, and close the client if this backend created it."""
         if self._pipe is not None:
             await self._pipe.aclose()
+        if self._conns is not None:
+            await self._conns.close()
         if self._owns_client:
             await self.client.aclose()
             pool = getattr(self.client, "connection_pool", None)
@@ -796,17 +806,16 @@ class AsyncRedisBackend(_RedisBackendBase):
             failed = True
             raise
         finally:
-            try:
-                with map_redis_errors(key):
+            lost = False
+            with map_redis_errors(key):
+                try:
                     await held.release()
-            except rex.LockNotOwnedError:
-                if not failed:
-                    raise LockLostError(
-                        f"the {name!r} lock expired while held (lease {lease} s); "
-                        "another holder may have run at the same time"
-                    ) from None
-            except rex.LockError:
-                pass
+                except rex.LockNotOwnedError:
+                    lost = True
+                except rex.LockError:
+                    pass
+            if lost and not failed:
+                raise _lock_lost(name, lease)
 
 
 class _ClusterBatcher:
