@@ -13,6 +13,8 @@ EDGE_STRINGS = ["", "a/b", '"', "\\", "\x00", "\u00e9", "\U0001f600", "{}", "[]"
 
 keys = st.one_of(
     st.sampled_from(["a", "b", "c", "step", "cart", "", "a.b", '"', "\\", "\U0001f600"]),
+    # the preserved fields the tests declare (jwt_token, profile.id), so patches hit them
+    st.sampled_from(["jwt_token", "profile", "id"]),
     st.text(max_size=6),
 )
 

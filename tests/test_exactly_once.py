@@ -101,7 +101,7 @@ def test_a_write_that_outlives_the_socket_timeout_is_reported_applied(private) -
 
 
 @pytest.mark.slow
-def test_client_kill_under_load_never_calls_a_first_write_a_duplicate(private) -> None:
+def test_client_kill_under_load_never_calls_a_first_write_a_duplicate(private) -> None:  # noqa: C901
     """CLIENT KILL in a loop while threads write: no first call is ever told 'duplicate'."""
     admin = private.client()
     stop = threading.Event()
@@ -437,7 +437,8 @@ def test_a_forced_delete_removes_what_a_plain_delete_refuses(
     client.hset(ops, "not", "a log")
     with pytest.raises(CorruptStateError):
         svc.delete("u")
-    assert client.exists(doc) and client.exists(ops)
+    assert client.exists(doc)
+    assert client.exists(ops)
     svc.delete("u", force=True)
     assert not client.exists(doc)
     assert client.type(ops) == b"string"  # a fresh log remembering the forced delete

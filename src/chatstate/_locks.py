@@ -65,12 +65,17 @@ class AsyncKeyedLocks:
             entry = self._locks[full] = [asyncio.Lock(), 0]
         entry[1] += 1
         try:
-            try:
-                await asyncio.wait_for(entry[0].acquire(), max(wait, 0))
-            except TimeoutError:
-                raise LockTimeoutError(
-                    f"another holder kept the {what!r} lock for {wait} s"
-                ) from None
+            lock = entry[0]
+            timeout = LockTimeoutError(f"another holder kept the {what!r} lock for {wait} s")
+            if not lock.locked():
+                await lock.acquire()
+            elif wait <= 0:
+                raise timeout
+            else:
+                try:
+                    await asyncio.wait_for(lock.acquire(), wait)
+                except TimeoutError:
+                    raise timeout from None
             try:
                 yield
             finally:
