@@ -13,10 +13,12 @@ import asyncio
 import dataclasses
 import itertools
 import multiprocessing
+import sys
 import unicodedata
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -632,6 +634,26 @@ def test_a_failed_update_is_handled_again() -> None:
     assert asyncio.run(main()) == [20, 20]
 
 
+def test_example_bot_runs_its_form() -> None:
+    """examples/aiogram_bot.py answers a whole form, and a redelivered update only once."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+    from aiogram_bot import build_dispatcher as example_dispatcher
+
+    async def main() -> list[str]:
+        dp = example_dispatcher(ChatstateStorage(AsyncStateService()))
+        session = RecordingSession()
+        bot = Bot(BOT_TOKEN, session=session)
+        for i, text in enumerate(["/start", "Ana", "Ana", "33"], start=100):
+            await dp.feed_update(bot, message_update(i if text != "Ana" else 101, text))
+        return session.texts
+
+    assert asyncio.run(main()) == [
+        "What is your name?",
+        "How old are you?",
+        "Nice to meet you, Ana (33).",
+    ]
+
+
 def test_dedupe_keys() -> None:
     """update_id mode keys on the update; message_id mode on the message, edits and queries apart."""
     first = message_update(1, "a", message_id=5)
@@ -840,3 +862,15 @@ class TestOnRedis(_OnEveryBackend):
 
     def make_service(self) -> AsyncStateService:
         return AsyncStateService(AsyncRedisBackend.from_url(self.url, namespace=self.namespace))
+
+
+@pytest.mark.redis
+@pytest.mark.cluster
+class TestOnCluster(_OnEveryBackend):
+    @pytest.fixture(autouse=True)
+    def _server(self, cluster_url: str, namespace: str) -> None:
+        self.url, self.namespace = cluster_url, namespace
+
+    def make_service(self) -> AsyncStateService:
+        backend = AsyncRedisBackend.from_url(self.url, namespace=self.namespace, cluster=True)
+        return AsyncStateService(backend)

@@ -12,6 +12,7 @@ import asyncio
 import copy
 import itertools
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -302,6 +303,39 @@ class TestOnRedis(_OnEveryBackend):
         return AsyncStateService(AsyncRedisBackend.from_url(self.url, namespace=self.namespace))
 
 
+def test_example_bot_runs_its_form_across_a_restart() -> None:
+    """examples/ptb_bot.py's conversation continues on a new Application over the same store."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+    from ptb_bot import add_handlers
+
+    async def main() -> list[str]:
+        store, texts = AsyncMemoryBackend(), []
+        for step in (["/start", "Ana"], ["33"]):
+            request = RecordingRequest()
+            app = (
+                ApplicationBuilder()
+                .token(TOKEN)
+                .request(request)
+                .get_updates_request(RecordingRequest())
+                .updater(None)
+                .persistence(ChatstatePersistence(AsyncStateService(store)))
+                .application_class(ChatstateApplication)
+                .build()
+            )
+            add_handlers(app)
+            async with app:
+                for text in step:
+                    await app.process_update(message(app, text))
+            texts += request.texts
+        return texts
+
+    assert asyncio.run(main()) == [
+        "What is your name?",
+        "How old are you?",
+        "Nice to meet you, Ana.",
+    ]
+
+
 # -- PTB's own persistence: the lost keys we fix ---------------------------------------------
 
 
@@ -488,3 +522,15 @@ def test_json_equality_tells_types_apart() -> None:
     assert changes_between({"a": 1}, {"a": True}) == [(("a",), True)]
     assert changes_between({"a": 1}, {"a": 1.0}) == [(("a",), 1.0)]
     assert changes_between({"a": [1]}, {"a": [1]}) == []
+
+
+@pytest.mark.redis
+@pytest.mark.cluster
+class TestOnCluster(_OnEveryBackend):
+    @pytest.fixture(autouse=True)
+    def _server(self, cluster_url: str, namespace: str) -> None:
+        self.url, self.namespace = cluster_url, namespace
+
+    def make_service(self) -> AsyncStateService:
+        backend = AsyncRedisBackend.from_url(self.url, namespace=self.namespace, cluster=True)
+        return AsyncStateService(backend)
