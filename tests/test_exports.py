@@ -14,6 +14,10 @@ PUBLIC = [
     "chatstate.exceptions",
     "chatstate.typing",
     "chatstate.testing",
+    "chatstate.integrations",
+    "chatstate.integrations.aiogram",
+    "chatstate.integrations.telegram",
+    "chatstate.integrations.starlette",
 ]
 
 
@@ -30,7 +34,7 @@ def test_all_names_exist_and_are_documented(name: str) -> None:
 def test_top_level_exports_every_public_name() -> None:
     """What chatstate defines publicly without an underscore is in __all__."""
     exported = {n for n in dir(chatstate) if not n.startswith("_")}
-    modules = {"exceptions", "state", "typing", "flow", "auth", "testing"}
+    modules = {"exceptions", "state", "typing", "flow", "auth", "testing", "integrations"}
     assert exported - modules == set(chatstate.__all__) - {"__version__"}
 
 

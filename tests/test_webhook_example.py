@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import sys
 import threading
@@ -19,12 +21,23 @@ import servers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
+from credit_bot import RULES, build_router, seeded_bank
 from whatsapp_webhook import create_app
+
+from chatstate import MemoryBackend, StateService
+
+SECRET = "test-app-secret"
 
 
 @pytest.fixture
-def webhook() -> Iterator[tuple[str, list[dict[str, Any]]]]:
-    app = create_app(verify_token="let-me-in")
+def service() -> StateService:
+    return StateService(MemoryBackend(), RULES)
+
+
+@pytest.fixture
+def webhook(service: StateService) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    router = build_router(service, seeded_bank())
+    app = create_app(router, verify_token="let-me-in", app_secret=SECRET)
     port = servers.free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -58,8 +71,15 @@ def _notification(wamid: str, text: str | None = None, reply: str | None = None)
     return json.dumps(body).encode()
 
 
-def _post(url: str, body: bytes) -> dict[str, Any]:
-    request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+def _sign(body: bytes, secret: str = SECRET) -> str:
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def _post(url: str, body: bytes, signature: str | None = "sign") -> dict[str, Any]:
+    headers = {"Content-Type": "application/json"}
+    if signature is not None:
+        headers["X-Hub-Signature-256"] = _sign(body) if signature == "sign" else signature
+    request = urllib.request.Request(url, body, headers)
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.loads(response.read())  # type: ignore[no-any-return]
 
@@ -92,8 +112,29 @@ def test_conversation_over_http_with_a_redelivery(webhook) -> None:
     assert _post(url, _notification("wamid.3", "Ana")) == {"handled": 1}
     assert len(outbox) == count
     assert outbox[-1]["text"]["body"] == "Choose a 4-digit PIN."
-    request = urllib.request.Request(url, b"not json", {"Content-Type": "application/json"})
     with pytest.raises(urllib.error.HTTPError) as info:
-        urllib.request.urlopen(request, timeout=10)
+        _post(url, b"not json")
     assert info.value.code == 400
     info.value.close()
+
+
+@pytest.mark.parametrize(
+    "signature",
+    [None, "", "sha256=", "sha1=abc", _sign(b"another body"), _sign(b"x", secret="wrong")],
+    ids=["unsigned", "empty", "no-digest", "sha1", "other-body", "wrong-secret"],
+)
+def test_unsigned_or_wrongly_signed_requests_get_401_and_store_nothing(
+    webhook, service: StateService, signature: str | None
+) -> None:
+    """Without Meta's X-Hub-Signature-256 over this very body, nothing is handled or stored."""
+    url, outbox = webhook
+    body = _notification("wamid.9", reply="register")
+    with pytest.raises(urllib.error.HTTPError) as info:
+        _post(url, body, signature=signature)
+    assert info.value.code == 401
+    info.value.close()
+    assert outbox == []
+    assert len(service.manager.backend) == 0  # type: ignore[arg-type]
+    assert _post(url, body) == {"handled": 1}
+    assert len(outbox) == 1
+    assert service.get("34600000000") != {}

@@ -1,0 +1,17 @@
+"""Bridges between chatstate and the bot and web frameworks people already use.
+
+Each bridge is a module of its own, imported only when you import it, and
+needs its framework installed (an optional extra of chatstate):
+
+- :mod:`chatstate.integrations.aiogram` (``pip install 'chatstate[aiogram]'``):
+  aiogram 3's FSM storage, event isolation and an update dedupe middleware.
+- :mod:`chatstate.integrations.telegram` (``pip install 'chatstate[telegram]'``):
+  a python-telegram-bot 22 persistence.
+- :mod:`chatstate.integrations.starlette` (``pip install 'chatstate[starlette]'``):
+  a lifespan that opens a state service and a dependency that hands it to
+  Starlette and FastAPI endpoints.
+
+This package itself imports none of them.
+"""
+
+__all__: list[str] = []

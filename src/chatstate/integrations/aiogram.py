@@ -1,0 +1,473 @@
+"""chatstate as aiogram 3's FSM storage, event isolation and update dedupe.
+
+Switch a bot over with one line; handlers, ``FSMContext`` and scenes stay as
+they are::
+
+    from chatstate.integrations.aiogram import ChatstateStorage
+
+    storage = ChatstateStorage.from_url("redis://localhost:6379/0")
+    dp = Dispatcher(storage=storage, events_isolation=storage.create_isolation())
+    dp.update.outer_middleware(ChatstateDedupeMiddleware(storage.service))
+
+Each :class:`~aiogram.fsm.storage.base.StorageKey` is one chatstate document
+``{"state": ..., "data": {...}}`` (one Cluster slot), so
+:meth:`ChatstateStorage.update_data` is a single atomic write where aiogram's
+own storages read, merge in Python and write back (and lose concurrent updates).
+
+Needs ``pip install 'chatstate[aiogram]'``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from typing import Any, Literal, Self, cast, overload
+from urllib.parse import quote
+
+from aiogram.dispatcher.event.bases import UNHANDLED
+from aiogram.dispatcher.middlewares.base import BaseMiddleware
+from aiogram.exceptions import DataNotDictLikeError
+from aiogram.fsm.state import State
+from aiogram.fsm.storage.base import (
+    DEFAULT_DESTINY,
+    BaseEventIsolation,
+    BaseStorage,
+    KeyBuilder,
+    StateType,
+    StorageKey,
+)
+from aiogram.types import Message, TelegramObject, Update
+from aiogram.types.update import UpdateTypeLookupError
+
+from chatstate.exceptions import ConfigurationError, UsageError
+from chatstate.state import AsyncRedisBackend, AsyncStateService
+from chatstate.typing import JSONObject
+
+__all__ = [
+    "DATA_FIELD",
+    "STATE_FIELD",
+    "ChatstateDedupeMiddleware",
+    "ChatstateEventIsolation",
+    "ChatstateKeyBuilder",
+    "ChatstateStorage",
+    "dedupe_key",
+]
+
+log = logging.getLogger("chatstate.integrations.aiogram")
+
+STATE_FIELD = "state"
+"""The document field that holds a key's FSM state (absent when it is ``None``)."""
+DATA_FIELD = "data"
+"""The document field that holds a key's FSM data (absent when it is empty)."""
+
+LOCK_NAME = "aiogram"
+DEDUPE_PURPOSE = "aiogram"
+
+_PartType = Literal["data", "state", "lock"]
+_MESSAGE_EVENTS = frozenset(
+    {
+        "message",
+        "edited_message",
+        "channel_post",
+        "edited_channel_post",
+        "business_message",
+        "edited_business_message",
+    }
+)
+
+
+class ChatstateKeyBuilder(KeyBuilder):
+    """Turns a whole :class:`~aiogram.fsm.storage.base.StorageKey` into one chatstate user id.
+
+    The id reads like aiogram's keys (``fsm:<bot>:<chat>:<user>``, then
+    ``t<thread>``, ``b<business connection>``, ``d<destiny>`` when present),
+    and unlike :class:`~aiogram.fsm.storage.base.DefaultKeyBuilder` it is
+    injective: two keys that differ in any field it includes give two ids.
+    Text fields are percent-encoded, so a separator inside them cannot fake
+    a boundary and Unicode normalisation cannot merge two of them. chatstate
+    places the whole id in one Redis Cluster hash slot.
+
+    Example:
+        >>> from aiogram.fsm.storage.base import StorageKey
+        >>> build = ChatstateKeyBuilder().build
+        >>> build(StorageKey(bot_id=1, chat_id=-100, user_id=7))
+        'fsm:1:-100:7'
+        >>> build(StorageKey(1, -100, 7, thread_id=0, destiny="a:b"))
+        'fsm:1:-100:7:t0:da%3Ab'
+
+    Args:
+        prefix: What every id starts with.
+        separator: Between the parts; only characters that percent-encoding
+            always escapes (``":"``, ``"/"``, ``"|"``, ...), never ``"%"``.
+        with_bot_id: Include the bot id (leave it off only to share state
+            between bots on purpose).
+        with_business_connection_id: Include the business connection id.
+        with_destiny: Include the destiny; when off, a key with a destiny
+            other than the default raises ``ValueError``, as aiogram's does.
+
+    Raises:
+        ConfigurationError: the separator could occur inside an encoded part.
+    """
+
+    def __init__(
+        self,
+        *,
+        prefix: str = "fsm",
+        separator: str = ":",
+        with_bot_id: bool = True,
+        with_business_connection_id: bool = True,
+        with_destiny: bool = True,
+    ) -> None:
+        if not separator or any(quote(ch, safe="") == ch or ch == "%" for ch in separator):
+            raise ConfigurationError(
+                f"separator {separator!r} could occur inside an encoded part; "
+                "use characters percent-encoding escapes, such as ':' or '/'"
+            )
+        self.prefix = prefix
+        self.separator = separator
+        self.with_bot_id = with_bot_id
+        self.with_business_connection_id = with_business_connection_id
+        self.with_destiny = with_destiny
+
+    def build(self, key: StorageKey, part: _PartType | None = None) -> str:
+        """Return the user id of ``key`` (with ``part`` appended when given).
+
+        Raises:
+            ValueError: ``with_destiny`` is off and ``key`` has another destiny.
+        """
+        parts = [self.prefix]
+        if self.with_bot_id:
+            parts.append(str(key.bot_id))
+        parts += [str(key.chat_id), str(key.user_id)]
+        # Optional parts carry a one-letter tag, so their presence is never ambiguous.
+        if key.thread_id is not None:
+            parts.append(f"t{key.thread_id}")
+        if self.with_business_connection_id and key.business_connection_id is not None:
+            parts.append("b" + quote(key.business_connection_id, safe=""))
+        if key.destiny != DEFAULT_DESTINY:
+            if not self.with_destiny:
+                raise ValueError(
+                    "this key builder is not configured to use a destiny other than the "
+                    "default; pass with_destiny=True"
+                )
+            parts.append("d" + quote(key.destiny, safe=""))
+        if part:
+            parts.append(f"p{part}")
+        return self.separator.join(parts)
+
+
+class ChatstateStorage(BaseStorage):
+    """aiogram's FSM storage over an :class:`~chatstate.AsyncStateService`.
+
+    It answers every call as aiogram's ``MemoryStorage`` and ``RedisStorage``
+    do: ``get_state`` of a new key is ``None``, ``update_data`` is a shallow
+    ``dict.update`` (a ``None`` value is stored, a nested dict replaces the
+    old one), ``set_data({})`` empties the data, ``set_data`` refuses a
+    non-dict with :class:`~aiogram.exceptions.DataNotDictLikeError`. What
+    differs: ``update_data`` is one atomic write, so concurrent updates of one
+    key from many tasks or processes all land; values must be JSON
+    (:class:`~chatstate.SerializationError` otherwise, before anything is
+    stored); the service's ``ttl`` expires a key's state and data together.
+
+    Args:
+        service: Where the documents live. Closed by :meth:`close` only if
+            ``close_service`` is true (see :meth:`from_url`).
+        key_builder: Turns a storage key into a chatstate user id; a
+            :class:`ChatstateKeyBuilder` when omitted.
+        close_service: Close ``service`` when aiogram closes the storage.
+    """
+
+    def __init__(
+        self,
+        service: AsyncStateService,
+        *,
+        key_builder: KeyBuilder | None = None,
+        close_service: bool = False,
+    ) -> None:
+        self.service = service
+        self.key_builder = key_builder if key_builder is not None else ChatstateKeyBuilder()
+        self._close_service = close_service
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        namespace: str = "aiogram",
+        key_builder: KeyBuilder | None = None,
+        ttl: float | timedelta | None = None,
+        cluster: bool = False,
+        **options: Any,
+    ) -> Self:
+        """A storage over a new Redis or Valkey service, closed with the storage.
+
+        Args:
+            url: The server (``redis://``, ``rediss://`` or ``unix://``).
+            namespace: The prefix of every Redis key this storage writes.
+            key_builder: See the class.
+            ttl: Forget a key's state and data this long after its last write.
+            cluster: The URL names a Redis Cluster node.
+            **options: Passed to :meth:`chatstate.AsyncRedisBackend.from_url`.
+        """
+        backend = AsyncRedisBackend.from_url(url, namespace=namespace, cluster=cluster, **options)
+        service = AsyncStateService(backend, ttl=ttl)
+        return cls(service, key_builder=key_builder, close_service=True)
+
+    def __repr__(self) -> str:
+        return f"<ChatstateStorage service={self.service!r}>"
+
+    def user_id(self, key: StorageKey) -> str:
+        """The chatstate user id that holds ``key``'s state and data."""
+        return self.key_builder.build(key)
+
+    def create_isolation(
+        self, *, lease: float | timedelta = 60.0, wait: float | timedelta = 60.0
+    ) -> ChatstateEventIsolation:
+        """An event isolation over the same service and key builder.
+
+        Args:
+            lease: See :class:`ChatstateEventIsolation`.
+            wait: See :class:`ChatstateEventIsolation`.
+        """
+        return ChatstateEventIsolation(
+            self.service, key_builder=self.key_builder, lease=lease, wait=wait
+        )
+
+    async def set_state(self, key: StorageKey, state: StateType = None) -> None:
+        """Set the key's state (``None`` clears it)."""
+        value = state.state if isinstance(state, State) else state
+        if value is None:
+            await self.service.update(self.user_id(key), {STATE_FIELD: None})
+        else:
+            await self.service.assign(self.user_id(key), {STATE_FIELD: value})
+
+    async def get_state(self, key: StorageKey) -> str | None:
+        """Return the key's state, ``None`` when it has none."""
+        doc = await self.service.get(self.user_id(key))
+        return cast("str | None", doc.get(STATE_FIELD))
+
+    async def set_data(self, key: StorageKey, data: Mapping[str, Any]) -> None:
+        """Replace the key's data with ``data`` (``{}`` empties it).
+
+        Raises:
+            DataNotDictLikeError: ``data`` is not a dict (as in aiogram's storages).
+            SerializationError: ``data`` is not JSON; nothing was stored.
+        """
+        if not isinstance(data, dict):
+            msg = f"Data must be a dict or dict-like object, got {type(data).__name__}"
+            raise DataNotDictLikeError(msg)
+        if data:
+            await self.service.assign(self.user_id(key), {DATA_FIELD: data})
+        else:
+            await self.service.update(self.user_id(key), {DATA_FIELD: None})
+
+    async def get_data(self, key: StorageKey) -> dict[str, Any]:
+        """Return a copy of the key's data (``{}`` when it has none)."""
+        return _data_of(await self.service.get(self.user_id(key)))
+
+    @overload
+    async def get_value(self, storage_key: StorageKey, dict_key: str) -> Any | None: ...
+
+    @overload
+    async def get_value(self, storage_key: StorageKey, dict_key: str, default: Any) -> Any: ...
+
+    async def get_value(
+        self, storage_key: StorageKey, dict_key: str, default: Any | None = None
+    ) -> Any | None:
+        """Return one value of the key's data, or ``default``."""
+        return (await self.get_data(storage_key)).get(dict_key, default)
+
+    async def update_data(self, key: StorageKey, data: Mapping[str, Any]) -> dict[str, Any]:
+        """Set each item of ``data`` in the key's data, in one atomic write.
+
+        As ``dict.update``: other keys stay, a ``None`` value is stored, a dict
+        value replaces the old one whole. Concurrent calls never lose each
+        other's keys.
+
+        Returns:
+            The key's whole data after the write.
+
+        Raises:
+            SerializationError: a key is not a str or a value is not JSON;
+                nothing was stored.
+        """
+        items = dict(data)
+        if not items:
+            return await self.get_data(key)
+        doc = await self.service.assign(
+            self.user_id(key), {(DATA_FIELD, name): value for name, value in items.items()}
+        )
+        return _data_of(doc.to_dict())
+
+    async def close(self) -> None:
+        """Close the service if this storage owns it (see ``close_service``)."""
+        if self._close_service:
+            await self.service.aclose()
+
+
+def _data_of(doc: JSONObject) -> dict[str, Any]:
+    """The data field of a document the caller owns (a private copy already)."""
+    data = doc.get(DATA_FIELD)
+    return data if isinstance(data, dict) else {}
+
+
+class ChatstateEventIsolation(BaseEventIsolation):
+    """Handles the events of one storage key one at a time, across processes.
+
+    aiogram holds :meth:`lock` around each handler (``Dispatcher(...,
+    events_isolation=...)``), so a handler that reads its data, decides and
+    writes acts as one step. The lock is the backend's per-user lock, in the
+    same hash slot as the key's document; on the memory backend it serialises
+    the tasks of one process.
+
+    Args:
+        service: The service whose backend holds the locks.
+        key_builder: See :class:`ChatstateStorage`.
+        lease: The lock lapses this long after it was taken if its holder dies.
+        wait: How long an event waits for the key before
+            :class:`~chatstate.LockTimeoutError`.
+
+    Raises:
+        UsageError: the service's backend has no ``lock``.
+    """
+
+    def __init__(
+        self,
+        service: AsyncStateService,
+        *,
+        key_builder: KeyBuilder | None = None,
+        lease: float | timedelta = 60.0,
+        wait: float | timedelta = 60.0,
+    ) -> None:
+        backend = service.manager.backend
+        if not callable(getattr(backend, "lock", None)):
+            raise UsageError(f"{type(backend).__name__} has no lock(): it cannot isolate events")
+        self.service = service
+        self.key_builder = key_builder if key_builder is not None else ChatstateKeyBuilder()
+        self.lease = _seconds(lease)
+        self.wait = _seconds(wait)
+
+    @asynccontextmanager
+    async def lock(self, key: StorageKey) -> AsyncGenerator[None, None]:
+        """Hold the key's lock for the block.
+
+        Raises:
+            LockTimeoutError: another event held the key for longer than ``wait``.
+            LockLostError: the lease ran out while the block ran.
+        """
+        user_id = self.service.manager.user_id(self.key_builder.build(key))
+        backend: Any = self.service.manager.backend
+        async with backend.lock(user_id, LOCK_NAME, lease=self.lease, wait=self.wait):
+            yield
+
+    async def close(self) -> None:
+        """Nothing to release: the locks live in the store."""
+
+
+def _seconds(value: float | timedelta) -> float:
+    seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    if not seconds > 0:
+        raise ConfigurationError(f"a duration must be positive, got {value!r}")
+    return seconds
+
+
+def dedupe_key(update: Update, by: Literal["update_id", "message_id"] = "update_id") -> str:
+    """What identifies ``update`` for :class:`ChatstateDedupeMiddleware`.
+
+    ``"update_id"`` uses Telegram's update id. ``"message_id"`` uses the
+    message for updates that carry one (chat id, message id, the kind of
+    update and, for an edit, its date, so an edit is not a duplicate of the
+    message it edits), the query id for callback and inline queries, and the
+    update id for anything else.
+
+    Example:
+        >>> dedupe_key(Update(update_id=5))
+        'update:5'
+    """
+    if by == "message_id":
+        try:
+            kind = update.event_type
+        except UpdateTypeLookupError:  # an update of a kind this aiogram does not know
+            return f"update:{update.update_id}"
+        event = getattr(update, kind, None)
+        if kind in _MESSAGE_EVENTS and isinstance(event, Message):
+            key = f"{kind}:{event.chat.id}:{event.message_id}"
+            if event.business_connection_id is not None:
+                key += ":b" + quote(event.business_connection_id, safe="")
+            if event.edit_date is not None:
+                key += f":e{_timestamp(event.edit_date)}"
+            return key
+        query_id = getattr(event, "id", None)
+        if kind in {"callback_query", "inline_query"} and isinstance(query_id, str):
+            return f"{kind}:{query_id}"
+    return f"update:{update.update_id}"
+
+
+def _timestamp(value: Any) -> int:
+    return int(value.timestamp()) if hasattr(value, "timestamp") else int(value)
+
+
+class ChatstateDedupeMiddleware(BaseMiddleware):
+    """Handles each Telegram update once, even when Telegram delivers it again.
+
+    Register it on the dispatcher's updates: ``dp.update.outer_middleware(
+    ChatstateDedupeMiddleware(service))``. Each update takes a chatstate claim
+    (its own purpose, so its ids never meet yours) on a record of its own;
+    the handlers run only for the first delivery, and a redelivery, while the
+    first is being handled or after it was, runs nothing and sends nothing
+    (the dispatcher sees it as unhandled). When a handler raises, the claim is
+    released and a redelivery is handled again. Update ids are remembered for
+    the service's ``dedupe_window`` (10 minutes by default).
+
+    Args:
+        service: Where the claims live (shared by every process of the bot).
+        by: ``"update_id"`` or ``"message_id"`` (see :func:`dedupe_key`).
+        prefix: The start of the user ids of the claim records.
+        lease: A claim lapses this long after it was taken if its process
+            dies; a redelivery after that is handled again.
+        wait: Passed to :meth:`~chatstate.AsyncStateService.claim`.
+    """
+
+    def __init__(
+        self,
+        service: AsyncStateService,
+        *,
+        by: Literal["update_id", "message_id"] = "update_id",
+        prefix: str = "aiogram-update",
+        lease: float | timedelta = 60.0,
+        wait: float | timedelta = 10.0,
+    ) -> None:
+        if by not in {"update_id", "message_id"}:
+            raise ConfigurationError(f"by must be 'update_id' or 'message_id', not {by!r}")
+        self.service = service
+        self.by = by
+        self.prefix = prefix
+        self.lease = lease
+        self.wait = wait
+
+    async def __call__(
+        self,
+        handler: Callable[[TelegramObject, dict[str, Any]], Awaitable[Any]],
+        event: TelegramObject,
+        data: dict[str, Any],
+    ) -> Any:
+        """Run ``handler`` unless the update was handled (or is being handled) already."""
+        if not isinstance(event, Update):
+            return await handler(event, data)
+        op_id = dedupe_key(event, self.by)
+        bot = data.get("bot")
+        bot_id = bot.id if bot is not None else 0
+        claim = await self.service.claim(
+            f"{self.prefix}:{bot_id}:{op_id}",
+            op_id,
+            purpose=DEDUPE_PURPOSE,
+            lease=self.lease,
+            wait=self.wait,
+        )
+        async with claim:
+            if claim.duplicate:
+                log.info("update %s was handled already; skipping it", op_id)
+                return UNHANDLED
+            return await handler(event, data)

@@ -1,0 +1,876 @@
+"""chatstate under aiogram 3: the FSM storage, its key builder, event isolation and dedupe.
+
+The storage runs the same call sequences as aiogram's own ``MemoryStorage`` and
+must answer alike; concurrent ``update_data`` calls (tasks and processes) must
+all land, while aiogram's ``RedisStorage`` under the same test loses updates
+(the negative control). A real ``Dispatcher`` is fed real ``Update`` objects;
+its bot's session records requests instead of sending them (no network).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import multiprocessing
+import sys
+import unicodedata
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiogram import Bot, Dispatcher, F, Router
+from aiogram.client.session.base import BaseSession
+from aiogram.exceptions import DataNotDictLikeError
+from aiogram.filters import Command
+from aiogram.fsm.context import FSMContext
+from aiogram.fsm.scene import Scene, SceneRegistry, on
+from aiogram.fsm.state import State, StatesGroup, any_state, default_state
+from aiogram.fsm.storage.base import BaseStorage, DefaultKeyBuilder, StorageKey
+from aiogram.fsm.storage.memory import MemoryStorage
+from aiogram.fsm.storage.redis import RedisStorage
+from aiogram.methods import SendMessage, TelegramMethod
+from aiogram.types import CallbackQuery, Chat, Message, Update, User
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from redis.asyncio import Redis
+
+import chatstate
+from chatstate import (
+    AsyncMemoryBackend,
+    AsyncRedisBackend,
+    AsyncStateService,
+    ConfigurationError,
+    SerializationError,
+)
+from chatstate.integrations.aiogram import (
+    ChatstateDedupeMiddleware,
+    ChatstateEventIsolation,
+    ChatstateKeyBuilder,
+    ChatstateStorage,
+    dedupe_key,
+)
+from strategies import canonical, json_values, keys
+
+BOT_TOKEN = "42:TEST-TOKEN"
+KEY = StorageKey(bot_id=42, chat_id=-100, user_id=7)
+TASKS = 50
+PROCESSES = 4
+ROUNDS = 25
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+ServiceFactory = Callable[[], AsyncStateService]
+
+
+class RecordingSession(BaseSession):
+    """A bot session that records every API call and answers it locally (no network)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[TelegramMethod[Any]] = []
+        self._ids = itertools.count(1000)
+
+    async def make_request(
+        self,
+        bot: Bot,
+        method: TelegramMethod[Any],
+        timeout: int | None = None,  # noqa: ASYNC109 - aiogram's signature
+    ) -> Any:
+        self.requests.append(method)
+        if isinstance(method, SendMessage):
+            chat = Chat(id=int(method.chat_id), type="private")
+            sent = Message(message_id=next(self._ids), date=_now(), chat=chat, text=method.text)
+            return sent.as_(bot)
+        return True
+
+    async def stream_content(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        pass
+
+    @property
+    def texts(self) -> list[str]:
+        return [m.text for m in self.requests if isinstance(m, SendMessage)]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+_USER = User(id=7, is_bot=False, first_name="Ana")
+
+
+def message_update(update_id: int, text: str, *, message_id: int | None = None) -> Update:
+    chat = Chat(id=7, type="private")
+    message = Message(
+        message_id=message_id or update_id, date=_now(), chat=chat, from_user=_USER, text=text
+    )
+    return Update(update_id=update_id, message=message)
+
+
+class Form(StatesGroup):
+    name = State()
+    age = State()
+
+
+def form_router(calls: list[str] | None = None) -> Router:
+    """The classic aiogram form: /start asks a name, then an age, then sums up."""
+    router = Router()
+
+    @router.message(Command("start"))
+    async def start(message: Message, state: FSMContext) -> None:
+        if calls is not None:
+            calls.append("start")
+        await state.set_state(Form.name)
+        await message.answer("What is your name?")
+
+    @router.message(Form.name)
+    async def name(message: Message, state: FSMContext) -> None:
+        await state.update_data(name=message.text)
+        await state.set_state(Form.age)
+        await message.answer("How old are you?")
+
+    @router.message(Form.age)
+    async def age(message: Message, state: FSMContext) -> None:
+        data = await state.update_data(age=message.text)
+        await state.clear()
+        await message.answer(f"{data['name']} is {data['age']}")
+
+    return router
+
+
+def build_dispatcher(
+    service: AsyncStateService, *routers: Router, dedupe: bool = False
+) -> tuple[Dispatcher, Bot, RecordingSession]:
+    storage = ChatstateStorage(service)
+    dp = Dispatcher(storage=storage, events_isolation=storage.create_isolation())
+    if dedupe:
+        dp.update.outer_middleware(ChatstateDedupeMiddleware(service))
+    for router in routers:
+        dp.include_router(router)
+    session = RecordingSession()
+    return dp, Bot(BOT_TOKEN, session=session), session
+
+
+# -- the key builder -------------------------------------------------------------------
+
+_texts = st.sampled_from(["", ":", "%", "%3A", "a:b", "a", "d", "\u00e9", "e\u0301", "t1", "/"])
+storage_keys = st.builds(
+    StorageKey,
+    bot_id=st.sampled_from([1, 2, 12, -1]),
+    chat_id=st.sampled_from([1, 2, 21, -1, -100]),
+    user_id=st.sampled_from([1, 2, 11, -1]),
+    thread_id=st.sampled_from([None, 0, 1, -1]),
+    business_connection_id=st.none() | _texts,
+    destiny=st.sampled_from(["default", "scenes_history"]) | _texts,
+)
+
+
+@given(st.lists(storage_keys, unique=True, min_size=2, max_size=30))
+def test_key_builder_is_injective_over_the_whole_key(keys_: list[StorageKey]) -> None:
+    """Distinct storage keys (any field, separators and Unicode forms inside) give distinct ids."""
+    build = ChatstateKeyBuilder().build
+    ids = [build(k) for k in keys_]
+    assert len(set(ids)) == len(ids)
+    for user_id in ids:
+        assert unicodedata.normalize("NFC", user_id) == user_id
+
+
+@given(storage_keys, storage_keys, st.sampled_from(list(StorageKey.__dataclass_fields__)))
+def test_key_builder_tells_apart_keys_differing_in_one_field(
+    a: StorageKey, b: StorageKey, field: str
+) -> None:
+    """Changing any single field of a key (thread None to 0, one destiny to another) changes its id."""
+    changed = dataclasses.replace(a, **{field: getattr(b, field)})
+    build = ChatstateKeyBuilder().build
+    assert (build(changed) == build(a)) == (changed == a)
+
+
+def test_default_key_builder_is_not_injective() -> None:
+    """Aiogram's DefaultKeyBuilder merges keys ours keeps apart (why we do not use it by default)."""
+    a = StorageKey(1, 2, 3, thread_id=None)
+    b = StorageKey(1, 2, 3, thread_id=0)
+    c = StorageKey(1, 2, 3, business_connection_id="x")
+    assert DefaultKeyBuilder().build(a) == DefaultKeyBuilder().build(b)
+    assert DefaultKeyBuilder().build(a) == DefaultKeyBuilder().build(c)
+    ours = ChatstateKeyBuilder()
+    assert len({ours.build(a), ours.build(b), ours.build(c)}) == 3
+
+
+def test_key_builder_options_mirror_default_key_builder() -> None:
+    """prefix, separator and the with_* switches behave like DefaultKeyBuilder's."""
+    key = StorageKey(1, 2, 3, business_connection_id="bc", destiny="quiz")
+    assert ChatstateKeyBuilder().build(key) == "fsm:1:2:3:bbc:dquiz"
+    assert ChatstateKeyBuilder().build(key, "lock") == "fsm:1:2:3:bbc:dquiz:plock"
+    slim = ChatstateKeyBuilder(prefix="bot", separator="/", with_bot_id=False)
+    assert slim.build(key) == "bot/2/3/bbc/dquiz"
+    assert ChatstateKeyBuilder(with_business_connection_id=False).build(key) == "fsm:1:2:3:dquiz"
+    with pytest.raises(ValueError, match="destiny"):
+        ChatstateKeyBuilder(with_destiny=False).build(key)
+    for bad in ["", "-", "a", "%", ":a"]:
+        with pytest.raises(ConfigurationError):
+            ChatstateKeyBuilder(separator=bad)
+
+
+def test_long_keys_fit_a_user_id() -> None:
+    """The id of a key with every field set is accepted by the service as it is."""
+
+    async def main() -> None:
+        svc = AsyncStateService()
+        key = StorageKey(-(2**62), -(2**62), 2**62, 2**31, "b" * 40, "scenes_history")
+        user_id = ChatstateKeyBuilder().build(key)
+        assert svc.manager.user_id(user_id) == user_id
+        await ChatstateStorage(svc).set_state(key, "s")
+        assert await svc.get(user_id) == {"state": "s"}
+
+    asyncio.run(main())
+
+
+# -- parity with aiogram's MemoryStorage -------------------------------------------------
+
+_parity_keys = [
+    StorageKey(42, 7, 7),
+    StorageKey(42, 7, 7, thread_id=0),
+    StorageKey(42, 7, 7, business_connection_id=""),
+    StorageKey(42, 7, 7, destiny="scenes_history"),
+    StorageKey(43, 7, 7),
+]
+_states = st.sampled_from(
+    [None, "Form:name", "", "x:y", Form.name, Form.age, default_state, any_state]
+)
+_data = st.dictionaries(keys, json_values(8), max_size=4)
+_ops = st.one_of(
+    st.tuples(st.just("set_state"), st.integers(0, 4), _states),
+    st.tuples(st.just("get_state"), st.integers(0, 4)),
+    st.tuples(st.just("set_data"), st.integers(0, 4), _data),
+    st.tuples(st.just("set_data"), st.integers(0, 4), st.sampled_from([[], (), "x", None, 1])),
+    st.tuples(st.just("get_data"), st.integers(0, 4)),
+    st.tuples(st.just("get_value"), st.integers(0, 4), keys, json_values(2)),
+    st.tuples(st.just("update_data"), st.integers(0, 4), _data),
+    st.tuples(st.just("fsm_update"), st.integers(0, 4), _data, _data),
+    st.tuples(st.just("clear"), st.integers(0, 4)),
+)
+
+
+async def _run(storage: BaseStorage, op: tuple[Any, ...]) -> str:
+    """Apply one call; return its result (or error type) as canonical text."""
+    name, index, *args = op
+    key = _parity_keys[index]
+    ctx = FSMContext(storage, key)
+    try:
+        if name == "set_state":
+            result: Any = await storage.set_state(key, args[0])
+        elif name == "get_state":
+            result = await storage.get_state(key)
+        elif name == "set_data":
+            result = await storage.set_data(key, args[0])
+        elif name == "get_data":
+            result = await storage.get_data(key)
+        elif name == "get_value":
+            result = await storage.get_value(key, args[0], args[1])
+        elif name == "update_data":
+            result = await storage.update_data(key, args[0])
+        elif name == "fsm_update":
+            result = await ctx.update_data(args[0], **args[1])
+        else:
+            result = await ctx.clear()
+    except DataNotDictLikeError:
+        return "DataNotDictLikeError"
+    return canonical(result)
+
+
+async def _dump(storage: BaseStorage) -> list[str]:
+    out = []
+    for key in _parity_keys:
+        out += [canonical(await storage.get_state(key)), canonical(await storage.get_data(key))]
+    return out
+
+
+def _parity(make_service: ServiceFactory, ops: list[tuple[Any, ...]]) -> None:
+    async def main() -> None:
+        theirs = MemoryStorage()
+        ours = ChatstateStorage(make_service(), close_service=True)
+        for op in ops:
+            assert await _run(ours, op) == await _run(theirs, op), op
+        assert await _dump(ours) == await _dump(theirs)
+        await ours.close()
+
+    asyncio.run(main())
+
+
+@settings(max_examples=60)
+@given(ops=st.lists(_ops, max_size=25))
+def test_parity_with_memory_storage(ops: list[tuple[Any, ...]]) -> None:
+    """Every call sequence gives MemoryStorage's results, call by call and at the end (memory)."""
+    store = AsyncMemoryBackend()
+    _parity(lambda: AsyncStateService(store), ops)
+
+
+@pytest.mark.redis
+def test_parity_with_memory_storage_on_redis(redis_url: str) -> None:
+    """The same call sequences on Redis give MemoryStorage's results too."""
+
+    @settings(max_examples=25)
+    @given(ops=st.lists(_ops, max_size=25))
+    def check(ops: list[tuple[Any, ...]]) -> None:
+        namespace = f"t{uuid.uuid4().hex[:12]}"
+        _parity(
+            lambda: AsyncStateService(AsyncRedisBackend.from_url(redis_url, namespace=namespace)),
+            ops,
+        )
+
+    check()
+
+
+@pytest.mark.parametrize(
+    "calls",
+    [
+        [("update_data", {"a": None})],
+        [("update_data", {"a": {"x": 1, "y": 2}}), ("update_data", {"a": {"z": 3}})],
+        [("update_data", {"a": 1, "b": 2}), ("set_data", {})],
+        [("set_data", {"a.b": [1, None]}), ("update_data", {"": 0})],
+    ],
+    ids=["none-is-stored", "nested-dict-replaces", "set-data-empties", "odd-keys"],
+)
+def test_documented_dict_update_semantics(calls: list[tuple[str, dict[str, Any]]]) -> None:
+    """The cases aiogram's contract spells out answer exactly as MemoryStorage answers."""
+
+    async def main() -> None:
+        ours, theirs = ChatstateStorage(AsyncStateService()), MemoryStorage()
+        for name, arg in calls:
+            for storage in (ours, theirs):
+                await getattr(storage, name)(KEY, arg)
+            assert await ours.get_data(KEY) == await theirs.get_data(KEY)
+        assert await ours.get_state(KEY) is None
+
+    asyncio.run(main())
+
+
+def test_layout_is_one_document_per_key() -> None:
+    """State and data of a key live in one document; clearing both leaves it empty."""
+
+    async def main() -> None:
+        svc = AsyncStateService()
+        storage = ChatstateStorage(svc)
+        await storage.set_state(KEY, Form.name)
+        await storage.update_data(KEY, {"n": 1})
+        assert await svc.get(storage.user_id(KEY)) == {"state": "Form:name", "data": {"n": 1}}
+        await FSMContext(storage, KEY).clear()
+        assert await svc.get(storage.user_id(KEY)) == {}
+
+    asyncio.run(main())
+
+
+def test_non_json_data_is_refused_before_anything_is_stored() -> None:
+    """A tuple or a non-str key raises SerializationError and leaves the data as it was."""
+
+    async def main() -> None:
+        storage = ChatstateStorage(AsyncStateService())
+        await storage.set_data(KEY, {"a": 1})
+        with pytest.raises(SerializationError):
+            await storage.update_data(KEY, {"b": 2, "c": (1, 2)})
+        with pytest.raises(SerializationError):
+            await storage.set_data(KEY, {1: "x"})
+        assert await storage.get_data(KEY) == {"a": 1}
+
+    asyncio.run(main())
+
+
+def test_returned_data_is_a_private_copy() -> None:
+    """Changing what get_data or update_data returned changes nothing stored."""
+
+    async def main() -> None:
+        storage = ChatstateStorage(AsyncStateService())
+        got = await storage.update_data(KEY, {"cart": {"items": [1]}})
+        got["cart"]["items"].append(2)
+        (await storage.get_data(KEY))["cart"]["x"] = 1
+        (await storage.get_value(KEY, "cart"))["items"].append(3)
+        assert await storage.get_data(KEY) == {"cart": {"items": [1]}}
+
+    asyncio.run(main())
+
+
+def test_close_closes_only_an_owned_service(redis_url: str, namespace: str) -> None:
+    """close() leaves a service passed in open and closes the one from_url made."""
+
+    async def main() -> None:
+        svc = AsyncStateService(AsyncRedisBackend.from_url(redis_url, namespace=namespace))
+        await ChatstateStorage(svc).close()
+        await svc.update("u", {"still": "open"})
+        await svc.aclose()
+        owned = ChatstateStorage.from_url(redis_url, namespace=namespace)
+        await owned.set_state(KEY, "s")
+        assert await owned.get_state(KEY) == "s"
+        await owned.close()
+
+    asyncio.run(main())
+
+
+def test_importing_chatstate_imports_no_framework() -> None:
+    """Importing chatstate and chatstate.integrations loads no aiogram, telegram or starlette."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, chatstate, chatstate.integrations;"
+        "bad = [m for m in ('aiogram', 'telegram', 'starlette', 'fastapi') if m in sys.modules];"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert chatstate.__name__ == "chatstate"
+
+
+# -- concurrent update_data: nothing lost; aiogram's RedisStorage loses --------------------
+
+
+def _with_read_barrier(cls: type[BaseStorage], wait: Callable[[], Any]) -> type[BaseStorage]:
+    """``cls`` whose get_data waits at a barrier after reading: every reader reads first."""
+
+    class Barriered(cls):  # type: ignore[valid-type,misc]
+        async def get_data(self, key: StorageKey) -> dict[str, Any]:
+            data = await super().get_data(key)
+            result = wait()
+            if asyncio.iscoroutine(result):
+                await result
+            return data
+
+    return Barriered
+
+
+def _storage(kind: str, url: str | None, namespace: str, wait: Callable[[], Any]) -> BaseStorage:
+    if kind == "aiogram-redis":
+        cls = _with_read_barrier(RedisStorage, wait)
+        assert url is not None
+        return cls(Redis.from_url(url), key_builder=DefaultKeyBuilder(prefix=namespace))
+    cls = _with_read_barrier(ChatstateStorage, wait)
+    if kind == "chatstate-memory":
+        return cls(AsyncStateService(), close_service=True)
+    assert url is not None
+    backend = AsyncRedisBackend.from_url(url, namespace=namespace)
+    return cls(AsyncStateService(backend), close_service=True)
+
+
+async def _fifty_tasks(kind: str, url: str | None) -> int:
+    """Run 50 concurrent FSMContext.update_data calls of distinct keys; return how many were lost."""
+    barrier = asyncio.Barrier(TASKS)
+    storage = _storage(kind, url, f"t{uuid.uuid4().hex[:12]}", barrier.wait)
+    ctx = FSMContext(storage, KEY)
+    await asyncio.gather(*(ctx.update_data({f"k{i}": i}) for i in range(TASKS)))
+    got = await _raw_data(storage)
+    await storage.close()
+    return TASKS - len(got)
+
+
+def test_fifty_tasks_update_data_lose_nothing_on_memory() -> None:
+    """50 tasks' FSMContext.update_data on one key all land (memory backend).
+
+    Every reader waits at a barrier until all 50 have read: the interleaving
+    that loses updates is forced, not left to timing. Our update_data never
+    reads, so the barrier never closes on it.
+    """
+    assert asyncio.run(_fifty_tasks("chatstate-memory", None)) == 0
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize(("kind", "lost"), [("chatstate-redis", 0), ("aiogram-redis", TASKS - 1)])
+def test_fifty_tasks_update_data_lose_nothing_on_redis(
+    redis_url: str, kind: str, lost: int
+) -> None:
+    """Ours keeps all 50 tasks' keys on Redis; aiogram's RedisStorage keeps 1 of 50 (control)."""
+    assert asyncio.run(_fifty_tasks(kind, redis_url)) == lost
+
+
+async def _raw_data(storage: BaseStorage) -> dict[str, Any]:
+    """The key's data read past the barrier."""
+    return await type(storage).__mro__[1].get_data(storage, KEY)  # type: ignore[no-any-return]
+
+
+def _process_worker(kind: str, url: str, namespace: str, proc: int, barrier: Any) -> None:
+    async def main() -> None:
+        storage = _storage(kind, url, namespace, barrier.wait)
+        ctx = FSMContext(storage, KEY)
+        for i in range(ROUNDS):
+            await ctx.update_data({f"p{proc}-{i}": i})
+        await storage.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["chatstate-redis", "aiogram-redis"])
+def test_four_processes_update_data_lose_nothing(redis_url: str, namespace: str, kind: str) -> None:
+    """4 processes x 25 update_data calls on one key all land; RedisStorage loses some.
+
+    As above, a reader waits until all 4 processes have read, so RedisStorage
+    loses at least the other 3 processes' last keys whatever the timing.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(PROCESSES, timeout=60)
+    procs = [
+        ctx.Process(target=_process_worker, args=(kind, redis_url, namespace, p, barrier))
+        for p in range(PROCESSES)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+
+    async def read() -> int:
+        storage = _storage(kind, redis_url, namespace, lambda: None)
+        got = await _raw_data(storage)
+        await storage.close()
+        return len(got)
+
+    kept = asyncio.run(read())
+    if kind == "aiogram-redis":
+        assert kept <= PROCESSES * ROUNDS - (PROCESSES - 1)
+    else:
+        assert kept == PROCESSES * ROUNDS
+
+
+def _free_worker(url: str, namespace: str, proc: int) -> None:
+    async def main() -> None:
+        storage = ChatstateStorage.from_url(url, namespace=namespace)
+        ctx = FSMContext(storage, KEY)
+        await asyncio.gather(*(ctx.update_data({f"p{proc}-t{i}": i}) for i in range(TASKS)))
+        await storage.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+def test_four_processes_of_fifty_tasks_lose_nothing(redis_url: str, namespace: str) -> None:
+    """4 processes x 50 concurrent tasks, free-running, leave all 200 keys in the data."""
+    ctx = multiprocessing.get_context("spawn")
+    procs = [
+        ctx.Process(target=_free_worker, args=(redis_url, namespace, p)) for p in range(PROCESSES)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+
+    async def read() -> dict[str, Any]:
+        storage = ChatstateStorage.from_url(redis_url, namespace=namespace)
+        data = await storage.get_data(KEY)
+        await storage.close()
+        return data
+
+    data = asyncio.run(read())
+    assert data == {f"p{p}-t{i}": i for p in range(PROCESSES) for i in range(TASKS)}
+
+
+# -- event isolation -------------------------------------------------------------------------
+
+
+def test_isolation_lets_other_keys_run_alongside() -> None:
+    """Holding one key's lock does not block another key."""
+
+    async def main() -> None:
+        isolation = ChatstateEventIsolation(AsyncStateService())
+        async with isolation.lock(KEY), isolation.lock(StorageKey(42, -100, 8)):
+            pass
+        await isolation.close()
+
+    asyncio.run(main())
+
+
+def test_isolation_refuses_a_backend_without_locks() -> None:
+    """A backend with no lock() is refused when the isolation is made, not when it is used."""
+
+    class NoLocks:
+        async def load(self, user_id: str) -> None:
+            return None
+
+        async def apply(self, user_id: str, write: Any) -> Any:
+            raise NotImplementedError
+
+        async def aclose(self) -> None:
+            pass
+
+    with pytest.raises(chatstate.UsageError, match="lock"):
+        ChatstateEventIsolation(AsyncStateService(NoLocks()))
+    with pytest.raises(ConfigurationError):
+        ChatstateEventIsolation(AsyncStateService(), wait=0)
+
+
+# -- a real Dispatcher ------------------------------------------------------------------------
+
+
+def test_a_failed_update_is_handled_again() -> None:
+    """When a handler raises, the update's claim is released: a redelivery runs it again."""
+
+    async def main() -> list[int]:
+        router, attempts = Router(), []
+
+        @router.message()
+        async def flaky(message: Message) -> None:
+            attempts.append(message.message_id)
+            if len(attempts) == 1:
+                raise RuntimeError("boom")
+            await message.answer("ok")
+
+        svc = AsyncStateService()
+        dp, bot, session = build_dispatcher(svc, router, dedupe=True)
+        update = message_update(20, "hi")
+        with pytest.raises(RuntimeError, match="boom"):
+            await dp.feed_update(bot, update)
+        await dp.feed_update(bot, update)
+        await dp.feed_update(bot, update)
+        assert session.texts == ["ok"]
+        return attempts
+
+    assert asyncio.run(main()) == [20, 20]
+
+
+def test_example_bot_runs_its_form() -> None:
+    """examples/aiogram_bot.py answers a whole form, and a redelivered update only once."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+    from aiogram_bot import build_dispatcher as example_dispatcher
+
+    async def main() -> list[str]:
+        dp = example_dispatcher(ChatstateStorage(AsyncStateService()))
+        session = RecordingSession()
+        bot = Bot(BOT_TOKEN, session=session)
+        for i, text in enumerate(["/start", "Ana", "Ana", "33"], start=100):
+            await dp.feed_update(bot, message_update(i if text != "Ana" else 101, text))
+        return session.texts
+
+    assert asyncio.run(main()) == [
+        "What is your name?",
+        "How old are you?",
+        "Nice to meet you, Ana (33).",
+    ]
+
+
+def test_dedupe_keys() -> None:
+    """update_id mode keys on the update; message_id mode on the message, edits and queries apart."""
+    first = message_update(1, "a", message_id=5)
+    again = message_update(2, "a", message_id=5)
+    edited = Update(
+        update_id=3,
+        edited_message=Message(
+            message_id=5,
+            date=_now(),
+            edit_date=1700000000,
+            chat=Chat(id=7, type="private"),
+            text="b",
+        ),
+    )
+    query = Update(
+        update_id=4, callback_query=CallbackQuery(id="q1", from_user=_USER, chat_instance="c")
+    )
+    assert dedupe_key(first) == "update:1"
+    assert dedupe_key(first, "message_id") == dedupe_key(again, "message_id") == "message:7:5"
+    assert dedupe_key(edited, "message_id") == "edited_message:7:5:e1700000000"
+    assert dedupe_key(query, "message_id") == "callback_query:q1"
+    assert dedupe_key(Update(update_id=9), "message_id") == "update:9"
+    with pytest.raises(ConfigurationError):
+        ChatstateDedupeMiddleware(AsyncStateService(), by="chat")  # type: ignore[arg-type]
+
+
+def test_message_id_mode_drops_the_same_message_in_a_new_update() -> None:
+    """With by='message_id', one message delivered under two update ids is handled once."""
+
+    async def main() -> list[str]:
+        svc = AsyncStateService()
+        storage = ChatstateStorage(svc)
+        dp = Dispatcher(storage=storage)
+        dp.update.outer_middleware(ChatstateDedupeMiddleware(svc, by="message_id"))
+        dp.include_router(form_router())
+        session = RecordingSession()
+        bot = Bot(BOT_TOKEN, session=session)
+        await dp.feed_update(bot, message_update(30, "/start", message_id=3))
+        await dp.feed_update(bot, message_update(31, "/start", message_id=3))
+        return session.texts
+
+    assert asyncio.run(main()) == ["What is your name?"]
+
+
+class NameScene(Scene, state="name"):
+    """Asks a name; /cancel leaves."""
+
+    @on.message.enter()
+    async def ask(self, message: Message) -> None:
+        await message.answer("Your name?")
+
+    @on.message(Command("cancel"))
+    async def cancel(self, message: Message) -> None:
+        await self.wizard.exit()
+
+    @on.message(F.text)
+    async def got_name(self, message: Message) -> None:
+        await self.wizard.update_data(name=message.text)
+        await self.wizard.goto(AgeScene)
+
+    @on.message.exit()
+    async def bye(self, message: Message) -> None:
+        await message.answer("Bye")
+
+
+class AgeScene(Scene, state="age"):
+    """Asks an age; /back returns to the name, an age sums up and leaves."""
+
+    @on.message.enter()
+    async def ask(self, message: Message) -> None:
+        await message.answer("Your age?")
+
+    @on.message(Command("back"))
+    async def back(self, message: Message) -> None:
+        await self.wizard.back()
+
+    @on.message(F.text)
+    async def got_age(self, message: Message) -> None:
+        data = await self.wizard.get_data()
+        await message.answer(f"{data['name']} is {message.text}")
+        await self.wizard.exit()
+
+
+class _OnEveryBackend:
+    """Tests that run on each backend; a subclass says how to make a service."""
+
+    def make_service(self) -> AsyncStateService:
+        """A new service over this test's store (the same store for every call)."""
+        raise NotImplementedError
+
+    def test_isolation_runs_one_event_of_a_key_at_a_time(self) -> None:
+        """Two isolations (two 'processes') never let two events of one key overlap."""
+
+        async def main() -> list[str]:
+            events: list[str] = []
+            one, two = self.make_service(), self.make_service()
+            isolations = [ChatstateEventIsolation(one), ChatstateEventIsolation(two)]
+
+            async def handle(name: str, isolation: ChatstateEventIsolation) -> None:
+                async with isolation.lock(KEY):
+                    events.append(f"enter {name}")
+                    for _ in range(20):
+                        await asyncio.sleep(0)
+                    events.append(f"leave {name}")
+
+            await asyncio.gather(*(handle(str(i), iso) for i, iso in enumerate(isolations * 2)))
+            for svc in (one, two):
+                await svc.aclose()
+            return events
+
+        events = asyncio.run(main())
+        assert len(events) == 8
+        for enter, leave in zip(events[::2], events[1::2], strict=True):
+            assert enter.replace("enter", "leave") == leave
+
+    def test_dispatcher_runs_a_form_and_survives_a_restart(self) -> None:
+        """A form started on one Dispatcher finishes on a new one (a restart) over the same store."""
+
+        async def main() -> tuple[list[str], list[str], dict[str, Any]]:
+            svc = self.make_service()
+            dp, bot, session = build_dispatcher(svc, form_router())
+            await dp.feed_update(bot, message_update(1, "/start"))
+            await dp.feed_update(bot, message_update(2, "Ana"))
+            await svc.aclose()
+
+            svc = self.make_service()
+            dp2, bot2, session2 = build_dispatcher(svc, form_router())
+            key = StorageKey(bot_id=bot2.id, chat_id=7, user_id=7)
+            assert await dp2.storage.get_state(key) == "Form:age"
+            await dp2.feed_update(bot2, message_update(3, "33"))
+            left = await svc.get(ChatstateKeyBuilder().build(key))
+            await svc.aclose()
+            return session.texts, session2.texts, left
+
+        first, second, left = asyncio.run(main())
+        assert first == ["What is your name?", "How old are you?"]
+        assert second == ["Ana is 33"]
+        assert left == {}
+
+    def test_redelivered_update_is_handled_once(self) -> None:
+        """The same update fed again (also concurrently, also to a second dispatcher) sends nothing."""
+
+        async def main() -> tuple[list[str], list[str], list[str]]:
+            calls: list[str] = []
+            svc_a, svc_b = self.make_service(), self.make_service()
+            dp_a, bot_a, session_a = build_dispatcher(svc_a, form_router(calls), dedupe=True)
+            dp_b, bot_b, session_b = build_dispatcher(svc_b, form_router(calls), dedupe=True)
+            start = message_update(10, "/start")
+            await asyncio.gather(dp_a.feed_update(bot_a, start), dp_a.feed_update(bot_a, start))
+            await dp_b.feed_update(bot_b, start)
+            await dp_a.feed_update(bot_a, message_update(11, "Ana"))
+            await dp_b.feed_update(bot_b, message_update(11, "Ana"))
+            for svc in (svc_a, svc_b):
+                await svc.aclose()
+            return calls, session_a.texts, session_b.texts
+
+        calls, texts_a, texts_b = asyncio.run(main())
+        assert calls == ["start"]
+        assert texts_a + texts_b == ["What is your name?", "How old are you?"]
+
+    def test_scene_flow_with_back_and_restart(self) -> None:
+        """A scene wizard (enter, goto, back, exit) runs over the storage and across a restart."""
+
+        def dispatcher(svc: AsyncStateService) -> tuple[Dispatcher, Bot, RecordingSession]:
+            dp, bot, session = build_dispatcher(svc, dedupe=True)
+            SceneRegistry(dp).add(NameScene, AgeScene)
+            dp.message.register(NameScene.as_handler(), Command("quiz"))
+            return dp, bot, session
+
+        async def main() -> tuple[list[str], list[str], dict[str, Any]]:
+            svc = self.make_service()
+            dp, bot, session = dispatcher(svc)
+            for i, text in enumerate(["/quiz", "Ana", "/back", "Bea"], start=1):
+                await dp.feed_update(bot, message_update(i, text))
+            await dp.feed_update(bot, message_update(4, "Bea"))  # a redelivery: nothing happens
+            await svc.aclose()
+
+            svc = self.make_service()
+            dp2, bot2, session2 = dispatcher(svc)
+            await dp2.feed_update(bot2, message_update(5, "33"))
+            key = StorageKey(bot_id=bot2.id, chat_id=7, user_id=7)
+            doc = await svc.get(ChatstateKeyBuilder().build(key))
+            await svc.aclose()
+            return session.texts, session2.texts, doc
+
+        first, second, doc = asyncio.run(main())
+        assert first == ["Your name?", "Your age?", "Your name?", "Your age?"]
+        assert second == ["Bea is 33"]
+        assert "state" not in doc
+
+
+class TestOnMemory(_OnEveryBackend):
+    @pytest.fixture(autouse=True)
+    def _store(self) -> None:
+        self.store = AsyncMemoryBackend()
+
+    def make_service(self) -> AsyncStateService:
+        return AsyncStateService(self.store)
+
+
+@pytest.mark.redis
+class TestOnRedis(_OnEveryBackend):
+    @pytest.fixture(autouse=True)
+    def _server(self, redis_url: str, namespace: str) -> None:
+        self.url, self.namespace = redis_url, namespace
+
+    def make_service(self) -> AsyncStateService:
+        return AsyncStateService(AsyncRedisBackend.from_url(self.url, namespace=self.namespace))
+
+
+@pytest.mark.redis
+@pytest.mark.cluster
+class TestOnCluster(_OnEveryBackend):
+    @pytest.fixture(autouse=True)
+    def _server(self, cluster_url: str, namespace: str) -> None:
+        self.url, self.namespace = cluster_url, namespace
+
+    def make_service(self) -> AsyncStateService:
+        backend = AsyncRedisBackend.from_url(self.url, namespace=self.namespace, cluster=True)
+        return AsyncStateService(backend)
