@@ -430,17 +430,29 @@ class Outcome:
 # -- the operation log ---------------------------------------------------------
 
 
-@attrs.define
 class OpRecord:
     """One remembered operation: the version it made, its call's nonce, its digest."""
 
-    version: int
-    nonce: str
-    digest: str
+    __slots__ = ("digest", "nonce", "version")
+
+    def __init__(self, version: int, nonce: str, digest: str) -> None:
+        self.version = version
+        self.nonce = nonce
+        self.digest = digest
 
     def text(self, op_key: str) -> str:
         """The record as the Redis log writes it (its length counts toward the trim size)."""
         return f";{op_key},{self.version},{self.nonce},{self.digest}"
+
+    def __repr__(self) -> str:
+        return f"OpRecord(version={self.version})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, OpRecord):
+            return NotImplemented
+        return (self.version, self.nonce, self.digest) == (other.version, other.nonce, other.digest)
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 @attrs.define
@@ -462,13 +474,17 @@ class OpLog:
 
     def remember(self, write: Write, version: int) -> None:
         """Record ``write``'s key with the version it made; trim to the newest ids."""
-        record = OpRecord(version, write.nonce, write.digest)
-        self.records[write.op_key] = record
-        self.size += len(record.text(write.op_key))
+        self.records[write.op_key] = OpRecord(version, write.nonce, write.digest)
+        # The length of OpRecord.text(op_key), without building it.
+        self.size += (
+            len(write.op_key) + len(str(version)) + len(write.nonce) + len(write.digest) + 4
+        )
         if self.size > OPS_TRIM_BYTES:
             keep = list(self.records.items())[-REMEMBERED_OPS:]
             self.records = dict(keep)
-            self.size = sum(len(r.text(k)) for k, r in keep)
+            self.size = sum(
+                len(k) + len(str(r.version)) + len(r.nonce) + len(r.digest) + 4 for k, r in keep
+            )
 
 
 @attrs.frozen
@@ -527,13 +543,12 @@ def apply_write(  # noqa: C901, PLR0911, PLR0912 - one branch per rule, in the L
         CounterError: an :class:`Increment` met a non-integer or overflowed.
     """
     version = current.version if current is not None else 0
-    if current is None:
-        here = Snapshot({}, 0)
-    elif shared:
-        here = _private(current.data, version)
-    else:
-        here = current
     op = write.operation
+
+    def found(status: Status, made: int, *, changed: bool = False, wait: int = 0) -> WriteResult:
+        outcome = Outcome(status, _as_found(current, shared), made, retry_after_ms=wait)
+        return WriteResult(outcome, UNCHANGED, 0, log_changed=changed)
+
     record = log.records.get(write.op_key)
     if record is not None and not isinstance(op, Release):
         if write.digest and record.digest and record.digest != write.digest:
@@ -542,39 +557,35 @@ def apply_write(  # noqa: C901, PLR0911, PLR0912 - one branch per rule, in the L
                 op_id=write.op_id or write.op_key,
             )
         own = record.nonce == write.nonce and not isinstance(op, Acquire)
-        status: Status = "applied" if own else "duplicate"
-        return WriteResult(Outcome(status, here, record.version), UNCHANGED, 0, log_changed=False)
+        return found("applied" if own else "duplicate", record.version)
     lease = log.lease
     if isinstance(op, Acquire):
         if lease is not None and lease.nonce != write.nonce and lease.expires_ms > now_ms:
             if lease.op_key == write.op_key:
-                outcome = Outcome("duplicate", here, version)
-                return WriteResult(outcome, UNCHANGED, 0, log_changed=False)
-            wait = lease.expires_ms - now_ms
-            outcome = Outcome("busy", here, version, retry_after_ms=wait)
-            return WriteResult(outcome, UNCHANGED, 0, log_changed=False)
+                return found("duplicate", version)
+            return found("busy", version, wait=lease.expires_ms - now_ms)
         log.lease = Lease(write.nonce, now_ms + op.lease_ms, write.op_key)
-        return WriteResult(Outcome("claimed", here, version), UNCHANGED, 0, log_changed=True)
+        return found("claimed", version, changed=True)
     if isinstance(op, Release):
         mine = lease is not None and lease.nonce == write.nonce
         if mine:
             log.lease = None
-        return WriteResult(Outcome("released", here, 0), UNCHANGED, 0, log_changed=mine)
+        return found("released", 0, changed=mine)
     if write.completes_claim and (lease is None or lease.nonce != write.nonce):
-        return WriteResult(Outcome("lost", here, version), UNCHANGED, 0, log_changed=False)
+        return found("lost", version)
     if isinstance(op, Edits) and not op.edits:
         # Nothing to change: no version, no document made; only the id is remembered.
         if op.expected_version is not None and op.expected_version != version:
-            return WriteResult(Outcome("conflict", here, 0), UNCHANGED, 0, log_changed=False)
+            return found("conflict", 0)
         log.remember(write, version)
         if write.completes_claim:
             log.lease = None
-        return WriteResult(Outcome("applied", here, version), UNCHANGED, 0, log_changed=True)
+        return found("applied", version, changed=True)
     status_, data, size, value = _apply_document(
         current, op, write.max_bytes, current_size, shared=shared
     )
     if status_ == "conflict":
-        return WriteResult(Outcome("conflict", here, 0), UNCHANGED, 0, log_changed=False)
+        return found("conflict", 0)
     new_version = 0 if data is None else version + 1
     log.remember(write, new_version)
     if write.completes_claim:
@@ -629,6 +640,13 @@ def clone(doc: JSONObject) -> JSONObject:
 
 def _private(data: JSONObject, version: int) -> Snapshot:
     return Snapshot.lazy(version, lambda: clone(data))
+
+
+def _as_found(current: Snapshot | None, shared: bool) -> Snapshot:
+    """The outcome's snapshot of a document as the write found it."""
+    if current is None:
+        return Snapshot({}, 0)
+    return _private(current.data, current.version) if shared else current
 
 
 def _apply_document(  # noqa: C901, PLR0912 - one branch per operation

@@ -76,6 +76,26 @@ def utf8_len(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8"))
 
 
+_ESCAPED: Final = re.compile(r'["\\\x00-\x1f]')
+
+
+def value_size(value: Any) -> int:
+    """``utf8_len(encode_value(value))``, without encoding the common scalars."""
+    kind = type(value)
+    if kind is str:
+        if _ESCAPED.search(value) is None:
+            return (len(value) if value.isascii() else len(value.encode("utf-8"))) + 2
+    elif kind is int:
+        return len(int.__repr__(value))
+    elif kind is bool:
+        return 4 if value else 5
+    elif value is None:
+        return 4
+    elif kind is float:
+        return len(float.__repr__(value))
+    return utf8_len(_encode(value))
+
+
 def stored_size(doc: JSONObject) -> int:
     """The stored size of a document: the UTF-8 bytes of every flat path and value.
 
@@ -92,7 +112,7 @@ def subtree_size(obj: JSONObject, prefix_len: int) -> int:
         if type(value) is dict:
             total += path_len + 2 + subtree_size(value, path_len)
         else:
-            total += path_len + utf8_len(_encode(value))
+            total += path_len + value_size(value)
     return total
 
 

@@ -108,14 +108,20 @@ def request_digest(operation: Operation) -> str:
     return ""
 
 
+def relabel(exc: StateError, action: str) -> StateError:
+    """Give ``exc`` the action it failed in, unless a deeper layer named one."""
+    if exc.action == type(exc).default_action:
+        exc.action = action
+    return exc
+
+
 @contextlib.contextmanager
 def failing(action: str) -> Iterator[None]:
     """Start the message of any :class:`StateError` raised inside with ``action``."""
     try:
         yield
     except StateError as exc:
-        if exc.action == type(exc).default_action:
-            exc.action = action
+        relabel(exc, action)
         raise
 
 
@@ -197,10 +203,10 @@ class _ManagerCore:
         ``purpose`` (so the router's ids and yours never collide), with the
         digest of the request (or of ``fingerprint``) beside it.
         """
-        raw = os.urandom(15)
-        nonce = _b64(raw[:6])
+        ids = _b64(os.urandom(15))  # 20 characters: a nonce of 8, a key of 12
+        nonce = ids[:8]
         if op_id is None:
-            key = _b64(raw[6:])
+            key = ids[8:]
             digest = ""
         else:
             if (
@@ -413,15 +419,20 @@ class StateManager(_ManagerCore):
 
     def load(self, user_id: str) -> Snapshot:
         """Return the user's document and version (``{}`` and 0 when there is none)."""
-        with failing(READ):
+        try:
             snapshot = self.backend.load(self.user_id(user_id))
-            return snapshot if snapshot is not None else Snapshot({}, 0)
+        except StateError as exc:
+            relabel(exc, READ)
+            raise
+        return snapshot if snapshot is not None else Snapshot({}, 0)
 
     def apply(self, user_id: str, action: str, make: Callable[[], Write]) -> Outcome:
         """Validate, then apply one write; errors start with ``action``."""
-        with failing(action):
-            uid = self.user_id(user_id)
-            return self.backend.apply(uid, make())
+        try:
+            return self.backend.apply(self.user_id(user_id), make())
+        except StateError as exc:
+            relabel(exc, action)
+            raise
 
     def transaction(
         self, user_id: str, fn: TransactionFn, *, max_attempts: int | None = None
@@ -524,15 +535,20 @@ class AsyncStateManager(_ManagerCore):
 
     async def load(self, user_id: str) -> Snapshot:
         """Return the user's document and version (``{}`` and 0 when there is none)."""
-        with failing(READ):
+        try:
             snapshot = await self.backend.load(self.user_id(user_id))
-            return snapshot if snapshot is not None else Snapshot({}, 0)
+        except StateError as exc:
+            relabel(exc, READ)
+            raise
+        return snapshot if snapshot is not None else Snapshot({}, 0)
 
     async def apply(self, user_id: str, action: str, make: Callable[[], Write]) -> Outcome:
         """Validate, then apply one write; errors start with ``action``."""
-        with failing(action):
-            uid = self.user_id(user_id)
-            return await self.backend.apply(uid, make())
+        try:
+            return await self.backend.apply(self.user_id(user_id), make())
+        except StateError as exc:
+            relabel(exc, action)
+            raise
 
     async def transaction(
         self,

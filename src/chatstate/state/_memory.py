@@ -36,6 +36,14 @@ class _User:
     expires_at: float | None = None
     log: OpLog = attrs.Factory(OpLog)
     log_expires_at: float = 0.0
+    check_at: float | None = None  # when this user's entry in the expiry heap comes due
+
+    def deadline(self) -> float | None:
+        """When something of this user expires next (the document or the log)."""
+        times = [self.log_expires_at] if (self.log.records or self.log.lease) else []
+        if self.root is not None and self.expires_at is not None:
+            times.append(self.expires_at)
+        return min(times) if times else None
 
 
 class MemoryBackend:
@@ -96,7 +104,6 @@ class MemoryBackend:
                 if isinstance(write.operation, Acquire):
                     keep = max(keep, write.operation.lease_ms)
                 user.log_expires_at = now + keep / 1000
-                heapq.heappush(self._expiries, (user.log_expires_at, user_id))
             data = result.data
             if data is not UNCHANGED:
                 if data is None:
@@ -106,12 +113,19 @@ class MemoryBackend:
                     user.root, user.version, user.size = data, result.outcome.version, result.size
                     if write.ttl_ms is not None:
                         user.expires_at = now + write.ttl_ms / 1000
-                        heapq.heappush(self._expiries, (user.expires_at, user_id))
             if user.root is None and not user.log.records and user.log.lease is None:
                 self._users.pop(user_id, None)
             else:
                 self._users[user_id] = user
+                self._schedule(user_id, user)
             return result.outcome
+
+    def _schedule(self, user_id: str, user: _User) -> None:
+        """Keep one heap entry per user, no later than its next deadline."""
+        due = user.deadline()
+        if due is not None and (user.check_at is None or due < user.check_at):
+            user.check_at = due
+            heapq.heappush(self._expiries, (due, user_id))
 
     def close(self) -> None:
         """Nothing to release; present for the :class:`Backend` protocol."""
@@ -135,16 +149,19 @@ class MemoryBackend:
 
     def _reclaim(self, now: float) -> None:
         while self._expiries and self._expiries[0][0] <= now:
-            _, user_id = heapq.heappop(self._expiries)
+            at, user_id = heapq.heappop(self._expiries)
             user = self._users.get(user_id)
-            if user is None:
-                continue
+            if user is None or user.check_at != at:
+                continue  # a stale entry: the user was dropped, or rescheduled earlier
+            user.check_at = None
             if user.root is not None and user.expires_at is not None and user.expires_at <= now:
                 user.root, user.version, user.size, user.expires_at = None, 0, 0, None
             if user.log_expires_at <= now:
                 user.log = OpLog()
             if user.root is None and not user.log.records and user.log.lease is None:
                 del self._users[user_id]
+            else:
+                self._schedule(user_id, user)
 
 
 class AsyncMemoryBackend:

@@ -28,7 +28,7 @@ from chatstate.exceptions import (
     SerializationError,
     StateTooLargeError,
 )
-from chatstate.state._codec import encode_key, encode_value, subtree_size, utf8_len
+from chatstate.state._codec import encode_key, subtree_size, utf8_len, value_size
 from chatstate.typing import JSONObject, Path
 
 __all__ = [
@@ -126,6 +126,8 @@ class StateData:
     max_user_id_length: int = 256
     token_field: str = "jwt_token"  # noqa: S105 - a field name, not a secret
     _preserved_ancestors: frozenset[Path] = attrs.field(init=False, repr=False, eq=False)
+    _guarded: frozenset[Path] = attrs.field(init=False, repr=False, eq=False)
+    _max_entries: int = attrs.field(init=False, repr=False, eq=False)
 
     def __attrs_post_init__(self) -> None:
         for r in self.replaced:
@@ -139,6 +141,9 @@ class StateData:
             raise ConfigurationError("max_depth, max_bytes and max_user_id_length must be positive")
         ancestors = {p[:i] for p in self.preserved for i in range(1, len(p))}
         object.__setattr__(self, "_preserved_ancestors", frozenset(ancestors))
+        # Paths a patch must look twice at: preserved, holding one, or replaced.
+        object.__setattr__(self, "_guarded", self.preserved | ancestors | self.replaced)
+        object.__setattr__(self, "_max_entries", max(16, self.max_bytes // 3))
 
     def compile(self, patch: Mapping[str, Any]) -> list[Edit]:
         """Validate a patch and compile it into edits.
@@ -167,7 +172,7 @@ class StateData:
         ``max_bytes`` never holds more; a patch naming more is refused before
         any work is done on it (it would also hold the store for long).
         """
-        return max(16, self.max_bytes // 3)
+        return self._max_entries
 
     def _too_many(self, count: int) -> StateTooLargeError:
         return StateTooLargeError(
@@ -177,7 +182,7 @@ class StateData:
             f"max_bytes={self.max_bytes} holds at most that many",
         )
 
-    def _compile_object(
+    def _compile_object(  # noqa: C901, PLR0912 - the hot path of every update, kept flat
         self, obj: Mapping[str, Any], path: Path, depth: int, edits: list[Edit]
     ) -> None:
         if depth > self.max_depth:
@@ -185,23 +190,16 @@ class StateData:
                 f"value at {format_path(path)} is nested deeper than {self.max_depth}",
                 path=format_path(path),
             )
-        if len(edits) + len(obj) > self.max_entries:
+        if len(edits) + len(obj) > self._max_entries:
             raise self._too_many(len(edits) + len(obj))
+        guarded = self._guarded
         for key, value in obj.items():
-            _check_key(key, path)
+            if type(key) is not str or not key.isascii():
+                _check_key(key, path)
             here = (*path, key)
-            if here in self.preserved:
-                raise PreservedFieldError(
-                    f"{format_path(here)} is preserved; change it with set_preserved()",
-                    path=format_path(here),
-                )
             is_object = type(value) is dict
-            if here in self._preserved_ancestors and (value is None or not is_object):
-                raise PreservedFieldError(
-                    f"{format_path(here)} holds a preserved field and cannot be "
-                    "deleted or replaced by a patch",
-                    path=format_path(here),
-                )
+            if guarded and here in guarded:
+                self._check_guarded(here, value, is_object)
             if value is None:
                 edits.append((DELETE, here, None))
             elif is_object:
@@ -213,8 +211,30 @@ class StateData:
                     edits.append((MAKE_OBJECT, here, None))
                     self._compile_object(value, here, depth + 1, edits)
             else:
-                check_json(value, here, depth, self.max_depth)
-                edits.append((SET, here, copy_json(value) if type(value) is list else value))
+                kind = type(value)
+                if kind is str:
+                    if not value.isascii():
+                        _check_text(value, here, "the string")
+                elif kind is not int and kind is not bool and kind is not float:
+                    check_json(value, here, depth, self.max_depth)
+                    if kind is list:
+                        value = copy_json(value)
+                elif kind is float or value <= -_BIG_INT or value >= _BIG_INT:
+                    check_json(value, here, depth, self.max_depth)
+                edits.append((SET, here, value))
+
+    def _check_guarded(self, here: Path, value: Any, is_object: bool) -> None:
+        if here in self.preserved:
+            raise PreservedFieldError(
+                f"{format_path(here)} is preserved; change it with set_preserved()",
+                path=format_path(here),
+            )
+        if here in self._preserved_ancestors and (value is None or not is_object):
+            raise PreservedFieldError(
+                f"{format_path(here)} holds a preserved field and cannot be "
+                "deleted or replaced by a patch",
+                path=format_path(here),
+            )
 
     def check_document(self, doc: Mapping[str, Any]) -> JSONObject:
         """Validate a whole document (as a transaction returns it).
@@ -513,7 +533,7 @@ def _apply(  # noqa: C901, PLR0912 - one walk, with or without copying on write
             if kind == MAKE_OBJECT:
                 total += path_len + 2
             elif kind == SET:
-                total += path_len + utf8_len(encode_value(value))
+                total += path_len + value_size(value)
         if kind == SET:
             parent[last] = value
         elif kind == DELETE:
@@ -529,7 +549,7 @@ def _apply(  # noqa: C901, PLR0912 - one walk, with or without copying on write
 def _node_size(value: Any, path_len: int) -> int:
     if type(value) is dict:
         return path_len + 2 + subtree_size(value, path_len)
-    return path_len + utf8_len(encode_value(value))
+    return path_len + value_size(value)
 
 
 def keep_preserved(doc: JSONObject, preserved: Iterable[Path]) -> JSONObject:
