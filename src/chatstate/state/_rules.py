@@ -218,7 +218,8 @@ class StateData:
                 elif kind is not int and kind is not bool and kind is not float:
                     check_json(value, here, depth, self.max_depth)
                     if kind is list:
-                        value = copy_json(value)
+                        edits.append((SET, here, copy_json(value)))
+                        continue
                 elif kind is float or value <= -_BIG_INT or value >= _BIG_INT:
                     check_json(value, here, depth, self.max_depth)
                 edits.append((SET, here, value))
