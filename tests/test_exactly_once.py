@@ -29,6 +29,7 @@ from chatstate import (
     StoreBusyError,
 )
 from chatstate.state import REMEMBERED_OPS
+from chatstate.state._backend import OPS_TRIM_AT
 from chatstate.testing import BackendContract
 from conftest import register_secret
 from proxy import ReplyDroppingProxy
@@ -178,17 +179,17 @@ def test_op_ids_of_an_expired_document_stay_remembered(redis_url: str, namespace
     svc.close()
 
 
-def test_the_operation_log_is_a_small_string_trimmed_to_the_newest_ids(
+def test_the_operation_log_stays_compact_and_knows_the_newest_ids(
     redis_url: str, namespace: str
 ) -> None:
-    """After many writes the log stays under 5 KB and still knows the newest ids."""
+    """After many writes the log is a listpack hash of at most OPS_TRIM_AT ids, newest kept."""
     svc = StateService(RedisBackend.from_url(redis_url, namespace=namespace))
     client = redis.Redis.from_url(redis_url)
     ops = svc.manager.backend.keys("u")[1]  # type: ignore[attr-defined]
     for i in range(1000):
         svc.update_once("u", {"i": i}, op_id=f"message-{i}")
-    assert client.type(ops) == b"string"
-    assert client.strlen(ops) <= 4608
+        assert client.hlen(ops) <= OPS_TRIM_AT + 1  # the records and the counter
+    assert client.object("encoding", ops) == b"listpack"
     assert all(
         svc.update_once("u", {"i": i}, op_id=f"message-{i}").status == "duplicate"
         for i in range(1000 - REMEMBERED_OPS, 1000)
@@ -434,14 +435,14 @@ def test_a_forced_delete_removes_what_a_plain_delete_refuses(
     client = redis.Redis.from_url(redis_url)
     doc, ops, _ = svc.manager.backend.keys("u")  # type: ignore[attr-defined]
     client.rpush(doc, "not", "a", "hash")
-    client.hset(ops, "not", "a log")
+    client.set(ops, "not a log")
     with pytest.raises(CorruptStateError):
         svc.delete("u")
     assert client.exists(doc)
     assert client.exists(ops)
     svc.delete("u", force=True)
     assert not client.exists(doc)
-    assert client.type(ops) == b"string"  # a fresh log remembering the forced delete
+    assert client.type(ops) == b"hash"  # a fresh log remembering the forced delete
     svc.update("u", {"fresh": 1})
     assert svc.get("u") == {"fresh": 1}
     client.close()

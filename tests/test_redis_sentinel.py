@@ -98,11 +98,13 @@ def test_sentinel_master_survives_a_failover(server_kind: str, tmp_path: Path) -
             asentinel = AsyncSentinel([("127.0.0.1", sentinel_port)], socket_timeout=2)
             asvc = AsyncStateService(AsyncRedisBackend(asentinel.master_for("mymaster")))
             assert (await asvc.update("u", {"async": 1}))["async"] == 1
+            await asvc.aclose()  # the backend's own connections; the client stays ours
             await asvc.manager.backend.client.aclose()  # type: ignore[attr-defined]
             for client in asentinel.sentinels:
                 await client.aclose()
 
         asyncio.run(async_side())
+        svc.close()
         svc.manager.backend.client.close()  # type: ignore[attr-defined]
         for client in sentinel.sentinels:
             client.close()

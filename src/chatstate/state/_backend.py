@@ -42,7 +42,7 @@ from chatstate.typing import JSONObject, Path
 __all__ = [
     "INT64_MAX",
     "INT64_MIN",
-    "OPS_TRIM_BYTES",
+    "OPS_TRIM_AT",
     "REMEMBERED_OPS",
     "Acquire",
     "AsyncBackend",
@@ -74,11 +74,11 @@ write, whatever happens to the document meanwhile (expiry, ``delete``). Older
 ids may be remembered a little longer: a backend trims the log in batches.
 """
 
-OPS_TRIM_BYTES: Final = 4608
-"""The log is trimmed back to the newest :data:`REMEMBERED_OPS` ids past this size.
+OPS_TRIM_AT: Final = REMEMBERED_OPS + 24
+"""The log is trimmed back to the newest :data:`REMEMBERED_OPS` ids when it holds this many.
 
-The size is that of the log's text form (:meth:`OpRecord.text`), which the Redis
-backend stores as one string: about 4.5 KB per active user at most.
+With its counter this keeps a Redis log within the compact listpack encoding
+(``hash-max-listpack-entries`` is 128 by default).
 """
 
 INT64_MIN: Final = -(2**63)
@@ -431,26 +431,24 @@ class Outcome:
 
 
 class OpRecord:
-    """One remembered operation: the version it made, its call's nonce, its digest."""
+    """One remembered operation: its place in the log, the version it made, nonce, digest."""
 
-    __slots__ = ("digest", "nonce", "version")
+    __slots__ = ("digest", "nonce", "seq", "version")
 
-    def __init__(self, version: int, nonce: str, digest: str) -> None:
+    def __init__(self, seq: int, version: int, nonce: str, digest: str) -> None:
+        self.seq = seq
         self.version = version
         self.nonce = nonce
         self.digest = digest
 
-    def text(self, op_key: str) -> str:
-        """The record as the Redis log writes it (its length counts toward the trim size)."""
-        return f";{op_key},{self.version},{self.nonce},{self.digest}"
-
     def __repr__(self) -> str:
-        return f"OpRecord(version={self.version})"
+        return f"OpRecord(seq={self.seq}, version={self.version})"
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, OpRecord):
             return NotImplemented
-        return (self.version, self.nonce, self.digest) == (other.version, other.nonce, other.digest)
+        mine = (self.seq, self.version, self.nonce, self.digest)
+        return mine == (other.seq, other.version, other.nonce, other.digest)
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -469,22 +467,16 @@ class OpLog:
     """A user's operation log (oldest first) and claim, as a backend keeps them."""
 
     records: dict[str, OpRecord] = attrs.Factory(dict)
-    size: int = 0
+    seq: int = 0
     lease: Lease | None = None
 
     def remember(self, write: Write, version: int) -> None:
         """Record ``write``'s key with the version it made; trim to the newest ids."""
-        self.records[write.op_key] = OpRecord(version, write.nonce, write.digest)
-        # The length of OpRecord.text(op_key), without building it.
-        self.size += (
-            len(write.op_key) + len(str(version)) + len(write.nonce) + len(write.digest) + 4
-        )
-        if self.size > OPS_TRIM_BYTES:
-            keep = list(self.records.items())[-REMEMBERED_OPS:]
-            self.records = dict(keep)
-            self.size = sum(
-                len(k) + len(str(r.version)) + len(r.nonce) + len(r.digest) + 4 for k, r in keep
-            )
+        self.seq += 1
+        self.records[write.op_key] = OpRecord(self.seq, version, write.nonce, write.digest)
+        if len(self.records) >= OPS_TRIM_AT:
+            oldest = self.seq - REMEMBERED_OPS
+            self.records = {k: r for k, r in self.records.items() if r.seq > oldest}
 
 
 @attrs.frozen

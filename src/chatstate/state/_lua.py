@@ -6,10 +6,11 @@ version and ``#s`` the stored size. Lua compares and copies these strings but
 never decodes a value, so cjson cannot round a number, turn ``[]`` into ``{}``
 or escape a ``/``.
 
-Beside it, in the same hash slot, the user's *operation log* is a string of
-records ``;op_key,version,nonce,digest``, oldest first: a write finds its key
-with one C-level search and appends with ``APPEND``; past 4.5 KB the log is cut
-back to the newest ids. A *claim* (a message handler holding the user) is a
+Beside it, in the same hash slot, the user's *operation log* is a small hash:
+``#n`` counts the operations recorded so far and each remembered operation key
+(12 characters) maps to ``"seq version nonce digest"``; now and then the records
+older than the newest ids are dropped. Keys and values are short and few, so the
+log keeps Redis's compact listpack encoding. A *claim* (a message handler holding the user) is a
 third key, ``nonce op_key``, that expires by itself (``SET ... PX``).
 
 An update reads only the fields its patch names (plus ``#v`` and ``#s``) and
@@ -32,7 +33,7 @@ from typing import Final
 
 from chatstate.exceptions import StateTooLargeError
 from chatstate.state._backend import (
-    OPS_TRIM_BYTES,
+    OPS_TRIM_AT,
     REMEMBERED_OPS,
     Acquire,
     Delete,
@@ -135,41 +136,46 @@ local function reply(status, v, extra)
   return head .. '\n'
 end
 
--- Remember the operation: append its record, trim to the newest ids past a size.
+-- Remember the operation under its key, with the log's next sequence number; now
+-- and then drop the records older than the newest REMEMBERED.
+local seq = 0
 local function record(v)
-  local len = redis.call('APPEND', ops, ';' .. opkey .. ',' .. v .. ',' .. nonce .. ',' .. digest)
-  if len > TRIM_BYTES then
-    local text = redis.call('GET', ops)
-    local starts, i = {}, 1
-    while true do
-      local j = string.find(text, ';', i, true)
-      if not j then break end
-      starts[#starts + 1] = j
-      i = j + 1
+  seq = seq + 1
+  redis.call('HSET', ops, opkey, seq .. ' ' .. v .. ' ' .. nonce .. ' ' .. digest, '#n', seq)
+  if seq >= TRIM_AT and (seq - REMEMBERED) % (TRIM_AT - REMEMBERED) == 0 then
+    local all = redis.call('HGETALL', ops)
+    local old = {}
+    for i = 1, #all, 2 do
+      if string.byte(all[i], 1) ~= 35 then
+        local s = tonumber(string.match(all[i + 1], '^(%d+) '))
+        if s and s <= seq - REMEMBERED then old[#old + 1] = all[i] end
+      end
     end
-    if #starts > REMEMBERED then text = string.sub(text, starts[#starts - REMEMBERED + 1]) end
-    redis.call('SET', ops, text, 'PX', dedupe)
-  else
-    redis.call('PEXPIRE', ops, dedupe)
+    if #old > 0 then redis.call('HDEL', ops, unpack(old)) end
   end
+  redis.call('PEXPIRE', ops, dedupe)
   if completes then redis.call('DEL', claimkey) end
 end
 
--- The operation log: is this op key in it?
+-- The operation log: is this op key in it? (A first send of a write whose key
+-- chatstate made up cannot be; it still reads the log's count.)
 local rver, rnonce, rdig
-local logtext, lerr
-if fresh then logtext, lerr = try('STRLEN', ops) else logtext, lerr = try('GET', ops) end
-if lerr then
+local log = try('HMGET', ops, fresh and '#n' or opkey, '#n')
+if log == nil then
   if not (mode == 'D' and force) then
     return fail(ops, 'the key is not a chatstate operation log')
   end
   redis.call('DEL', ops)
-elseif not fresh and logtext then
-  local at = string.find(logtext, ';' .. opkey .. ',', 1, true)
-  if at then
-    rver, rnonce, rdig = string.match(logtext, '^;[^,]*,(%d+),([^,;]*),([^;]*)', at)
-    if rver == nil then return fail(ops, 'an operation record is malformed') end
-  end
+  log = {false, false}
+end
+if log[2] then
+  seq = tonumber(log[2])
+  if seq == nil then return fail(ops, 'the operation count is not a number') end
+end
+if log[1] and not fresh then
+  local rseq
+  rseq, rver, rnonce, rdig = string.match(log[1], '^(%d+) (%d+) (%S*) (%S*)$')
+  if rseq == nil then return fail(ops, 'an operation record is malformed') end
 end
 
 -- The claim, for the modes that look at it.
@@ -446,7 +452,7 @@ end
 if ttl ~= '' then redis.call('PEXPIRE', doc, ttl) end
 record(version)
 return reply('applied', version, value)
-""".replace("TRIM_BYTES", str(OPS_TRIM_BYTES)).replace("REMEMBERED", str(REMEMBERED_OPS))
+""".replace("TRIM_AT", str(OPS_TRIM_AT)).replace("REMEMBERED", str(REMEMBERED_OPS))
 )
 
 

@@ -56,7 +56,7 @@ class NotSent(Exception):  # noqa: N818 - a state, like redis-py's own names
 
 
 class _Lane:
-    __slots__ = ("conn", "queue", "task", "wake")
+    __slots__ = ("busy", "conn", "queue", "solo", "task", "wake")
 
     def __init__(self) -> None:
         self.queue: collections.deque[tuple[tuple[Any, ...], asyncio.Future[Any]]] = (
@@ -65,6 +65,8 @@ class _Lane:
         self.wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.conn: Any = None
+        self.busy = False  # someone is using conn: the lane's task, or a caller inline
+        self.solo = True  # the lane's last round carried one command: callers may go inline
 
 
 class Connections:
@@ -267,19 +269,57 @@ class AutoPipeline:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def call(self, route: str, args: tuple[Any, ...]) -> Any:
-        """Send ``args`` in the next batch of ``route``'s lane and return its reply."""
+        """Send ``args`` in the next batch of ``route``'s lane and return its reply.
+
+        When the lane is idle and has lately carried one command at a time, the
+        caller sends its command itself, with no hop through the lane's task:
+        one task alone pays nothing for pipelining. Under load the lane batches.
+        """
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             self._lanes = [_Lane() for _ in range(self._size)]
             self._loop = loop
         lane = self._lanes[hash(route) % self._size]
+        if lane.solo and not lane.busy and not lane.queue:
+            return await self._inline(lane, args)
         future: asyncio.Future[Any] = loop.create_future()
         lane.queue.append((args, future))
+        self._kick(lane, loop)
+        return await future
+
+    def _kick(self, lane: _Lane, loop: asyncio.AbstractEventLoop) -> None:
         if lane.task is None or lane.task.done():
             lane.task = loop.create_task(self._run(lane))
         else:
             lane.wake.set()
-        return await future
+
+    async def _inline(self, lane: _Lane, args: tuple[Any, ...]) -> Any:
+        lane.busy = True
+        try:
+            if lane.conn is None:
+                lane.conn = await self.pool.acquire()
+            conn = lane.conn
+            try:
+                await conn.send_packed_command([pack(args)])
+                try:
+                    async with asyncio.timeout(conn.socket_timeout or 30.0):
+                        reply = await _reader(conn)()
+                except TimeoutError:
+                    raise rex.TimeoutError("Timeout reading from the server") from None
+            except rex.ResponseError:
+                raise
+            except BaseException:
+                lane.conn = None
+                await self.pool.discard(conn)
+                raise
+        finally:
+            lane.busy = False
+            if lane.queue:  # others came meanwhile: batch from now on
+                lane.solo = False
+                self._kick(lane, asyncio.get_running_loop())
+        if isinstance(reply, rex.ResponseError):
+            raise reply
+        return reply
 
     async def aclose(self) -> None:
         """Stop the lanes' tasks and give their connections back."""
@@ -289,12 +329,15 @@ class AutoPipeline:
                 lane.task.cancel()
                 with contextlib.suppress(BaseException):
                     await lane.task
+            conn, lane.conn = lane.conn, None
+            if conn is not None:  # taken by a caller inline, with no task to close it
+                await self.pool.discard(conn)
 
     async def _run(self, lane: _Lane) -> None:
         """The lane's loop: send what is queued, read the replies, wait for more."""
         try:
             while True:
-                while lane.queue:
+                while lane.queue and not lane.busy:
                     await self._flush(lane)
                 lane.wake.clear()
                 await lane.wake.wait()
@@ -307,7 +350,7 @@ class AutoPipeline:
                 if not future.done():
                     future.set_exception(NotSent("the backend was closed"))
 
-    async def _flush(self, lane: _Lane) -> None:  # noqa: C901, PLR0912 - one path per outcome
+    async def _flush(self, lane: _Lane) -> None:
         batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         while lane.queue and len(batch) < self.max_batch:
             item = lane.queue.popleft()
@@ -315,6 +358,16 @@ class AutoPipeline:
                 batch.append(item)
         if not batch:
             return
+        lane.busy = True
+        lane.solo = len(batch) == 1 and not lane.queue
+        try:
+            await self._send_batch(lane, batch)
+        finally:
+            lane.busy = False
+
+    async def _send_batch(  # noqa: C901, PLR0912 - one path per outcome
+        self, lane: _Lane, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]
+    ) -> None:
         if lane.conn is None:
             try:
                 lane.conn = await self.pool.acquire()
@@ -327,18 +380,28 @@ class AutoPipeline:
         done = 0
         try:
             await conn.send_packed_command([pack(args) for args, _ in batch])
-            for _, future in batch:
-                try:
-                    reply: Any = await conn.read_response()
-                except rex.ResponseError as exc:
-                    reply = exc
-                done += 1
-                if future.done():
-                    continue
-                if isinstance(reply, BaseException):
-                    future.set_exception(reply)
-                else:
-                    future.set_result(reply)
+            read = _reader(conn)
+            limit = (conn.socket_timeout or 30.0) * max(1.0, len(batch) / 64)
+            try:
+                async with asyncio.timeout(limit):  # one deadline for the batch, not one per reply
+                    for _, future in batch:
+                        try:
+                            reply: Any = await read()
+                        except rex.ResponseError as exc:
+                            reply = exc
+                        done += 1
+                        if future.done():
+                            continue
+                        if isinstance(reply, BaseException):
+                            future.set_exception(reply)
+                        else:
+                            future.set_result(reply)
+            except TimeoutError:
+                raise rex.TimeoutError("Timeout reading from the server") from None
+            if getattr(conn, "health_check_interval", 0):
+                conn.next_health_check = asyncio.get_running_loop().time() + (
+                    conn.health_check_interval
+                )
         except BaseException as exc:
             # The connection is out of step: drop it; the rest get the failure.
             lane.conn = None
@@ -348,6 +411,17 @@ class AutoPipeline:
                     future.set_exception(_copy_error(exc))
             if isinstance(exc, asyncio.CancelledError):
                 raise
+
+
+def _reader(conn: Any) -> Any:
+    """The cheapest way to read one reply: the connection's parser, when it has one.
+
+    ``conn.read_response()`` sets up a timeout per reply, which costs more than
+    the parsing; the batch has one deadline of its own. The parser hands error
+    replies back as exception objects rather than raising them.
+    """
+    parser = getattr(conn, "_parser", None)
+    return parser.read_response if parser is not None else conn.read_response
 
 
 def _copy_error(exc: BaseException) -> BaseException:

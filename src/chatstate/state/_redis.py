@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, Final, Self, TypeVar
@@ -144,6 +145,12 @@ def _text(raw: Any) -> str:
     raise TypeError(f"a script replied with a {type(raw).__name__}")
 
 
+@functools.lru_cache(maxsize=16384)
+def _keys(namespace: str, user_id: str) -> tuple[str, str, str]:
+    base = f"{namespace}:{{{quote(user_id, safe=_SAFE_ID_CHARS)}}}"
+    return base, base + ":ops", base + ":claim"
+
+
 class _RedisCore:
     """The pure half of the Redis backends: keys and replies."""
 
@@ -156,9 +163,7 @@ class _RedisCore:
         The user id is percent-encoded (so distinct ids give distinct keys and no
         id can open or close a hash tag) and the encoded id is the hash tag.
         """
-        tag = quote(user_id, safe=_SAFE_ID_CHARS)
-        base = f"{self.namespace}:{{{tag}}}"
-        return [base, base + ":ops", base + ":claim"]
+        return list(_keys(self.namespace, user_id))
 
     @staticmethod
     def hash_snapshot(parts: list[str], key: str) -> Snapshot | None:
@@ -668,7 +673,7 @@ class AsyncRedisBackend(_RedisBackendBase):
         namespace: str = DEFAULT_NAMESPACE,
         resolve_attempts: int = 2,
         pipelining: bool = True,
-        lanes: int = 2,
+        lanes: int = 4,
         _owns_client: bool = False,
     ) -> None:
         super().__init__(
