@@ -48,6 +48,7 @@ wheel-check: $(VENV)/.test-installed
 bench: $(VENV)/.test-installed
 	$(BIN)/python benchmarks/bench_flow.py
 	$(BIN)/python benchmarks/bench_state.py
+	$(BIN)/python benchmarks/bench_state.py --parser python
 
 clean:
 	rm -rf $(VENV) .wheel-venv dist .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -167,14 +167,15 @@ async def run_async(
     out.latencies.extend(lat)
 
 
-def _client_options(parser: str) -> dict[str, Any]:
+def _client_options(parser: str, *, asynchronous: bool = False) -> dict[str, Any]:
+    """Client options that force redis-py's pure-Python reply parser (``parser="python"``)."""
     if parser != "python":
         return {}
-    try:
-        from redis._parsers import _RESP2Parser as Parser
-    except ImportError:  # redis-py < 5
-        from redis.connection import PythonParser as Parser  # type: ignore[attr-defined,no-redef]
-    return {"parser_class": Parser}
+    import redis._parsers as parsers
+    from redis.connection import DEFAULT_RESP_VERSION
+
+    name = f"_{'Async' if asynchronous else ''}RESP{DEFAULT_RESP_VERSION}Parser"
+    return {"parser_class": getattr(parsers, name)}
 
 
 def server_usec(client: redis.Redis, fn: Callable[[int], Any], calls: int = 2000) -> float:
@@ -261,13 +262,14 @@ def run(url: str, seconds: float, rounds: int, parser: str) -> None:  # noqa: C9
     }
 
     async def async_part() -> None:
-        aclient = redis.asyncio.Redis.from_url(url, max_connections=TASKS, **opts)
+        aopts = _client_options(parser, asynchronous=True)
+        aclient = redis.asyncio.Redis.from_url(url, max_connections=TASKS, **aopts)
         anoop = aclient.register_script(NOOP)
         amerge = aclient.register_script(LUA_MERGE)
         aincr = aclient.register_script(LUA_INCREMENT)
-        piped = AsyncStateService(AsyncRedisBackend.from_url(url, namespace="bench", **opts))
+        piped = AsyncStateService(AsyncRedisBackend.from_url(url, namespace="bench", **aopts))
         plain = AsyncStateService(
-            AsyncRedisBackend.from_url(url, namespace="bench", pipelining=False, **opts)
+            AsyncRedisBackend.from_url(url, namespace="bench", pipelining=False, **aopts)
         )
 
         async def get_loads(i: int) -> Any:

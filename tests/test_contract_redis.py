@@ -33,3 +33,31 @@ class TestRedisClusterBackend(BackendContract):
 
     def make_async_backend(self) -> AsyncRedisBackend:
         return AsyncRedisBackend.from_url(self.url, namespace=self.namespace, cluster=True)
+
+
+class TestRedisPythonParser(BackendContract):
+    """The contract with redis-py's pure-Python reply parser: reads go through the load script."""
+
+    @pytest.fixture(autouse=True)
+    def _store(self, redis_url: str, namespace: str) -> None:
+        import redis._parsers as parsers
+        from redis.connection import DEFAULT_RESP_VERSION
+
+        self.url = redis_url
+        self.namespace = namespace
+        self.sync_parser = getattr(parsers, f"_RESP{DEFAULT_RESP_VERSION}Parser")
+        self.async_parser = getattr(parsers, f"_AsyncRESP{DEFAULT_RESP_VERSION}Parser")
+
+    def make_backend(self) -> RedisBackend:
+        backend = RedisBackend.from_url(
+            self.url, namespace=self.namespace, parser_class=self.sync_parser
+        )
+        assert not backend._plain_reads
+        return backend
+
+    def make_async_backend(self) -> AsyncRedisBackend:
+        backend = AsyncRedisBackend.from_url(
+            self.url, namespace=self.namespace, parser_class=self.async_parser
+        )
+        assert not backend._plain_reads
+        return backend

@@ -56,9 +56,10 @@ def _threads_worker(url: str, namespace: str, proc: int) -> list[Record]:
     return records
 
 
-def _tasks_worker(url: str, namespace: str, proc: int) -> list[Record]:
+def _tasks_worker(url: str, namespace: str, proc: int, pipelining: bool = True) -> list[Record]:
     async def main() -> list[Record]:
-        svc = AsyncStateService(AsyncRedisBackend.from_url(url, namespace=namespace))
+        backend = AsyncRedisBackend.from_url(url, namespace=namespace, pipelining=pipelining)
+        svc = AsyncStateService(backend)
         records: list[Record] = []
 
         async def run(worker: int) -> None:
@@ -100,6 +101,10 @@ def _naive_worker(url: str, namespace: str, proc: int) -> list[Record]:
     return records
 
 
+def _unpipelined_tasks_worker(url: str, namespace: str, proc: int) -> list[Record]:
+    return _tasks_worker(url, namespace, proc, pipelining=False)
+
+
 def _run_processes(worker: Any, url: str, namespace: str) -> list[Record]:
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(PROCESSES, mp_context=ctx) as pool:
@@ -118,9 +123,13 @@ def check_history(records: list[Record], final: dict[str, Any], final_version: i
     assert replay == final, "the stored document is not the replay of acknowledged patches"
 
 
-@pytest.mark.parametrize("worker", [_threads_worker, _tasks_worker], ids=["threads", "tasks"])
+@pytest.mark.parametrize(
+    "worker",
+    [_threads_worker, _tasks_worker, _unpipelined_tasks_worker],
+    ids=["threads", "tasks-pipelined", "tasks-unpipelined"],
+)
 def test_processes_lose_no_acknowledged_update(redis_url: str, namespace: str, worker) -> None:
-    """4 processes x (8 threads or 50 tasks) on one user pass the history checker."""
+    """4 processes x (8 threads or 50 tasks, pipelined or not) on one user pass the checker."""
     records = _run_processes(worker, redis_url, namespace)
     expected = PROCESSES * (THREADS * PER_THREAD if worker is _threads_worker else TASKS * PER_TASK)
     assert len(records) == expected

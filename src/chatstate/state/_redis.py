@@ -63,7 +63,6 @@ _SAFE_ID_CHARS: Final = "@+"  # plus quote()'s own: letters, digits and "_.-~"
 _STATUSES: Final = frozenset(
     {"applied", "duplicate", "conflict", "claimed", "busy", "released", "lost"}
 )
-_NOSCRIPT_ATTEMPTS: Final = 5
 
 
 def _check_namespace(namespace: object) -> str:
@@ -216,13 +215,19 @@ class _RedisCore:
 
     def parse_hgetall(self, raw: Any, key: str) -> Snapshot | None:
         # A dict from RESP3 or a client with response callbacks, else a flat list.
-        items = [x for kv in raw.items() for x in kv] if isinstance(raw, dict) else list(raw)
+        items = [x for kv in raw.items() for x in kv] if isinstance(raw, dict) else raw
         if not items:
             return None
         try:
-            parts = [x.decode("utf-8") if isinstance(x, bytes) else str(x) for x in items]
-        except UnicodeDecodeError:
+            if isinstance(items[0], bytes):
+                # One join and one decode; a stored newline would break the count below.
+                parts = b"\n".join(items).decode("utf-8").split("\n")
+            else:
+                parts = "\n".join(map(str, items)).split("\n")
+        except (UnicodeDecodeError, TypeError):
             raise corrupt(key, "the hash holds text that is not UTF-8") from None
+        if len(parts) != len(items):
+            raise corrupt(key, "a stored field or value holds a raw newline")
         return self.hash_snapshot(parts, key)
 
     def parse_apply(self, raw: Any, write: Write, key: str) -> Outcome:
@@ -452,8 +457,10 @@ class _RedisBackendBase:
     def _load_args(self, key: str, echo: str) -> tuple[Any, ...]:
         return ("EVALSHA", self._load_script.sha, 1, key, echo)
 
-    def _script_text(self, sha: str) -> str:
-        return APPLY_SCRIPT if sha == self._apply_script.sha else LOAD_SCRIPT
+    def _eval_args(self, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        """An EVALSHA command as the EVAL of its script's text."""
+        text = APPLY_SCRIPT if args[1] == self._apply_script.sha else LOAD_SCRIPT
+        return ("EVAL", text, *args[2:])
 
 
 class RedisBackend(_RedisBackendBase):
@@ -543,15 +550,15 @@ class RedisBackend(_RedisBackendBase):
         return self._conns.execute(args)
 
     def _script(self, args: tuple[Any, ...]) -> Any:
-        """Run a script; load it again after NOSCRIPT (which means it did not run)."""
-        for attempt in range(_NOSCRIPT_ATTEMPTS):
-            try:
-                return self._execute(args)
-            except rex.NoScriptError:
-                if attempt == _NOSCRIPT_ATTEMPTS - 1:
-                    raise
-                self.client.script_load(self._script_text(args[1]))
-        raise AssertionError("unreachable")  # pragma: no cover
+        """Run a script by its SHA; after NOSCRIPT (it did not run), send it whole with EVAL.
+
+        EVAL runs the script and caches it again in one step, so a SCRIPT FLUSH
+        between a reload and the next EVALSHA (redis-py's way) cannot fail a call.
+        """
+        try:
+            return self._execute(args)
+        except rex.NoScriptError:
+            return self._execute(self._eval_args(args))
 
     def load(self, user_id: str) -> Snapshot | None:
         """Return the user's document, or ``None``."""
@@ -736,14 +743,11 @@ class AsyncRedisBackend(_RedisBackendBase):
         return await self._conns.execute(args)
 
     async def _script(self, route: str, args: tuple[Any, ...]) -> Any:
-        for attempt in range(_NOSCRIPT_ATTEMPTS):
-            try:
-                return await self._execute(route, args)
-            except rex.NoScriptError:
-                if attempt == _NOSCRIPT_ATTEMPTS - 1:
-                    raise
-                await self.client.script_load(self._script_text(args[1]))
-        raise AssertionError("unreachable")  # pragma: no cover
+        """See :meth:`RedisBackend._script`."""
+        try:
+            return await self._execute(route, args)
+        except rex.NoScriptError:
+            return await self._execute(route, self._eval_args(args))
 
     async def load(self, user_id: str) -> Snapshot | None:
         """Return the user's document, or ``None``."""
