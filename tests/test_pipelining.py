@@ -8,7 +8,6 @@ import threading
 import time
 
 import pytest
-import redis
 
 import servers
 from chatstate import AsyncRedisBackend, AsyncStateService
