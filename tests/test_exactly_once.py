@@ -358,9 +358,8 @@ def test_a_client_bug_is_not_disguised_as_an_unknown_outcome() -> None:
 
 # The exact ACL chatstate needs, as docs/operations.md states it.
 ACL_COMMANDS = (
-    "+evalsha +eval +hgetall +ping "
-    "+hmget +hget +hset +hdel +hincrby +exists +type +del +pexpire +pttl "
-    "+get +set +append +strlen"
+    "+evalsha +eval +script|load +hgetall +ping "
+    "+hmget +hget +hset +hdel +hincrby +exists +type +del +pexpire +pttl +get +set"
 )
 
 
@@ -371,6 +370,18 @@ def _acl_user(server: servers.Server, name: str, namespace: str, commands: str) 
         *commands.split(),
     )  # fmt: skip
     return f"redis://{name}:{password}@127.0.0.1:{server.port}/0"
+
+
+def test_the_documented_acl_is_enough_for_the_refresh_lock(private) -> None:
+    """Single-flight token refresh (redis-py's Lock) works as the documented ACL user."""
+    url = _acl_user(private, "locker", "ns", ACL_COMMANDS)
+    backend = RedisBackend.from_url(url, namespace="ns")
+    private.client().script_flush()  # the lock must (re)load its scripts too
+    with backend.lock("u", "jwt-refresh", lease=5, wait=1):
+        pass
+    with backend.lock("u", "jwt-refresh", lease=5, wait=1):
+        pass
+    backend.close()
 
 
 def test_a_user_without_a_needed_command_gets_a_permission_error(private) -> None:

@@ -28,6 +28,7 @@ OBJECT_MARKER = "{}"
 
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 _decode = json.JSONDecoder().decode
+_loads = json.loads
 _CONTROL = re.compile(r"[\x00-\x1f]")
 _SEGMENT = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
 
@@ -163,29 +164,69 @@ def unflatten_parts(parts: list[str]) -> JSONObject:
     """
     if len(parts) % 2:
         raise ValueError("a field without a value (a value holds a raw newline?)")
-    fields = parts[0::2]
-    values = _decode("[" + ",".join(parts[1::2]) + "]")
-    if len(values) != len(fields):
+    return unflatten_columns(parts[0::2], "[" + ",".join(parts[1::2]) + "]")
+
+
+def unflatten_columns(fields: list[str], values: str | bytes) -> JSONObject:
+    """Rebuild a document from its fields and its values as one JSON array's text.
+
+    The values are decoded in one C-level parse (``json.loads`` takes UTF-8
+    bytes as they come from the server).
+
+    Raises:
+        ValueError: the fields and values do not form a document.
+    """
+    decoded = _decode(values) if isinstance(values, str) else _loads(values)
+    if len(decoded) != len(fields):
         raise ValueError("a stored value is not one JSON value")
-    root: JSONObject = {}
-    objects: dict[str, JSONObject] = {"": root}
-    pairs = list(zip(fields, values, strict=True))
-    for field, value in pairs:
-        if type(value) is dict:
-            if value:
-                raise ValueError(f"entry {field!r} holds an object instead of the marker")
-            objects[field] = value
-    for field, value in pairs:
-        if field[:1] != '"':
-            if field not in _META_FIELDS:
-                raise ValueError(f"field {field!r} is not a path")
-            continue
+    steps = _plan(tuple(fields))
+    containers: list[JSONObject] = [{}]
+    try:
+        for at, parent, key, is_parent in steps:
+            value = decoded[at]
+            if type(value) is dict:
+                if value:
+                    raise ValueError(f"entry {fields[at]!r} holds an object, not the marker")
+                if is_parent:
+                    containers.append(value)
+            elif is_parent:
+                raise ValueError(f"entry {fields[at]!r} has children but is not an object")
+            containers[parent][key] = value
+    except (TypeError, IndexError) as exc:  # pragma: no cover - the plan was checked
+        raise ValueError(f"the fields do not form a document: {exc}") from None
+    return containers[0]
+
+
+@lru_cache(maxsize=2048)
+def _plan(fields: tuple[str, ...]) -> tuple[tuple[int, int, str, bool], ...]:
+    """How to build a document with these fields: parents first, each into its container.
+
+    Documents of one bot have few shapes, so the parsing and checking of paths is
+    done once per shape. A field with children gets a container slot (its value
+    must then be the object marker); an empty object is a marker with none.
+
+    Raises:
+        ValueError: a field is not a path, or has no parent object.
+    """
+    paths = [f for f in fields if f[:1] == '"']
+    for field in fields:
+        if field[:1] != '"' and field not in _META_FIELDS:
+            raise ValueError(f"field {field!r} is not a path")
+    index = {field: at for at, field in enumerate(fields)}
+    parents = {_split_path(field)[0] for field in paths}
+    parents.discard("")
+    container_of: dict[str, int] = {"": 0}
+    steps: list[tuple[int, int, str, bool]] = []
+    for field in sorted(paths, key=decode_path):  # parents sort before their children
         parent_text, key = _split_path(field)
-        parent = objects.get(parent_text)
+        parent = container_of.get(parent_text)
         if parent is None:
             raise ValueError(f"entry {field!r} has no parent object")
-        parent[key] = value
-    return root
+        is_parent = field in parents
+        if is_parent:
+            container_of[field] = len(container_of)
+        steps.append((index[field], parent, key, is_parent))
+    return tuple(steps)
 
 
 @lru_cache(maxsize=8192)

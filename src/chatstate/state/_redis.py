@@ -49,7 +49,7 @@ from chatstate.state._backend import (
     counter_not_integer,
     counter_overflow,
 )
-from chatstate.state._codec import unflatten_parts
+from chatstate.state._codec import unflatten_columns, unflatten_parts
 from chatstate.state._lua import APPLY_SCRIPT, LOAD_SCRIPT, write_args
 from chatstate.state._manager import new_op_id
 from chatstate.state._pipeline import AsyncConnections, AutoPipeline, Connections, NotSent
@@ -214,21 +214,46 @@ class _RedisCore:
         return self.hash_snapshot(dump.split("\n") if dump else [], key)
 
     def parse_hgetall(self, raw: Any, key: str) -> Snapshot | None:
-        # A dict from RESP3 or a client with response callbacks, else a flat list.
-        items = [x for kv in raw.items() for x in kv] if isinstance(raw, dict) else raw
-        if not items:
+        """A snapshot from an HGETALL reply: a dict (RESP3) or a flat list (RESP2).
+
+        The version is checked now; the values are decoded, in one ``json.loads``
+        of their bytes, when the data is first read.
+        """
+        if isinstance(raw, dict):
+            names, values = list(raw), list(raw.values())
+        else:
+            names, values = raw[0::2], raw[1::2]
+        if not names:
             return None
         try:
-            if isinstance(items[0], bytes):
-                # One join and one decode; a stored newline would break the count below.
-                parts = b"\n".join(items).decode("utf-8").split("\n")
+            if isinstance(names[0], bytes):
+                fields = b"\n".join(names).decode("utf-8").split("\n")
+                text: str | bytes = b"[" + b",".join(values) + b"]"
             else:
-                parts = "\n".join(map(str, items)).split("\n")
+                fields = "\n".join(map(str, names)).split("\n")
+                text = "[" + ",".join(map(str, values)) + "]"
         except (UnicodeDecodeError, TypeError):
             raise corrupt(key, "the hash holds text that is not UTF-8") from None
-        if len(parts) != len(items):
-            raise corrupt(key, "a stored field or value holds a raw newline")
-        return self.hash_snapshot(parts, key)
+        if len(fields) != len(names):
+            raise corrupt(key, "a stored field holds a raw newline")
+        try:
+            at = fields.index("#v")
+        except ValueError:
+            raise corrupt(key, "the hash has no version field") from None
+        version = values[at]
+        version = version.decode("ascii", "replace") if isinstance(version, bytes) else version
+        if not (version.isascii() and version.isdigit()) or "#s" not in fields:
+            raise corrupt(key, "the version or size field is not a whole number")
+
+        def decode() -> dict[str, Any]:
+            try:
+                return unflatten_columns(fields, text)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise CorruptStateError(
+                    f"the hash does not hold a chatstate document (key {key!r}): {exc}", key=key
+                ) from exc
+
+        return Snapshot.lazy(int(version), decode)
 
     def parse_apply(self, raw: Any, write: Write, key: str) -> Outcome:
         text = self._reply_text(raw, key)
