@@ -1,4 +1,4 @@
-"""How long one flow step takes on the memory backend (target: <= 100 us).
+"""How long one flow step takes on the memory backend (target: <= 50 us).
 
     python benchmarks/bench_flow.py [--steps 20000]
 
@@ -47,7 +47,7 @@ def main() -> None:
         rounds.append((time.perf_counter() - start) / (args.steps // 5) * 1e6)
     print(
         f"flow step on the memory backend: {min(rounds):.1f} us per message, best of 5 rounds "
-        f"(median {sorted(rounds)[2]:.1f} us; target <= 100 us)"
+        f"(median {sorted(rounds)[2]:.1f} us; target <= 50 us)"
     )
 
 

@@ -405,7 +405,8 @@ def main() -> None:
         for kind in kinds:
             server = servers.start_server(kind)
             try:
-                version = server.client().info("server").get("redis_version")
+                info = server.client().info("server")
+                version = info.get("valkey_version") or info.get("redis_version")
                 print(f"\n== {kind} {version} on 127.0.0.1 (loopback) ==")
                 run(server.url, args.seconds, args.rounds, args.parser)
             finally:
