@@ -23,6 +23,7 @@ from chatstate.exceptions import (
     TokenRefreshError,
     UsageError,
 )
+from chatstate.observe import notify_token_refresh
 from chatstate.state._manager import failing
 from chatstate.state._service import AsyncCachedUser, CachedUser
 
@@ -251,15 +252,18 @@ def get_valid_token(
                 token = user.state.refresh().get(field)
                 if _usable(token, verifier, margin):
                     assert isinstance(token, str)
+                    notify_token_refresh("reused")
                     result = token
                 else:
                     try:
                         new = refresh(token)
                     except Exception as exc:  # noqa: BLE001 - any failure of the refresh is reported
+                        notify_token_refresh("failed")
                         raise _refresh_failed_by(exc, token, verifier) from RedactedError(exc)
                     info = _checked_new(new, token, verifier)
                     user.state.set_preserved(field, new)
                     log.info("refreshed JWT for user %r: now %s", user.user_id, info.fingerprint)
+                    notify_token_refresh("refreshed")
                     result = new
         except LockTimeoutError:
             raise _refresh_failed(
@@ -296,16 +300,19 @@ async def aget_valid_token(
                 token = (await state.refresh()).get(field)
                 if _usable(token, verifier, margin):
                     assert isinstance(token, str)
+                    notify_token_refresh("reused")
                     result = token
                 else:
                     try:
                         made = refresh(token)
                         new = await made if inspect.isawaitable(made) else made
                     except Exception as exc:  # noqa: BLE001 - any failure of the refresh is reported
+                        notify_token_refresh("failed")
                         raise _refresh_failed_by(exc, token, verifier) from RedactedError(exc)
                     info = _checked_new(new, token, verifier)
                     await state.set_preserved(field, new)
                     log.info("refreshed JWT for user %r: now %s", user.user_id, info.fingerprint)
+                    notify_token_refresh("refreshed")
                     result = new
         except LockTimeoutError:
             raise _refresh_failed(

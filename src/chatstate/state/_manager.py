@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import inspect
 import os
@@ -19,8 +20,9 @@ import unicodedata
 from base64 import urlsafe_b64encode
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from datetime import timedelta
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 
+from chatstate import observe as _observe
 from chatstate.exceptions import (
     ClaimLostError,
     ConfigurationError,
@@ -54,6 +56,7 @@ from chatstate.typing import JSONObject, Path
 __all__ = ["AsyncStateManager", "StateManager"]
 
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
 
 READ: Final = "Failed to read state"
 UPDATE: Final = "Failed to update state"
@@ -106,6 +109,68 @@ def request_digest(operation: Operation) -> str:
     if isinstance(operation, Reset):
         return digest_text("r")
     return ""
+
+
+OPERATIONS: Final = {
+    READ: "get",
+    UPDATE: "update",
+    ASSIGN: "assign",
+    INCREMENT: "increment",
+    RESET: "reset",
+    DELETE: "delete",
+    SET_PRESERVED: "set_preserved",
+}
+
+
+def _outcome(result: Any) -> str:
+    status = getattr(result, "status", None)
+    return str(status) if status is not None else "read"
+
+
+def observed(operation: str | None = None) -> Callable[[F], F]:
+    """Report a manager method to the observers (:mod:`chatstate.observe`), if any.
+
+    With no observer registered this costs one truth test. ``operation`` names
+    the operation; ``None`` takes it from the method's ``action`` argument.
+    """
+
+    def wrap(method: F) -> F:
+        def name(args: tuple[Any, ...]) -> str:
+            return operation or OPERATIONS.get(args[2], "write")
+
+        if inspect.iscoroutinefunction(method):
+
+            @functools.wraps(method)
+            async def run_async(self: Any, *args: Any, **kwargs: Any) -> Any:
+                if not _observe._observers:  # noqa: SLF001 - the hot path's one check
+                    return await method(self, *args, **kwargs)
+                watch = _observe.Watch(name((self, *args)), self.backend)
+                try:
+                    result = await method(self, *args, **kwargs)
+                except BaseException as exc:
+                    watch.end("error", exc)
+                    raise
+                watch.end(_outcome(result))
+                return result
+
+            return cast("F", run_async)
+
+        @functools.wraps(method)
+        def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if not _observe._observers:  # noqa: SLF001 - the hot path's one check
+                return method(self, *args, **kwargs)
+            watch = _observe.Watch(name((self, *args)), self.backend)
+            try:
+                result = method(self, *args, **kwargs)
+            except BaseException as exc:
+                watch.end("error", exc)
+                raise
+            watch.end(_outcome(result))
+            return result
+
+        return cast("F", run)
+
+    return wrap
 
 
 def relabel(exc: StateError, action: str) -> StateError:
@@ -417,6 +482,7 @@ class StateManager(_ManagerCore):
     def __repr__(self) -> str:
         return f"<StateManager backend={self.backend!r}>"
 
+    @observed("get")
     def load(self, user_id: str) -> Snapshot:
         """Return the user's document and version (``{}`` and 0 when there is none)."""
         try:
@@ -426,6 +492,7 @@ class StateManager(_ManagerCore):
             raise
         return snapshot if snapshot is not None else Snapshot({}, 0)
 
+    @observed()
     def apply(self, user_id: str, action: str, make: Callable[[], Write]) -> Outcome:
         """Validate, then apply one write; errors start with ``action``."""
         try:
@@ -434,6 +501,7 @@ class StateManager(_ManagerCore):
             relabel(exc, action)
             raise
 
+    @observed("transaction")
     def transaction(
         self, user_id: str, fn: TransactionFn, *, max_attempts: int | None = None
     ) -> Snapshot:
@@ -453,9 +521,11 @@ class StateManager(_ManagerCore):
                     return outcome.snapshot
                 current = outcome.snapshot
                 if attempt + 1 < attempts:
+                    _observe.notify_retry("transaction", attempt + 1)
                     time.sleep(self.backoff(attempt))
             raise self.conflict(attempts)
 
+    @observed("claim")
     def claim(
         self,
         user_id: str,
@@ -488,12 +558,14 @@ class StateManager(_ManagerCore):
                 time.sleep(delay)
                 attempt += 1
 
+    @observed("commit")
     def commit(self, claim: _ClaimCore) -> Outcome:
         """Write the claim's staged changes, remember its op id and release it."""
         with failing(COMMIT):
             claim._open()  # noqa: SLF001 - the claim's own check
             return claim.settle_commit(self.backend.apply(claim.user_id, self.commit_write(claim)))
 
+    @observed("release")
     def release(self, claim: _ClaimCore) -> None:
         """Give the claim up without recording anything (the message may come again)."""
         if claim.state != "open":
@@ -533,6 +605,7 @@ class AsyncStateManager(_ManagerCore):
     def __repr__(self) -> str:
         return f"<AsyncStateManager backend={self.backend!r}>"
 
+    @observed("get")
     async def load(self, user_id: str) -> Snapshot:
         """Return the user's document and version (``{}`` and 0 when there is none)."""
         try:
@@ -542,6 +615,7 @@ class AsyncStateManager(_ManagerCore):
             raise
         return snapshot if snapshot is not None else Snapshot({}, 0)
 
+    @observed()
     async def apply(self, user_id: str, action: str, make: Callable[[], Write]) -> Outcome:
         """Validate, then apply one write; errors start with ``action``."""
         try:
@@ -550,6 +624,7 @@ class AsyncStateManager(_ManagerCore):
             relabel(exc, action)
             raise
 
+    @observed("transaction")
     async def transaction(
         self,
         user_id: str,
@@ -573,9 +648,11 @@ class AsyncStateManager(_ManagerCore):
                     return outcome.snapshot
                 current = outcome.snapshot
                 if attempt + 1 < attempts:
+                    _observe.notify_retry("transaction", attempt + 1)
                     await asyncio.sleep(self.backoff(attempt))
             raise self.conflict(attempts)
 
+    @observed("claim")
     async def claim(
         self,
         user_id: str,
@@ -609,6 +686,7 @@ class AsyncStateManager(_ManagerCore):
                 await asyncio.sleep(delay)
                 attempt += 1
 
+    @observed("commit")
     async def commit(self, claim: _ClaimCore) -> Outcome:
         """The asyncio twin of :meth:`StateManager.commit`."""
         with failing(COMMIT):
@@ -616,6 +694,7 @@ class AsyncStateManager(_ManagerCore):
             outcome = await self.backend.apply(claim.user_id, self.commit_write(claim))
             return claim.settle_commit(outcome)
 
+    @observed("release")
     async def release(self, claim: _ClaimCore) -> None:
         """The asyncio twin of :meth:`StateManager.release`."""
         if claim.state != "open":

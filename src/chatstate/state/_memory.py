@@ -61,6 +61,8 @@ class MemoryBackend:
             (expiry, the dedupe window and claims all follow it).
     """
 
+    kind = "memory"
+
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._lock = threading.Lock()
@@ -170,6 +172,8 @@ class AsyncMemoryBackend:
     Args:
         store: The memory backend to share; a new one when omitted.
     """
+
+    kind = "memory"
 
     def __init__(self, store: MemoryBackend | None = None) -> None:
         self.store = store if store is not None else MemoryBackend()

@@ -465,6 +465,21 @@ class _RedisBackendBase:
     def _client_kwargs(options: dict[str, Any], *, asynchronous: bool) -> dict[str, Any]:
         return {**default_client_options(asynchronous=asynchronous), **options}
 
+    kind = "redis"
+
+    def describe(self) -> dict[str, Any]:
+        """What observers may say of this backend (OpenTelemetry's database attributes)."""
+        out: dict[str, Any] = {"db.system.name": "redis", "db.namespace": self._core.namespace}
+        try:
+            kwargs = self.client.connection_pool.connection_kwargs
+        except AttributeError:
+            return out
+        if "host" in kwargs:
+            out["server.address"] = str(kwargs["host"])
+        if "port" in kwargs:
+            out["server.port"] = int(kwargs["port"])
+        return out
+
     def __repr__(self) -> str:
         location = _safe_location(self.client)
         return f"<{type(self).__name__} {location} namespace={self._core.namespace!r}>"

@@ -1,0 +1,203 @@
+"""One small hook point for metrics, traces and logs.
+
+Register an :class:`Observer` with :func:`add_observer` and chatstate calls it for
+every state operation (``get``, ``update``, ``claim``, ...), every flow step and
+every token refresh. With no observer registered, the managers skip all of this
+at the cost of one truth test per operation.
+
+``chatstate.integrations.prometheus`` and ``chatstate.integrations.otel`` are
+ready-made observers; write your own by subclassing :class:`Observer` and
+overriding what you need. Events never carry a user id, a value or a token.
+
+Example:
+    >>> from chatstate import StateService
+    >>> from chatstate.observe import Observer, add_observer, remove_observer
+    >>> class Count(Observer):
+    ...     def __init__(self):
+    ...         self.seen = []
+    ...     def operation_finished(self, event, token):
+    ...         self.seen.append((event.operation, event.outcome))
+    >>> count = add_observer(Count())
+    >>> _ = StateService().update("u", {"a": 1})
+    >>> count.seen
+    [('update', 'applied')]
+    >>> remove_observer(count)
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+import attrs
+
+__all__ = [
+    "Observer",
+    "OperationFinished",
+    "OperationStarted",
+    "add_observer",
+    "observers",
+    "remove_observer",
+]
+
+log = logging.getLogger("chatstate.observe")
+
+ObserverT = TypeVar("ObserverT", bound="Observer")
+
+
+@attrs.frozen
+class OperationStarted:
+    """A state operation is about to reach the backend.
+
+    Attributes:
+        operation: ``get``, ``snapshot``, ``update``, ``assign``, ``increment``,
+            ``set_preserved``, ``reset``, ``delete``, ``transaction``, ``claim``,
+            ``commit`` or ``release``.
+        backend: The backend's kind: ``memory``, ``redis`` or the class name.
+        attributes: What the backend says of itself (``db.system.name``,
+            ``server.address``, ``server.port``), for traces.
+    """
+
+    operation: str
+    backend: str
+    attributes: Mapping[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class OperationFinished:
+    """A state operation ended.
+
+    Attributes:
+        operation: As in :class:`OperationStarted`.
+        backend: As in :class:`OperationStarted`.
+        outcome: ``applied``, ``duplicate``, ``conflict``, ``claimed``, ``busy``,
+            ``released``, ``lost`` or ``read`` when it returned; ``error`` when it raised.
+        error: The error's class name when it raised.
+        duration: Seconds, from start to end.
+        attempts: How many attempts it took (transactions retry; claims wait).
+    """
+
+    operation: str
+    backend: str
+    outcome: str
+    error: str | None
+    duration: float
+    attempts: int = 1
+
+
+class Observer:
+    """Base class of observers: every method does nothing until you override it.
+
+    Methods run on the caller's thread or task and must be quick and must not
+    raise (an observer that raises is logged and the operation goes on).
+    """
+
+    def operation_started(self, event: OperationStarted) -> Any:  # noqa: ARG002 - for subclasses
+        """A state operation starts; return anything, it is handed to ``operation_finished``."""
+        return None
+
+    def operation_finished(self, event: OperationFinished, token: Any) -> None:
+        """A state operation ended (``token`` is what ``operation_started`` returned)."""
+
+    def flow_step(self, flow: str, step: str, outcome: str) -> None:
+        """The router handled a message in a flow.
+
+        ``outcome`` is ``started``, ``answered``, ``invalid``, ``back``,
+        ``restarted``, ``cancelled``, ``completed``, ``expired`` or ``reminded``.
+        """
+
+    def token_refresh(self, outcome: str) -> None:
+        """A token refresh ended: ``refreshed``, ``reused`` (another process had), or ``failed``."""
+
+    def transaction_retry(self, operation: str, attempt: int) -> None:
+        """A compare-and-set transaction (or a busy claim) is about to try again."""
+
+
+_lock = threading.Lock()
+_observers: tuple[Observer, ...] = ()
+
+
+def add_observer(observer: ObserverT) -> ObserverT:
+    """Register ``observer`` for every service in this process; returns it."""
+    global _observers  # noqa: PLW0603 - the process-wide registry, read without a lock
+    candidate: object = observer  # callers may not be type-checked
+    if not isinstance(candidate, Observer):
+        from chatstate.exceptions import UsageError  # noqa: PLC0415 - avoid an import cycle
+
+        raise UsageError(f"an observer subclasses chatstate.observe.Observer, not {observer!r}")
+    with _lock:
+        _observers = (*_observers, observer)
+    return observer
+
+
+def remove_observer(observer: Observer) -> None:
+    """Unregister ``observer`` (nothing happens if it was not registered)."""
+    global _observers  # noqa: PLW0603
+    with _lock:
+        _observers = tuple(o for o in _observers if o is not observer)
+
+
+def observers() -> tuple[Observer, ...]:
+    """The registered observers, in registration order."""
+    return _observers
+
+
+def _safely(call: Any, *args: Any) -> Any:
+    try:
+        return call(*args)
+    except Exception:  # an observer must never break a write
+        log.exception("a chatstate observer raised; ignored")
+        return None
+
+
+def notify_flow_step(flow: str, step: str, outcome: str) -> None:
+    """Tell every observer about a flow step."""
+    for observer in _observers:
+        _safely(observer.flow_step, flow, step, outcome)
+
+
+def notify_token_refresh(outcome: str) -> None:
+    """Tell every observer about a token refresh."""
+    for observer in _observers:
+        _safely(observer.token_refresh, outcome)
+
+
+def notify_retry(operation: str, attempt: int) -> None:
+    """Tell every observer a transaction or a busy claim retries."""
+    for observer in _observers:
+        _safely(observer.transaction_retry, operation, attempt)
+
+
+class Watch:
+    """One operation's observation: made when observers exist, ended once."""
+
+    __slots__ = ("_backend", "_operation", "_start", "_tokens")
+
+    def __init__(self, operation: str, backend: Any) -> None:
+        import time  # noqa: PLC0415 - only when observed
+
+        kind = str(getattr(backend, "kind", type(backend).__name__))
+        describe = getattr(backend, "describe", None)
+        attributes = _safely(describe) if callable(describe) else None
+        event = OperationStarted(operation, kind, attributes or {})
+        self._operation = operation
+        self._backend = kind
+        self._tokens = [(o, _safely(o.operation_started, event)) for o in _observers]
+        self._start = time.perf_counter()
+
+    def end(self, outcome: str, error: BaseException | None = None, attempts: int = 1) -> None:
+        """Report the end: an outcome, or the error that ended it."""
+        import time  # noqa: PLC0415
+
+        event = OperationFinished(
+            self._operation,
+            self._backend,
+            "error" if error is not None else outcome,
+            type(error).__name__ if error is not None else None,
+            time.perf_counter() - self._start,
+            attempts,
+        )
+        for observer, token in self._tokens:
+            _safely(observer.operation_finished, event, token)
