@@ -563,7 +563,9 @@ def apply_write(  # noqa: C901, PLR0911, PLR0912 - one branch per rule, in the L
         if mine:
             log.lease = None
         return found("released", 0, changed=mine)
-    if write.completes_claim and (lease is None or lease.nonce != write.nonce):
+    if write.completes_claim and (
+        lease is None or lease.nonce != write.nonce or lease.expires_ms <= now_ms
+    ):
         return found("lost", version)
     if isinstance(op, Edits) and not op.edits:
         # Nothing to change: no version, no document made; only the id is remembered.

@@ -164,21 +164,25 @@ def unflatten_parts(parts: list[str]) -> JSONObject:
     """
     if len(parts) % 2:
         raise ValueError("a field without a value (a value holds a raw newline?)")
-    return unflatten_columns(parts[0::2], "[" + ",".join(parts[1::2]) + "]")
+    return unflatten_columns(parts[0::2], "[[" + "],[".join(parts[1::2]) + "]]")
 
 
 def unflatten_columns(fields: list[str], values: str | bytes) -> JSONObject:
-    """Rebuild a document from its fields and its values as one JSON array's text.
+    """Rebuild a document from its fields and its values as the text ``[[v1],[v2],...]``.
 
     The values are decoded in one C-level parse (``json.loads`` takes UTF-8
-    bytes as they come from the server).
+    bytes as they come from the server). Each value sits in brackets of its own:
+    a stored value that is not exactly one JSON value (``[1``, ``2,3``) cannot
+    pair up with its neighbours, and the counts below catch it.
 
     Raises:
         ValueError: the fields and values do not form a document.
     """
-    decoded = _decode(values) if isinstance(values, str) else _loads(values)
-    if len(decoded) != len(fields):
+    wrapped = _decode(values) if isinstance(values, str) else _loads(values)
+    n = len(fields)
+    if len(wrapped) != n or (n and (min(map(len, wrapped)) != 1 or max(map(len, wrapped)) != 1)):
         raise ValueError("a stored value is not one JSON value")
+    decoded = [v[0] for v in wrapped]
     steps = _plan(tuple(fields))
     containers: list[JSONObject] = [{}]
     try:
@@ -213,6 +217,8 @@ def _plan(fields: tuple[str, ...]) -> tuple[tuple[int, int, str, bool], ...]:
         if field[:1] != '"' and field not in _META_FIELDS:
             raise ValueError(f"field {field!r} is not a path")
     index = {field: at for at, field in enumerate(fields)}
+    if len(index) != len(fields):
+        raise ValueError("a field appears twice")
     parents = {_split_path(field)[0] for field in paths}
     parents.discard("")
     container_of: dict[str, int] = {"": 0}

@@ -46,6 +46,7 @@ from chatstate.state._backend import (
 )
 from chatstate.state._codec import encode_path, encode_value, flatten
 from chatstate.state._rules import SET
+from chatstate.typing import Path
 
 __all__ = ["APPLY_SCRIPT", "LOAD_SCRIPT", "write_args"]
 
@@ -106,7 +107,7 @@ local opkey, nonce, digest, dedupe, ttl, max_bytes, mode, expected, flags, lease
   string.match(ARGV[1],
     '^(%S+)\n(%S+)\n(%S*)\n(%d+)\n(%d*)\n(%d+)\n(%a)\n(%d*)\n(%a*)\n(%d*)\n([01])$')
 if opkey == nil then return redis.error_reply('chatstate: malformed arguments') end
-dedupe, max_bytes, lease_ms = tonumber(dedupe), tonumber(max_bytes), tonumber(lease_ms)
+max_bytes = tonumber(max_bytes)  -- dedupe and lease stay text: Lua would print big numbers as 1e+14
 local completes = string.find(flags, 'c', 1, true) ~= nil
 local force = string.find(flags, 'f', 1, true) ~= nil
 local fresh = string.find(flags, 'n', 1, true) ~= nil
@@ -332,7 +333,10 @@ elseif mode == 'i' then
   local ok, err = try('HINCRBY', doc, paths[1], A[#A])
   if ok == nil then
     if string.find(err, 'overflow', 1, true) then return reply('counter', version, 'overflow') end
-    return reply('counter', version, 'not_integer')
+    if string.find(err, 'not an integer', 1, true) then
+      return reply('counter', version, 'not_integer')
+    end
+    return redis.error_reply(err)  -- OOM, READONLY, ...: nothing was written yet
   end
   -- The reply of HINCRBY is a Lua number (a double): read the exact text back.
   value = redis.call('HGET', doc, paths[1])
@@ -456,6 +460,29 @@ return reply('applied', version, value)
 )
 
 
+def _least_size(edits: list[tuple[str, Path, int]]) -> int:
+    """A lower bound of what the edited entries will take: each path's last set, if it stays.
+
+    Walking back from the last edit, an entry counts once (the last write of a
+    path wins) and only if neither it nor a parent is deleted later. Character
+    counts never exceed UTF-8 byte counts, so this never refuses a write that fits.
+    """
+    if len(edits) < 2:
+        return sum(size for kind, _, size in edits if kind != "d")
+    total = 0
+    seen: set[Path] = set()
+    gone: set[Path] = set()
+    for kind, path, size in reversed(edits):
+        if path in seen or any(path[:i] in gone for i in range(1, len(path) + 1)):
+            continue
+        if kind == "d":
+            gone.add(path)
+        else:
+            seen.add(path)
+            total += size
+    return total
+
+
 def write_args(write: Write, *, fresh: bool = False) -> list[str]:  # noqa: C901, PLR0912 - one branch per operation
     """Pack a write into the apply script's two arguments.
 
@@ -475,16 +502,17 @@ def write_args(write: Write, *, fresh: bool = False) -> list[str]:  # noqa: C901
     if isinstance(op, Edits):
         mode = "e"
         expected = "" if op.expected_version is None else op.expected_version
-        least = 0
+        sizes: list[tuple[str, Path, int]] = []
         for kind, path, value in op.edits:
             text = kind + encode_path(path)
             body.append(text)
             if kind == SET:
                 encoded = encode_value(value)
                 body.append(encoded)
-                least += len(text) - 1 + len(encoded)
-            elif kind != "d":
-                least += len(text) + 1
+                sizes.append((kind, path, len(text) - 1 + len(encoded)))
+            else:
+                sizes.append((kind, path, len(text) + 1))
+        least = _least_size(sizes)
         if least > write.max_bytes:
             raise StateTooLargeError(size=least, limit=write.max_bytes)
     elif isinstance(op, Increment):

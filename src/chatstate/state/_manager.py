@@ -29,11 +29,14 @@ from chatstate.exceptions import (
     ConflictError,
     InvalidOpIdError,
     InvalidUserIdError,
+    OutcomeUnknown,
     StateError,
     UsageError,
     UserBusyError,
 )
 from chatstate.state._backend import (
+    INT64_MAX,
+    INT64_MIN,
     Acquire,
     AsyncBackend,
     Backend,
@@ -48,6 +51,7 @@ from chatstate.state._backend import (
     Reset,
     Snapshot,
     Write,
+    counter_overflow,
 )
 from chatstate.state._codec import encode_path, encode_value
 from chatstate.state._rules import SET, Edit, StateData, copy_json, parse_path
@@ -201,9 +205,12 @@ def to_ms(value: float | timedelta | None, name: str) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int | float | timedelta):
         raise ConfigurationError(f"{name} must be seconds or a timedelta, got {value!r}")
     seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
-    if not seconds > 0:
-        raise ConfigurationError(f"{name} must be positive, got {value!r}")
+    if not 0 < seconds <= _MAX_SECONDS:
+        raise ConfigurationError(f"{name} must be positive and at most ten years, got {value!r}")
     return max(1, round(seconds * 1000))
+
+
+_MAX_SECONDS: Final = 10 * 365 * 24 * 3600
 
 
 def _attempts(value: object, name: str = "max_attempts") -> int:
@@ -324,6 +331,8 @@ class _ManagerCore:
         if type(by) is not int:
             raise UsageError(f"increment() adds an int, not {type(by).__name__}")
         checked = self.rules.increment_path(path)
+        if not INT64_MIN <= by <= INT64_MAX:
+            raise counter_overflow(checked)
         return self.write(Increment(checked, by), op_id)
 
     def preserved_write(self, path: str | Path, value: Any, op_id: str | None) -> Write:
@@ -560,10 +569,23 @@ class StateManager(_ManagerCore):
 
     @observed("commit")
     def commit(self, claim: _ClaimCore) -> Outcome:
-        """Write the claim's staged changes, remember its op id and release it."""
+        """Write the claim's staged changes, remember its op id and release it.
+
+        A refused commit (too large, corrupt data, nothing sent) releases the
+        claim; after ``OutcomeUnknown`` the claim stays open so that calling
+        ``commit()`` again settles it.
+        """
         with failing(COMMIT):
             claim._open()  # noqa: SLF001 - the claim's own check
-            return claim.settle_commit(self.backend.apply(claim.user_id, self.commit_write(claim)))
+            try:
+                outcome = self.backend.apply(claim.user_id, self.commit_write(claim))
+            except OutcomeUnknown:
+                raise
+            except StateError:
+                with contextlib.suppress(StateError):
+                    self.release(claim)
+                raise
+            return claim.settle_commit(outcome)
 
     @observed("release")
     def release(self, claim: _ClaimCore) -> None:
@@ -691,7 +713,14 @@ class AsyncStateManager(_ManagerCore):
         """The asyncio twin of :meth:`StateManager.commit`."""
         with failing(COMMIT):
             claim._open()  # noqa: SLF001 - the claim's own check
-            outcome = await self.backend.apply(claim.user_id, self.commit_write(claim))
+            try:
+                outcome = await self.backend.apply(claim.user_id, self.commit_write(claim))
+            except OutcomeUnknown:
+                raise
+            except StateError:
+                with contextlib.suppress(StateError):
+                    await self.release(claim)
+                raise
             return claim.settle_commit(outcome)
 
     @observed("release")

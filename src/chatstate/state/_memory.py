@@ -16,6 +16,7 @@ from chatstate.state._backend import (
     Acquire,
     OpLog,
     Outcome,
+    Release,
     Snapshot,
     Write,
     apply_write,
@@ -39,11 +40,24 @@ class _User:
     check_at: float | None = None  # when this user's entry in the expiry heap comes due
 
     def deadline(self) -> float | None:
-        """When something of this user expires next (the document or the log)."""
-        times = [self.log_expires_at] if (self.log.records or self.log.lease) else []
+        """When something of this user expires next (the document, the log or the claim)."""
+        times = [self.log_expires_at] if self.log.records else []
+        if self.log.lease is not None:
+            times.append(self.log.lease.expires_ms / 1000)
         if self.root is not None and self.expires_at is not None:
             times.append(self.expires_at)
         return min(times) if times else None
+
+
+def _expire(user: _User, now: float) -> None:
+    """Forget what has expired of a user: the document, the ids, the claim (each by its clock)."""
+    if user.root is not None and user.expires_at is not None and user.expires_at <= now:
+        user.root, user.version, user.size, user.expires_at = None, 0, 0, None
+    if user.log.records and user.log_expires_at <= now:
+        user.log.records, user.log.seq = {}, 0
+    lease = user.log.lease
+    if lease is not None and lease.expires_ms <= now * 1000:
+        user.log.lease = None
 
 
 class MemoryBackend:
@@ -97,15 +111,13 @@ class MemoryBackend:
             user = self._users.get(user_id) or _User()
             if user.root is not None and user.expires_at is not None and user.expires_at <= now:
                 user.root, user.version, user.size, user.expires_at = None, 0, 0, None
-            if user.log_expires_at <= now:
-                user.log = OpLog()
+            _expire(user, now)
             current = None if user.root is None else Snapshot(user.root, user.version)
             result = apply_write(current, user.log, write, int(now * 1000), user.size, shared=True)
-            if result.log_changed:
-                keep = write.dedupe_ms
-                if isinstance(write.operation, Acquire):
-                    keep = max(keep, write.operation.lease_ms)
-                user.log_expires_at = now + keep / 1000
+            if result.log_changed and not isinstance(write.operation, Acquire | Release):
+                # As on Redis: recorded ids live dedupe_ms after the last one; a claim
+                # lives by its own lease and keeps nothing else alive.
+                user.log_expires_at = now + write.dedupe_ms / 1000
             data = result.data
             if data is not UNCHANGED:
                 if data is None:
@@ -156,10 +168,7 @@ class MemoryBackend:
             if user is None or user.check_at != at:
                 continue  # a stale entry: the user was dropped, or rescheduled earlier
             user.check_at = None
-            if user.root is not None and user.expires_at is not None and user.expires_at <= now:
-                user.root, user.version, user.size, user.expires_at = None, 0, 0, None
-            if user.log_expires_at <= now:
-                user.log = OpLog()
+            _expire(user, now)
             if user.root is None and not user.log.records and user.log.lease is None:
                 del self._users[user_id]
             else:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import os
 import threading
 import time
 from typing import Any
@@ -88,6 +89,14 @@ class Connections:
         self._idle: list[Any] = []
         self._count = 0
         self._cond = threading.Condition(threading.Lock())
+        self._pid = os.getpid()
+
+    def _check_fork(self) -> None:
+        # A forked child must not share its parent's sockets: start over, leave them be.
+        if os.getpid() != self._pid:
+            with self._cond:
+                if os.getpid() != self._pid:
+                    self._idle, self._count, self._pid = [], 0, os.getpid()
 
     def acquire(self) -> Any:
         """An idle connection, a new one, or one given back within the timeout.
@@ -95,6 +104,7 @@ class Connections:
         Raises:
             NotSent: no connection could be had (none came free, or connecting failed).
         """
+        self._check_fork()
         cond = self._cond
         with cond:
             if self._idle:
@@ -109,7 +119,7 @@ class Connections:
                     return self._idle.pop()
             self._count += 1
         try:
-            conn = self._pool.make_connection()
+            conn = _new_connection(self._pool)
             conn.connect()
         except (rex.AuthenticationError, rex.AuthorizationError):
             self._forget()
@@ -164,6 +174,11 @@ class Connections:
         return reply
 
 
+def _new_connection(pool: Any) -> Any:
+    """A connection made as the pool would make it, outside the pool's own accounting."""
+    return pool.connection_class(**pool.connection_kwargs)
+
+
 class AsyncConnections:
     """The asyncio twin of :class:`Connections` (one event loop at a time)."""
 
@@ -198,7 +213,7 @@ class AsyncConnections:
                 return self._idle.pop()
         self._count += 1
         try:
-            conn = self._pool.make_connection()
+            conn = _new_connection(self._pool)
             await conn.connect()
         except (rex.AuthenticationError, rex.AuthorizationError):
             self._forget()
@@ -267,6 +282,7 @@ class AutoPipeline:
         self._size = lanes
         self._lanes: list[_Lane] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
 
     async def call(self, route: str, args: tuple[Any, ...]) -> Any:
         """Send ``args`` in the next batch of ``route``'s lane and return its reply.
@@ -275,8 +291,11 @@ class AutoPipeline:
         caller sends its command itself, with no hop through the lane's task:
         one task alone pays nothing for pipelining. Under load the lane batches.
         """
+        if self._closed:
+            raise NotSent("the backend is closed")
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
+            # Lanes (and their connections) belong to one event loop.
             self._lanes = [_Lane() for _ in range(self._size)]
             self._loop = loop
         lane = self._lanes[hash(route) % self._size]
@@ -287,6 +306,13 @@ class AutoPipeline:
         self._kick(lane, loop)
         return await future
 
+    def _keep(self, lane: _Lane, conn: Any) -> None:
+        """Give a clean connection back to its lane (or to the pool if the lane has one)."""
+        if lane.conn is None and not self._closed:
+            lane.conn = conn
+        else:
+            self.pool.release(conn)
+
     def _kick(self, lane: _Lane, loop: asyncio.AbstractEventLoop) -> None:
         if lane.task is None or lane.task.done():
             lane.task = loop.create_task(self._run(lane))
@@ -296,9 +322,11 @@ class AutoPipeline:
     async def _inline(self, lane: _Lane, args: tuple[Any, ...]) -> Any:
         lane.busy = True
         try:
-            if lane.conn is None:
-                lane.conn = await self.pool.acquire()
-            conn = lane.conn
+            # The caller holds the connection alone while it uses it: a close meanwhile
+            # cannot pull it from under it.
+            conn, lane.conn = lane.conn, None
+            if conn is None:
+                conn = await self.pool.acquire()
             try:
                 await conn.send_packed_command([pack(args)])
                 try:
@@ -307,11 +335,12 @@ class AutoPipeline:
                 except TimeoutError:
                     raise rex.TimeoutError("Timeout reading from the server") from None
             except rex.ResponseError:
+                self._keep(lane, conn)
                 raise
             except BaseException:
-                lane.conn = None
                 await self.pool.discard(conn)
                 raise
+            self._keep(lane, conn)
         finally:
             lane.busy = False
             if lane.queue:  # others came meanwhile: batch from now on
@@ -322,7 +351,8 @@ class AutoPipeline:
         return reply
 
     async def aclose(self) -> None:
-        """Stop the lanes' tasks and give their connections back."""
+        """Stop the lanes' tasks and give their connections back; later calls are refused."""
+        self._closed = True
         lanes, self._lanes, self._loop = self._lanes, [], None
         for lane in lanes:
             if lane.task is not None and not lane.task.done():
@@ -371,10 +401,12 @@ class AutoPipeline:
         if lane.conn is None:
             try:
                 lane.conn = await self.pool.acquire()
-            except (NotSent, rex.AuthenticationError, rex.AuthorizationError) as exc:
+            except BaseException as exc:  # refused, timed out, a handshake error, closed
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(_copy_error(exc))
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
                 return
         conn = lane.conn
         done = 0

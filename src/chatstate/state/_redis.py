@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, Final, Self, TypeVar
@@ -41,8 +42,12 @@ from chatstate.exceptions import (
     StoreFullError,
 )
 from chatstate.state._backend import (
+    Delete,
+    Edits,
     Increment,
     Outcome,
+    Replace,
+    Reset,
     Snapshot,
     Write,
     corrupt,
@@ -55,6 +60,8 @@ from chatstate.state._manager import new_op_id
 from chatstate.state._pipeline import AsyncConnections, AutoPipeline, Connections, NotSent
 
 __all__ = ["AsyncRedisBackend", "RedisBackend"]
+
+log = logging.getLogger("chatstate.redis")
 
 T = TypeVar("T")
 
@@ -228,10 +235,10 @@ class _RedisCore:
         try:
             if isinstance(names[0], bytes):
                 fields = b"\n".join(names).decode("utf-8").split("\n")
-                text: str | bytes = b"[" + b",".join(values) + b"]"
+                text: str | bytes = b"[[" + b"],[".join(values) + b"]]"
             else:
                 fields = "\n".join(map(str, names)).split("\n")
-                text = "[" + ",".join(map(str, values)) + "]"
+                text = "[[" + "],[".join(map(str, values)) + "]]"
         except (UnicodeDecodeError, TypeError):
             raise corrupt(key, "the hash holds text that is not UTF-8") from None
         if len(fields) != len(names):
@@ -284,7 +291,8 @@ class _RedisCore:
             snapshot = Snapshot.lazy(current, lambda: self.decode_dump(dump, key))
         else:
             snapshot = Snapshot({}, current)
-        value = int(extra) if status == "applied" and isinstance(op, Increment) else None
+        applied_now = status == "applied" and isinstance(op, Increment) and extra
+        value = int(extra) if applied_now else None  # an earlier attempt's reply has none
         retry = int(extra) if status == "busy" else 0
         return Outcome(status, snapshot, version, value=value, retry_after_ms=retry)  # type: ignore[arg-type]
 
@@ -491,7 +499,13 @@ class _RedisBackendBase:
     def _apply_args(self, write: Write, keys: list[str], *, fresh: bool) -> tuple[Any, ...]:
         # A first send may skip the op-log lookup only where nothing re-sends
         # behind our back (redis-py's cluster client retries on its own).
-        fresh = fresh and write.op_id is None and not self._cluster
+        fresh = (
+            fresh
+            and write.op_id is None
+            and not write.completes_claim  # its key was already used by the claim
+            and isinstance(write.operation, Edits | Increment | Reset | Replace | Delete)
+            and not self._cluster
+        )
         return ("EVALSHA", self._apply_script.sha, 3, *keys, *write_args(write, fresh=fresh))
 
     def _load_args(self, key: str, echo: str) -> tuple[Any, ...]:
@@ -683,13 +697,19 @@ class RedisBackend(_RedisBackendBase):
             raise
         finally:
             lost = False
-            with map_redis_errors(key):
-                try:
-                    held.release()
-                except rex.LockNotOwnedError:
-                    lost = True
-                except rex.LockError:
-                    pass
+            try:
+                with map_redis_errors(key):
+                    try:
+                        held.release()
+                    except rex.LockNotOwnedError:
+                        lost = True
+                    except rex.LockError:
+                        pass
+            except Exception:
+                if not failed:
+                    raise
+                # The block's own error matters more; the lock lapses by itself.
+                log.warning("could not release the %r lock of a failed block", name)
             if lost and not failed:
                 raise _lock_lost(name, lease)
 
@@ -776,10 +796,17 @@ class AsyncRedisBackend(_RedisBackendBase):
         if self._pipe is not None:
             return await self._pipe.call(route, args)
         if self._conns is None:
+            # One command in a cluster pipeline: redis-py 8.1's async RedisCluster
+            # execute_command can write on a connection another task is closing.
+            pipe = self.client.pipeline()
+            pipe.execute_command(*args)
             try:
-                return await self.client.execute_command(*args)
+                (reply,) = await pipe.execute(raise_on_error=False)
             except rex.MaxConnectionsError as exc:
                 raise NotSent(str(exc)) from exc
+            if isinstance(reply, BaseException):
+                raise reply
+            return reply
         return await self._conns.execute(args)
 
     async def _script(self, route: str, args: tuple[Any, ...]) -> Any:
@@ -856,13 +883,19 @@ class AsyncRedisBackend(_RedisBackendBase):
             raise
         finally:
             lost = False
-            with map_redis_errors(key):
-                try:
-                    await held.release()
-                except rex.LockNotOwnedError:
-                    lost = True
-                except rex.LockError:
-                    pass
+            try:
+                with map_redis_errors(key):
+                    try:
+                        await held.release()
+                    except rex.LockNotOwnedError:
+                        lost = True
+                    except rex.LockError:
+                        pass
+            except Exception:
+                if not failed:
+                    raise
+                # The block's own error matters more; the lock lapses by itself.
+                log.warning("could not release the %r lock of a failed block", name)
             if lost and not failed:
                 raise _lock_lost(name, lease)
 
