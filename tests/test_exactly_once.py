@@ -458,3 +458,68 @@ def test_a_forced_delete_removes_what_a_plain_delete_refuses(
     assert svc.get("u") == {"fresh": 1}
     client.close()
     svc.close()
+
+
+# -- regressions found in review ---------------------------------------------------------------
+
+
+def test_a_resent_increment_returns_its_value(redis_url: str, namespace: str) -> None:
+    """An increment whose reply is lost is re-sent and returns the counter's value."""
+    proxy = ReplyDroppingProxy(_port(redis_url))
+    svc = StateService(
+        RedisBackend.from_url(f"redis://127.0.0.1:{proxy.port}/0", namespace=namespace)
+    )
+    try:
+        assert svc.increment("u", "n", 5) == 5
+        proxy.arm(b"EVALSHA", times=1)
+        assert svc.increment("u", "n", 2) == 7
+        assert proxy.dropped == 1
+        assert svc.get("u") == {"n": 7}
+    finally:
+        svc.close()
+        proxy.close()
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelined", "unpipelined"])
+def test_no_server_fails_every_async_caller_promptly(namespace: str, pipelining: bool) -> None:
+    """Nothing listening: 50 concurrent callers each get BackendUnavailable, none waits forever."""
+    port = servers.free_port()
+
+    async def main() -> list[BaseException | object]:
+        backend = AsyncRedisBackend.from_url(
+            f"redis://127.0.0.1:{port}/0",
+            namespace=namespace,
+            pipelining=pipelining,
+            socket_connect_timeout=0.5,
+        )
+        svc = AsyncStateService(backend)
+        calls = [svc.update(f"u{i}", {"a": i}) for i in range(25)] + [
+            svc.get(f"u{i}") for i in range(25)
+        ]
+        # A generous bound: only a caller left waiting forever would reach it.
+        results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 120)
+        await svc.aclose()
+        return results
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, BackendUnavailable) for r in results), results[:3]
+    assert not any(isinstance(r, OutcomeUnknown) for r in results)
+
+
+def test_failed_connections_do_not_use_up_the_pool(server_kind: str) -> None:
+    """With two connections allowed, many failures while the server is down, then it works."""
+    server = servers.start_server(server_kind)
+    svc = StateService(
+        RedisBackend.from_url(server.url, max_connections=2, socket_connect_timeout=0.5)
+    )
+    try:
+        svc.update("u", {"a": 1})
+        server.stop()
+        for _ in range(10):
+            with pytest.raises(BackendUnavailable):
+                svc.get("u")
+        server.start()
+        assert svc.update("u", {"b": 2}) == {"b": 2}  # the data died with the server (no AOF)
+    finally:
+        svc.close()
+        server.cleanup()

@@ -35,7 +35,16 @@ def test_all_names_exist_and_are_documented(name: str) -> None:
 def test_top_level_exports_every_public_name() -> None:
     """What chatstate defines publicly without an underscore is in __all__."""
     exported = {n for n in dir(chatstate) if not n.startswith("_")}
-    modules = {"exceptions", "state", "typing", "flow", "auth", "testing", "integrations", "observe"}
+    modules = {
+        "exceptions",
+        "state",
+        "typing",
+        "flow",
+        "auth",
+        "testing",
+        "integrations",
+        "observe",
+    }
     assert exported - modules == set(chatstate.__all__) - {"__version__"}
 
 

@@ -216,3 +216,31 @@ def test_apply_edits_replaces_leaves_with_objects() -> None:
     doc = {"a": 1, "b": {"c": 2}}
     apply_edits(doc, [("o", ("a",), None), ("o", ("b",), None)])
     assert doc == {"a": {}, "b": {"c": 2}}
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        ["#v", "1", "#s", "3", '"a"', "[1", '"b"', "2]", '"c"', "3,4"],  # values that pair up
+        ['"a"', "{}", '"a"', "{}", '"a""y"', "2"],  # a field twice
+        ['"a"', "1", '"b"', ""],  # an empty value
+        ['"a"', "5", '"a""b"', "1"],  # a child of a value
+        ['"a"', '{"x":1}'],  # an object instead of the marker
+    ],
+)
+def test_corrupt_flat_forms_are_refused(parts: list[str]) -> None:
+    """Stored values that are not one JSON value each, or do not nest, never make a document."""
+    from chatstate.state._codec import unflatten_parts
+
+    with pytest.raises(ValueError):
+        unflatten_parts(parts)
+
+
+def test_time_options_are_bounded() -> None:
+    """Ttl and dedupe_window beyond ten years are refused (Lua would print them as 1e+14)."""
+    from chatstate import ConfigurationError, StateService
+
+    with pytest.raises(ConfigurationError):
+        StateService(ttl=20 * 365 * 86400)
+    with pytest.raises(ConfigurationError):
+        StateService(dedupe_window=20 * 365 * 86400)

@@ -165,15 +165,20 @@ class BackendContract:
         """Which twin a contract test runs on."""
         return str(request.param)
 
-    def open_service(self, twin: str, *, ttl: float | None = None) -> ServiceTwin:
+    def open_service(
+        self, twin: str, *, ttl: float | None = None, dedupe_window: float = 600
+    ) -> ServiceTwin:
         """A service over a fresh backend of the given twin."""
         ttl = ttl if ttl is not None else self.ttl
         if twin == "sync":
-            return SyncServiceAsAsync(StateService(self.make_backend(), self.rules, ttl=ttl))
+            sync = StateService(
+                self.make_backend(), self.rules, ttl=ttl, dedupe_window=dedupe_window
+            )
+            return SyncServiceAsAsync(sync)
         backend = self.make_async_backend()
         if backend is None:
             pytest.skip("this backend has no async twin")
-        return AsyncStateService(backend, self.rules, ttl=ttl)
+        return AsyncStateService(backend, self.rules, ttl=ttl, dedupe_window=dedupe_window)
 
     # -- reading -------------------------------------------------------------
 
@@ -500,6 +505,8 @@ class BackendContract:
         assert info.value.reason == "overflow"
         with pytest.raises(CounterError):
             await svc.increment("u", "new", INT64_MIN - 1)
+        with pytest.raises(CounterError):
+            await svc.increment("u", "min", 2**63)  # beyond int64 even where the sum is not
         with pytest.raises(PreservedFieldError):
             await svc.increment("u", "jwt_token")
         with pytest.raises(PreservedFieldError):
@@ -622,6 +629,64 @@ class BackendContract:
             await slow.commit()
         await other.commit()
         assert await svc.get("u") == {"by": "fresh"}
+
+    @_twin_test
+    async def test_staged_changes_are_sized_as_the_result(self, svc: ServiceTwin) -> None:
+        """Staged updates are sized as their result: overwritten and deleted values do not count."""
+        big = self.rules.max_bytes // 2
+        claim = await svc.claim("u", "m", wait=0)
+        claim.update({"a": "x" * big})
+        claim.update({"a": "y" * big})  # replaces the first: the result holds one
+        claim.update({"b": {"c": "z" * big}})
+        claim.update({"b": None})  # and this one goes away again
+        await claim.commit()
+        assert await svc.get("u") == {"a": "y" * big}
+
+    @_twin_test
+    async def test_a_refused_commit_releases_the_claim(self, svc: ServiceTwin) -> None:
+        """A commit refused as too large writes nothing and frees the user at once."""
+        claim = await svc.claim("u", "m1", wait=0)
+        claim.update({"a": "x" * (self.rules.max_bytes + 1)})
+        with pytest.raises(StateTooLargeError):
+            await claim.commit()
+        again = await svc.claim("u", "m1", wait=0)  # not busy, not a duplicate
+        assert not again.duplicate
+        await again.release()
+        assert await svc.snapshot("u") == Snapshot({}, 0)
+
+    def test_a_lapsed_claim_that_nobody_took_cannot_commit(self, twin: str) -> None:
+        """Past its lease a claim is lost even if no one else claimed the user."""
+
+        async def main() -> None:
+            svc = self.open_service(twin)
+            try:
+                claim = await svc.claim("u", "slow", lease=0.05, wait=0)
+                claim.update({"late": True})
+                await self.advance(0.1)
+                with pytest.raises(ClaimLostError):
+                    await claim.commit()
+                assert await svc.get("u") == {}
+            finally:
+                await svc.aclose()
+
+        asyncio.run(main())
+
+    def test_a_claim_outlives_a_shorter_dedupe_window(self, twin: str) -> None:
+        """A held claim stays held while the op ids around it expire."""
+
+        async def main() -> None:
+            svc = self.open_service(twin, dedupe_window=0.2)
+            try:
+                first = await svc.claim("u", "a", lease=30, wait=0)
+                await svc.update("u", {"n": 1})
+                await self.advance(0.5)
+                with pytest.raises(UserBusyError):
+                    await svc.claim("u", "b", wait=0)
+                await first.commit()
+            finally:
+                await svc.aclose()
+
+        asyncio.run(main())
 
     # -- transactions -----------------------------------------------------------
 
