@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import jwt
 
 from chatstate import CachedUser, StateData, StateService
-from chatstate.auth import clear_jwt_token, get_valid_token, set_jwt_token
+from chatstate.auth import get_valid_token
 from chatstate.flow import (
     DONE,
     Button,
     Buttons,
+    Context,
     Flow,
     Invalid,
     Menu,
@@ -26,7 +27,6 @@ from chatstate.flow import (
     Router,
     Step,
     Text,
-    Turn,
 )
 
 RULES = StateData(preserved=["jwt_token", "profile"])
@@ -42,6 +42,7 @@ class Bank:
     """A fake banking API: accounts by phone number, JWT sessions, transfers."""
 
     accounts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    done: dict[str, int] = field(default_factory=dict)
     token_lifetime: int = 900
 
     def register(self, phone: str, name: str, pin: str) -> None:
@@ -66,7 +67,10 @@ class Bank:
     def balance(self, token: str) -> int:
         return int(self.accounts[self._who(token)]["balance"])
 
-    def transfer(self, token: str, to: str, amount: int) -> int:
+    def transfer(self, token: str, to: str, amount: int, *, key: str) -> int:
+        """Move credits once per idempotency ``key`` (a repeated key repeats the answer)."""
+        if key in self.done:
+            return self.done[key]
         sender = self.accounts[self._who(token)]
         if to not in self.accounts:
             raise BankError("unknown recipient")
@@ -74,18 +78,19 @@ class Bank:
             raise BankError("not enough credits")
         sender["balance"] -= amount
         self.accounts[to]["balance"] += amount
-        return int(sender["balance"])
+        self.done[key] = int(sender["balance"])
+        return self.done[key]
 
 
-class CreditFlow(Flow, abstract=True):
-    """Flows of this bot: they reach the bank and the state service."""
+@dataclass
+class Services:
+    """What the bot's callables reach as ``ctx.deps``."""
 
-    bank: ClassVar[Bank]
-    service: ClassVar[StateService]
+    bank: Bank
+    state: StateService
 
-    def user(self) -> CachedUser:
-        assert self.turn is not None
-        return CachedUser(self.turn.user_id, self.service)
+
+Ctx = Context[Services]
 
 
 def _pin(answer: str) -> str:
@@ -94,9 +99,12 @@ def _pin(answer: str) -> str:
     return answer
 
 
-def _amount(answer: str) -> int:
+def _amount(answer: str, ctx: Ctx) -> int:
     if not answer.isdigit() or int(answer) <= 0:
         raise Invalid("Please send a whole number of credits, like 25.")
+    balance = ctx.deps.bank.balance(str(ctx.state.get("jwt_token")))
+    if int(answer) > balance:
+        raise Invalid(f"You have {balance} credits; send at most that.")
     return int(answer)
 
 
@@ -107,34 +115,37 @@ def _phone(answer: str) -> str:
     return phone
 
 
-class Register(CreditFlow):
+class Register(Flow):
     """Open an account."""
 
     full_name = Step("What is your name?", key="name", next="pin")
     pin = Step("Choose a 4-digit PIN.", clean=_pin)
 
-    def on_complete(self, data: dict[str, Any]) -> str:
-        assert self.turn is not None
+    def on_complete(self, data: dict[str, Any], ctx: Ctx) -> str:
         try:
-            self.bank.register(self.turn.user_id, data["name"], data["pin"])
+            ctx.deps.bank.register(ctx.user_id, data["name"], data["pin"])
         except BankError as exc:
             return f"Could not register: {exc}."
-        self.user().state.set_preserved("profile", {"name": data["name"]})
+        ctx.set_preserved("profile", {"name": data["name"]})  # written with the flow's end
         return f"Welcome, {data['name']}! You have 100 credits. Reply 'login' to log in."
 
 
-class Login(CreditFlow):
-    """Log in with the PIN; the bank's JWT goes into preserved state."""
+def _check_pin(answer: str, ctx: Ctx) -> str:
+    """Checked upstream as it is typed: a wrong PIN is asked again."""
+    try:
+        token = ctx.deps.bank.login(ctx.user_id, _pin(answer))
+    except BankError:
+        raise Invalid("Wrong PIN, try again.") from None
+    return token
 
-    pin = Step("Your PIN, please.", clean=_pin)
 
-    def on_complete(self, data: dict[str, Any]) -> str:
-        assert self.turn is not None
-        try:
-            token = self.bank.login(self.turn.user_id, data["pin"])
-        except BankError as exc:
-            return f"Login failed: {exc}."
-        set_jwt_token(self.user(), token)
+class Login(Flow):
+    """Log in with the PIN; the bank's JWT goes into preserved state with the flow's end."""
+
+    pin = Step("Your PIN, please.", clean=_check_pin, key="token")
+
+    def on_complete(self, data: dict[str, Any], ctx: Ctx) -> str:
+        ctx.log_in(data.pop("token"))  # the token never lands in the flow's data
         return "You are logged in."
 
 
@@ -145,7 +156,7 @@ def _confirm(data: dict[str, Any]) -> Buttons:
     )
 
 
-class Transfer(CreditFlow):
+class Transfer(Flow):
     """Send credits, with a confirmation step."""
 
     requires_auth = True
@@ -153,40 +164,42 @@ class Transfer(CreditFlow):
     to = Step("Who should receive them? (a phone number)", clean=_phone, next="confirm")
     confirm = Step(_confirm, next={"yes": DONE, "no": "amount"})
 
-    def on_complete(self, data: dict[str, Any]) -> str:
-        user = self.user()
+    def on_complete(self, data: dict[str, Any], ctx: Ctx) -> str:
+        user = CachedUser(ctx.user_id, ctx.deps.state)
 
         def relogin(_old: str | None) -> str:
             raise BankError("please log in again")
 
         try:
             token = get_valid_token(user, relogin)
-            left = self.bank.transfer(token, data["to"], data["amount"])
-        except (BankError, Exception) as exc:  # noqa: BLE001 - every failure is told to the user
+            left = ctx.deps.bank.transfer(
+                token, data["to"], data["amount"], key=ctx.idempotency_key
+            )
+        except BankError as exc:
             return f"Transfer failed: {exc}."
         return f"Sent {data['amount']} credits to {data['to']}. Your balance: {left}."
 
 
-def _balance(turn: Turn) -> str:
-    token = turn.state.get("jwt_token")
+def _balance(ctx: Ctx) -> str:
     try:
-        return f"Your balance: {Transfer.bank.balance(token)} credits."
+        return f"Your balance: {ctx.deps.bank.balance(str(ctx.state.get('jwt_token')))} credits."
     except BankError as exc:
         return f"Could not read your balance: {exc}."
 
 
-def _logout(turn: Turn) -> str:
-    clear_jwt_token(CachedUser(turn.user_id, Transfer.service))
+def _logout(ctx: Ctx) -> str:
+    ctx.log_out()
     return "Logged out. Say hi to start again."
 
 
-def build_router(service: StateService, bank: Bank | None = None) -> Router:
+def build_router(service: StateService, bank: Bank | None = None) -> Router[Services]:
     """The bot's router over ``service`` (whose rules must preserve jwt_token)."""
-    CreditFlow.bank = bank if bank is not None else Bank()
-    CreditFlow.service = service
     auth_menu = Menu(
         "Welcome to Credit Exchange.",
-        [MenuItem("register", "Register", flow=Register), MenuItem("login", "Log in", flow=Login)],
+        [
+            MenuItem("register", "Register", flow=Register, guest_only=True),
+            MenuItem("login", "Log in", flow=Login, guest_only=True),
+        ],
     )
     main_menu = Menu(
         "What would you like to do?",
@@ -196,7 +209,8 @@ def build_router(service: StateService, bank: Bank | None = None) -> Router:
             MenuItem("logout", "Log out", handler=_logout, requires_auth=True),
         ],
     )
-    return Router(service, main_menu=main_menu, auth_menu=auth_menu)
+    services = Services(bank if bank is not None else Bank(), service)
+    return Router(service, main_menu=main_menu, auth_menu=auth_menu, deps=services)
 
 
 def seeded_bank() -> Bank:
@@ -206,4 +220,14 @@ def seeded_bank() -> Bank:
     return bank
 
 
-__all__ = ["RULES", "Bank", "Login", "Register", "Text", "Transfer", "build_router", "seeded_bank"]
+__all__ = [
+    "RULES",
+    "Bank",
+    "Login",
+    "Register",
+    "Services",
+    "Text",
+    "Transfer",
+    "build_router",
+    "seeded_bank",
+]

@@ -23,6 +23,7 @@ from chatstate import (
     RedisBackend,
     StateData,
     StateService,
+    UsageError,
 )
 from chatstate.flow import (
     DONE,
@@ -356,10 +357,8 @@ def test_async_router_with_async_validators_and_hooks() -> None:
         assert await c.send("abc") == ["Got abc."]
 
     asyncio.run(main())
-    sync = Conversation(Router(StateService(), main_menu=menu))
-    sync.send("word")  # an async prompt that never suspends is fine
-    with pytest.raises(TypeError, match="AsyncRouter"):
-        sync.send("abc")  # the validator really awaits
+    with pytest.raises(UsageError, match=r"AsyncRouter.*Word\.word\.prompt, Word\.word\.validate"):
+        Router(StateService(), main_menu=menu)  # refused when built, not at the first message
 
 
 # -- screens ------------------------------------------------------------------------------
@@ -453,10 +452,12 @@ def test_parse_webhook() -> None:
         ]
     }
     messages = parse_webhook(payload)
-    assert [(m.text, m.reply_id, m.message_id) for m in messages] == [
-        ("hi", None, "wamid.1"),
-        ("Yes", "yes", "wamid.2"),
-        ("Row", "r1", "wamid.3"),
+    assert [(m.kind, m.text, m.reply_id, m.message_id) for m in messages] == [
+        ("text", "hi", None, "wamid.1"),
+        ("reply", "Yes", "yes", "wamid.2"),
+        ("reply", "Row", "r1", "wamid.3"),
+        ("unsupported", None, None, "wamid.4"),  # an image without its media object
+        ("status", None, None, "status:wamid.0:read"),
     ]
     assert messages[0].timestamp == 1700000000.0
 

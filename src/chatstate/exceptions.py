@@ -35,7 +35,8 @@ The tree::
     │       └── TokenRefreshError             the refresh callable failed
     └── FlowError                          a conversation flow went wrong
         ├── InvalidFlowDefinition (TypeError)   a Flow subclass is inconsistent (at import)
-        └── InvalidScreenError (ValueError)     a screen breaks WhatsApp's limits
+        ├── InvalidScreenError (ValueError)     a screen breaks WhatsApp's limits
+        └── InvalidMessageError (ValueError)    a Message's kind and contents disagree
 
 Guarantees: a :class:`ValidationError` (and every error below :class:`StateError`
 except :class:`OutcomeUnknown`) means nothing was written. :class:`OutcomeUnknown`
@@ -65,6 +66,7 @@ __all__ = [
     "FlowError",
     "ImmatureTokenError",
     "InvalidFlowDefinition",
+    "InvalidMessageError",
     "InvalidOpIdError",
     "InvalidScreenError",
     "InvalidTokenError",
@@ -378,3 +380,7 @@ class InvalidFlowDefinition(FlowError, TypeError):  # noqa: N818 - named like th
 
 class InvalidScreenError(FlowError, ValueError):
     """A screen breaks one of WhatsApp's limits (too many buttons, a title too long, ...)."""
+
+
+class InvalidMessageError(FlowError, ValueError):
+    """A :class:`~chatstate.flow.Message` was built with a kind its contents do not match."""

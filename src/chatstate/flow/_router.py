@@ -1,4 +1,4 @@
-"""The router: one incoming message in, the replies out.
+"""The router: one incoming message in, the replies out, exactly once.
 
 The order is the seed bot's: a greeting shows the auth menu (or the main menu
 for an authenticated user); an active flow continues; a menu action starts its
@@ -7,85 +7,78 @@ menu.
 
 The logic is written once, as coroutines. :class:`AsyncRouter` awaits it;
 :class:`Router` drives the same coroutines to completion without an event loop,
-which works because every await on its path finishes at once. An async
-validator or hook handed to the sync router is detected and refused.
+which works because every await on its path finishes at once; async callables
+handed to the sync router are refused when it is built.
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import logging
+import math
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from datetime import timedelta
-from typing import Any, Final, Protocol, TypeVar
+from typing import Any, Final, Generic, Protocol, TypeVar
 
 import attrs
+from typing_extensions import TypeVar as TypeVarD
 
-from chatstate.exceptions import FlowError
-from chatstate.flow._flow import DONE, Flow, Replies
-from chatstate.flow._screens import Button, Buttons, ListScreen, Row, Screen, Section, Text
+from chatstate import observe
+from chatstate.exceptions import FlowError, InvalidScreenError, UsageError, UserBusyError
+from chatstate.flow._context import Catalogues, Context, Translations, is_async
+from chatstate.flow._flow import DONE, Flow, Replies, Step
+from chatstate.flow._message import Message
+from chatstate.flow._screens import (
+    Button,
+    Buttons,
+    ListScreen,
+    Row,
+    Screen,
+    Section,
+    Text,
+    translate_screen,
+)
 from chatstate.state._backend import Outcome
-from chatstate.state._rules import diff
+from chatstate.state._manager import to_ms
+from chatstate.state._rules import StateData, diff
 from chatstate.state._service import AsyncStateService, StateService, SyncServiceAsAsync
 
-__all__ = ["AsyncRouter", "Menu", "MenuItem", "Message", "Router", "Turn"]
+__all__ = ["AsyncRouter", "Menu", "MenuItem", "Router"]
+
+log = logging.getLogger("chatstate.flow")
 
 T = TypeVar("T")
-FLOW_KEY: Final = "flow"
+DepsT = TypeVarD("DepsT", default=Any)
 ROUTER_PURPOSE: Final = "router"
+DEADLINE_PURPOSE: Final = "router-deadline"
 DEFAULT_GREETINGS: Final = frozenset({"hi", "hello", "hey", "hola", "start", "/start", "menu"})
+EXPIRED_TEXT: Final = "That conversation timed out; let's start again."
+LOGIN_FIRST_TEXT: Final = "Please log in first."
+REMINDER_TEXT: Final = "Are you still there?"
+
+Handler = Callable[[Context[Any]], "Replies | Awaitable[Replies]"]
 
 
-@attrs.frozen
-class Message:
-    """A framework-neutral incoming message.
-
-    Attributes:
-        user_id: Who sent it (a WhatsApp ``wa_id``, a Telegram chat id, ...).
-        text: What they typed, if anything.
-        reply_id: The id of the button or list row they tapped, if any.
-        message_id: The platform's message id: a redelivery of the same id is
-            recognised and changes nothing.
-        timestamp: When it was sent (Unix seconds); now when missing.
-    """
-
-    user_id: str
-    text: str | None = None
-    reply_id: str | None = None
-    message_id: str | None = None
-    timestamp: float | None = None
-
-    @property
-    def answer(self) -> str:
-        """The tapped reply id, else the typed text, stripped."""
-        return (self.reply_id or self.text or "").strip()
-
-    @property
-    def fingerprint(self) -> str:
-        """What identifies the message's content: a redelivery has the same one."""
-        return f"{self.user_id}\x1f{self.text}\x1f{self.reply_id}"
-
-
-@attrs.frozen
-class Turn:
-    """What a menu handler or a flow hook knows about the message being handled."""
-
-    message: Message
-    state: dict[str, Any]
-    authenticated: bool
-
-    @property
-    def user_id(self) -> str:
-        """The sender."""
-        return self.message.user_id
-
-
-Handler = Callable[[Turn], "Replies | Awaitable[Replies]"]
+def _translate_identity(text: str) -> str:
+    return text
 
 
 @attrs.frozen
 class MenuItem:
-    """One entry of a menu: starts a flow, opens a submenu, or runs a handler."""
+    """One entry of a menu: starts a flow, opens a submenu, or runs a handler.
+
+    Args:
+        id: What comes back when the item is tapped; typing it works too.
+        title: What the user sees (typing it works too, in the user's language).
+        flow: The flow the item starts.
+        submenu: The menu the item opens.
+        handler: A function of the :class:`Context` returning replies (sync or async).
+        requires_auth: Only logged-in users may use it ("Please log in first.").
+        guest_only: Only logged-out users see and may use it (register, log in).
+        description: A list row's second line.
+    """
 
     id: str
     title: str
@@ -93,33 +86,63 @@ class MenuItem:
     submenu: Menu | None = None
     handler: Handler | None = None
     requires_auth: bool = False
+    guest_only: bool = False
     description: str | None = None
 
     def __attrs_post_init__(self) -> None:
         actions = [a for a in (self.flow, self.submenu, self.handler) if a is not None]
         if len(actions) != 1:
             raise FlowError(f"menu item {self.id!r} needs exactly one of flow, submenu, handler")
+        if self.flow is not None and not (
+            isinstance(self.flow, type) and issubclass(self.flow, Flow)  # type: ignore[redundant-expr]  # callers may be untyped
+        ):
+            raise FlowError(f"menu item {self.id!r}: flow= takes a Flow subclass")
+        if self.submenu is not None and not isinstance(self.submenu, Menu):
+            raise FlowError(f"menu item {self.id!r}: submenu= takes a Menu")
+        if self.handler is not None and not callable(self.handler):
+            raise FlowError(f"menu item {self.id!r}: handler= takes a function of the context")
+        if self.guest_only and self.needs_auth:
+            raise FlowError(f"menu item {self.id!r} cannot be both guest_only and requires_auth")
 
     @property
     def needs_auth(self) -> bool:
         """True when only authenticated users may use it."""
         return self.requires_auth or bool(self.flow and self.flow.requires_auth)
 
+    def visible(self, authenticated: bool) -> bool:
+        """True when a user who is (or is not) logged in sees the item."""
+        return not (self.guest_only and authenticated)
+
 
 @attrs.frozen
 class Menu:
-    """A menu: up to three items become reply buttons, more become a list."""
+    """A menu: up to three items become reply buttons, more become a list (at most ten).
+
+    Checked against WhatsApp's limits when it is built.
+    """
 
     body: str
     items: tuple[MenuItem, ...] = attrs.field(converter=tuple)
     button: str = "Menu"
 
-    def screen(self) -> Screen:
-        """The menu as a screen."""
-        if len(self.items) <= 3:
-            return Buttons(self.body, [Button(i.id, i.title) for i in self.items])
-        rows = [Row(i.id, i.title, i.description) for i in self.items]
-        return ListScreen(self.body, self.button, [Section(rows)])
+    def __attrs_post_init__(self) -> None:
+        ids = [item.id for item in self.items]
+        if len(set(ids)) != len(ids):
+            raise InvalidScreenError(f"menu {self.body[:30]!r} repeats an item id")
+        self.screen()
+        self.screen(authenticated=True)
+
+    def screen(
+        self, translate: Callable[[str], str] = _translate_identity, *, authenticated: bool = False
+    ) -> Screen:
+        """The menu as a screen, in a language, as a user who is (or is not) logged in sees it."""
+        items = [i for i in self.items if i.visible(authenticated)] or list(self.items)
+        if len(items) <= 3:
+            screen: Screen = Buttons(self.body, [Button(i.id, i.title) for i in items])
+        else:
+            rows = [Row(i.id, i.title, i.description) for i in items]
+            screen = ListScreen(self.body, self.button, [Section(rows)])
+        return screen if translate is _translate_identity else translate_screen(screen, translate)
 
     def walk(self) -> Iterable[MenuItem]:
         """Every item of this menu and its submenus."""
@@ -129,11 +152,21 @@ class Menu:
                 yield from item.submenu.walk()
 
 
-@attrs.frozen
+class _Keep:
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+KEEP: Final = _Keep()
+
+
+@attrs.define
 class _Plan:
-    patch: dict[str, Any] | None
+    flow: dict[str, Any] | _Keep | None
     replies: list[Screen]
-    after: Callable[[dict[str, Any]], Awaitable[list[Screen]]] | None = None
+    outcome: str | None = None  # for observers
+    flow_name: str = ""
+    step_name: str = ""
 
 
 class _ClaimLike(Protocol):
@@ -143,7 +176,11 @@ class _ClaimLike(Protocol):
     @property
     def data(self) -> dict[str, Any]: ...
 
-    def update(self, patch: dict[str, Any]) -> None: ...
+    def update(self, patch: Mapping[str, Any]) -> None: ...
+
+    def assign(self, values: Mapping[Any, Any]) -> None: ...
+
+    def set_preserved(self, path: Any, value: Any) -> None: ...
 
     async def commit(self) -> Outcome: ...
 
@@ -170,9 +207,15 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
     except StopIteration as stop:
         return stop.value  # type: ignore[no-any-return]
     coro.close()
-    raise TypeError(
-        "an async validator, prompt or hook was used with the sync Router: use AsyncRouter"
+    raise UsageError(
+        "something async (a validator, prompt, hook or handler returning an awaitable) "
+        "ran under the sync Router: use AsyncRouter"
     )
+
+
+async def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    result = fn(*args, **kwargs)
+    return await result if inspect.isawaitable(result) else result
 
 
 async def _replies(value: Any) -> list[Screen]:
@@ -185,46 +228,184 @@ async def _replies(value: Any) -> list[Screen]:
     return [Text(v) if isinstance(v, str) else v for v in value]
 
 
-class _RouterCore:
+def _ms(seconds: float) -> int:
+    return math.ceil(seconds * 1000)
+
+
+class _RouterCore(Generic[DepsT]):
     """Everything the two routers share."""
 
-    def __init__(
+    _sync: bool = False
+    expired_text: str
+    login_first_text: str
+    reminder_text: str
+
+    def __init__(  # noqa: C901, PLR0912 - every option is explicit and checked
         self,
+        service: Any,
         *,
         main_menu: Menu,
         auth_menu: Menu | None = None,
+        flows: Iterable[type[Flow]] = (),
+        deps: DepsT = None,  # type: ignore[assignment]
         greetings: Iterable[str] = DEFAULT_GREETINGS,
-        is_authenticated: Callable[[dict[str, Any]], bool] | None = None,
-        token_field: str = "jwt_token",  # noqa: S107 - a field name
-        expired_text: str = "That conversation timed out; let's start again.",
-        login_first_text: str = "Please log in first.",
+        is_authenticated: Callable[[Mapping[str, Any]], bool] | None = None,
+        token_field: str | None = None,
+        flow_field: str = "flow",
+        language_field: str = "language",
+        default_language: str = "en",
+        translations: Translations | None = None,
+        expired_text: str = EXPIRED_TEXT,
+        login_first_text: str = LOGIN_FIRST_TEXT,
+        reminder_text: str = REMINDER_TEXT,
         clock: Callable[[], float] = time.time,
         lease: float | timedelta = timedelta(seconds=30),
         wait: float | timedelta = timedelta(seconds=10),
     ) -> None:
+        self._check_service(service)
+        self.service = service
+        self.rules: StateData = service.rules
+        if not isinstance(main_menu, Menu) or not (  # type: ignore[redundant-expr]  # callers may be untyped
+            auth_menu is None or isinstance(auth_menu, Menu)
+        ):
+            raise UsageError("main_menu and auth_menu take Menu objects")
         self.main_menu = main_menu
         self.auth_menu = auth_menu or main_menu
+        self.deps = deps
+        if isinstance(greetings, str):
+            raise UsageError("greetings takes a collection of words, not one str")
         self.greetings = frozenset(g.casefold() for g in greetings)
-        self._is_authenticated = is_authenticated or (lambda doc: bool(doc.get(token_field)))
-        self.expired_text = expired_text
-        self.login_first_text = login_first_text
+        field = token_field if token_field is not None else self.rules.token_field
+        if not isinstance(field, str) or not field:
+            raise UsageError("token_field must be a field name")
+        self.token_field = field
+        if is_authenticated is not None and not callable(is_authenticated):
+            raise UsageError("is_authenticated takes a function of the state document")
+        self._is_authenticated = is_authenticated or (lambda doc: bool(doc.get(field)))
+        for name, value in (("flow_field", flow_field), ("language_field", language_field)):
+            if not isinstance(value, str) or not value:  # type: ignore[redundant-expr]  # callers may be untyped
+                raise UsageError(f"{name} must be a top-level field name")
+        if flow_field in (language_field, field):
+            raise UsageError("flow_field must differ from language_field and token_field")
+        self.flow_field = flow_field
+        self.language_field = language_field
+        self.catalogues = Catalogues(translations, default_language)
+        self.default_language = default_language
+        for name, text in (
+            ("expired_text", expired_text),
+            ("login_first_text", login_first_text),
+            ("reminder_text", reminder_text),
+        ):
+            Text(text)  # checks the text is a non-empty str within WhatsApp's limit
+            setattr(self, name, text)
+        if not callable(clock):
+            raise UsageError("clock takes a function returning Unix seconds")
         self.clock = clock
+        to_ms(lease, "lease")
+        to_ms(wait, "wait")
         self.lease = lease
         self.wait = wait
         self.flows: dict[str, type[Flow]] = {}
-        self.items: dict[str, MenuItem] = {}
+        self.items: tuple[MenuItem, ...] = ()
+        every: list[MenuItem] = []
         for menu in (self.main_menu, self.auth_menu):
-            for item in menu.walk():
-                self.items.setdefault(item.id.casefold(), item)
-                self.items.setdefault(item.title.casefold(), item)
-                if item.flow is not None:
-                    other = self.flows.setdefault(item.flow.name, item.flow)
-                    if other is not item.flow:
-                        raise FlowError(f"two flows are named {item.flow.name!r}")
+            every.extend(menu.walk())
+        self.items = tuple(dict.fromkeys(every))
+        for flow_cls in [i.flow for i in self.items if i.flow is not None] + list(flows):
+            if (
+                not (isinstance(flow_cls, type) and issubclass(flow_cls, Flow))  # type: ignore[redundant-expr]  # callers may be untyped
+                or not flow_cls.steps
+            ):
+                raise UsageError(f"flows= takes Flow subclasses with steps, not {flow_cls!r}")
+            other = self.flows.setdefault(flow_cls.name, flow_cls)
+            if other is not flow_cls:
+                raise FlowError(f"two flows are named {flow_cls.name!r}")
+        self._indexes: dict[str, dict[str, MenuItem]] = {}
+        self._check_languages()
+        if self._sync:
+            self._refuse_async(is_authenticated, translations)
 
-    def home(self, authenticated: bool) -> Screen:
-        """The default menu for a user."""
-        return (self.main_menu if authenticated else self.auth_menu).screen()
+    def _check_service(self, service: Any) -> None:
+        raise NotImplementedError
+
+    def _check_languages(self) -> None:
+        """Build every menu and static prompt in every language, so limits fail now."""
+        languages = self.catalogues.languages or {self.default_language}
+        for language in sorted(languages):
+            translate = self.catalogues.translator(language)
+            for menu in {id(m): m for m in self._menus()}.values():
+                for authenticated in (False, True):
+                    try:
+                        menu.screen(translate, authenticated=authenticated)
+                    except InvalidScreenError as exc:
+                        raise InvalidScreenError(f"in language {language!r}: {exc}") from None
+            for flow_cls in self.flows.values():
+                for step in flow_cls.steps.values():
+                    if isinstance(step.prompt, Text | Buttons | ListScreen):
+                        try:
+                            translate_screen(step.prompt, translate)
+                        except InvalidScreenError as exc:
+                            raise InvalidScreenError(
+                                f"{flow_cls.__name__}.{step.name} in language {language!r}: {exc}"
+                            ) from None
+
+    def _menus(self) -> list[Menu]:
+        menus = [self.main_menu, self.auth_menu]
+        menus += [i.submenu for i in self.items if i.submenu is not None]
+        return menus
+
+    def _refuse_async(self, is_authenticated: Any, translations: Any) -> None:
+        found: list[str] = []
+        for flow_cls in self.flows.values():
+            found += flow_cls.async_callables()
+        found += [f"menu item {i.id!r} handler" for i in self.items if is_async(i.handler)]
+        if is_async(is_authenticated):
+            found.append("is_authenticated")
+        if callable(translations) and is_async(translations):
+            found.append("translations")
+        if found:
+            raise UsageError(
+                "the sync Router cannot run async code; use AsyncRouter over an "
+                f"AsyncStateService (async: {', '.join(found)})"
+            )
+
+    # -- screens ---------------------------------------------------------------
+
+    def home(
+        self, authenticated: bool, translate: Callable[[str], str] = _translate_identity
+    ) -> Screen:
+        """The default menu for a user, in a language."""
+        menu = self.main_menu if authenticated else self.auth_menu
+        return menu.screen(translate, authenticated=authenticated)
+
+    def _index(self, language: str) -> dict[str, MenuItem]:
+        index = self._indexes.get(language)
+        if index is None:
+            translate = self.catalogues.translator(language)
+            index = {}
+            for item in self.items:
+                index.setdefault(item.id.casefold(), item)
+            for item in self.items:
+                index.setdefault(item.title.casefold(), item)
+                index.setdefault(translate(item.title).casefold(), item)
+            self._indexes[language] = index
+        return index
+
+    def _context(self, message: Message, doc: dict[str, Any], claim: Any) -> Context[DepsT]:
+        return Context(
+            message=message,
+            state=doc,
+            deps=self.deps,
+            authenticated=bool(self._is_authenticated(doc)),
+            catalogues=self.catalogues,
+            rules=self.rules,
+            staging=claim,
+            flows=self.flows,
+            protected=self.flow_field,
+            language_field=self.language_field,
+        )
+
+    # -- one message -------------------------------------------------------------
 
     async def handle_with(self, state: _StateLike, message: Message) -> list[Screen]:
         """Handle one message exactly once: claim the user, plan, commit, reply.
@@ -233,10 +414,15 @@ class _RouterCore:
         any process, whatever its handling wrote, and makes the user's other
         messages wait: a redelivery, early or late, returns nothing and runs
         nothing. Validators, hooks and handlers run while the claim is held;
-        what the step changes is written in one atomic write that also records
-        the message id and releases the claim. If anything raises, the claim is
+        what the step changes (the flow's progress and everything staged on
+        the context) is written in one atomic write that also records the
+        message id and releases the claim. If anything raises, the claim is
         released with nothing written, so the redelivered message runs again.
         """
+        if not isinstance(message, Message):
+            raise UsageError(f"handle() takes a Message, not {type(message).__name__}")
+        if message.kind == "status":
+            return []  # a delivery report: nothing the user said
         claim = await state.claim(
             message.user_id,
             message.message_id,
@@ -248,148 +434,401 @@ class _RouterCore:
         if claim.duplicate:
             return []
         try:
-            plan = await self._plan(claim.data, message)
-            if plan.patch:
-                claim.update(plan.patch)
-            after = await plan.after(claim.data) if plan.after else []
+            doc = claim.data
+            ctx = self._context(message, doc, claim)
+            now = message.timestamp if message.timestamp is not None else self.clock()
+            plan = await self._plan(ctx, doc, message, now)
+            replies = await self._settle(ctx, doc, plan, now, claim)
             outcome = await claim.commit()
         except BaseException:
             await claim.release()
             raise
         if outcome.status == "duplicate":
             return []  # a handler that took over a lapsed claim answered already
-        return plan.replies + after
+        if plan.outcome is not None:
+            observe.notify_flow_step(plan.flow_name, plan.step_name, plan.outcome)
+        return replies
 
-    async def _plan(self, doc: dict[str, Any], message: Message) -> _Plan:  # noqa: PLR0911 - a rule each
-        authenticated = self._is_authenticated(doc)
-        answer = message.answer
+    async def _settle(
+        self, ctx: Context[DepsT], doc: dict[str, Any], plan: _Plan, now: float, claim: Any
+    ) -> list[Screen]:
+        """Apply ``ctx.start()``, stage the flow's new state, index its next deadline."""
+        replies = plan.replies
+        final = plan.flow
+        started = ctx._next_flow  # noqa: SLF001 - the router reads what the context staged
+        if started is not None:
+            final, screen = await self._begin(started, ctx, now)
+            replies = [*replies, screen]
+        if isinstance(final, _Keep):
+            return replies
+        active = doc.get(self.flow_field)
+        if final is None:
+            if active is not None:
+                claim.update({self.flow_field: None})
+            return replies
+        patch = diff(active, final) if isinstance(active, dict) else final
+        if patch:
+            claim.update({self.flow_field: patch})
+        deadline = self._next_deadline(final)
+        if deadline is not None:
+            await self._schedule(ctx.user_id, deadline[1])
+        return replies
+
+    async def _plan(  # noqa: C901, PLR0911 - a rule each
+        self, ctx: Context[DepsT], doc: dict[str, Any], message: Message, now: float
+    ) -> _Plan:
+        authenticated = ctx.authenticated
+        answer = message.answer if message.is_text else ""
         word = answer.casefold()
-        active = doc.get(FLOW_KEY)
-        now = message.timestamp if message.timestamp is not None else self.clock()
-        if word in self.greetings:
-            return _Plan({FLOW_KEY: None} if active else None, [self.home(authenticated)])
+        active = doc.get(self.flow_field)
+        home = self.home(authenticated, ctx.t)
+        if message.is_text and word in self.greetings:
+            return _Plan(None if active is not None else KEEP, [home])
         if isinstance(active, dict):
             flow_cls = self.flows.get(str(active.get("name")))
             if flow_cls is None:
-                return _Plan({FLOW_KEY: None}, [self.home(authenticated)])
+                return _Plan(None, [home])
+            ctx.flow = flow_cls.name
+            ctx.step = str(active.get("step"))
+            ctx.data = dict(active.get("data") or {})
             timeout = flow_cls.timeout
             if timeout is not None and now - float(active.get("at", now)) > timeout.total_seconds():
-                return _Plan({FLOW_KEY: None}, [Text(self.expired_text), self.home(authenticated)])
-            turn = Turn(message, doc, authenticated)
-            return await self._continue(flow_cls, active, answer, turn, now)
-        item = self.items.get(word) or self.items.get(answer.casefold())
-        if item is None:
-            return _Plan(None, [self.home(authenticated)])
+                return await self._expire(flow_cls, ctx)
+            return await self._continue(flow_cls, active, message, ctx, now)
+        if message.kind == "reaction":
+            return _Plan(KEEP, [])
+        if not message.is_text:
+            return _Plan(KEEP, [home])
+        index = self._index(ctx.language)
+        item = index.get(word)
+        if item is None or not item.visible(authenticated):
+            return _Plan(KEEP, [home])
         if item.needs_auth and not authenticated:
-            return _Plan(None, [Text(self.login_first_text), self.auth_menu.screen()])
+            login = Text(ctx.t(self.login_first_text))
+            return _Plan(KEEP, [login, self.auth_menu.screen(ctx.t, authenticated=False)])
         if item.submenu is not None:
-            return _Plan(None, [item.submenu.screen()])
+            return _Plan(KEEP, [item.submenu.screen(ctx.t, authenticated=authenticated)])
         if item.handler is not None:
-            return _Plan(None, await _replies(item.handler(Turn(message, doc, authenticated))))
+            return _Plan(KEEP, await _replies(item.handler(ctx)))
         assert item.flow is not None
-        return await self._start(item.flow, now)
+        state, screen = await self._begin(item.flow, ctx, now)
+        return _Plan(state, [screen], "started", item.flow.name, item.flow.first)
 
-    async def _start(self, flow_cls: type[Flow], now: float) -> _Plan:
+    async def _begin(
+        self, flow_cls: type[Flow], ctx: Context[DepsT], now: float
+    ) -> tuple[dict[str, Any], Screen]:
         first = flow_cls.steps[flow_cls.first]
+        ctx.flow, ctx.step, ctx.data = flow_cls.name, first.name, {}
         state = {"name": flow_cls.name, "step": first.name, "data": {}, "history": [],
                  "attempts": 0, "at": now}  # fmt: skip
-        return _Plan({FLOW_KEY: state}, [await first.render({})])
+        return state, await first.render(ctx)
+
+    async def _expire(self, flow_cls: type[Flow], ctx: Context[DepsT]) -> _Plan:
+        flow = flow_cls(ctx)
+        replies = await _replies(await flow.run_hook("on_timeout", ctx))
+        if not replies:
+            replies = [Text(ctx.t(self.expired_text)), self.home(ctx.authenticated, ctx.t)]
+        return _Plan(None, replies, "expired", flow_cls.name, ctx.step or "")
 
     async def _continue(  # noqa: C901, PLR0911 - one branch per command and outcome
-        self, flow_cls: type[Flow], active: dict[str, Any], answer: str, turn: Turn, now: float
+        self,
+        flow_cls: type[Flow],
+        active: dict[str, Any],
+        message: Message,
+        ctx: Context[DepsT],
+        now: float,
     ) -> _Plan:
         steps = flow_cls.steps
-        data: dict[str, Any] = dict(active.get("data") or {})
-        history: list[str] = list(active.get("history") or [])
+        data = ctx.data
+        history: list[str] = [h for h in active.get("history") or [] if h in steps]
         step = steps.get(str(active.get("step")))
-        word = answer.casefold()
-        flow = flow_cls(turn)
+        word = message.answer.casefold() if message.is_text else ""
+        flow = flow_cls(ctx)
+        name = flow_cls.name
 
-        def moved(**changes: Any) -> dict[str, Any]:
-            new = {**active, "data": data, "history": history, "attempts": 0, "at": now, **changes}
-            return {FLOW_KEY: diff(active, new)}
+        def moved(target: Step) -> dict[str, Any]:
+            ctx.step = target.name
+            state = {**active, "step": target.name, "data": data, "history": history,
+                     "attempts": 0, "at": now}  # fmt: skip
+            state.pop("reminded", None)
+            return state
 
-        async def cancelled(doc: dict[str, Any]) -> list[Screen]:
-            flow.turn = attrs.evolve(turn, state=doc)
-            return await _replies(flow.on_cancel(data))
-
-        if step is None or word in flow_cls.restart_words:
-            first = steps[flow_cls.first]
+        def restarted() -> dict[str, Any]:
             data.clear()
             history.clear()
-            return _Plan(moved(step=first.name), [await first.render({})])
+            return moved(steps[flow_cls.first])
+
+        if step is None or word in flow_cls.restart_words:
+            state = restarted()
+            return _Plan(
+                state, [await steps[flow_cls.first].render(ctx)], "restarted", name, ctx.step or ""
+            )
         if word in flow_cls.cancel_words:
-            return _Plan({FLOW_KEY: None}, [], cancelled)
+            replies = await _replies(await flow.run_hook("on_cancel", ctx))
+            return _Plan(None, replies, "cancelled", name, step.name)
         if word in flow_cls.back_words:
             if not history:
-                return _Plan(None, [await step.render(data)])
+                return _Plan(KEEP, [await step.render(ctx)], "back", name, step.name)
             previous = steps[history.pop()]
             data.pop(previous.key or previous.name, None)
-            return _Plan(moved(step=previous.name), [await previous.render(data)])
-        ok, value = await step.accept(answer)
-        if not ok:
+            state = moved(previous)
+            return _Plan(state, [await previous.render(ctx)], "back", name, previous.name)
+        verdict = await step.accept(message, ctx)
+        if not verdict.ok:
+            error = Text(verdict.error)
+            if not verdict.counts:
+                return _Plan(KEEP, [error, await step.render(ctx)], "invalid", name, step.name)
             attempts = int(active.get("attempts", 0)) + 1
             if attempts < step.max_attempts:
-                patch = {FLOW_KEY: {"attempts": attempts, "at": now}}
-                return _Plan(patch, [Text(value), await step.render(data)])
+                state = {**active, "attempts": attempts, "at": now}
+                state.pop("reminded", None)
+                return _Plan(state, [error, await step.render(ctx)], "invalid", name, step.name)
             if step.on_too_many == "restart":
-                first = steps[flow_cls.first]
-                data.clear()
-                history.clear()
-                return _Plan(moved(step=first.name), [Text(value), await first.render({})])
-            return _Plan({FLOW_KEY: None}, [Text(value)], cancelled)
-        data[step.key or step.name] = value
-        target = await step.target(value, data)
+                state = restarted()
+                screen = await steps[flow_cls.first].render(ctx)
+                return _Plan(state, [error, screen], "restarted", name, step.name)
+            replies = await _replies(await flow.run_hook("on_cancel", ctx))
+            return _Plan(None, [error, *replies], "cancelled", name, step.name)
+        data[step.key or step.name] = verdict.value
+        target = await step.target(verdict.value, ctx)
         if target == DONE:
-
-            async def completed(doc: dict[str, Any]) -> list[Screen]:
-                flow.turn = attrs.evolve(turn, state=doc)
-                return await _replies(flow.on_complete(data))
-
-            return _Plan({FLOW_KEY: None}, [], completed)
+            replies = await _replies(await flow.run_hook("on_complete", ctx))
+            return _Plan(None, replies, "completed", name, step.name)
         history.append(step.name)
-        return _Plan(moved(step=target), [await steps[target].render(data)])
+        state = moved(steps[target])
+        return _Plan(state, [await steps[target].render(ctx)], "answered", name, step.name)
+
+    # -- deadlines -------------------------------------------------------------------
+
+    def _next_deadline(self, active: Mapping[str, Any]) -> tuple[str, int] | None:
+        """The active flow's next event and its time (Unix ms), or ``None``."""
+        flow_cls = self.flows.get(str(active.get("name")))
+        if flow_cls is None:
+            return None
+        try:
+            at = float(active.get("at", 0))
+        except (TypeError, ValueError):
+            return None
+        if flow_cls.reminder is not None and not active.get("reminded"):
+            return "reminder", _ms(at + flow_cls.reminder.total_seconds())
+        if flow_cls.timeout is not None:
+            return "timeout", _ms(at + flow_cls.timeout.total_seconds())
+        return None
+
+    @property
+    def _backend(self) -> Any:
+        return self.service.manager.backend
+
+    def _indexed(self) -> bool:
+        return callable(getattr(self._backend, "schedule", None))
+
+    async def _schedule(self, user_id: str, at_ms: int, *, exact: bool = False) -> None:
+        if self._indexed():
+            await _call(self._backend.schedule, user_id, at_ms, earlier_only=not exact)
+
+    async def _unschedule(self, user_id: str) -> None:
+        if self._indexed():
+            await _call(self._backend.unschedule, user_id)
+
+    async def due_with(
+        self, state: _StateLike, now: float | None, limit: int
+    ) -> list[tuple[str, list[Screen]]]:
+        """Fire every due reminder and timeout, each exactly once across processes."""
+        if not self._indexed():
+            raise UsageError(
+                f"{type(self._backend).__name__} keeps no deadline index "
+                "(schedule, unschedule, due); "
+                "timeouts still apply at the user's next message"
+            )
+        if not isinstance(limit, int) or limit < 1:  # type: ignore[redundant-expr]  # callers may be untyped
+            raise UsageError("limit must be a positive int")
+        now = self.clock() if now is None else now
+        entries = await _call(self._backend.due, _ms(now), limit)
+        fired: list[tuple[str, list[Screen]]] = []
+        for user_id, at_ms in entries:
+            try:
+                replies = await self._fire(state, user_id, int(at_ms), now)
+            except UserBusyError:
+                continue  # handling a message of theirs, which moves the deadline anyway
+            except Exception:
+                log.exception("a due reminder or timeout of user %r failed; it stays due", user_id)
+                continue
+            if replies:
+                fired.append((user_id, replies))
+        return fired
+
+    async def _fire(self, state: _StateLike, user_id: str, at_ms: int, now: float) -> list[Screen]:
+        claim = await state.claim(
+            user_id, f"deadline-{at_ms}", purpose=DEADLINE_PURPOSE, lease=self.lease, wait=0
+        )
+        if claim.duplicate:
+            return []
+        try:
+            doc = claim.data
+            active = doc.get(self.flow_field)
+            flow_cls = self.flows.get(str(active.get("name"))) if isinstance(active, dict) else None
+            event = (
+                self._next_deadline(active)
+                if flow_cls is not None and isinstance(active, dict)
+                else None
+            )
+            if flow_cls is None or event is None or not isinstance(active, dict):
+                await self._unschedule(user_id)
+                await claim.release()
+                return []
+            kind, when = event
+            if when > _ms(now):  # the index was early: the flow moved on since
+                await self._schedule(user_id, when, exact=True)
+                await claim.release()
+                return []
+            message = Message(user_id, message_id=f"deadline-{when}", timestamp=now)
+            ctx = self._context(message, doc, claim)
+            ctx.flow, ctx.step = flow_cls.name, str(active.get("step"))
+            ctx.data = dict(active.get("data") or {})
+            flow = flow_cls(ctx)
+            plan: _Plan
+            if kind == "timeout":
+                plan = await self._expire(flow_cls, ctx)
+                await self._unschedule(user_id)
+            else:
+                replies = await _replies(await flow.run_hook("on_reminder", ctx))
+                if not replies:
+                    step = flow_cls.steps.get(ctx.step)
+                    replies = [Text(ctx.t(self.reminder_text))]
+                    if step is not None:
+                        replies.append(await step.render(ctx))
+                reminded = {**active, "reminded": True}
+                plan = _Plan(reminded, replies, "reminded", flow_cls.name, ctx.step or "")
+                following = self._next_deadline(reminded)
+                if following is None:
+                    await self._unschedule(user_id)
+                else:
+                    await self._schedule(user_id, following[1], exact=True)
+            replies = await self._settle(ctx, doc, plan, now, claim)
+            outcome = await claim.commit()
+        except BaseException:
+            await claim.release()
+            raise
+        if outcome.status == "duplicate":
+            return []
+        observe.notify_flow_step(plan.flow_name, plan.step_name, plan.outcome or "")
+        return replies
 
 
-class Router(_RouterCore):
-    """Routes messages for a :class:`~chatstate.StateService` (sync validators and hooks).
+class Router(_RouterCore[DepsT]):
+    """Routes messages for a :class:`~chatstate.StateService` (sync callables only).
 
     Args:
-        service: Where users' state lives.
-        main_menu: The menu of an authenticated user (and of everyone if there
-            is no ``auth_menu``).
+        service: Where users' state lives (a :class:`~chatstate.StateService`).
+        main_menu: The menu of a logged-in user (and of everyone if there is no
+            ``auth_menu``).
         auth_menu: The menu of a user who has not logged in.
+        flows: Flows that no menu starts (a hook starts them with ``ctx.start``).
+        deps: Your bot's own services (an API client, a database): every
+            callable reaches them as ``ctx.deps``.
         greetings: Words that show the menu (and drop an active flow).
         is_authenticated: Decides from the state document; by default, a
             non-empty ``token_field``.
-        token_field: See ``is_authenticated``.
+        token_field: See ``is_authenticated``; by default the service rules'
+            ``token_field``.
+        flow_field: The top-level state field holding the active flow's progress.
+        language_field: The state field holding the user's language code.
+        default_language: The language of users with none stored (and of texts
+            with no translation).
+        translations: Language code to catalogue (a mapping of texts, or a
+            gettext translations object), or a function ``(text, language)``.
         expired_text: Sent when an idle flow has timed out.
-        login_first_text: Sent when a user picks an item that needs a login.
-        clock: Seconds since the epoch, for messages without a timestamp.
+        login_first_text: Sent when a logged-out user picks an item that needs a login.
+        reminder_text: Sent (with the current prompt) when a flow's reminder is due.
+        clock: Unix seconds, for messages without a timestamp and for :meth:`due`.
+        lease: A message's claim lapses after this long if its handler dies.
+        wait: How long a message waits while another message of the user is handled.
+
+    Raises:
+        UsageError: the service is an :class:`~chatstate.AsyncStateService`, an
+            option is wrong, or a flow, menu handler or translation function is async.
+        InvalidScreenError: a menu or a translated prompt breaks WhatsApp's limits.
     """
 
-    def __init__(self, service: StateService, **options: Any) -> None:
-        super().__init__(**options)
-        self.service = service
+    _sync = True
+    service: StateService
+
+    def _check_service(self, service: Any) -> None:
+        if isinstance(service, AsyncStateService) or not isinstance(service, StateService):
+            raise UsageError(
+                f"Router takes a StateService, not {type(service).__name__}; "
+                "use AsyncRouter with an AsyncStateService"
+            )
         self._state = SyncServiceAsAsync(service)
 
     def handle(self, message: Message) -> list[Screen]:
-        """Handle one message and return the replies to send.
-
-        Raises:
-            TypeError: an async validator, prompt or hook is in the way (use
-                :class:`AsyncRouter`).
-        """
+        """Handle one message and return the replies to send (nothing for a redelivery)."""
         return run_sync(self.handle_with(self._state, message))
 
+    def due(self, now: float | None = None, *, limit: int = 100) -> list[tuple[str, list[Screen]]]:
+        """Fire due reminders and timeouts; return ``(user_id, replies)`` to send.
 
-class AsyncRouter(_RouterCore):
-    """The asyncio twin of :class:`Router`; validators, prompts and hooks may be async."""
+        Each fires once across every process calling ``due``; call it every
+        second or so from one thread or a scheduler. A user busy with a message
+        is skipped (the message moves the deadline).
 
-    def __init__(self, service: AsyncStateService, **options: Any) -> None:
-        super().__init__(**options)
-        self.service = service
+        Raises:
+            UsageError: the backend keeps no deadline index.
+        """
+        return run_sync(self.due_with(self._state, now, limit))
+
+
+class AsyncRouter(_RouterCore[DepsT]):
+    """The asyncio twin of :class:`Router` (same options); callables may be async."""
+
+    service: AsyncStateService
+
+    def _check_service(self, service: Any) -> None:
+        if not isinstance(service, AsyncStateService):
+            raise UsageError(
+                f"AsyncRouter takes an AsyncStateService, not {type(service).__name__}; "
+                "use Router with a StateService"
+            )
 
     async def handle(self, message: Message) -> list[Screen]:
-        """Handle one message and return the replies to send."""
+        """Handle one message and return the replies to send (nothing for a redelivery)."""
         return await self.handle_with(self.service, message)
+
+    async def due(
+        self, now: float | None = None, *, limit: int = 100
+    ) -> list[tuple[str, list[Screen]]]:
+        """See :meth:`Router.due`."""
+        return await self.due_with(self.service, now, limit)
+
+    async def run_due(
+        self,
+        send: Callable[[str, list[Screen]], Awaitable[Any]],
+        *,
+        interval: float = 1.0,
+        limit: int = 100,
+    ) -> None:
+        """Fire due reminders and timeouts forever, handing each user's replies to ``send``.
+
+        Run it as a task beside your web server (cancel it to stop). A failing
+        ``send`` or a failing round is logged and the loop goes on; a reply
+        whose ``send`` fails is not retried (the flow has moved on).
+        """
+        if not interval > 0:
+            raise UsageError("interval must be positive seconds")
+        while True:
+            try:
+                fired = await self.due(limit=limit)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("collecting due deadlines failed; trying again")
+                fired = []
+            for user_id, replies in fired:
+                try:
+                    await send(user_id, replies)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("sending a reminder or timeout to user %r failed", user_id)
+            if len(fired) < limit:
+                await asyncio.sleep(interval)

@@ -8,7 +8,7 @@ message payload (:func:`render_whatsapp`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final, TypeAlias
 
 import attrs
@@ -25,6 +25,7 @@ __all__ = [
     "Text",
     "render_text",
     "render_whatsapp",
+    "translate_screen",
 ]
 
 # WhatsApp Cloud API limits for interactive and text messages.
@@ -242,3 +243,35 @@ def render_whatsapp(screen: Screen, to: str) -> dict[str, Any]:
             sections.append(entry)
         interactive["action"] = {"button": screen.button, "sections": sections}
     return {**base, "type": "interactive", "interactive": interactive}
+
+
+def translate_screen(screen: Screen, translate: Callable[[str], str]) -> Screen:
+    """``screen`` with every text a person reads passed through ``translate`` (ids stay).
+
+    Raises:
+        InvalidScreenError: a translation breaks one of WhatsApp's limits.
+    """
+    if isinstance(screen, Text):
+        return Text(translate(screen.body))
+    header = translate(screen.header) if screen.header else screen.header
+    footer = translate(screen.footer) if screen.footer else screen.footer
+    if isinstance(screen, Buttons):
+        return Buttons(
+            translate(screen.body),
+            [Button(b.id, translate(b.title)) for b in screen.buttons],
+            header=header,
+            footer=footer,
+        )
+    sections = [
+        Section(
+            [
+                Row(r.id, translate(r.title), translate(r.description) if r.description else None)
+                for r in section.rows
+            ],
+            translate(section.title) if section.title else None,
+        )
+        for section in screen.sections
+    ]
+    return ListScreen(
+        translate(screen.body), translate(screen.button), sections, header=header, footer=footer
+    )
