@@ -27,11 +27,11 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import logging
 import threading
 from collections.abc import Mapping
+from time import perf_counter
 from typing import Any, Final, TypeVar
 
 import attrs
@@ -193,8 +193,6 @@ class Watch:
     __slots__ = ("_backend", "_context", "_operation", "_start", "_tokens", "attempts")
 
     def __init__(self, operation: str, backend: Any) -> None:
-        import time  # noqa: PLC0415 - only when observed
-
         kind = str(getattr(backend, "kind", type(backend).__name__))
         describe = getattr(backend, "describe", None)
         attributes = _safely(describe) if callable(describe) else None
@@ -204,15 +202,15 @@ class Watch:
         self.attempts = 1
         self._tokens = [(o, _safely(o.operation_started, event)) for o in _observers]
         self._context = _watching.set(self)
-        self._start = time.perf_counter()
+        self._start = perf_counter()
 
     def end(self, outcome: str, error: BaseException | None = None, attempts: int = 1) -> None:
         """Report the end: an outcome, or the error that ended it."""
-        import time  # noqa: PLC0415
-
-        duration = time.perf_counter() - self._start
-        with contextlib.suppress(ValueError):  # ended in another context: nothing to undo
+        duration = perf_counter() - self._start
+        try:  # noqa: SIM105 - cheaper than contextlib.suppress on every observed call
             _watching.reset(self._context)
+        except ValueError:  # ended in another context: nothing to undo
+            pass
         if outcome == "read":
             outcome = _RETURNED.get(self._operation, outcome)
         event = OperationFinished(
