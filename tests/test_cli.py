@@ -436,6 +436,46 @@ def test_doctor_checks_a_healthy_server(
     assert cli(capsys, "doctor", "--strict", "--redis", redis_url, "--namespace", namespace)[0] == 1
 
 
+def test_the_doctors_acl_is_the_documented_one() -> None:
+    """The ACL the doctor prints is the one docs/backends.md and docs/operations.md give."""
+    for page in ("backends.md", "operations.md"):
+        documented = re.findall(r"^ACL SETUSER mybot .*$", (DOCS / page).read_text(), re.MULTILINE)
+        assert documented
+        same_password = {re.sub(r" >\S+ ", " >PASSWORD ", line.strip()) for line in documented}
+        assert same_password == {acl_rule("mybot")}
+
+
+@pytest.mark.redis
+def test_the_documented_operator_acl_runs_every_command(
+    capsys: pytest.CaptureFixture[str], redis_url: str, namespace: str
+) -> None:
+    """As the operator user docs/operations.md gives, users, stats and doctor all pass."""
+    line = next(
+        line
+        for line in (DOCS / "operations.md").read_text().splitlines()
+        if line.startswith("ACL SETUSER ops ")
+    )
+    name, password = f"ops{namespace}", register_secret(f"ops-Pw-{namespace}")
+    rule = line.replace("ops", name, 1).replace("PASSWORD", password).replace("mybot", namespace)
+    with redis.Redis.from_url(redis_url) as raw, service(redis_url, namespace) as svc:
+        svc.update("ana", {"a": 1})
+        raw.execute_command(*rule.split())
+        port = raw.connection_pool.connection_kwargs["port"]
+        url = f"redis://{name}:{password}@127.0.0.1:{port}/0"
+        try:
+            base = ["--redis", url, "--namespace", namespace]
+            assert cli(capsys, "users", *base)[:2] == (0, "ana\n")
+            assert cli(capsys, "stats", "--json", *base)[0] == 0
+            code, out, _ = cli(capsys, "doctor", *base)
+            assert code == 0
+            assert lines(out) | {"persistence": "ok"} == {
+                "server": "ok", "persistence": "ok", "memory": "ok", "acl": "ok",
+                "scripts": "ok", "latency": "ok", "cluster": "skip",
+            }  # fmt: skip
+        finally:
+            raw.execute_command("ACL", "DELUSER", name)
+
+
 @pytest.fixture
 def acl_user(redis_url: str, namespace: str) -> Iterator[tuple[str, str]]:
     """An ACL user with the documented rights minus +hincrby: (its name, a URL of it)."""

@@ -376,9 +376,10 @@ def find_redacted(node: Any, path: str = "") -> str | None:
     return None
 
 
-def _read_export(name: str) -> tuple[str, int, dict[str, Any]]:
+def _read_export(source: str) -> tuple[str, int, dict[str, Any]]:
+    name = "standard input" if source == "-" else source
     try:
-        text = sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")
+        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
     except OSError as exc:
         raise CommandError(f"cannot read {name}: {exc.strerror or exc}") from exc
     except UnicodeDecodeError as exc:
