@@ -80,7 +80,8 @@ class OperationFinished:
             ``released``, ``lost`` or ``read`` when it returned; ``error`` when it raised.
         error: The error's class name when it raised.
         duration: Seconds, from start to end.
-        attempts: How many attempts it took (transactions retry; claims wait).
+        attempts: How many attempts it took: a transaction counts each run after
+            a lost race (see ``transaction_retry``); every other operation is 1.
     """
 
     operation: str
