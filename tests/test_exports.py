@@ -19,6 +19,8 @@ PUBLIC = [
     "chatstate.integrations.aiogram",
     "chatstate.integrations.telegram",
     "chatstate.integrations.starlette",
+    "chatstate.integrations.prometheus",
+    "chatstate.integrations.otel",
 ]
 
 

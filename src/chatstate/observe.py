@@ -5,9 +5,10 @@ every state operation (``get``, ``update``, ``claim``, ...), every flow step and
 every token refresh. With no observer registered, the managers skip all of this
 at the cost of one truth test per operation.
 
-``chatstate.integrations.prometheus`` and ``chatstate.integrations.otel`` are
-ready-made observers; write your own by subclassing :class:`Observer` and
-overriding what you need. Events never carry a user id, a value or a token.
+:class:`LoggingObserver` logs every operation; ``chatstate.integrations.prometheus``
+and ``chatstate.integrations.otel`` are ready-made metrics and traces. Write your
+own by subclassing :class:`Observer` and overriding what you need. Events never
+carry a user id, a value or a token.
 
 Example:
     >>> from chatstate import StateService
@@ -26,14 +27,17 @@ Example:
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from time import perf_counter
+from typing import Any, Final, TypeVar
 
 import attrs
 
 __all__ = [
+    "LoggingObserver",
     "Observer",
     "OperationFinished",
     "OperationStarted",
@@ -76,7 +80,8 @@ class OperationFinished:
             ``released``, ``lost`` or ``read`` when it returned; ``error`` when it raised.
         error: The error's class name when it raised.
         duration: Seconds, from start to end.
-        attempts: How many attempts it took (transactions retry; claims wait).
+        attempts: How many attempts it took: a transaction counts each run after
+            a lost race (see ``transaction_retry``); every other operation is 1.
     """
 
     operation: str
@@ -166,38 +171,158 @@ def notify_token_refresh(outcome: str) -> None:
 
 def notify_retry(operation: str, attempt: int) -> None:
     """Tell every observer a transaction or a busy claim retries."""
+    watch = _watching.get()
+    if watch is not None:
+        watch.attempts += 1
     for observer in _observers:
         _safely(observer.transaction_retry, operation, attempt)
+
+
+# The operation being watched on this thread or task, so that a retry is counted
+# in its ``attempts``. Set and reset by the same ``Watch`` in the same frame.
+_watching: contextvars.ContextVar[Watch | None] = contextvars.ContextVar(
+    "chatstate_watching", default=None
+)
+
+# Operations whose manager method returns no outcome of its own.
+_RETURNED: Final = {"transaction": "applied", "release": "released"}
 
 
 class Watch:
     """One operation's observation: made when observers exist, ended once."""
 
-    __slots__ = ("_backend", "_operation", "_start", "_tokens")
+    __slots__ = ("_backend", "_context", "_operation", "_start", "_tokens", "attempts")
 
     def __init__(self, operation: str, backend: Any) -> None:
-        import time  # noqa: PLC0415 - only when observed
-
         kind = str(getattr(backend, "kind", type(backend).__name__))
         describe = getattr(backend, "describe", None)
         attributes = _safely(describe) if callable(describe) else None
         event = OperationStarted(operation, kind, attributes or {})
         self._operation = operation
         self._backend = kind
+        self.attempts = 1
         self._tokens = [(o, _safely(o.operation_started, event)) for o in _observers]
-        self._start = time.perf_counter()
+        self._context = _watching.set(self)
+        self._start = perf_counter()
 
     def end(self, outcome: str, error: BaseException | None = None, attempts: int = 1) -> None:
         """Report the end: an outcome, or the error that ended it."""
-        import time  # noqa: PLC0415
-
+        duration = perf_counter() - self._start
+        try:  # noqa: SIM105 - cheaper than contextlib.suppress on every observed call
+            _watching.reset(self._context)
+        except ValueError:  # ended in another context: nothing to undo
+            pass
+        if outcome == "read":
+            outcome = _RETURNED.get(self._operation, outcome)
         event = OperationFinished(
             self._operation,
             self._backend,
             "error" if error is not None else outcome,
             type(error).__name__ if error is not None else None,
-            time.perf_counter() - self._start,
-            attempts,
+            duration,
+            max(attempts, self.attempts),
         )
         for observer, token in self._tokens:
             _safely(observer.operation_finished, event, token)
+
+
+class LoggingObserver(Observer):
+    """Logs every operation, flow step, token refresh and retry with structured fields.
+
+    Records go to the ``chatstate.operations`` logger (or ``logger``), one per
+    event, with the event's fields in ``extra`` so that a JSON formatter can
+    keep them apart: ``operation``, ``backend``, ``outcome``, ``duration_ms``,
+    ``attempts`` and ``error`` (a class name, never a message) for operations;
+    ``flow``, ``step`` and ``outcome`` for flow steps. No user id, value or
+    token is ever logged: the events carry none.
+
+    Args:
+        level: The level of ordinary records.
+        error_level: The level of operations that raised.
+        logger: Where records go; ``logging.getLogger("chatstate.operations")``
+            when omitted.
+
+    Example:
+        >>> import logging
+        >>> from chatstate import StateService
+        >>> from chatstate.observe import LoggingObserver, add_observer, remove_observer
+        >>> logger = logging.getLogger("chatstate.operations.example")
+        >>> seen = []
+        >>> class Keep(logging.Handler):
+        ...     def emit(self, record):
+        ...         seen.append((record.operation, record.outcome, record.getMessage()[:17]))
+        >>> logger.addHandler(Keep())
+        >>> logger.setLevel(logging.DEBUG)
+        >>> watcher = add_observer(LoggingObserver(logger=logger))
+        >>> _ = StateService().update("u", {"a": 1})
+        >>> seen
+        [('update', 'applied', 'chatstate update ')]
+        >>> remove_observer(watcher)
+    """
+
+    def __init__(
+        self,
+        level: int = logging.DEBUG,
+        *,
+        error_level: int = logging.WARNING,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self.level = level
+        self.error_level = error_level
+        self.logger = logger if logger is not None else logging.getLogger("chatstate.operations")
+
+    def operation_finished(self, event: OperationFinished, token: Any) -> None:  # noqa: ARG002
+        """Log the operation (at ``error_level`` when it raised)."""
+        level = self.error_level if event.error is not None else self.level
+        if not self.logger.isEnabledFor(level):
+            return
+        duration_ms = round(event.duration * 1000, 3)
+        self.logger.log(
+            level,
+            "chatstate %s %s in %.3f ms%s",
+            event.operation,
+            event.outcome,
+            duration_ms,
+            f" ({event.error})" if event.error is not None else "",
+            extra={
+                "operation": event.operation,
+                "backend": event.backend,
+                "outcome": event.outcome,
+                "duration_ms": duration_ms,
+                "attempts": event.attempts,
+                "error": event.error,
+            },
+        )
+
+    def flow_step(self, flow: str, step: str, outcome: str) -> None:
+        """Log a flow step."""
+        if self.logger.isEnabledFor(self.level):
+            self.logger.log(
+                self.level,
+                "chatstate flow %s step %s %s",
+                flow,
+                step,
+                outcome,
+                extra={"flow": flow, "step": step, "outcome": outcome},
+            )
+
+    def token_refresh(self, outcome: str) -> None:
+        """Log a token refresh (never the token)."""
+        if self.logger.isEnabledFor(self.level):
+            self.logger.log(
+                self.level,
+                "chatstate token refresh %s",
+                outcome,
+                extra={"operation": "token_refresh", "outcome": outcome},
+            )
+
+    def transaction_retry(self, operation: str, attempt: int) -> None:
+        """Log a retry."""
+        if self.logger.isEnabledFor(self.level):
+            self.logger.log(
+                self.level,
+                "chatstate %s retries after attempt %d",
+                operation,
+                attempt,
+                extra={"operation": operation, "attempts": attempt},
+            )
