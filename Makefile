@@ -49,6 +49,7 @@ bench: $(VENV)/.test-installed
 	$(BIN)/python benchmarks/bench_flow.py
 	$(BIN)/python benchmarks/bench_state.py
 	$(BIN)/python benchmarks/bench_state.py --parser python
+	$(BIN)/python benchmarks/bench_observe.py
 
 clean:
 	rm -rf $(VENV) .wheel-venv dist .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -10,6 +10,11 @@ needs its framework installed (an optional extra of chatstate):
 - :mod:`chatstate.integrations.starlette` (``pip install 'chatstate[starlette]'``):
   a lifespan that opens a state service and a dependency that hands it to
   Starlette and FastAPI endpoints.
+- :mod:`chatstate.integrations.prometheus` (``pip install 'chatstate[prometheus]'``):
+  an observer that exports operations, durations, errors and flow steps as
+  Prometheus metrics.
+- :mod:`chatstate.integrations.otel` (``pip install 'chatstate[otel]'``): an
+  observer that makes OpenTelemetry spans and duration metrics.
 
 This package itself imports none of them.
 """
