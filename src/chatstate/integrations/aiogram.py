@@ -415,10 +415,11 @@ class ChatstateDedupeMiddleware(BaseMiddleware):
     Register it on the dispatcher's updates: ``dp.update.outer_middleware(
     ChatstateDedupeMiddleware(service))``. Each update takes a chatstate claim
     (its own purpose, so its ids never meet yours) on a record of its own;
-    the handlers run only for the first delivery, and a redelivery, while the
-    first is being handled or after it was, runs nothing and sends nothing
-    (the dispatcher sees it as unhandled). When a handler raises, the claim is
-    released and a redelivery is handled again. Update ids are remembered for
+    the handlers run only for the first delivery. A redelivery after it was
+    handled runs nothing and sends nothing (the dispatcher sees it as
+    unhandled); one that arrives while the first is being handled waits for it
+    (up to ``wait``), then runs nothing if it succeeded. When a handler raises,
+    or its process dies (after ``lease``), a redelivery is handled again. Update ids are remembered for
     the service's ``dedupe_window`` (10 minutes by default).
 
     Args:

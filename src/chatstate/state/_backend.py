@@ -284,8 +284,9 @@ class Acquire:
     """Take the user's claim for the write's operation key, for ``lease_ms``.
 
     Answers ``"claimed"`` (with the document), ``"duplicate"`` when the key was
-    applied already or is being handled under another claim, or ``"busy"`` when
-    another key holds the claim (``retry_after_ms`` says how long at most).
+    applied already, or ``"busy"`` when another claim is held, for another key
+    or for this one (``retry_after_ms`` says how long at most): a copy of a
+    message being handled waits for that handling to commit, fail or lapse.
     """
 
     lease_ms: int
@@ -553,8 +554,8 @@ def apply_write(  # noqa: C901, PLR0911, PLR0912 - one branch per rule, in the L
     lease = log.lease
     if isinstance(op, Acquire):
         if lease is not None and lease.nonce != write.nonce and lease.expires_ms > now_ms:
-            if lease.op_key == write.op_key:
-                return found("duplicate", version)
+            # Held by another message, or by another copy of this one that may still
+            # fail: wait, then find the key recorded, or the claim released or lapsed.
             return found("busy", version, wait=lease.expires_ms - now_ms)
         log.lease = Lease(write.nonce, now_ms + op.lease_ms, write.op_key)
         return found("claimed", version, changed=True)

@@ -252,7 +252,8 @@ end
 
 if mode == 'c' then
   if hnonce and hnonce ~= nonce then
-    if hkey == opkey then return reply('duplicate', version) end
+    -- Held, by another message or by another copy of this one (which may yet fail):
+    -- wait, then find it recorded (duplicate), released or lapsed (claim it).
     return reply('busy', version, redis.call('PTTL', claimkey))
   end
   redis.call('SET', claimkey, nonce .. ' ' .. opkey, 'PX', lease_ms)

@@ -277,8 +277,10 @@ class StateService:
         The claim is taken atomically with a read of the document. While it is
         held, other claims of the same user wait (up to ``wait``), so messages
         of one user are handled one after the other, across processes. A claim
-        for an ``op_id`` already handled, or being handled, comes back as a
-        duplicate at once. Changes staged on the claim are written with
+        for an ``op_id`` already handled comes back as a duplicate; a copy of a
+        message being handled waits for that handling: a duplicate once it
+        commits, claimed if it fails or its process dies (after ``lease``).
+        Changes staged on the claim are written with
         :meth:`Claim.commit` in one atomic write that also remembers ``op_id``
         and releases the claim; :meth:`Claim.release` gives it up without
         remembering anything, so a redelivery is handled again.
@@ -363,7 +365,7 @@ class _ClaimBase:
 
     @property
     def status(self) -> Literal["claimed", "duplicate"]:
-        """``"claimed"``, or ``"duplicate"`` when the op id was handled (or is being handled)."""
+        """``"claimed"``, or ``"duplicate"`` when the op id was handled already."""
         return "claimed" if self._core.status == "claimed" else "duplicate"
 
     @property
