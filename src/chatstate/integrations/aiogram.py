@@ -419,8 +419,9 @@ class ChatstateDedupeMiddleware(BaseMiddleware):
     handled runs nothing and sends nothing (the dispatcher sees it as
     unhandled); one that arrives while the first is being handled waits for it
     (up to ``wait``), then runs nothing if it succeeded. When a handler raises,
-    or its process dies (after ``lease``), a redelivery is handled again. Update ids are remembered for
-    the service's ``dedupe_window`` (10 minutes by default).
+    or its process dies (after ``lease``), a redelivery is handled again.
+    Update ids are remembered for the service's ``dedupe_window`` (10 minutes
+    by default).
 
     Args:
         service: Where the claims live (shared by every process of the bot).
