@@ -27,6 +27,7 @@ from chatstate.exceptions import (
     CounterError,
     OpIdReusedError,
     StateTooLargeError,
+    UsageError,
 )
 from chatstate.state._codec import encode_key, encode_value, stored_size, utf8_len
 from chatstate.state._rules import (
@@ -46,7 +47,9 @@ __all__ = [
     "REMEMBERED_OPS",
     "Acquire",
     "AsyncBackend",
+    "AsyncDeadlineIndex",
     "Backend",
+    "DeadlineIndex",
     "Delete",
     "Document",
     "Edits",
@@ -64,6 +67,8 @@ __all__ = [
     "WriteResult",
     "apply_operation",
     "apply_write",
+    "check_deadline",
+    "check_limit",
 ]
 
 REMEMBERED_OPS: Final = 100
@@ -812,3 +817,66 @@ class AsyncBackend(Protocol):
     async def aclose(self) -> None:
         """Release what the backend owns. Clients passed in by the caller stay open."""
         ...
+
+
+# -- the deadline index ----------------------------------------------------------
+
+
+@runtime_checkable
+class DeadlineIndex(Protocol):
+    """What a backend adds to keep flow deadlines (reminders, timeouts) in the store.
+
+    Optional: a :class:`~chatstate.flow.Router` over a backend with these three
+    methods can fire due reminders and timeouts with ``due()``; over one
+    without, a flow's timeout still applies at the user's next message. One
+    entry per user; times are milliseconds on the router's clock.
+    """
+
+    def schedule(self, user_id: str, at_ms: int, *, earlier_only: bool = True) -> None:
+        """Set the user's entry to ``at_ms``; with ``earlier_only``, never move it later."""
+        ...
+
+    def unschedule(self, user_id: str) -> None:
+        """Remove the user's entry, if any."""
+        ...
+
+    def due(self, now_ms: int, limit: int = 100) -> list[tuple[str, int]]:
+        """Up to ``limit`` ``(user_id, at_ms)`` entries with ``at_ms <= now_ms``, earliest first.
+
+        Nothing is removed: an entry stays until it is rescheduled or removed,
+        so a deadline whose handling failed comes due again.
+        """
+        ...
+
+
+@runtime_checkable
+class AsyncDeadlineIndex(Protocol):
+    """The asyncio twin of :class:`DeadlineIndex`."""
+
+    async def schedule(self, user_id: str, at_ms: int, *, earlier_only: bool = True) -> None:
+        """See :meth:`DeadlineIndex.schedule`."""
+        ...
+
+    async def unschedule(self, user_id: str) -> None:
+        """See :meth:`DeadlineIndex.unschedule`."""
+        ...
+
+    async def due(self, now_ms: int, limit: int = 100) -> list[tuple[str, int]]:
+        """See :meth:`DeadlineIndex.due`."""
+        ...
+
+
+def check_deadline(at_ms: object) -> int:
+    """Return ``at_ms`` if it is a whole number of milliseconds a double holds exactly."""
+    if isinstance(at_ms, bool) or not isinstance(at_ms, int):
+        raise UsageError(f"a deadline is a whole number of milliseconds, not {at_ms!r}")
+    if not -(2**53) <= at_ms <= 2**53:
+        raise UsageError("a deadline must be within 2**53 ms (a sorted-set score)")
+    return at_ms
+
+
+def check_limit(limit: object) -> int:
+    """Return ``limit`` if it is a positive whole number."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise UsageError(f"limit must be a positive whole number, not {limit!r}")
+    return limit

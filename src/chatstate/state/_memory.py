@@ -20,6 +20,8 @@ from chatstate.state._backend import (
     Snapshot,
     Write,
     apply_write,
+    check_deadline,
+    check_limit,
     clone,
 )
 from chatstate.typing import JSONObject
@@ -83,6 +85,8 @@ class MemoryBackend:
         self._users: dict[str, _User] = {}
         self._expiries: list[tuple[float, str]] = []
         self._locks = KeyedLocks()
+        self._deadlines: dict[str, int] = {}
+        self._deadline_heap: list[tuple[int, str]] = []
 
     def __repr__(self) -> str:
         return f"<MemoryBackend users={len(self)}>"
@@ -161,6 +165,47 @@ class MemoryBackend:
         with self._locks.hold((user_id, name), wait, name):
             yield
 
+    # -- the deadline index (flow reminders and timeouts) ----------------------------
+
+    def schedule(self, user_id: str, at_ms: int, *, earlier_only: bool = True) -> None:
+        """Index the user's next deadline at ``at_ms`` (any clock, in milliseconds).
+
+        With ``earlier_only`` an existing entry only ever moves earlier (the
+        router then finds the real time when the entry comes due); otherwise it
+        is set to ``at_ms``. One entry per user.
+        """
+        at_ms = check_deadline(at_ms)
+        with self._lock:
+            current = self._deadlines.get(user_id)
+            if current is not None and earlier_only and current <= at_ms:
+                return
+            self._deadlines[user_id] = at_ms
+            heapq.heappush(self._deadline_heap, (at_ms, user_id))
+
+    def unschedule(self, user_id: str) -> None:
+        """Remove the user's entry from the deadline index, if any."""
+        with self._lock:
+            self._deadlines.pop(user_id, None)
+            if len(self._deadline_heap) > 64 and len(self._deadline_heap) > 4 * len(
+                self._deadlines
+            ):
+                self._deadline_heap = [(at, u) for u, at in self._deadlines.items()]
+                heapq.heapify(self._deadline_heap)
+
+    def due(self, now_ms: int, limit: int = 100) -> list[tuple[str, int]]:
+        """The entries due at ``now_ms``, earliest first, at most ``limit``; none is removed."""
+        limit = check_limit(limit)
+        with self._lock:
+            heap = self._deadline_heap
+            found: list[tuple[str, int]] = []
+            while heap and heap[0][0] <= now_ms and len(found) < limit:
+                at, user_id = heapq.heappop(heap)
+                if self._deadlines.get(user_id) == at and (user_id, at) not in found:
+                    found.append((user_id, at))
+            for entry in found:
+                heapq.heappush(heap, (entry[1], entry[0]))
+            return found
+
     def _reclaim(self, now: float) -> None:
         while self._expiries and self._expiries[0][0] <= now:
             at, user_id = heapq.heappop(self._expiries)
@@ -201,6 +246,18 @@ class AsyncMemoryBackend:
 
     async def aclose(self) -> None:
         """Nothing to release; present for the :class:`AsyncBackend` protocol."""
+
+    async def schedule(self, user_id: str, at_ms: int, *, earlier_only: bool = True) -> None:
+        """See :meth:`MemoryBackend.schedule`."""
+        self.store.schedule(user_id, at_ms, earlier_only=earlier_only)
+
+    async def unschedule(self, user_id: str) -> None:
+        """See :meth:`MemoryBackend.unschedule`."""
+        self.store.unschedule(user_id)
+
+    async def due(self, now_ms: int, limit: int = 100) -> list[tuple[str, int]]:
+        """See :meth:`MemoryBackend.due`."""
+        return self.store.due(now_ms, limit)
 
     @contextlib.asynccontextmanager
     async def lock(

@@ -15,6 +15,7 @@ import contextlib
 import functools
 import logging
 import time
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, Final, Self, TypeVar
 from urllib.parse import quote
@@ -50,6 +51,8 @@ from chatstate.state._backend import (
     Reset,
     Snapshot,
     Write,
+    check_deadline,
+    check_limit,
     corrupt,
     counter_not_integer,
     counter_overflow,
@@ -444,8 +447,12 @@ class _RedisBackendBase:
         *,
         namespace: str = DEFAULT_NAMESPACE,
         resolve_attempts: int = 2,
+        deadline_shards: int = 16,
         _owns_client: bool = False,
     ) -> None:
+        if type(deadline_shards) is not int or not 1 <= deadline_shards <= 1024:
+            raise ConfigurationError("deadline_shards must be a whole number from 1 to 1024")
+        self.deadline_shards = deadline_shards
         if isinstance(resolve_attempts, bool) or not isinstance(resolve_attempts, int):
             raise ConfigurationError("resolve_attempts must be a whole number")
         if resolve_attempts < 0:
@@ -516,6 +523,51 @@ class _RedisBackendBase:
         text = APPLY_SCRIPT if args[1] == self._apply_script.sha else LOAD_SCRIPT
         return ("EVAL", text, *args[2:])
 
+    # -- the deadline index: one sorted set per shard, each its own hash slot --------
+
+    def deadline_keys(self) -> list[str]:
+        """The sorted sets of the deadline index, ``<namespace>:deadlines:{<n>}``."""
+        return [self._deadline_key(n) for n in range(self.deadline_shards)]
+
+    def _deadline_key(self, shard: int) -> str:
+        return f"{self._core.namespace}:deadlines:{{{shard}}}"
+
+    def _deadline_shard_key(self, user_id: str) -> str:
+        digest = zlib.crc32(user_id.encode("utf-8", "surrogatepass"))
+        return self._deadline_key(digest % self.deadline_shards)
+
+    def _schedule_args(self, user_id: str, at_ms: int, earlier_only: bool) -> tuple[Any, ...]:
+        at_ms = check_deadline(at_ms)
+        key = self._deadline_shard_key(user_id)
+        if earlier_only:  # LT: an entry only moves earlier; a new one is added
+            return ("ZADD", key, "LT", at_ms, user_id)
+        return ("ZADD", key, at_ms, user_id)
+
+    @staticmethod
+    def _due_args(key: str, now_ms: int, limit: int) -> tuple[Any, ...]:
+        return ("ZRANGEBYSCORE", key, "-inf", now_ms, "WITHSCORES", "LIMIT", 0, limit)
+
+    @staticmethod
+    def _parse_due(replies: list[Any], limit: int) -> list[tuple[str, int]]:
+        """Merge the shards' replies (flat RESP2 lists or RESP3 pairs), earliest first."""
+        found: list[tuple[int, str]] = []
+        for raw in replies:
+            items = list(raw or [])
+            pairs = (
+                items
+                if items and isinstance(items[0], list | tuple)
+                else list(zip(items[::2], items[1::2], strict=True))
+            )
+            found.extend(
+                (
+                    int(score if isinstance(score, int | float) else float(_text(score))),
+                    _text(member),
+                )
+                for member, score in pairs
+            )
+        found.sort()
+        return [(user_id, at) for at, user_id in found[:limit]]
+
 
 class RedisBackend(_RedisBackendBase):
     """Documents in Redis or Valkey (standalone, Sentinel-managed or Cluster).
@@ -533,6 +585,9 @@ class RedisBackend(_RedisBackendBase):
             one server without seeing each other's data.
         resolve_attempts: How often a write whose outcome is unknown is sent
             again (safely, with its operation key) before ``OutcomeUnknown``.
+        deadline_shards: How many sorted sets ``<namespace>:deadlines:{<n>}``
+            hold the index of flow deadlines (each its own Cluster hash slot; a
+            user's entry lives in one, chosen by a CRC32 of the user id).
     """
 
     client: Any  # redis.Redis or redis.cluster.RedisCluster (redis-py's stubs are partial)
@@ -543,12 +598,14 @@ class RedisBackend(_RedisBackendBase):
         *,
         namespace: str = DEFAULT_NAMESPACE,
         resolve_attempts: int = 2,
+        deadline_shards: int = 16,
         _owns_client: bool = False,
     ) -> None:
         super().__init__(
             client,
             namespace=namespace,
             resolve_attempts=resolve_attempts,
+            deadline_shards=deadline_shards,
             _owns_client=_owns_client,
         )
         limits = None if self._cluster else self._pool_limits(client)
@@ -564,12 +621,14 @@ class RedisBackend(_RedisBackendBase):
         a thread that finds them all busy waits up to ``pool_timeout`` seconds
         (default: ``socket_timeout``) instead of failing, and a write that gets
         no connection at all raises ``BackendUnavailable`` (it was not sent). Pass
-        ``cluster=True`` for a Redis Cluster, and ``resolve_attempts`` to change
-        how often a write of unknown outcome is re-sent.
+        ``cluster=True`` for a Redis Cluster, ``resolve_attempts`` to change
+        how often a write of unknown outcome is re-sent, and ``deadline_shards``
+        to change how many sorted sets hold the deadline index.
         """
         options = dict(options)
         cluster = options.pop("cluster", False)
         resolve_attempts = options.pop("resolve_attempts", 2)
+        deadline_shards = options.pop("deadline_shards", 16)
         kwargs = cls._client_kwargs(options, asynchronous=False)
         client: Any
         if cluster:
@@ -586,7 +645,11 @@ class RedisBackend(_RedisBackendBase):
             )
             client = redis.Redis(connection_pool=pool)
         return cls(
-            client, namespace=namespace, resolve_attempts=resolve_attempts, _owns_client=True
+            client,
+            namespace=namespace,
+            resolve_attempts=resolve_attempts,
+            deadline_shards=deadline_shards,
+            _owns_client=True,
         )
 
     def _execute(self, args: tuple[Any, ...]) -> Any:
@@ -648,6 +711,31 @@ class RedisBackend(_RedisBackendBase):
                     raise
                 time.sleep(_resolve_delay(attempt))
         return self._core.parse_apply(raw, write, keys[0])
+
+    def schedule(self, user_id: str, at_ms: int, *, earlier_only: bool = True) -> None:
+        """Index the user's next flow deadline (see :class:`~chatstate.state.DeadlineIndex`).
+
+        One ``ZADD`` (with ``LT`` when ``earlier_only``) to the user's shard of
+        the index; needs Redis 6.2 or Valkey.
+        """
+        args = self._schedule_args(user_id, at_ms, earlier_only)
+        with map_redis_errors(args[1]):
+            self._execute(args)
+
+    def unschedule(self, user_id: str) -> None:
+        """Remove the user's entry from the deadline index (one ``ZREM``)."""
+        key = self._deadline_shard_key(user_id)
+        with map_redis_errors(key):
+            self._execute(("ZREM", key, user_id))
+
+    def due(self, now_ms: int, limit: int = 100) -> list[tuple[str, int]]:
+        """The due entries, earliest first (one ``ZRANGEBYSCORE`` per shard); none removed."""
+        limit, now_ms = check_limit(limit), check_deadline(now_ms)
+        replies = []
+        for key in self.deadline_keys():
+            with map_redis_errors(key):
+                replies.append(self._execute(self._due_args(key, now_ms, limit)))
+        return self._parse_due(replies, limit)
 
     def ping(self) -> float:
         """Round-trip the server once; return the latency in seconds.
@@ -729,6 +817,7 @@ class AsyncRedisBackend(_RedisBackendBase):
         resolve_attempts: See :class:`RedisBackend`.
         pipelining: Batch concurrent commands (the default).
         lanes: How many batches may be in flight at once (one connection each).
+        deadline_shards: See :class:`RedisBackend`.
     """
 
     client: Any  # redis.asyncio.Redis or its RedisCluster (redis-py's stubs are partial)
@@ -741,12 +830,14 @@ class AsyncRedisBackend(_RedisBackendBase):
         resolve_attempts: int = 2,
         pipelining: bool = True,
         lanes: int = 4,
+        deadline_shards: int = 16,
         _owns_client: bool = False,
     ) -> None:
         super().__init__(
             client,
             namespace=namespace,
             resolve_attempts=resolve_attempts,
+            deadline_shards=deadline_shards,
             _owns_client=_owns_client,
         )
         if type(lanes) is not int or lanes < 1:
@@ -772,7 +863,7 @@ class AsyncRedisBackend(_RedisBackendBase):
         cluster = options.pop("cluster", False)
         own = {
             name: options.pop(name)
-            for name in ("resolve_attempts", "pipelining", "lanes")
+            for name in ("resolve_attempts", "pipelining", "lanes", "deadline_shards")
             if name in options
         }
         kwargs = cls._client_kwargs(options, asynchronous=True)
@@ -844,6 +935,29 @@ class AsyncRedisBackend(_RedisBackendBase):
                     raise
                 await asyncio.sleep(_resolve_delay(attempt))
         return self._core.parse_apply(raw, write, keys[0])
+
+    async def schedule(self, user_id: str, at_ms: int, *, earlier_only: bool = True) -> None:
+        """See :meth:`RedisBackend.schedule`."""
+        args = self._schedule_args(user_id, at_ms, earlier_only)
+        with map_redis_errors(args[1]):
+            await self._execute(args[1], args)
+
+    async def unschedule(self, user_id: str) -> None:
+        """See :meth:`RedisBackend.unschedule`."""
+        key = self._deadline_shard_key(user_id)
+        with map_redis_errors(key):
+            await self._execute(key, ("ZREM", key, user_id))
+
+    async def due(self, now_ms: int, limit: int = 100) -> list[tuple[str, int]]:
+        """See :meth:`RedisBackend.due` (the shards are read concurrently)."""
+        limit, now_ms = check_limit(limit), check_deadline(now_ms)
+
+        async def read(key: str) -> Any:
+            with map_redis_errors(key):
+                return await self._execute(key, self._due_args(key, now_ms, limit))
+
+        replies = await asyncio.gather(*(read(key) for key in self.deadline_keys()))
+        return self._parse_due(list(replies), limit)
 
     async def ping(self) -> float:
         """See :meth:`RedisBackend.ping`."""

@@ -1,4 +1,4 @@
-"""Test helpers for chatstate users, starting with the backend contract suite.
+"""The backend contract suite (needs pytest); import it from :mod:`chatstate.testing`.
 
 Any backend, ours or yours, proves itself by subclassing :class:`BackendContract`
 in a pytest module and saying how to make one::
@@ -34,7 +34,6 @@ import decimal
 import inspect
 import threading
 import unicodedata
-import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -50,9 +49,9 @@ from chatstate.exceptions import (
     PreservedFieldError,
     SerializationError,
     StateTooLargeError,
+    UsageError,
     UserBusyError,
 )
-from chatstate.flow import AsyncRouter, Message, Router, Screen, render_text
 from chatstate.state import (
     INT64_MAX,
     INT64_MIN,
@@ -66,15 +65,10 @@ from chatstate.state import (
     stored_size,
 )
 from chatstate.state._service import SyncServiceAsAsync
+from chatstate.testing import ServiceTwin
 from chatstate.typing import JSONObject
 
-__all__ = [
-    "AsyncConversation",
-    "BackendContract",
-    "Conversation",
-    "ServiceTwin",
-    "SyncServiceAsAsync",
-]
+__all__ = ["EDGE_VALUES", "BackendContract"]
 
 T = TypeVar("T")
 
@@ -108,10 +102,6 @@ EDGE_VALUES: list[Any] = [
 ]
 
 
-ServiceTwin = SyncServiceAsAsync | AsyncStateService
-"""What a contract test receives: either twin behind one awaitable interface."""
-
-
 def _twin_test(
     body: Callable[[Any, Any], Coroutine[Any, Any, None]],
 ) -> Callable[[Any, str], None]:
@@ -140,6 +130,8 @@ class BackendContract:
         preserved=["jwt_token", "profile.id"], replaced=["cart"], max_bytes=4096, max_depth=8
     )
     ttl: float | None = None
+    deadline_index: bool = True
+    """Whether the backend keeps the optional deadline index (schedule, unschedule, due)."""
 
     def make_backend(self) -> Backend:
         """Return a new sync backend over this test's store (empty when the test starts)."""
@@ -179,6 +171,64 @@ class BackendContract:
         if backend is None:
             pytest.skip("this backend has no async twin")
         return AsyncStateService(backend, self.rules, ttl=ttl, dedupe_window=dedupe_window)
+
+    # -- the deadline index (optional) -------------------------------------------
+
+    def _index(self, svc: ServiceTwin) -> Any:
+        backend = svc.manager.backend
+        if not self.deadline_index:
+            pytest.skip("this backend keeps no deadline index")
+        for name in ("schedule", "unschedule", "due"):
+            assert callable(getattr(backend, name, None)), f"the backend has no {name}()"
+        return backend
+
+    @_twin_test
+    async def test_deadlines_come_due_in_order_and_stay_until_removed(
+        self, svc: ServiceTwin
+    ) -> None:
+        index = self._index(svc)
+        assert await _maybe(index.due(10**12)) == []
+        await _maybe(index.schedule("b", 2_000))
+        await _maybe(index.schedule("a", 1_000))
+        await _maybe(index.schedule("c", 3_000))
+        assert await _maybe(index.due(999)) == []
+        assert await _maybe(index.due(2_000)) == [("a", 1_000), ("b", 2_000)]
+        assert await _maybe(index.due(2_000)) == [("a", 1_000), ("b", 2_000)], "due removed"
+        assert await _maybe(index.due(10_000, 2)) == [("a", 1_000), ("b", 2_000)]
+        await _maybe(index.unschedule("a"))
+        await _maybe(index.unschedule("nobody"))
+        assert await _maybe(index.due(10_000)) == [("b", 2_000), ("c", 3_000)]
+
+    @_twin_test
+    async def test_a_deadline_moves_only_earlier_unless_exact(self, svc: ServiceTwin) -> None:
+        index = self._index(svc)
+        await _maybe(index.schedule("ana", 5_000))
+        await _maybe(index.schedule("ana", 9_000))  # earlier_only: stays at 5,000
+        assert await _maybe(index.due(10_000)) == [("ana", 5_000)]
+        await _maybe(index.schedule("ana", 4_000))
+        assert await _maybe(index.due(10_000)) == [("ana", 4_000)]
+        await _maybe(index.schedule("ana", 8_000, earlier_only=False))
+        assert await _maybe(index.due(7_999)) == []
+        assert await _maybe(index.due(8_000)) == [("ana", 8_000)]
+
+    @_twin_test
+    async def test_the_deadline_index_holds_any_user_id(self, svc: ServiceTwin) -> None:
+        index = self._index(svc)
+        ids = ["+34 600", "\u00e9\u4e2d\U0001f600", "a{b}c", "x:y", "%41"]
+        for n, user_id in enumerate(ids):
+            await _maybe(index.schedule(user_id, 1_000 + n))
+        assert await _maybe(index.due(2_000)) == [(u, 1_000 + n) for n, u in enumerate(ids)]
+        assert await _maybe(svc.get(ids[0])) == {}, "the index wrote a document"
+
+    @_twin_test
+    async def test_the_deadline_index_refuses_bad_times(self, svc: ServiceTwin) -> None:
+        index = self._index(svc)
+        for bad in (1.5, "10", True, 2**60):
+            with pytest.raises(UsageError):
+                await _maybe(index.schedule("ana", bad))
+        with pytest.raises(UsageError):
+            await _maybe(index.due(1_000, 0))
+        assert await _maybe(index.due(2**53)) == []
 
     # -- reading -------------------------------------------------------------
 
@@ -855,93 +905,3 @@ def _run_sync_in_thread(fn: Callable[[], T]) -> T:
     if errors:
         raise errors[0]
     return box[0]
-
-
-class _ConversationBase:
-    def __init__(self, user_id: str) -> None:
-        self.user_id = user_id
-        self.replies: list[Screen] = []
-        self._count = 0
-        self._prefix = f"test-{uuid.uuid4().hex[:12]}"
-
-    def _message(self, text: str | None, reply_id: str | None, message_id: str | None) -> Message:
-        self._count += 1
-        return Message(
-            self.user_id,
-            text=text,
-            reply_id=reply_id,
-            message_id=message_id if message_id is not None else f"{self._prefix}-{self._count}",
-        )
-
-    @property
-    def texts(self) -> list[str]:
-        """The last replies rendered as plain text."""
-        return [render_text(s) for s in self.replies]
-
-    @property
-    def last_text(self) -> str:
-        """All of the last replies as one plain text (empty if there were none)."""
-        return "\n".join(self.texts)
-
-    def assert_reply_contains(self, fragment: str) -> None:
-        """Fail unless ``fragment`` appears in the last replies."""
-        assert fragment in self.last_text, f"{fragment!r} not in the replies:\n{self.last_text}"
-
-
-class Conversation(_ConversationBase):
-    """Talk to a :class:`~chatstate.flow.Router` as one user, in a test.
-
-    Example:
-        >>> from chatstate import StateService
-        >>> from chatstate.flow import DONE, Flow, Menu, MenuItem, Router, Step
-        >>> class Greet(Flow):
-        ...     name_ = Step("Your name?", key="name")
-        ...     def on_complete(self, data):
-        ...         return f"Hello {data['name']}!"
-        >>> menu = Menu("Hi!", [MenuItem("greet", "Greet", flow=Greet)])
-        >>> router = Router(StateService(), main_menu=menu)
-        >>> chat = Conversation(router)
-        >>> chat.send("greet")
-        ['Your name?']
-        >>> chat.send("Ana")
-        ['Hello Ana!']
-    """
-
-    def __init__(self, router: Router, user_id: str = "test-user") -> None:
-        super().__init__(user_id)
-        self.router = router
-
-    def send(
-        self, text: str | None = None, *, reply_id: str | None = None, message_id: str | None = None
-    ) -> list[str]:
-        """Send a message (text or a tapped reply id); return the replies as plain text.
-
-        Each message gets a fresh message id unless you pass one (pass the same
-        one twice to play a webhook redelivery).
-        """
-        self.replies = self.router.handle(self._message(text, reply_id, message_id))
-        return self.texts
-
-    @property
-    def state(self) -> JSONObject:
-        """The user's stored state document."""
-        return self.router.service.get(self.user_id)
-
-
-class AsyncConversation(_ConversationBase):
-    """The asyncio twin of :class:`Conversation`, for an :class:`~chatstate.flow.AsyncRouter`."""
-
-    def __init__(self, router: AsyncRouter, user_id: str = "test-user") -> None:
-        super().__init__(user_id)
-        self.router = router
-
-    async def send(
-        self, text: str | None = None, *, reply_id: str | None = None, message_id: str | None = None
-    ) -> list[str]:
-        """See :meth:`Conversation.send`."""
-        self.replies = await self.router.handle(self._message(text, reply_id, message_id))
-        return self.texts
-
-    async def state(self) -> JSONObject:
-        """The user's stored state document."""
-        return await self.router.service.get(self.user_id)
