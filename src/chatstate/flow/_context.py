@@ -363,7 +363,7 @@ def arity(fn: Callable[..., Any]) -> int:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):
         return 1
-    required = 0
+    names: list[str] = []
     for parameter in signature.parameters.values():
         if parameter.kind is inspect.Parameter.VAR_POSITIONAL:
             return 2
@@ -373,8 +373,15 @@ def arity(fn: Callable[..., Any]) -> int:
         ) and (
             parameter.default is inspect.Parameter.empty or parameter.name in ("ctx", "context")
         ):
-            required += 1
-    return 2 if required >= 2 else 1
+            names.append(parameter.name)
+    if names in (["ctx"], ["context"]):
+        # (ctx) alone would be handed the answer or the data, never the context.
+        raise UsageError(
+            f"{getattr(fn, '__qualname__', fn)!r} takes only {names[0]!r}: its first "
+            "parameter gets the answer (or the flow's data), the context comes second; "
+            f"write ({'self, ' if inspect.ismethod(fn) else ''}value, {names[0]})"
+        )
+    return 2 if len(names) >= 2 else 1
 
 
 class Call:
