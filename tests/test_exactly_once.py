@@ -359,7 +359,8 @@ def test_a_client_bug_is_not_disguised_as_an_unknown_outcome() -> None:
 # The exact ACL chatstate needs, as docs/operations.md states it.
 ACL_COMMANDS = (
     "+evalsha +eval +script|load +hgetall +ping "
-    "+hmget +hget +hset +hdel +hincrby +exists +type +del +pexpire +pttl +get +set"
+    "+hmget +hget +hset +hdel +hincrby +exists +type +del +pexpire +pttl +get +set "
+    "+zadd +zrem +zrangebyscore"
 )
 
 

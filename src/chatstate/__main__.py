@@ -71,6 +71,7 @@ EXPORT_FORMAT: Final = 1
 ACL_COMMANDS: Final = (
     "evalsha", "eval", "script|load", "hgetall", "ping", "hmget", "hget", "hset", "hdel",
     "hincrby", "exists", "type", "del", "pexpire", "pttl", "get", "set",
+    "zadd", "zrem", "zrangebyscore",
 )  # fmt: skip
 """The commands the library runs (docs/backends.md, "The ACL chatstate needs")."""
 
@@ -615,6 +616,7 @@ def acl_rule(namespace: str, user: str = "mybot") -> str:
 
 def _dry_runs(namespace: str) -> list[tuple[str, tuple[str, ...]]]:
     key = f"{namespace}:{{chatstate-doctor}}"
+    index = f"{namespace}:deadlines:{{0}}"
     sha = "0" * 40
     arguments: dict[str, tuple[str, ...]] = {
         "evalsha": ("EVALSHA", sha, "1", key),
@@ -634,6 +636,9 @@ def _dry_runs(namespace: str) -> list[tuple[str, tuple[str, ...]]]:
         "pttl": ("PTTL", key),
         "get": ("GET", key),
         "set": ("SET", key, "1", "NX", "PX", "1000"),
+        "zadd": ("ZADD", index, "LT", "1", "u"),
+        "zrem": ("ZREM", index, "u"),
+        "zrangebyscore": ("ZRANGEBYSCORE", index, "-inf", "1", "WITHSCORES", "LIMIT", "0", "1"),
     }
     return [(name, arguments[name]) for name in ACL_COMMANDS]
 
