@@ -40,9 +40,12 @@ wheel-check: $(VENV)/.test-installed
 	rm -rf dist .wheel-venv
 	$(BIN)/python -m pip wheel --quiet --no-deps --wheel-dir dist .
 	$(PYTHON) -m venv .wheel-venv
-	.wheel-venv/bin/python -m pip install --quiet dist/chatstate-*.whl pytest hypothesis
+	.wheel-venv/bin/python -m pip install --quiet dist/chatstate-*.whl
 	cd examples && ../.wheel-venv/bin/python demo.py > /dev/null
 	.wheel-venv/bin/python -c "import chatstate, pathlib; assert 'site-packages' in chatstate.__file__"
+	.wheel-venv/bin/python -c "import chatstate.testing, sys; assert 'pytest' not in sys.modules"
+	.wheel-venv/bin/python -m pip install --quiet \
+		"$$(ls dist/chatstate-*.whl)[aiogram,telegram,starlette,prometheus,otel]" pytest hypothesis
 	.wheel-venv/bin/python -m pytest -q -p no:cacheprovider tests/test_contract_memory.py tests/test_exports.py
 
 bench: $(VENV)/.test-installed

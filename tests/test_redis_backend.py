@@ -322,6 +322,25 @@ def test_server_down_is_backend_unavailable(namespace: str) -> None:
     svc.close()
 
 
+def test_an_unreachable_cluster_is_backend_unavailable(namespace: str) -> None:
+    """No node answers: from_url(cluster=True) and the async twin's first call raise ours."""
+    url = f"redis://127.0.0.1:{servers.free_port()}/0"
+    with pytest.raises(BackendUnavailable, match="cluster"):
+        RedisBackend.from_url(url, cluster=True, socket_connect_timeout=0.5)
+
+    async def main() -> None:
+        backend = AsyncRedisBackend.from_url(
+            url, namespace=namespace, cluster=True, socket_connect_timeout=0.5
+        )
+        try:
+            with pytest.raises(BackendUnavailable):
+                await AsyncStateService(backend).get("u")
+        finally:
+            await backend.aclose()
+
+    asyncio.run(main())
+
+
 def test_bad_password_fails_fast_and_never_shows_the_secret(server_kind: str) -> None:
     """A wrong password raises BackendAuthenticationError after one connection, no retries."""
     register_secret(SECRET)

@@ -404,6 +404,10 @@ def map_redis_errors(  # noqa: C901, PLR0912, PLR0915 - one flat table of transl
         if unknown and op_id is not None:
             raise unknown_outcome(exc) from exc
         raise BackendError(f"the Redis client failed: {type(exc).__name__}: {_short(exc)}") from exc
+    except rex.RedisClusterException as exc:  # not a RedisError: no node reachable, no slots
+        if unknown and op_id is not None:
+            raise unknown_outcome(exc) from exc
+        raise BackendUnavailable(f"cannot use the cluster ({_short(exc)})") from exc
 
 
 def _lock_lost(name: str, lease: float) -> LockLostError:
@@ -636,7 +640,8 @@ class RedisBackend(_RedisBackendBase):
 
             kwargs.pop("health_check_interval", None)
             kwargs.pop("pool_timeout", None)
-            client = Cluster.from_url(url, **kwargs)
+            with map_redis_errors("cluster"):  # the sync client connects here
+                client = Cluster.from_url(url, **kwargs)
         else:
             max_connections = kwargs.pop("max_connections", 50)
             timeout = kwargs.pop("pool_timeout", kwargs.get("socket_timeout"))
