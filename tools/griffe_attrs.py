@@ -26,11 +26,11 @@ from griffe import (
 )
 
 
-def _default(field: attrs.Attribute) -> str | None:  # type: ignore[type-arg]
+def _default(field: attrs.Attribute) -> str | None:
     default = field.default
     if default is attrs.NOTHING:
         return None
-    if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
+    if isinstance(default, attrs.Factory):
         factory = default.factory
         return f"{getattr(factory, '__name__', 'factory')}()"
     return repr(default)
@@ -64,9 +64,7 @@ class AttrsInit(Extension):
                 field.type if isinstance(field.type, str) else None
             )
             kind = (
-                ParameterKind.keyword_only
-                if field.kw_only
-                else ParameterKind.positional_or_keyword
+                ParameterKind.keyword_only if field.kw_only else ParameterKind.positional_or_keyword
             )
             parameters.append(
                 Parameter(field.alias, annotation=annotation, kind=kind, default=_default(field))
