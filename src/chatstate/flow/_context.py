@@ -238,7 +238,7 @@ class Context(Generic[DepsT]):
     def t(self, text: str, /, **values: Any) -> str:
         """``text`` in the user's language, then ``str.format``-ed with ``values``.
 
-        Example:
+        Examples:
             ``ctx.t("Sent {amount} credits.", amount=25)``
         """
         translated = self._translate(text)

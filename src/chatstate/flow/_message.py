@@ -283,7 +283,7 @@ def whatsapp_user_id(number: str) -> str:
     Raises:
         ValueError: what is left is not 7 to 15 digits (E.164's range).
 
-    Example:
+    Examples:
         >>> whatsapp_user_id("+34 611-11 11 11")
         '34611111111'
         >>> whatsapp_user_id("0034611111111")

@@ -89,7 +89,7 @@ class ChatstateKeyBuilder(KeyBuilder):
     a boundary and Unicode normalisation cannot merge two of them. chatstate
     places the whole id in one Redis Cluster hash slot.
 
-    Example:
+    Examples:
         >>> from aiogram.fsm.storage.base import StorageKey
         >>> build = ChatstateKeyBuilder().build
         >>> build(StorageKey(bot_id=1, chat_id=-100, user_id=7))
@@ -382,7 +382,7 @@ def dedupe_key(update: Update, by: Literal["update_id", "message_id"] = "update_
     message it edits), the query id for callback and inline queries, and the
     update id for anything else.
 
-    Example:
+    Examples:
         >>> dedupe_key(Update(update_id=5))
         'update:5'
     """

@@ -5,7 +5,7 @@ span is current where the operation was called, following OpenTelemetry's
 database semantic conventions, and records the ``db.client.operation.duration``
 histogram:
 
-Example:
+Examples:
     >>> from opentelemetry.sdk.trace import TracerProvider
     >>> from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     >>> from opentelemetry.sdk.trace.export.in_memory_span_exporter import (

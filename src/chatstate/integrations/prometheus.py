@@ -3,7 +3,7 @@
 Register one :class:`PrometheusObserver` per process and expose the registry as
 you already do (``prometheus_client.start_http_server``, ``make_asgi_app``):
 
-Example:
+Examples:
     >>> from prometheus_client import CollectorRegistry, generate_latest
     >>> from chatstate import StateService
     >>> from chatstate.integrations.prometheus import PrometheusObserver

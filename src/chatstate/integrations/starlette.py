@@ -48,7 +48,7 @@ def chatstate_lifespan(
 ) -> Lifespan:
     """A lifespan that opens a state service at start-up and closes it at shutdown.
 
-    Example:
+    Examples:
         >>> import asyncio
         >>> lifespan = chatstate_lifespan()
         >>> async def run_app():

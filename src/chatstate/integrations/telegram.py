@@ -357,7 +357,7 @@ def changes_between(old: Mapping[Any, Any], new: Mapping[Any, Any]) -> list[Chan
     Objects present on both sides are compared key by key, so a change deep
     inside one touches only that path; anything else is compared whole.
 
-    Example:
+    Examples:
         >>> changes_between({"a": {"x": 1, "y": 2}, "b": 1}, {"a": {"x": 1, "y": 3}})
         [(('b',), DELETE), (('a', 'y'), 3)]
     """

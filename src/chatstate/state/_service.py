@@ -66,7 +66,7 @@ class StateService:
         UsageError: ``backend`` is asynchronous (use :class:`AsyncStateService`).
         ConfigurationError: an option is out of range.
 
-    Example:
+    Examples:
         >>> from chatstate import StateService, StateData
         >>> svc = StateService(rules=StateData(preserved=["jwt_token"]))
         >>> svc.update("alice", {"step": "ask_name", "cart": {"apples": 2}})
@@ -180,7 +180,7 @@ class StateService:
         names (a str is one key, dots and all) or tuples of keys; missing
         parent objects are created.
 
-        Example:
+        Examples:
             >>> svc = StateService()
             >>> _ = svc.update("u", {"form": {"a": 1, "b": 2}})
             >>> svc.assign("u", {"form": {"c": 3}, ("meta", "seen"): None})
@@ -285,7 +285,7 @@ class StateService:
         and releases the claim; :meth:`Claim.release` gives it up without
         remembering anything, so a redelivery is handled again.
 
-        Example:
+        Examples:
             >>> svc = StateService()
             >>> with svc.claim("ann", "wamid.1") as claim:
             ...     if not claim.duplicate:
@@ -708,7 +708,7 @@ class CachedState(_CachedStateView):
 class CachedUser:
     """One user's state, read at most once per request and written through.
 
-    Example:
+    Examples:
         >>> from chatstate import CachedUser, StateService
         >>> user = CachedUser("alice", StateService())
         >>> user.state.update({"step": "menu"})

@@ -96,7 +96,7 @@ class _ConversationBase:
 class Conversation(_ConversationBase):
     """Talk to a :class:`~chatstate.flow.Router` as one user, in a test.
 
-    Example:
+    Examples:
         >>> from chatstate import StateService
         >>> from chatstate.flow import DONE, Flow, Menu, MenuItem, Router, Step
         >>> class Greet(Flow):
