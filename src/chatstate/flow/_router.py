@@ -321,6 +321,7 @@ class _RouterCore(Generic[DepsT]):
             if other is not flow_cls:
                 raise FlowError(f"two flows are named {flow_cls.name!r}")
         self._indexes: dict[str, dict[str, MenuItem]] = {}
+        self._homes: dict[tuple[bool, str], Screen] = {}
         self._check_languages()
         if self._sync:
             self._refuse_async(is_authenticated, translations)
@@ -377,6 +378,14 @@ class _RouterCore(Generic[DepsT]):
         """The default menu for a user, in a language."""
         menu = self.main_menu if authenticated else self.auth_menu
         return menu.screen(translate, authenticated=authenticated)
+
+    def _home(self, ctx: Context[DepsT]) -> Screen:
+        """:meth:`home` for the context's user, built once per language (screens are frozen)."""
+        key = (ctx.authenticated, ctx.language)
+        screen = self._homes.get(key)
+        if screen is None:
+            screen = self._homes[key] = self._home(ctx)
+        return screen
 
     def _index(self, language: str) -> dict[str, MenuItem]:
         index = self._indexes.get(language)
@@ -481,13 +490,12 @@ class _RouterCore(Generic[DepsT]):
         answer = message.answer if message.is_text else ""
         word = answer.casefold()
         active = doc.get(self.flow_field)
-        home = self.home(authenticated, ctx.t)
         if message.is_text and word in self.greetings:
-            return _Plan(None if active is not None else KEEP, [home])
+            return _Plan(None if active is not None else KEEP, [self._home(ctx)])
         if isinstance(active, dict):
             flow_cls = self.flows.get(str(active.get("name")))
             if flow_cls is None:
-                return _Plan(None, [home])
+                return _Plan(None, [self._home(ctx)])
             ctx.flow = flow_cls.name
             ctx.step = str(active.get("step"))
             ctx.data = dict(active.get("data") or {})
@@ -498,11 +506,11 @@ class _RouterCore(Generic[DepsT]):
         if message.kind == "reaction":
             return _Plan(KEEP, [])
         if not message.is_text:
-            return _Plan(KEEP, [home])
+            return _Plan(KEEP, [self._home(ctx)])
         index = self._index(ctx.language)
         item = index.get(word)
         if item is None or not item.visible(authenticated):
-            return _Plan(KEEP, [home])
+            return _Plan(KEEP, [self._home(ctx)])
         if item.needs_auth and not authenticated:
             login = Text(ctx.t(self.login_first_text))
             return _Plan(KEEP, [login, self.auth_menu.screen(ctx.t, authenticated=False)])
@@ -527,7 +535,7 @@ class _RouterCore(Generic[DepsT]):
         flow = flow_cls(ctx)
         replies = await _replies(await flow.run_hook("on_timeout", ctx))
         if not replies:
-            replies = [Text(ctx.t(self.expired_text)), self.home(ctx.authenticated, ctx.t)]
+            replies = [Text(ctx.t(self.expired_text)), self._home(ctx)]
         return _Plan(None, replies, "expired", flow_cls.name, ctx.step or "")
 
     async def _continue(  # noqa: C901, PLR0911 - one branch per command and outcome
