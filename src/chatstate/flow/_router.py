@@ -384,7 +384,9 @@ class _RouterCore(Generic[DepsT]):
         key = (ctx.authenticated, ctx.language)
         screen = self._homes.get(key)
         if screen is None:
-            screen = self._homes[key] = self._home(ctx)
+            screen = self.home(ctx.authenticated, ctx.t)
+            if len(self._homes) < 256:  # languages come from stored state: keep it bounded
+                self._homes[key] = screen
         return screen
 
     def _index(self, language: str) -> dict[str, MenuItem]:
