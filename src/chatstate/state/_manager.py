@@ -202,6 +202,18 @@ def to_ms(value: float | timedelta | None, name: str) -> int | None:
     """
     if value is None:
         return None
+    try:
+        return _to_ms_cached(value, name)
+    except TypeError:  # unhashable, so not a number: say so below
+        return _to_ms(value, name)
+
+
+@functools.lru_cache(maxsize=256, typed=True)  # typed: True must not hit the entry of 1
+def _to_ms_cached(value: float | timedelta, name: str) -> int:
+    return _to_ms(value, name)
+
+
+def _to_ms(value: float | timedelta, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int | float | timedelta):
         raise ConfigurationError(f"{name} must be seconds or a timedelta, got {value!r}")
     seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
