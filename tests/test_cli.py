@@ -287,6 +287,29 @@ def test_delete_asks_first_and_force_removes_corrupt_data(
             assert not raw.exists(svc.manager.backend.keys("bob")[0])
 
 
+def test_erase_removes_the_op_ids_too(
+    capsys: pytest.CaptureFixture[str], redis_url: str, namespace: str
+) -> None:
+    """The erase command wants --yes off a terminal, then removes the document and op ids."""
+    with service(redis_url, namespace) as svc:
+        svc.update_once("ana", {"a": 1}, op_id="m1")
+        base = ["--redis", redis_url, "--namespace", namespace]
+        code, _, err = cli(capsys, "erase", "ana", *base)
+        assert code == 2
+        assert "--yes" in err
+        assert svc.get("ana") == {"a": 1}
+        assert cli(capsys, "erase", "ana", "--yes", *base)[:2] == (
+            0,
+            "erased 'ana': document, operations\n",
+        )
+        assert svc.update_once("ana", {"a": 1}, op_id="m1").status == "applied"
+        svc.erase("ana")
+        assert cli(capsys, "erase", "ana", "--yes", *base)[:2] == (
+            0,
+            "nothing is stored for 'ana'\n",
+        )
+
+
 # -- users and stats -----------------------------------------------------------------
 
 

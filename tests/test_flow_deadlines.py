@@ -140,6 +140,8 @@ def test_due_refuses_a_bad_limit_and_a_backend_without_an_index() -> None:
         def close(self) -> None:
             pass
 
+    with pytest.raises(UsageError, match="cannot erase"):
+        StateService(Plain()).erase("ana")
     clock = Clock()
     plain = Router(StateService(Plain()), main_menu=MENU, clock=clock)
     plain.handle(_message("ana", "quiz", clock, 1))  # no index: the flow still works

@@ -20,6 +20,7 @@ from chatstate import (
     BackendAuthenticationError,
     BackendUnavailable,
     CorruptStateError,
+    LockLostError,
     OutcomeUnknown,
     RedisBackend,
     StateData,
@@ -508,3 +509,27 @@ def test_a_write_and_a_read_are_one_command_each(redis_url: str, namespace: str)
     assert seen[1].split()[0] in ("EVALSHA", "HGETALL")
     admin.close()
     svc.close()
+
+
+def test_erase_leaves_no_key_of_the_user(redis_url: str, namespace: str) -> None:
+    """After erase, no key names the user and the deadline index forgets them."""
+    svc = _svc(redis_url, namespace)
+    backend = svc.manager.backend
+    try:
+        svc.update_once("+34 600", {"a": 1}, op_id="m1")
+        svc.update("other", {"b": 1})
+        backend.schedule("+34 600", 1_000)
+        claim = svc.claim("+34 600", "m2", lease=30)
+        with (
+            pytest.raises(LockLostError),  # its holder learns the lock went
+            backend.lock("+34 600", "jwt-refresh", lease=30, wait=1),
+        ):
+            removed = svc.erase("+34 600")
+        claim.release()
+        assert removed == ["document", "operations", "claim", "lock", "deadline"]
+        keys = {k.decode() for k in backend.client.scan_iter(match=f"{namespace}:*")}
+        assert not [k for k in keys if "34" in k], keys
+        assert f"{namespace}:{{other}}" in keys
+        assert backend.due(10**12) == []
+    finally:
+        svc.close()

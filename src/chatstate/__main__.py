@@ -462,6 +462,31 @@ def cmd_delete(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_erase(args: argparse.Namespace, console: Console) -> int:
+    """Remove everything kept for a user, op ids included (after a confirmation)."""
+    _confirm(args, console, f"erase everything kept for {args.user_id!r} in {args.namespace!r}?")
+    with _service(args) as svc:
+        removed = svc.erase(args.user_id)
+    if not removed:
+        console.out(f"nothing is stored for {args.user_id!r}")
+    else:
+        console.out(f"erased {args.user_id!r}: {', '.join(removed)}")
+    return 0
+
+
+def _confirm(args: argparse.Namespace, console: Console, question: str) -> None:
+    if args.yes:
+        return
+    if not sys.stdin.isatty():
+        raise CommandLineError(
+            f"{args.command} asks for confirmation: pass --yes when not on a terminal"
+        )
+    sys.stderr.write(console.scrub(f"{question} [y/N] "))
+    sys.stderr.flush()
+    if sys.stdin.readline().strip().lower() not in {"y", "yes"}:
+        raise CommandError("nothing was changed")
+
+
 # -- commands: the namespace ---------------------------------------------------------
 
 
@@ -1011,6 +1036,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="remove the key even when it holds no chatstate document (corrupt data)",
     )
+
+    sub = add(
+        "erase", cmd_erase, "remove everything kept for a user: document, op ids, claim, locks"
+    )
+    sub.add_argument("user_id", metavar="USER")
+    sub.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
 
     sub = add("users", cmd_users, "list the namespace's user ids, one a line (SCAN)")
     sub.add_argument("--json", action="store_true", help="each id as a JSON string")

@@ -1,6 +1,7 @@
 """Per-user state: merge rules, services, the manager and the backends."""
 
 from chatstate.state._backend import (
+    ERASED_PARTS,
     INT64_MAX,
     INT64_MIN,
     REMEMBERED_OPS,
@@ -45,6 +46,7 @@ from chatstate.state._service import (
 )
 
 __all__ = [
+    "ERASED_PARTS",
     "INT64_MAX",
     "INT64_MIN",
     "REMEMBERED_OPS",

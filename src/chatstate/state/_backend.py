@@ -41,6 +41,7 @@ from chatstate.state._rules import (
 from chatstate.typing import JSONObject, Path
 
 __all__ = [
+    "ERASED_PARTS",
     "INT64_MAX",
     "INT64_MIN",
     "OPS_TRIM_AT",
@@ -70,6 +71,9 @@ __all__ = [
     "check_deadline",
     "check_limit",
 ]
+
+ERASED_PARTS: Final = ("document", "operations", "claim", "lock", "deadline")
+"""What ``erase`` may report removing for a user, in this order."""
 
 REMEMBERED_OPS: Final = 100
 """The newest operation ids every backend remembers per user, at least.

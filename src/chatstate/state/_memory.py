@@ -165,6 +165,29 @@ class MemoryBackend:
         with self._locks.hold((user_id, name), wait, name):
             yield
 
+    def erase(self, user_id: str) -> list[str]:
+        """Remove everything kept for the user; return what there was.
+
+        The names are those of :data:`~chatstate.state.ERASED_PARTS` that
+        existed: the document, its operation ids (a redelivery after an erasure
+        is new), a claim and the deadline entry. Locks live in this process
+        only and end with their holder.
+        """
+        with self._lock:
+            removed = []
+            user = self._users.pop(user_id, None)
+            if user is not None:
+                _expire(user, self._clock())
+                if user.root is not None:
+                    removed.append("document")
+                if user.log.records:
+                    removed.append("operations")
+                if user.log.lease is not None:
+                    removed.append("claim")
+            if self._deadlines.pop(user_id, None) is not None:
+                removed.append("deadline")
+            return removed
+
     # -- the deadline index (flow reminders and timeouts) ----------------------------
 
     def schedule(self, user_id: str, at_ms: int, *, earlier_only: bool = True) -> None:
@@ -246,6 +269,10 @@ class AsyncMemoryBackend:
 
     async def aclose(self) -> None:
         """Nothing to release; present for the :class:`AsyncBackend` protocol."""
+
+    async def erase(self, user_id: str) -> list[str]:
+        """See :meth:`MemoryBackend.erase`."""
+        return self.store.erase(user_id)
 
     async def schedule(self, user_id: str, at_ms: int, *, earlier_only: bool = True) -> None:
         """See :meth:`MemoryBackend.schedule`."""

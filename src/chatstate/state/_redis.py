@@ -43,6 +43,7 @@ from chatstate.exceptions import (
     StoreFullError,
 )
 from chatstate.state._backend import (
+    ERASED_PARTS,
     Delete,
     Edits,
     Increment,
@@ -69,6 +70,20 @@ log = logging.getLogger("chatstate.redis")
 T = TypeVar("T")
 
 DEFAULT_NAMESPACE: Final = "chatstate"
+LOCK_NAMES: Final = ("jwt-refresh", "aiogram")
+"""The lock names chatstate itself takes (token refresh, aiogram's event isolation)."""
+
+# Deletes a user's keys (one hash slot) in one atomic step and says which existed.
+_ERASE_SCRIPT: Final = """
+local parts = {'document', 'operations', 'claim'}
+local out = {}
+for i = 1, #KEYS do
+  if redis.call('DEL', KEYS[i]) == 1 then
+    out[#out + 1] = parts[i] or 'lock'
+  end
+end
+return out
+"""
 _SAFE_ID_CHARS: Final = "@+"  # plus quote()'s own: letters, digits and "_.-~"
 _STATUSES: Final = frozenset(
     {"applied", "duplicate", "conflict", "claimed", "busy", "released", "lost"}
@@ -527,6 +542,17 @@ class _RedisBackendBase:
         text = APPLY_SCRIPT if args[1] == self._apply_script.sha else LOAD_SCRIPT
         return ("EVAL", text, *args[2:])
 
+    def _erase_keys(self, user_id: str) -> list[str]:
+        keys = self._core.keys(user_id)
+        return [*keys, *(f"{keys[0]}:lock:{name}" for name in LOCK_NAMES)]
+
+    @staticmethod
+    def _erased(raw: Any, zrem: Any) -> list[str]:
+        found = {_text(part) for part in raw or []}
+        if int(zrem or 0):
+            found.add("deadline")
+        return [part for part in ERASED_PARTS if part in found]
+
     # -- the deadline index: one sorted set per shard, each its own hash slot --------
 
     def deadline_keys(self) -> list[str]:
@@ -716,6 +742,22 @@ class RedisBackend(_RedisBackendBase):
                     raise
                 time.sleep(_resolve_delay(attempt))
         return self._core.parse_apply(raw, write, keys[0])
+
+    def erase(self, user_id: str) -> list[str]:
+        """Delete every key chatstate keeps for the user; return what there was.
+
+        One script deletes the document, the operation log, the claim and the
+        locks chatstate takes (one hash slot, atomically), then one ``ZREM``
+        removes the deadline entry. The names come from
+        :data:`~chatstate.state.ERASED_PARTS`.
+        """
+        keys = self._erase_keys(user_id)
+        with map_redis_errors(keys[0]):
+            raw = self._execute(("EVAL", _ERASE_SCRIPT, len(keys), *keys))
+        index = self._deadline_shard_key(user_id)
+        with map_redis_errors(index):
+            zrem = self._execute(("ZREM", index, user_id))
+        return self._erased(raw, zrem)
 
     def schedule(self, user_id: str, at_ms: int, *, earlier_only: bool = True) -> None:
         """Index the user's next flow deadline (see :class:`~chatstate.state.DeadlineIndex`).
@@ -940,6 +982,16 @@ class AsyncRedisBackend(_RedisBackendBase):
                     raise
                 await asyncio.sleep(_resolve_delay(attempt))
         return self._core.parse_apply(raw, write, keys[0])
+
+    async def erase(self, user_id: str) -> list[str]:
+        """See :meth:`RedisBackend.erase`."""
+        keys = self._erase_keys(user_id)
+        with map_redis_errors(keys[0]):
+            raw = await self._execute(keys[0], ("EVAL", _ERASE_SCRIPT, len(keys), *keys))
+        index = self._deadline_shard_key(user_id)
+        with map_redis_errors(index):
+            zrem = await self._execute(index, ("ZREM", index, user_id))
+        return self._erased(raw, zrem)
 
     async def schedule(self, user_id: str, at_ms: int, *, earlier_only: bool = True) -> None:
         """See :meth:`RedisBackend.schedule`."""

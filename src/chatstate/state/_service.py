@@ -6,8 +6,9 @@ import logging
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from datetime import timedelta
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Final, Literal, Self, cast
 
+from chatstate._redact import redact
 from chatstate.exceptions import UsageError
 from chatstate.state._backend import AsyncBackend, Backend, Document, Outcome, Snapshot
 from chatstate.state._manager import (
@@ -25,6 +26,7 @@ from chatstate.state._manager import (
     StateManager,
     TransactionFn,
     _ClaimCore,
+    failing,
 )
 from chatstate.state._memory import AsyncMemoryBackend, MemoryBackend
 from chatstate.state._rules import StateData
@@ -45,6 +47,35 @@ __all__ = [
 log = logging.getLogger("chatstate.state")
 
 CLAIM_PURPOSE = "claim"
+
+
+EXPORT_FORMAT = 1
+"""The ``chatstate_export`` version :meth:`StateService.export` writes."""
+
+ERASE: Final = "Failed to erase user"
+
+
+def _export(
+    user_id: str, snapshot: Snapshot, rules: StateData, include_secrets: bool
+) -> JSONObject:
+    data = snapshot.data if snapshot.version else {}
+    return {
+        "chatstate_export": EXPORT_FORMAT,
+        "user_id": user_id,
+        "version": snapshot.version,
+        "secrets": "included" if include_secrets else "redacted",
+        "document": data if include_secrets else redact(data, rules.preserved),
+    }
+
+
+def _eraser(backend: object) -> Callable[[str], Any]:
+    erase = getattr(backend, "erase", None)
+    if not callable(erase):
+        raise UsageError(
+            f"{type(backend).__name__} cannot erase a user (it has no erase method); "
+            "delete(user_id, force=True) removes the document only"
+        )
+    return cast("Callable[[str], Any]", erase)
 
 
 class StateService:
@@ -242,6 +273,34 @@ class StateService:
         """
         make = lambda: self.manager.delete_write(op_id, force=force)  # noqa: E731
         self.manager.apply(user_id, DELETE, make)
+
+    def export(self, user_id: str, *, include_secrets: bool = False) -> JSONObject:
+        """Everything stored for the user, as a JSON-ready export.
+
+        ``{"chatstate_export": 1, "user_id", "version", "secrets", "document"}``:
+        preserved fields and values that look secret (``token``, ``password``,
+        ...) are replaced by ``"<secret sha256:...>"`` fingerprints unless
+        ``include_secrets``. A user with nothing stored exports version 0 and an
+        empty document. ``chatstate import`` reads it back.
+        """
+        uid = self.manager.user_id(user_id)
+        return _export(uid, self.snapshot(uid), self.manager.rules, include_secrets)
+
+    def erase(self, user_id: str) -> list[str]:
+        """Remove everything chatstate keeps for the user; return what was there.
+
+        Unlike :meth:`delete`, the user's remembered operation ids go too (a
+        message redelivered after an erasure is handled as new), with any claim,
+        the locks chatstate takes and the flow deadline entry. The names come
+        from :data:`~chatstate.state.ERASED_PARTS` (``[]``: nothing was stored).
+
+        Raises:
+            UsageError: the backend has no ``erase`` (a backend of your own).
+        """
+        uid = self.manager.user_id(user_id)
+        erase = _eraser(self.manager.backend)
+        with failing(ERASE):
+            return list(erase(uid))
 
     def transaction(
         self, user_id: str, fn: TransactionFn, *, max_attempts: int | None = None
@@ -584,6 +643,18 @@ class AsyncStateService:
         make = lambda: self.manager.delete_write(op_id, force=force)  # noqa: E731
         await self.manager.apply(user_id, DELETE, make)
 
+    async def export(self, user_id: str, *, include_secrets: bool = False) -> JSONObject:
+        """See :meth:`StateService.export`."""
+        uid = self.manager.user_id(user_id)
+        return _export(uid, await self.snapshot(uid), self.manager.rules, include_secrets)
+
+    async def erase(self, user_id: str) -> list[str]:
+        """See :meth:`StateService.erase`."""
+        uid = self.manager.user_id(user_id)
+        erase = _eraser(self.manager.backend)
+        with failing(ERASE):
+            return list(await erase(uid))
+
     async def transaction(
         self,
         user_id: str,
@@ -886,6 +957,14 @@ class SyncServiceAsAsync:
     async def delete(self, user_id: str, *, op_id: str | None = None, force: bool = False) -> None:
         """Call :meth:`StateService.delete`."""
         self.service.delete(user_id, op_id=op_id, force=force)
+
+    async def export(self, user_id: str, *, include_secrets: bool = False) -> JSONObject:
+        """Call :meth:`StateService.export`."""
+        return self.service.export(user_id, include_secrets=include_secrets)
+
+    async def erase(self, user_id: str) -> list[str]:
+        """Call :meth:`StateService.erase`."""
+        return self.service.erase(user_id)
 
     async def transaction(
         self, user_id: str, fn: TransactionFn, *, max_attempts: int | None = None

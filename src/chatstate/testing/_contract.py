@@ -130,6 +130,8 @@ class BackendContract:
         preserved=["jwt_token", "profile.id"], replaced=["cart"], max_bytes=4096, max_depth=8
     )
     ttl: float | None = None
+    erasable: bool = True
+    """Whether the backend can ``erase`` a user (everything, op ids included)."""
     deadline_index: bool = True
     """Whether the backend keeps the optional deadline index (schedule, unschedule, due)."""
 
@@ -171,6 +173,57 @@ class BackendContract:
         if backend is None:
             pytest.skip("this backend has no async twin")
         return AsyncStateService(backend, self.rules, ttl=ttl, dedupe_window=dedupe_window)
+
+    # -- export and erasure ----------------------------------------------------------
+
+    @_twin_test
+    async def test_export_redacts_secrets_unless_asked(self, svc: ServiceTwin) -> None:
+        await svc.update("ana", {"step": "menu", "api_password": "hunter2"})
+        await svc.set_preserved("ana", "jwt_token", "eyJhbGciOi.secret.sig")
+        export = await svc.export("ana")
+        assert export["chatstate_export"] == 1
+        assert (export["user_id"], export["version"], export["secrets"]) == ("ana", 2, "redacted")
+        assert export["document"]["step"] == "menu"
+        assert "eyJhbGciOi" not in str(export)
+        assert "hunter2" not in str(export)
+        assert str(export["document"]["jwt_token"]).startswith("<secret")
+        full = await svc.export("ana", include_secrets=True)
+        assert full["document"]["jwt_token"] == "eyJhbGciOi.secret.sig"  # noqa: S105
+        assert full["secrets"] == "included"
+        empty = await svc.export("nobody")
+        assert (empty["version"], empty["document"]) == (0, {})
+
+    @_twin_test
+    async def test_erase_removes_everything_op_ids_included(self, svc: ServiceTwin) -> None:
+        if not self.erasable:
+            pytest.skip("this backend cannot erase")
+        await svc.update_once("ana", {"a": 1}, op_id="m1")
+        await svc.update_once("bob", {"b": 1}, op_id="m1")
+        assert await svc.erase("ana") == ["document", "operations"]
+        assert await svc.get("ana") == {}
+        assert (await svc.snapshot("ana")).version == 0
+        again = await svc.update_once("ana", {"a": 2}, op_id="m1")  # forgotten: new again
+        assert again.status == "applied"
+        assert await svc.get("bob") == {"b": 1}, "another user was touched"
+        assert (await svc.update_once("bob", {"b": 1}, op_id="m1")).status == "duplicate"
+        assert await svc.erase("nobody") == []
+
+    @_twin_test
+    async def test_erase_ends_a_claim_and_the_deadline(self, svc: ServiceTwin) -> None:
+        if not self.erasable:
+            pytest.skip("this backend cannot erase")
+        claim = await _maybe(svc.claim("ana", "m1", lease=30))
+        backend: Any = svc.manager.backend
+        if self.deadline_index:
+            await _maybe(backend.schedule("ana", 1_000))
+        removed = await svc.erase("ana")
+        assert "claim" in removed
+        assert ("deadline" in removed) is self.deadline_index
+        if self.deadline_index:
+            assert await _maybe(backend.due(10**12)) == []
+        with pytest.raises(ClaimLostError):
+            await _maybe(claim.commit())
+        assert await svc.get("ana") == {}
 
     # -- the deadline index (optional) -------------------------------------------
 
