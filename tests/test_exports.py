@@ -67,3 +67,20 @@ def test_errors_subclass_the_builtins_they_resemble() -> None:
     assert issubclass(chatstate.BackendUnavailable, ConnectionError)
     assert issubclass(chatstate.OutcomeUnknown, chatstate.BackendUnavailable)
     assert issubclass(chatstate.StateError, chatstate.ChatstateError)
+
+
+def test_redis_py_loads_only_with_a_redis_backend() -> None:
+    """A bot on the memory backend never imports redis-py (it is most of the import time)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, chatstate, chatstate.flow, chatstate.auth, chatstate.testing\n"
+        "from chatstate import StateService\n"
+        "StateService().update('u', {'a': 1})\n"
+        "assert 'redis' not in sys.modules, 'redis-py was imported'\n"
+        "from chatstate import RedisBackend\n"
+        "from chatstate.state import AsyncRedisBackend\n"
+        "assert 'redis' in sys.modules and 'RedisBackend' in dir(chatstate)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

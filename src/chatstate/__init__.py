@@ -2,6 +2,8 @@
 
 from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
 from importlib.metadata import version as _version
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+from typing import Any as _Any
 
 from chatstate.exceptions import (
     BackendAuthenticationError,
@@ -46,7 +48,6 @@ from chatstate.state import (
     AsyncCachedUser,
     AsyncClaim,
     AsyncMemoryBackend,
-    AsyncRedisBackend,
     AsyncStateManager,
     AsyncStateService,
     Backend,
@@ -55,13 +56,15 @@ from chatstate.state import (
     Document,
     MemoryBackend,
     Outcome,
-    RedisBackend,
     Snapshot,
     StateData,
     StateManager,
     StateService,
     merge,
 )
+
+if _TYPE_CHECKING:
+    from chatstate.state import AsyncRedisBackend, RedisBackend
 
 try:
     __version__ = _version("chatstate")
@@ -126,3 +129,18 @@ __all__ = [
     "__version__",
     "merge",
 ]
+
+
+def __getattr__(name: str) -> _Any:
+    """``RedisBackend`` and ``AsyncRedisBackend`` import redis-py on first use."""
+    if name in {"RedisBackend", "AsyncRedisBackend"}:
+        from chatstate import state  # noqa: PLC0415
+
+        value = getattr(state, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'chatstate' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), "RedisBackend", "AsyncRedisBackend"})

@@ -1,4 +1,10 @@
-"""Per-user state: merge rules, services, the manager and the backends."""
+"""Per-user state: merge rules, services, the manager and the backends.
+
+The Redis backends are imported on first use (``chatstate.state.RedisBackend``),
+so that a bot on the memory backend never loads redis-py.
+"""
+
+from typing import TYPE_CHECKING, Any
 
 from chatstate.state._backend import (
     ERASED_PARTS,
@@ -32,7 +38,6 @@ from chatstate.state._backend import (
 from chatstate.state._codec import stored_size
 from chatstate.state._manager import AsyncStateManager, StateManager
 from chatstate.state._memory import AsyncMemoryBackend, MemoryBackend
-from chatstate.state._redis import AsyncRedisBackend, RedisBackend
 from chatstate.state._rules import Edit, StateData, apply_edits, diff, merge
 from chatstate.state._service import (
     AsyncCachedState,
@@ -94,3 +99,23 @@ __all__ = [
     "merge",
     "stored_size",
 ]
+
+if TYPE_CHECKING:
+    from chatstate.state._redis import AsyncRedisBackend, RedisBackend
+
+_LAZY = frozenset({"RedisBackend", "AsyncRedisBackend"})
+
+
+def __getattr__(name: str) -> Any:
+    """Import the Redis backends (and redis-py) when they are first asked for."""
+    if name in _LAZY:
+        from chatstate.state import _redis  # noqa: PLC0415 - redis-py loads on demand
+
+        value = getattr(_redis, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'chatstate.state' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
