@@ -16,6 +16,7 @@ Both follow this module's rules, and the contract suite in
 
 from __future__ import annotations
 
+import contextlib
 import marshal
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Final, Literal, Protocol, TypeAlias, runtime_checkable
@@ -49,6 +50,7 @@ __all__ = [
     "Acquire",
     "AsyncBackend",
     "AsyncDeadlineIndex",
+    "AsyncLocking",
     "Backend",
     "DeadlineIndex",
     "Delete",
@@ -56,6 +58,7 @@ __all__ = [
     "Edits",
     "Increment",
     "Lease",
+    "Locking",
     "OpLog",
     "OpRecord",
     "Operation",
@@ -820,6 +823,42 @@ class AsyncBackend(Protocol):
 
     async def aclose(self) -> None:
         """Release what the backend owns. Clients passed in by the caller stay open."""
+        ...
+
+
+# -- per-user locks ---------------------------------------------------------------
+
+
+@runtime_checkable
+class Locking(Protocol):
+    """What a backend adds to hold a named per-user lock across processes (optional).
+
+    The single-flight token refresh (:mod:`chatstate.auth`) and aiogram's event
+    isolation use it; over a backend without it they fall back to a lock of
+    this process (and log a warning once).
+    """
+
+    def lock(
+        self, user_id: str, name: str, *, lease: float, wait: float
+    ) -> contextlib.AbstractContextManager[None]:
+        """Hold the user's lock ``name`` for a block.
+
+        Raises:
+            LockTimeoutError: it was not free within ``wait`` seconds.
+            LockLostError: the ``lease`` ran out while held (another holder
+                may have run meanwhile); raised when the block ends.
+        """
+        ...
+
+
+@runtime_checkable
+class AsyncLocking(Protocol):
+    """The asyncio twin of :class:`Locking`."""
+
+    def lock(
+        self, user_id: str, name: str, *, lease: float, wait: float
+    ) -> contextlib.AbstractAsyncContextManager[None]:
+        """See :meth:`Locking.lock` (used with ``async with``)."""
         ...
 
 

@@ -45,6 +45,7 @@ from chatstate.exceptions import (
     CounterError,
     InvalidOpIdError,
     InvalidUserIdError,
+    LockTimeoutError,
     OpIdReusedError,
     PreservedFieldError,
     SerializationError,
@@ -130,6 +131,8 @@ class BackendContract:
         preserved=["jwt_token", "profile.id"], replaced=["cart"], max_bytes=4096, max_depth=8
     )
     ttl: float | None = None
+    locking: bool = True
+    """Whether the backend holds per-user locks (``lock(user_id, name, lease=, wait=)``)."""
     erasable: bool = True
     """Whether the backend can ``erase`` a user (everything, op ids included)."""
     deadline_index: bool = True
@@ -173,6 +176,56 @@ class BackendContract:
         if backend is None:
             pytest.skip("this backend has no async twin")
         return AsyncStateService(backend, self.rules, ttl=ttl, dedupe_window=dedupe_window)
+
+    # -- per-user locks (optional) ---------------------------------------------------
+
+    @_twin_test
+    async def test_a_lock_excludes_a_second_holder_until_released(self, svc: ServiceTwin) -> None:
+        if not self.locking:
+            pytest.skip("this backend holds no locks")
+        backend: Any = svc.manager.backend
+        if isinstance(svc, SyncServiceAsAsync):
+            with backend.lock("ana", "refresh", lease=30, wait=1):
+                with (
+                    pytest.raises(LockTimeoutError),
+                    backend.lock("ana", "refresh", lease=30, wait=0.05),
+                ):
+                    pass
+                with backend.lock("ana", "other", lease=30, wait=0.05):
+                    pass  # another name of the same user is free
+                with backend.lock("bob", "refresh", lease=30, wait=0.05):
+                    pass  # the same name of another user is free
+            with backend.lock("ana", "refresh", lease=30, wait=0.05):
+                pass  # free again
+            return
+        outer = backend.lock("ana", "refresh", lease=30, wait=1)
+        async with outer:
+            with pytest.raises(LockTimeoutError):
+                async with backend.lock("ana", "refresh", lease=30, wait=0.05):
+                    pass
+            async with backend.lock("ana", "other", lease=30, wait=0.05):
+                pass
+            async with backend.lock("bob", "refresh", lease=30, wait=0.05):
+                pass
+        async with backend.lock("ana", "refresh", lease=30, wait=0.05):
+            pass
+
+    @_twin_test
+    async def test_a_lock_is_released_when_its_block_raises(self, svc: ServiceTwin) -> None:
+        if not self.locking:
+            pytest.skip("this backend holds no locks")
+        backend: Any = svc.manager.backend
+        if isinstance(svc, SyncServiceAsAsync):
+            with pytest.raises(KeyError), backend.lock("ana", "x", lease=30, wait=1):
+                raise KeyError("boom")
+            with backend.lock("ana", "x", lease=30, wait=0.05):
+                pass
+            return
+        with pytest.raises(KeyError):
+            async with backend.lock("ana", "x", lease=30, wait=1):
+                raise KeyError("boom")
+        async with backend.lock("ana", "x", lease=30, wait=0.05):
+            pass
 
     # -- export and erasure ----------------------------------------------------------
 
