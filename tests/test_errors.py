@@ -150,3 +150,17 @@ def test_per_user_tables_in_memory_do_not_grow_with_users() -> None:
         return len(backend._locks)
 
     assert asyncio.run(main()) == 0
+
+
+def test_a_backend_authors_wrong_inputs_are_named() -> None:
+    """apply_write / apply_operation say what they wanted instead of an AttributeError."""
+    from chatstate.state import OpLog, Snapshot, apply_operation, apply_write
+    from chatstate.state._backend import Reset
+
+    with pytest.raises(UsageError, match="Snapshot"):
+        apply_operation({"a": 1}, Reset(()), 100)  # type: ignore[arg-type]
+    write = StateService().manager.reset_write(None)
+    with pytest.raises(UsageError, match="OpLog"):
+        apply_write(Snapshot({}, 0), {}, write, 0)  # type: ignore[arg-type]
+    assert apply_operation(None, Reset(()), 100)[0] == "applied"
+    assert OpLog().records == {}

@@ -546,7 +546,9 @@ def apply_write(  # noqa: C901, PLR0911, PLR0912 - one branch per rule, in the L
         OpIdReusedError: the operation key was used with another digest.
         StateTooLargeError: the result would exceed ``write.max_bytes``.
         CounterError: an :class:`Increment` met a non-integer or overflowed.
+        UsageError: ``current`` is not a :class:`Snapshot` or ``log`` not an :class:`OpLog`.
     """
+    _check_inputs(current, log)
     version = current.version if current is not None else 0
     op = write.operation
 
@@ -632,9 +634,21 @@ def apply_operation(
     Raises:
         StateTooLargeError: the result would exceed ``max_bytes``.
         CounterError: an :class:`Increment` met a non-integer or overflowed.
+        UsageError: ``current`` is not a :class:`Snapshot`.
     """
+    _check_inputs(current, None)
     status, data, size, _ = _apply_document(current, operation, max_bytes, current_size)
     return status, data, size
+
+
+def _check_inputs(current: object, log: object) -> None:
+    """A backend author's mistake, named (a dict for a snapshot gives no AttributeError)."""
+    if current is not None and not isinstance(current, Snapshot):
+        raise UsageError(
+            f"current must be a Snapshot(data, version) or None, not {type(current).__name__}"
+        )
+    if log is not None and not isinstance(log, OpLog):
+        raise UsageError(f"log must be an OpLog, not {type(log).__name__}")
 
 
 def clone(doc: JSONObject) -> JSONObject:
