@@ -353,6 +353,31 @@ def test_users_streams_every_user_of_the_namespace_only(
 
 
 @pytest.mark.redis
+def test_a_key_secret_comes_from_the_environment(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    redis_url: str,
+    namespace: str,
+) -> None:
+    """With CHATSTATE_KEY_SECRET the per-user commands find the user; users lists pseudonyms."""
+    secret = register_secret("cli-key-secret-4f1b9c0d")
+    backend = RedisBackend.from_url(redis_url, namespace=namespace, key_secret=secret)
+    with StateService(backend) as svc:
+        svc.update("34600123456", {"a": 1})
+    base = ["--redis", redis_url, "--namespace", namespace]
+    code, out, _ = cli(capsys, "users", *base)
+    assert code == 0
+    assert re.fullmatch(r"#[a-z2-7]{32}\n", out), out
+    monkeypatch.setenv("CHATSTATE_KEY_SECRET", secret)
+    code, out, err = cli(capsys, "state", "34600123456", *base)
+    assert code == 0, err
+    assert json.loads(out)["state"] == {"a": 1}
+    assert secret not in out + err
+    assert cli(capsys, "erase", "34600123456", "--yes", *base)[1] == (
+        "erased '34600123456': document, operations\n"
+    )
+
+
 def test_users_shows_unprintable_ids_as_json_and_progress_on_stderr(
     capsys: pytest.CaptureFixture[str], redis_url: str, namespace: str
 ) -> None:

@@ -61,3 +61,21 @@ class TestRedisPythonParser(BackendContract):
         )
         assert not backend._plain_reads
         return backend
+
+
+class TestRedisPseudonymousKeys(BackendContract):
+    """The contract with key_secret: keys carry an HMAC of the user id, never the id."""
+
+    @pytest.fixture(autouse=True)
+    def _store(self, redis_url: str, namespace: str) -> None:
+        self.url = redis_url
+        self.namespace = namespace
+
+    def make_backend(self) -> RedisBackend:
+        return RedisBackend.from_url(self.url, namespace=self.namespace, key_secret=SECRET)
+
+    def make_async_backend(self) -> AsyncRedisBackend:
+        return AsyncRedisBackend.from_url(self.url, namespace=self.namespace, key_secret=SECRET)
+
+
+SECRET = "a key secret of the bot, 32 bytes"

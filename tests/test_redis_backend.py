@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import threading
 import time
 
@@ -19,6 +20,7 @@ from chatstate import (
     AsyncStateService,
     BackendAuthenticationError,
     BackendUnavailable,
+    ConfigurationError,
     CorruptStateError,
     LockLostError,
     OutcomeUnknown,
@@ -28,6 +30,7 @@ from chatstate import (
     StateService,
     StoreBusyError,
     StoreFullError,
+    UsageError,
 )
 from chatstate.state._lua import APPLY_SCRIPT
 from conftest import register_secret
@@ -533,3 +536,50 @@ def test_erase_leaves_no_key_of_the_user(redis_url: str, namespace: str) -> None
         assert backend.due(10**12) == []
     finally:
         svc.close()
+
+
+def test_key_secret_keeps_user_ids_out_of_key_names(redis_url: str, namespace: str) -> None:
+    """With key_secret no key name holds a user id; the same id always finds its keys."""
+    secret = register_secret("pseudonym-secret-7c41d0e2aa")
+    phone = "34600123456"
+    svc = StateService(
+        RedisBackend.from_url(redis_url, namespace=namespace, key_secret=secret), StateData()
+    )
+    backend = svc.manager.backend
+    try:
+        svc.update_once(phone, {"a": 1}, op_id="m1")
+        with svc.claim(phone, "m2", lease=30) as claim:
+            claim.update({"b": 2})
+            keys = [k.decode() for k in backend.client.scan_iter(match=f"{namespace}:*")]
+        assert len(keys) == 3  # document, op log, claim
+        assert not [k for k in keys if "600123" in k], keys
+        assert all(
+            re.fullmatch(rf"{namespace}:\{{#[a-z2-7]{{32}}\}}(:ops|:claim)?", k) for k in keys
+        )
+        assert secret not in repr(backend)
+        assert svc.get(phone) == {"a": 1, "b": 2}
+        other = RedisBackend.from_url(redis_url, namespace=namespace, key_secret=secret + "x")
+        try:
+            assert other.load(phone) is None  # another secret names other keys
+        finally:
+            other.close()
+        assert svc.erase(phone) == ["document", "operations"]
+        assert list(backend.client.scan_iter(match=f"{namespace}:*")) == []
+    finally:
+        svc.close()
+    with pytest.raises(ConfigurationError, match="16 bytes"):
+        RedisBackend.from_url(redis_url, key_secret="short")
+
+
+def test_deadline_shards_zero_keeps_no_index(redis_url: str, namespace: str) -> None:
+    """deadline_shards=0: scheduling writes nothing, due() is a UsageError."""
+    backend = RedisBackend.from_url(redis_url, namespace=namespace, deadline_shards=0)
+    try:
+        backend.schedule("ana", 1_000)
+        backend.unschedule("ana")
+        assert backend.deadline_keys() == []
+        with pytest.raises(UsageError, match="deadline_shards=0"):
+            backend.due(2_000)
+        assert list(backend.client.scan_iter(match=f"{namespace}:*")) == []
+    finally:
+        backend.close()

@@ -2,7 +2,8 @@
 
 Every command but ``mermaid`` takes ``--redis URL`` (or ``CHATSTATE_REDIS_URL``),
 ``--namespace NS`` (or ``CHATSTATE_NAMESPACE``; default ``chatstate``) and
-``--cluster`` (the URL is a node of a Redis Cluster):
+``--cluster`` (the URL is a node of a Redis Cluster); a bot whose backend has a
+``key_secret`` passes it in ``CHATSTATE_KEY_SECRET``:
 
 - ``state USER [--rules M:A]``: a user's state as JSON, secrets as fingerprints.
 - ``export USER [--include-secrets] [--rules M:A]``: the user id, version and
@@ -10,6 +11,7 @@ Every command but ``mermaid`` takes ``--redis URL`` (or ``CHATSTATE_REDIS_URL``)
 - ``import FILE [--overwrite]``: write an export back, unless the stored
   document is as new or newer; ``-`` reads standard input.
 - ``delete USER [--yes] [--force]``: remove a user's document.
+- ``erase USER [--yes]``: remove everything kept for a user, op ids included.
 - ``users [--json]``: every user id of the namespace, one a line (SCAN, never KEYS).
 - ``stats [--sample N] [--json]``: users, memory per user, operation ids remembered.
 - ``doctor [--acl-user NAME] [--strict]``: what the server is, persistence,
@@ -78,6 +80,7 @@ ACL_COMMANDS: Final = (
 _REDACTED: Final = re.compile(r"^<secret( sha256:[0-9a-f]{12})?>$")
 _URL_PASSWORD: Final = re.compile(r"((?:rediss?|unix|valkeys?)://[^:@/\s]*:)([^@\s]+)@")
 _SLOTS: Final = 16384
+_HASHED_TAG: Final = re.compile(r"#[a-z2-7]{32}")
 _SCAN_COUNT: Final = 1000
 
 
@@ -179,7 +182,12 @@ def _check_url(args: argparse.Namespace) -> str:
 def _service(args: argparse.Namespace) -> StateService:
     url = _check_url(args)
     try:
-        backend = RedisBackend.from_url(url, namespace=args.namespace, cluster=args.cluster)
+        backend = RedisBackend.from_url(
+            url,
+            namespace=args.namespace,
+            cluster=args.cluster,
+            key_secret=os.environ.get("CHATSTATE_KEY_SECRET") or None,
+        )
     except ConfigurationError as exc:
         raise CommandLineError(str(exc)) from exc
     except (ValueError, TypeError) as exc:
@@ -233,7 +241,7 @@ def _glob_escape(text: str) -> str:
 # -- keys ----------------------------------------------------------------------------
 
 
-def parse_key(key: str, namespace: str) -> tuple[str, str] | None:
+def parse_key(key: str, namespace: str) -> tuple[str, str] | None:  # noqa: PLR0911 - a rule each
     """What a key of ``namespace`` holds and whose it is: ``("doc", user_id)``, ...
 
     The kinds are ``doc``, ``ops``, ``claim`` and ``lock``; ``None`` for a key
@@ -254,6 +262,8 @@ def parse_key(key: str, namespace: str) -> tuple[str, str] | None:
         if tail not in kinds:
             return None
         kind = kinds[tail]
+    if encoded.startswith("#"):  # a backend with key_secret: the tag is a keyed hash
+        return (kind, encoded) if _HASHED_TAG.fullmatch(encoded) else None
     try:
         user_id = unquote(encoded, errors="strict")
     except UnicodeDecodeError:

@@ -11,8 +11,11 @@ know whether a write was sent: a write that never left is never called
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import functools
+import hashlib
+import hmac
 import logging
 import time
 import zlib
@@ -41,6 +44,7 @@ from chatstate.exceptions import (
     StateTooLargeError,
     StoreBusyError,
     StoreFullError,
+    UsageError,
 )
 from chatstate.state._backend import (
     ERASED_PARTS,
@@ -175,18 +179,41 @@ def _keys(namespace: str, user_id: str) -> tuple[str, str, str]:
     return base, base + ":ops", base + ":claim"
 
 
+@functools.lru_cache(maxsize=16384)
+def _hashed_keys(namespace: str, secret: bytes, user_id: str) -> tuple[str, str, str]:
+    digest = hmac.new(secret, user_id.encode("utf-8", "surrogatepass"), hashlib.sha256).digest()
+    tag = "#" + base64.b32encode(digest[:20]).decode("ascii").lower()
+    base = f"{namespace}:{{{tag}}}"
+    return base, base + ":ops", base + ":claim"
+
+
+def _check_key_secret(secret: object) -> bytes | None:
+    if secret is None:
+        return None
+    if isinstance(secret, str):
+        secret = secret.encode("utf-8")
+    if not isinstance(secret, bytes) or len(secret) < 16:
+        raise ConfigurationError("key_secret must be at least 16 bytes (a str or bytes)")
+    return secret
+
+
 class _RedisCore:
     """The pure half of the Redis backends: keys and replies."""
 
-    def __init__(self, namespace: str) -> None:
+    def __init__(self, namespace: str, key_secret: bytes | None = None) -> None:
         self.namespace = _check_namespace(namespace)
+        self._secret = key_secret
 
     def keys(self, user_id: str) -> list[str]:
         """A user's document, operation-log and claim keys: one hash slot.
 
         The user id is percent-encoded (so distinct ids give distinct keys and no
-        id can open or close a hash tag) and the encoded id is the hash tag.
+        id can open or close a hash tag) and the encoded id is the hash tag. With
+        a key secret the tag is ``#`` and an HMAC-SHA256 of the id instead (160
+        bits in base32), so no user id appears in a key name.
         """
+        if self._secret is not None:
+            return list(_hashed_keys(self.namespace, self._secret, user_id))
         return list(_keys(self.namespace, user_id))
 
     @staticmethod
@@ -467,16 +494,17 @@ class _RedisBackendBase:
         namespace: str = DEFAULT_NAMESPACE,
         resolve_attempts: int = 2,
         deadline_shards: int = 16,
+        key_secret: str | bytes | None = None,
         _owns_client: bool = False,
     ) -> None:
-        if type(deadline_shards) is not int or not 1 <= deadline_shards <= 1024:
-            raise ConfigurationError("deadline_shards must be a whole number from 1 to 1024")
+        if type(deadline_shards) is not int or not 0 <= deadline_shards <= 1024:
+            raise ConfigurationError("deadline_shards must be a whole number from 0 to 1024")
         self.deadline_shards = deadline_shards
         if isinstance(resolve_attempts, bool) or not isinstance(resolve_attempts, int):
             raise ConfigurationError("resolve_attempts must be a whole number")
         if resolve_attempts < 0:
             raise ConfigurationError("resolve_attempts must not be negative")
-        self._core = _RedisCore(namespace)
+        self._core = _RedisCore(namespace, _check_key_secret(key_secret))
         self.client = client
         self.resolve_attempts = resolve_attempts
         self._owns_client = _owns_client
@@ -566,6 +594,12 @@ class _RedisBackendBase:
         digest = zlib.crc32(user_id.encode("utf-8", "surrogatepass"))
         return self._deadline_key(digest % self.deadline_shards)
 
+    def _no_index(self) -> UsageError:
+        return UsageError(
+            f"{type(self).__name__} keeps no deadline index (deadline_shards=0); "
+            "timeouts still apply at the user's next message"
+        )
+
     def _schedule_args(self, user_id: str, at_ms: int, earlier_only: bool) -> tuple[Any, ...]:
         at_ms = check_deadline(at_ms)
         key = self._deadline_shard_key(user_id)
@@ -617,7 +651,11 @@ class RedisBackend(_RedisBackendBase):
             again (safely, with its operation key) before ``OutcomeUnknown``.
         deadline_shards: How many sorted sets ``<namespace>:deadlines:{<n>}``
             hold the index of flow deadlines (each its own Cluster hash slot; a
-            user's entry lives in one, chosen by a CRC32 of the user id).
+            user's entry lives in one, chosen by a CRC32 of the user id); 0
+            keeps no index.
+        key_secret: A secret of at least 16 bytes: keys then carry an
+            HMAC-SHA256 of the user id instead of the id (a phone number never
+            appears in a key name). Keep it: another secret names other keys.
     """
 
     client: Any  # redis.Redis or redis.cluster.RedisCluster (redis-py's stubs are partial)
@@ -629,6 +667,7 @@ class RedisBackend(_RedisBackendBase):
         namespace: str = DEFAULT_NAMESPACE,
         resolve_attempts: int = 2,
         deadline_shards: int = 16,
+        key_secret: str | bytes | None = None,
         _owns_client: bool = False,
     ) -> None:
         super().__init__(
@@ -636,6 +675,7 @@ class RedisBackend(_RedisBackendBase):
             namespace=namespace,
             resolve_attempts=resolve_attempts,
             deadline_shards=deadline_shards,
+            key_secret=key_secret,
             _owns_client=_owns_client,
         )
         limits = None if self._cluster else self._pool_limits(client)
@@ -659,6 +699,7 @@ class RedisBackend(_RedisBackendBase):
         cluster = options.pop("cluster", False)
         resolve_attempts = options.pop("resolve_attempts", 2)
         deadline_shards = options.pop("deadline_shards", 16)
+        key_secret = options.pop("key_secret", None)
         kwargs = cls._client_kwargs(options, asynchronous=False)
         client: Any
         if cluster:
@@ -680,6 +721,7 @@ class RedisBackend(_RedisBackendBase):
             namespace=namespace,
             resolve_attempts=resolve_attempts,
             deadline_shards=deadline_shards,
+            key_secret=key_secret,
             _owns_client=True,
         )
 
@@ -754,9 +796,11 @@ class RedisBackend(_RedisBackendBase):
         keys = self._erase_keys(user_id)
         with map_redis_errors(keys[0]):
             raw = self._execute(("EVAL", _ERASE_SCRIPT, len(keys), *keys))
-        index = self._deadline_shard_key(user_id)
-        with map_redis_errors(index):
-            zrem = self._execute(("ZREM", index, user_id))
+        zrem = 0
+        if self.deadline_shards:
+            index = self._deadline_shard_key(user_id)
+            with map_redis_errors(index):
+                zrem = self._execute(("ZREM", index, user_id))
         return self._erased(raw, zrem)
 
     def schedule(self, user_id: str, at_ms: int, *, earlier_only: bool = True) -> None:
@@ -765,19 +809,30 @@ class RedisBackend(_RedisBackendBase):
         One ``ZADD`` (with ``LT`` when ``earlier_only``) to the user's shard of
         the index; needs Redis 6.2 or Valkey.
         """
+        if not self.deadline_shards:
+            check_deadline(at_ms)
+            return
         args = self._schedule_args(user_id, at_ms, earlier_only)
         with map_redis_errors(args[1]):
             self._execute(args)
 
     def unschedule(self, user_id: str) -> None:
         """Remove the user's entry from the deadline index (one ``ZREM``)."""
+        if not self.deadline_shards:
+            return
         key = self._deadline_shard_key(user_id)
         with map_redis_errors(key):
             self._execute(("ZREM", key, user_id))
 
     def due(self, now_ms: int, limit: int = 100) -> list[tuple[str, int]]:
-        """The due entries, earliest first (one ``ZRANGEBYSCORE`` per shard); none removed."""
+        """The due entries, earliest first (one ``ZRANGEBYSCORE`` per shard); none removed.
+
+        Raises:
+            UsageError: ``deadline_shards=0``: this backend keeps no index.
+        """
         limit, now_ms = check_limit(limit), check_deadline(now_ms)
+        if not self.deadline_shards:
+            raise self._no_index()
         replies = []
         for key in self.deadline_keys():
             with map_redis_errors(key):
@@ -865,6 +920,7 @@ class AsyncRedisBackend(_RedisBackendBase):
         pipelining: Batch concurrent commands (the default).
         lanes: How many batches may be in flight at once (one connection each).
         deadline_shards: See :class:`RedisBackend`.
+        key_secret: See :class:`RedisBackend`.
     """
 
     client: Any  # redis.asyncio.Redis or its RedisCluster (redis-py's stubs are partial)
@@ -878,6 +934,7 @@ class AsyncRedisBackend(_RedisBackendBase):
         pipelining: bool = True,
         lanes: int = 4,
         deadline_shards: int = 16,
+        key_secret: str | bytes | None = None,
         _owns_client: bool = False,
     ) -> None:
         super().__init__(
@@ -885,6 +942,7 @@ class AsyncRedisBackend(_RedisBackendBase):
             namespace=namespace,
             resolve_attempts=resolve_attempts,
             deadline_shards=deadline_shards,
+            key_secret=key_secret,
             _owns_client=_owns_client,
         )
         if type(lanes) is not int or lanes < 1:
@@ -910,7 +968,13 @@ class AsyncRedisBackend(_RedisBackendBase):
         cluster = options.pop("cluster", False)
         own = {
             name: options.pop(name)
-            for name in ("resolve_attempts", "pipelining", "lanes", "deadline_shards")
+            for name in (
+                "resolve_attempts",
+                "pipelining",
+                "lanes",
+                "deadline_shards",
+                "key_secret",
+            )
             if name in options
         }
         kwargs = cls._client_kwargs(options, asynchronous=True)
@@ -988,19 +1052,26 @@ class AsyncRedisBackend(_RedisBackendBase):
         keys = self._erase_keys(user_id)
         with map_redis_errors(keys[0]):
             raw = await self._execute(keys[0], ("EVAL", _ERASE_SCRIPT, len(keys), *keys))
-        index = self._deadline_shard_key(user_id)
-        with map_redis_errors(index):
-            zrem = await self._execute(index, ("ZREM", index, user_id))
+        zrem = 0
+        if self.deadline_shards:
+            index = self._deadline_shard_key(user_id)
+            with map_redis_errors(index):
+                zrem = await self._execute(index, ("ZREM", index, user_id))
         return self._erased(raw, zrem)
 
     async def schedule(self, user_id: str, at_ms: int, *, earlier_only: bool = True) -> None:
         """See :meth:`RedisBackend.schedule`."""
+        if not self.deadline_shards:
+            check_deadline(at_ms)
+            return
         args = self._schedule_args(user_id, at_ms, earlier_only)
         with map_redis_errors(args[1]):
             await self._execute(args[1], args)
 
     async def unschedule(self, user_id: str) -> None:
         """See :meth:`RedisBackend.unschedule`."""
+        if not self.deadline_shards:
+            return
         key = self._deadline_shard_key(user_id)
         with map_redis_errors(key):
             await self._execute(key, ("ZREM", key, user_id))
@@ -1008,6 +1079,8 @@ class AsyncRedisBackend(_RedisBackendBase):
     async def due(self, now_ms: int, limit: int = 100) -> list[tuple[str, int]]:
         """See :meth:`RedisBackend.due` (the shards are read concurrently)."""
         limit, now_ms = check_limit(limit), check_deadline(now_ms)
+        if not self.deadline_shards:
+            raise self._no_index()
 
         async def read(key: str) -> Any:
             with map_redis_errors(key):
