@@ -76,7 +76,9 @@ def test_a_reminder_then_a_timeout_each_fire_once() -> None:
     assert _texts(router.due()) == [("ana", ["Are you still there?", "What is 6 x 7?"])]
     assert router.due() == []
     assert chat.state["flow"]["reminded"] is True
-    clock.now += 25 * 60
+    clock.now += 25 * 60  # idle exactly the timeout: not longer, so not yet
+    assert router.due() == []
+    clock.now += 0.01
     assert _texts(router.due()) == [
         ("ana", ["That conversation timed out; let's start again.", "Menu\n[Quiz]\n[Polite]"])
     ]
@@ -238,7 +240,7 @@ def test_the_redis_index_is_sharded_sorted_sets(redis_url: str, namespace: str) 
     finally:
         backend.close()
     with pytest.raises(Exception, match="deadline_shards"):
-        RedisBackend.from_url(redis_url, deadline_shards=0)
+        RedisBackend.from_url(redis_url, deadline_shards=-1)
 
 
 def _async_services(kind: str, redis_url: str, namespace: str) -> list[AsyncStateService]:
@@ -317,3 +319,21 @@ def test_a_hook_taking_only_ctx_is_refused_when_the_flow_is_defined() -> None:
 
     with pytest.raises(UsageError, match="context comes second"):
         Step("?", validate=lambda ctx: True)
+
+
+def test_a_late_collection_sends_the_timeout_not_a_reminder_for_a_dead_flow() -> None:
+    clock = Clock()
+    router = Router(StateService(), main_menu=MENU, clock=clock)
+    Conversation(router, "ana").send("quiz")
+    clock.now += 31 * 60  # due() was not called for half an hour
+    assert _texts(router.due()) == [
+        ("ana", ["That conversation timed out; let's start again.", "Menu\n[Quiz]\n[Polite]"])
+    ]
+    assert router.due() == []
+
+
+def test_due_refuses_a_bad_now() -> None:
+    router = Router(StateService(), main_menu=MENU)
+    for bad in ("x", float("nan"), float("inf"), -1, True, 1.7e12):
+        with pytest.raises(UsageError, match="Unix seconds"):
+            router.due(now=bad)

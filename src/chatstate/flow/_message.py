@@ -153,7 +153,49 @@ def _default_kind(message: Message) -> str:
     return "reply" if message.reply_id is not None else "text"
 
 
+_LATEST_SECONDS: Final = 1e11  # the year 5138: a larger timestamp is in milliseconds
+
+
+def _check_fields(message: Message) -> None:
+    """Every field of the right type, so a bad one fails here and not at a later message."""
+    if not isinstance(message.user_id, str) or not message.user_id:  # type: ignore[redundant-expr]  # callers may be untyped
+        raise InvalidMessageError("a message needs a non-empty str user_id")
+    for name in ("text", "reply_id", "message_id", "sender_name"):
+        value = getattr(message, name)
+        if value is not None and not isinstance(value, str):
+            raise InvalidMessageError(f"{name} must be a str or None, not {type(value).__name__}")
+    if message.message_id == "":
+        raise InvalidMessageError("message_id must not be empty (None when there is none)")
+    stamp = message.timestamp
+    if stamp is not None:
+        if isinstance(stamp, bool) or not isinstance(stamp, int | float):
+            raise InvalidMessageError(
+                f"timestamp must be Unix seconds (a number), not {type(stamp).__name__}"
+            )
+        if not 0 <= stamp < _LATEST_SECONDS:  # NaN fails too
+            raise InvalidMessageError(
+                f"timestamp {stamp!r} is not Unix seconds"
+                + (
+                    " (it looks like milliseconds: divide by 1000)"
+                    if stamp >= _LATEST_SECONDS
+                    else ""
+                )
+            )
+    for name, kind in (
+        ("media", Media),
+        ("location", Location),
+        ("reaction", Reaction),
+        ("status", Status),
+    ):
+        value = getattr(message, name)
+        if value is not None and not isinstance(value, kind):
+            raise InvalidMessageError(
+                f"{name} must be a {kind.__name__}, not {type(value).__name__}"
+            )
+
+
 def _check_kind(message: Message, _attribute: attrs.Attribute[str], kind: str) -> None:
+    _check_fields(message)
     if kind not in KINDS:
         raise InvalidMessageError(
             f"unknown message kind {kind!r}; one of: {', '.join(sorted(KINDS))}"
@@ -161,8 +203,6 @@ def _check_kind(message: Message, _attribute: attrs.Attribute[str], kind: str) -
     needs = _NEEDS.get(kind)
     if needs is not None and not getattr(message, needs):
         raise InvalidMessageError(f"a {kind!r} message needs {needs}=")
-    if not isinstance(message.user_id, str) or not message.user_id:  # type: ignore[redundant-expr]  # callers may be untyped
-        raise InvalidMessageError("a message needs a non-empty str user_id")
 
 
 _NEEDS: Final = {

@@ -152,6 +152,27 @@ class Menu:
                 yield from item.submenu.walk()
 
 
+def _check_run_due(send: object, interval: object, limit: object) -> None:
+    if not callable(send):
+        raise UsageError("run_due takes send(user_id, replies), an async function")
+    if (
+        isinstance(interval, bool)
+        or not isinstance(interval, int | float)
+        or not 0 < interval < math.inf
+    ):
+        raise UsageError(f"interval must be positive seconds, not {interval!r}")
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise UsageError(f"limit must be a positive int, not {limit!r}")
+
+
+def _at(active: Mapping[str, Any], default: float) -> float:
+    """When the flow last moved (its stored ``at``); ``default`` if that is not a number."""
+    at = active.get("at", default)
+    if isinstance(at, bool) or not isinstance(at, int | float) or at != at:  # noqa: PLR0124 - NaN
+        return default
+    return float(at)
+
+
 class _Keep:
     def __repr__(self) -> str:
         return "KEEP"
@@ -436,7 +457,7 @@ class _RouterCore(Generic[DepsT]):
             return []  # a delivery report: nothing the user said
         claim = await state.claim(
             message.user_id,
-            message.message_id,
+            message.idempotency_key,  # the message id, else a digest of content and time
             fingerprint=message.fingerprint,
             purpose=ROUTER_PURPOSE,
             lease=self.lease,
@@ -502,7 +523,7 @@ class _RouterCore(Generic[DepsT]):
             ctx.step = str(active.get("step"))
             ctx.data = dict(active.get("data") or {})
             timeout = flow_cls.timeout
-            if timeout is not None and now - float(active.get("at", now)) > timeout.total_seconds():
+            if timeout is not None and now - _at(active, now) > timeout.total_seconds():
                 return await self._expire(flow_cls, ctx)
             return await self._continue(flow_cls, active, message, ctx, now)
         if message.kind == "reaction":
@@ -615,15 +636,37 @@ class _RouterCore(Generic[DepsT]):
         flow_cls = self.flows.get(str(active.get("name")))
         if flow_cls is None:
             return None
-        try:
-            at = float(active.get("at", 0))
-        except (TypeError, ValueError):
+        at = _at(active, math.nan)
+        if math.isnan(at):
             return None
+        timeout = self._timeout_ms(flow_cls, at)
         if flow_cls.reminder is not None and not active.get("reminded"):
-            return "reminder", _ms(at + flow_cls.reminder.total_seconds())
-        if flow_cls.timeout is not None:
-            return "timeout", _ms(at + flow_cls.timeout.total_seconds())
+            remind = _ms(at + flow_cls.reminder.total_seconds())
+            if timeout is None or remind < timeout:
+                return "reminder", remind
+        if timeout is not None:
+            return "timeout", timeout
         return None
+
+    def _due_event(self, active: Any, now_ms: int) -> tuple[str, int] | None:
+        """The flow's next event; its timeout if a late collection finds both due."""
+        if not isinstance(active, dict):
+            return None
+        event = self._next_deadline(active)
+        flow_cls = self.flows.get(str(active.get("name")))
+        if event is None or flow_cls is None or event[0] != "reminder":
+            return event
+        timeout = self._timeout_ms(flow_cls, _at(active, math.nan))
+        if timeout is not None and timeout <= now_ms:
+            return "timeout", timeout  # no reminder for a flow that is already dead
+        return event
+
+    @staticmethod
+    def _timeout_ms(flow_cls: type[Flow], at: float) -> int | None:
+        """When an idle flow has timed out: 1 ms after ``at + timeout`` ("idle longer than")."""
+        if flow_cls.timeout is None:
+            return None
+        return _ms(at + flow_cls.timeout.total_seconds()) + 1
 
     @property
     def _backend(self) -> Any:
@@ -650,8 +693,12 @@ class _RouterCore(Generic[DepsT]):
                 "(schedule, unschedule, due); "
                 "timeouts still apply at the user's next message"
             )
-        if not isinstance(limit, int) or limit < 1:  # type: ignore[redundant-expr]  # callers may be untyped
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:  # type: ignore[redundant-expr]  # callers may be untyped
             raise UsageError("limit must be a positive int")
+        if now is not None and (
+            isinstance(now, bool) or not isinstance(now, int | float) or not 0 <= now < 1e11  # type: ignore[redundant-expr]  # callers may be untyped
+        ):
+            raise UsageError(f"now must be Unix seconds (a finite number), not {now!r}")
         now = self.clock() if now is None else now
         entries = await _call(self._backend.due, _ms(now), limit)
         fired: list[tuple[str, list[Screen]]] = []
@@ -677,11 +724,7 @@ class _RouterCore(Generic[DepsT]):
             doc = claim.data
             active = doc.get(self.flow_field)
             flow_cls = self.flows.get(str(active.get("name"))) if isinstance(active, dict) else None
-            event = (
-                self._next_deadline(active)
-                if flow_cls is not None and isinstance(active, dict)
-                else None
-            )
+            event = self._due_event(active, _ms(now))
             if flow_cls is None or event is None or not isinstance(active, dict):
                 await self._unschedule(user_id)
                 await claim.release()
@@ -823,8 +866,7 @@ class AsyncRouter(_RouterCore[DepsT]):
         ``send`` or a failing round is logged and the loop goes on; a reply
         whose ``send`` fails is not retried (the flow has moved on).
         """
-        if not interval > 0:
-            raise UsageError("interval must be positive seconds")
+        _check_run_due(send, interval, limit)
         while True:
             try:
                 fired = await self.due(limit=limit)
@@ -832,7 +874,8 @@ class AsyncRouter(_RouterCore[DepsT]):
                 raise
             except Exception:
                 log.exception("collecting due deadlines failed; trying again")
-                fired = []
+                await asyncio.sleep(interval)  # never spin on a failing store
+                continue
             for user_id, replies in fired:
                 try:
                     await send(user_id, replies)

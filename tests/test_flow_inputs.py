@@ -1,0 +1,118 @@
+"""What a new user gets wrong, caught with a clear error; and id-less messages handled once."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from chatstate import AsyncStateService, InvalidMessageError, StateService, UsageError
+from chatstate.flow import AsyncRouter, Flow, Menu, MenuItem, Message, Router, Step, render_text
+
+
+class Two(Flow):
+    timeout = timedelta(minutes=1)
+    first_answer = Step("A?", next="second_answer")
+    second_answer = Step("B?")
+
+
+def _router(keys: list[str] | None = None) -> Router:
+    def buy(ctx: Any) -> str:
+        if keys is not None:
+            keys.append(ctx.idempotency_key)
+        return "bought"
+
+    items = [MenuItem("buy", "Buy", handler=buy), MenuItem("go", "Go", flow=Two)]
+    return Router(StateService(), main_menu=Menu("M", items))
+
+
+def test_a_message_without_an_id_is_recognised_by_content_and_time() -> None:
+    keys: list[str] = []
+    router = _router(keys)
+    assert router.handle(Message("u", "buy", timestamp=1_700_000_000.0))
+    assert router.handle(Message("u", "buy", timestamp=1_700_000_000.0)) == []  # redelivered
+    assert router.handle(Message("u", "buy", timestamp=1_700_000_001.0))  # a new one
+    assert len(keys) == 2
+    assert len(set(keys)) == 2, "two purchases must not share an idempotency key"
+    assert router.handle(Message("u", "buy")) != []  # no time: content alone
+    assert router.handle(Message("u", "buy")) == []
+
+
+def test_bad_message_fields_are_refused_when_built() -> None:
+    for kwargs, match in [
+        ({"text": 5}, "text must be a str"),
+        ({"text": "x", "timestamp": "x"}, "Unix seconds"),
+        ({"text": "x", "timestamp": float("nan")}, "Unix seconds"),
+        ({"text": "x", "timestamp": 1_700_000_000_000}, "milliseconds"),
+        ({"text": "x", "timestamp": True}, "Unix seconds"),
+        ({"text": "x", "message_id": ""}, "message_id"),
+        ({"text": "x", "message_id": 7}, "message_id must be a str"),
+    ]:
+        with pytest.raises(InvalidMessageError, match=match):
+            Message("u", **kwargs)
+    with pytest.raises(InvalidMessageError, match="user_id"):
+        Message(5)  # type: ignore[arg-type]
+
+
+def test_a_corrupt_stored_time_does_not_break_the_next_message() -> None:
+    router = _router()
+    service = router.service
+    router.handle(Message("u", "go", message_id="m1", timestamp=1_700_000_000.0))
+    service.update("u", {"flow": {"at": "x"}})
+    replies = router.handle(Message("u", "1", message_id="m2", timestamp=1_700_000_010.0))
+    assert [render_text(s) for s in replies] == ["B?"]
+
+
+def test_run_due_checks_its_arguments_before_looping() -> None:
+    router = AsyncRouter(AsyncStateService(), main_menu=Menu("M", [MenuItem("go", "Go", flow=Two)]))
+
+    async def send(user_id: str, replies: list[Any]) -> None:
+        pass
+
+    async def main() -> None:
+        for kwargs in (
+            {"limit": 0},
+            {"limit": -1},
+            {"limit": "x"},
+            {"interval": "x"},
+            {"interval": None},
+            {"interval": float("inf")},
+        ):
+            with pytest.raises(UsageError):
+                await asyncio.wait_for(router.run_due(send, **kwargs), 5)
+        with pytest.raises(UsageError, match="send"):
+            await router.run_due("not callable")  # type: ignore[arg-type]
+
+    asyncio.run(main())
+
+
+def test_run_due_sleeps_after_a_failing_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store that fails every round does not make the loop spin (it waits interval)."""
+    router = AsyncRouter(AsyncStateService(), main_menu=Menu("M", [MenuItem("go", "Go", flow=Two)]))
+    rounds: list[float] = []
+
+    async def failing_due(*args: Any, **kwargs: Any) -> Any:
+        rounds.append(0)
+        raise RuntimeError("the store is down")
+
+    real_sleep = asyncio.sleep
+    naps: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        naps.append(seconds)
+        if len(naps) >= 3:
+            raise asyncio.CancelledError
+        await real_sleep(0)
+
+    monkeypatch.setattr(router, "due", failing_due)
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+
+    async def send(user_id: str, replies: list[Any]) -> None:
+        pass
+
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(router.run_due(send, interval=2.5))
+    assert naps == [2.5, 2.5, 2.5]
+    assert len(rounds) == 3
