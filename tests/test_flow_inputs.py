@@ -116,3 +116,98 @@ def test_run_due_sleeps_after_a_failing_round(monkeypatch: pytest.MonkeyPatch) -
         asyncio.run(router.run_due(send, interval=2.5))
     assert naps == [2.5, 2.5, 2.5]
     assert len(rounds) == 3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"prompt": 5}, "prompt"),
+        ({"prompt": None}, "prompt"),
+        ({"prompt": "?", "key": 5}, "key"),
+        ({"prompt": "?", "key": ""}, "key"),
+        ({"prompt": "?", "invalid_message": 5}, "invalid_message"),
+        ({"prompt": "?", "wrong_kind_message": 5}, "wrong_kind_message"),
+        ({"prompt": "?", "max_attempts": True}, "max_attempts"),
+        ({"prompt": "?", "max_attempts": 0}, "max_attempts"),
+        ({"prompt": "?", "targets": 5}, "targets"),
+        ({"prompt": "?", "targets": "ab"}, "targets"),
+        ({"prompt": "?", "accepts": 5}, "accepts"),
+        ({"prompt": "?", "next": 5}, "next"),
+    ],
+)
+def test_wrong_step_arguments_fail_when_the_step_is_made(
+    kwargs: dict[str, Any], match: str
+) -> None:
+    from chatstate import InvalidFlowDefinition
+
+    with pytest.raises(InvalidFlowDefinition, match=match):
+        Step(**kwargs)
+
+
+def test_wrong_flow_attributes_fail_when_the_class_is_made() -> None:
+    from chatstate import InvalidFlowDefinition
+
+    for attrs_, match in [
+        ({"cancel_words": "cancel"}, "set of words"),
+        ({"requires_auth": "yes"}, "requires_auth"),
+        ({"name": 5}, "name"),
+        ({"name": ""}, "name"),
+    ]:
+        with pytest.raises(InvalidFlowDefinition, match=match):
+            type("Bad", (Flow,), {"answer": Step("?"), **attrs_})
+
+
+def test_command_words_are_matched_whatever_their_case() -> None:
+    class Shout(Flow):
+        cancel_words = frozenset({"Cancel", " STOP "})
+        answer = Step("?")
+
+    assert Shout.cancel_words == {"cancel", "stop"}
+    router = Router(StateService(), main_menu=Menu("M", [MenuItem("go", "Go", flow=Shout)]))
+    router.handle(Message("u", "go", message_id="1"))
+    replies = router.handle(Message("u", "CANCEL", message_id="2"))
+    assert render_text(replies[0]) == "Cancelled."
+
+
+def test_router_and_menu_arguments_are_checked() -> None:
+    from chatstate import InvalidScreenError
+
+    svc = StateService()
+    menu = Menu("M", [MenuItem("go", "Go", flow=Two)])
+    with pytest.raises(UsageError, match="greetings"):
+        Router(svc, main_menu=menu, greetings=5)  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="flows="):
+        Router(svc, main_menu=menu, flows=Two)  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="MenuItem"):
+        Menu("M", MenuItem("go", "Go", flow=Two))  # type: ignore[arg-type]
+    with pytest.raises(InvalidScreenError, match="case"):
+        Menu("M", [MenuItem("a", "Same", flow=Two), MenuItem("b", "same", flow=Two)])
+
+
+def test_conversations_refuse_the_wrong_twin_and_another_user() -> None:
+    from chatstate.testing import AsyncConversation, Conversation
+
+    menu = Menu("M", [MenuItem("go", "Go", flow=Two)])
+    sync, asyn = (
+        Router(StateService(), main_menu=menu),
+        AsyncRouter(AsyncStateService(), main_menu=menu),
+    )
+    with pytest.raises(UsageError, match="AsyncConversation"):
+        Conversation(asyn)  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="Conversation for a Router"):
+        AsyncConversation(sync)  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="'ana'"):
+        Conversation(sync, "ana").send_message(Message("bob", "hi"))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"max_connections": 0}, {"max_connections": "x"}, {"pool_timeout": -1}, {"cluster": "yes"}],
+)
+def test_from_url_checks_the_connection_options(kwargs: dict[str, Any]) -> None:
+    from chatstate import AsyncRedisBackend, ConfigurationError, RedisBackend
+
+    with pytest.raises(ConfigurationError):
+        RedisBackend.from_url("redis://127.0.0.1:1/0", **kwargs)
+    with pytest.raises(ConfigurationError):
+        AsyncRedisBackend.from_url("redis://127.0.0.1:1/0", **kwargs)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import inspect
 import re
 import types
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal, TypeAlias
 
@@ -32,7 +32,7 @@ import attrs
 from chatstate.exceptions import InvalidFlowDefinition
 from chatstate.flow._context import Call, Context, arity
 from chatstate.flow._message import KINDS, Message
-from chatstate.flow._screens import Screen, Text, translate_screen
+from chatstate.flow._screens import Buttons, ListScreen, Screen, Text, translate_screen
 
 if TYPE_CHECKING:
     from chatstate.flow._context import Turn
@@ -80,7 +80,55 @@ def _to_json(value: Any) -> Any:
     return to_json() if callable(to_json) else value
 
 
+def _bad(message: str) -> InvalidFlowDefinition:
+    return InvalidFlowDefinition(message, flow="?")
+
+
+def _targets(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise _bad(f"Step(targets=...) takes a collection of step names, not {value!r}")
+    targets = tuple(value)
+    if not all(isinstance(t, str) for t in targets):
+        raise _bad(f"Step(targets=...) takes step names (str), got {targets!r}")
+    return targets
+
+
+def _check_prompt(_step: Step, _attribute: Any, value: Any) -> None:
+    if not (isinstance(value, str | Text | Buttons | ListScreen) or callable(value)):
+        raise _bad(
+            "Step(prompt) must be a str, a screen (Text, Buttons, ListScreen) or a function, "
+            f"not {type(value).__name__}"
+        )
+
+
+def _check_next(_step: Step, _attribute: Any, value: Any) -> None:
+    if not (isinstance(value, str | Mapping) or callable(value)):
+        raise _bad(
+            "Step(next=...) must be a step name, DONE, a dict or a function, "
+            f"not {type(value).__name__}"
+        )
+
+
+def _check_key(_step: Step, _attribute: Any, value: Any) -> None:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise _bad(f"Step(key=...) must be a non-empty str or None, not {value!r}")
+
+
+def _check_attempts(_step: Step, _attribute: Any, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _bad(f"Step(max_attempts=...) must be a whole number of at least 1, not {value!r}")
+
+
+def _check_text(_step: Step, attribute: Any, value: Any) -> None:
+    if value is None and attribute.name == "wrong_kind_message":
+        return
+    if not isinstance(value, str) or not value:
+        raise _bad(f"Step({attribute.name}=...) must be a non-empty str, not {value!r}")
+
+
 def _accepts(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, str | Iterable):
+        raise _bad(f"Step(accepts=...) takes a kind or a collection of kinds, not {value!r}")
     kinds = (value,) if isinstance(value, str) else tuple(value)
     for kind in kinds:
         if kind not in KINDS or kind in ("reply", "status", "unsupported"):
@@ -158,19 +206,19 @@ class Step:
             it does not count as an attempt.
     """
 
-    prompt: Prompt
+    prompt: Prompt = attrs.field(validator=_check_prompt)
     validate: Validator | None = attrs.field(default=None, validator=_callable)
     clean: Cleaner | None = attrs.field(default=None, validator=_callable)
-    next: str | Mapping[Any, str] | Brancher = DONE
-    targets: tuple[str, ...] = attrs.field(default=(), converter=tuple)
-    key: str | None = None
-    max_attempts: int = 3
+    next: str | Mapping[Any, str] | Brancher = attrs.field(default=DONE, validator=_check_next)
+    targets: tuple[str, ...] = attrs.field(default=(), converter=_targets)
+    key: str | None = attrs.field(default=None, validator=_check_key)
+    max_attempts: int = attrs.field(default=3, validator=_check_attempts)
     on_too_many: Literal["cancel", "restart"] = attrs.field(
         default="cancel", validator=_on_too_many
     )
-    invalid_message: str = INVALID_TEXT
+    invalid_message: str = attrs.field(default=INVALID_TEXT, validator=_check_text)
     accepts: tuple[str, ...] = attrs.field(default=("text",), converter=_accepts)
-    wrong_kind_message: str | None = None
+    wrong_kind_message: str | None = attrs.field(default=None, validator=_check_text)
     name: str = attrs.field(default="", init=False)
     owners: list[tuple[type, str]] = attrs.field(factory=list, init=False, repr=False)
     _calls: dict[str, Call] = attrs.field(factory=dict, init=False, repr=False)
@@ -358,7 +406,7 @@ class Flow:
         for klass in reversed(cls.__mro__):
             steps.update({a: v for a, v in vars(klass).items() if isinstance(v, Step)})
         cls.steps = steps
-        if not isinstance(cls.__dict__.get("name"), str) or not cls.__dict__.get("name"):
+        if "name" not in cls.__dict__:
             cls.name = _snake(cls.__name__)
         cls.hooks = {hook: _hook_call(cls, hook) for hook in HOOKS}
         if abstract:
@@ -385,6 +433,7 @@ class Flow:
                     "give each flow its own Step (Step.copy() makes one)",
                     flow=flow,
                 )
+        cls._check_attributes()
         for attr in ("timeout", "reminder"):
             value = getattr(cls, attr)
             if value is not None and (not isinstance(value, timedelta) or value <= timedelta(0)):
@@ -427,6 +476,30 @@ class Flow:
             raise InvalidFlowDefinition(f"unreachable steps: {', '.join(unreachable)}", flow=flow)
         if DONE not in {t for s in steps.values() for t in s.possible_targets()}:
             raise InvalidFlowDefinition("no step leads to DONE: the flow never ends", flow=flow)
+
+    @classmethod
+    def _check_attributes(cls) -> None:
+        """The class attributes a subclass may set: right types; command words casefolded."""
+        flow = cls.__name__
+        name: object = cls.name
+        if not isinstance(name, str) or not name:
+            raise InvalidFlowDefinition(f"name must be a non-empty str, not {name!r}", flow=flow)
+        requires_auth: object = cls.requires_auth
+        if not isinstance(requires_auth, bool):
+            raise InvalidFlowDefinition(
+                f"requires_auth must be True or False, not {requires_auth!r}", flow=flow
+            )
+        for attr in ("cancel_words", "back_words", "restart_words"):
+            words = getattr(cls, attr)
+            if isinstance(words, str) or not isinstance(words, Iterable):
+                raise InvalidFlowDefinition(
+                    f"{attr} must be a set of words, not {words!r} (a str would match letters)",
+                    flow=flow,
+                )
+            words = frozenset(words)
+            if not all(isinstance(w, str) and w.strip() for w in words):
+                raise InvalidFlowDefinition(f"{attr} must hold non-empty str words", flow=flow)
+            setattr(cls, attr, frozenset(w.strip().casefold() for w in words))
 
     @classmethod
     def async_callables(cls) -> list[str]:

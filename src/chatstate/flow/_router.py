@@ -114,6 +114,16 @@ class MenuItem:
         return not (self.guest_only and authenticated)
 
 
+def _menu_items(items: Any) -> tuple[MenuItem, ...]:
+    if isinstance(items, MenuItem) or not isinstance(items, Iterable):
+        raise UsageError(f"Menu(body, items) takes a list of MenuItem, not {items!r}")
+    found: tuple[MenuItem, ...] = tuple(items)
+    for item in found:
+        if not isinstance(item, MenuItem):
+            raise UsageError(f"Menu items must be MenuItem objects, not {item!r}")
+    return found
+
+
 @attrs.frozen
 class Menu:
     """A menu: up to three items become reply buttons, more become a list (at most ten).
@@ -122,11 +132,17 @@ class Menu:
     """
 
     body: str
-    items: tuple[MenuItem, ...] = attrs.field(converter=tuple)
+    items: tuple[MenuItem, ...] = attrs.field(converter=_menu_items)
     button: str = "Menu"
 
     def __attrs_post_init__(self) -> None:
         ids = [item.id for item in self.items]
+        titles = [item.title.casefold() for item in self.items]
+        if len(set(titles)) != len(titles):
+            raise InvalidScreenError(
+                f"menu {self.body[:30]!r} has two items whose titles differ only in case "
+                "(typed titles are matched whatever the case)"
+            )
         if len(set(ids)) != len(ids):
             raise InvalidScreenError(f"menu {self.body[:30]!r} repeats an item id")
         self.screen()
@@ -261,7 +277,7 @@ class _RouterCore(Generic[DepsT]):
     login_first_text: str
     reminder_text: str
 
-    def __init__(  # noqa: C901, PLR0912 - every option is explicit and checked
+    def __init__(  # noqa: C901, PLR0912, PLR0915 - every option is explicit and checked
         self,
         service: Any,
         *,
@@ -293,8 +309,11 @@ class _RouterCore(Generic[DepsT]):
         self.main_menu = main_menu
         self.auth_menu = auth_menu or main_menu
         self.deps = deps
-        if isinstance(greetings, str):
-            raise UsageError("greetings takes a collection of words, not one str")
+        if isinstance(greetings, str) or not isinstance(greetings, Iterable):
+            raise UsageError(f"greetings takes a collection of words, not {greetings!r}")
+        greetings = tuple(greetings)
+        if not all(isinstance(g, str) for g in greetings):
+            raise UsageError("greetings takes words (str)")
         self.greetings = frozenset(g.casefold() for g in greetings)
         field = token_field if token_field is not None else self.rules.token_field
         if not isinstance(field, str) or not field:
@@ -332,6 +351,8 @@ class _RouterCore(Generic[DepsT]):
         for menu in (self.main_menu, self.auth_menu):
             every.extend(menu.walk())
         self.items = tuple(dict.fromkeys(every))
+        if isinstance(flows, type) or not isinstance(flows, Iterable):
+            raise UsageError(f"flows= takes a list of Flow subclasses, not {flows!r}")
         for flow_cls in [i.flow for i in self.items if i.flow is not None] + list(flows):
             if (
                 not (isinstance(flow_cls, type) and issubclass(flow_cls, Flow))  # type: ignore[redundant-expr]  # callers may be untyped

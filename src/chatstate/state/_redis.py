@@ -187,6 +187,22 @@ def _hashed_keys(namespace: str, secret: bytes, user_id: str) -> tuple[str, str,
     return base, base + ":ops", base + ":claim"
 
 
+def _check_client_options(options: dict[str, Any]) -> None:
+    """The connection options chatstate reads itself, checked before redis-py sees them."""
+    cluster = options.get("cluster", False)
+    if not isinstance(cluster, bool):
+        raise ConfigurationError(f"cluster must be True or False, not {cluster!r}")
+    most = options.get("max_connections", 50)
+    if isinstance(most, bool) or not isinstance(most, int) or most < 1:
+        raise ConfigurationError(f"max_connections must be a whole number >= 1, not {most!r}")
+    for name in ("pool_timeout", "socket_timeout", "socket_connect_timeout"):
+        value = options.get(name)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int | float) or not value > 0
+        ):
+            raise ConfigurationError(f"{name} must be positive seconds or None, not {value!r}")
+
+
 def _check_key_secret(secret: object) -> bytes | None:
     if secret is None:
         return None
@@ -696,6 +712,7 @@ class RedisBackend(_RedisBackendBase):
         to change how many sorted sets hold the deadline index.
         """
         options = dict(options)
+        _check_client_options(options)
         cluster = options.pop("cluster", False)
         resolve_attempts = options.pop("resolve_attempts", 2)
         deadline_shards = options.pop("deadline_shards", 16)
@@ -965,6 +982,7 @@ class AsyncRedisBackend(_RedisBackendBase):
     def from_url(cls, url: str, *, namespace: str = DEFAULT_NAMESPACE, **options: Any) -> Self:
         """See :meth:`RedisBackend.from_url`; also takes ``pipelining`` and ``lanes``."""
         options = dict(options)
+        _check_client_options(options)
         cluster = options.pop("cluster", False)
         own = {
             name: options.pop(name)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import uuid
 from typing import TYPE_CHECKING, Any
 
+from chatstate.exceptions import UsageError
 from chatstate.flow import AsyncRouter, Message, Router, Screen, render_text
 from chatstate.state import AsyncStateService
 from chatstate.state._service import SyncServiceAsAsync
@@ -78,6 +79,12 @@ class _ConversationBase:
             message_id=message_id if message_id is not None else f"{self._prefix}-{self._count}",
         )
 
+    def _check_user(self, message: Message) -> None:
+        if not isinstance(message, Message) or message.user_id != self.user_id:  # type: ignore[redundant-expr]  # callers may be untyped
+            raise UsageError(
+                f"this conversation is with {self.user_id!r}: send a Message of that user"
+            )
+
     @property
     def texts(self) -> list[str]:
         """The last replies rendered as plain text."""
@@ -113,6 +120,11 @@ class Conversation(_ConversationBase):
     """
 
     def __init__(self, router: Router, user_id: str = "test-user") -> None:
+        if not isinstance(router, Router):
+            raise UsageError(
+                f"Conversation takes a Router, not {type(router).__name__}; "
+                "use AsyncConversation for an AsyncRouter"
+            )
         super().__init__(user_id)
         self.router = router
 
@@ -128,6 +140,7 @@ class Conversation(_ConversationBase):
 
     def send_message(self, message: Message) -> list[str]:
         """Send any :class:`~chatstate.flow.Message` (a photo, a location); return the replies."""
+        self._check_user(message)
         self.replies = self.router.handle(message)
         return self.texts
 
@@ -145,6 +158,11 @@ class AsyncConversation(_ConversationBase):
     """The asyncio twin of :class:`Conversation`, for an :class:`~chatstate.flow.AsyncRouter`."""
 
     def __init__(self, router: AsyncRouter, user_id: str = "test-user") -> None:
+        if not isinstance(router, AsyncRouter):
+            raise UsageError(
+                f"AsyncConversation takes an AsyncRouter, not {type(router).__name__}; "
+                "use Conversation for a Router"
+            )
         super().__init__(user_id)
         self.router = router
         self._state: JSONObject = {}
@@ -157,6 +175,7 @@ class AsyncConversation(_ConversationBase):
 
     async def send_message(self, message: Message) -> list[str]:
         """See :meth:`Conversation.send_message`."""
+        self._check_user(message)
         self.replies = await self.router.handle(message)
         self._state = await self.router.service.get(self.user_id)
         return self.texts
