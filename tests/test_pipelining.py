@@ -258,3 +258,48 @@ def test_kill_and_aof_restart_lose_no_acknowledged_async_update(
         asyncio.run(main())
     finally:
         server.cleanup()
+
+
+SHUTDOWN_SCRIPT = """
+import asyncio, sys
+sys.path.insert(0, "tests")
+from chatstate import AsyncRedisBackend, AsyncStateService
+from chatstate.flow import AsyncRouter
+import test_router_exactly_once as t
+
+async def main():
+    backend = AsyncRedisBackend.from_url(sys.argv[1], namespace=sys.argv[2])
+    router = AsyncRouter(AsyncStateService(backend, t.RULES), main_menu=t.MENU, wait=0.001)
+    deliveries = t._deliveries(t._script(7), 7)
+    await asyncio.gather(*(router.handle(m) for m in deliveries))
+
+try:
+    asyncio.run(main())
+except Exception as exc:
+    print(type(exc).__name__)
+"""
+
+
+@pytest.mark.redis
+def test_asyncio_run_returns_when_a_task_fails_amid_pipelined_traffic(
+    redis_url: str, namespace: str
+) -> None:
+    """A handler fails amid pipelined traffic: asyncio.run cancels the rest and returns.
+
+    The pipeline's lanes must stop when cancelled even if a library call on the
+    way swallowed the CancelledError (the program used to hang here).
+    """
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", SHUTDOWN_SCRIPT, redis_url, namespace],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]

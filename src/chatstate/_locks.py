@@ -73,7 +73,8 @@ class AsyncKeyedLocks:
                 raise timeout
             else:
                 try:
-                    await asyncio.wait_for(lock.acquire(), wait)
+                    async with asyncio.timeout(wait):  # not wait_for: see _pipeline
+                        await lock.acquire()
                 except TimeoutError:
                     raise timeout from None
             try:

@@ -207,8 +207,12 @@ class AsyncConnections:
             if remaining is not None and remaining <= 0:
                 raise NotSent(f"all {self._max} connections are in use")
             freed.clear()
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a
+            # cancellation that arrives as the event is set, leaving a cancelled
+            # task running on (it hung asyncio.run's shutdown under load).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(freed.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await freed.wait()
             if self._idle:
                 return self._idle.pop()
         self._count += 1
@@ -369,6 +373,11 @@ class AutoPipeline:
             while True:
                 while lane.queue and not lane.busy:
                     await self._flush(lane)
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # Asked to stop, and a library call on the way swallowed the
+                    # CancelledError: stop anyway, or asyncio.run's shutdown waits forever.
+                    raise asyncio.CancelledError
                 lane.wake.clear()
                 await lane.wake.wait()
         finally:
