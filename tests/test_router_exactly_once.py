@@ -318,7 +318,9 @@ def test_load_with_duplicates_and_swaps_on_asyncio(redis_url: str, namespace: st
         service = _Recording(
             AsyncRedisBackend.from_url(redis_url, namespace=namespace), RULES, order=order
         )
-        router = AsyncRouter(service, main_menu=MENU)
+        router = AsyncRouter(
+            service, main_menu=MENU, wait=300
+        )  # correctness, not latency: a busy CI machine is slow
         replies: Counter[str] = Counter()
         rnd = random.Random(3)
 
@@ -361,7 +363,7 @@ def _process_worker(
             return claim
 
     service = Recording(RedisBackend.from_url(url, namespace=namespace), RULES)
-    router = Router(service, main_menu=MENU)
+    router = Router(service, main_menu=MENU, wait=300)
     replies: Counter[str] = Counter()
     work = list(deliveries)
 
@@ -422,7 +424,7 @@ def test_the_async_router_on_memory_answers_each_id_once() -> None:
             handled[user].append(str(message_id))
 
         service = _Recording(AsyncMemoryBackend(), RULES, order=order)
-        router = AsyncRouter(service, main_menu=MENU)
+        router = AsyncRouter(service, main_menu=MENU, wait=300)
         replies: Counter[str] = Counter()
 
         async def deliver(message: Message) -> None:
