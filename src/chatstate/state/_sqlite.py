@@ -100,6 +100,17 @@ _FILE_LOCKS: dict[str, threading.Lock] = {}
 _FILE_LOCKS_GUARD = threading.Lock()
 
 
+def _reset_file_locks() -> None:
+    # A child forked while a thread held a lock would otherwise wait on it forever.
+    global _FILE_LOCKS_GUARD  # noqa: PLW0603 - module state, reset in a forked child only
+    _FILE_LOCKS.clear()
+    _FILE_LOCKS_GUARD = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_file_locks)
+
+
 def _file_lock(path: str) -> threading.Lock:
     with _FILE_LOCKS_GUARD:
         lock = _FILE_LOCKS.get(path)
@@ -270,11 +281,13 @@ class SqliteBackend:
         if self._closed:
             raise UsageError(f"{self!r} is closed")
         if self._pid != os.getpid():
-            # A forked child must not use (or close) its parent's connections.
-            with self._guard:
-                self._conns = {}
-                self._local = threading.local()
-                self._pid = os.getpid()
+            # A forked child must not use (or close) its parent's connections, nor
+            # wait on a lock some thread of the parent held at the fork.
+            self._guard = threading.Lock()
+            self._conns = {}
+            self._local = threading.local()
+            self._write_lock = _file_lock(os.path.realpath(self.path))
+            self._pid = os.getpid()
         with _mapped(self.path):
             conn = self._connect()
         with self._guard:
@@ -286,8 +299,8 @@ class SqliteBackend:
         return conn
 
     def _init_schema(self) -> None:
+        conn = self._conn()
         with _mapped(self.path):
-            conn = self._conn()
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
             if not mode or str(mode[0]).lower() != "wal":
                 raise BackendError(f"could not put {self.path!r} in WAL mode (got {mode!r})")
@@ -307,8 +320,8 @@ class SqliteBackend:
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         """One ``BEGIN IMMEDIATE`` transaction: committed if the block returns, else rolled back."""
+        conn = self._conn()  # first: after a fork it replaces the write lock
         with _mapped(self.path), self._write_lock:
-            conn = self._conn()
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
@@ -682,6 +695,24 @@ class AsyncSqliteBackend:
         """See :meth:`SqliteBackend.due`."""
         return await asyncio.to_thread(self.store.due, now_ms, limit)
 
+    async def _try_lock(self, user_id: str, name: str, token: str, lease: float) -> bool:
+        """One attempt; a lock taken by an attempt whose caller was cancelled is given back."""
+        store = self.store
+        attempt = asyncio.ensure_future(
+            asyncio.to_thread(store.try_lock, user_id, name, token, lease)
+        )
+        try:
+            return await asyncio.shield(attempt)
+        except asyncio.CancelledError:
+            loop = asyncio.get_running_loop()
+
+            def give_back(done: asyncio.Future[bool]) -> None:
+                if not done.cancelled() and done.exception() is None and done.result():
+                    loop.run_in_executor(None, store.unlock, user_id, name, token)
+
+            attempt.add_done_callback(give_back)
+            raise
+
     @contextlib.asynccontextmanager
     async def lock(
         self, user_id: str, name: str, *, lease: float, wait: float
@@ -692,7 +723,7 @@ class AsyncSqliteBackend:
         loop = asyncio.get_running_loop()
         give_up = loop.time() + max(wait, 0)
         pause = 0.002
-        while not await asyncio.to_thread(store.try_lock, user_id, name, token, lease):
+        while not await self._try_lock(user_id, name, token, lease):
             left = give_up - loop.time()
             if left <= 0:
                 raise LockTimeoutError(f"another holder kept the {name!r} lock for {wait} s")
