@@ -272,3 +272,20 @@ def test_memory_paths_and_bad_options_are_refused(tmp_path: Path) -> None:
             SqliteBackend(bad)
     with pytest.raises(ConfigurationError):
         SqliteBackend(tmp_path / "x.db", busy_timeout=-1)
+
+
+def _increment_ten(svc: StateService) -> None:
+    for _ in range(10):
+        svc.increment("ana", "n")
+    svc.close()
+
+
+def test_a_forked_child_uses_its_own_connections(tmp_path: Path) -> None:
+    svc = StateService(SqliteBackend(tmp_path / "state.db"))
+    svc.update("ana", {"n": 0})
+    child = multiprocessing.get_context("fork").Process(target=_increment_ten, args=(svc,))
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0
+    assert svc.increment("ana", "n") == 11  # the parent's connection still works
+    svc.close()
