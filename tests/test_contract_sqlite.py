@@ -237,6 +237,8 @@ def test_corrupt_rows_raise_corrupt_state_and_nothing_is_written(tmp_path: Path)
     assert raw.execute("SELECT doc FROM chatstate_users WHERE user_id = 'ana'").fetchone() == (
         "{not json",
     )
+    svc.delete("bob", force=True)  # removes a corrupt op log along with the document
+    assert svc.update_once("bob", {"b": 2}, op_id="m1").applied
     raw.close()
     svc.close()
 

@@ -33,6 +33,7 @@ from chatstate.exceptions import (
 from chatstate.state._backend import (
     UNCHANGED,
     Acquire,
+    Delete,
     Lease,
     OpLog,
     OpRecord,
@@ -325,11 +326,13 @@ class SqliteBackend:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
+                conn.execute("COMMIT")
             except BaseException:
+                # Also after a failed COMMIT, which leaves the transaction open.
                 if conn.in_transaction:
-                    conn.execute("ROLLBACK")
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
                 raise
-            conn.execute("COMMIT")
 
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
@@ -372,23 +375,14 @@ class SqliteBackend:
         """Apply ``write`` atomically (one ``BEGIN IMMEDIATE`` transaction)."""
         with self._transaction() as db:
             now = self._now_ms()
-            row = db.execute(
-                "SELECT doc, version, size, expires_at FROM chatstate_users WHERE user_id = ?",
-                (user_id,),
-            ).fetchone()
-            current: Snapshot | None = None
-            size = 0
-            expires_at: int | None = None
-            if row is not None:
-                text, version, size, expires_at = row
-                if expires_at is not None and expires_at <= now:
-                    db.execute("DELETE FROM chatstate_users WHERE user_id = ?", (user_id,))
-                    size, expires_at = 0, None
-                else:
-                    if type(version) is not int or type(size) is not int:
-                        raise _corrupt(user_id, "chatstate_users", "a bad version or size")
-                    current = Snapshot.lazy(version, lambda: _decode_doc(user_id, text))
-            log, log_expires_at = self._read_log(db, user_id, now)
+            current, size, expires_at = self._read_doc(db, user_id, now)
+            try:
+                log, log_expires_at = self._read_log(db, user_id, now)
+            except CorruptStateError:
+                op = write.operation
+                if not (isinstance(op, Delete) and op.force):
+                    raise
+                log, log_expires_at = OpLog(), 0  # a forced delete replaces a corrupt log
             result = apply_write(current, log, write, now, size)
             data = result.data
             if data is not UNCHANGED:
@@ -410,6 +404,25 @@ class SqliteBackend:
                 self._write_log(db, user_id, log, log_expires_at)
             self._maybe_purge(db, now)
             return result.outcome
+
+    @staticmethod
+    def _read_doc(
+        db: sqlite3.Connection, user_id: str, now: int
+    ) -> tuple[Snapshot | None, int, int | None]:
+        """The live document (decoded when read), its size and expiry; drops an expired one."""
+        row = db.execute(
+            "SELECT doc, version, size, expires_at FROM chatstate_users WHERE user_id = ?",
+            (user_id,),
+        ).fetchone()
+        if row is None:
+            return None, 0, None
+        text, version, size, expires_at = row
+        if expires_at is not None and expires_at <= now:
+            db.execute("DELETE FROM chatstate_users WHERE user_id = ?", (user_id,))
+            return None, 0, None
+        if type(version) is not int or type(size) is not int:
+            raise _corrupt(user_id, "chatstate_users", "a bad version or size")
+        return Snapshot.lazy(version, lambda: _decode_doc(user_id, text)), size, expires_at
 
     @staticmethod
     def _read_log(db: sqlite3.Connection, user_id: str, now: int) -> tuple[OpLog, int]:
