@@ -6,12 +6,17 @@ Plus what only a file can show: several processes, reopening, locks across objec
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
+import shutil
 import sqlite3
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
+from hypothesis.stateful import invariant
 
 from chatstate.exceptions import (
     BackendError,
@@ -22,9 +27,11 @@ from chatstate.exceptions import (
     StoreBusyError,
     UsageError,
 )
-from chatstate.state import AsyncStateService, StateService
+from chatstate.state import AsyncStateService, StateService, stored_size
 from chatstate.state._sqlite import AsyncSqliteBackend, SqliteBackend
 from chatstate.testing import BackendContract
+from strategies import canonical
+from test_state_machine import RULES, ServiceModel
 
 
 class FakeClock:
@@ -291,3 +298,67 @@ def test_a_forked_child_uses_its_own_connections(tmp_path: Path) -> None:
     assert child.exitcode == 0
     assert svc.increment("ana", "n") == 11  # the parent's connection still works
     svc.close()
+
+
+# -- the state machine of tests/test_state_machine.py, on a file -------------------------
+
+
+class SqliteServiceModel(ServiceModel):
+    """The dict model against a service on a SqliteBackend (JSON must round-trip exactly)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.svc.close()
+        self.dir = Path(tempfile.mkdtemp())
+        self.backend = SqliteBackend(self.dir / "model.db")
+        self.svc = StateService(self.backend, rules=RULES)
+
+    @invariant()
+    def matches_model(self) -> None:
+        for user in ("ann", "bob", "a:{b}"):
+            snap = self.svc.snapshot(user)
+            assert canonical(snap.data) == canonical(self.docs.get(user, {}))
+            assert snap.version == self.versions.get(user, 0)
+            row = (
+                self.backend._conn()
+                .execute("SELECT size FROM chatstate_users WHERE user_id = ?", (user,))
+                .fetchone()
+            )
+            assert (row[0] if row else 0) == stored_size(snap.data)
+
+    def teardown(self) -> None:
+        self.svc.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+TestSqliteServiceModel = SqliteServiceModel.TestCase
+TestSqliteServiceModel.settings = settings(max_examples=25, stateful_step_count=20, deadline=None)
+
+
+def test_a_cancelled_async_lock_attempt_leaves_the_lock_free(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    sync = SqliteBackend(path)
+
+    async def main() -> None:
+        backend = AsyncSqliteBackend(path)
+        try:
+            for ticks in range(6):  # cancel at different points of the attempt
+                held = backend.lock("ana", "x", lease=30, wait=1)
+                task = asyncio.create_task(held.__aenter__())
+                for _ in range(ticks):
+                    await asyncio.sleep(0)
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                if not task.cancelled():  # it got the lock before the cancel landed
+                    await held.__aexit__(None, None, None)
+                await asyncio.sleep(0.05)  # a give-back runs in the executor
+                with sync.lock("ana", "x", lease=30, wait=1):
+                    pass
+        finally:
+            await backend.aclose()
+
+    try:
+        asyncio.run(main())
+    finally:
+        sync.close()
