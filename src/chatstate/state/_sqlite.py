@@ -50,6 +50,7 @@ from chatstate.typing import JSONObject
 __all__ = ["AsyncSqliteBackend", "SqliteBackend"]
 
 SCHEMA_VERSION: Final = 1
+MIN_SQLITE: Final = (3, 24, 0)
 
 _SCHEMA: Final = (
     # One row per user with a document. Times are milliseconds of the backend's clock.
@@ -237,6 +238,11 @@ class SqliteBackend:
         if self.path in ("", ":memory:") or self.path.startswith("file:"):
             raise ConfigurationError(
                 "SqliteBackend needs a file path (use MemoryBackend for a store in memory)"
+            )
+        if sqlite3.sqlite_version_info < MIN_SQLITE:
+            raise ConfigurationError(
+                f"SqliteBackend needs SQLite {'.'.join(map(str, MIN_SQLITE))} or later "
+                f"(for UPSERT); this Python links {sqlite3.sqlite_version}"
             )
         if not busy_timeout >= 0:
             raise ConfigurationError("busy_timeout must be >= 0 seconds")
