@@ -281,6 +281,10 @@ def test_memory_paths_and_bad_options_are_refused(tmp_path: Path) -> None:
             SqliteBackend(bad)
     with pytest.raises(ConfigurationError):
         SqliteBackend(tmp_path / "x.db", busy_timeout=-1)
+    with pytest.raises(ConfigurationError):
+        SqliteBackend(tmp_path / "x.db", purge_every=0)
+    with pytest.raises(ConfigurationError):
+        SqliteBackend(tmp_path / "x.db", synchronous="OFF")  # type: ignore[arg-type]
 
 
 def _increment_ten(svc: StateService) -> None:

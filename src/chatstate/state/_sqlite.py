@@ -246,6 +246,8 @@ class SqliteBackend:
             )
         if not busy_timeout >= 0:
             raise ConfigurationError("busy_timeout must be >= 0 seconds")
+        if not purge_every > 0:
+            raise ConfigurationError("purge_every must be > 0 seconds")
         if synchronous not in ("NORMAL", "FULL"):
             raise ConfigurationError('synchronous must be "NORMAL" or "FULL"')
         self._clock = clock
