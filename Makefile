@@ -63,6 +63,7 @@ bench: $(VENV)/.test-installed
 	$(BIN)/python benchmarks/bench_state.py
 	$(BIN)/python benchmarks/bench_state.py --parser python
 	$(BIN)/python benchmarks/bench_observe.py
+	$(BIN)/python benchmarks/bench_sqlite.py
 
 # The documentation site (mkdocs.yml) into site/; --strict makes every warning an error
 # (a broken link, a docstring parameter that does not exist).

@@ -51,6 +51,7 @@ from chatstate.state._service import (
     Claim,
     StateService,
 )
+from chatstate.state._sqlite import AsyncSqliteBackend, SqliteBackend
 
 __all__ = [
     "ERASED_PARTS",
@@ -67,6 +68,7 @@ __all__ = [
     "AsyncLocking",
     "AsyncMemoryBackend",
     "AsyncRedisBackend",
+    "AsyncSqliteBackend",
     "AsyncStateManager",
     "AsyncStateService",
     "Backend",
@@ -91,6 +93,7 @@ __all__ = [
     "Replace",
     "Reset",
     "Snapshot",
+    "SqliteBackend",
     "StateData",
     "StateManager",
     "StateService",
