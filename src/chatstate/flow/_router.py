@@ -82,12 +82,12 @@ class MenuItem:
 
     id: str
     title: str
-    flow: type[Flow] | None = None
-    submenu: Menu | None = None
-    handler: Handler | None = None
-    requires_auth: bool = False
-    guest_only: bool = False
-    description: str | None = None
+    flow: type[Flow] | None = attrs.field(default=None, kw_only=True)
+    submenu: Menu | None = attrs.field(default=None, kw_only=True)
+    handler: Handler | None = attrs.field(default=None, kw_only=True)
+    requires_auth: bool = attrs.field(default=False, kw_only=True)
+    guest_only: bool = attrs.field(default=False, kw_only=True)
+    description: str | None = attrs.field(default=None, kw_only=True)
 
     def __attrs_post_init__(self) -> None:
         actions = [a for a in (self.flow, self.submenu, self.handler) if a is not None]
