@@ -2,12 +2,13 @@
 #   make demo   - run the demo bot on the in-memory backend (no server needed)
 #   make test   - lint, type-check and run the whole test suite
 # Others: make docs (the site, into site/), make dist (sdist and wheel, checked),
-#   make mindeps (the core suite against the oldest allowed runtime dependencies)
+#   make mindeps (the core suite against the oldest allowed runtime dependencies),
+#   make mutation (mutmut over the merge rules; slow, not part of make test)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint typecheck pytest wheel-check bench docs dist mindeps clean
+.PHONY: demo test lint typecheck pytest wheel-check bench docs dist mindeps mutation clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +25,10 @@ $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
 $(VENV)/.docs-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[docs]'
 	touch $@ $(VENV)/.demo-installed
+
+$(VENV)/.mutation-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test]' mutmut==3.8.1
+	touch $@ $(VENV)/.test-installed $(VENV)/.demo-installed
 
 $(VENV)/.release-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[release]'
@@ -93,5 +98,13 @@ mindeps:
 	.mindeps-venv/bin/python -m pytest tests -p no:cacheprovider -x -q -m "not slow" \
 		$(MINDEPS_IGNORE) $(MINDEPS_DESELECT) $(MINDEPS_ARGS)
 
+# Mutation testing (mutmut 3, configured in pyproject's [tool.mutmut]) of the merge
+# rules against the fast, server-free tests. Not part of `make test` or CI: it takes
+# minutes. mutmut keeps its results in mutants/; `mutmut show NAME` prints one mutant.
+MUTMUT_CHILDREN ?= 2
+mutation: $(VENV)/.mutation-installed
+	$(BIN)/mutmut run --max-children $(MUTMUT_CHILDREN)
+	$(BIN)/mutmut results
+
 clean:
-	rm -rf $(VENV) .wheel-venv .mindeps-venv site dist .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .wheel-venv .mindeps-venv site dist mutants .pytest_cache .mypy_cache .ruff_cache .hypothesis
