@@ -5,38 +5,37 @@ the error names), limits at their exact boundaries, the size bookkeeping, that
 stored data never aliases the caller's, ``diff`` round-tripping through ``merge``.
 Run ``make mutation`` to see the score.
 
-Surviving mutants judged equivalent (they cannot change behaviour):
+Surviving mutants judged equivalent (they cannot change behaviour); mutmut 3.8.1
+names, ``x_`` prefix and ``__mutmut_`` dropped (``mutmut show`` prints each one):
 
-- Error message wording (``"XX...XX"``, upper/lower-cased message literals) in
-  ``__attrs_post_init__``, ``_compile_object``, ``_check_guarded``, ``assign_edits``,
-  ``increment_path``, ``_check_not_preserved``, ``check_replacement``, ``_check_key``,
-  ``check_json``, ``_check_int_text``: the tests check what a message names (the
-  path, the type, the limit), not its wording.
-- ``_check_text``: ``encode("UTF-8")`` for ``encode("utf-8")``: codec names ignore case.
-- ``__attrs_post_init__``: ``range(len(p))`` for ``range(1, len(p))`` adds the
-  empty path to the preserved ancestors; a patch never names the empty path.
-- ``compile``: ``type(None) is not dict``: every patch is then copied with ``dict()``
-  first, same result (only slower). ``_compile_object``: ``type(None) is not str``
-  (every key goes through ``_check_key``), ``guarded or here in guarded`` (an empty
-  set holds nothing), ``kind is not int ... or kind is not float`` (ints and floats
-  also go through ``check_json``, which accepts them), ``value <= +_BIG_INT`` (every
-  int is checked), ``< -_BIG_INT`` / ``> _BIG_INT`` (``10**600`` itself has 601
-  digits, well under Python's 4300-digit limit); ``check_json`` the same three for
-  ints; ``check_json(value, here, None, ...)`` / ``(..., None)`` for a float or a big
-  int (those branches never read the depth): all only do more or less checking of
-  values that pass either way.
-- ``_exact_edits`` / ``_leaf_edits``: ``copy_json(value) if ... or True``: copying a
-  scalar returns it unchanged.
-- ``_drop_nones``: not recursing (``and False``, ``type(None) is dict``): a nested
-  ``None`` left in a replaced object compiles to a delete of a key the freshly made
-  object does not have, same document.
-- ``_apply`` with ``fresh``: not recording a copied or made object (``fresh.add(None)``,
-  ``fresh.add(id(None))``), or copying fresh objects again (``id(None) not in fresh``);
-  ``apply_edits_shared`` seeding ``fresh`` with ``{id(None)}``: the top-level copy is
-  never anyone's child. Only extra copies of objects this call made; same result,
-  the caller's document still untouched.
-- ``assign_edits``: ``len(values) >= self.max_entries``: every value makes at least two
-  edits, so that many values is refused by the edit count anyway (same error type).
+- Error message wording only (``"XX...XX"`` and case-changed literals; the tests
+  check what a message names, the path, type and limit, not its wording):
+  ``StateData.__attrs_post_init__`` 22, ``_check_guarded`` 18 19, ``assign_edits`` 20,
+  ``increment_path`` 13, ``_check_not_preserved`` 15 16, ``check_replacement`` 15 16,
+  ``_check_int_text`` 8 9 10, ``check_json`` 77 78 79.
+- ``_check_text`` 3: ``encode("UTF-8")`` for ``encode("utf-8")``; codec names ignore case.
+- ``__attrs_post_init__`` 27: ``range(len(p))`` adds the empty path to the preserved
+  ancestors, and no patch key ever makes the empty path.
+- Checks that only run more or less often on values that pass either way:
+  ``compile`` 1 (every patch copied with ``dict()`` first), ``_compile_object`` 14
+  (every key through ``_check_key``), 25 (``guarded or ...``: an empty set holds
+  nothing), 72 73 (ints and floats also through ``check_json``, which accepts them),
+  92 93 94 and ``check_json`` 15 16 17 (the big-int bound moved by one or dropped:
+  ``10**600`` has 601 digits, far under Python's 4300-digit limit, so ``str()``
+  succeeds), ``_compile_object`` 97 98 (``check_json`` of a float or big int never
+  reads the depth).
+- ``_exact_edits`` 26, ``_leaf_edits`` 13: ``copy_json(value) if ... or True``; copying
+  a scalar returns it unchanged.
+- ``_drop_nones`` 1 4 (no recursion): a nested ``None`` left in a replaced object
+  compiles to a delete of a key the freshly made object does not have; same document.
+- ``_apply`` 18 23 24 71 72, ``apply_edits_shared`` 11: copy-on-write bookkeeping;
+  the mutants only copy objects this call made once more (never recording them as
+  fresh, or copying fresh ones again; the top-level copy is never anyone's child).
+  Same result, the caller's document still untouched: only slower.
+- ``assign_edits`` 8 (``len(values) >= max_entries``): every value makes at least two
+  edits, so that many values is refused by the edit count anyway, same error type.
+- ``diff`` 8 10 (``old.get(key, None)``): ``value`` is never ``None`` there, so a missing
+  key still compares unequal.
 """
 
 from __future__ import annotations
