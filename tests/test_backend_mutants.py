@@ -32,8 +32,10 @@ from chatstate.state._backend import (
     Reset,
     Snapshot,
     Write,
+    apply_operation,
     apply_write,
 )
+from chatstate.state._codec import stored_size
 from chatstate.state._rules import SET
 
 NOW = 1_000_000
@@ -81,6 +83,8 @@ def test_a_first_write_is_applied_and_remembered_with_the_version_it_made() -> N
     assert result.log_changed
     assert log.records == {"op": OpRecord(1, 4, "n1", "d")}
     assert log.seq == 1
+    assert result.outcome.retry_after_ms == 0
+    assert result.size == stored_size(result.data)  # type: ignore[arg-type]
 
 
 def test_a_resend_of_the_same_call_is_applied_and_another_call_is_a_duplicate() -> None:
@@ -134,6 +138,7 @@ def test_a_claim_is_taken_when_free() -> None:
     result = apply_write(doc(), log, write(Acquire(5000), key="k"), NOW)
     assert result.outcome.status == "claimed"
     assert result.outcome.version == 3
+    assert result.outcome.retry_after_ms == 0
     assert result.outcome.snapshot == doc()
     assert result.log_changed
     assert result.data is UNCHANGED
@@ -278,7 +283,53 @@ def test_a_write_on_no_document_makes_version_one() -> None:
     result = apply_write(None, OpLog(), write(), NOW)
     assert result.outcome.version == 1
     assert result.data == {"a": 1}
-    assert result.size == 4  # "a" and "1"
+    assert result.size == stored_size({"a": 1})
+    result = apply_write(None, OpLog(), write(Increment(("n",), 5)), NOW)
+    assert result.data == {"n": 5}
+    assert result.size == stored_size({"n": 5})
+
+
+@pytest.mark.parametrize("known", [False, True], ids=["size-unknown", "size-known"])
+@pytest.mark.parametrize("shared", [False, True])
+def test_the_new_size_is_the_stored_size(known: bool, shared: bool) -> None:
+    data = {"x": 1, "o": {"n": 10}, "s": "text"}
+    operations = [
+        Edits(((SET, ("a",), "value"),)),
+        Increment(("o", "n"), 95),
+        Increment(("p", "q"), 1),
+        Reset((("x",),)),
+        Replace({"y": [1, 2]}, 3),
+    ]
+    for operation in operations:
+        current = Snapshot({**data, "o": dict(data["o"])}, 3)  # type: ignore[arg-type]
+        size = stored_size(current.data) if known else None
+        result = apply_write(current, OpLog(), write(operation), NOW, size, shared=shared)
+        assert result.size == stored_size(result.data), operation  # type: ignore[arg-type]
+        assert result.outcome.snapshot.version == 4
+
+
+def test_apply_operation_answers_status_data_and_size() -> None:
+    edits = Edits(((SET, ("a",), 1),))
+    size = stored_size({"x": 1, "a": 1})
+    assert apply_operation(doc(), edits, 100) == ("applied", {"x": 1, "a": 1}, size)
+    assert apply_operation(None, edits, 100, 0) == ("applied", {"a": 1}, stored_size({"a": 1}))
+    assert apply_operation(doc(), Delete(), 100) == ("applied", None, 0)
+    conflicting = Edits(edits.edits, expected_version=1)
+    assert apply_operation(doc(), conflicting, 100) == ("conflict", None, 0)
+    assert apply_operation(doc(), Replace({}, 1), 100) == ("conflict", None, 0)
+    with pytest.raises(StateTooLargeError) as info:
+        apply_operation(doc(), edits, 3)
+    assert (info.value.size, info.value.limit) == (size, 3)
+    with pytest.raises(TypeError, match="Acquire is not a document operation"):
+        apply_operation(doc(), Acquire(1), 100)  # type: ignore[arg-type]
+
+
+def test_a_snapshot_defaults_to_an_empty_document_at_version_zero() -> None:
+    assert Snapshot().version == 0
+    assert Snapshot().data == {}
+    assert Snapshot(None, 2).data == {}
+    assert Snapshot({}, 1) != Snapshot({}, 2)
+    assert Snapshot({"a": 1}, 1) != Snapshot({}, 1)
 
 
 @pytest.mark.parametrize("shared", [False, True])
@@ -291,21 +342,25 @@ def test_a_write_over_max_bytes_is_refused_and_not_remembered(shared: bool) -> N
 
 
 def test_a_shared_document_is_never_changed_and_snapshots_are_private() -> None:
-    stored = {"o": {"n": 1}, "l": [1]}
+    stored = {"o": {"n": 1, "p": {"q": 1}}, "l": [1]}
+    before = {"o": {"n": 1, "p": {"q": 1}}, "l": [1]}
     current = Snapshot(stored, 3)
     operations = [
         Edits(((SET, ("o", "m"), 2),)),
         Increment(("o", "n"), 1),
+        Increment(("o", "p", "q"), 1),
         Replace({"o": {"n": 5}}, 3),
     ]
     for operation in operations:
-        result = apply_write(current, OpLog(), write(operation), NOW, 20, shared=True)
-        assert stored == {"o": {"n": 1}, "l": [1]}
+        size = stored_size(stored)
+        result = apply_write(current, OpLog(), write(operation), NOW, size, shared=True)
+        assert stored == before
+        assert result.outcome.snapshot.version == 4
         result.outcome.snapshot.data["o"]["n"] = 99
         assert result.data != result.outcome.snapshot.data
     found = apply_write(current, OpLog(), write(Acquire(10)), NOW, shared=True)
     found.outcome.snapshot.data["o"]["n"] = 99
-    assert stored == {"o": {"n": 1}, "l": [1]}
+    assert stored == before
 
 
 # --- the log ------------------------------------------------------------------------
