@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import pytest
 
-from chatstate import OpIdReusedError, StateTooLargeError
+from chatstate import CounterError, OpIdReusedError, StateTooLargeError, UsageError
 from chatstate.state._backend import (
+    INT64_MAX,
+    INT64_MIN,
     OPS_TRIM_AT,
     REMEMBERED_OPS,
     UNCHANGED,
@@ -34,9 +36,12 @@ from chatstate.state._backend import (
     Write,
     apply_operation,
     apply_write,
+    check_deadline,
+    check_limit,
+    increment_in_place,
 )
 from chatstate.state._codec import stored_size
-from chatstate.state._rules import SET
+from chatstate.state._rules import SET, copy_json
 
 NOW = 1_000_000
 
@@ -388,3 +393,65 @@ def test_a_trimmed_id_is_applied_again() -> None:
     assert apply_write(doc(), log, write(key="k0", nonce="n2"), NOW).outcome.status == "applied"
     last = f"k{OPS_TRIM_AT - 1}"
     assert apply_write(doc(), log, write(key=last, nonce="n2"), NOW).outcome.status == "duplicate"
+
+
+# --- counters and argument checks -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("before", "path", "after"),
+    [
+        ({}, ("a", "b", "c"), {"a": {"b": {"c": 3}}}),
+        ({"a": {}}, ("a", "b", "c"), {"a": {"b": {"c": 3}}}),
+        ({"a": {"b": {"c": 1}}}, ("a", "b", "c"), {"a": {"b": {"c": 4}}}),
+        (
+            {"long_key": {"b": {}}},
+            ("long_key", "b", "c", "d"),
+            {"long_key": {"b": {"c": {"d": 3}}}},
+        ),
+        ({"long_key": {"bb": {"c": 7}}}, ("long_key", "bb", "c"), {"long_key": {"bb": {"c": 10}}}),
+    ],
+)
+def test_an_increment_makes_missing_parents_and_counts_its_size(
+    before: dict, path: tuple, after: dict
+) -> None:
+    doc = copy_json(before)
+    value, delta = increment_in_place(doc, path, 3)
+    assert doc == after
+    node = after
+    for key in path:
+        node = node[key]
+    assert value == node
+    assert delta == stored_size(after) - stored_size(before)
+
+
+def test_a_counter_at_the_int64_edges() -> None:
+    doc = {"n": INT64_MIN}
+    assert increment_in_place(doc, ("n",), 1)[0] == INT64_MIN + 1
+    with pytest.raises(CounterError, match=r"incrementing \$\.o\.n would overflow") as info:
+        increment_in_place({"o": {"n": INT64_MAX}}, ("o", "n"), 1)
+    assert (info.value.path, info.value.reason) == ("$.o.n", "overflow")
+    with pytest.raises(CounterError, match=r"value at \$\.o\.n \(or a parent\)") as info:
+        increment_in_place({"o": {"n": "1"}}, ("o", "n"), 1)
+    assert (info.value.path, info.value.reason) == ("$.o.n", "not_integer")
+    with pytest.raises(CounterError) as info:
+        increment_in_place({"o": None}, ("o", "n"), 1)
+    assert info.value.path == "$.o.n"
+
+
+def test_deadlines_are_whole_milliseconds_within_2_to_the_53() -> None:
+    for ok in (0, 2**53, -(2**53)):
+        assert check_deadline(ok) == ok
+    for bad in (2**53 + 1, -(2**53) - 1):
+        with pytest.raises(UsageError, match="within 2"):
+            check_deadline(bad)
+    for bad in (True, 1.0, "1"):
+        with pytest.raises(UsageError, match=f"not {bad!r}"):
+            check_deadline(bad)
+
+
+def test_a_limit_is_a_positive_whole_number() -> None:
+    assert check_limit(1) == 1
+    for bad in (0, -1, True, 1.0):
+        with pytest.raises(UsageError, match=f"not {bad!r}"):
+            check_limit(bad)
