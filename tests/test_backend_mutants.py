@@ -24,6 +24,7 @@ from chatstate.state._backend import (
     UNCHANGED,
     Acquire,
     Delete,
+    Document,
     Edits,
     Increment,
     Lease,
@@ -455,3 +456,37 @@ def test_a_limit_is_a_positive_whole_number() -> None:
     for bad in (0, -1, True, 1.0):
         with pytest.raises(UsageError, match=f"not {bad!r}"):
             check_limit(bad)
+
+
+# --- records and documents ------------------------------------------------------------
+
+
+def test_a_write_wants_the_document_back_unless_told() -> None:
+    assert write().want_document is True
+    assert Write(Delete(), "k", "n", "", None, 1, 1, want_document=False).want_document is False
+
+
+def test_a_document_compares_by_content_and_copies_deeply() -> None:
+    one = Document(Snapshot({"a": {"b": [1]}}, 1))
+    assert one == Document(Snapshot({"a": {"b": [1]}}, 2))
+    assert one != Document(Snapshot({"a": {"b": [2]}}, 1))
+    assert one == {"a": {"b": [1]}}
+    assert one != {"a": 1}
+    assert "a" in one
+    assert "b" not in one
+    copy = one.to_dict()
+    copy["a"]["b"].append(2)
+    assert one == {"a": {"b": [1]}}
+
+
+def test_a_documents_repr_hides_preserved_values() -> None:
+    data = {"jwt": "secret", "p": {"id": "hidden", "name": "shown"}, "s": "x", "q": 1}
+    preserved = frozenset({("jwt",), ("p", "id"), ("missing", "x"), ("q", "r"), ("s", "t", "u")})
+    shown = repr(Document(Snapshot(data, 1), preserved))
+    assert "secret" not in shown
+    assert "hidden" not in shown
+    assert shown == (
+        "{'jwt': <preserved>, 'p': {'id': <preserved>, 'name': 'shown'}, 's': 'x', 'q': 1}"
+    )
+    assert data == {"jwt": "secret", "p": {"id": "hidden", "name": "shown"}, "s": "x", "q": 1}
+    assert repr(Document(Snapshot(data, 1))) == repr(data)
