@@ -5,17 +5,38 @@ Written against the mutants mutmut found alive in ``chatstate.state._backend``
 these pin them down where a backend could not tell (equal timestamps, the exact
 trim point, what is remembered with which version).
 
-Surviving mutants judged equivalent are listed in the report of ``make mutation``
-runs and below, with a reason each:
+Surviving mutants judged equivalent (they cannot change behaviour); mutmut 3.8.1
+names, ``x_`` prefix and ``__mutmut_`` dropped (``mutmut show`` prints each one):
 
-(filled in after the run)
+- ``apply_write`` 1, ``_apply_document`` 1 (``shared=True`` by default): the shared
+  mode copies what it edits instead of editing in place; same outcome and data. The
+  unshared mode only *permits* in-place changes ("pass a copy you own").
+- ``_as_found`` 8: the document found is always handed out as a private copy; equal.
+- ``apply_write`` 25 31 (``size`` ``None``/1 in a result whose data is ``UNCHANGED``):
+  a backend reads ``size`` only when it stores ``data`` (``_memory.py``, docs/backends.md).
+- ``apply_write`` 149, ``apply_operation`` 5, ``_apply_document`` 31 35 64 67: the
+  document is measured whole instead of counting the change on top of a given
+  ``current_size``; same size whenever that size is the stored size, as documented.
+- ``apply_write`` 180 183, ``_as_found`` 2 5: ``Snapshot(None, 0)`` / ``Snapshot({})``
+  are ``Snapshot({}, 0)`` (the defaults, which a test pins).
+- ``increment_in_place`` 16: once a parent is missing, the ``get`` result is unused.
+- ``_mask`` 9 19: ``node`` is always a dict there (only dict children are walked into).
+- ``apply_write`` 44, ``check_deadline`` 15: error message wording ("XX...XX").
+- ``DeadlineIndex.schedule`` / ``due`` and their async twins, 1 each: default values
+  in Protocol stubs, whose bodies never run; implementations declare their own.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from chatstate import CounterError, OpIdReusedError, StateTooLargeError, UsageError
+from chatstate import (
+    CorruptStateError,
+    CounterError,
+    OpIdReusedError,
+    StateTooLargeError,
+    UsageError,
+)
 from chatstate.state._backend import (
     INT64_MAX,
     INT64_MIN,
@@ -30,6 +51,7 @@ from chatstate.state._backend import (
     Lease,
     OpLog,
     OpRecord,
+    Outcome,
     Release,
     Replace,
     Reset,
@@ -39,6 +61,7 @@ from chatstate.state._backend import (
     apply_write,
     check_deadline,
     check_limit,
+    corrupt,
     increment_in_place,
 )
 from chatstate.state._codec import stored_size
@@ -475,8 +498,11 @@ def test_a_document_compares_by_content_and_copies_deeply() -> None:
     assert "a" in one
     assert "b" not in one
     copy = one.to_dict()
+    assert copy == {"a": {"b": [1]}}
     copy["a"]["b"].append(2)
     assert one == {"a": {"b": [1]}}
+    nested = Document(Snapshot({"l": [[1, {"x": [2]}]]}, 1)).to_dict()
+    assert nested == {"l": [[1, {"x": [2]}]]}
 
 
 def test_a_documents_repr_hides_preserved_values() -> None:
@@ -490,3 +516,27 @@ def test_a_documents_repr_hides_preserved_values() -> None:
     )
     assert data == {"jwt": "secret", "p": {"id": "hidden", "name": "shown"}, "s": "x", "q": 1}
     assert repr(Document(Snapshot(data, 1))) == repr(data)
+
+
+def test_outcomes_compare_by_what_they_answer() -> None:
+    one = Outcome("applied", Snapshot({"a": 1}, 2), 2, value=5)
+    assert one == Outcome("applied", Snapshot({"a": 1}, 2), 2, value=5)
+    assert one != Outcome("applied", Snapshot({"a": 1}, 2), 2, value=6)
+    assert one != Outcome("duplicate", Snapshot({"a": 1}, 2), 2, value=5)
+    assert one != "applied"
+
+
+def test_reprs_name_keys_and_paths_but_no_values() -> None:
+    assert repr(Snapshot({"b": "secret", "a": 1}, 3)) == "Snapshot(version=3, keys=['a', 'b'])"
+    edits = Edits(((SET, ("a", "b"), "secret"), (SET, ("c",), 1)))
+    assert repr(edits) == "Edits(s:a.b, s:c)"
+    assert (
+        repr(Replace({"b": "secret", "a": 1}, 4)) == "Replace(expected_version=4, keys=['a', 'b'])"
+    )
+
+
+def test_corrupt_names_the_key() -> None:
+    error = corrupt("user:1", "not a hash")
+    assert isinstance(error, CorruptStateError)
+    assert error.key == "user:1"
+    assert str(error).endswith("not a hash (key 'user:1'); nothing was written")
