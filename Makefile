@@ -2,12 +2,13 @@
 #   make demo   - run the demo bot on the in-memory backend (no server needed)
 #   make test   - lint, type-check and run the whole test suite
 # Others: make docs (the site, into site/), make dist (sdist and wheel, checked),
-#   make mindeps (the core suite against the oldest allowed runtime dependencies)
+#   make mindeps (the core suite against the oldest allowed runtime dependencies),
+#   make mutation (mutmut over the merge rules and op-id handling; slow, not in make test)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint typecheck pytest wheel-check bench docs dist mindeps clean
+.PHONY: demo test lint typecheck pytest wheel-check bench docs dist mindeps mutation clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +25,10 @@ $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
 $(VENV)/.docs-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[docs]'
 	touch $@ $(VENV)/.demo-installed
+
+$(VENV)/.mutation-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test]' mutmut==3.8.1
+	touch $@ $(VENV)/.test-installed $(VENV)/.demo-installed
 
 $(VENV)/.release-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[release]'
@@ -94,5 +99,16 @@ mindeps:
 	.mindeps-venv/bin/python -m pytest tests -p no:cacheprovider -x -q -m "not slow" \
 		$(MINDEPS_IGNORE) $(MINDEPS_DESELECT) $(MINDEPS_ARGS)
 
+# Mutation testing (mutmut 3, configured in pyproject's [tool.mutmut]) of the merge
+# rules (_rules.py) and the op-id handling (_backend.py) against the fast, server-free
+# tests. Not part of `make test` or CI: about 4 minutes on 2 cores. `mutmut results`
+# lists only survivors, each equivalent and explained at the top of
+# tests/test_rules_mutants.py or tests/test_backend_mutants.py. Results are kept in
+# mutants/ (rm -rf it after changing [tool.mutmut]); `mutmut show NAME` prints one.
+MUTMUT_CHILDREN ?= 2
+mutation: $(VENV)/.mutation-installed
+	$(BIN)/mutmut run --max-children $(MUTMUT_CHILDREN)
+	$(BIN)/mutmut results
+
 clean:
-	rm -rf $(VENV) .wheel-venv .mindeps-venv site dist .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .wheel-venv .mindeps-venv site dist mutants .pytest_cache .mypy_cache .ruff_cache .hypothesis

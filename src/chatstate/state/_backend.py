@@ -689,6 +689,8 @@ def _apply_document(  # noqa: C901, PLR0912 - one branch per operation
             return "conflict", None, 0, None
         if shared:
             data, size = apply_edits_shared(data, operation.edits, current_size or 0)
+            if current_size is None and current is not None:
+                size = None  # the edits only count the change: measured whole below
         elif current_size is not None or current is None:
             size = apply_edits_sized(data, operation.edits, current_size or 0)
         else:
