@@ -3,8 +3,11 @@
 A value is a secret when it sits in a preserved field the rules declare (a
 token, a profile held apart from the conversation), under a key whose name says
 so (``token``, ``secret``, ``password``, ``api_key``, ...), or looks like a JWT.
-Each secret string is replaced by ``"<secret sha256:...>"`` (its fingerprint, so
-two documents can still be compared); other secret values by ``"<secret>"``.
+Each secret string of at least 20 characters (a token: too much entropy to guess
+from a hash) is replaced by ``"<secret sha256:...>"`` (its fingerprint, so two
+documents can still be compared); shorter strings (a PIN, a password: a bare
+hash of them could be reversed by trying every value) and other secret values
+by ``"<secret>"``.
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ from chatstate.typing import JSONObject, Path
 __all__ = ["fingerprint", "looks_secret", "redact"]
 
 _SECRET_KEY: Final = re.compile(
-    r"(token|secret|passw(or)?d|passwd|jwt|api[_-]?key|credential|auth[_-]?code|\bpin\b|otp)",
+    r"(token|secret|passw(or)?d|passwd|\bpwd\b|jwt|api[_-]?key|credential|auth[_-]?code|"
+    r"authorization|bearer|cookie|session[_-]?id|private[_-]?key|\bpin|\botp|cvv|card[_-]?number)",
     re.IGNORECASE,
 )
+_FINGERPRINTED: Final = 20  # shortest string shown by its fingerprint
 _JWT: Final = re.compile(r"^[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*$")
 
 
@@ -38,7 +43,7 @@ def looks_secret(key: str, value: Any) -> bool:
 
 def _hide(value: Any) -> Any:
     if isinstance(value, str):
-        return f"<secret {fingerprint(value)}>"
+        return f"<secret {fingerprint(value)}>" if len(value) >= _FINGERPRINTED else "<secret>"
     if isinstance(value, dict):
         return {k: _hide(v) for k, v in value.items()}
     if isinstance(value, list):

@@ -36,6 +36,8 @@ from chatstate.state._backend import (
     WriteResult,
     apply_operation,
     apply_write,
+    check_deadline,
+    check_limit,
 )
 from chatstate.state._codec import stored_size
 from chatstate.state._manager import AsyncStateManager, StateManager
@@ -102,6 +104,8 @@ __all__ = [
     "apply_edits",
     "apply_operation",
     "apply_write",
+    "check_deadline",
+    "check_limit",
     "diff",
     "merge",
     "stored_size",

@@ -244,10 +244,15 @@ class SqliteBackend:
                 f"SqliteBackend needs SQLite {'.'.join(map(str, MIN_SQLITE))} or later "
                 f"(for UPSERT); this Python links {sqlite3.sqlite_version}"
             )
+        for name, value in (("busy_timeout", busy_timeout), ("purge_every", purge_every)):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigurationError(f"{name} must be a number of seconds, not {value!r}")
         if not busy_timeout >= 0:
             raise ConfigurationError("busy_timeout must be >= 0 seconds")
         if not purge_every > 0:
             raise ConfigurationError("purge_every must be > 0 seconds")
+        if not callable(clock):
+            raise ConfigurationError("clock must be a function returning Unix seconds")
         if synchronous not in ("NORMAL", "FULL"):
             raise ConfigurationError('synchronous must be "NORMAL" or "FULL"')
         self._clock = clock
