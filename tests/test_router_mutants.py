@@ -388,6 +388,11 @@ class Watched(Flow):
     only = Step("Watched?")
     seen: list[Any] = []  # noqa: RUF012 - a test's record
 
+    def on_timeout(self, data: dict[str, Any], ctx: Any) -> str:
+        assert self.ctx is ctx
+        ctx.start(Nudge)
+        return "Timed out; nudging."
+
     def on_reminder(self, data: dict[str, Any], ctx: Any) -> str:
         assert self.ctx is ctx
         if data.get("fail"):
@@ -478,9 +483,14 @@ def test_a_reminder_hook_sees_the_data_the_deadline_and_the_time(steps: Steps) -
     fired = router.due(now=now)
     assert [render_text(s) for _, r in fired for s in r] == ["Reminded at only."]
     assert Watched.seen == [({"k": 1}, f"deadline-{_ms(START + 5 * 60)}", now)]
-    router.due(now=START + 31 * 60)
+    late = START + 31 * 60
+    assert [render_text(s) for _, r in router.due(now=late) for s in r] == [
+        "Timed out; nudging.",
+        "Still?",
+    ]
     assert steps.seen[-2:] == [("watched", "only", "reminded"), ("watched", "only", "expired")]
-    assert _index(router) == []
+    assert router.service.get("ana")["flow"]["at"] == late  # the hook's flow starts now
+    assert _index(router) == [("ana", _ms(late + 5 * 60))]
 
 
 def test_due_skips_a_busy_user_at_once_and_goes_on() -> None:
@@ -545,3 +555,84 @@ def test_a_deadline_commit_found_duplicate_sends_nothing() -> None:
         assert render_text(fired[0]) == "Are you still there?"
     finally:
         _Claim.__init__ = original  # type: ignore[method-assign]
+
+
+def test_the_menu_screens_follow_the_login_and_the_language() -> None:
+    """Login-first shows the logged-out menu; a submenu is shown as the user sees it."""
+    more = Menu(
+        "More things",
+        [
+            MenuItem("join", "Join", guest_only=True, handler=lambda ctx: "Joined."),
+            MenuItem("faq", "FAQ", handler=lambda ctx: "Asked."),
+        ],
+    )
+    main = Menu(
+        "Main",
+        [
+            MenuItem("pay", "Pay", requires_auth=True, handler=lambda ctx: "Paid."),
+            MenuItem("more", "More", submenu=more),
+        ],
+    )
+    guest = Menu(
+        "Welcome",
+        [
+            MenuItem("login", "Log in", guest_only=True, handler=lambda ctx: "In."),
+            MenuItem("pay", "Pay", requires_auth=True, handler=lambda ctx: "Paid."),
+        ],
+    )
+    router = Router(
+        StateService(),
+        main_menu=main,
+        auth_menu=guest,
+        translations={"es": {"More things": "Más cosas"}},
+        token_field="token",
+    )
+    chat = Conversation(router, "ana")
+    router.service.update("ana", {"flow": 7})
+    assert chat.send("pay") == ["Please log in first.", "Welcome\n[Log in]\n[Pay]"]
+    assert chat.state["flow"] == 7
+    router.service.update("ana", {"token": "t", "language": "es"})
+    assert chat.send("more") == ["Más cosas\n[FAQ]"]
+
+
+def test_a_user_busy_elsewhere_waits_only_the_routers_wait() -> None:
+    import time
+
+    from chatstate import UserBusyError
+
+    router = _router(wait=0.05)
+    claim = router.service.claim("ana", "in-flight", lease=30)
+    started = time.monotonic()
+    with pytest.raises(UserBusyError):
+        router.handle(Message("ana", text="help", message_id="m1"))
+    assert time.monotonic() - started < 2
+    claim.release()
+
+
+def test_a_message_id_reused_for_other_content_is_refused() -> None:
+    from chatstate import OpIdReusedError
+
+    router = _router()
+    router.handle(Message("ana", text="help", message_id="m1"))
+    with pytest.raises(OpIdReusedError):
+        router.handle(Message("ana", text="order", message_id="m1"))
+
+
+def test_due_names_the_backend_without_an_index() -> None:
+    class Plain:
+        def __init__(self) -> None:
+            from chatstate import MemoryBackend
+
+            self.inner = MemoryBackend()
+
+        def load(self, user_id: str) -> Any:
+            return self.inner.load(user_id)
+
+        def apply(self, user_id: str, write: Any) -> Any:
+            return self.inner.apply(user_id, write)
+
+        def close(self) -> None:
+            pass
+
+    with pytest.raises(UsageError, match=r"^Plain keeps no deadline index"):
+        Router(StateService(Plain()), main_menu=MENU).due()
