@@ -584,14 +584,16 @@ def test_the_menu_screens_follow_the_login_and_the_language() -> None:
         StateService(),
         main_menu=main,
         auth_menu=guest,
-        translations={"es": {"More things": "Más cosas"}},
+        translations={"es": {"More things": "Más cosas", "Welcome": "Bienvenido"}},
         token_field="token",
     )
     chat = Conversation(router, "ana")
     router.service.update("ana", {"flow": 7})
     assert chat.send("pay") == ["Please log in first.", "Welcome\n[Log in]\n[Pay]"]
     assert chat.state["flow"] == 7
-    router.service.update("ana", {"token": "t", "language": "es"})
+    router.service.update("ana", {"language": "es"})
+    assert chat.send("pay") == ["Please log in first.", "Bienvenido\n[Log in]\n[Pay]"]
+    router.service.update("ana", {"token": "t"})
     assert chat.send("more") == ["Más cosas\n[FAQ]"]
 
 
@@ -636,3 +638,50 @@ def test_due_names_the_backend_without_an_index() -> None:
 
     with pytest.raises(UsageError, match=r"^Plain keeps no deadline index"):
         Router(StateService(Plain()), main_menu=MENU).due()
+
+
+def _took_over(service: StateService, user: str) -> bool:
+    """Whether another handler can take the user's claim now (after a short sleep)."""
+    import time
+
+    from chatstate import UserBusyError
+
+    time.sleep(0.1)
+    try:
+        other = service.claim(user, "taker", wait=0)
+    except UserBusyError:
+        return False
+    other.release()
+    return True
+
+
+def test_the_routers_lease_bounds_a_message_and_a_deadline() -> None:
+    """A handler outliving the router's lease loses the user to another handler."""
+    from chatstate import ClaimLostError
+
+    taken: list[bool] = []
+    service = StateService()
+
+    class Slow(Flow):
+        reminder = timedelta(minutes=5)
+        only = Step("Slow?")
+
+        def on_reminder(self, data: dict[str, Any]) -> str:
+            taken.append(_took_over(service, "ana"))
+            return "Late."
+
+    menu = Menu(
+        "M",
+        [
+            MenuItem("slow", "Slow", flow=Slow),
+            MenuItem(
+                "wait", "Wait", handler=lambda ctx: str(taken.append(_took_over(service, "ana")))
+            ),
+        ],
+    )
+    router = Router(service, main_menu=menu, lease=0.05, clock=Clock())
+    with pytest.raises(ClaimLostError):
+        router.handle(Message("ana", text="wait", message_id="m1"))
+    router.handle(Message("ana", text="slow", message_id="m2", timestamp=START))
+    router.due(now=START + 5 * 60)
+    assert taken == [True, True]
