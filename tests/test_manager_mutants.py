@@ -22,6 +22,7 @@ import pytest
 from chatstate import (
     AsyncMemoryBackend,
     ConfigurationError,
+    InvalidOpIdError,
     MemoryBackend,
     OpIdReusedError,
     PreservedFieldError,
@@ -122,6 +123,19 @@ def test_a_transaction_may_not_change_a_preserved_field() -> None:
 
     with pytest.raises(PreservedFieldError):
         service.transaction("ana", steal)
+
+    def other(doc: dict) -> None:
+        doc["other"] = 1
+
+    service.transaction("ana", other)
+    assert service.get("ana") == {"token": "t", "other": 1}
+
+
+def test_an_op_id_may_be_200_characters() -> None:
+    manager = _manager()
+    assert manager.update_write({"a": 1}, "x" * 200).op_id == "x" * 200
+    with pytest.raises(InvalidOpIdError, match="at most 200 characters"):
+        manager.update_write({"a": 1}, "x" * 201)
 
 
 # -- claims ----------------------------------------------------------------------------
