@@ -8,7 +8,23 @@ exact edges of reminders and timeouts.
 Surviving mutants judged equivalent (they cannot change behaviour); mutmut 3.8.1
 names, ``xǁ_RouterCoreǁ`` prefix and ``__mutmut_`` dropped (``mutmut show`` prints each):
 
-(filled in below after the run)
+- ``_plan`` 4 5, ``_continue`` 18: the word of a non-text message (its caption, or
+  ``"XXXX"``). ``_plan`` reads it only behind ``message.is_text``; in ``_continue``
+  ``"xxxx"`` matches no command word (only a flow declaring it one would differ).
+- ``_plan`` 11 16: a greeting with no active flow plans ``None`` instead of ``KEEP``;
+  the flow field is absent then, and both write nothing.
+- ``_plan`` 101 103: ``authenticated=None`` or left out is the default ``False``.
+- ``_continue`` 59, ``_expire`` 28, ``_fire`` 117 (``ctx.step or "XXXX"``) and
+  ``_fire`` 152 (``plan.outcome or "XXXX"``): the left side is never empty there.
+- ``_next_deadline`` 30 (``remind <= timeout``): ``Flow`` refuses a reminder that is
+  not before its timeout, so ``at + reminder`` is always under ``at + timeout + 1 ms``.
+- ``_due_event`` 10: with ``and``, only a ``"timeout"`` event goes on, and it comes
+  back unchanged; an unknown flow already has no event. 24: a reminder event
+  implies a valid ``at``, so the ``_at`` default is never used.
+- ``_fire`` 6 (``wait=None``): the manager treats a falsy wait as no wait, like 0.
+- ``_fire`` 118 (no following deadline after a reminder: unschedule): ``_settle``
+  indexes the reminded flow's next deadline (its timeout) right after.
+- ``due_with`` 4 5 6 7 14: error message wording ("XX...XX", case).
 """
 
 from __future__ import annotations
