@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from datetime import timedelta
 
 import pytest
 
@@ -42,6 +43,7 @@ from chatstate import (
     AsyncMemoryBackend,
     ConfigurationError,
     InvalidOpIdError,
+    InvalidUserIdError,
     MemoryBackend,
     OpIdReusedError,
     PreservedFieldError,
@@ -50,7 +52,7 @@ from chatstate import (
     UsageError,
 )
 from chatstate.state._backend import Acquire, Delete, Release, Reset
-from chatstate.state._manager import AsyncStateManager, StateManager, digest_text
+from chatstate.state._manager import AsyncStateManager, StateManager, _to_ms, digest_text, to_ms
 
 
 def _manager(**options: object) -> StateManager:
@@ -193,3 +195,39 @@ def test_a_released_claim_runs_again_and_a_committed_one_is_a_duplicate() -> Non
         third.update({"a": 2})
     with pytest.raises(OpIdReusedError):
         service.claim("ana", "m1", fingerprint="other")
+
+
+# -- checks of user ids and options ------------------------------------------------------
+
+
+def test_user_ids_are_checked_with_errors_that_say_why() -> None:
+    manager = StateManager(MemoryBackend(), StateData(max_user_id_length=5))
+    assert manager.user_id("abcde") == "abcde"
+    assert manager.user_id("cafe\u0301") == "caf\u00e9"  # NFC
+    for bad, why in (
+        (3, "must be a str, not int"),
+        ("", "must not be empty"),
+        ("\ud800", "valid unicode text"),
+        ("abcdef", "at most 5 characters, got 6"),
+    ):
+        with pytest.raises(InvalidUserIdError, match=why):
+            manager.user_id(bad)
+
+
+def test_max_attempts_is_a_whole_number_of_at_least_1() -> None:
+    assert _manager(max_attempts=1).max_attempts == 1
+    for bad in (0, True, "2", 1.5):
+        with pytest.raises(ConfigurationError, match=r"^max_attempts must be a whole number"):
+            _manager(max_attempts=bad)
+
+
+def test_durations_become_whole_milliseconds_within_ten_years() -> None:
+    assert _to_ms(0.5, "ttl") == 500
+    assert _to_ms(0.0001, "ttl") == 1
+    assert _to_ms(timedelta(seconds=2), "ttl") == 2000
+    assert _to_ms(10 * 365 * 24 * 3600, "ttl") == 10 * 365 * 24 * 3600 * 1000
+    for bad in ("1", True, None):
+        with pytest.raises(ConfigurationError, match=r"^ttl must be seconds or a timedelta"):
+            _to_ms(bad, "ttl")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match=r"^ttl must be seconds or a timedelta, got \[1\]"):
+        to_ms([1], "ttl")  # type: ignore[arg-type]  # unhashable: not through the cache
