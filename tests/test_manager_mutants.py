@@ -19,13 +19,16 @@ names, ``x_`` / ``xǁClassǁ`` prefix and ``__mutmut_`` dropped (``mutmut show``
   the claim's digest.
 - ``_ClaimCore.__init__`` 18 19, ``settle_commit`` 1 2 3: a closed claim's state
   becomes another value than ``"done"``; only ``!= "open"`` is ever tested.
-- Error message wording ("XX...XX", case, ``None``): ``write`` 21 22 23,
+- ``to_ms`` 4 5: the cached call made with the wrong arguments raises ``TypeError``,
+  which falls back to the uncached conversion: same value, same errors.
+- ``user_id`` 12: ``encode("UTF-8")``; codec names ignore case.
+- Error message wording ("XX...XX", case, ``None``): ``user_id`` 7 14,
   ``settle_commit`` 7 8 9 10 11, ``_open`` 5, ``StateManager.__init__`` 15 16 17.
 
 Not analysed (outside the op-id and claim scope of this file; they show in
 ``mutmut results``): ``observed`` (the observer wrapper), ``_outcome``, ``to_ms`` /
 ``_to_ms``, ``_attempts``, ``backoff``, ``busy``, ``busy_delay``, ``conflict``,
-``document``, ``user_id``. ``StateManager.claim``/``commit``/``release``/
+``document``. ``StateManager.claim``/``commit``/``release``/
 ``transaction`` and their async twins are not mutated at all: mutmut 3.8.1 skips
 decorated functions (they carry ``@observed``); the tests here pin the writes they
 send instead.
@@ -52,7 +55,14 @@ from chatstate import (
     UsageError,
 )
 from chatstate.state._backend import Acquire, Delete, Release, Reset
-from chatstate.state._manager import AsyncStateManager, StateManager, _to_ms, digest_text, to_ms
+from chatstate.state._manager import (
+    AsyncStateManager,
+    StateManager,
+    _to_ms,
+    digest_text,
+    new_op_id,
+    to_ms,
+)
 
 
 def _manager(**options: object) -> StateManager:
@@ -231,3 +241,16 @@ def test_durations_become_whole_milliseconds_within_ten_years() -> None:
             _to_ms(bad, "ttl")  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match=r"^ttl must be seconds or a timedelta, got \[1\]"):
         to_ms([1], "ttl")  # type: ignore[arg-type]  # unhashable: not through the cache
+
+
+def test_a_claim_stages_assignments_and_op_ids_are_fresh() -> None:
+    service = StateService()
+    claim = service.claim("ana", "m1")
+    claim.assign({"a": 1})
+    claim.commit()
+    assert service.get("ana") == {"a": 1}
+    with pytest.raises(UsageError, match="not open"):
+        claim.assign({"c": 1})
+    first, second = new_op_id(), new_op_id()
+    assert len(first) == 16
+    assert first != second
