@@ -3,7 +3,8 @@
 #   make test   - lint, type-check and run the whole test suite
 # Others: make docs (the site, into site/), make dist (sdist and wheel, checked),
 #   make mindeps (the core suite against the oldest allowed runtime dependencies),
-#   make mutation (mutmut over the merge rules and op-id handling; slow, not in make test)
+#   make mutation (mutmut over the merge rules, op-id handling, manager writes and router
+#   core; slow, not in make test)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -100,11 +101,13 @@ mindeps:
 		$(MINDEPS_IGNORE) $(MINDEPS_DESELECT) $(MINDEPS_ARGS)
 
 # Mutation testing (mutmut 3, configured in pyproject's [tool.mutmut]) of the merge
-# rules (_rules.py) and the op-id handling (_backend.py) against the fast, server-free
-# tests. Not part of `make test` or CI: about 4 minutes on 2 cores. `mutmut results`
-# lists only survivors, each equivalent and explained at the top of
-# tests/test_rules_mutants.py or tests/test_backend_mutants.py. Results are kept in
-# mutants/ (rm -rf it after changing [tool.mutmut]); `mutmut show NAME` prints one.
+# rules (_rules.py), the op-id handling (_backend.py), the manager's writes and claims
+# (_manager.py) and the router core (flow/_router.py) against the fast, server-free
+# tests. Not part of `make test` or CI: about 9 minutes on 2 cores. `mutmut results`
+# lists only survivors, explained at the top of tests/test_{rules,backend,manager,router}
+# _mutants.py (equivalent, or in _manager.py outside the op-id scope: not analysed).
+# Results are kept in mutants/ (rm -rf it after changing [tool.mutmut]); `mutmut show
+# NAME` prints one.
 MUTMUT_CHILDREN ?= 2
 mutation: $(VENV)/.mutation-installed
 	$(BIN)/mutmut run --max-children $(MUTMUT_CHILDREN)
