@@ -513,16 +513,18 @@ def test_a_reminder_hook_sees_the_data_the_deadline_and_the_time(steps: Steps) -
     assert _index(router) == [("ana", _ms(late + 5 * 60))]
 
 
-def test_due_skips_a_busy_user_at_once_and_goes_on() -> None:
-    import time
+def test_due_skips_a_busy_user_at_once_and_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    from chatstate.state import _manager
 
     router = _deadline_router(Clock())
     _start(router, "ana", "order")
     _start(router, "bo", "order")
     claim = router.service.claim("ana", "in-flight", lease=30)
-    started = time.monotonic()
+    naps: list[float] = []
+    monkeypatch.setattr(_manager.time, "sleep", naps.append)
     fired = router.due(now=START + 5 * 60)
-    assert time.monotonic() - started < 0.5
+    monkeypatch.undo()
+    assert naps == [], "due() waited for a busy user"
     claim.release()
     assert [u for u, _ in fired] == ["bo"]
 
@@ -617,17 +619,25 @@ def test_the_menu_screens_follow_the_login_and_the_language() -> None:
     assert chat.send("more") == ["Más cosas\n[FAQ]"]
 
 
-def test_a_user_busy_elsewhere_waits_only_the_routers_wait() -> None:
-    import time
-
+def test_a_user_busy_elsewhere_waits_only_the_routers_wait(monkeypatch: pytest.MonkeyPatch) -> None:
     from chatstate import UserBusyError
+    from chatstate.state import _manager
 
     router = _router(wait=0.05)
     claim = router.service.claim("ana", "in-flight", lease=30)
-    started = time.monotonic()
+    naps: list[float] = []
+    now = [0.0]
+
+    def sleep(seconds: float) -> None:  # a fake clock: no real time passes
+        naps.append(seconds)
+        now[0] += seconds
+
+    monkeypatch.setattr(_manager.time, "sleep", sleep)
+    monkeypatch.setattr(_manager.time, "monotonic", lambda: now[0])
     with pytest.raises(UserBusyError):
         router.handle(Message("ana", text="help", message_id="m1"))
-    assert time.monotonic() - started < 2
+    monkeypatch.undo()
+    assert sum(naps) <= 0.05, naps  # it waited the router's wait, not the default 10 s
     claim.release()
 
 
