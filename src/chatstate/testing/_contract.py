@@ -1,29 +1,7 @@
 """The backend contract suite (needs pytest); import it from :mod:`chatstate.testing`.
 
-Any backend, ours or yours, proves itself by subclassing :class:`BackendContract`
-in a pytest module and saying how to make one::
-
-    from chatstate.testing import BackendContract
-
-    class TestMyBackend(BackendContract):
-        @pytest.fixture(autouse=True)
-        def _store(self):
-            self.store = make_empty_store()  # one empty store per test
-            yield
-            self.store.drop()
-
-        def make_backend(self):
-            return MyBackend(self.store)
-
-        def make_async_backend(self):
-            return MyAsyncBackend(self.store)  # or None if there is no async twin
-
-Within one test every backend the two factories return must share that test's
-store: some tests write through a second backend to play a concurrent client.
-
-Every contract test runs twice: through :class:`~chatstate.StateService` over
-the sync backend and through :class:`~chatstate.AsyncStateService` over the
-async one. The tests need ``pytest`` (imported here) and nothing else.
+How to subclass :class:`BackendContract` is shown in :mod:`chatstate.testing`'s
+docstring and in docs/backends.md ("Writing a backend").
 """
 
 from __future__ import annotations
