@@ -118,7 +118,10 @@ def is_encrypted(value: object) -> bool:
 
 
 def key_id_of(value: object) -> str | None:
-    """The key id a well-formed version-1 token names, else ``None`` (plaintext, malformed)."""
+    """The key id a version-1 token names, else ``None`` (plaintext, malformed head).
+
+    Only the token's head is read: its body is checked when it is decrypted.
+    """
     if not is_encrypted(value):
         return None
     assert isinstance(value, str)
@@ -466,7 +469,8 @@ class FieldEncryption:
 
         Plaintext values at secret paths (written before encryption was on) are
         kept as they are. The input is never changed (objects on the way are
-        copied, the rest is shared).
+        copied, the rest is shared); when no value changes, ``doc`` itself is
+        returned.
 
         Raises:
             DecryptionError: a token cannot be decrypted (names user and field).
@@ -477,8 +481,9 @@ class FieldEncryption:
         """True when a secret path holds plaintext or a token of a key other than the current.
 
         This only reads the tokens' key ids (no decryption, so no user id is
-        needed): a malformed token also counts, and :meth:`reencrypt_document`
-        then raises for it.
+        needed and nothing is authenticated): a value that starts with
+        ``csenc:`` but names no valid key id counts, and
+        :meth:`reencrypt_document` then raises for it.
         """
         for path in secret:
             value = _lookup(doc, path)
@@ -587,4 +592,4 @@ def _fail(user_id: str, path: Path, key_id: str | None, reason: str, why: str) -
         path=where,
         key_id=key_id,
         reason=reason,
-    )
+    ) from None  # the cipher's or decoder's own error could quote plaintext bytes
