@@ -24,8 +24,9 @@ Rules the integration relies on:
 - **None carries no secret.** ``None`` at a secret path (a deletion marker in a
   patch, a cleared token) passes through unencrypted.
 - **Plaintext legacy.** On read, a value at a secret path that is not a token
-  (written before encryption was turned on) is returned as it is; a string that
-  starts with ``csenc:`` but is not a valid token is an error, not plaintext.
+  (written before encryption was turned on) is returned as it is, unless the
+  ring was built with ``accept_plaintext=False``; a string that starts with
+  ``csenc:`` but is not a valid token is an error, not plaintext.
   :meth:`FieldEncryption.reencrypt_document` encrypts such values.
 - **Errors never show secrets.** :class:`DecryptionError` names the user, the
   field and the key id; never the token, the plaintext or a key.
@@ -89,8 +90,9 @@ class DecryptionError(StateError):
         user_id: The user whose document holds the field.
         path: The field, such as ``$.jwt_token``.
         key_id: The key id the token names, or ``None`` when it names none.
-        reason: ``"unknown_key"``, ``"authentication"``, ``"malformed"`` or
-            ``"unsupported_version"``.
+        reason: ``"unknown_key"``, ``"authentication"``, ``"malformed"``,
+            ``"unsupported_version"`` or ``"plaintext"`` (a plaintext value met
+            by a key ring built with ``accept_plaintext=False``).
     """
 
     default_action = "Failed to decrypt state"
@@ -189,10 +191,18 @@ def _key_bytes(key_id: str, key: object) -> bytes:
 
 
 def _b64decode(body: str) -> bytes | None:
+    """The bytes of unpadded URL-safe base64, or ``None``; only the canonical text is accepted.
+
+    Base64 text whose last character carries unused bits has twins that decode
+    to the same bytes: refusing them means that any changed character is caught.
+    """
     try:
-        return base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+        blob = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
     except (binascii.Error, ValueError):
         return None
+    if base64.urlsafe_b64encode(blob).rstrip(b"=").decode("ascii") != body:
+        return None
+    return blob
 
 
 class FieldEncryption:
@@ -211,6 +221,12 @@ class FieldEncryption:
         current: The id of the key new values are encrypted with. Required when
             there are several keys (a mapping's order is too easy to get wrong);
             with one key, that key.
+        accept_plaintext: Read a value at a secret path that is not a token as
+            plaintext written before encryption was turned on (the default).
+            Once every document is re-encrypted, ``False`` makes such a value an
+            error: otherwise anyone who can write to the store could put a
+            plaintext value of their choosing (a token of theirs) in a secret
+            field. :meth:`reencrypt_document` encrypts plaintext either way.
 
     Raises:
         ConfigurationError: no keys, a bad key id, a key that is not 32 bytes,
@@ -224,9 +240,15 @@ class FieldEncryption:
         )
     """
 
-    __slots__ = ("_ciphers", "_current")
+    __slots__ = ("_accept_plaintext", "_ciphers", "_current")
 
-    def __init__(self, keys: Mapping[str, bytes | str], *, current: str | None = None) -> None:
+    def __init__(
+        self,
+        keys: Mapping[str, bytes | str],
+        *,
+        current: str | None = None,
+        accept_plaintext: bool = True,
+    ) -> None:
         given: object = keys  # checked at run time too: it often comes from config files
         if not isinstance(given, Mapping) or not given:
             raise ConfigurationError("field encryption needs at least one key")
@@ -254,9 +276,12 @@ class FieldEncryption:
         aesgcm = _aesgcm_class()
         self._ciphers: dict[str, Any] = {key_id: aesgcm(raw) for key_id, raw in raws.items()}
         self._current: str = current
+        self._accept_plaintext = accept_plaintext
 
     @classmethod
-    def from_string(cls, spec: str, *, source: str = "the key list") -> FieldEncryption:
+    def from_string(
+        cls, spec: str, *, source: str = "the key list", accept_plaintext: bool = True
+    ) -> FieldEncryption:
         """A key ring from ``"id1:key1,id2:key2"``: base64 keys, newest (current) first.
 
         Spaces around entries are ignored. This is the form of
@@ -265,6 +290,7 @@ class FieldEncryption:
         Args:
             spec: The key list.
             source: What to call it in error messages (a variable's name).
+            accept_plaintext: As for the constructor.
 
         Raises:
             ConfigurationError: the list is empty or an entry is not ``id:key``
@@ -278,17 +304,23 @@ class FieldEncryption:
             if key_id in keys:
                 raise ConfigurationError(f"key id {key_id!r} appears twice in {source}")
             keys[key_id] = key
-        return cls(keys, current=next(iter(keys)))
+        return cls(keys, current=next(iter(keys)), accept_plaintext=accept_plaintext)
 
     @classmethod
     def from_env(
-        cls, name: str = DEFAULT_KEYS_VARIABLE, *, environ: Mapping[str, str] | None = None
+        cls,
+        name: str = DEFAULT_KEYS_VARIABLE,
+        *,
+        environ: Mapping[str, str] | None = None,
+        accept_plaintext: bool = True,
     ) -> FieldEncryption | None:
         """A key ring from an environment variable, or ``None`` when it is unset or blank.
 
         The variable holds ``"id1:key1,id2:key2"``, newest (current) key first,
         as :meth:`from_string` reads. ``None`` means encryption is off, so
         ``FieldEncryption.from_env()`` can be passed straight to the service.
+        ``environ`` stands in for ``os.environ``; ``accept_plaintext`` is as for
+        the constructor.
 
         Raises:
             ConfigurationError: the variable is set but malformed.
@@ -296,7 +328,7 @@ class FieldEncryption:
         value = (os.environ if environ is None else environ).get(name, "")
         if not value.strip():
             return None
-        return cls.from_string(value, source=f"${name}")
+        return cls.from_string(value, source=f"${name}", accept_plaintext=accept_plaintext)
 
     @staticmethod
     def generate_key() -> str:
@@ -313,8 +345,14 @@ class FieldEncryption:
         """Every configured key id, the current one first."""
         return (self._current, *(k for k in self._ciphers if k != self._current))
 
+    @property
+    def accept_plaintext(self) -> bool:
+        """Whether a value at a secret path that is not a token is read as plaintext."""
+        return self._accept_plaintext
+
     def __repr__(self) -> str:
-        return f"FieldEncryption(current={self._current!r}, key_ids={self.key_ids!r})"
+        strict = "" if self._accept_plaintext else ", accept_plaintext=False"
+        return f"FieldEncryption(current={self._current!r}, key_ids={self.key_ids!r}{strict})"
 
     # -- one value --------------------------------------------------------------
 
@@ -346,18 +384,30 @@ class FieldEncryption:
         return f"{PREFIX}{VERSION}:{key_id}:{body}"
 
     def decrypt(self, user_id: str, path: Path | str, value: JSON) -> JSON:
-        """The plaintext of a token; a value that is not a token is returned as it is.
+        """The plaintext of a token; ``None`` and (by default) plaintext are returned as they are.
 
         Raises:
             DecryptionError: the token names a key that is not configured, does
                 not authenticate (altered, another key under the same id, or
-                moved from another user or field), or is malformed.
+                moved from another user or field), or is malformed; or, with
+                ``accept_plaintext=False``, the value is not a token.
         """
-        if not is_encrypted(value):
+        return self._open(user_id, path, value, lenient=self._accept_plaintext)
+
+    def _open(self, user_id: str, path: Path | str, value: JSON, *, lenient: bool) -> JSON:
+        if value is None or (lenient and not is_encrypted(value)):
             return value
-        assert isinstance(value, str)
         path = _as_path(path)
         _check_user(user_id)
+        if not is_encrypted(value):
+            _fail(
+                user_id,
+                path,
+                None,
+                "plaintext",
+                "is not encrypted, and this key ring refuses plaintext (accept_plaintext=False)",
+            )
+        assert isinstance(value, str)
         match = _TOKEN.fullmatch(value)
         if match is None:
             _fail(user_id, path, None, "malformed", "is not a well-formed chatstate ciphertext")
@@ -512,7 +562,7 @@ class FieldEncryption:
         def redo(path: Path, value: JSON) -> JSON:
             if key_id_of(value) == self._current:
                 return value
-            return self.encrypt(user_id, path, self.decrypt(user_id, path, value))
+            return self.encrypt(user_id, path, self._open(user_id, path, value, lenient=True))
 
         return self._transform(doc, (), secret, redo)
 
