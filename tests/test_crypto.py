@@ -598,3 +598,81 @@ def test_a_missing_cryptography_names_the_extra() -> None:
     )
     run = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     assert run.stdout.strip() == "refused"
+
+
+# -- strict mode and tampering with the text ------------------------------------------
+
+ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_:.="
+
+
+def test_every_changed_character_of_a_token_is_caught_in_strict_mode() -> None:
+    """With accept_plaintext=False, any one-character change anywhere in the token raises."""
+    enc = FieldEncryption({"a": KEY_A, "b": KEY_B}, current="a", accept_plaintext=False)
+    for value in ("1", TOKEN, {"pin": "1234"}):
+        token = enc.encrypt("ana", ("jwt_token",), value)
+        for i, char in enumerate(token):
+            for other in {ALPHABET[(ALPHABET.index(char) + 1) % len(ALPHABET)], "A", "x", ":"}:
+                if other == char:
+                    continue
+                with pytest.raises(DecryptionError) as info:
+                    enc.decrypt("ana", ("jwt_token",), token[:i] + other + token[i + 1 :])
+                assert (info.value.user_id, info.value.path) == ("ana", "$.jwt_token")
+
+
+def test_a_changed_prefix_reads_as_plaintext_unless_strict() -> None:
+    """A token whose csenc: prefix is broken is plaintext to a lenient ring, an error to a strict one."""
+    lenient = ring("a")
+    token = lenient.encrypt("ana", ("jwt_token",), TOKEN)
+    broken = "X" + token[1:]
+    assert lenient.decrypt("ana", ("jwt_token",), broken) == broken
+    strict = FieldEncryption({"a": KEY_A}, accept_plaintext=False)
+    with pytest.raises(DecryptionError) as info:
+        strict.decrypt("ana", ("jwt_token",), broken)
+    assert (info.value.reason, info.value.key_id) == ("plaintext", None)
+    assert TOKEN not in str(info.value)
+
+
+def test_non_canonical_base64_twins_are_refused() -> None:
+    """A body whose last character differs only in unused bits is malformed, not accepted."""
+    enc = ring("a")
+    for value in ("", "12", "1234", TOKEN):
+        token = enc.encrypt("ana", ("jwt_token",), value)
+        text = token.rsplit(":", 1)[1]
+        if len(text) % 4 == 0:
+            continue
+        last = ALPHABET.index(text[-1])
+        twin = token[:-1] + ALPHABET[last ^ 1]
+        with pytest.raises(DecryptionError) as info:
+            enc.decrypt("ana", ("jwt_token",), twin)
+        assert info.value.reason == "malformed"
+
+
+def test_strict_mode_refuses_plaintext_but_not_none() -> None:
+    """accept_plaintext=False: plaintext at a secret path raises naming user and field; None passes."""
+    strict = FieldEncryption({"a": KEY_A}, accept_plaintext=False)
+    assert not strict.accept_plaintext
+    assert repr(strict) == "FieldEncryption(current='a', key_ids=('a',), accept_plaintext=False)"
+    assert strict.decrypt("ana", ("jwt_token",), None) is None
+    for value in ("1234", 1234, {"pin": "1"}):
+        with pytest.raises(
+            DecryptionError, match=r"\$\.profile\.pin of user 'ana' is not encrypted"
+        ):
+            strict.decrypt("ana", ("profile", "pin"), value)
+    doc = {"profile": {"pin": "1234"}, "jwt_token": None}
+    with pytest.raises(DecryptionError) as info:
+        strict.decrypt_document(doc, "ana", SECRET)
+    assert info.value.reason == "plaintext"
+    moved = strict.reencrypt_document(doc, "ana", SECRET)
+    assert strict.decrypt_document(moved, "ana", SECRET) == doc
+
+
+def test_strict_mode_reaches_rings_built_from_text() -> None:
+    """from_string and from_env pass accept_plaintext on."""
+    assert not FieldEncryption.from_string(f"a:{KEY_A}", accept_plaintext=False).accept_plaintext
+    env = {"CHATSTATE_KEYS": f"a:{KEY_A}"}
+    strict = FieldEncryption.from_env(environ=env, accept_plaintext=False)
+    assert strict is not None
+    assert not strict.accept_plaintext
+    lenient = FieldEncryption.from_env(environ=env)
+    assert lenient is not None
+    assert lenient.accept_plaintext
