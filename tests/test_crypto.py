@@ -26,8 +26,9 @@ from chatstate.state._crypto import (
     key_id_of,
     secret_paths,
 )
+from chatstate.state._rules import StateData, merge
 from conftest import register_secret
-from strategies import canonical, documents, json_values
+from strategies import canonical, documents, json_values, patches
 
 KEY_A = base64.urlsafe_b64encode(bytes(range(32))).decode()
 KEY_B = base64.urlsafe_b64encode(bytes(range(100, 132))).decode()
@@ -286,6 +287,36 @@ def test_documents_round_trip_without_touching_the_input(doc, user_id) -> None:
             node = node.get(key) if isinstance(node, dict) else None
         if isinstance(node, dict) and node.get(path[-1]) is not None:
             assert is_encrypted(node[path[-1]])
+
+
+@given(doc=documents(), patch=patches(), user_id=user_ids)
+def test_merging_encrypted_equals_merging_plaintext_with_replaced_secrets(
+    doc, patch, user_id
+) -> None:
+    """Decrypting merge(encrypted doc, encrypted patch) gives merge(doc, patch) with secrets replaced."""
+    secret = secret_paths(["jwt_token", "profile.id", "a"])
+    rules = StateData(replaced=secret)
+    enc = ring("a")
+    expected = merge(doc, patch, rules)
+    stored = merge(
+        enc.encrypt_document(doc, user_id, secret), enc.encrypt_patch(patch, user_id, secret), rules
+    )
+    assert canonical(enc.decrypt_document(stored, user_id, secret)) == canonical(expected)
+    for path in secret:
+        node = stored
+        for key in path[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and node.get(path[-1]) is not None:
+            assert key_id_of(node[path[-1]]) == "a"
+
+
+def test_none_members_of_an_object_patch_are_dropped_before_encryption() -> None:
+    """{"pin": {"old": None, "new": "1"}} stores {"new": "1"}, as a replaced field would."""
+    enc = ring("a")
+    out = enc.encrypt_patch(
+        {"profile": {"pin": {"old": None, "new": "1", "l": [None]}}}, "ana", SECRET
+    )
+    assert enc.decrypt("ana", "profile.pin", out["profile"]["pin"]) == {"new": "1", "l": [None]}
 
 
 def test_a_nested_patch_reaches_a_dotted_secret_path() -> None:

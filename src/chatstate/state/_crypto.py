@@ -484,8 +484,20 @@ class FieldEncryption:
         then replaces the stored one: secret fields are never deep-merged), and
         ``None`` (delete) passes through. A patch that replaces an ancestor by a
         non-object holds no value at the secret path, so nothing is encrypted.
+
+        An object sent to a secret path loses its ``None`` members (recursively,
+        not inside lists) before it is encrypted, as RFC 7396 does when an object
+        patch replaces a non-object: merging the encrypted patch and decrypting
+        gives what merging the plaintext patch gives when the secret fields are
+        *replaced* fields. Validate the plaintext patch (``StateData.compile``)
+        before encrypting it: limits and checks cannot see inside a ciphertext.
         """
-        return self._transform(dict(patch), (), secret, lambda p, v: self.encrypt(user_id, p, v))
+
+        def seal(path: Path, value: Any) -> str:
+            # What a replaced field would store: an object patch merged into nothing.
+            return self.encrypt(user_id, path, _drop_nones(value) if type(value) is dict else value)
+
+        return self._transform(dict(patch), (), secret, seal)
 
     def encrypt_value(self, at: Path, value: JSON, user_id: str, secret: Iterable[Path]) -> JSON:
         """Encrypt what ``value``, about to be written at ``at``, holds at secret paths.
@@ -623,6 +635,10 @@ def _aad(key_id: str, user_id: str, path: Path) -> bytes:
     return json.dumps(
         [_AAD_TAG, VERSION, key_id, user_id, list(path)], ensure_ascii=True, separators=(",", ":")
     ).encode("ascii")
+
+
+def _drop_nones(obj: JSONObject) -> JSONObject:
+    return {k: (_drop_nones(v) if type(v) is dict else v) for k, v in obj.items() if v is not None}
 
 
 def _lookup(doc: JSONObject, path: Path) -> Any:
