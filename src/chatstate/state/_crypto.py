@@ -19,8 +19,10 @@ A value at a secret path is stored as one ASCII string, a *token*::
 Rules the integration relies on:
 
 - **Whole values.** A secret field is replaced as a whole: a patch that sends an
-  object to a secret path encrypts that object and replaces the stored one (no
-  deep merge into, no append to, no increment of an encrypted value).
+  object to a secret path encrypts that object (without its ``None`` members)
+  and replaces the stored one, as for a *replaced* field (no deep merge into,
+  no append to, no increment of an encrypted value). Secret paths are checked
+  by :func:`secret_paths`: none may lie inside another.
 - **None carries no secret.** ``None`` at a secret path (a deletion marker in a
   patch, a cleared token) passes through unencrypted.
 - **Plaintext legacy.** On read, a value at a secret path that is not a token
@@ -42,7 +44,7 @@ import binascii
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any, Final, NoReturn
 
 from chatstate.exceptions import (
@@ -458,7 +460,9 @@ class FieldEncryption:
 
     # -- documents and patches ---------------------------------------------------
 
-    def encrypt_document(self, doc: JSONObject, user_id: str, secret: Iterable[Path]) -> JSONObject:
+    def encrypt_document(
+        self, doc: JSONObject, user_id: str, secret: Collection[Path]
+    ) -> JSONObject:
         """A copy of ``doc`` with the value at each secret path encrypted.
 
         Only paths present in ``doc`` (every ancestor an object) with a value
@@ -474,7 +478,7 @@ class FieldEncryption:
         return self._transform(doc, (), secret, lambda p, v: self.encrypt(user_id, p, v))
 
     def encrypt_patch(
-        self, patch: Mapping[str, Any], user_id: str, secret: Iterable[Path]
+        self, patch: Mapping[str, Any], user_id: str, secret: Collection[Path]
     ) -> JSONObject:
         """A copy of a merge patch with the values at secret paths encrypted whole.
 
@@ -499,7 +503,7 @@ class FieldEncryption:
 
         return self._transform(dict(patch), (), secret, seal)
 
-    def encrypt_value(self, at: Path, value: JSON, user_id: str, secret: Iterable[Path]) -> JSON:
+    def encrypt_value(self, at: Path, value: JSON, user_id: str, secret: Collection[Path]) -> JSON:
         """Encrypt what ``value``, about to be written at ``at``, holds at secret paths.
 
         For writes of one field (``set_preserved(path, value)``): ``at`` may be a
@@ -526,7 +530,9 @@ class FieldEncryption:
         result: JSON = out[at[-1]]
         return result
 
-    def decrypt_document(self, doc: JSONObject, user_id: str, secret: Iterable[Path]) -> JSONObject:
+    def decrypt_document(
+        self, doc: JSONObject, user_id: str, secret: Collection[Path]
+    ) -> JSONObject:
         """A copy of a stored document with each token at a secret path decrypted.
 
         Plaintext values at secret paths (written before encryption was on) are
@@ -539,7 +545,7 @@ class FieldEncryption:
         """
         return self._transform(doc, (), secret, lambda p, v: self.decrypt(user_id, p, v))
 
-    def needs_reencryption(self, doc: JSONObject, secret: Iterable[Path]) -> bool:
+    def needs_reencryption(self, doc: JSONObject, secret: Collection[Path]) -> bool:
         """True when a secret path holds plaintext or a token of a key other than the current.
 
         This only reads the tokens' key ids (no decryption, so no user id is
@@ -556,7 +562,7 @@ class FieldEncryption:
         return False
 
     def reencrypt_document(
-        self, doc: JSONObject, user_id: str, secret: Iterable[Path]
+        self, doc: JSONObject, user_id: str, secret: Collection[Path]
     ) -> JSONObject:
         """A copy of ``doc`` whose secret values are all encrypted with the current key.
 
@@ -582,7 +588,7 @@ class FieldEncryption:
         self,
         root: JSONObject,
         base: Path,
-        secret: Iterable[Path],
+        secret: Collection[Path],
         change: Callable[[Path, Any], Any],
     ) -> JSONObject:
         """Apply ``change(path, value)`` at each secret path present under ``root``.
