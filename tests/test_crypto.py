@@ -298,10 +298,13 @@ def test_merging_encrypted_equals_merging_plaintext_with_replaced_secrets(
     rules = StateData(replaced=secret)
     enc = ring("a")
     expected = merge(doc, patch, rules)
-    stored = merge(
-        enc.encrypt_document(doc, user_id, secret), enc.encrypt_patch(patch, user_id, secret), rules
-    )
+    before = canonical(patch)
+    sealed = enc.encrypt_patch(patch, user_id, secret)
+    assert canonical(patch) == before
+    stored = merge(enc.encrypt_document(doc, user_id, secret), sealed, rules)
+    stored_text = canonical(stored)
     assert canonical(enc.decrypt_document(stored, user_id, secret)) == canonical(expected)
+    assert canonical(stored) == stored_text
     for path in secret:
         node = stored
         for key in path[:-1]:
