@@ -90,7 +90,17 @@ return out
 """
 _SAFE_ID_CHARS: Final = "@+"  # plus quote()'s own: letters, digits and "_.-~"
 _STATUSES: Final = frozenset(
-    {"applied", "duplicate", "conflict", "claimed", "busy", "released", "lost"}
+    {
+        "applied",
+        "duplicate",
+        "conflict",
+        "claimed",
+        "busy",
+        "released",
+        "lost",
+        "stale_schema",
+        "newer_schema",
+    }
 )
 
 
@@ -213,6 +223,17 @@ def _check_key_secret(secret: object) -> bytes | None:
     return secret
 
 
+def _stored_schema(fields: list[str], values: list[Any], key: str) -> int:
+    """The schema version in a document hash's ``#m`` field (1 when it has none)."""
+    if "#m" not in fields:
+        return 1
+    raw = values[fields.index("#m")]
+    raw = raw.decode("ascii", "replace") if isinstance(raw, bytes) else str(raw)
+    if not (raw.isascii() and raw.isdigit()):
+        raise corrupt(key, "the schema field is not a whole number")
+    return int(raw)
+
+
 class _RedisCore:
     """The pure half of the Redis backends: keys and replies."""
 
@@ -250,6 +271,7 @@ class _RedisCore:
         raw = parts[2 * at + 1]
         if not (raw.isascii() and raw.isdigit()) or "#s" not in fields:
             raise corrupt(key, "the version or size field is not a whole number")
+        schema = _stored_schema(fields, parts[1::2], key)
 
         def decode() -> dict[str, Any]:
             try:
@@ -259,7 +281,7 @@ class _RedisCore:
                     f"the hash does not hold a chatstate document (key {key!r}): {exc}", key=key
                 ) from exc
 
-        return Snapshot.lazy(int(raw), decode)
+        return Snapshot.lazy(int(raw), decode, schema)
 
     @staticmethod
     def decode_dump(dump: str, key: str) -> dict[str, Any]:
@@ -312,6 +334,7 @@ class _RedisCore:
         version = version.decode("ascii", "replace") if isinstance(version, bytes) else version
         if not (version.isascii() and version.isdigit()) or "#s" not in fields:
             raise corrupt(key, "the version or size field is not a whole number")
+        schema = _stored_schema(fields, values, key)
 
         def decode() -> dict[str, Any]:
             try:
@@ -321,7 +344,7 @@ class _RedisCore:
                     f"the hash does not hold a chatstate document (key {key!r}): {exc}", key=key
                 ) from exc
 
-        return Snapshot.lazy(int(version), decode)
+        return Snapshot.lazy(int(version), decode, schema)
 
     def parse_apply(self, raw: Any, write: Write, key: str) -> Outcome:
         text = self._reply_text(raw, key)
@@ -348,14 +371,29 @@ class _RedisCore:
             raise BackendError(f"unexpected reply status {status!r} from the script")
         version, current, extra = int(parts[2]), int(parts[3]), parts[4]
         dump = parts[5] if len(parts) > 5 else ""
+        schema = 1
+        if write.schema is not None:
+            schema = self._reply_schema(status, write.schema, extra, dump, key)
         if write.want_document and dump:
-            snapshot = Snapshot.lazy(current, lambda: self.decode_dump(dump, key))
+            snapshot = Snapshot.lazy(current, lambda: self.decode_dump(dump, key), schema)
         else:
-            snapshot = Snapshot({}, current)
+            snapshot = Snapshot({}, current, schema)
         applied_now = status == "applied" and isinstance(op, Increment) and extra
         value = int(extra) if applied_now else None  # an earlier attempt's reply has none
+        if status in {"stale_schema", "newer_schema"}:
+            value = int(extra)
         retry = int(extra) if status == "busy" else 0
         return Outcome(status, snapshot, version, value=value, retry_after_ms=retry)  # type: ignore[arg-type]
+
+    @staticmethod
+    def _reply_schema(status: str, sent: int, extra: str, dump: str, key: str) -> int:
+        """The stored schema an apply reply tells of (only read when the write carried one)."""
+        if status in {"stale_schema", "newer_schema"}:
+            return int(extra)
+        if dump:
+            parts = dump.split("\n")
+            return _stored_schema(parts[0::2], parts[1::2], key)
+        return sent if status == "applied" else 1
 
     @staticmethod
     def _reply_text(raw: Any, key: str) -> str:
@@ -544,6 +582,7 @@ class _RedisBackendBase:
         return {**default_client_options(asynchronous=asynchronous), **options}
 
     kind = "redis"
+    stores_schema = True
 
     def describe(self) -> dict[str, Any]:
         """What observers may say of this backend (OpenTelemetry's database attributes)."""
