@@ -408,6 +408,18 @@ class _RedisCore:
         return corrupt(key, why)
 
 
+class _TagCore(_RedisCore):
+    """A core addressed by hash tag (the encoded id or keyed hash) instead of the user id.
+
+    For operator tools that find users by their keys (``chatstate migrate``), which
+    cannot turn a pseudonymous key back into its user id and need not.
+    """
+
+    def keys(self, user_id: str) -> list[str]:
+        base = f"{self.namespace}:{{{user_id}}}"
+        return [base, base + ":ops", base + ":claim"]
+
+
 @contextlib.contextmanager
 def map_redis_errors(  # noqa: C901, PLR0912, PLR0915 - one flat table of translations
     key: str, write: Write | None = None, *, unknown: bool = False
