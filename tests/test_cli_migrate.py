@@ -127,7 +127,11 @@ def test_migrate_reports_a_failing_document_and_leaves_it(
             assert "s3cr3t-value" not in out + err
         assert "already current: 12" in out
         snap = svc.manager.backend.load("broken")
-        assert (snap.version, snap.schema, snap.data) == (1, 1, {"bad": True, "secret": "s3cr3t-value"})
+        assert (snap.version, snap.schema, snap.data) == (
+            1,
+            1,
+            {"bad": True, "secret": "s3cr3t-value"},
+        )
     finally:
         svc.close()
 

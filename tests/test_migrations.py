@@ -259,7 +259,7 @@ def _clean(doc: JSONObject) -> JSONObject:
     patch=patches(),
     token=st.booleans(),
 )
-def test_an_old_document_reads_and_writes_as_if_migrated_in_python(
+def test_an_old_document_reads_and_writes_as_if_migrated_in_python(  # noqa: PLR0917 - Hypothesis
     make_backend: Callable[[], Any],
     start: JSONObject,
     old: int | None,

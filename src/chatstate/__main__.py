@@ -1135,9 +1135,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = add("users", cmd_users, "list the namespace's user ids, one a line (SCAN)")
     sub.add_argument("--json", action="store_true", help="each id as a JSON string")
 
-    sub = add(
-        "migrate", cmd_migrate, "bring every document to your rules' schema_version (SCAN)"
-    )
+    sub = add("migrate", cmd_migrate, "bring every document to your rules' schema_version (SCAN)")
     sub.add_argument(
         "--rules",
         metavar="MODULE:ATTR",

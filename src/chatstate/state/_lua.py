@@ -3,9 +3,9 @@
 Layout (see ``_codec``): a user's document is a hash whose fields are encoded
 paths and whose values are JSON text written by Python; ``#v`` holds the
 version, ``#s`` the stored size and ``#m``, when the document has one other
-than 1, its schema version (``StateData(schema_version=...)``). Lua compares and copies these strings but
-never decodes a value, so cjson cannot round a number, turn ``[]`` into ``{}``
-or escape a ``/``.
+than 1, its schema version (``StateData(schema_version=...)``). Lua compares
+and copies these strings but never decodes a value, so cjson cannot round a
+number, turn ``[]`` into ``{}`` or escape a ``/``.
 
 Beside it, in the same hash slot, the user's *operation log* is a small hash:
 ``#n`` counts the operations recorded so far and each remembered operation key

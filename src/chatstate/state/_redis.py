@@ -88,6 +88,7 @@ for i = 1, #KEYS do
 end
 return out
 """
+_SCHEMA_REFUSALS: Final = frozenset({"stale_schema", "newer_schema"})
 _SAFE_ID_CHARS: Final = "@+"  # plus quote()'s own: letters, digits and "_.-~"
 _STATUSES: Final = frozenset(
     {
@@ -371,24 +372,23 @@ class _RedisCore:
             raise BackendError(f"unexpected reply status {status!r} from the script")
         version, current, extra = int(parts[2]), int(parts[3]), parts[4]
         dump = parts[5] if len(parts) > 5 else ""
-        schema = 1
-        if write.schema is not None:
-            schema = self._reply_schema(status, write.schema, extra, dump, key)
+        schema = self._reply_schema(status, write.schema, extra, dump, key)
         if write.want_document and dump:
             snapshot = Snapshot.lazy(current, lambda: self.decode_dump(dump, key), schema)
         else:
             snapshot = Snapshot({}, current, schema)
         applied_now = status == "applied" and isinstance(op, Increment) and extra
-        value = int(extra) if applied_now else None  # an earlier attempt's reply has none
-        if status in {"stale_schema", "newer_schema"}:
-            value = int(extra)
+        # An earlier attempt's reply has no value; a schema refusal's is the stored schema.
+        value = int(extra) if applied_now or status in _SCHEMA_REFUSALS else None
         retry = int(extra) if status == "busy" else 0
         return Outcome(status, snapshot, version, value=value, retry_after_ms=retry)  # type: ignore[arg-type]
 
     @staticmethod
-    def _reply_schema(status: str, sent: int, extra: str, dump: str, key: str) -> int:
+    def _reply_schema(status: str, sent: int | None, extra: str, dump: str, key: str) -> int:
         """The stored schema an apply reply tells of (only read when the write carried one)."""
-        if status in {"stale_schema", "newer_schema"}:
+        if sent is None:
+            return 1
+        if status in _SCHEMA_REFUSALS:
             return int(extra)
         if dump:
             parts = dump.split("\n")

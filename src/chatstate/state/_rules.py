@@ -178,7 +178,8 @@ class StateData:
             if migrations:
                 raise ConfigurationError("migrations need a schema_version")
             return
-        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        ok = type(version) is int and version >= 1  # not isinstance: True is no version
+        if not ok:
             raise ConfigurationError(
                 f"schema_version must be a whole number of at least 1, got {version!r}"
             )

@@ -406,14 +406,12 @@ class SqliteBackend:
                 else:
                     if write.ttl_ms is not None:
                         expires_at = now + write.ttl_ms
+                    row = (user_id, _dumps(data), result.outcome.version, result.size)
                     db.execute(
                         "INSERT OR REPLACE INTO chatstate_users "
                         "(user_id, doc, version, size, expires_at, schema) "
                         "VALUES (?, ?, ?, ?, ?, ?)",
-                        (
-                            user_id, _dumps(data), result.outcome.version, result.size,
-                            expires_at, result.schema,
-                        ),  # fmt: skip
+                        (*row, expires_at, result.schema),
                     )
             if result.log_changed:
                 if not isinstance(write.operation, Acquire | Release):
@@ -430,8 +428,7 @@ class SqliteBackend:
     ) -> tuple[Snapshot | None, int, int | None]:
         """The live document (decoded when read), its size and expiry; drops an expired one."""
         row = db.execute(
-            "SELECT doc, version, size, expires_at, schema FROM chatstate_users "
-            "WHERE user_id = ?",
+            "SELECT doc, version, size, expires_at, schema FROM chatstate_users WHERE user_id = ?",
             (user_id,),
         ).fetchone()
         if row is None:
