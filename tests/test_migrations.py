@@ -573,3 +573,60 @@ def test_async_redis_twin_migrates_concurrent_tasks(redis_url: str, namespace: s
             await svc.aclose()
 
     asyncio.run(main())
+
+
+# -- the schema guard: the Lua script and apply_write agree ------------------------------
+
+GUARD_OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["update", "increment", "reset", "replace", "stale replace", "delete"]),
+        st.sampled_from([None, 1, 2, 3]),
+        st.booleans(),  # with an op id (sent twice) or not
+    ),
+    min_size=1,
+    max_size=12,
+)
+
+
+@pytest.mark.redis
+@settings(max_examples=80, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=GUARD_OPS)
+def test_the_lua_guard_and_apply_write_agree(redis_url: str, namespace: str, ops: Any) -> None:
+    """Random writes at random schemas: same statuses, versions, schemas and documents."""
+    user = _user()
+    memory = MemoryBackend()
+    redis_backend = RedisBackend.from_url(redis_url, namespace=namespace)
+    manager = StateService(memory, rules(None)).manager
+    try:
+        for step, (kind, schema, with_id) in enumerate(ops):
+            current = memory.load(user)
+            version = current.version if current is not None else 0
+            op_id = f"op{step % 3}" if with_id else None
+            if kind == "update":
+                write = manager.update_write({"k": step, "s": {"n": step}}, op_id)
+            elif kind == "increment":
+                write = manager.increment_write("count", 1, op_id)
+            elif kind == "reset":
+                write = manager.reset_write(op_id)
+            elif kind == "delete":
+                write = manager.delete_write(op_id)
+            else:
+                expect = version if kind == "replace" else version + 1
+                write = manager.write(Replace({"r": step}, expect), op_id)
+            write.schema = schema
+            got = []
+            for backend in (memory, redis_backend):
+                try:
+                    out = backend.apply(user, write)
+                except Exception as exc:  # noqa: BLE001 - compared below
+                    got.append(type(exc).__name__)
+                    continue
+                seen = (out.status, out.version, out.value)
+                if schema is not None:
+                    seen += (out.snapshot.schema,)
+                loaded = backend.load(user)
+                stored = None if loaded is None else (loaded.version, loaded.schema, loaded.data)
+                got.append((seen, stored))
+            assert got[0] == got[1], (kind, schema, got)
+    finally:
+        redis_backend.close()

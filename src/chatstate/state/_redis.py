@@ -372,7 +372,7 @@ class _RedisCore:
             raise BackendError(f"unexpected reply status {status!r} from the script")
         version, current, extra = int(parts[2]), int(parts[3]), parts[4]
         dump = parts[5] if len(parts) > 5 else ""
-        schema = self._reply_schema(status, write.schema, extra, dump, key)
+        schema = self._reply_schema(status, write.schema if current else None, extra, dump, key)
         if write.want_document and dump:
             snapshot = Snapshot.lazy(current, lambda: self.decode_dump(dump, key), schema)
         else:
@@ -385,7 +385,10 @@ class _RedisCore:
 
     @staticmethod
     def _reply_schema(status: str, sent: int | None, extra: str, dump: str, key: str) -> int:
-        """The stored schema an apply reply tells of (only read when the write carried one)."""
+        """The stored schema an apply reply tells of (only read when the write carried one).
+
+        ``sent`` is ``None`` too when there is no document (1, as for none stored).
+        """
         if sent is None:
             return 1
         if status in _SCHEMA_REFUSALS:
