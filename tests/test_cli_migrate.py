@@ -199,3 +199,48 @@ def test_migrate_needs_rules_and_a_positive_batch(
     )  # fmt: skip
     assert code == 2
     assert "--batch" in err
+
+
+def test_export_and_import_keep_the_schema_version(
+    capsys: pytest.CaptureFixture[str],
+    redis_url: str,
+    namespace: str,
+    rules_module: str,
+    tmp_path: Path,
+) -> None:
+    """An export names its schema; import stores it there and never over a newer schema."""
+    rules = StateData(schema_version=3, migrations={1: dict, 2: dict})
+    svc = StateService(RedisBackend.from_url(redis_url, namespace=namespace), rules)
+    svc.update("ana", {"a": 1})
+    assert svc.export("ana")["schema"] == 3
+    base = ["--redis", redis_url, "--namespace", namespace]
+    code, out, _ = run(capsys, "export", "ana", "--include-secrets", *base)
+    assert code == 0
+    assert '"schema": 3' in out
+    (tmp_path / "ana.json").write_text(out)
+    other = namespace + "x"
+    code, out, _ = run(
+        capsys, "import", str(tmp_path / "ana.json"), "--redis", redis_url, "--namespace", other
+    )
+    assert code == 0, out
+    target = RedisBackend.from_url(redis_url, namespace=other)
+    assert (target.load("ana").schema, target.load("ana").data) == (3, {"a": 1})
+    # A document stored at a newer schema is never replaced by an older export.
+    newer = StateService(
+        target, StateData(schema_version=5, migrations=dict.fromkeys(range(1, 5), dict))
+    )
+    newer.update("ana", {"b": 2})
+    code, _, err = run(
+        capsys, "import", str(tmp_path / "ana.json"), "--overwrite", "--redis", redis_url,
+        "--namespace", other,
+    )  # fmt: skip
+    assert code == 1
+    assert "schema version 5, newer than the export's 3" in err
+    assert target.load("ana").data == {"a": 1, "b": 2}
+    target.close()
+    svc.close()
+    # Without a schema, an export is as before: no "schema" key.
+    plain = StateService(RedisBackend.from_url(redis_url, namespace=namespace))
+    plain.update("bo", {"a": 1})
+    assert "schema" not in plain.export("bo")
+    plain.close()

@@ -618,7 +618,7 @@ def test_the_lua_guard_and_apply_write_agree(redis_url: str, namespace: str, ops
             for backend in (memory, redis_backend):
                 try:
                     out = backend.apply(user, write)
-                except Exception as exc:  # noqa: BLE001 - compared below
+                except Exception as exc:  # compared below
                     got.append(type(exc).__name__)
                     continue
                 seen = (out.status, out.version, out.value)

@@ -60,6 +60,7 @@ from chatstate.state import (
     StateData,
     StateService,
 )
+from chatstate.state._backend import Snapshot, Write
 from chatstate.state._lua import APPLY_SCRIPT, LOAD_SCRIPT
 from chatstate.state._redis import (
     _check_namespace,
@@ -364,17 +365,16 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
                 f"no state is stored for user {args.user_id!r} in namespace {args.namespace!r}"
             )
         data = snapshot.data if args.include_secrets else redact(snapshot.data, rules.preserved)
-    console.out(
-        _dump(
-            {
-                "chatstate_export": EXPORT_FORMAT,
-                "user_id": args.user_id,
-                "version": snapshot.version,
-                "secrets": "included" if args.include_secrets else "redacted",
-                "document": data,
-            }
-        )
-    )
+    export = {
+        "chatstate_export": EXPORT_FORMAT,
+        "user_id": args.user_id,
+        "version": snapshot.version,
+        "secrets": "included" if args.include_secrets else "redacted",
+        "document": data,
+    }
+    if snapshot.schema != 1:
+        export["schema"] = snapshot.schema  # the document's shape (docs/migrations.md)
+    console.out(_dump(export))
     return 0
 
 
@@ -395,7 +395,7 @@ def find_redacted(node: Any, path: str = "") -> str | None:
     return None
 
 
-def _read_export(source: str) -> tuple[str, int, dict[str, Any]]:
+def _read_export(source: str) -> tuple[str, int, dict[str, Any], int]:
     name = "standard input" if source == "-" else source
     try:
         text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
@@ -413,6 +413,8 @@ def _read_export(source: str) -> tuple[str, int, dict[str, Any]]:
         and isinstance(data.get("user_id"), str)
         and type(data.get("version")) is int
         and isinstance(data.get("document"), dict)
+        and type(data.get("schema", 1)) is int
+        and data.get("schema", 1) >= 1
     ):
         raise CommandError(
             f"{name} is not a chatstate export (chatstate_export, user_id, version, document)"
@@ -423,12 +425,20 @@ def _read_export(source: str) -> tuple[str, int, dict[str, Any]]:
             f"{name} holds a redacted secret (at {where}); importing it would store the "
             "placeholder: export with --include-secrets"
         )
-    return data["user_id"], data["version"], data["document"]
+    return data["user_id"], data["version"], data["document"], data.get("schema", 1)
 
 
 def cmd_import(args: argparse.Namespace, console: Console) -> int:
     """Write an export back, unless the stored document is as new or newer."""
-    user_id, version, document = _read_export(args.file)
+    user_id, version, document, schema = _read_export(args.file)
+
+    def write(current: Snapshot) -> Write:
+        # The document keeps the schema it was exported at: the bot migrates it from
+        # there, and a document stored at a newer schema is never replaced by it.
+        made = manager.replace_write(current, document, None)
+        made.schema = schema
+        return made
+
     with _service(args) as svc:
         manager = svc.manager
         for _attempt in range(5):
@@ -442,10 +452,13 @@ def cmd_import(args: argparse.Namespace, console: Console) -> int:
                     f"than the export's {version}; pass --overwrite to replace it"
                 )
             outcome = manager.apply(
-                user_id,
-                "Failed to import state",
-                functools.partial(manager.replace_write, current, document, None),
+                user_id, "Failed to import state", functools.partial(write, current)
             )
+            if outcome.status == "newer_schema":
+                raise CommandError(
+                    f"refused: {user_id!r} is stored at schema version {outcome.value}, newer "
+                    f"than the export's {schema}"
+                )
             if outcome.status == "applied":
                 console.out(f"imported {user_id!r}: now version {outcome.snapshot.version}")
                 return 0
