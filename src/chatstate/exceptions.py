@@ -48,7 +48,8 @@ state"``, ...) followed by why. Messages and attributes never carry the value of
 a field, a token or a password: they name paths and keys instead.
 
 Errors Python itself raises for programming mistakes inside *your* callables (a
-validator that raises ``KeyError``) pass through unchanged.
+validator that raises ``KeyError``) pass through unchanged, except inside a schema
+migration: that becomes a :class:`MigrationError` (the original chained as its cause).
 """
 
 from __future__ import annotations
