@@ -630,3 +630,31 @@ def test_the_lua_guard_and_apply_write_agree(redis_url: str, namespace: str, ops
             assert got[0] == got[1], (kind, schema, got)
     finally:
         redis_backend.close()
+
+
+def test_a_flow_carries_on_over_a_migrated_document() -> None:
+    """A conversation begun by the old bot continues under the new one (the claim migrates)."""
+    from chatstate.flow import Flow, Menu, MenuItem, Router, Step  # noqa: PLC0415
+    from chatstate.testing import Conversation  # noqa: PLC0415
+
+    class Greet(Flow):
+        name_ = Step("Your name?", key="name", next="city")
+        city = Step("Your city?", key="city")
+
+        def on_complete(self, data: dict[str, Any]) -> str:
+            return f"Hello {data['name']} from {data['city']}!"
+
+    menu = Menu("Hi!", [MenuItem("greet", "Greet", flow=Greet)])
+    store = MemoryBackend()
+    old = Conversation(Router(StateService(store), main_menu=menu), "ana")
+    assert old.send("greet") == ["Your name?"]
+    assert old.send("Ana") == ["Your city?"]
+
+    def add_language(doc: JSONObject) -> JSONObject:
+        return {**doc, "lang": "en"}
+
+    svc = StateService(store, StateData(schema_version=2, migrations={1: add_language}))
+    new = Conversation(Router(svc, main_menu=menu), "ana")
+    assert new.send("Porto") == ["Hello Ana from Porto!"]
+    assert svc.snapshot("ana").schema == 2
+    assert svc.get("ana")["lang"] == "en"
