@@ -634,8 +634,8 @@ def test_the_lua_guard_and_apply_write_agree(redis_url: str, namespace: str, ops
 
 def test_a_flow_carries_on_over_a_migrated_document() -> None:
     """A conversation begun by the old bot continues under the new one (the claim migrates)."""
-    from chatstate.flow import Flow, Menu, MenuItem, Router, Step  # noqa: PLC0415
-    from chatstate.testing import Conversation  # noqa: PLC0415
+    from chatstate.flow import Flow, Menu, MenuItem, Router, Step
+    from chatstate.testing import Conversation
 
     class Greet(Flow):
         name_ = Step("Your name?", key="name", next="city")
