@@ -25,6 +25,8 @@ from chatstate.state import AsyncCachedState
 def sync_api(svc: StateService) -> None:
     assert_type(svc.get("u"), dict[str, Any])
     assert_type(svc.snapshot("u"), Snapshot)
+    assert_type(svc.snapshot("u").schema, int)
+    assert_type(svc.rules.schema_version, int | None)
     assert_type(svc.update("u", {"a": 1}), Document)
     assert_type(svc.update_once("u", {"a": 1}, op_id="m1"), Outcome)
     assert_type(svc.update_once("u", {}, op_id=None).applied, bool)

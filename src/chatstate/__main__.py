@@ -13,6 +13,8 @@ Every command but ``mermaid`` takes ``--redis URL`` (or ``CHATSTATE_REDIS_URL``)
 - ``delete USER [--yes] [--force]``: remove a user's document.
 - ``erase USER [--yes]``: remove everything kept for a user, op ids included.
 - ``users [--json]``: every user id of the namespace, one a line (SCAN, never KEYS).
+- ``migrate --rules M:A [--dry-run] [--batch N]``: bring every document to the
+  rules' ``schema_version`` (see docs/migrations.md); exit status 1 if any failed.
 - ``stats [--sample N] [--json]``: users, memory per user, operation ids remembered.
 - ``doctor [--acl-user NAME] [--strict]``: what the server is, persistence,
   eviction, the ACL chatstate needs and whether the user has it, scripts,
@@ -44,6 +46,7 @@ from pathlib import Path
 from typing import Any, Final, NoReturn
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import attrs
 import redis
 import redis.exceptions as rex
 
@@ -57,10 +60,12 @@ from chatstate.state import (
     StateData,
     StateService,
 )
+from chatstate.state._backend import Snapshot, Write
 from chatstate.state._lua import APPLY_SCRIPT, LOAD_SCRIPT
 from chatstate.state._redis import (
     _check_namespace,
     _keys,
+    _TagCore,
     default_client_options,
     map_redis_errors,
 )
@@ -274,7 +279,11 @@ def parse_key(key: str, namespace: str) -> tuple[str, str] | None:  # noqa: PLR0
 
 
 def _scan(
-    client: Any, args: argparse.Namespace, console: Console, pattern_tail: str
+    client: Any,
+    args: argparse.Namespace,
+    console: Console,
+    pattern_tail: str,
+    count: int = _SCAN_COUNT,
 ) -> Iterator[tuple[Any, str, tuple[str, str]]]:
     """Every chatstate key of the namespace, on every primary: (node client, key, parsed)."""
     pattern = _glob_escape(args.namespace) + pattern_tail
@@ -283,7 +292,7 @@ def _scan(
     try:
         for where, node in nodes:
             with map_redis_errors("SCAN"):
-                for raw in node.scan_iter(match=pattern, count=_SCAN_COUNT):
+                for raw in node.scan_iter(match=pattern, count=count):
                     scanned += 1
                     console.progress(f"scanned {scanned} keys ({where})")
                     try:
@@ -356,17 +365,16 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
                 f"no state is stored for user {args.user_id!r} in namespace {args.namespace!r}"
             )
         data = snapshot.data if args.include_secrets else redact(snapshot.data, rules.preserved)
-    console.out(
-        _dump(
-            {
-                "chatstate_export": EXPORT_FORMAT,
-                "user_id": args.user_id,
-                "version": snapshot.version,
-                "secrets": "included" if args.include_secrets else "redacted",
-                "document": data,
-            }
-        )
-    )
+    export = {
+        "chatstate_export": EXPORT_FORMAT,
+        "user_id": args.user_id,
+        "version": snapshot.version,
+        "secrets": "included" if args.include_secrets else "redacted",
+        "document": data,
+    }
+    if snapshot.schema != 1:
+        export["schema"] = snapshot.schema  # the document's shape (docs/migrations.md)
+    console.out(_dump(export))
     return 0
 
 
@@ -387,7 +395,7 @@ def find_redacted(node: Any, path: str = "") -> str | None:
     return None
 
 
-def _read_export(source: str) -> tuple[str, int, dict[str, Any]]:
+def _read_export(source: str) -> tuple[str, int, dict[str, Any], int]:
     name = "standard input" if source == "-" else source
     try:
         text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
@@ -405,6 +413,8 @@ def _read_export(source: str) -> tuple[str, int, dict[str, Any]]:
         and isinstance(data.get("user_id"), str)
         and type(data.get("version")) is int
         and isinstance(data.get("document"), dict)
+        and type(data.get("schema", 1)) is int
+        and data.get("schema", 1) >= 1
     ):
         raise CommandError(
             f"{name} is not a chatstate export (chatstate_export, user_id, version, document)"
@@ -415,12 +425,20 @@ def _read_export(source: str) -> tuple[str, int, dict[str, Any]]:
             f"{name} holds a redacted secret (at {where}); importing it would store the "
             "placeholder: export with --include-secrets"
         )
-    return data["user_id"], data["version"], data["document"]
+    return data["user_id"], data["version"], data["document"], data.get("schema", 1)
 
 
 def cmd_import(args: argparse.Namespace, console: Console) -> int:
     """Write an export back, unless the stored document is as new or newer."""
-    user_id, version, document = _read_export(args.file)
+    user_id, version, document, schema = _read_export(args.file)
+
+    def write(current: Snapshot) -> Write:
+        # The document keeps the schema it was exported at: the bot migrates it from
+        # there, and a document stored at a newer schema is never replaced by it.
+        made = manager.replace_write(current, document, None)
+        made.schema = schema
+        return made
+
     with _service(args) as svc:
         manager = svc.manager
         for _attempt in range(5):
@@ -434,10 +452,13 @@ def cmd_import(args: argparse.Namespace, console: Console) -> int:
                     f"than the export's {version}; pass --overwrite to replace it"
                 )
             outcome = manager.apply(
-                user_id,
-                "Failed to import state",
-                functools.partial(manager.replace_write, current, document, None),
+                user_id, "Failed to import state", functools.partial(write, current)
             )
+            if outcome.status == "newer_schema":
+                raise CommandError(
+                    f"refused: {user_id!r} is stored at schema version {outcome.value}, newer "
+                    f"than the export's {schema}"
+                )
             if outcome.status == "applied":
                 console.out(f"imported {user_id!r}: now version {outcome.snapshot.version}")
                 return 0
@@ -524,6 +545,77 @@ def cmd_users(args: argparse.Namespace, console: Console) -> int:
         console.error(f"{odd} user id(s) hold unprintable characters: shown as JSON; see --json")
     console.progress(f"{count} users", final=True)
     return 0
+
+
+def _load_schema_rules(spec: str) -> StateData:
+    """The StateData named by ``spec``: the object itself, or what a factory of it returns."""
+    found = _load_object(spec, "RULES")
+    if callable(found) and not isinstance(found, StateData):
+        try:
+            found = found()
+        except TypeError as exc:  # a function that is not a factory of rules
+            raise CommandLineError(f"{spec!r} is not a StateData: {exc}") from exc
+    if not isinstance(found, StateData):
+        raise CommandLineError(f"{spec!r} is not a StateData (nor a function returning one)")
+    if found.schema_version is None:
+        raise CommandLineError(f"{spec!r} has no schema_version: there is nothing to migrate to")
+    return found
+
+
+def cmd_migrate(args: argparse.Namespace, console: Console) -> int:
+    """Bring every document of the namespace to the rules' schema version.
+
+    Idempotent, hence resumable: a document already at the schema version is
+    counted as current and left alone, so running it again after an interruption
+    picks up where it stopped. A document whose migration fails is reported and
+    left exactly as it was.
+    """
+    if args.batch < 1:
+        raise CommandLineError("--batch must be at least 1")
+    rules = _load_schema_rules(args.rules)
+    url = _check_url(args)
+    try:
+        backend = RedisBackend.from_url(url, namespace=args.namespace, cluster=args.cluster)
+    except (ValueError, TypeError) as exc:
+        raise CommandLineError(f"not a usable Redis URL: {exc}") from exc
+    # Users are addressed by the hash tag of their keys (an encoded id is at most
+    # three characters for each of the id's), so pseudonymous keys migrate too.
+    backend._core = _TagCore(args.namespace)  # noqa: SLF001 - the CLI's own backend
+    limit = max(rules.max_user_id_length * 3, 64)
+    svc = StateService(backend, attrs.evolve(rules, max_user_id_length=limit))
+    manager = svc.manager
+    prefix = args.namespace + ":{"
+    counts = {"migrated": 0, "current": 0, "failed": 0}
+    done = "would migrate" if args.dry_run else "migrated"
+    with svc, _client(args) as client:
+        for _node, key, (kind, user_id) in _scan(client, args, console, ":{*}", args.batch):
+            if kind != "doc":
+                continue
+            tag = key[len(prefix) : -1]
+            try:
+                snapshot = backend.load(tag)
+                if snapshot is None:
+                    continue  # deleted or expired since the scan found it
+                if not manager.needs_migration(user_id, snapshot):
+                    counts["current"] += 1
+                elif args.dry_run:
+                    manager.migrated(user_id, snapshot)
+                    counts["migrated"] += 1
+                else:
+                    manager.migrate_stored(tag, snapshot)
+                    counts["migrated"] += 1
+            except ChatstateError as exc:
+                counts["failed"] += 1
+                console.error(f"user {user_id!r}: {exc}", prefix="chatstate migrate: failed: ")
+            console.progress(
+                f"{done} {counts['migrated']}, current {counts['current']}, "
+                f"failed {counts['failed']}"
+            )
+    console.out(
+        f"{done}: {counts['migrated']}, already current: {counts['current']}, "
+        f"failed: {counts['failed']} (schema version {rules.schema_version})"
+    )
+    return 1 if counts["failed"] else 0
 
 
 def _batches(items: list[Any], size: int = 500) -> Iterator[list[Any]]:
@@ -1055,6 +1147,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = add("users", cmd_users, "list the namespace's user ids, one a line (SCAN)")
     sub.add_argument("--json", action="store_true", help="each id as a JSON string")
+
+    sub = add("migrate", cmd_migrate, "bring every document to your rules' schema_version (SCAN)")
+    sub.add_argument(
+        "--rules",
+        metavar="MODULE:ATTR",
+        required=True,
+        help="your StateData (or a function returning it) with schema_version and migrations",
+    )
+    sub.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="run the migrations and count, but write nothing",
+    )
+    sub.add_argument(
+        "--batch",
+        type=int,
+        default=_SCAN_COUNT,
+        metavar="N",
+        help=f"keys asked of each SCAN call (default {_SCAN_COUNT})",
+    )
 
     sub = add("stats", cmd_stats, "count users, op ids and claims; sample memory per user")
     sub.add_argument(

@@ -16,6 +16,8 @@ The tree::
     │   │   └── OpIdReusedError               an op_id came back with a different request
     │   ├── ConflictError                     a transaction kept losing its race
     │   ├── CorruptStateError                 stored data is not a chatstate document
+    │   ├── SchemaVersionError                a document's schema is newer than the code's
+    │   ├── MigrationError                    a schema migration failed or broke a preserved field
     │   ├── UserBusyError                     another message of the user is being handled
     │   ├── ClaimLostError                    a claim expired and another handler took over
     │   ├── LockError                         a backend lock (single-flight refresh)
@@ -46,7 +48,8 @@ state"``, ...) followed by why. Messages and attributes never carry the value of
 a field, a token or a password: they name paths and keys instead.
 
 Errors Python itself raises for programming mistakes inside *your* callables (a
-validator that raises ``KeyError``) pass through unchanged.
+validator that raises ``KeyError``) pass through unchanged, except inside a schema
+migration: that becomes a :class:`MigrationError` (the original chained as its cause).
 """
 
 from __future__ import annotations
@@ -74,10 +77,12 @@ __all__ = [
     "LockError",
     "LockLostError",
     "LockTimeoutError",
+    "MigrationError",
     "OpIdReusedError",
     "OutcomeUnknown",
     "PreservedFieldError",
     "RedactedError",
+    "SchemaVersionError",
     "SerializationError",
     "StateError",
     "StateTooLargeError",
@@ -237,6 +242,62 @@ class CorruptStateError(StateError):
 
     def __init__(self, detail: str, *, key: str, action: str | None = None) -> None:
         self.key = key
+        super().__init__(detail, action=action)
+
+
+class SchemaVersionError(StateError):
+    """A stored document has a newer schema version than this code knows.
+
+    Raised instead of reading or writing it: older code never downgrades, nor
+    writes its own shape into, a document newer code has migrated. Nothing was
+    written.
+
+    Attributes:
+        user_id: Whose document it is.
+        stored: The document's schema version.
+        supported: The newest this code knows (``StateData.schema_version``).
+    """
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        user_id: str,
+        stored: int,
+        supported: int,
+        action: str | None = None,
+    ) -> None:
+        self.user_id = user_id
+        self.stored = stored
+        self.supported = supported
+        super().__init__(detail, action=action)
+
+
+class MigrationError(StateError):
+    """A schema migration failed; nothing was written.
+
+    The migration raised (the cause is chained), returned something that is not
+    a JSON object, or changed or dropped a preserved field. The document keeps
+    its old schema.
+
+    Attributes:
+        user_id: Whose document it is.
+        from_version: The schema version the failing migration starts from.
+        path: The preserved field it changed or dropped, or ``None``.
+    """
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        user_id: str,
+        from_version: int,
+        path: str | None = None,
+        action: str | None = None,
+    ) -> None:
+        self.user_id = user_id
+        self.from_version = from_version
+        self.path = path
         super().__init__(detail, action=action)
 
 

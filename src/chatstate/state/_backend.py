@@ -109,19 +109,23 @@ class Snapshot:
     Args:
         data: The document.
         version: Its version.
+        schema: The schema version stored with the document (see
+            ``StateData(schema_version=...)``); 1 for a document stored
+            without one, and for no document.
     """
 
-    __slots__ = ("_data", "_load", "version")
+    __slots__ = ("_data", "_load", "schema", "version")
 
-    def __init__(self, data: JSONObject | None = None, version: int = 0) -> None:
+    def __init__(self, data: JSONObject | None = None, version: int = 0, schema: int = 1) -> None:
         self._data = data if data is not None else {}
         self._load: Callable[[], JSONObject] | None = None
         self.version = version
+        self.schema = schema
 
     @classmethod
-    def lazy(cls, version: int, load: Callable[[], JSONObject]) -> Snapshot:
+    def lazy(cls, version: int, load: Callable[[], JSONObject], schema: int = 1) -> Snapshot:
         """A snapshot whose data ``load()`` makes when it is first read."""
-        snapshot = cls(None, version)
+        snapshot = cls(None, version, schema)
         snapshot._load = load
         return snapshot
 
@@ -137,13 +141,18 @@ class Snapshot:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Snapshot):
             return NotImplemented
-        return self.version == other.version and self.data == other.data
+        return (
+            self.version == other.version
+            and self.schema == other.schema
+            and self.data == other.data
+        )
 
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
         # Values are left out: a document may hold tokens and personal data.
-        return f"Snapshot(version={self.version}, keys={sorted(self.data)!r})"
+        schema = f", schema={self.schema}" if self.schema != 1 else ""
+        return f"Snapshot(version={self.version}{schema}, keys={sorted(self.data)!r})"
 
 
 class _Masked:
@@ -337,6 +346,13 @@ class Write:
         want_document: ``False`` when the caller does not need the document
             back (a backend may then leave it out of the outcome's snapshot,
             whose ``data`` is then ``{}``).
+        schema: The schema version of the code that sends the write (``None``:
+            no schema configured, no check). A write to a stored document of an
+            older schema answers ``"stale_schema"`` (a :class:`Replace` instead
+            stores it: it carries a migrated document), one to a newer schema
+            ``"newer_schema"``; either way nothing is written and the operation
+            key is not remembered. A write that creates a document stores its
+            schema. See :func:`apply_write`.
     """
 
     __slots__ = (
@@ -348,6 +364,7 @@ class Write:
         "op_id",
         "op_key",
         "operation",
+        "schema",
         "ttl_ms",
         "want_document",
     )
@@ -364,6 +381,7 @@ class Write:
         completes_claim: bool = False,
         op_id: str | None = None,
         want_document: bool = True,
+        schema: int | None = None,
     ) -> None:
         self.operation = operation
         self.op_key = op_key
@@ -375,13 +393,22 @@ class Write:
         self.completes_claim = completes_claim
         self.op_id = op_id
         self.want_document = want_document
+        self.schema = schema
 
     def __repr__(self) -> str:
         return f"Write({self.operation!r}, op_key={self.op_key!r})"
 
 
 Status: TypeAlias = Literal[
-    "applied", "duplicate", "conflict", "claimed", "busy", "released", "lost"
+    "applied",
+    "duplicate",
+    "conflict",
+    "claimed",
+    "busy",
+    "released",
+    "lost",
+    "stale_schema",
+    "newer_schema",
 ]
 
 
@@ -392,11 +419,15 @@ class Outcome:
         status: ``"applied"``; ``"duplicate"`` when the operation id was seen
             before (nothing was written); ``"conflict"`` when a conditional
             write found another version (nothing was written); for claims,
-            ``"claimed"``, ``"busy"``, ``"released"`` or ``"lost"``.
-        snapshot: The document after the write, or as it stands.
+            ``"claimed"``, ``"busy"``, ``"released"`` or ``"lost"``;
+            ``"stale_schema"`` or ``"newer_schema"`` when the stored document's
+            schema is older or newer than the write's (nothing was written).
+        snapshot: The document after the write, or as it stands (its
+            ``schema`` is the stored one).
         version: The version this write produced: for a duplicate, the one it
             produced when it was first applied; 0 for a delete or a conflict.
-        value: The new value of an :class:`Increment`.
+        value: The new value of an :class:`Increment`; for a schema refusal,
+            the stored schema.
         retry_after_ms: For ``"busy"``: when the other claim lapses at the latest.
     """
 
@@ -502,12 +533,14 @@ class WriteResult:
             removed (a delete); :data:`UNCHANGED` when nothing changes.
         size: The new document's stored size.
         log_changed: True when the operation log changed and must be stored.
+        schema: The schema version to store with the new document.
     """
 
     outcome: Outcome
     data: JSONObject | object | None
     size: int
     log_changed: bool
+    schema: int = 1
 
 
 UNCHANGED: Final = object()
@@ -526,7 +559,9 @@ def apply_write(  # noqa: C901, PLR0911, PLR0912 - one branch per rule, in the L
     """Decide what ``write`` does to a user's document and operation log.
 
     This is a backend's whole job between reading a user's record and storing
-    it, under whatever lock or transaction makes the two atomic. ``log`` is
+    it, under whatever lock or transaction makes the two atomic. A backend that
+    stores schemas (``stores_schema = True``) passes the stored schema in
+    ``current.schema`` and stores :attr:`WriteResult.schema` with the document. ``log`` is
     changed in place; ``current.data`` may be too (pass a copy you own).
 
     Args:
@@ -550,11 +585,14 @@ def apply_write(  # noqa: C901, PLR0911, PLR0912 - one branch per rule, in the L
     """
     _check_inputs(current, log)
     version = current.version if current is not None else 0
+    stored_schema = current.schema if current is not None else 1
     op = write.operation
 
-    def found(status: Status, made: int, *, changed: bool = False, wait: int = 0) -> WriteResult:
-        outcome = Outcome(status, _as_found(current, shared), made, retry_after_ms=wait)
-        return WriteResult(outcome, UNCHANGED, 0, log_changed=changed)
+    def found(
+        status: Status, made: int, *, changed: bool = False, wait: int = 0, value: Any = None
+    ) -> WriteResult:
+        outcome = Outcome(status, _as_found(current, shared), made, value, wait)
+        return WriteResult(outcome, UNCHANGED, 0, log_changed=changed, schema=stored_schema)
 
     record = log.records.get(write.op_key)
     if record is not None and not isinstance(op, Release):
@@ -582,6 +620,14 @@ def apply_write(  # noqa: C901, PLR0911, PLR0912 - one branch per rule, in the L
         lease is None or lease.nonce != write.nonce or lease.expires_ms <= now_ms
     ):
         return found("lost", version)
+    schema = write.schema
+    if schema is not None and current is not None and not isinstance(op, Delete):
+        # The schema guard: never mix shapes. A replace carries a whole (migrated)
+        # document, so it may move a document to a newer schema, never back.
+        if stored_schema > schema:
+            return found("newer_schema", version, value=stored_schema)
+        if stored_schema < schema and not isinstance(op, Replace):
+            return found("stale_schema", version, value=stored_schema)
     if isinstance(op, Edits) and not op.edits:
         # Nothing to change: no version, no document made; only the id is remembered.
         if op.expected_version is not None and op.expected_version != version:
@@ -599,14 +645,15 @@ def apply_write(  # noqa: C901, PLR0911, PLR0912 - one branch per rule, in the L
     log.remember(write, new_version)
     if write.completes_claim:
         log.lease = None
+    new_schema = stored_schema if schema is None else schema
     if data is None:
         snapshot = Snapshot({}, 0)
     elif shared:
-        snapshot = _private(data, new_version)
+        snapshot = _private(data, new_version, new_schema)
     else:
-        snapshot = Snapshot(data, new_version)
+        snapshot = Snapshot(data, new_version, new_schema)
     outcome = Outcome("applied", snapshot, new_version, value=value)
-    return WriteResult(outcome, data, size, log_changed=True)
+    return WriteResult(outcome, data, size, log_changed=True, schema=new_schema)
 
 
 def apply_operation(
@@ -659,15 +706,15 @@ def clone(doc: JSONObject) -> JSONObject:
     return marshal.loads(marshal.dumps(doc))  # type: ignore[no-any-return]  # noqa: S302
 
 
-def _private(data: JSONObject, version: int) -> Snapshot:
-    return Snapshot.lazy(version, lambda: clone(data))
+def _private(data: JSONObject, version: int, schema: int = 1) -> Snapshot:
+    return Snapshot.lazy(version, lambda: clone(data), schema)
 
 
 def _as_found(current: Snapshot | None, shared: bool) -> Snapshot:
     """The outcome's snapshot of a document as the write found it."""
     if current is None:
         return Snapshot({}, 0)
-    return _private(current.data, current.version) if shared else current
+    return _private(current.data, current.version, current.schema) if shared else current
 
 
 def _apply_document(  # noqa: C901, PLR0912 - one branch per operation

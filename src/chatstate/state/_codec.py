@@ -134,7 +134,7 @@ def _flatten_into(out: dict[str, str], obj: JSONObject, prefix: str) -> None:
             out[path] = _encode(value)
 
 
-_META_FIELDS: Final = frozenset({"#v", "#s"})
+_META_FIELDS: Final = frozenset({"#v", "#s", "#m"})
 
 
 def decode_stored(text: str) -> Any:
@@ -145,7 +145,7 @@ def decode_stored(text: str) -> Any:
 def unflatten_joined(text: str) -> JSONObject:
     """Rebuild a document from fields and values joined by newlines (a script's reply).
 
-    Fields that are not paths (``#v``, ``#s``) are skipped. All values are
+    Fields that are not paths (``#v``, ``#s``, ``#m``) are skipped. All values are
     decoded in one C-level parse.
 
     Raises:

@@ -2,9 +2,10 @@
 
 Layout (see ``_codec``): a user's document is a hash whose fields are encoded
 paths and whose values are JSON text written by Python; ``#v`` holds the
-version and ``#s`` the stored size. Lua compares and copies these strings but
-never decodes a value, so cjson cannot round a number, turn ``[]`` into ``{}``
-or escape a ``/``.
+version, ``#s`` the stored size and ``#m``, when the document has one other
+than 1, its schema version (``StateData(schema_version=...)``). Lua compares
+and copies these strings but never decodes a value, so cjson cannot round a
+number, turn ``[]`` into ``{}`` or escape a ``/``.
 
 Beside it, in the same hash slot, the user's *operation log* is a small hash:
 ``#n`` counts the operations recorded so far and each remembered operation key
@@ -95,7 +96,7 @@ APPLY_SCRIPT: Final = (
 -- KEYS[1] document hash, KEYS[2] operation log (a string), KEYS[3] claim (a string).
 -- ARGV[1] the parameters, newline-separated: op key, nonce, digest, dedupe ms,
 -- ttl ms or '', max bytes, mode, expected version or '', flags, lease ms or '',
--- and '1' when the reply should carry the document.
+-- '1' when the reply should carry the document, and the writer's schema version or ''.
 -- ARGV[2] the mode's arguments, newline-separated. (Paths and values are compact
 -- JSON, which never holds a raw newline; two arguments instead of one per path
 -- save redis-py most of its packing work.)
@@ -103,9 +104,9 @@ APPLY_SCRIPT: Final = (
 -- Flags: c the write completes the claim held under its nonce; f force (delete);
 -- n the first send of a write whose op key chatstate made up (it cannot be logged yet).
 local doc, ops, claimkey = KEYS[1], KEYS[2], KEYS[3]
-local opkey, nonce, digest, dedupe, ttl, max_bytes, mode, expected, flags, lease_ms, want =
+local opkey, nonce, digest, dedupe, ttl, max_bytes, mode, expected, flags, lease_ms, want, schema =
   string.match(ARGV[1],
-    '^(%S+)\n(%S+)\n(%S*)\n(%d+)\n(%d*)\n(%d+)\n(%a)\n(%d*)\n(%a*)\n(%d*)\n([01])$')
+    '^(%S+)\n(%S+)\n(%S*)\n(%d+)\n(%d*)\n(%d+)\n(%a)\n(%d*)\n(%a*)\n(%d*)\n([01])\n(%d*)$')
 if opkey == nil then return redis.error_reply('chatstate: malformed arguments') end
 max_bytes = tonumber(max_bytes)  -- dedupe and lease stay text: Lua would print big numbers as 1e+14
 local completes = string.find(flags, 'c', 1, true) ~= nil
@@ -212,10 +213,18 @@ elseif mode == 'i' then
   for j = 1, #A - 1 do paths[j] = A[j] end
 end
 
-local size, stored = 0, {}
+-- With a schema, '#m' (the stored schema version; none means 1) is read in the same HMGET.
+local size, stored, sschema, off = 0, {}, 1, 2
 if not (mode == 'D' and force) and mode ~= 'l' then
   local meta
-  if #paths > 0 and #paths < 4000 then
+  if schema ~= '' then
+    off = 3
+    if #paths > 0 and #paths < 4000 then
+      meta = try('HMGET', doc, '#v', '#s', '#m', unpack(paths))
+    else
+      meta = try('HMGET', doc, '#v', '#s', '#m')
+    end
+  elseif #paths > 0 and #paths < 4000 then
     meta = try('HMGET', doc, '#v', '#s', unpack(paths))
   else
     meta = try('HMGET', doc, '#v', '#s')
@@ -233,9 +242,15 @@ if not (mode == 'D' and force) and mode ~= 'l' then
       return fail(doc, 'the version or size field is not a whole number')
     end
     version, size = tonumber(meta[1]), tonumber(meta[2])
+    if off == 3 and meta[3] then
+      if not string.match(meta[3], '^%d+$') then
+        return fail(doc, 'the schema field is not a whole number')
+      end
+      sschema = tonumber(meta[3])
+    end
   end
   if #paths > 0 and #paths < 4000 then
-    for j = 1, #paths do stored[j] = meta[j + 2] end
+    for j = 1, #paths do stored[j] = meta[j + off] end
   elseif #paths > 0 then
     for s = 1, #paths, 1000 do
       local part = redis.call('HMGET', doc, unpack(paths, s, math.min(s + 999, #paths)))
@@ -264,6 +279,13 @@ if mode == 'l' then
   return reply('released', 0)
 end
 if completes and hnonce ~= nonce then return reply('lost', version) end
+if schema ~= '' and version > 0 and mode ~= 'D' then
+  -- The schema guard: never mix shapes. A replace carries a whole (migrated)
+  -- document, so it may move a document to a newer schema, never back.
+  local mine = tonumber(schema)
+  if sschema > mine then return reply('newer_schema', version, sschema) end
+  if sschema < mine and mode ~= 'x' then return reply('stale_schema', version, sschema) end
+end
 if mode == 'e' and #kinds == 0 then
   -- Nothing to change: no version, no document made; only the id is remembered.
   if expected ~= '' and tonumber(expected) ~= version then return reply('conflict', 0) end
@@ -361,7 +383,7 @@ if changes == nil and mode ~= 'D' then
     local f = flat[i]
     if string.byte(f, 1) == 34 then
       fields[f] = flat[i + 1]
-    elseif f ~= '#v' and f ~= '#s' then
+    elseif f ~= '#v' and f ~= '#s' and f ~= '#m' then
       return fail(doc, 'the hash has a field that is not a chatstate path')
     end
   end
@@ -440,6 +462,9 @@ if mode == 'D' then
 end
 version = version + 1
 local sets, dels = {'#v', version, '#s', size}, {}
+if schema ~= '' and tonumber(schema) ~= sschema then
+  sets[5], sets[6] = '#m', schema
+end
 for f, v in pairs(changes) do
   if v then
     sets[#sets + 1] = f
@@ -552,6 +577,7 @@ def write_args(write: Write, *, fresh: bool = False) -> list[str]:  # noqa: C901
     ttl = "" if write.ttl_ms is None else write.ttl_ms
     params = (
         f"{write.op_key}\n{write.nonce}\n{write.digest}\n{write.dedupe_ms}\n{ttl}\n"
-        f"{write.max_bytes}\n{mode}\n{expected}\n{flags}\n{lease}\n{int(write.want_document)}"
+        f"{write.max_bytes}\n{mode}\n{expected}\n{flags}\n{lease}\n{int(write.want_document)}\n"
+        f"{'' if write.schema is None else write.schema}"
     )
     return [params, packed]

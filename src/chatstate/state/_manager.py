@@ -29,10 +29,14 @@ from chatstate.exceptions import (
     ConflictError,
     InvalidOpIdError,
     InvalidUserIdError,
+    MigrationError,
     OutcomeUnknown,
+    PreservedFieldError,
+    SchemaVersionError,
     StateError,
     UsageError,
     UserBusyError,
+    ValidationError,
 )
 from chatstate.state._backend import (
     INT64_MAX,
@@ -82,6 +86,8 @@ APP: Final = "app"
 """The purpose of op ids given to the service's write methods."""
 
 TransactionFn = Callable[[JSONObject], JSONObject | None]
+
+_SCHEMA_REFUSALS: Final = frozenset({"stale_schema", "newer_schema"})
 
 
 def _b64(raw: bytes) -> str:
@@ -240,10 +246,18 @@ class _ManagerCore:
         ttl: float | timedelta | None,
         dedupe_window: float | timedelta,
         max_attempts: int,
+        backend: object = None,
     ) -> None:
         if rules is not None and not isinstance(rules, StateData):
             raise ConfigurationError(f"rules must be a StateData, not {type(rules).__name__}")
         self.rules = rules if rules is not None else StateData()
+        self.schema = self.rules.schema_version
+        if self.schema is not None and getattr(backend, "stores_schema", False) is not True:
+            raise ConfigurationError(
+                f"{type(backend).__name__} does not store schema versions (it has no "
+                "stores_schema = True), so StateData(schema_version=...) cannot be used "
+                "with it; see the backend author's recipe in docs/backends.md"
+            )
         self.ttl_ms = to_ms(ttl, "ttl")
         dedupe_ms = to_ms(dedupe_window, "dedupe_window")
         assert dedupe_ms is not None
@@ -313,7 +327,7 @@ class _ManagerCore:
                 digest = ""
         return Write(
             operation, key, nonce, digest, self.ttl_ms, self.rules.max_bytes, self.dedupe_ms,
-            op_id=op_id,
+            op_id=op_id, schema=self.schema,
         )  # fmt: skip
 
     def edits_write(
@@ -367,6 +381,84 @@ class _ManagerCore:
         """The read-only document a write returns."""
         return Document(outcome.snapshot, self.rules.preserved)
 
+    # -- schema migrations -----------------------------------------------------------
+
+    def needs_migration(self, user_id: str, snapshot: Snapshot) -> bool:
+        """True when ``snapshot`` is stored at an older schema than this code's.
+
+        Raises:
+            SchemaVersionError: it is stored at a newer one.
+        """
+        schema = self.schema
+        if schema is None or snapshot.version == 0 or snapshot.schema == schema:
+            return False
+        if snapshot.schema > schema:
+            raise self.newer(user_id, snapshot.schema)
+        return True
+
+    def newer(self, user_id: str, stored: int) -> SchemaVersionError:
+        assert self.schema is not None
+        return SchemaVersionError(
+            f"the document is at schema version {stored}, newer than the {self.schema} "
+            "this code knows; nothing was read or written (deploy the newer code)",
+            user_id=user_id,
+            stored=stored,
+            supported=self.schema,
+        )
+
+    def migrated(self, user_id: str, snapshot: Snapshot) -> JSONObject:
+        """Run the missing migrations on a copy of ``snapshot``'s document.
+
+        Raises:
+            MigrationError: a migration raised, returned no JSON object, or
+                changed or dropped a preserved field.
+        """
+        assert self.schema is not None
+        old = snapshot.data
+        doc = copy_json(old)
+        for n in range(snapshot.schema, self.schema):
+            try:
+                doc = self.rules.migrations[n](doc)
+            except Exception as exc:
+                raise MigrationError(
+                    f"migration {n} -> {n + 1} raised {type(exc).__name__}; nothing was written",
+                    user_id=user_id,
+                    from_version=n,
+                ) from exc
+            if type(doc) is not dict:
+                raise MigrationError(
+                    f"migration {n} -> {n + 1} returned a {type(doc).__name__}, not a dict",
+                    user_id=user_id,
+                    from_version=n,
+                )
+        try:
+            data = self.rules.check_document(doc)
+            self.rules.check_replacement(old, data)
+        except PreservedFieldError as exc:
+            raise MigrationError(
+                f"the migrations to schema {self.schema} changed or dropped preserved "
+                f"field {exc.path}; nothing was written",
+                user_id=user_id,
+                from_version=snapshot.schema,
+                path=exc.path,
+            ) from exc
+        except ValidationError as exc:
+            raise MigrationError(
+                f"the migrations to schema {self.schema} made a document that is not "
+                f"valid ({exc.detail}); nothing was written",
+                user_id=user_id,
+                from_version=snapshot.schema,
+            ) from exc
+        return data
+
+    def migration_write(self, snapshot: Snapshot, data: JSONObject) -> Write:
+        """The compare-and-set write that stores a migrated document (and the new schema).
+
+        It has no op id of its own: a lost reply is settled by its nonce, and a
+        crash before it lands leaves the old document for the next reader.
+        """
+        return self.write(Replace(data, snapshot.version), None)
+
     def conflict(self, attempts: int) -> ConflictError:
         return ConflictError(
             f"the document kept changing; gave up after {attempts} attempts",
@@ -406,7 +498,7 @@ class _ManagerCore:
         return Write(
             operation, claim.op_key, claim.nonce, claim.digest, self.ttl_ms,
             self.rules.max_bytes, self.dedupe_ms, completes_claim=completes, op_id=claim.op_id,
-            want_document=False,
+            want_document=False, schema=self.schema,
         )  # fmt: skip
 
     @staticmethod
@@ -497,7 +589,7 @@ class StateManager(_ManagerCore):
                 f"{type(backend).__name__} is asynchronous: use AsyncStateManager "
                 "or AsyncStateService"
             )
-        super().__init__(rules, ttl, dedupe_window, max_attempts)
+        super().__init__(rules, ttl, dedupe_window, max_attempts, backend)
         self.backend = backend
 
     def __repr__(self) -> str:
@@ -505,22 +597,78 @@ class StateManager(_ManagerCore):
 
     @observed("get")
     def load(self, user_id: str) -> Snapshot:
-        """Return the user's document and version (``{}`` and 0 when there is none)."""
+        """Return the user's document and version (``{}`` and 0 when there is none).
+
+        A document at an older schema is migrated and stored first.
+        """
         try:
-            snapshot = self.backend.load(self.user_id(user_id))
+            uid = self.user_id(user_id)
+            snapshot = self.backend.load(uid) or Snapshot({}, 0)
+            if self.schema is not None and self.needs_migration(uid, snapshot):
+                snapshot = self.migrate_stored(uid, snapshot)
         except StateError as exc:
             relabel(exc, READ)
             raise
-        return snapshot if snapshot is not None else Snapshot({}, 0)
+        return snapshot
 
     @observed()
     def apply(self, user_id: str, action: str, make: Callable[[], Write]) -> Outcome:
         """Validate, then apply one write; errors start with ``action``."""
         try:
-            return self.backend.apply(self.user_id(user_id), make())
+            uid = self.user_id(user_id)
+            write = make()
+            outcome = self.backend.apply(uid, write)
+            if self.schema is not None and outcome.status in _SCHEMA_REFUSALS:
+                outcome = self.resend_migrated(uid, write, outcome)
+            return outcome  # noqa: TRY300 - the except only relabels
         except StateError as exc:
             relabel(exc, action)
             raise
+
+    def migrate_stored(self, user_id: str, snapshot: Snapshot) -> Snapshot:
+        """Migrate the stored document read as ``snapshot`` and store it (compare-and-set).
+
+        A writer that changed it meanwhile wins: the document is read again and
+        migrated again, up to ``max_attempts`` times.
+
+        Raises:
+            MigrationError: a migration failed; nothing was written.
+            SchemaVersionError: the document is (now) at a newer schema.
+            ConflictError: it kept changing.
+        """
+        for attempt in range(self.max_attempts):
+            data = self.migrated(user_id, snapshot)
+            outcome = self.backend.apply(user_id, self.migration_write(snapshot, data))
+            if outcome.status == "applied":
+                return outcome.snapshot
+            if outcome.status == "newer_schema":
+                raise self.newer(user_id, outcome.value)
+            snapshot = self.backend.load(user_id) or Snapshot({}, 0)
+            if not self.needs_migration(user_id, snapshot):
+                return snapshot
+            if attempt + 1 < self.max_attempts:
+                _observe.notify_retry("migration", attempt + 1)
+                time.sleep(self.backoff(attempt))
+        raise self.conflict(self.max_attempts)
+
+    def resend_migrated(self, user_id: str, write: Write, outcome: Outcome) -> Outcome:
+        """Answer a write refused for its schema: migrate the document, then send it again.
+
+        The refused write was not remembered, so sending it again (same op key
+        and nonce) applies it once.
+        """
+        for _ in range(self.max_attempts):
+            if outcome.status == "newer_schema":
+                raise self.newer(user_id, outcome.value)
+            if outcome.status != "stale_schema":
+                return outcome
+            snapshot = self.backend.load(user_id) or Snapshot({}, 0)
+            if self.needs_migration(user_id, snapshot):
+                self.migrate_stored(user_id, snapshot)
+            outcome = self.backend.apply(user_id, write)
+        if outcome.status in _SCHEMA_REFUSALS:
+            raise self.conflict(self.max_attempts)
+        return outcome
 
     @observed("transaction")
     def transaction(
@@ -535,9 +683,13 @@ class StateManager(_ManagerCore):
             uid = self.user_id(user_id)
             current = self.backend.load(uid) or Snapshot({}, 0)
             for attempt in range(attempts):
+                if self.schema is not None and self.needs_migration(uid, current):
+                    current = self.migrate_stored(uid, current)
                 draft = copy_json(current.data)
                 result = fn(draft)
                 outcome = self.backend.apply(uid, self.replace_write(current, draft, result))
+                if outcome.status == "newer_schema":
+                    raise self.newer(uid, outcome.value)
                 if outcome.status != "conflict":
                     return outcome.snapshot
                 current = outcome.snapshot
@@ -571,7 +723,10 @@ class StateManager(_ManagerCore):
             while True:
                 outcome = self.backend.apply(uid, write)
                 if outcome.status != "busy":
-                    return _ClaimCore(self, uid, write, outcome)
+                    claim = _ClaimCore(self, uid, write, outcome)
+                    if self.schema is not None:
+                        self._migrate_claimed(claim)
+                    return claim
                 waited = time.monotonic() - start
                 delay = self.busy_delay(attempt, outcome.retry_after_ms)
                 if waited + delay > (wait_ms or 0) / 1000:
@@ -590,7 +745,10 @@ class StateManager(_ManagerCore):
         with failing(COMMIT):
             claim._open()  # noqa: SLF001 - the claim's own check
             try:
-                outcome = self.backend.apply(claim.user_id, self.commit_write(claim))
+                write = self.commit_write(claim)
+                outcome = self.backend.apply(claim.user_id, write)
+                if self.schema is not None and outcome.status in _SCHEMA_REFUSALS:
+                    outcome = self.resend_migrated(claim.user_id, write, outcome)
             except OutcomeUnknown:
                 raise
             except StateError:
@@ -598,6 +756,16 @@ class StateManager(_ManagerCore):
                     self.release(claim)
                 raise
             return claim.settle_commit(outcome)
+
+    def _migrate_claimed(self, claim: _ClaimCore) -> None:
+        """Hand the claim's holder a migrated document (releasing the claim on failure)."""
+        try:
+            if self.needs_migration(claim.user_id, claim.snapshot):
+                claim.snapshot = self.migrate_stored(claim.user_id, claim.snapshot)
+        except StateError:
+            with contextlib.suppress(StateError):
+                self.release(claim)
+            raise
 
     @observed("release")
     def release(self, claim: _ClaimCore) -> None:
@@ -633,7 +801,7 @@ class AsyncStateManager(_ManagerCore):
             raise UsageError(
                 f"{type(backend).__name__} is synchronous: use StateManager or StateService"
             )
-        super().__init__(rules, ttl, dedupe_window, max_attempts)
+        super().__init__(rules, ttl, dedupe_window, max_attempts, backend)
         self.backend = backend
 
     def __repr__(self) -> str:
@@ -641,22 +809,62 @@ class AsyncStateManager(_ManagerCore):
 
     @observed("get")
     async def load(self, user_id: str) -> Snapshot:
-        """Return the user's document and version (``{}`` and 0 when there is none)."""
+        """The asyncio twin of :meth:`StateManager.load`."""
         try:
-            snapshot = await self.backend.load(self.user_id(user_id))
+            uid = self.user_id(user_id)
+            snapshot = await self.backend.load(uid) or Snapshot({}, 0)
+            if self.schema is not None and self.needs_migration(uid, snapshot):
+                snapshot = await self.migrate_stored(uid, snapshot)
         except StateError as exc:
             relabel(exc, READ)
             raise
-        return snapshot if snapshot is not None else Snapshot({}, 0)
+        return snapshot
 
     @observed()
     async def apply(self, user_id: str, action: str, make: Callable[[], Write]) -> Outcome:
         """Validate, then apply one write; errors start with ``action``."""
         try:
-            return await self.backend.apply(self.user_id(user_id), make())
+            uid = self.user_id(user_id)
+            write = make()
+            outcome = await self.backend.apply(uid, write)
+            if self.schema is not None and outcome.status in _SCHEMA_REFUSALS:
+                outcome = await self.resend_migrated(uid, write, outcome)
+            return outcome  # noqa: TRY300 - the except only relabels
         except StateError as exc:
             relabel(exc, action)
             raise
+
+    async def migrate_stored(self, user_id: str, snapshot: Snapshot) -> Snapshot:
+        """The asyncio twin of :meth:`StateManager.migrate_stored`."""
+        for attempt in range(self.max_attempts):
+            data = self.migrated(user_id, snapshot)
+            outcome = await self.backend.apply(user_id, self.migration_write(snapshot, data))
+            if outcome.status == "applied":
+                return outcome.snapshot
+            if outcome.status == "newer_schema":
+                raise self.newer(user_id, outcome.value)
+            snapshot = await self.backend.load(user_id) or Snapshot({}, 0)
+            if not self.needs_migration(user_id, snapshot):
+                return snapshot
+            if attempt + 1 < self.max_attempts:
+                _observe.notify_retry("migration", attempt + 1)
+                await asyncio.sleep(self.backoff(attempt))
+        raise self.conflict(self.max_attempts)
+
+    async def resend_migrated(self, user_id: str, write: Write, outcome: Outcome) -> Outcome:
+        """The asyncio twin of :meth:`StateManager.resend_migrated`."""
+        for _ in range(self.max_attempts):
+            if outcome.status == "newer_schema":
+                raise self.newer(user_id, outcome.value)
+            if outcome.status != "stale_schema":
+                return outcome
+            snapshot = await self.backend.load(user_id) or Snapshot({}, 0)
+            if self.needs_migration(user_id, snapshot):
+                await self.migrate_stored(user_id, snapshot)
+            outcome = await self.backend.apply(user_id, write)
+        if outcome.status in _SCHEMA_REFUSALS:
+            raise self.conflict(self.max_attempts)
+        return outcome
 
     @observed("transaction")
     async def transaction(
@@ -672,12 +880,16 @@ class AsyncStateManager(_ManagerCore):
             uid = self.user_id(user_id)
             current = await self.backend.load(uid) or Snapshot({}, 0)
             for attempt in range(attempts):
+                if self.schema is not None and self.needs_migration(uid, current):
+                    current = await self.migrate_stored(uid, current)
                 draft = copy_json(current.data)
                 result = fn(draft)
                 if inspect.isawaitable(result):
                     result = await result
                 write = self.replace_write(current, draft, result)
                 outcome = await self.backend.apply(uid, write)
+                if outcome.status == "newer_schema":
+                    raise self.newer(uid, outcome.value)
                 if outcome.status != "conflict":
                     return outcome.snapshot
                 current = outcome.snapshot
@@ -712,7 +924,10 @@ class AsyncStateManager(_ManagerCore):
             while True:
                 outcome = await self.backend.apply(uid, write)
                 if outcome.status != "busy":
-                    return _ClaimCore(self, uid, write, outcome)
+                    claim = _ClaimCore(self, uid, write, outcome)
+                    if self.schema is not None:
+                        await self._migrate_claimed(claim)
+                    return claim
                 waited = loop.time() - start
                 delay = self.busy_delay(attempt, outcome.retry_after_ms)
                 if waited + delay > (wait_ms or 0) / 1000:
@@ -726,7 +941,10 @@ class AsyncStateManager(_ManagerCore):
         with failing(COMMIT):
             claim._open()  # noqa: SLF001 - the claim's own check
             try:
-                outcome = await self.backend.apply(claim.user_id, self.commit_write(claim))
+                write = self.commit_write(claim)
+                outcome = await self.backend.apply(claim.user_id, write)
+                if self.schema is not None and outcome.status in _SCHEMA_REFUSALS:
+                    outcome = await self.resend_migrated(claim.user_id, write, outcome)
             except OutcomeUnknown:
                 raise
             except StateError:
@@ -734,6 +952,16 @@ class AsyncStateManager(_ManagerCore):
                     await self.release(claim)
                 raise
             return claim.settle_commit(outcome)
+
+    async def _migrate_claimed(self, claim: _ClaimCore) -> None:
+        """The asyncio twin of :meth:`StateManager._migrate_claimed`."""
+        try:
+            if self.needs_migration(claim.user_id, claim.snapshot):
+                claim.snapshot = await self.migrate_stored(claim.user_id, claim.snapshot)
+        except StateError:
+            with contextlib.suppress(StateError):
+                await self.release(claim)
+            raise
 
     @observed("release")
     async def release(self, claim: _ClaimCore) -> None:

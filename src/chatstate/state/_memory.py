@@ -36,6 +36,7 @@ class _User:
     root: JSONObject | None = None
     version: int = 0
     size: int = 0
+    schema: int = 1
     expires_at: float | None = None
     log: OpLog = attrs.Factory(OpLog)
     log_expires_at: float = 0.0
@@ -78,6 +79,7 @@ class MemoryBackend:
     """
 
     kind = "memory"
+    stores_schema = True
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
@@ -104,7 +106,7 @@ class MemoryBackend:
             if user.expires_at is not None and user.expires_at <= self._clock():
                 return None
             root = user.root
-            return Snapshot.lazy(user.version, lambda: clone(root))
+            return Snapshot.lazy(user.version, lambda: clone(root), user.schema)
 
     def apply(self, user_id: str, write: Write) -> Outcome:
         """Apply ``write`` atomically."""
@@ -116,7 +118,7 @@ class MemoryBackend:
             if user.root is not None and user.expires_at is not None and user.expires_at <= now:
                 user.root, user.version, user.size, user.expires_at = None, 0, 0, None
             _expire(user, now)
-            current = None if user.root is None else Snapshot(user.root, user.version)
+            current = None if user.root is None else Snapshot(user.root, user.version, user.schema)
             result = apply_write(current, user.log, write, int(now * 1000), user.size, shared=True)
             if result.log_changed and not isinstance(write.operation, Acquire | Release):
                 # As on Redis: recorded ids live dedupe_ms after the last one; a claim
@@ -129,6 +131,7 @@ class MemoryBackend:
                 else:
                     assert isinstance(data, dict)
                     user.root, user.version, user.size = data, result.outcome.version, result.size
+                    user.schema = result.schema
                     if write.ttl_ms is not None:
                         user.expires_at = now + write.ttl_ms / 1000
             if user.root is None and not user.log.records and user.log.lease is None:
@@ -251,6 +254,7 @@ class AsyncMemoryBackend:
     """
 
     kind = "memory"
+    stores_schema = True
 
     def __init__(self, store: MemoryBackend | None = None) -> None:
         self.store = store if store is not None else MemoryBackend()

@@ -88,9 +88,20 @@ for i = 1, #KEYS do
 end
 return out
 """
+_SCHEMA_REFUSALS: Final = frozenset({"stale_schema", "newer_schema"})
 _SAFE_ID_CHARS: Final = "@+"  # plus quote()'s own: letters, digits and "_.-~"
 _STATUSES: Final = frozenset(
-    {"applied", "duplicate", "conflict", "claimed", "busy", "released", "lost"}
+    {
+        "applied",
+        "duplicate",
+        "conflict",
+        "claimed",
+        "busy",
+        "released",
+        "lost",
+        "stale_schema",
+        "newer_schema",
+    }
 )
 
 
@@ -213,6 +224,17 @@ def _check_key_secret(secret: object) -> bytes | None:
     return secret
 
 
+def _stored_schema(fields: list[str], values: list[Any], key: str) -> int:
+    """The schema version in a document hash's ``#m`` field (1 when it has none)."""
+    if "#m" not in fields:
+        return 1
+    raw = values[fields.index("#m")]
+    raw = raw.decode("ascii", "replace") if isinstance(raw, bytes) else str(raw)
+    if not (raw.isascii() and raw.isdigit()):
+        raise corrupt(key, "the schema field is not a whole number")
+    return int(raw)
+
+
 class _RedisCore:
     """The pure half of the Redis backends: keys and replies."""
 
@@ -250,6 +272,7 @@ class _RedisCore:
         raw = parts[2 * at + 1]
         if not (raw.isascii() and raw.isdigit()) or "#s" not in fields:
             raise corrupt(key, "the version or size field is not a whole number")
+        schema = _stored_schema(fields, parts[1::2], key)
 
         def decode() -> dict[str, Any]:
             try:
@@ -259,7 +282,7 @@ class _RedisCore:
                     f"the hash does not hold a chatstate document (key {key!r}): {exc}", key=key
                 ) from exc
 
-        return Snapshot.lazy(int(raw), decode)
+        return Snapshot.lazy(int(raw), decode, schema)
 
     @staticmethod
     def decode_dump(dump: str, key: str) -> dict[str, Any]:
@@ -295,11 +318,12 @@ class _RedisCore:
             return None
         try:
             if isinstance(names[0], bytes):
-                fields = b"\n".join(names).decode("utf-8").split("\n")
+                joined = b"\n".join(names).decode("utf-8")
                 text: str | bytes = b"[[" + b"],[".join(values) + b"]]"
             else:
-                fields = "\n".join(map(str, names)).split("\n")
+                joined = "\n".join(map(str, names))
                 text = "[[" + "],[".join(map(str, values)) + "]]"
+            fields = joined.split("\n")
         except (UnicodeDecodeError, TypeError):
             raise corrupt(key, "the hash holds text that is not UTF-8") from None
         if len(fields) != len(names):
@@ -312,6 +336,8 @@ class _RedisCore:
         version = version.decode("ascii", "replace") if isinstance(version, bytes) else version
         if not (version.isascii() and version.isdigit()) or "#s" not in fields:
             raise corrupt(key, "the version or size field is not a whole number")
+        # One substring search of the joined names skips the list scan for most documents.
+        schema = _stored_schema(fields, values, key) if "#m" in joined else 1
 
         def decode() -> dict[str, Any]:
             try:
@@ -321,7 +347,7 @@ class _RedisCore:
                     f"the hash does not hold a chatstate document (key {key!r}): {exc}", key=key
                 ) from exc
 
-        return Snapshot.lazy(int(version), decode)
+        return Snapshot.lazy(int(version), decode, schema)
 
     def parse_apply(self, raw: Any, write: Write, key: str) -> Outcome:
         text = self._reply_text(raw, key)
@@ -348,14 +374,31 @@ class _RedisCore:
             raise BackendError(f"unexpected reply status {status!r} from the script")
         version, current, extra = int(parts[2]), int(parts[3]), parts[4]
         dump = parts[5] if len(parts) > 5 else ""
+        schema = self._reply_schema(status, write.schema if current else None, extra, dump, key)
         if write.want_document and dump:
-            snapshot = Snapshot.lazy(current, lambda: self.decode_dump(dump, key))
+            snapshot = Snapshot.lazy(current, lambda: self.decode_dump(dump, key), schema)
         else:
-            snapshot = Snapshot({}, current)
+            snapshot = Snapshot({}, current, schema)
         applied_now = status == "applied" and isinstance(op, Increment) and extra
-        value = int(extra) if applied_now else None  # an earlier attempt's reply has none
+        # An earlier attempt's reply has no value; a schema refusal's is the stored schema.
+        value = int(extra) if applied_now or status in _SCHEMA_REFUSALS else None
         retry = int(extra) if status == "busy" else 0
         return Outcome(status, snapshot, version, value=value, retry_after_ms=retry)  # type: ignore[arg-type]
+
+    @staticmethod
+    def _reply_schema(status: str, sent: int | None, extra: str, dump: str, key: str) -> int:
+        """The stored schema an apply reply tells of (only read when the write carried one).
+
+        ``sent`` is ``None`` too when there is no document (1, as for none stored).
+        """
+        if sent is None:
+            return 1
+        if status in _SCHEMA_REFUSALS:
+            return int(extra)
+        if dump:
+            parts = dump.split("\n")
+            return _stored_schema(parts[0::2], parts[1::2], key)
+        return sent if status == "applied" else 1
 
     @staticmethod
     def _reply_text(raw: Any, key: str) -> str:
@@ -368,6 +411,18 @@ class _RedisCore:
     def _corrupt(text: str) -> CorruptStateError:
         _, key, why = [*text.split("\n", 2), "", ""][:3]
         return corrupt(key, why)
+
+
+class _TagCore(_RedisCore):
+    """A core addressed by hash tag (the encoded id or keyed hash) instead of the user id.
+
+    For operator tools that find users by their keys (``chatstate migrate``), which
+    cannot turn a pseudonymous key back into its user id and need not.
+    """
+
+    def keys(self, user_id: str) -> list[str]:
+        base = f"{self.namespace}:{{{user_id}}}"
+        return [base, base + ":ops", base + ":claim"]
 
 
 @contextlib.contextmanager
@@ -544,6 +599,7 @@ class _RedisBackendBase:
         return {**default_client_options(asynchronous=asynchronous), **options}
 
     kind = "redis"
+    stores_schema = True
 
     def describe(self) -> dict[str, Any]:
         """What observers may say of this backend (OpenTelemetry's database attributes)."""

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from functools import lru_cache
+from types import MappingProxyType
 from typing import Any, Final, Literal, TypeAlias
 
 import attrs
@@ -92,6 +93,18 @@ def _to_paths(specs: Iterable[str | Iterable[str]]) -> frozenset[Path]:
     return frozenset(parse_path(s) for s in specs)
 
 
+Migration: TypeAlias = Callable[[JSONObject], JSONObject]
+"""A schema migration: takes a document of schema ``n`` and returns it at ``n + 1``."""
+
+
+def _to_migrations(value: object) -> Mapping[int, Migration]:
+    if not isinstance(value, Mapping):
+        raise ConfigurationError(
+            f"migrations must be a mapping of schema versions to functions, not {value!r}"
+        )
+    return MappingProxyType(dict(value))
+
+
 def _is_prefix(prefix: Path, path: Path) -> bool:
     return len(prefix) <= len(path) and path[: len(prefix)] == prefix
 
@@ -113,10 +126,19 @@ class StateData:
         max_user_id_length: The longest user id, in characters.
         token_field: The top-level field where :mod:`chatstate.auth` keeps a
             user's JWT. The auth helpers require it to be preserved.
+        schema_version: The version of the document's shape this code reads
+            and writes (a whole number from 1), stored with every document as
+            metadata; ``None`` (the default) stores and checks none. A document
+            stored without one counts as version 1. See :doc:`migrations`.
+        migrations: ``{n: fn}`` for every ``n`` from 1 to ``schema_version - 1``:
+            ``fn`` takes a document (a plain dict) of schema ``n`` and returns
+            it at ``n + 1``. It must be a pure function of the document (it may
+            run again on the same document) and leave preserved fields alone.
 
     Raises:
         ConfigurationError: a field is both preserved and replaced, a replaced
-            field holds a preserved one, or a limit is not positive.
+            field holds a preserved one, a limit is not positive, or the
+            schema version or migrations are not as described.
     """
 
     preserved: frozenset[Path] = attrs.field(default=frozenset(), converter=_to_paths)
@@ -125,6 +147,10 @@ class StateData:
     max_bytes: int = DEFAULT_MAX_BYTES
     max_user_id_length: int = 256
     token_field: str = "jwt_token"  # noqa: S105 - a field name, not a secret
+    schema_version: int | None = None
+    migrations: Mapping[int, Migration] = attrs.field(
+        factory=dict, converter=_to_migrations, repr=lambda m: repr(sorted(m)), hash=False
+    )
     _preserved_ancestors: frozenset[Path] = attrs.field(init=False, repr=False, eq=False)
     _guarded: frozenset[Path] = attrs.field(init=False, repr=False, eq=False)
     _max_entries: int = attrs.field(init=False, repr=False, eq=False)
@@ -139,11 +165,35 @@ class StateData:
                     )
         if self.max_depth < 1 or self.max_bytes < 2 or self.max_user_id_length < 1:
             raise ConfigurationError("max_depth, max_bytes and max_user_id_length must be positive")
+        self._check_migrations()
         ancestors = {p[:i] for p in self.preserved for i in range(1, len(p))}
         object.__setattr__(self, "_preserved_ancestors", frozenset(ancestors))
         # Paths a patch must look twice at: preserved, holding one, or replaced.
         object.__setattr__(self, "_guarded", self.preserved | ancestors | self.replaced)
         object.__setattr__(self, "_max_entries", max(16, self.max_bytes // 3))
+
+    def _check_migrations(self) -> None:
+        version, migrations = self.schema_version, self.migrations
+        if version is None:
+            if migrations:
+                raise ConfigurationError("migrations need a schema_version")
+            return
+        ok = type(version) is int and version >= 1  # not isinstance: True is no version
+        if not ok:
+            raise ConfigurationError(
+                f"schema_version must be a whole number of at least 1, got {version!r}"
+            )
+        wanted = set(range(1, version))
+        if set(migrations) != wanted:
+            missing = sorted(wanted - set(migrations))
+            extra = sorted(set(migrations) - wanted, key=repr)
+            raise ConfigurationError(
+                f"schema_version {version} needs migrations for exactly 1..{version - 1} "
+                f"(from each version to the next); missing {missing}, unexpected {extra}"
+            )
+        for n, fn in migrations.items():
+            if not callable(fn):
+                raise ConfigurationError(f"migration {n} is not callable: {fn!r}")
 
     def compile(self, patch: Mapping[str, Any]) -> list[Edit]:
         """Validate a patch and compile it into edits.

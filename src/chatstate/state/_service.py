@@ -59,13 +59,16 @@ def _export(
     user_id: str, snapshot: Snapshot, rules: StateData, include_secrets: bool
 ) -> JSONObject:
     data = snapshot.data if snapshot.version else {}
-    return {
+    export: JSONObject = {
         "chatstate_export": EXPORT_FORMAT,
         "user_id": user_id,
         "version": snapshot.version,
         "secrets": "included" if include_secrets else "redacted",
         "document": data if include_secrets else redact(data, rules.preserved),
     }
+    if snapshot.version and snapshot.schema != 1:
+        export["schema"] = snapshot.schema
+    return export
 
 
 def _eraser(backend: object) -> Callable[[str], Any]:
@@ -281,7 +284,9 @@ class StateService:
         preserved fields and values that look secret (``token``, ``password``,
         ...) are replaced by ``"<secret sha256:...>"`` fingerprints unless
         ``include_secrets``. A user with nothing stored exports version 0 and an
-        empty document. ``chatstate import`` reads it back.
+        empty document. A document stored at a schema version other than 1
+        (``StateData(schema_version=...)``) also carries ``"schema"``.
+        ``chatstate import`` reads it back.
         """
         uid = self.manager.user_id(user_id)
         return _export(uid, self.snapshot(uid), self.manager.rules, include_secrets)

@@ -59,7 +59,8 @@ _SCHEMA: Final = (
         doc TEXT NOT NULL,
         version INTEGER NOT NULL,
         size INTEGER NOT NULL,
-        expires_at INTEGER
+        expires_at INTEGER,
+        schema INTEGER NOT NULL DEFAULT 1
     ) WITHOUT ROWID""",
     # The operation log: recent op keys (JSON, oldest first) and the claim, each with
     # its own expiry; it outlives the document (a redelivery after a delete or expiry).
@@ -224,6 +225,7 @@ class SqliteBackend:
     """
 
     kind = "sqlite"
+    stores_schema = True
 
     def __init__(
         self,
@@ -371,7 +373,7 @@ class SqliteBackend:
             row = (
                 self._conn()
                 .execute(
-                    "SELECT doc, version FROM chatstate_users WHERE user_id = ? "
+                    "SELECT doc, version, schema FROM chatstate_users WHERE user_id = ? "
                     "AND (expires_at IS NULL OR expires_at > ?)",
                     (user_id, now),
                 )
@@ -379,10 +381,10 @@ class SqliteBackend:
             )
         if row is None:
             return None
-        text, version = row
-        if type(version) is not int:
+        text, version, schema = row
+        if type(version) is not int or type(schema) is not int:
             raise _corrupt(user_id, "chatstate_users", "the stored version is not an integer")
-        return Snapshot.lazy(version, lambda: _decode_doc(user_id, text))
+        return Snapshot.lazy(version, lambda: _decode_doc(user_id, text), schema)
 
     def apply(self, user_id: str, write: Write) -> Outcome:
         """Apply ``write`` atomically (one ``BEGIN IMMEDIATE`` transaction)."""
@@ -404,10 +406,12 @@ class SqliteBackend:
                 else:
                     if write.ttl_ms is not None:
                         expires_at = now + write.ttl_ms
+                    row = (user_id, _dumps(data), result.outcome.version, result.size)
                     db.execute(
                         "INSERT OR REPLACE INTO chatstate_users "
-                        "(user_id, doc, version, size, expires_at) VALUES (?, ?, ?, ?, ?)",
-                        (user_id, _dumps(data), result.outcome.version, result.size, expires_at),
+                        "(user_id, doc, version, size, expires_at, schema) "
+                        "VALUES (?, ?, ?, ?, ?, ?)",
+                        (*row, expires_at, result.schema),
                     )
             if result.log_changed:
                 if not isinstance(write.operation, Acquire | Release):
@@ -424,18 +428,19 @@ class SqliteBackend:
     ) -> tuple[Snapshot | None, int, int | None]:
         """The live document (decoded when read), its size and expiry; drops an expired one."""
         row = db.execute(
-            "SELECT doc, version, size, expires_at FROM chatstate_users WHERE user_id = ?",
+            "SELECT doc, version, size, expires_at, schema FROM chatstate_users WHERE user_id = ?",
             (user_id,),
         ).fetchone()
         if row is None:
             return None, 0, None
-        text, version, size, expires_at = row
+        text, version, size, expires_at, schema = row
         if expires_at is not None and expires_at <= now:
             db.execute("DELETE FROM chatstate_users WHERE user_id = ?", (user_id,))
             return None, 0, None
-        if type(version) is not int or type(size) is not int:
-            raise _corrupt(user_id, "chatstate_users", "a bad version or size")
-        return Snapshot.lazy(version, lambda: _decode_doc(user_id, text)), size, expires_at
+        if type(version) is not int or type(size) is not int or type(schema) is not int:
+            raise _corrupt(user_id, "chatstate_users", "a bad version, size or schema")
+        snapshot = Snapshot.lazy(version, lambda: _decode_doc(user_id, text), schema)
+        return snapshot, size, expires_at
 
     @staticmethod
     def _read_log(db: sqlite3.Connection, user_id: str, now: int) -> tuple[OpLog, int]:
@@ -676,6 +681,7 @@ class AsyncSqliteBackend:
     """
 
     kind = "sqlite"
+    stores_schema = True
 
     def __init__(self, store: str | os.PathLike[str] | SqliteBackend, **options: Any) -> None:
         if isinstance(store, SqliteBackend):

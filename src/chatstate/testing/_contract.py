@@ -15,6 +15,7 @@ import unicodedata
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
+import attrs
 import pytest
 
 from chatstate.exceptions import (
@@ -38,6 +39,7 @@ from chatstate.state import (
     AsyncBackend,
     AsyncStateService,
     Backend,
+    Replace,
     Snapshot,
     StateData,
     StateService,
@@ -115,6 +117,8 @@ class BackendContract:
     """Whether the backend can ``erase`` a user (everything, op ids included)."""
     deadline_index: bool = True
     """Whether the backend keeps the optional deadline index (schedule, unschedule, due)."""
+    stores_schema: bool = True
+    """Whether the backend stores schema versions (``stores_schema = True``, ``Write.schema``)."""
 
     def make_backend(self) -> Backend:
         """Return a new sync backend over this test's store (empty when the test starts)."""
@@ -927,6 +931,113 @@ class BackendContract:
 
         asyncio.run(main())
 
+    # -- schema versions (optional) -------------------------------------------------
+
+    def _schema_write(self, svc: ServiceTwin, schema: int | None, **kwargs: Any) -> Any:
+        if not self.stores_schema:
+            pytest.skip("this backend does not store schema versions")
+        write = svc.manager.update_write(kwargs.pop("patch", {"n": 1}), kwargs.pop("op_id", None))
+        write.schema = schema
+        return write
+
+    @_twin_test
+    async def test_a_created_document_stores_the_writes_schema(self, svc: ServiceTwin) -> None:
+        """A write that creates a document stores its schema; one without a schema keeps it."""
+        backend = svc.manager.backend
+        created = await _maybe(backend.apply("u", self._schema_write(svc, 3)))
+        assert (created.status, created.snapshot.schema) == ("applied", 3)
+        assert (await _maybe(backend.load("u"))).schema == 3
+        await _maybe(backend.apply("u", self._schema_write(svc, None, patch={"m": 2})))
+        loaded = await _maybe(backend.load("u"))
+        assert (loaded.schema, loaded.version, loaded.data) == (3, 2, {"n": 1, "m": 2})
+        await _maybe(backend.apply("plain", self._schema_write(svc, None)))
+        assert (await _maybe(backend.load("plain"))).schema == 1
+
+    @_twin_test
+    async def test_a_write_to_an_older_schema_is_refused_and_not_remembered(
+        self, svc: ServiceTwin
+    ) -> None:
+        """A write of a newer schema finds an older document: nothing written, op id kept free."""
+        backend = svc.manager.backend
+        await _maybe(backend.apply("u", self._schema_write(svc, None, patch={"old": 1})))
+        write = self._schema_write(svc, 2, patch={"new": 1}, op_id="wamid.s1")
+        refused = await _maybe(backend.apply("u", write))
+        assert (refused.status, refused.value, refused.snapshot.schema) == ("stale_schema", 1, 1)
+        loaded = await _maybe(backend.load("u"))
+        assert (loaded.version, loaded.schema, loaded.data) == (1, 1, {"old": 1})
+        # A replace may move the document to the newer schema (it carries a migrated one) ...
+        replace = svc.manager.write(Replace({"old": 1, "moved": True}, 1), None)
+        replace.schema = 2
+        moved = await _maybe(backend.apply("u", replace))
+        assert (moved.status, moved.version, moved.snapshot.schema) == ("applied", 2, 2)
+        # ... and the refused write, sent again, is new: its op id was not remembered.
+        again = await _maybe(backend.apply("u", write))
+        assert (again.status, again.version) == ("applied", 3)
+        loaded = await _maybe(backend.load("u"))
+        assert (loaded.schema, loaded.data) == (2, {"old": 1, "moved": True, "new": 1})
+
+    @_twin_test
+    async def test_a_write_to_a_newer_schema_is_refused(self, svc: ServiceTwin) -> None:
+        """Older code never writes to, nor replaces, a document of a newer schema."""
+        backend = svc.manager.backend
+        await _maybe(backend.apply("u", self._schema_write(svc, 3, patch={"v3": 1})))
+        for schema in (1, 2):
+            refused = await _maybe(backend.apply("u", self._schema_write(svc, schema)))
+            assert (refused.status, refused.value) == ("newer_schema", 3)
+            replace = svc.manager.write(Replace({"old": 1}, 1), "wamid.r")
+            replace.schema = schema
+            refused = await _maybe(backend.apply("u", replace))
+            assert (refused.status, refused.value) == ("newer_schema", 3)
+        loaded = await _maybe(backend.load("u"))
+        assert (loaded.version, loaded.schema, loaded.data) == (1, 3, {"v3": 1})
+        # The refused replace's op id is free too.
+        replace = svc.manager.write(Replace({"v3": 2}, 1), "wamid.r")
+        replace.schema = 3
+        assert (await _maybe(backend.apply("u", replace))).status == "applied"
+
+    @_twin_test
+    async def test_a_delete_ignores_the_schema_and_removes_it(self, svc: ServiceTwin) -> None:
+        """Delete works at any schema; the next document starts at the writer's schema."""
+        backend = svc.manager.backend
+        await _maybe(backend.apply("u", self._schema_write(svc, 3)))
+        delete = svc.manager.delete_write(None)
+        delete.schema = 2
+        assert (await _maybe(backend.apply("u", delete))).status == "applied"
+        assert await _maybe(backend.load("u")) is None
+        await _maybe(backend.apply("u", self._schema_write(svc, 2)))
+        assert (await _maybe(backend.load("u"))).schema == 2
+
+    def test_a_service_migrates_an_older_document_when_it_reads_it(self, twin: str) -> None:
+        """A service with schema_version 3 reads a schema-less document through migrations 1, 2."""
+        if not self.stores_schema:
+            pytest.skip("this backend does not store schema versions")
+
+        def to_2(doc: JSONObject) -> JSONObject:
+            doc["name"] = {"first": doc.pop("name", "")}
+            return doc
+
+        def to_3(doc: JSONObject) -> JSONObject:
+            return {**doc, "lang": doc.get("lang", "en")}
+
+        newer = attrs.evolve(self.rules, schema_version=3, migrations={1: to_2, 2: to_3})
+
+        async def main() -> None:
+            old = self.open_service(twin)
+            try:
+                await old.update("u", {"name": "Ann"})
+                await old.set_preserved("u", "jwt_token", "t")
+                svc = _same_store(old, newer)
+                assert await svc.get("u") == {
+                    "name": {"first": "Ann"}, "lang": "en", "jwt_token": "t"
+                }  # fmt: skip
+                snapshot = await svc.snapshot("u")
+                assert (snapshot.version, snapshot.schema) == (3, 3)
+                assert (await svc.update("u", {"x": 1}))["x"] == 1
+            finally:
+                await old.aclose()
+
+        asyncio.run(main())
+
     # -- concurrency ------------------------------------------------------------
 
     def test_concurrent_writers_lose_no_update(self, twin: str) -> None:
@@ -962,6 +1073,13 @@ class BackendContract:
                 await svc.aclose()
 
         asyncio.run(main())
+
+
+def _same_store(svc: ServiceTwin, rules: StateData) -> ServiceTwin:
+    """Another service with ``rules`` over the same backend object."""
+    if isinstance(svc, SyncServiceAsAsync):
+        return SyncServiceAsAsync(StateService(svc.manager.backend, rules))
+    return AsyncStateService(svc.manager.backend, rules)
 
 
 async def _maybe(value: Any) -> Any:
