@@ -179,7 +179,7 @@ def _check_url(args: argparse.Namespace) -> str:
     return str(args.redis)
 
 
-def _service(args: argparse.Namespace) -> StateService:
+def _service(args: argparse.Namespace, rules: StateData | None = None) -> StateService:
     url = _check_url(args)
     try:
         backend = RedisBackend.from_url(
@@ -192,7 +192,7 @@ def _service(args: argparse.Namespace) -> StateService:
         raise CommandLineError(str(exc)) from exc
     except (ValueError, TypeError) as exc:
         raise CommandLineError(f"not a usable Redis URL: {exc}") from exc
-    return StateService(backend)
+    return StateService(backend, rules)
 
 
 @contextlib.contextmanager
@@ -341,7 +341,7 @@ def cmd_state(args: argparse.Namespace, console: Console) -> int:
     rules = _load_rules(args.rules)
     with _service(args) as svc:
         snapshot = svc.snapshot(args.user_id)
-        data = redact(snapshot.data, rules.preserved)
+        data = redact(snapshot.data, rules.preserved | rules.secret)
     console.out(_dump({"user_id": args.user_id, "version": snapshot.version, "state": data}))
     return 0
 
@@ -355,7 +355,11 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
             raise CommandError(
                 f"no state is stored for user {args.user_id!r} in namespace {args.namespace!r}"
             )
-        data = snapshot.data if args.include_secrets else redact(snapshot.data, rules.preserved)
+        data = (
+            snapshot.data
+            if args.include_secrets
+            else redact(snapshot.data, rules.preserved | rules.secret)
+        )
     console.out(
         _dump(
             {
@@ -524,6 +528,51 @@ def cmd_users(args: argparse.Namespace, console: Console) -> int:
         console.error(f"{odd} user id(s) hold unprintable characters: shown as JSON; see --json")
     console.progress(f"{count} users", final=True)
     return 0
+
+
+def cmd_reencrypt(args: argparse.Namespace, console: Console) -> int:
+    """Encrypt every secret field with the newest key (plaintext and older keys)."""
+    rules = _load_rules(args.rules)
+    cipher = rules.encryption
+    if cipher is None or not rules.secret:
+        raise CommandLineError(
+            f"{args.rules!r} has no encryption: give the StateData your bot uses, with "
+            "encryption=FieldEncryption(...) and its secret fields"
+        )
+    counts = {"re-encrypted": 0, "current": 0, "failed": 0}
+    done = "would re-encrypt" if args.dry_run else "re-encrypted"
+    with _client(args) as client, _service(args, rules) as svc:
+        backend = svc.manager.backend
+        for _node, _key, (kind, user_id) in _scan(client, args, console, ":{*}"):
+            if kind != "doc":
+                continue
+            if user_id.startswith("#"):
+                counts["failed"] += 1
+                console.error(
+                    f"{user_id}: a pseudonymous key (key_secret); its user id, which the "
+                    "ciphertext is bound to, cannot be read back: re-encrypt it from the bot"
+                )
+                continue
+            try:
+                stored = backend.load(user_id)
+                if stored is None or not cipher.needs_reencryption(stored.data, rules.secret):
+                    counts["current"] += 1
+                    continue
+                if not args.dry_run:
+                    # Read, decrypt and write back whole under a version check: the
+                    # write seals every secret value with the current key.
+                    svc.transaction(user_id, lambda _doc: None)
+            except ChatstateError as exc:
+                counts["failed"] += 1
+                console.error(f"{user_id!r}: {exc}")
+                continue
+            counts["re-encrypted"] += 1
+            console.progress(f"{done} {counts['re-encrypted']} documents")
+    console.out(
+        f"{done}: {counts['re-encrypted']}, already current: {counts['current']}, "
+        f"failed: {counts['failed']}"
+    )
+    return 1 if counts["failed"] else 0
 
 
 def _batches(items: list[Any], size: int = 500) -> Iterator[list[Any]]:
@@ -1052,6 +1101,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("user_id", metavar="USER")
     sub.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+
+    sub = add(
+        "reencrypt",
+        cmd_reencrypt,
+        "encrypt every secret field with the newest key (resumable: current ones are skipped)",
+    )
+    sub.add_argument(
+        "--rules",
+        metavar="MODULE:ATTR",
+        required=True,
+        help="your StateData as package.module:RULES, with its encryption and secret fields",
+    )
+    sub.add_argument("--dry-run", action="store_true", help="count, change nothing")
 
     sub = add("users", cmd_users, "list the namespace's user ids, one a line (SCAN)")
     sub.add_argument("--json", action="store_true", help="each id as a JSON string")

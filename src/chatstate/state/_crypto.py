@@ -49,9 +49,9 @@ from typing import Any, Final, NoReturn
 
 from chatstate.exceptions import (
     ConfigurationError,
+    DecryptionError,
     InvalidUserIdError,
     SerializationError,
-    StateError,
     ValidationError,
 )
 from chatstate.state._codec import encode_value
@@ -79,41 +79,6 @@ _KEY_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _TOKEN: Final = re.compile(r"csenc:([0-9]+):([^:]*):([A-Za-z0-9_-]*)")
 _B64_KEY: Final = re.compile(r"[A-Za-z0-9+/_-]+={0,2}")
 _MISSING: Final = object()
-
-
-class DecryptionError(StateError):
-    """A stored secret field could not be decrypted; nothing is returned in its place.
-
-    Raised for a token whose key id is not configured, that does not authenticate
-    (altered, written under the same id with another key, or moved from another
-    user or field), or that is not a well-formed token.
-
-    Attributes:
-        user_id: The user whose document holds the field.
-        path: The field, such as ``$.jwt_token``.
-        key_id: The key id the token names, or ``None`` when it names none.
-        reason: ``"unknown_key"``, ``"authentication"``, ``"malformed"``,
-            ``"unsupported_version"`` or ``"plaintext"`` (a plaintext value met
-            by a key ring built with ``accept_plaintext=False``).
-    """
-
-    default_action = "Failed to decrypt state"
-
-    def __init__(
-        self,
-        detail: str,
-        *,
-        user_id: str,
-        path: str,
-        key_id: str | None,
-        reason: str,
-        action: str | None = None,
-    ) -> None:
-        self.user_id = user_id
-        self.path = path
-        self.key_id = key_id
-        self.reason = reason
-        super().__init__(detail, action=action)
 
 
 def is_encrypted(value: object) -> bool:

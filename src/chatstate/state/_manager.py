@@ -55,6 +55,7 @@ from chatstate.state._backend import (
 )
 from chatstate.state._codec import encode_path, encode_value
 from chatstate.state._rules import SET, Edit, StateData, copy_json, parse_path
+from chatstate.state._sealing import mask, reveal, seal
 from chatstate.typing import JSONObject, Path
 
 __all__ = ["AsyncStateManager", "StateManager"]
@@ -249,6 +250,26 @@ class _ManagerCore:
         assert dedupe_ms is not None
         self.dedupe_ms = dedupe_ms
         self.max_attempts = _attempts(max_attempts)
+        self.cipher = self.rules.encryption
+        self.secret = self.rules.secret if self.cipher is not None else frozenset()
+
+    def seal(self, user_id: str, write: Write) -> Write:
+        """Encrypt what ``write`` stores at secret paths (with encryption configured)."""
+        if self.cipher is None:
+            return write
+        return seal(write, user_id, self.secret, self.cipher)
+
+    def reveal(self, user_id: str, snapshot: Snapshot) -> Snapshot:
+        """``snapshot`` with its secret values decrypted when read (with encryption)."""
+        if self.cipher is None:
+            return snapshot
+        return reveal(snapshot, user_id, self.secret, self.cipher)
+
+    def revealed(self, user_id: str, outcome: Outcome) -> Outcome:
+        """``outcome`` with its snapshot revealed (see :meth:`reveal`)."""
+        if self.cipher is not None:
+            outcome.snapshot = reveal(outcome.snapshot, user_id, self.secret, self.cipher)
+        return outcome
 
     def user_id(self, user_id: object) -> str:
         """Check a user id and return its NFC form.
@@ -308,7 +329,9 @@ class _ManagerCore:
             if fingerprint is not None:
                 digest = digest_text(fingerprint)
             elif digest_request:
-                digest = request_digest(operation)
+                digest = request_digest(
+                    operation if self.cipher is None else mask(operation, self.secret)
+                )
             else:
                 digest = ""
         return Write(
@@ -507,17 +530,19 @@ class StateManager(_ManagerCore):
     def load(self, user_id: str) -> Snapshot:
         """Return the user's document and version (``{}`` and 0 when there is none)."""
         try:
-            snapshot = self.backend.load(self.user_id(user_id))
+            uid = self.user_id(user_id)
+            snapshot = self.backend.load(uid)
         except StateError as exc:
             relabel(exc, READ)
             raise
-        return snapshot if snapshot is not None else Snapshot({}, 0)
+        return self.reveal(uid, snapshot) if snapshot is not None else Snapshot({}, 0)
 
     @observed()
     def apply(self, user_id: str, action: str, make: Callable[[], Write]) -> Outcome:
         """Validate, then apply one write; errors start with ``action``."""
         try:
-            return self.backend.apply(self.user_id(user_id), make())
+            uid = self.user_id(user_id)
+            return self.revealed(uid, self.backend.apply(uid, self.seal(uid, make())))
         except StateError as exc:
             relabel(exc, action)
             raise
@@ -533,11 +558,12 @@ class StateManager(_ManagerCore):
         attempts = self.max_attempts if max_attempts is None else _attempts(max_attempts)
         with failing(TRANSACTION):
             uid = self.user_id(user_id)
-            current = self.backend.load(uid) or Snapshot({}, 0)
+            current = self.reveal(uid, self.backend.load(uid) or Snapshot({}, 0))
             for attempt in range(attempts):
                 draft = copy_json(current.data)
                 result = fn(draft)
-                outcome = self.backend.apply(uid, self.replace_write(current, draft, result))
+                write = self.seal(uid, self.replace_write(current, draft, result))
+                outcome = self.revealed(uid, self.backend.apply(uid, write))
                 if outcome.status != "conflict":
                     return outcome.snapshot
                 current = outcome.snapshot
@@ -571,7 +597,7 @@ class StateManager(_ManagerCore):
             while True:
                 outcome = self.backend.apply(uid, write)
                 if outcome.status != "busy":
-                    return _ClaimCore(self, uid, write, outcome)
+                    return _ClaimCore(self, uid, write, self.revealed(uid, outcome))
                 waited = time.monotonic() - start
                 delay = self.busy_delay(attempt, outcome.retry_after_ms)
                 if waited + delay > (wait_ms or 0) / 1000:
@@ -590,7 +616,8 @@ class StateManager(_ManagerCore):
         with failing(COMMIT):
             claim._open()  # noqa: SLF001 - the claim's own check
             try:
-                outcome = self.backend.apply(claim.user_id, self.commit_write(claim))
+                write = self.seal(claim.user_id, self.commit_write(claim))
+                outcome = self.backend.apply(claim.user_id, write)
             except OutcomeUnknown:
                 raise
             except StateError:
@@ -643,17 +670,20 @@ class AsyncStateManager(_ManagerCore):
     async def load(self, user_id: str) -> Snapshot:
         """Return the user's document and version (``{}`` and 0 when there is none)."""
         try:
-            snapshot = await self.backend.load(self.user_id(user_id))
+            uid = self.user_id(user_id)
+            snapshot = await self.backend.load(uid)
         except StateError as exc:
             relabel(exc, READ)
             raise
-        return snapshot if snapshot is not None else Snapshot({}, 0)
+        return self.reveal(uid, snapshot) if snapshot is not None else Snapshot({}, 0)
 
     @observed()
     async def apply(self, user_id: str, action: str, make: Callable[[], Write]) -> Outcome:
         """Validate, then apply one write; errors start with ``action``."""
         try:
-            return await self.backend.apply(self.user_id(user_id), make())
+            uid = self.user_id(user_id)
+            outcome = await self.backend.apply(uid, self.seal(uid, make()))
+            return self.revealed(uid, outcome)
         except StateError as exc:
             relabel(exc, action)
             raise
@@ -670,14 +700,14 @@ class AsyncStateManager(_ManagerCore):
         attempts = self.max_attempts if max_attempts is None else _attempts(max_attempts)
         with failing(TRANSACTION):
             uid = self.user_id(user_id)
-            current = await self.backend.load(uid) or Snapshot({}, 0)
+            current = self.reveal(uid, await self.backend.load(uid) or Snapshot({}, 0))
             for attempt in range(attempts):
                 draft = copy_json(current.data)
                 result = fn(draft)
                 if inspect.isawaitable(result):
                     result = await result
-                write = self.replace_write(current, draft, result)
-                outcome = await self.backend.apply(uid, write)
+                write = self.seal(uid, self.replace_write(current, draft, result))
+                outcome = self.revealed(uid, await self.backend.apply(uid, write))
                 if outcome.status != "conflict":
                     return outcome.snapshot
                 current = outcome.snapshot
@@ -712,7 +742,7 @@ class AsyncStateManager(_ManagerCore):
             while True:
                 outcome = await self.backend.apply(uid, write)
                 if outcome.status != "busy":
-                    return _ClaimCore(self, uid, write, outcome)
+                    return _ClaimCore(self, uid, write, self.revealed(uid, outcome))
                 waited = loop.time() - start
                 delay = self.busy_delay(attempt, outcome.retry_after_ms)
                 if waited + delay > (wait_ms or 0) / 1000:
@@ -726,7 +756,8 @@ class AsyncStateManager(_ManagerCore):
         with failing(COMMIT):
             claim._open()  # noqa: SLF001 - the claim's own check
             try:
-                outcome = await self.backend.apply(claim.user_id, self.commit_write(claim))
+                write = self.seal(claim.user_id, self.commit_write(claim))
+                outcome = await self.backend.apply(claim.user_id, write)
             except OutcomeUnknown:
                 raise
             except StateError:

@@ -64,7 +64,7 @@ def _export(
         "user_id": user_id,
         "version": snapshot.version,
         "secrets": "included" if include_secrets else "redacted",
-        "document": data if include_secrets else redact(data, rules.preserved),
+        "document": data if include_secrets else redact(data, rules.preserved | rules.secret),
     }
 
 
