@@ -391,3 +391,136 @@ def test_the_cli_state_command_shows_no_secret(
     assert "8642" not in out
     assert "csenc" not in out
     svc.close()
+
+
+# -- what the probe of the first version found ----------------------------------------
+
+
+def test_reprs_hide_secret_fields_too() -> None:
+    """A returned document and a flow context's state hide secret fields, not only preserved ones."""
+    svc = StateService(MemoryBackend(), StateData(secret=["profile.pin"]))  # no ring
+    doc = svc.update("u", {"profile": {"pin": "987654", "name": "Ana"}})
+    assert "987654" not in repr(doc)
+    assert "Ana" in repr(doc)
+    assert doc["profile"]["pin"] == "987654"
+
+
+def test_a_transaction_keeps_the_ciphertext_of_unchanged_secrets() -> None:
+    """Rewriting the document whole re-encrypts only the secret values that changed."""
+    svc = StateService(MemoryBackend(), RULES)
+    svc.set_preserved("u", "jwt_token", "eyJ.a.b")
+    svc.update("u", {"profile": {"pin": "1234"}, "card": "4111"})
+    before = _raw(svc, "u")
+    svc.transaction("u", lambda d: {**d, "z": 1, "card": "5500"})
+    after = _raw(svc, "u")
+    assert after["jwt_token"] == before["jwt_token"]
+    assert after["profile"]["pin"] == before["profile"]["pin"]
+    assert after["card"] != before["card"]
+    assert svc.get("u")["card"] == "5500"
+
+
+def test_a_secret_of_another_type_is_not_kept_for_an_equal_value() -> None:
+    """True and 1 are equal in Python but not in JSON: the value is encrypted again."""
+    svc = StateService(MemoryBackend(), RULES)
+    svc.update("u", {"card": 1})
+    svc.transaction("u", lambda d: {**d, "card": True})
+    assert svc.get("u")["card"] is True
+
+
+def test_the_digest_masks_a_secret_whatever_its_shape() -> None:
+    """A scalar, a list or an object at a secret path digest alike; a deletion does not."""
+    core = StateService(MemoryBackend(), RULES).manager
+    digests = {
+        core.update_write({"card": value, "a": 1}, "m").digest
+        for value in ("4111", 4111, ["4111"], {"n": "4111"}, {"old": "1", "new": None})
+    }
+    assert len(digests) == 1
+    assert core.update_write({"card": None, "a": 1}, "m").digest not in digests
+
+
+@pytest.mark.redis
+def test_import_with_rules_encrypts_a_plaintext_export(
+    redis_url: str, namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A service's plaintext export imported with --rules is stored encrypted, and reads back."""
+    svc = StateService(RedisBackend.from_url(redis_url, namespace=namespace), RULES)
+    svc.update("ana", {"profile": {"pin": "1357"}, "step": 2})
+    export = svc.export("ana", include_secrets=True)
+    assert export["document"]["profile"]["pin"] == "1357"
+    svc.erase("ana")
+    path = tmp_path / "ana.json"
+    path.write_text(json.dumps(export))
+    module = tmp_path / "enc_import_mod.py"
+    module.write_text(
+        "from chatstate import FieldEncryption, StateData\n"
+        f"RING = FieldEncryption({{'a': {KEY_A!r}}}, accept_plaintext=False)\n"
+        f"RULES = StateData(preserved=['jwt_token'], encryption=RING, secret={SECRET_PATHS!r})\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    base = ["--redis", redis_url, "--namespace", namespace]
+    assert main(["import", str(path), *base, "--rules", "enc_import_mod:RULES"]) == 0
+    assert _raw(svc, "ana")["profile"]["pin"].startswith("csenc:1:a:")
+    assert svc.get("ana") == {"profile": {"pin": "1357"}, "step": 2}
+    svc.close()
+
+
+@pytest.mark.redis
+def test_reencrypt_with_strict_rules_brings_plaintext_in(
+    redis_url: str,
+    namespace: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """With the bot's strict ring, the dry run and the run agree and plaintext gets encrypted."""
+    plain = StateService(RedisBackend.from_url(redis_url, namespace=namespace))
+    for i in range(3):
+        plain.update(f"u{i}", {"card": f"4111-{i}"})
+    module = tmp_path / "enc_strict_mod.py"
+    module.write_text(
+        "from chatstate import FieldEncryption, StateData\n"
+        f"RING = FieldEncryption({{'a': {KEY_A!r}}}, accept_plaintext=False)\n"
+        f"RULES = StateData(encryption=RING, secret={SECRET_PATHS!r})\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = ["reencrypt", "--redis", redis_url, "--namespace", namespace]
+    args += ["--rules", "enc_strict_mod:RULES"]
+    assert main([*args, "--dry-run"]) == 0
+    assert "would re-encrypt: 3, already current: 0, failed: 0" in capsys.readouterr().out
+    assert main(args) == 0
+    assert "re-encrypted: 3, already current: 0, failed: 0" in capsys.readouterr().out
+    strict = StateData(encryption=FieldEncryption({"a": KEY_A}, accept_plaintext=False))
+    strict = StateData(encryption=strict.encryption, secret=SECRET_PATHS)
+    reader = StateService(RedisBackend.from_url(redis_url, namespace=namespace), strict)
+    assert reader.get("u1") == {"card": "4111-1"}
+    for svc in (plain, reader):
+        svc.close()
+
+
+@pytest.mark.redis
+def test_the_cli_fingerprint_with_rules_is_the_tokens(
+    redis_url: str,
+    namespace: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`chatstate state --rules` shows the token's fingerprint, the one the logs show."""
+    from chatstate.auth import fingerprint
+
+    svc = StateService(RedisBackend.from_url(redis_url, namespace=namespace), RULES)
+    token = _token()
+    set_jwt_token(CachedUser("u", svc), token)
+    module = tmp_path / "enc_state_mod.py"
+    module.write_text(
+        "from chatstate import FieldEncryption, StateData\n"
+        f"RULES = StateData(preserved=['jwt_token'], encryption=FieldEncryption({{'a': {KEY_A!r}}}),"
+        f" secret={SECRET_PATHS!r})\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    base = ["--redis", redis_url, "--namespace", namespace]
+    assert main(["state", "u", *base, "--rules", "enc_state_mod:RULES"]) == 0
+    out = capsys.readouterr().out
+    assert fingerprint(token) in out
+    assert token not in out
+    svc.close()

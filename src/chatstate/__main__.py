@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Final, NoReturn
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import attrs
 import redis
 import redis.exceptions as rex
 
@@ -321,6 +322,17 @@ def _load_rules(spec: str | None) -> StateData:
     return rules
 
 
+def _decrypted(rules: StateData, user_id: str, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with the secret fields decrypted when the rules carry a key ring.
+
+    So that fingerprints match the ones the bot logs (of the token, not of its
+    ciphertext), and ``export --include-secrets`` gives plaintext to import.
+    """
+    if rules.encryption is None:
+        return data
+    return rules.encryption.accepting_plaintext().decrypt_document(data, user_id, rules.secret)
+
+
 def cmd_mermaid(args: argparse.Namespace, console: Console) -> int:
     """Print a flow's graph."""
     if ":" not in args.flow:
@@ -341,7 +353,7 @@ def cmd_state(args: argparse.Namespace, console: Console) -> int:
     rules = _load_rules(args.rules)
     with _service(args) as svc:
         snapshot = svc.snapshot(args.user_id)
-        data = redact(snapshot.data, rules.preserved | rules.secret)
+        data = redact(_decrypted(rules, args.user_id, snapshot.data), rules.redacted_fields)
     console.out(_dump({"user_id": args.user_id, "version": snapshot.version, "state": data}))
     return 0
 
@@ -355,11 +367,8 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
             raise CommandError(
                 f"no state is stored for user {args.user_id!r} in namespace {args.namespace!r}"
             )
-        data = (
-            snapshot.data
-            if args.include_secrets
-            else redact(snapshot.data, rules.preserved | rules.secret)
-        )
+        data = _decrypted(rules, args.user_id, snapshot.data)
+        data = data if args.include_secrets else redact(data, rules.redacted_fields)
     console.out(
         _dump(
             {
@@ -425,7 +434,13 @@ def _read_export(source: str) -> tuple[str, int, dict[str, Any]]:
 def cmd_import(args: argparse.Namespace, console: Console) -> int:
     """Write an export back, unless the stored document is as new or newer."""
     user_id, version, document = _read_export(args.file)
-    with _service(args) as svc:
+    rules = _load_rules(args.rules) if args.rules else None
+    if rules is not None and rules.encryption is not None:
+        # Plaintext (a service's export) or ciphertext (this CLI's): decrypted here,
+        # then the service encrypts every secret value with the current key.
+        rules = attrs.evolve(rules, encryption=rules.encryption.accepting_plaintext())
+        document = _decrypted(rules, user_id, document)
+    with _service(args, rules) as svc:
         manager = svc.manager
         for _attempt in range(5):
             current = svc.snapshot(user_id)
@@ -539,6 +554,9 @@ def cmd_reencrypt(args: argparse.Namespace, console: Console) -> int:
             f"{args.rules!r} has no encryption: give the StateData your bot uses, with "
             "encryption=FieldEncryption(...) and its secret fields"
         )
+    # The bot's ring may refuse plaintext (accept_plaintext=False): this command is
+    # what brings plaintext left in the store under encryption, so it reads it.
+    rules = attrs.evolve(rules, encryption=cipher.accepting_plaintext())
     counts = {"re-encrypted": 0, "current": 0, "failed": 0}
     done = "would re-encrypt" if args.dry_run else "re-encrypted"
     with _client(args) as client, _service(args, rules) as svc:
@@ -1081,6 +1099,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = add("import", cmd_import, "write an export back (never over a newer document)")
     sub.add_argument("file", metavar="FILE", help="an export; - reads standard input")
+    sub.add_argument(
+        "--rules",
+        metavar="MODULE:ATTR",
+        help="your StateData as package.module:RULES: with encryption, secret fields are "
+        "stored encrypted whether the export holds plaintext or ciphertext",
+    )
     sub.add_argument(
         "--overwrite",
         action="store_true",

@@ -142,18 +142,14 @@ def _key_bytes(where: str, key: object) -> bytes:
     elif isinstance(key, str):
         text = key.strip()
         if not _B64_KEY.fullmatch(text):
-            raise ConfigurationError(
-                f"{where} is not base64 text (standard or URL-safe alphabet)"
-            )
+            raise ConfigurationError(f"{where} is not base64 text (standard or URL-safe alphabet)")
         text = text.rstrip("=").replace("-", "+").replace("_", "/")
         try:
             raw = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
         except binascii.Error:
             raise ConfigurationError(f"{where} is not valid base64 text") from None
     else:
-        raise ConfigurationError(
-            f"{where} must be bytes or base64 text, not {type(key).__name__}"
-        )
+        raise ConfigurationError(f"{where} must be bytes or base64 text, not {type(key).__name__}")
     if len(raw) != KEY_BYTES:
         raise ConfigurationError(
             f"{where} is {len(raw)} bytes; AES-256-GCM needs {KEY_BYTES} "
@@ -253,7 +249,8 @@ class FieldEncryption:
         if current is None:
             if len(raws) > 1:
                 raise ConfigurationError(
-                    f"with {len(raws)} keys, say which is current: FieldEncryption(keys, current=...)"
+                    f"with {len(raws)} keys, say which is current: "
+                    "FieldEncryption(keys, current=...)"
                 )
             current = next(iter(raws))
         if current not in raws:
@@ -334,6 +331,20 @@ class FieldEncryption:
     def accept_plaintext(self) -> bool:
         """Whether a value at a secret path that is not a token is read as plaintext."""
         return self._accept_plaintext
+
+    def accepting_plaintext(self) -> FieldEncryption:
+        """This key ring, reading plaintext at secret paths as it is.
+
+        For the steps that bring plaintext under encryption (``chatstate
+        reencrypt``, ``chatstate import``) while the bot's own ring is strict.
+        """
+        if self._accept_plaintext:
+            return self
+        ring = object.__new__(FieldEncryption)
+        ring._ciphers = self._ciphers
+        ring._current = self._current
+        ring._accept_plaintext = True
+        return ring
 
     def __repr__(self) -> str:
         strict = "" if self._accept_plaintext else ", accept_plaintext=False"

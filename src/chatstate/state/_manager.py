@@ -253,11 +253,16 @@ class _ManagerCore:
         self.cipher = self.rules.encryption
         self.secret = self.rules.secret if self.cipher is not None else frozenset()
 
-    def seal(self, user_id: str, write: Write) -> Write:
-        """Encrypt what ``write`` stores at secret paths (with encryption configured)."""
+    def seal(self, user_id: str, write: Write, previous: Snapshot | None = None) -> Write:
+        """Encrypt what ``write`` stores at secret paths (with encryption configured).
+
+        ``previous``: the stored snapshot a whole-document write was made from;
+        its ciphertexts of unchanged values are kept.
+        """
         if self.cipher is None:
             return write
-        return seal(write, user_id, self.secret, self.cipher)
+        raw = previous.data if previous is not None else None
+        return seal(write, user_id, self.secret, self.cipher, raw)
 
     def reveal(self, user_id: str, snapshot: Snapshot) -> Snapshot:
         """``snapshot`` with its secret values decrypted when read (with encryption)."""
@@ -388,7 +393,7 @@ class _ManagerCore:
 
     def document(self, outcome: Outcome) -> Document:
         """The read-only document a write returns."""
-        return Document(outcome.snapshot, self.rules.preserved)
+        return Document(outcome.snapshot, self.rules.redacted_fields)
 
     def conflict(self, attempts: int) -> ConflictError:
         return ConflictError(
@@ -562,12 +567,15 @@ class StateManager(_ManagerCore):
         attempts = self.max_attempts if max_attempts is None else _attempts(max_attempts)
         with failing(TRANSACTION):
             uid = self.user_id(user_id)
-            current = self.reveal(uid, self.backend.load(uid) or Snapshot({}, 0))
+            stored = self.backend.load(uid) or Snapshot({}, 0)
+            current = self.reveal(uid, stored)
             for attempt in range(attempts):
                 draft = copy_json(current.data)
                 result = fn(draft)
-                write = self.seal(uid, self.replace_write(current, draft, result))
-                outcome = self.revealed(uid, self.backend.apply(uid, write))
+                write = self.seal(uid, self.replace_write(current, draft, result), stored)
+                outcome = self.backend.apply(uid, write)
+                stored = outcome.snapshot
+                outcome = self.revealed(uid, outcome)
                 if outcome.status != "conflict":
                     return outcome.snapshot
                 current = outcome.snapshot
@@ -708,14 +716,17 @@ class AsyncStateManager(_ManagerCore):
         attempts = self.max_attempts if max_attempts is None else _attempts(max_attempts)
         with failing(TRANSACTION):
             uid = self.user_id(user_id)
-            current = self.reveal(uid, await self.backend.load(uid) or Snapshot({}, 0))
+            stored = await self.backend.load(uid) or Snapshot({}, 0)
+            current = self.reveal(uid, stored)
             for attempt in range(attempts):
                 draft = copy_json(current.data)
                 result = fn(draft)
                 if inspect.isawaitable(result):
                     result = await result
-                write = self.seal(uid, self.replace_write(current, draft, result))
-                outcome = self.revealed(uid, await self.backend.apply(uid, write))
+                write = self.seal(uid, self.replace_write(current, draft, result), stored)
+                outcome = await self.backend.apply(uid, write)
+                stored = outcome.snapshot
+                outcome = self.revealed(uid, outcome)
                 if outcome.status != "conflict":
                     return outcome.snapshot
                 current = outcome.snapshot

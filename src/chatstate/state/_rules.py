@@ -154,6 +154,7 @@ class StateData:
         default=attrs.Factory(_default_secret, takes_self=True), converter=_to_secret_paths
     )
     _whole: frozenset[Path] = attrs.field(init=False, repr=False, eq=False)
+    _redacted: frozenset[Path] = attrs.field(init=False, repr=False, eq=False)
     _preserved_ancestors: frozenset[Path] = attrs.field(init=False, repr=False, eq=False)
     _guarded: frozenset[Path] = attrs.field(init=False, repr=False, eq=False)
     _max_entries: int = attrs.field(init=False, repr=False, eq=False)
@@ -170,6 +171,7 @@ class StateData:
             raise ConfigurationError("max_depth, max_bytes and max_user_id_length must be positive")
         self._check_secret()
         object.__setattr__(self, "_whole", self.replaced | self.secret)
+        object.__setattr__(self, "_redacted", self.preserved | self.secret)
         ancestors = {p[:i] for p in self.preserved for i in range(1, len(p))}
         object.__setattr__(self, "_preserved_ancestors", frozenset(ancestors))
         # Paths a patch must look twice at: preserved, holding one, replaced or secret.
@@ -210,6 +212,11 @@ class StateData:
         edits: list[Edit] = []
         self._compile_object(patch, (), 1, edits)
         return edits
+
+    @property
+    def redacted_fields(self) -> frozenset[Path]:
+        """The fields whose values exports and reprs hide: the preserved and the secret ones."""
+        return self._redacted
 
     @property
     def max_entries(self) -> int:

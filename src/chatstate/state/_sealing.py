@@ -17,13 +17,15 @@ ciphertext is refused.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 
-from chatstate.exceptions import SecretFieldError
+from chatstate.exceptions import DecryptionError, SecretFieldError
 from chatstate.state._backend import Edits, Increment, Operation, Replace, Snapshot, Write
+from chatstate.state._crypto import key_id_of
 from chatstate.state._rules import DELETE, MAKE_OBJECT, SET, Edit, apply_edits, format_path
 
 if TYPE_CHECKING:
@@ -107,8 +109,50 @@ def seal_edits(
     return out
 
 
-def seal(write: Write, user_id: str, secret: Collection[Path], cipher: FieldEncryption) -> Write:
+def seal_document(
+    data: JSONObject,
+    user_id: str,
+    secret: Collection[Path],
+    cipher: FieldEncryption,
+    previous: JSONObject | None = None,
+) -> JSONObject:
+    """``data`` with its secret values encrypted; ``previous`` (as stored) lends unchanged ones.
+
+    A secret value equal (as JSON text) to the one ``previous`` holds under the
+    current key keeps that ciphertext: rewriting a whole document (a transaction,
+    a migration) spends no fresh encryption on fields it did not change.
+    """
+
+    def change(path: Path, value: Any) -> Any:
+        if previous is not None:
+            old = _lookup(previous, path)
+            if key_id_of(old) == cipher.current:
+                try:
+                    same = _text(cipher.decrypt(user_id, path, old)) == _text(value)
+                except DecryptionError:
+                    same = False
+                if same:
+                    return old
+        return cipher.encrypt(user_id, path, value)
+
+    return cipher._transform(data, (), secret, change)  # noqa: SLF001 - the ring's own walk
+
+
+def _text(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def seal(
+    write: Write,
+    user_id: str,
+    secret: Collection[Path],
+    cipher: FieldEncryption,
+    previous: JSONObject | None = None,
+) -> Write:
     """Encrypt what ``write`` stores at secret paths, in place; return it.
+
+    ``previous`` is the stored document a :class:`Replace` was made from (see
+    :func:`seal_document`).
 
     Raises:
         SecretFieldError: the write would increment or merge into a secret field.
@@ -119,7 +163,8 @@ def seal(write: Write, user_id: str, secret: Collection[Path], cipher: FieldEncr
         if edits is not op.edits:
             write.operation = attrs.evolve(op, edits=tuple(edits))
     elif type(op) is Replace:
-        write.operation = attrs.evolve(op, data=cipher.encrypt_document(op.data, user_id, secret))
+        data = seal_document(op.data, user_id, secret, cipher, previous)
+        write.operation = attrs.evolve(op, data=data)
     elif type(op) is Increment:
         for path in secret:
             if _inside(op.path, path):
@@ -139,11 +184,21 @@ def mask(operation: Operation, secret: Collection[Path]) -> Operation:
     """
     if type(operation) is not Edits or not _touches(operation.edits, secret):
         return operation
-    edits = tuple(
-        (kind, p, MASK) if kind == SET and any(_inside(p, s) for s in secret) else (kind, p, v)
-        for kind, p, v in operation.edits
-    )
-    return attrs.evolve(operation, edits=edits)
+    edits: list[Edit] = []
+    marked: set[Path] = set()
+    for kind, p, v in operation.edits:
+        holder = next((s for s in secret if _inside(p, s)), None)
+        if holder is None:
+            edits.append((kind, p, v))
+        elif kind == DELETE and p == holder:
+            continue  # a rewrite starts with one; a lone delete is told apart below
+        elif holder not in marked:
+            marked.add(holder)
+            edits.append((SET, holder, MASK))  # one marker, whatever the value's shape
+    for kind, p, _ in operation.edits:
+        if kind == DELETE and p in secret and p not in marked:
+            edits.append((DELETE, p, None))  # a deletion is a different request
+    return attrs.evolve(operation, edits=tuple(edits))
 
 
 def reveal(

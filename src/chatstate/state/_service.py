@@ -64,7 +64,7 @@ def _export(
         "user_id": user_id,
         "version": snapshot.version,
         "secrets": "included" if include_secrets else "redacted",
-        "document": data if include_secrets else redact(data, rules.preserved | rules.secret),
+        "document": data if include_secrets else redact(data, rules.redacted_fields),
     }
 
 
@@ -715,7 +715,7 @@ class _CachedStateView(Mapping[str, Any]):
 
     def _store(self, outcome: Outcome) -> Document:
         self._snapshot = outcome.snapshot
-        return Document(outcome.snapshot, self._rules.preserved)
+        return Document(outcome.snapshot, self._rules.redacted_fields)
 
     @property
     def data(self) -> JSONObject:
