@@ -512,7 +512,7 @@ def test_a_documents_repr_hides_preserved_values() -> None:
     assert "secret" not in shown
     assert "hidden" not in shown
     assert shown == (
-        "{'jwt': <preserved>, 'p': {'id': <preserved>, 'name': 'shown'}, 's': 'x', 'q': 1}"
+        "{'jwt': <hidden>, 'p': {'id': <hidden>, 'name': 'shown'}, 's': 'x', 'q': 1}"
     )
     assert data == {"jwt": "secret", "p": {"id": "hidden", "name": "shown"}, "s": "x", "q": 1}
     assert repr(Document(Snapshot(data, 1))) == repr(data)
