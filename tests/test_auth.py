@@ -325,6 +325,7 @@ def test_a_failed_refresh_never_chains_the_callables_message(user: CachedUser) -
     assert isinstance(cause, RedactedError)
     assert cause.original_type == "builtins.ValueError"
     assert info.value.__suppress_context__
+    assert info.value.__context__ is None  # not even reachable by a tool that walks it
     text = "".join(traceback.format_exception(info.value))
     assert "ValueError" in text
     assert leaked not in text

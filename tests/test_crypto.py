@@ -484,23 +484,42 @@ def test_generated_keys_are_32_random_bytes_of_urlsafe_base64() -> None:
     assert FieldEncryption({"k": one}).current == "k"
 
 
+def test_a_key_given_as_its_id_is_never_echoed() -> None:
+    """A swapped 'key:id' pair gives an error that shows neither the key nor a part of it."""
+    for spec in (f"{KEY_A}:2026-11", f"{KEY_A.rstrip('=')}:2026-11", f"2026-11:{KEY_A},{KEY_B}:x"):
+        with pytest.raises(ConfigurationError) as info:
+            FieldEncryption.from_string(spec)
+        for key in (KEY_A, KEY_B):
+            assert key.rstrip("=")[:12] not in str(info.value)
+    with pytest.raises(ConfigurationError, match="looks like a key"):
+        FieldEncryption({KEY_A.rstrip("="): KEY_B})
+
+
+def test_user_ids_are_bound_in_their_nfc_form() -> None:
+    """The NFD and NFC forms of one user id encrypt and decrypt alike, as the services name users."""
+    ring = FieldEncryption({"a": KEY_A})
+    nfc, nfd = "Jos\u00e9", "Jose\u0301"
+    token = ring.encrypt(nfd, ("pin",), "1234")
+    assert ring.decrypt(nfc, ("pin",), token) == "1234"
+
+
 @pytest.mark.parametrize(
     ("keys", "current", "match"),
     [
         ({}, None, "at least one key"),
-        ({"a:b": KEY_A}, None, "key id 'a:b' must be"),
-        ({"": KEY_A}, None, "key id '' must be"),
-        ({"-a": KEY_A}, None, "key id '-a' must be"),
+        ({"a:b": KEY_A}, None, "the id of key 1 of 1 must be"),
+        ({"": KEY_A}, None, "the id of key 1 of 1 must be"),
+        ({"-a": KEY_A}, None, "the id of key 1 of 1 must be"),
         ({"a" * 65: KEY_A}, None, "must be 1 to 64"),
         ({"a b": KEY_A}, None, "must be 1 to 64"),
-        ({"k": base64.b64encode(bytes(16)).decode()}, None, "key 'k' is 16 bytes"),
-        ({"k": bytes(31)}, None, "key 'k' is 31 bytes"),
-        ({"k": "not base64 at all!"}, None, "key 'k' is not base64"),
-        ({"k": "A"}, None, "key 'k' is not valid base64"),
-        ({"k": 12345}, None, "key 'k' must be bytes or base64 text, not int"),
-        ({"a": KEY_A, "b": KEY_A}, "a", "keys 'a' and 'b' are the same key"),
+        ({"k": base64.b64encode(bytes(16)).decode()}, None, "key 1 of 1 is 16 bytes"),
+        ({"k": bytes(31)}, None, "key 1 of 1 is 31 bytes"),
+        ({"k": "not base64 at all!"}, None, "key 1 of 1 is not base64"),
+        ({"k": "A"}, None, "key 1 of 1 is not valid base64"),
+        ({"k": 12345}, None, "key 1 of 1 must be bytes or base64 text, not int"),
+        ({"a": KEY_A, "b": KEY_A}, "a", "keys 1 and 2 are the same key"),
         ({"a": KEY_A, "b": KEY_B}, None, "say which is current"),
-        ({"a": KEY_A}, "b", "current key 'b' is not one of the keys"),
+        ({"a": KEY_A}, "b", "current= is not one of the key ids"),
     ],
 )
 def test_bad_configurations_are_refused(keys, current, match) -> None:
@@ -533,8 +552,8 @@ def test_key_lists_from_text_put_the_newest_first() -> None:
         (f"a:{KEY_A},", "entry 2 of"),
         (f"a:{KEY_A},{KEY_B}", "entry 2 of"),
         (f"a:{KEY_A},b:", "entry 2 of"),
-        (f"a:{KEY_A},a:{KEY_B}", "key id 'a' appears twice"),
-        (f"a:{KEY_A}:x", "key 'a' is not base64"),
+        (f"a:{KEY_A},a:{KEY_B}", "the key id of entry 2 of .* appears twice"),
+        (f"a:{KEY_A}:x", "key 1 of 1 is not base64"),
     ],
 )
 def test_malformed_key_lists_never_echo_a_key(spec, match) -> None:

@@ -58,6 +58,7 @@ from chatstate.state import (
     AsyncStateService,
     RedisBackend,
     StateData,
+    StateManager,
     StateService,
 )
 from chatstate.state._backend import Snapshot, Write
@@ -184,7 +185,7 @@ def _check_url(args: argparse.Namespace) -> str:
     return str(args.redis)
 
 
-def _service(args: argparse.Namespace) -> StateService:
+def _service(args: argparse.Namespace, rules: StateData | None = None) -> StateService:
     url = _check_url(args)
     try:
         backend = RedisBackend.from_url(
@@ -197,7 +198,7 @@ def _service(args: argparse.Namespace) -> StateService:
         raise CommandLineError(str(exc)) from exc
     except (ValueError, TypeError) as exc:
         raise CommandLineError(f"not a usable Redis URL: {exc}") from exc
-    return StateService(backend)
+    return StateService(backend, rules)
 
 
 @contextlib.contextmanager
@@ -330,6 +331,17 @@ def _load_rules(spec: str | None) -> StateData:
     return rules
 
 
+def _decrypted(rules: StateData, user_id: str, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with the secret fields decrypted when the rules carry a key ring.
+
+    So that fingerprints match the ones the bot logs (of the token, not of its
+    ciphertext), and ``export --include-secrets`` gives plaintext to import.
+    """
+    if rules.encryption is None:
+        return data
+    return rules.encryption.accepting_plaintext().decrypt_document(data, user_id, rules.secret)
+
+
 def cmd_mermaid(args: argparse.Namespace, console: Console) -> int:
     """Print a flow's graph."""
     if ":" not in args.flow:
@@ -350,7 +362,7 @@ def cmd_state(args: argparse.Namespace, console: Console) -> int:
     rules = _load_rules(args.rules)
     with _service(args) as svc:
         snapshot = svc.snapshot(args.user_id)
-        data = redact(snapshot.data, rules.preserved)
+        data = redact(_decrypted(rules, args.user_id, snapshot.data), rules.redacted_fields)
     console.out(_dump({"user_id": args.user_id, "version": snapshot.version, "state": data}))
     return 0
 
@@ -364,7 +376,8 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
             raise CommandError(
                 f"no state is stored for user {args.user_id!r} in namespace {args.namespace!r}"
             )
-        data = snapshot.data if args.include_secrets else redact(snapshot.data, rules.preserved)
+        data = _decrypted(rules, args.user_id, snapshot.data)
+        data = data if args.include_secrets else redact(data, rules.redacted_fields)
     export = {
         "chatstate_export": EXPORT_FORMAT,
         "user_id": args.user_id,
@@ -431,6 +444,16 @@ def _read_export(source: str) -> tuple[str, int, dict[str, Any], int]:
 def cmd_import(args: argparse.Namespace, console: Console) -> int:
     """Write an export back, unless the stored document is as new or newer."""
     user_id, version, document, schema = _read_export(args.file)
+    rules = _load_rules(args.rules) if args.rules else None
+    if rules is not None:
+        # Only the rules' encryption and limits: the document keeps the schema it
+        # was exported at (the bot migrates it from there).
+        rules = attrs.evolve(rules, schema_version=None, migrations={})
+        if rules.encryption is not None:
+            # Plaintext (a service's export) or ciphertext (this CLI's): decrypted
+            # here, then the service encrypts every secret value with the current key.
+            rules = attrs.evolve(rules, encryption=rules.encryption.accepting_plaintext())
+            document = _decrypted(rules, user_id, document)
 
     def write(current: Snapshot) -> Write:
         # The document keeps the schema it was exported at: the bot migrates it from
@@ -439,7 +462,7 @@ def cmd_import(args: argparse.Namespace, console: Console) -> int:
         made.schema = schema
         return made
 
-    with _service(args) as svc:
+    with _service(args, rules) as svc:
         manager = svc.manager
         for _attempt in range(5):
             current = svc.snapshot(user_id)
@@ -562,6 +585,28 @@ def _load_schema_rules(spec: str) -> StateData:
     return found
 
 
+def _migrate_one(
+    manager: StateManager, tag: str, user_id: str, *, by_tag: bool, dry_run: bool
+) -> str | None:
+    """Migrate one stored document: ``"migrated"``, ``"current"`` or ``None`` (gone)."""
+    if not by_tag and user_id.startswith("#"):
+        raise CommandError(
+            "a pseudonymous key (key_secret) with encryption: its user id, which the "
+            "ciphertexts are bound to, cannot be read back; migrate from the bot"
+        )
+    stored = manager.backend.load(tag)
+    if stored is None:
+        return None  # deleted or expired since the scan found it
+    snapshot = manager.reveal(tag, stored)  # secret fields decrypted, if any
+    if not manager.needs_migration(user_id, snapshot):
+        return "current"
+    if dry_run:
+        manager.migrated(user_id, snapshot)
+    else:
+        manager.migrate_stored(tag, snapshot)
+    return "migrated"
+
+
 def cmd_migrate(args: argparse.Namespace, console: Console) -> int:
     """Bring every document of the namespace to the rules' schema version.
 
@@ -579,8 +624,11 @@ def cmd_migrate(args: argparse.Namespace, console: Console) -> int:
     except (ValueError, TypeError) as exc:
         raise CommandLineError(f"not a usable Redis URL: {exc}") from exc
     # Users are addressed by the hash tag of their keys (an encoded id is at most
-    # three characters for each of the id's), so pseudonymous keys migrate too.
-    backend._core = _TagCore(args.namespace)  # noqa: SLF001 - the CLI's own backend
+    # three characters for each of the id's), so pseudonymous keys migrate too;
+    # except with encryption, whose ciphertexts are bound to the real user id.
+    by_tag = rules.encryption is None
+    if by_tag:
+        backend._core = _TagCore(args.namespace)  # noqa: SLF001 - the CLI's own backend
     limit = max(rules.max_user_id_length * 3, 64)
     svc = StateService(backend, attrs.evolve(rules, max_user_id_length=limit))
     manager = svc.manager
@@ -591,20 +639,12 @@ def cmd_migrate(args: argparse.Namespace, console: Console) -> int:
         for _node, key, (kind, user_id) in _scan(client, args, console, ":{*}", args.batch):
             if kind != "doc":
                 continue
-            tag = key[len(prefix) : -1]
+            tag = key[len(prefix) : -1] if by_tag else user_id
             try:
-                snapshot = backend.load(tag)
-                if snapshot is None:
-                    continue  # deleted or expired since the scan found it
-                if not manager.needs_migration(user_id, snapshot):
-                    counts["current"] += 1
-                elif args.dry_run:
-                    manager.migrated(user_id, snapshot)
-                    counts["migrated"] += 1
-                else:
-                    manager.migrate_stored(tag, snapshot)
-                    counts["migrated"] += 1
-            except ChatstateError as exc:
+                result = _migrate_one(manager, tag, user_id, by_tag=by_tag, dry_run=args.dry_run)
+                if result is not None:
+                    counts[result] += 1
+            except (ChatstateError, CommandError) as exc:
                 counts["failed"] += 1
                 console.error(f"user {user_id!r}: {exc}", prefix="chatstate migrate: failed: ")
             console.progress(
@@ -614,6 +654,54 @@ def cmd_migrate(args: argparse.Namespace, console: Console) -> int:
     console.out(
         f"{done}: {counts['migrated']}, already current: {counts['current']}, "
         f"failed: {counts['failed']} (schema version {rules.schema_version})"
+    )
+    return 1 if counts["failed"] else 0
+
+
+def cmd_reencrypt(args: argparse.Namespace, console: Console) -> int:
+    """Encrypt every secret field with the newest key (plaintext and older keys)."""
+    rules = _load_rules(args.rules)
+    cipher = rules.encryption
+    if cipher is None or not rules.secret:
+        raise CommandLineError(
+            f"{args.rules!r} has no encryption: give the StateData your bot uses, with "
+            "encryption=FieldEncryption(...) and its secret fields"
+        )
+    # The bot's ring may refuse plaintext (accept_plaintext=False): this command is
+    # what brings plaintext left in the store under encryption, so it reads it.
+    rules = attrs.evolve(rules, encryption=cipher.accepting_plaintext())
+    counts = {"re-encrypted": 0, "current": 0, "failed": 0}
+    done = "would re-encrypt" if args.dry_run else "re-encrypted"
+    with _client(args) as client, _service(args, rules) as svc:
+        backend = svc.manager.backend
+        for _node, _key, (kind, user_id) in _scan(client, args, console, ":{*}"):
+            if kind != "doc":
+                continue
+            if user_id.startswith("#"):
+                counts["failed"] += 1
+                console.error(
+                    f"{user_id}: a pseudonymous key (key_secret); its user id, which the "
+                    "ciphertext is bound to, cannot be read back: re-encrypt it from the bot"
+                )
+                continue
+            try:
+                stored = backend.load(user_id)
+                if stored is None or not cipher.needs_reencryption(stored.data, rules.secret):
+                    counts["current"] += 1
+                    continue
+                if not args.dry_run:
+                    # Read, decrypt and write back whole under a version check: the
+                    # write seals every secret value with the current key.
+                    svc.transaction(user_id, lambda _doc: None)
+            except ChatstateError as exc:
+                counts["failed"] += 1
+                console.error(f"{user_id!r}: {exc}")
+                continue
+            counts["re-encrypted"] += 1
+            console.progress(f"{done} {counts['re-encrypted']} documents")
+    console.out(
+        f"{done}: {counts['re-encrypted']}, already current: {counts['current']}, "
+        f"failed: {counts['failed']}"
     )
     return 1 if counts["failed"] else 0
 
@@ -1071,7 +1159,7 @@ class _Parser(argparse.ArgumentParser):
 Command = Callable[[argparse.Namespace, Console], int]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one flat declaration
     """The argument parser of every command."""
     parser = _Parser(
         prog="chatstate",
@@ -1125,6 +1213,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = add("import", cmd_import, "write an export back (never over a newer document)")
     sub.add_argument("file", metavar="FILE", help="an export; - reads standard input")
     sub.add_argument(
+        "--rules",
+        metavar="MODULE:ATTR",
+        help="your StateData as package.module:RULES: with encryption, secret fields are "
+        "stored encrypted whether the export holds plaintext or ciphertext",
+    )
+    sub.add_argument(
         "--overwrite",
         action="store_true",
         help="replace the stored document even when it is as new or newer than the export",
@@ -1144,6 +1238,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("user_id", metavar="USER")
     sub.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+
+    sub = add(
+        "reencrypt",
+        cmd_reencrypt,
+        "encrypt every secret field with the newest key (resumable: current ones are skipped)",
+    )
+    sub.add_argument(
+        "--rules",
+        metavar="MODULE:ATTR",
+        required=True,
+        help="your StateData as package.module:RULES, with its encryption and secret fields",
+    )
+    sub.add_argument("--dry-run", action="store_true", help="count, change nothing")
 
     sub = add("users", cmd_users, "list the namespace's user ids, one a line (SCAN)")
     sub.add_argument("--json", action="store_true", help="each id as a JSON string")

@@ -13,9 +13,11 @@ The tree::
     │   │   ├── InvalidOpIdError              the op_id is empty, too long or not printable
     │   │   ├── PreservedFieldError           a patch tried to touch a preserved field
     │   │   ├── CounterError                  increment() met a non-integer or overflowed
+    │   │   ├── SecretFieldError              a write would change an encrypted field in place
     │   │   └── OpIdReusedError               an op_id came back with a different request
     │   ├── ConflictError                     a transaction kept losing its race
     │   ├── CorruptStateError                 stored data is not a chatstate document
+    │   ├── DecryptionError                   an encrypted field cannot be decrypted
     │   ├── SchemaVersionError                a document's schema is newer than the code's
     │   ├── MigrationError                    a schema migration failed or broke a preserved field
     │   ├── UserBusyError                     another message of the user is being handled
@@ -65,6 +67,7 @@ __all__ = [
     "ConflictError",
     "CorruptStateError",
     "CounterError",
+    "DecryptionError",
     "ExpiredTokenError",
     "FlowError",
     "ImmatureTokenError",
@@ -83,6 +86,7 @@ __all__ = [
     "PreservedFieldError",
     "RedactedError",
     "SchemaVersionError",
+    "SecretFieldError",
     "SerializationError",
     "StateError",
     "StateTooLargeError",
@@ -221,6 +225,21 @@ class OpIdReusedError(ValidationError):
         super().__init__(detail, action=action)
 
 
+class SecretFieldError(ValidationError):
+    """A write would change an encrypted secret field in place.
+
+    A secret field is encrypted as one whole value: it can be replaced or
+    deleted, not incremented or merged into.
+
+    Attributes:
+        path: The secret field, such as ``$.profile.pin``.
+    """
+
+    def __init__(self, detail: str, *, path: str, action: str | None = None) -> None:
+        self.path = path
+        super().__init__(detail, action=action)
+
+
 class ConflictError(StateError):
     """A compare-and-set transaction lost its race more times than allowed.
 
@@ -298,6 +317,41 @@ class MigrationError(StateError):
         self.user_id = user_id
         self.from_version = from_version
         self.path = path
+        super().__init__(detail, action=action)
+
+
+class DecryptionError(StateError):
+    """A stored secret field could not be decrypted; nothing is returned in its place.
+
+    Raised for a token whose key id is not configured, that does not authenticate
+    (altered, written under the same id with another key, or moved from another
+    user or field), or that is not a well-formed token.
+
+    Attributes:
+        user_id: The user whose document holds the field.
+        path: The field, such as ``$.jwt_token``.
+        key_id: The key id the token names, or ``None`` when it names none.
+        reason: ``"unknown_key"``, ``"authentication"``, ``"malformed"``,
+            ``"unsupported_version"`` or ``"plaintext"`` (a plaintext value met
+            by a key ring built with ``accept_plaintext=False``).
+    """
+
+    default_action = "Failed to decrypt state"
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        user_id: str,
+        path: str,
+        key_id: str | None,
+        reason: str,
+        action: str | None = None,
+    ) -> None:
+        self.user_id = user_id
+        self.path = path
+        self.key_id = key_id
+        self.reason = reason
         super().__init__(detail, action=action)
 
 

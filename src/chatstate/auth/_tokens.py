@@ -255,11 +255,14 @@ def get_valid_token(
                     notify_token_refresh("reused")
                     result = token
                 else:
+                    failure: TokenRefreshError | None = None
                     try:
                         new = refresh(token)
                     except Exception as exc:  # noqa: BLE001 - any failure of the refresh is reported
                         notify_token_refresh("failed")
-                        raise _refresh_failed_by(exc, token, verifier) from RedactedError(exc)
+                        failure = _refresh_failed_by(exc, token, verifier)
+                    if failure is not None:
+                        raise failure  # out of the handler: no __context__ to quote a token
                     info = _checked_new(new, token, verifier)
                     user.state.set_preserved(field, new)
                     log.info("refreshed JWT for user %r: now %s", user.user_id, info.fingerprint)
@@ -303,12 +306,15 @@ async def aget_valid_token(
                     notify_token_refresh("reused")
                     result = token
                 else:
+                    failure: TokenRefreshError | None = None
                     try:
                         made = refresh(token)
                         new = await made if inspect.isawaitable(made) else made
                     except Exception as exc:  # noqa: BLE001 - any failure of the refresh is reported
                         notify_token_refresh("failed")
-                        raise _refresh_failed_by(exc, token, verifier) from RedactedError(exc)
+                        failure = _refresh_failed_by(exc, token, verifier)
+                    if failure is not None:
+                        raise failure  # out of the handler: no __context__ to quote a token
                     info = _checked_new(new, token, verifier)
                     await state.set_preserved(field, new)
                     log.info("refreshed JWT for user %r: now %s", user.user_id, info.fingerprint)

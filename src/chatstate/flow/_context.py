@@ -20,13 +20,13 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Mapping
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Generic, Protocol
 
 from typing_extensions import TypeVar
 
 from chatstate.exceptions import UsageError
 from chatstate.flow._message import Message
+from chatstate.state import Document, Snapshot
 from chatstate.state._rules import parse_path
 from chatstate.typing import JSONObject
 
@@ -196,8 +196,9 @@ class Context(Generic[DepsT]):
     ) -> None:
         self.message = message
         """The message being handled."""
-        self.state: Mapping[str, Any] = MappingProxyType(state)
-        """The user's stored document as the message found it (read-only)."""
+        self.state: Mapping[str, Any] = Document(Snapshot(state), rules.redacted_fields)
+        """The user's stored document as the message found it (read-only; its repr
+        hides preserved and secret fields)."""
         self.deps: DepsT = deps
         """The bot's own services, as given to the router (``deps=``)."""
         self.authenticated = authenticated

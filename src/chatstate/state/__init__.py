@@ -40,6 +40,7 @@ from chatstate.state._backend import (
     check_limit,
 )
 from chatstate.state._codec import stored_size
+from chatstate.state._crypto import FieldEncryption, secret_paths
 from chatstate.state._manager import AsyncStateManager, StateManager
 from chatstate.state._memory import AsyncMemoryBackend, MemoryBackend
 from chatstate.state._rules import Edit, StateData, apply_edits, diff, merge
@@ -82,6 +83,7 @@ __all__ = [
     "Document",
     "Edit",
     "Edits",
+    "FieldEncryption",
     "Increment",
     "Lease",
     "Locking",
@@ -108,6 +110,7 @@ __all__ = [
     "check_limit",
     "diff",
     "merge",
+    "secret_paths",
     "stored_size",
 ]
 

@@ -159,7 +159,7 @@ class _Masked:
     """Stands for a preserved value in a :class:`Document`'s repr."""
 
     def __repr__(self) -> str:
-        return "<preserved>"
+        return "<hidden>"
 
 
 _MASKED: Final = _Masked()
@@ -170,7 +170,7 @@ class Document(Mapping[str, Any]):
 
     It compares equal to a dict with the same content; ``dict(doc)`` or
     :meth:`to_dict` give a plain, mutable copy (``json.dumps`` needs one). Its
-    ``repr`` hides the values of preserved fields (tokens).
+    ``repr`` hides the values of preserved and secret fields (tokens, PINs).
 
     Attributes:
         version: The version this document has.

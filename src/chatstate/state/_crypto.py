@@ -44,14 +44,15 @@ import binascii
 import json
 import os
 import re
+import unicodedata
 from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any, Final, NoReturn
 
 from chatstate.exceptions import (
     ConfigurationError,
+    DecryptionError,
     InvalidUserIdError,
     SerializationError,
-    StateError,
     ValidationError,
 )
 from chatstate.state._codec import encode_value
@@ -79,41 +80,6 @@ _KEY_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _TOKEN: Final = re.compile(r"csenc:([0-9]+):([^:]*):([A-Za-z0-9_-]*)")
 _B64_KEY: Final = re.compile(r"[A-Za-z0-9+/_-]+={0,2}")
 _MISSING: Final = object()
-
-
-class DecryptionError(StateError):
-    """A stored secret field could not be decrypted; nothing is returned in its place.
-
-    Raised for a token whose key id is not configured, that does not authenticate
-    (altered, written under the same id with another key, or moved from another
-    user or field), or that is not a well-formed token.
-
-    Attributes:
-        user_id: The user whose document holds the field.
-        path: The field, such as ``$.jwt_token``.
-        key_id: The key id the token names, or ``None`` when it names none.
-        reason: ``"unknown_key"``, ``"authentication"``, ``"malformed"``,
-            ``"unsupported_version"`` or ``"plaintext"`` (a plaintext value met
-            by a key ring built with ``accept_plaintext=False``).
-    """
-
-    default_action = "Failed to decrypt state"
-
-    def __init__(
-        self,
-        detail: str,
-        *,
-        user_id: str,
-        path: str,
-        key_id: str | None,
-        reason: str,
-        action: str | None = None,
-    ) -> None:
-        self.user_id = user_id
-        self.path = path
-        self.key_id = key_id
-        self.reason = reason
-        super().__init__(detail, action=action)
 
 
 def is_encrypted(value: object) -> bool:
@@ -165,31 +131,40 @@ def _aesgcm_class() -> Any:
     return AESGCM
 
 
-def _key_bytes(key_id: str, key: object) -> bytes:
-    """The raw key; messages name the key id, never the key or any part of it."""
+def _key_bytes(where: str, key: object) -> bytes:
+    """The raw key; messages say which key by position, never its id, the key or a part of it.
+
+    Ids are not shown either: a key and its id given the wrong way round make the
+    key the "id".
+    """
     if isinstance(key, bytes | bytearray | memoryview):
         raw = bytes(key)
     elif isinstance(key, str):
         text = key.strip()
         if not _B64_KEY.fullmatch(text):
-            raise ConfigurationError(
-                f"key {key_id!r} is not base64 text (standard or URL-safe alphabet)"
-            )
+            raise ConfigurationError(f"{where} is not base64 text (standard or URL-safe alphabet)")
         text = text.rstrip("=").replace("-", "+").replace("_", "/")
         try:
             raw = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
         except binascii.Error:
-            raise ConfigurationError(f"key {key_id!r} is not valid base64 text") from None
+            raise ConfigurationError(f"{where} is not valid base64 text") from None
     else:
-        raise ConfigurationError(
-            f"key {key_id!r} must be bytes or base64 text, not {type(key).__name__}"
-        )
+        raise ConfigurationError(f"{where} must be bytes or base64 text, not {type(key).__name__}")
     if len(raw) != KEY_BYTES:
         raise ConfigurationError(
-            f"key {key_id!r} is {len(raw)} bytes; AES-256-GCM needs {KEY_BYTES} "
+            f"{where} is {len(raw)} bytes; AES-256-GCM needs {KEY_BYTES} "
             "(make one with FieldEncryption.generate_key())"
         )
     return raw
+
+
+def _key_like(text: str) -> bool:
+    """True when ``text`` decodes as base64 to exactly one key's worth of bytes."""
+    try:
+        _key_bytes("", text)
+    except ConfigurationError:
+        return False
+    return True
 
 
 def _b64decode(body: str) -> bytes | None:
@@ -255,26 +230,31 @@ class FieldEncryption:
         if not isinstance(given, Mapping) or not given:
             raise ConfigurationError("field encryption needs at least one key")
         raws: dict[str, bytes] = {}
-        for key_id, key in given.items():
+        for number, (key_id, key) in enumerate(given.items(), start=1):
+            where = f"key {number} of {len(given)}"
             if not isinstance(key_id, str) or not _KEY_ID.fullmatch(key_id):
                 raise ConfigurationError(
-                    f"key id {key_id!r} must be 1 to 64 characters of A-Z a-z 0-9 . _ - "
-                    "starting with a letter or digit"
+                    f"the id of {where} must be 1 to 64 characters of A-Z a-z 0-9 . _ - "
+                    "starting with a letter or digit (ids are not shown: one may be a key)"
                 )
-            raw = _key_bytes(key_id, key)
-            for other, seen in raws.items():
+            if len(key_id) >= 40 and _key_like(key_id):
+                raise ConfigurationError(
+                    f"the id of {where} looks like a key: give the id first, then the key"
+                )
+            raw = _key_bytes(where, key)
+            for position, seen in enumerate(raws.values(), start=1):
                 if seen == raw:
-                    raise ConfigurationError(f"keys {other!r} and {key_id!r} are the same key")
+                    raise ConfigurationError(f"keys {position} and {number} are the same key")
             raws[key_id] = raw
         if current is None:
             if len(raws) > 1:
                 raise ConfigurationError(
-                    f"with several keys ({', '.join(map(repr, raws))}), say which is current: "
+                    f"with {len(raws)} keys, say which is current: "
                     "FieldEncryption(keys, current=...)"
                 )
             current = next(iter(raws))
         if current not in raws:
-            raise ConfigurationError(f"the current key {current!r} is not one of the keys")
+            raise ConfigurationError("current= is not one of the key ids")
         aesgcm = _aesgcm_class()
         self._ciphers: dict[str, Any] = {key_id: aesgcm(raw) for key_id, raw in raws.items()}
         self._current: str = current
@@ -304,7 +284,7 @@ class FieldEncryption:
             if not sep or not key_id or not key:
                 raise ConfigurationError(f"entry {number} of {source} is not 'key_id:base64_key'")
             if key_id in keys:
-                raise ConfigurationError(f"key id {key_id!r} appears twice in {source}")
+                raise ConfigurationError(f"the key id of entry {number} of {source} appears twice")
             keys[key_id] = key
         return cls(keys, current=next(iter(keys)), accept_plaintext=accept_plaintext)
 
@@ -351,6 +331,20 @@ class FieldEncryption:
     def accept_plaintext(self) -> bool:
         """Whether a value at a secret path that is not a token is read as plaintext."""
         return self._accept_plaintext
+
+    def accepting_plaintext(self) -> FieldEncryption:
+        """This key ring, reading plaintext at secret paths as it is.
+
+        For the steps that bring plaintext under encryption (``chatstate
+        reencrypt``, ``chatstate import``) while the bot's own ring is strict.
+        """
+        if self._accept_plaintext:
+            return self
+        ring = object.__new__(FieldEncryption)
+        ring._ciphers = self._ciphers
+        ring._current = self._current
+        ring._accept_plaintext = True
+        return ring
 
     def __repr__(self) -> str:
         strict = "" if self._accept_plaintext else ", accept_plaintext=False"
@@ -632,11 +626,14 @@ def _as_path(path: Path | str) -> Path:
 
 
 def _check_user(user_id: object) -> None:
+    """Check a user id; :func:`_aad` binds its NFC form, as the services name users."""
     if not isinstance(user_id, str):
         raise InvalidUserIdError(f"a user id must be a str, not {type(user_id).__name__}")
 
 
 def _aad(key_id: str, user_id: str, path: Path) -> bytes:
+    if not user_id.isascii():
+        user_id = unicodedata.normalize("NFC", user_id)  # one user, whichever form is given
     # ensure_ascii: the same bytes whatever the text, lone surrogates included.
     return json.dumps(
         [_AAD_TAG, VERSION, key_id, user_id, list(path)], ensure_ascii=True, separators=(",", ":")

@@ -59,6 +59,7 @@ from chatstate.state._backend import (
 )
 from chatstate.state._codec import encode_path, encode_value
 from chatstate.state._rules import SET, Edit, StateData, copy_json, parse_path
+from chatstate.state._sealing import mask, reveal, seal
 from chatstate.typing import JSONObject, Path
 
 __all__ = ["AsyncStateManager", "StateManager"]
@@ -263,6 +264,31 @@ class _ManagerCore:
         assert dedupe_ms is not None
         self.dedupe_ms = dedupe_ms
         self.max_attempts = _attempts(max_attempts)
+        self.cipher = self.rules.encryption
+        self.secret = self.rules.secret if self.cipher is not None else frozenset()
+
+    def seal(self, user_id: str, write: Write, previous: Snapshot | None = None) -> Write:
+        """Encrypt what ``write`` stores at secret paths (with encryption configured).
+
+        ``previous``: the stored snapshot a whole-document write was made from;
+        its ciphertexts of unchanged values are kept.
+        """
+        if self.cipher is None:
+            return write
+        raw = previous.data if previous is not None else None
+        return seal(write, user_id, self.secret, self.cipher, raw)
+
+    def reveal(self, user_id: str, snapshot: Snapshot) -> Snapshot:
+        """``snapshot`` with its secret values decrypted when read (with encryption)."""
+        if self.cipher is None:
+            return snapshot
+        return reveal(snapshot, user_id, self.secret, self.cipher)
+
+    def revealed(self, user_id: str, outcome: Outcome) -> Outcome:
+        """``outcome`` with its snapshot revealed (see :meth:`reveal`)."""
+        if self.cipher is not None:
+            outcome.snapshot = reveal(outcome.snapshot, user_id, self.secret, self.cipher)
+        return outcome
 
     def user_id(self, user_id: object) -> str:
         """Check a user id and return its NFC form.
@@ -322,7 +348,9 @@ class _ManagerCore:
             if fingerprint is not None:
                 digest = digest_text(fingerprint)
             elif digest_request:
-                digest = request_digest(operation)
+                digest = request_digest(
+                    operation if self.cipher is None else mask(operation, self.secret)
+                )
             else:
                 digest = ""
         return Write(
@@ -379,7 +407,7 @@ class _ManagerCore:
 
     def document(self, outcome: Outcome) -> Document:
         """The read-only document a write returns."""
-        return Document(outcome.snapshot, self.rules.preserved)
+        return Document(outcome.snapshot, self.rules.redacted_fields)
 
     # -- schema migrations -----------------------------------------------------------
 
@@ -604,6 +632,8 @@ class StateManager(_ManagerCore):
         try:
             uid = self.user_id(user_id)
             snapshot = self.backend.load(uid) or Snapshot({}, 0)
+            if self.cipher is not None:
+                snapshot = self.reveal(uid, snapshot)
             if self.schema is not None and self.needs_migration(uid, snapshot):
                 snapshot = self.migrate_stored(uid, snapshot)
         except StateError as exc:
@@ -617,10 +647,12 @@ class StateManager(_ManagerCore):
         try:
             uid = self.user_id(user_id)
             write = make()
+            if self.cipher is not None:
+                write = self.seal(uid, write)
             outcome = self.backend.apply(uid, write)
             if self.schema is not None and outcome.status in _SCHEMA_REFUSALS:
                 outcome = self.resend_migrated(uid, write, outcome)
-            return outcome  # noqa: TRY300 - the except only relabels
+            return outcome if self.cipher is None else self.revealed(uid, outcome)
         except StateError as exc:
             relabel(exc, action)
             raise
@@ -638,12 +670,13 @@ class StateManager(_ManagerCore):
         """
         for attempt in range(self.max_attempts):
             data = self.migrated(user_id, snapshot)
-            outcome = self.backend.apply(user_id, self.migration_write(snapshot, data))
+            write = self.seal(user_id, self.migration_write(snapshot, data))
+            outcome = self.backend.apply(user_id, write)
             if outcome.status == "applied":
-                return outcome.snapshot
+                return self.reveal(user_id, outcome.snapshot)
             if outcome.status == "newer_schema":
                 raise self.newer(user_id, outcome.value)
-            snapshot = self.backend.load(user_id) or Snapshot({}, 0)
+            snapshot = self.reveal(user_id, self.backend.load(user_id) or Snapshot({}, 0))
             if not self.needs_migration(user_id, snapshot):
                 return snapshot
             if attempt + 1 < self.max_attempts:
@@ -662,7 +695,7 @@ class StateManager(_ManagerCore):
                 raise self.newer(user_id, outcome.value)
             if outcome.status != "stale_schema":
                 return outcome
-            snapshot = self.backend.load(user_id) or Snapshot({}, 0)
+            snapshot = self.reveal(user_id, self.backend.load(user_id) or Snapshot({}, 0))
             if self.needs_migration(user_id, snapshot):
                 self.migrate_stored(user_id, snapshot)
             outcome = self.backend.apply(user_id, write)
@@ -681,15 +714,21 @@ class StateManager(_ManagerCore):
         attempts = self.max_attempts if max_attempts is None else _attempts(max_attempts)
         with failing(TRANSACTION):
             uid = self.user_id(user_id)
-            current = self.backend.load(uid) or Snapshot({}, 0)
+            stored: Snapshot | None = self.backend.load(uid) or Snapshot({}, 0)
+            assert stored is not None
+            current = self.reveal(uid, stored)
             for attempt in range(attempts):
                 if self.schema is not None and self.needs_migration(uid, current):
                     current = self.migrate_stored(uid, current)
+                    stored = None  # its ciphertexts are not at hand: seal afresh
                 draft = copy_json(current.data)
                 result = fn(draft)
-                outcome = self.backend.apply(uid, self.replace_write(current, draft, result))
+                write = self.seal(uid, self.replace_write(current, draft, result), stored)
+                outcome = self.backend.apply(uid, write)
                 if outcome.status == "newer_schema":
                     raise self.newer(uid, outcome.value)
+                stored = outcome.snapshot
+                outcome = self.revealed(uid, outcome)
                 if outcome.status != "conflict":
                     return outcome.snapshot
                 current = outcome.snapshot
@@ -723,7 +762,7 @@ class StateManager(_ManagerCore):
             while True:
                 outcome = self.backend.apply(uid, write)
                 if outcome.status != "busy":
-                    claim = _ClaimCore(self, uid, write, outcome)
+                    claim = _ClaimCore(self, uid, write, self.revealed(uid, outcome))
                     if self.schema is not None:
                         self._migrate_claimed(claim)
                     return claim
@@ -745,7 +784,7 @@ class StateManager(_ManagerCore):
         with failing(COMMIT):
             claim._open()  # noqa: SLF001 - the claim's own check
             try:
-                write = self.commit_write(claim)
+                write = self.seal(claim.user_id, self.commit_write(claim))
                 outcome = self.backend.apply(claim.user_id, write)
                 if self.schema is not None and outcome.status in _SCHEMA_REFUSALS:
                     outcome = self.resend_migrated(claim.user_id, write, outcome)
@@ -813,6 +852,8 @@ class AsyncStateManager(_ManagerCore):
         try:
             uid = self.user_id(user_id)
             snapshot = await self.backend.load(uid) or Snapshot({}, 0)
+            if self.cipher is not None:
+                snapshot = self.reveal(uid, snapshot)
             if self.schema is not None and self.needs_migration(uid, snapshot):
                 snapshot = await self.migrate_stored(uid, snapshot)
         except StateError as exc:
@@ -826,10 +867,12 @@ class AsyncStateManager(_ManagerCore):
         try:
             uid = self.user_id(user_id)
             write = make()
+            if self.cipher is not None:
+                write = self.seal(uid, write)
             outcome = await self.backend.apply(uid, write)
             if self.schema is not None and outcome.status in _SCHEMA_REFUSALS:
                 outcome = await self.resend_migrated(uid, write, outcome)
-            return outcome  # noqa: TRY300 - the except only relabels
+            return outcome if self.cipher is None else self.revealed(uid, outcome)
         except StateError as exc:
             relabel(exc, action)
             raise
@@ -838,12 +881,13 @@ class AsyncStateManager(_ManagerCore):
         """The asyncio twin of :meth:`StateManager.migrate_stored`."""
         for attempt in range(self.max_attempts):
             data = self.migrated(user_id, snapshot)
-            outcome = await self.backend.apply(user_id, self.migration_write(snapshot, data))
+            write = self.seal(user_id, self.migration_write(snapshot, data))
+            outcome = await self.backend.apply(user_id, write)
             if outcome.status == "applied":
-                return outcome.snapshot
+                return self.reveal(user_id, outcome.snapshot)
             if outcome.status == "newer_schema":
                 raise self.newer(user_id, outcome.value)
-            snapshot = await self.backend.load(user_id) or Snapshot({}, 0)
+            snapshot = self.reveal(user_id, await self.backend.load(user_id) or Snapshot({}, 0))
             if not self.needs_migration(user_id, snapshot):
                 return snapshot
             if attempt + 1 < self.max_attempts:
@@ -858,7 +902,7 @@ class AsyncStateManager(_ManagerCore):
                 raise self.newer(user_id, outcome.value)
             if outcome.status != "stale_schema":
                 return outcome
-            snapshot = await self.backend.load(user_id) or Snapshot({}, 0)
+            snapshot = self.reveal(user_id, await self.backend.load(user_id) or Snapshot({}, 0))
             if self.needs_migration(user_id, snapshot):
                 await self.migrate_stored(user_id, snapshot)
             outcome = await self.backend.apply(user_id, write)
@@ -878,18 +922,23 @@ class AsyncStateManager(_ManagerCore):
         attempts = self.max_attempts if max_attempts is None else _attempts(max_attempts)
         with failing(TRANSACTION):
             uid = self.user_id(user_id)
-            current = await self.backend.load(uid) or Snapshot({}, 0)
+            stored: Snapshot | None = await self.backend.load(uid) or Snapshot({}, 0)
+            assert stored is not None
+            current = self.reveal(uid, stored)
             for attempt in range(attempts):
                 if self.schema is not None and self.needs_migration(uid, current):
                     current = await self.migrate_stored(uid, current)
+                    stored = None  # its ciphertexts are not at hand: seal afresh
                 draft = copy_json(current.data)
                 result = fn(draft)
                 if inspect.isawaitable(result):
                     result = await result
-                write = self.replace_write(current, draft, result)
+                write = self.seal(uid, self.replace_write(current, draft, result), stored)
                 outcome = await self.backend.apply(uid, write)
                 if outcome.status == "newer_schema":
                     raise self.newer(uid, outcome.value)
+                stored = outcome.snapshot
+                outcome = self.revealed(uid, outcome)
                 if outcome.status != "conflict":
                     return outcome.snapshot
                 current = outcome.snapshot
@@ -924,7 +973,7 @@ class AsyncStateManager(_ManagerCore):
             while True:
                 outcome = await self.backend.apply(uid, write)
                 if outcome.status != "busy":
-                    claim = _ClaimCore(self, uid, write, outcome)
+                    claim = _ClaimCore(self, uid, write, self.revealed(uid, outcome))
                     if self.schema is not None:
                         await self._migrate_claimed(claim)
                     return claim
@@ -941,7 +990,7 @@ class AsyncStateManager(_ManagerCore):
         with failing(COMMIT):
             claim._open()  # noqa: SLF001 - the claim's own check
             try:
-                write = self.commit_write(claim)
+                write = self.seal(claim.user_id, self.commit_write(claim))
                 outcome = await self.backend.apply(claim.user_id, write)
                 if self.schema is not None and outcome.status in _SCHEMA_REFUSALS:
                     outcome = await self.resend_migrated(claim.user_id, write, outcome)

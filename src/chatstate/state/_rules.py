@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 from functools import lru_cache
 from types import MappingProxyType
-from typing import Any, Final, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
 
 import attrs
 
@@ -31,6 +31,9 @@ from chatstate.exceptions import (
 )
 from chatstate.state._codec import encode_key, subtree_size, utf8_len, value_size
 from chatstate.typing import JSONObject, Path
+
+if TYPE_CHECKING:
+    from chatstate.state._crypto import FieldEncryption
 
 __all__ = [
     "DELETE",
@@ -105,6 +108,16 @@ def _to_migrations(value: object) -> Mapping[int, Migration]:
     return MappingProxyType(dict(value))
 
 
+def _to_secret_paths(specs: Iterable[str | Iterable[str]]) -> frozenset[Path]:
+    from chatstate.state._crypto import secret_paths  # noqa: PLC0415 - a cycle
+
+    return secret_paths(specs)
+
+
+def _default_secret(rules: StateData) -> list[str]:
+    return [rules.token_field] if rules.encryption is not None else []
+
+
 def _is_prefix(prefix: Path, path: Path) -> bool:
     return len(prefix) <= len(path) and path[: len(prefix)] == prefix
 
@@ -134,11 +147,22 @@ class StateData:
             ``fn`` takes a document (a plain dict) of schema ``n`` and returns
             it at ``n + 1``. It must be a pure function of the document (it may
             run again on the same document) and leave preserved fields alone.
+        encryption: A :class:`~chatstate.state.FieldEncryption` key ring: the
+            values of the ``secret`` fields are then encrypted (AES-256-GCM)
+            before they leave the process and decrypted on read. ``None`` (the
+            default): nothing is encrypted.
+        secret: Fields that hold secrets. They are redacted by ``export()``
+            and, with ``encryption``, stored encrypted, each as one whole value:
+            a patch replaces a secret object instead of merging into it (as for
+            ``replaced``), and it cannot be incremented. Defaults to
+            ``[token_field]`` when ``encryption`` is given, else none.
 
     Raises:
         ConfigurationError: a field is both preserved and replaced, a replaced
-            field holds a preserved one, a limit is not positive, or the
-            schema version or migrations are not as described.
+            field holds a preserved one, a limit is not positive, the schema
+            version or migrations are not as described, a secret field lies
+            inside another or holds a preserved field, or ``encryption`` is
+            not a ``FieldEncryption``.
     """
 
     preserved: frozenset[Path] = attrs.field(default=frozenset(), converter=_to_paths)
@@ -151,6 +175,12 @@ class StateData:
     migrations: Mapping[int, Migration] = attrs.field(
         factory=dict, converter=_to_migrations, repr=lambda m: repr(sorted(m)), hash=False
     )
+    encryption: FieldEncryption | None = attrs.field(default=None, repr=False)
+    secret: frozenset[Path] = attrs.field(
+        default=attrs.Factory(_default_secret, takes_self=True), converter=_to_secret_paths
+    )
+    _whole: frozenset[Path] = attrs.field(init=False, repr=False, eq=False)
+    _redacted: frozenset[Path] = attrs.field(init=False, repr=False, eq=False)
     _preserved_ancestors: frozenset[Path] = attrs.field(init=False, repr=False, eq=False)
     _guarded: frozenset[Path] = attrs.field(init=False, repr=False, eq=False)
     _max_entries: int = attrs.field(init=False, repr=False, eq=False)
@@ -166,10 +196,13 @@ class StateData:
         if self.max_depth < 1 or self.max_bytes < 2 or self.max_user_id_length < 1:
             raise ConfigurationError("max_depth, max_bytes and max_user_id_length must be positive")
         self._check_migrations()
+        self._check_secret()
+        object.__setattr__(self, "_whole", self.replaced | self.secret)
+        object.__setattr__(self, "_redacted", self.preserved | self.secret)
         ancestors = {p[:i] for p in self.preserved for i in range(1, len(p))}
         object.__setattr__(self, "_preserved_ancestors", frozenset(ancestors))
-        # Paths a patch must look twice at: preserved, holding one, or replaced.
-        object.__setattr__(self, "_guarded", self.preserved | ancestors | self.replaced)
+        # Paths a patch must look twice at: preserved, holding one, replaced or secret.
+        object.__setattr__(self, "_guarded", self.preserved | ancestors | self._whole)
         object.__setattr__(self, "_max_entries", max(16, self.max_bytes // 3))
 
     def _check_migrations(self) -> None:
@@ -195,6 +228,22 @@ class StateData:
             if not callable(fn):
                 raise ConfigurationError(f"migration {n} is not callable: {fn!r}")
 
+    def _check_secret(self) -> None:
+        if self.encryption is not None:
+            from chatstate.state._crypto import FieldEncryption  # noqa: PLC0415 - a cycle
+
+            if not isinstance(self.encryption, FieldEncryption):
+                raise ConfigurationError(
+                    f"encryption must be a FieldEncryption, not {type(self.encryption).__name__}"
+                )
+        for s in self.secret:
+            for p in self.preserved:
+                if len(p) > len(s) and p[: len(s)] == s:
+                    raise ConfigurationError(
+                        f"preserved field {format_path(p)} lies inside secret field "
+                        f"{format_path(s)}, which is written whole"
+                    )
+
     def compile(self, patch: Mapping[str, Any]) -> list[Edit]:
         """Validate a patch and compile it into edits.
 
@@ -213,6 +262,11 @@ class StateData:
         edits: list[Edit] = []
         self._compile_object(patch, (), 1, edits)
         return edits
+
+    @property
+    def redacted_fields(self) -> frozenset[Path]:
+        """The fields whose values exports and reprs hide: the preserved and the secret ones."""
+        return self._redacted
 
     @property
     def max_entries(self) -> int:
@@ -253,7 +307,7 @@ class StateData:
             if value is None:
                 edits.append((DELETE, here, None))
             elif is_object:
-                if here in self.replaced:
+                if here in self._whole:
                     edits.append((DELETE, here, None))
                     edits.append((MAKE_OBJECT, here, None))
                     self._compile_object(_drop_nones(value), here, depth + 1, edits)

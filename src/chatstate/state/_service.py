@@ -64,7 +64,7 @@ def _export(
         "user_id": user_id,
         "version": snapshot.version,
         "secrets": "included" if include_secrets else "redacted",
-        "document": data if include_secrets else redact(data, rules.preserved),
+        "document": data if include_secrets else redact(data, rules.redacted_fields),
     }
     if snapshot.version and snapshot.schema != 1:
         export["schema"] = snapshot.schema
@@ -720,7 +720,7 @@ class _CachedStateView(Mapping[str, Any]):
 
     def _store(self, outcome: Outcome) -> Document:
         self._snapshot = outcome.snapshot
-        return Document(outcome.snapshot, self._rules.preserved)
+        return Document(outcome.snapshot, self._rules.redacted_fields)
 
     @property
     def data(self) -> JSONObject:
