@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import math
 import random
 from datetime import timedelta
@@ -10,6 +11,7 @@ from typing import Any
 
 import attrs
 import pytest
+import redis
 import redis.exceptions as rex
 from hypothesis import given
 from hypothesis import strategies as st
@@ -162,6 +164,14 @@ def test_a_zero_budget_never_sleeps() -> None:
     assert fake.naps == []
 
 
+def test_a_zero_budget_never_retries_even_a_zero_delay() -> None:
+    """``budget=0`` with a retry-after of 0 (no delay at all) still gives up: no spinning."""
+    fake = Fake()
+    retrying = fake.policy(attempts=None, budget=0).begin("claim")
+    assert retrying.retry("busy", at_most=0) is False
+    assert fake.events == []
+
+
 def test_begin_may_override_the_budget_with_a_timedelta() -> None:
     """``begin(budget=timedelta(...))`` (a claim's ``wait``) wins over the policy's budget."""
     fake = Fake()
@@ -254,6 +264,16 @@ def test_an_error_is_reported_by_its_class_name_and_kept_for_the_hook() -> None:
     assert (event.operation, event.reason, event.error) == ("resolve", "ConnectionError", error)
 
 
+def test_report_tells_the_hook_of_an_immediate_retry() -> None:
+    """``policy.report`` (NOSCRIPT, then EVAL) is one event with no delay; no sleep."""
+    fake = Fake()
+    error = rex.NoScriptError("NOSCRIPT No matching script")
+    fake.policy().report("noscript", error)
+    assert fake.events == [RetryScheduled("noscript", 1, 0.0, 0.0, "NoScriptError", error)]
+    assert fake.naps == []
+    RetryPolicy(on_retry=None).report("noscript", "NoScriptError")  # and no hook: nothing
+
+
 def test_no_hook_reports_nothing() -> None:
     """``on_retry=None`` retries quietly."""
     fake = Fake()
@@ -300,6 +320,7 @@ def test_the_default_hook_tells_chatstate_observers() -> None:
         ({"budget": True}, "got True"),
         ({"budget": timedelta(seconds=-1)}, "got -1.0"),
         ({"initial": -0.1}, "initial=...) must be at least 0, got -0.1"),
+        ({"attempts": None, "budget": 1, "initial": 0}, "more than 0 when attempts is None"),
         ({"initial": None}, "initial=...) must be a finite number, got None"),
         ({"initial": 2.0, "maximum": 1.0}, "maximum=...) must be at least initial (2.0), got 1.0"),
         ({"multiplier": 0.5}, "multiplier=...) must be at least 1, got 0.5"),
@@ -386,6 +407,10 @@ def test_the_sleeps_never_exceed_the_budget(
 ) -> None:
     """For any policy: sleeps add up to at most the budget, tries to at most ``attempts``."""
     fake = Fake()
+    if config["attempts"] is None and config["initial"] == 0:
+        with pytest.raises(ConfigurationError, match="or it spins"):
+            RetryPolicy(attempts=None, budget=config["budget"], initial=0)
+        return
     maximum = config["initial"] + config.pop("extra")
     seeded = random.Random(config.pop("seed"))
     policy = fake.policy(**config, maximum=maximum, random=seeded.random)
@@ -532,3 +557,17 @@ def test_policy_retries_compare_by_policy_and_hash() -> None:
     assert PolicyRetry(RESOLVE) != PolicyRetry(TRANSACTION)
     assert PolicyBackoff(REDIS_CLIENT).compute(1) == 0.1
     assert PolicyBackoff(REDIS_CLIENT).compute(10) == 1.0
+
+
+def test_redis_py_clients_share_the_policy_and_its_hook() -> None:
+    """redis-py deep-copies ``retry`` per connection: the copy keeps the very same policy."""
+    fake = Fake()
+    retry = PolicyRetry(fake.policy(attempts=2))
+    clone = copy.deepcopy(retry)
+    assert clone is not retry
+    assert clone.policy is retry.policy
+    assert clone.policy.on_retry == fake.events.append  # not a copy of the list
+    client = redis.Redis(port=1, retry=retry)  # builds without connecting
+    connection = client.connection_pool.make_connection()
+    assert connection.retry.policy is retry.policy
+    client.close()

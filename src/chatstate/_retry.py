@@ -204,6 +204,8 @@ class RetryPolicy:
             )
         if self.initial < 0:
             raise _bad("initial", "at least 0", self.initial)
+        if self.attempts is None and self.initial <= 0:
+            raise _bad("initial", "more than 0 when attempts is None (or it spins)", self.initial)
         if self.multiplier < 1:
             raise _bad("multiplier", "at least 1", self.multiplier)
         if self.maximum < self.initial:
@@ -239,6 +241,19 @@ class RetryPolicy:
             self.attempts if attempts is None else attempts,
             self.budget if budget is None else budget,
         )
+
+    def report(self, operation: str, reason: str | BaseException) -> None:
+        """Report a retry the loop makes at once, with no decision to take (NOSCRIPT's EVAL)."""
+        if self.on_retry is not None:
+            self.on_retry(_event(operation, 1, 0.0, 0.0, reason))
+
+
+def _event(
+    operation: str, attempt: int, delay: float, elapsed: float, reason: str | BaseException
+) -> RetryScheduled:
+    if isinstance(reason, BaseException):
+        return RetryScheduled(operation, attempt, delay, elapsed, type(reason).__name__, reason)
+    return RetryScheduled(operation, attempt, delay, elapsed, str(reason))
 
 
 class Retrying:
@@ -293,13 +308,10 @@ class Retrying:
         delay = base * (1.0 - policy.jitter * policy.random())
         if at_most is not None and at_most < delay:
             delay = max(0.0, at_most)
-        if self._budget is not None and self.elapsed + delay > self._budget:
+        if self._budget is not None and (self._budget <= 0 or self.elapsed + delay > self._budget):
             return None
         if policy.on_retry is not None:
-            error = reason if isinstance(reason, BaseException) else None
-            label = type(reason).__name__ if error is not None else str(reason)
-            event = RetryScheduled(self.operation, self.attempt, delay, self.elapsed, label, error)
-            policy.on_retry(event)
+            policy.on_retry(_event(self.operation, self.attempt, delay, self.elapsed, reason))
         return delay
 
     def retry(self, reason: str | BaseException, *, at_most: float | None = None) -> bool:

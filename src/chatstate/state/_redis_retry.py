@@ -5,12 +5,17 @@ routing) with its own loop, backoff and ``time.sleep``. These subclasses keep
 redis-py's contract (``call_with_retry``, ``get_retries``, ``fail`` called once
 per failure, so that it reconnects) but take the delays, the budget, the sleeps
 and the hook from a policy, and never retry a refused password.
+
+redis-py deep-copies its ``retry`` into every connection: these copy themselves
+shallowly, so that every connection shares the one (immutable) policy and its
+hook, never a copy of the hook's owner.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import redis.exceptions as rex
 from redis.asyncio.retry import Retry as AsyncRetry
@@ -71,6 +76,9 @@ class PolicyRetry(Retry):
         super().__init__(PolicyBackoff(policy), _retries(policy), **kwargs)
         self.policy = policy
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> Self:
+        return copy.copy(self)
+
     def call_with_retry(
         self,
         do: Callable[[], T],
@@ -104,6 +112,9 @@ class AsyncPolicyRetry(AsyncRetry):
     def __init__(self, policy: RetryPolicy = REDIS_CLIENT, **kwargs: Any) -> None:
         super().__init__(PolicyBackoff(policy), _retries(policy), **kwargs)
         self.policy = policy
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Self:
+        return copy.copy(self)
 
     async def call_with_retry(
         self,
