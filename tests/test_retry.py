@@ -274,6 +274,22 @@ def test_report_tells_the_hook_of_an_immediate_retry() -> None:
     RetryPolicy(on_retry=None).report("noscript", "NoScriptError")  # and no hook: nothing
 
 
+def test_a_hook_that_raises_is_logged_and_the_loop_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A broken hook never breaks a retry: logged once per call, the sleeps happen anyway."""
+    fake = Fake()
+
+    def broken(event: RetryScheduled) -> None:
+        raise RuntimeError("boom")
+
+    assert run(fake.policy(attempts=3, on_retry=broken), failures=100) == -3
+    fake.policy(on_retry=broken).report("noscript", "NoScriptError")
+    assert len(fake.naps) == 2
+    raised = [r for r in caplog.records if "retry hook raised" in r.getMessage()]
+    assert len(raised) == 3
+
+
 def test_no_hook_reports_nothing() -> None:
     """``on_retry=None`` retries quietly."""
     fake = Fake()

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import math
 import random
 import time
@@ -56,6 +57,8 @@ import attrs
 
 from chatstate import observe as _observe
 from chatstate.exceptions import ConfigurationError
+
+log = logging.getLogger("chatstate.observe")
 
 __all__ = [
     "CLAIM",
@@ -170,6 +173,8 @@ class RetryPolicy:
         random: Uniform floats in [0, 1) for the jitter (``random.random``).
         on_retry: Called with a :class:`RetryScheduled` before each sleep;
             ``None`` reports nothing. By default chatstate's observers hear of it.
+            Like an observer, it must be quick; if it raises, the error is
+            logged (``chatstate.observe``) and the loop goes on.
 
     Raises:
         ConfigurationError: a value is out of range, naming it.
@@ -245,7 +250,14 @@ class RetryPolicy:
     def report(self, operation: str, reason: str | BaseException) -> None:
         """Report a retry the loop makes at once, with no decision to take (NOSCRIPT's EVAL)."""
         if self.on_retry is not None:
-            self.on_retry(_event(operation, 1, 0.0, 0.0, reason))
+            _call(self.on_retry, _event(operation, 1, 0.0, 0.0, reason))
+
+
+def _call(hook: Callable[[RetryScheduled], object], event: RetryScheduled) -> None:
+    try:
+        hook(event)
+    except Exception:  # a hook, like an observer, must never break a write
+        log.exception("a chatstate retry hook raised; ignored")
 
 
 def _event(
@@ -311,7 +323,9 @@ class Retrying:
         if self._budget is not None and (self._budget <= 0 or self.elapsed + delay > self._budget):
             return None
         if policy.on_retry is not None:
-            policy.on_retry(_event(self.operation, self.attempt, delay, self.elapsed, reason))
+            _call(
+                policy.on_retry, _event(self.operation, self.attempt, delay, self.elapsed, reason)
+            )
         return delay
 
     def retry(self, reason: str | BaseException, *, at_most: float | None = None) -> bool:
