@@ -57,6 +57,7 @@ import attrs
 
 from chatstate import observe as _observe
 from chatstate.exceptions import ConfigurationError
+from chatstate.observe import RetryScheduled
 
 log = logging.getLogger("chatstate.observe")
 
@@ -72,33 +73,10 @@ __all__ = [
 ]
 
 
-@attrs.frozen
-class RetryScheduled:
-    """A loop failed an attempt and will try again after ``delay`` seconds.
-
-    Attributes:
-        operation: Which loop: ``transaction``, ``claim``, ``resolve`` (a write
-            of unknown outcome re-sent), ``redis`` (redis-py's own retries), ...
-        attempt: The attempt that failed, counted from 1.
-        delay: Seconds until the next attempt.
-        elapsed: Seconds since the first failure of this loop.
-        reason: A short label: ``conflict``, ``busy``, or an error's class name.
-            Never a message (messages may name keys).
-        error: The exception that failed the attempt, if one did; for hooks in
-            your own process only (do not log its message).
-    """
-
-    operation: str
-    attempt: int
-    delay: float
-    elapsed: float
-    reason: str
-    error: BaseException | None = None
-
-
 def report_to_observers(event: RetryScheduled) -> None:
-    """The default hook: tell chatstate's observers (:mod:`chatstate.observe`)."""
-    _observe.notify_retry(event.operation, event.attempt)
+    """The default hook: tell chatstate's observers (:mod:`chatstate.observe`), never the error."""
+    if _observe.observers():
+        _observe.notify_retry(attrs.evolve(event, error=None) if event.error is not None else event)
 
 
 # Defaults looked up when called, so that a test patching ``time.sleep`` or
