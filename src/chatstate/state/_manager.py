@@ -16,7 +16,7 @@ import inspect
 import os
 import unicodedata
 from base64 import urlsafe_b64encode
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import timedelta
 from typing import Any, Final, TypeVar, cast
 
@@ -24,6 +24,8 @@ import attrs
 
 from chatstate import _retry
 from chatstate import observe as _observe
+from chatstate._actions import failing, relabel
+from chatstate._durations import to_ms
 from chatstate._retry import Retrying, RetryPolicy
 from chatstate.exceptions import (
     ClaimLostError,
@@ -94,11 +96,6 @@ _SCHEMA_REFUSALS: Final = frozenset({"stale_schema", "newer_schema"})
 
 def _b64(raw: bytes) -> str:
     return urlsafe_b64encode(raw).decode("ascii")
-
-
-def new_op_id() -> str:
-    """A fresh random operation id (96 bits, URL-safe text)."""
-    return _b64(os.urandom(12))
 
 
 def digest_text(text: str) -> str:
@@ -183,54 +180,6 @@ def observed(operation: str | None = None) -> Callable[[F], F]:
         return cast("F", run)
 
     return wrap
-
-
-def relabel(exc: StateError, action: str) -> StateError:
-    """Give ``exc`` the action it failed in, unless a deeper layer named one."""
-    if exc.action == type(exc).default_action:
-        exc.action = action
-    return exc
-
-
-@contextlib.contextmanager
-def failing(action: str) -> Iterator[None]:
-    """Start the message of any :class:`StateError` raised inside with ``action``."""
-    try:
-        yield
-    except StateError as exc:
-        relabel(exc, action)
-        raise
-
-
-def to_ms(value: float | timedelta | None, name: str) -> int | None:
-    """Seconds or a timedelta as whole milliseconds (at least 1).
-
-    Raises:
-        ConfigurationError: the value is not positive.
-    """
-    if value is None:
-        return None
-    try:
-        return _to_ms_cached(value, name)
-    except TypeError:  # unhashable, so not a number: say so below
-        return _to_ms(value, name)
-
-
-@functools.lru_cache(maxsize=256, typed=True)  # typed: True must not hit the entry of 1
-def _to_ms_cached(value: float | timedelta, name: str) -> int:
-    return _to_ms(value, name)
-
-
-def _to_ms(value: float | timedelta, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | float | timedelta):
-        raise ConfigurationError(f"{name} must be seconds or a timedelta, got {value!r}")
-    seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
-    if not 0 < seconds <= _MAX_SECONDS:
-        raise ConfigurationError(f"{name} must be positive and at most ten years, got {value!r}")
-    return max(1, round(seconds * 1000))
-
-
-_MAX_SECONDS: Final = 10 * 365 * 24 * 3600
 
 
 def _attempts(value: object, name: str = "max_attempts") -> int:

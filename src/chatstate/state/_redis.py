@@ -60,10 +60,10 @@ from chatstate.state._backend import (
     corrupt,
     counter_not_integer,
     counter_overflow,
+    new_op_id,
 )
 from chatstate.state._codec import unflatten_columns, unflatten_parts
 from chatstate.state._lua import APPLY_SCRIPT, LOAD_SCRIPT, write_args
-from chatstate.state._manager import new_op_id
 from chatstate.state._pipeline import AsyncConnections, AutoPipeline, Connections, NotSent
 from chatstate.state._redis_retry import AsyncPolicyRetry, PolicyRetry
 

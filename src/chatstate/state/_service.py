@@ -8,6 +8,7 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Any, Final, Literal, Self, cast
 
+from chatstate._actions import failing
 from chatstate._redact import redact
 from chatstate._retry import RetryPolicy
 from chatstate.exceptions import UsageError
@@ -26,7 +27,6 @@ from chatstate.state._manager import (
     StateManager,
     TransactionFn,
     _ClaimCore,
-    failing,
 )
 from chatstate.state._memory import AsyncMemoryBackend, MemoryBackend
 from chatstate.state._rules import StateData
