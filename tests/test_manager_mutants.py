@@ -54,15 +54,9 @@ from chatstate import (
     StateService,
     UsageError,
 )
-from chatstate.state._backend import Acquire, Delete, Release, Reset
-from chatstate.state._manager import (
-    AsyncStateManager,
-    StateManager,
-    _to_ms,
-    digest_text,
-    new_op_id,
-    to_ms,
-)
+from chatstate._durations import _to_ms, to_ms
+from chatstate.state._backend import Acquire, Delete, Release, Reset, new_op_id
+from chatstate.state._manager import AsyncStateManager, StateManager, digest_text
 
 
 def _manager(**options: object) -> StateManager:

@@ -514,14 +514,14 @@ def test_a_reminder_hook_sees_the_data_the_deadline_and_the_time(steps: Steps) -
 
 
 def test_due_skips_a_busy_user_at_once_and_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
-    from chatstate.state import _manager
+    import time
 
     router = _deadline_router(Clock())
     _start(router, "ana", "order")
     _start(router, "bo", "order")
     claim = router.service.claim("ana", "in-flight", lease=30)
     naps: list[float] = []
-    monkeypatch.setattr(_manager.time, "sleep", naps.append)
+    monkeypatch.setattr(time, "sleep", naps.append)
     fired = router.due(now=START + 5 * 60)
     monkeypatch.undo()
     assert naps == [], "due() waited for a busy user"
@@ -620,8 +620,9 @@ def test_the_menu_screens_follow_the_login_and_the_language() -> None:
 
 
 def test_a_user_busy_elsewhere_waits_only_the_routers_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
     from chatstate import UserBusyError
-    from chatstate.state import _manager
 
     router = _router(wait=0.05)
     claim = router.service.claim("ana", "in-flight", lease=30)
@@ -632,8 +633,8 @@ def test_a_user_busy_elsewhere_waits_only_the_routers_wait(monkeypatch: pytest.M
         naps.append(seconds)
         now[0] += seconds
 
-    monkeypatch.setattr(_manager.time, "sleep", sleep)
-    monkeypatch.setattr(_manager.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(time, "sleep", sleep)  # the default policies look them up late
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
     with pytest.raises(UserBusyError):
         router.handle(Message("ana", text="help", message_id="m1"))
     monkeypatch.undo()

@@ -5,6 +5,7 @@ from importlib.metadata import version as _version
 from typing import TYPE_CHECKING as _TYPE_CHECKING
 from typing import Any as _Any
 
+from chatstate._retry import RetryPolicy
 from chatstate.exceptions import (
     BackendAuthenticationError,
     BackendError,
@@ -123,6 +124,7 @@ __all__ = [
     "OutcomeUnknown",
     "PreservedFieldError",
     "RedisBackend",
+    "RetryPolicy",
     "SchemaVersionError",
     "SecretFieldError",
     "SerializationError",

@@ -41,6 +41,7 @@ __all__ = [
     "Observer",
     "OperationFinished",
     "OperationStarted",
+    "RetryScheduled",
     "add_observer",
     "observers",
     "remove_observer",
@@ -81,7 +82,8 @@ class OperationFinished:
         error: The error's class name when it raised.
         duration: Seconds, from start to end.
         attempts: How many attempts it took: a transaction counts each run after
-            a lost race (see ``transaction_retry``); every other operation is 1.
+            a lost race, a claim each request after finding the user busy (see
+            ``retry_scheduled``); every other operation is 1.
     """
 
     operation: str
@@ -90,6 +92,34 @@ class OperationFinished:
     error: str | None
     duration: float
     attempts: int = 1
+
+
+@attrs.frozen
+class RetryScheduled:
+    """A loop failed an attempt and will try again after ``delay`` seconds.
+
+    Attributes:
+        operation: Which loop: ``transaction`` (a lost compare-and-set),
+            ``claim`` (another message of the user is being handled),
+            ``resolve`` (a write of unknown outcome re-sent with its op id),
+            ``noscript`` (a script re-sent whole after SCRIPT FLUSH),
+            ``migration`` (a schema migration lost its race to another write) or
+            ``redis`` (redis-py's own retries of the commands left to it).
+        attempt: The attempt that failed, counted from 1.
+        delay: Seconds until the next attempt.
+        elapsed: Seconds since the first failure of this loop.
+        reason: A short label: ``conflict``, ``busy``, or an error's class name.
+            Never a message (messages may name keys).
+        error: The exception that failed the attempt, for a policy's own
+            ``on_retry`` hook; always ``None`` in what observers receive.
+    """
+
+    operation: str
+    attempt: int
+    delay: float
+    elapsed: float
+    reason: str
+    error: BaseException | None = None
 
 
 class Observer:
@@ -118,6 +148,9 @@ class Observer:
 
     def transaction_retry(self, operation: str, attempt: int) -> None:
         """A compare-and-set transaction (or a busy claim) is about to try again."""
+
+    def retry_scheduled(self, event: RetryScheduled) -> None:
+        """Any retry loop is about to try again (see :class:`RetryScheduled`)."""
 
 
 _lock = threading.Lock()
@@ -169,13 +202,25 @@ def notify_token_refresh(outcome: str) -> None:
         _safely(observer.token_refresh, outcome)
 
 
-def notify_retry(operation: str, attempt: int) -> None:
-    """Tell every observer a transaction or a busy claim retries."""
+def notify_retry(event: RetryScheduled) -> None:
+    """Tell every observer a loop retries (``transaction_retry`` too for transactions and claims).
+
+    The retry counts toward the watched operation's ``attempts`` only when it is
+    that operation's own loop: a write re-sent inside a transaction is not
+    another run of the transaction.
+    """
     watch = _watching.get()
-    if watch is not None:
+    if watch is not None and watch.operation == event.operation:
         watch.attempts += 1
+    legacy = event.operation in _OPERATION_LOOPS
     for observer in _observers:
-        _safely(observer.transaction_retry, operation, attempt)
+        _safely(observer.retry_scheduled, event)
+        if legacy:
+            _safely(observer.transaction_retry, event.operation, event.attempt)
+
+
+# The loops that retry a whole operation (the others retry one command inside one).
+_OPERATION_LOOPS: Final = frozenset({"transaction", "claim"})
 
 
 # The operation being watched on this thread or task, so that a retry is counted
@@ -191,14 +236,14 @@ _RETURNED: Final = {"transaction": "applied", "release": "released"}
 class Watch:
     """One operation's observation: made when observers exist, ended once."""
 
-    __slots__ = ("_backend", "_context", "_operation", "_start", "_tokens", "attempts")
+    __slots__ = ("_backend", "_context", "_start", "_tokens", "attempts", "operation")
 
     def __init__(self, operation: str, backend: Any) -> None:
         kind = str(getattr(backend, "kind", type(backend).__name__))
         describe = getattr(backend, "describe", None)
         attributes = _safely(describe) if callable(describe) else None
         event = OperationStarted(operation, kind, attributes or {})
-        self._operation = operation
+        self.operation = operation
         self._backend = kind
         self.attempts = 1
         self._tokens = [(o, _safely(o.operation_started, event)) for o in _observers]
@@ -213,9 +258,9 @@ class Watch:
         except ValueError:  # ended in another context: nothing to undo
             pass
         if outcome == "read":
-            outcome = _RETURNED.get(self._operation, outcome)
+            outcome = _RETURNED.get(self.operation, outcome)
         event = OperationFinished(
-            self._operation,
+            self.operation,
             self._backend,
             "error" if error is not None else outcome,
             type(error).__name__ if error is not None else None,

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import timedelta
 from typing import Any, Final
 
+from chatstate._actions import CLEAR_TOKEN, REFRESH_TOKEN, SET_TOKEN, failing
 from chatstate._locks import AsyncKeyedLocks, KeyedLocks
 from chatstate.auth._jwt import TokenInfo, TokenVerifier, fingerprint, read_token
 from chatstate.exceptions import (
@@ -24,8 +25,7 @@ from chatstate.exceptions import (
     UsageError,
 )
 from chatstate.observe import notify_token_refresh
-from chatstate.state._manager import failing
-from chatstate.state._service import AsyncCachedUser, CachedUser
+from chatstate.state import AsyncCachedUser, CachedUser
 
 __all__ = [
     "ApiClient",
@@ -41,9 +41,6 @@ __all__ = [
 
 log = logging.getLogger("chatstate.auth")
 
-SET_TOKEN: Final = "Failed to set JWT token"  # noqa: S105 - a message, not a secret
-CLEAR_TOKEN: Final = "Failed to clear JWT token"  # noqa: S105 - a message
-REFRESH_TOKEN: Final = "Failed to refresh JWT token"  # noqa: S105 - a message
 DEFAULT_MARGIN: Final = timedelta(seconds=60)
 LOCK_NAME: Final = "jwt-refresh"
 

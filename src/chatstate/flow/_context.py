@@ -24,16 +24,16 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol
 
 from typing_extensions import TypeVar
 
+from chatstate._actions import SET_TOKEN, failing
 from chatstate.exceptions import UsageError
 from chatstate.flow._message import Message
-from chatstate.state import Document, Snapshot
-from chatstate.state._rules import parse_path
+from chatstate.state import Document, Snapshot, parse_path
 from chatstate.typing import JSONObject
 
 if TYPE_CHECKING:
     from chatstate.auth import TokenVerifier
     from chatstate.flow._flow import Flow
-    from chatstate.state._rules import StateData
+    from chatstate.state import StateData
     from chatstate.typing import Path
 
 __all__ = ["Context", "Translations", "Turn"]
@@ -284,8 +284,6 @@ class Context(Generic[DepsT]):
             InvalidTokenError: not a signed JWT (the message never holds the token).
         """
         from chatstate.auth import read_token  # noqa: PLC0415 - auth imports flow lazily
-        from chatstate.auth._tokens import SET_TOKEN  # noqa: PLC0415
-        from chatstate.state._manager import failing  # noqa: PLC0415
 
         with failing(SET_TOKEN):
             if verifier is not None:

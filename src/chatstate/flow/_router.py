@@ -26,6 +26,7 @@ import attrs
 from typing_extensions import TypeVar as TypeVarD
 
 from chatstate import observe
+from chatstate._durations import to_ms
 from chatstate.exceptions import FlowError, InvalidScreenError, UsageError, UserBusyError
 from chatstate.flow._context import Catalogues, Context, Translations, is_async
 from chatstate.flow._flow import DONE, Flow, Replies, Step
@@ -40,10 +41,14 @@ from chatstate.flow._screens import (
     Text,
     translate_screen,
 )
-from chatstate.state._backend import Outcome
-from chatstate.state._manager import to_ms
-from chatstate.state._rules import StateData, diff
-from chatstate.state._service import AsyncStateService, StateService, SyncServiceAsAsync
+from chatstate.state import (
+    AsyncStateService,
+    Outcome,
+    StateData,
+    StateService,
+    SyncServiceAsAsync,
+    diff,
+)
 
 __all__ = ["AsyncRouter", "Menu", "MenuItem", "Router"]
 

@@ -43,7 +43,7 @@ from chatstate.state._codec import stored_size
 from chatstate.state._crypto import FieldEncryption, secret_paths
 from chatstate.state._manager import AsyncStateManager, StateManager
 from chatstate.state._memory import AsyncMemoryBackend, MemoryBackend
-from chatstate.state._rules import Edit, StateData, apply_edits, diff, merge
+from chatstate.state._rules import Edit, StateData, apply_edits, diff, merge, parse_path
 from chatstate.state._service import (
     AsyncCachedState,
     AsyncCachedUser,
@@ -53,6 +53,7 @@ from chatstate.state._service import (
     CachedUser,
     Claim,
     StateService,
+    SyncServiceAsAsync,
 )
 from chatstate.state._sqlite import AsyncSqliteBackend, SqliteBackend
 
@@ -101,6 +102,7 @@ __all__ = [
     "StateData",
     "StateManager",
     "StateService",
+    "SyncServiceAsAsync",
     "Write",
     "WriteResult",
     "apply_edits",
@@ -110,6 +112,7 @@ __all__ = [
     "check_limit",
     "diff",
     "merge",
+    "parse_path",
     "secret_paths",
     "stored_size",
 ]

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import marshal
+import os
+from base64 import urlsafe_b64encode
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Final, Literal, Protocol, TypeAlias, runtime_checkable
 
@@ -95,6 +97,11 @@ With its counter this keeps a Redis log within the compact listpack encoding
 
 INT64_MIN: Final = -(2**63)
 INT64_MAX: Final = 2**63 - 1
+
+
+def new_op_id() -> str:
+    """A fresh random operation id (96 bits, URL-safe text)."""
+    return urlsafe_b64encode(os.urandom(12)).decode("ascii")
 
 
 class Snapshot:

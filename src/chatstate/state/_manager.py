@@ -3,26 +3,30 @@
 The logic (user id checks, compiling patches, operation keys, nonces and
 digests, building writes, reading outcomes) lives in :class:`_ManagerCore` and
 is pure. :class:`StateManager` and :class:`AsyncStateManager` are thin shells
-that only add the backend calls (and the sleeps between retries).
+that only add the backend calls (and the sleeps between retries, which
+:class:`~chatstate._retry.RetryPolicy` decides).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import hashlib
 import inspect
 import os
-import random
-import time
 import unicodedata
 from base64 import urlsafe_b64encode
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import timedelta
 from typing import Any, Final, TypeVar, cast
 
+import attrs
+
+from chatstate import _retry
 from chatstate import observe as _observe
+from chatstate._actions import failing, relabel
+from chatstate._durations import to_ms
+from chatstate._retry import Retrying, RetryPolicy
 from chatstate.exceptions import (
     ClaimLostError,
     ConfigurationError,
@@ -79,7 +83,6 @@ CLAIM: Final = "Failed to claim user"
 COMMIT: Final = "Failed to commit claim"
 
 DEFAULT_DEDUPE: Final = timedelta(minutes=10)
-DEFAULT_MAX_ATTEMPTS: Final = 8
 DEFAULT_LEASE: Final = timedelta(seconds=30)
 DEFAULT_WAIT: Final = timedelta(seconds=10)
 MAX_OP_ID_LENGTH: Final = 200
@@ -93,11 +96,6 @@ _SCHEMA_REFUSALS: Final = frozenset({"stale_schema", "newer_schema"})
 
 def _b64(raw: bytes) -> str:
     return urlsafe_b64encode(raw).decode("ascii")
-
-
-def new_op_id() -> str:
-    """A fresh random operation id (96 bits, URL-safe text)."""
-    return _b64(os.urandom(12))
 
 
 def digest_text(text: str) -> str:
@@ -184,57 +182,15 @@ def observed(operation: str | None = None) -> Callable[[F], F]:
     return wrap
 
 
-def relabel(exc: StateError, action: str) -> StateError:
-    """Give ``exc`` the action it failed in, unless a deeper layer named one."""
-    if exc.action == type(exc).default_action:
-        exc.action = action
-    return exc
-
-
-@contextlib.contextmanager
-def failing(action: str) -> Iterator[None]:
-    """Start the message of any :class:`StateError` raised inside with ``action``."""
-    try:
-        yield
-    except StateError as exc:
-        relabel(exc, action)
-        raise
-
-
-def to_ms(value: float | timedelta | None, name: str) -> int | None:
-    """Seconds or a timedelta as whole milliseconds (at least 1).
-
-    Raises:
-        ConfigurationError: the value is not positive.
-    """
-    if value is None:
-        return None
-    try:
-        return _to_ms_cached(value, name)
-    except TypeError:  # unhashable, so not a number: say so below
-        return _to_ms(value, name)
-
-
-@functools.lru_cache(maxsize=256, typed=True)  # typed: True must not hit the entry of 1
-def _to_ms_cached(value: float | timedelta, name: str) -> int:
-    return _to_ms(value, name)
-
-
-def _to_ms(value: float | timedelta, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | float | timedelta):
-        raise ConfigurationError(f"{name} must be seconds or a timedelta, got {value!r}")
-    seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
-    if not 0 < seconds <= _MAX_SECONDS:
-        raise ConfigurationError(f"{name} must be positive and at most ten years, got {value!r}")
-    return max(1, round(seconds * 1000))
-
-
-_MAX_SECONDS: Final = 10 * 365 * 24 * 3600
-
-
 def _attempts(value: object, name: str = "max_attempts") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigurationError(f"{name} must be a whole number of at least 1, got {value!r}")
+    return value
+
+
+def _policy(value: object, name: str) -> RetryPolicy:
+    if not isinstance(value, RetryPolicy):
+        raise ConfigurationError(f"{name} must be a chatstate RetryPolicy, got {value!r}")
     return value
 
 
@@ -246,8 +202,11 @@ class _ManagerCore:
         rules: StateData | None,
         ttl: float | timedelta | None,
         dedupe_window: float | timedelta,
-        max_attempts: int,
+        max_attempts: int | None,
         backend: object = None,
+        *,
+        retry: RetryPolicy | None = None,
+        claim_retry: RetryPolicy | None = None,
     ) -> None:
         if rules is not None and not isinstance(rules, StateData):
             raise ConfigurationError(f"rules must be a StateData, not {type(rules).__name__}")
@@ -263,7 +222,20 @@ class _ManagerCore:
         dedupe_ms = to_ms(dedupe_window, "dedupe_window")
         assert dedupe_ms is not None
         self.dedupe_ms = dedupe_ms
-        self.max_attempts = _attempts(max_attempts)
+        if retry is None:
+            retry = _retry.TRANSACTION
+            if max_attempts is not None:
+                retry = attrs.evolve(retry, attempts=_attempts(max_attempts))
+        elif max_attempts is not None:
+            raise ConfigurationError("pass max_attempts or retry, not both")
+        self.retry = _policy(retry, "retry")
+        self.claim_retry = _policy(
+            _retry.CLAIM if claim_retry is None else claim_retry, "claim_retry"
+        )
+        self.max_attempts = self.retry.attempts
+        # A write refused for its schema is sent again at once after the migration
+        # (no wait: the document was just brought up to date), this many times at most.
+        self.resend_limit = self.retry.attempts or _retry.TRANSACTION.attempts or 8
         self.cipher = self.rules.encryption
         self.secret = self.rules.secret if self.cipher is not None else frozenset()
 
@@ -493,10 +465,14 @@ class _ManagerCore:
             attempts=attempts,
         )
 
-    @staticmethod
-    def backoff(attempt: int) -> float:
-        """Seconds to wait before the next transaction attempt (jittered)."""
-        return random.uniform(0, min(0.05, 0.001 * 2**attempt))  # noqa: S311 - jitter only
+    def retrying(self, max_attempts: int | None) -> Retrying:
+        """The retries of a transaction that lost its first race."""
+        attempts = None if max_attempts is None else _attempts(max_attempts)
+        return self.retry.begin("transaction", attempts=attempts)
+
+    def claim_retrying(self, wait_ms: int) -> Retrying:
+        """The retries of a claim that found the user busy: for up to ``wait``."""
+        return self.claim_retry.begin("claim", budget=wait_ms / 1000)
 
     # -- claims ------------------------------------------------------------------
 
@@ -528,12 +504,6 @@ class _ManagerCore:
             self.rules.max_bytes, self.dedupe_ms, completes_claim=completes, op_id=claim.op_id,
             want_document=False, schema=self.schema,
         )  # fmt: skip
-
-    @staticmethod
-    def busy_delay(attempt: int, retry_after_ms: int) -> float:
-        """How long to wait before asking for a busy claim again (jittered, growing)."""
-        step = min(0.05, 0.002 * 2**attempt)
-        return min(retry_after_ms / 1000, random.uniform(step / 2, step))  # noqa: S311
 
     @staticmethod
     def busy(outcome: Outcome, waited: float) -> UserBusyError:
@@ -594,7 +564,12 @@ class StateManager(_ManagerCore):
         rules: The merge rules; ``StateData()`` when omitted.
         ttl: If set, a document expires this long after its last write.
         dedupe_window: How long operation ids are remembered after a user's last write.
-        max_attempts: How often a transaction retries before ``ConflictError``.
+        max_attempts: How often a transaction tries before ``ConflictError``
+            (8 when omitted); a shorthand for ``retry=RetryPolicy(attempts=...)``.
+        retry: How a transaction that lost its race tries again (attempts,
+            budget, backoff, hook); when omitted, 8 attempts 1 to 50 ms apart.
+        claim_retry: How a claim that found the user busy asks again within
+            its ``wait`` (its budget); when omitted, every 2 to 50 ms.
 
     Raises:
         UsageError: ``backend`` is an async backend (use :class:`AsyncStateManager`).
@@ -608,7 +583,9 @@ class StateManager(_ManagerCore):
         *,
         ttl: float | timedelta | None = None,
         dedupe_window: float | timedelta = DEFAULT_DEDUPE,
-        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        max_attempts: int | None = None,
+        retry: RetryPolicy | None = None,
+        claim_retry: RetryPolicy | None = None,
     ) -> None:
         if not callable(getattr(backend, "apply", None)):
             raise UsageError(f"{type(backend).__name__} is not a chatstate backend")
@@ -617,7 +594,15 @@ class StateManager(_ManagerCore):
                 f"{type(backend).__name__} is asynchronous: use AsyncStateManager "
                 "or AsyncStateService"
             )
-        super().__init__(rules, ttl, dedupe_window, max_attempts, backend)
+        super().__init__(
+            rules,
+            ttl,
+            dedupe_window,
+            max_attempts,
+            backend,
+            retry=retry,
+            claim_retry=claim_retry,
+        )
         self.backend = backend
 
     def __repr__(self) -> str:
@@ -668,7 +653,8 @@ class StateManager(_ManagerCore):
             SchemaVersionError: the document is (now) at a newer schema.
             ConflictError: it kept changing.
         """
-        for attempt in range(self.max_attempts):
+        retrying = None
+        while True:
             data = self.migrated(user_id, snapshot)
             write = self.seal(user_id, self.migration_write(snapshot, data))
             outcome = self.backend.apply(user_id, write)
@@ -679,10 +665,10 @@ class StateManager(_ManagerCore):
             snapshot = self.reveal(user_id, self.backend.load(user_id) or Snapshot({}, 0))
             if not self.needs_migration(user_id, snapshot):
                 return snapshot
-            if attempt + 1 < self.max_attempts:
-                _observe.notify_retry("migration", attempt + 1)
-                time.sleep(self.backoff(attempt))
-        raise self.conflict(self.max_attempts)
+            if retrying is None:
+                retrying = self.retry.begin("migration")
+            if not retrying.retry("conflict"):
+                raise self.conflict(retrying.attempt)
 
     def resend_migrated(self, user_id: str, write: Write, outcome: Outcome) -> Outcome:
         """Answer a write refused for its schema: migrate the document, then send it again.
@@ -690,7 +676,7 @@ class StateManager(_ManagerCore):
         The refused write was not remembered, so sending it again (same op key
         and nonce) applies it once.
         """
-        for _ in range(self.max_attempts):
+        for _ in range(self.resend_limit):
             if outcome.status == "newer_schema":
                 raise self.newer(user_id, outcome.value)
             if outcome.status != "stale_schema":
@@ -700,7 +686,7 @@ class StateManager(_ManagerCore):
                 self.migrate_stored(user_id, snapshot)
             outcome = self.backend.apply(user_id, write)
         if outcome.status in _SCHEMA_REFUSALS:
-            raise self.conflict(self.max_attempts)
+            raise self.conflict(self.resend_limit)
         return outcome
 
     @observed("transaction")
@@ -711,13 +697,15 @@ class StateManager(_ManagerCore):
 
         See :meth:`chatstate.StateService.transaction`.
         """
-        attempts = self.max_attempts if max_attempts is None else _attempts(max_attempts)
+        if max_attempts is not None:
+            _attempts(max_attempts)  # refused before anything runs, not at the first conflict
         with failing(TRANSACTION):
             uid = self.user_id(user_id)
             stored: Snapshot | None = self.backend.load(uid) or Snapshot({}, 0)
             assert stored is not None
             current = self.reveal(uid, stored)
-            for attempt in range(attempts):
+            retrying = None
+            while True:
                 if self.schema is not None and self.needs_migration(uid, current):
                     current = self.migrate_stored(uid, current)
                     stored = None  # its ciphertexts are not at hand: seal afresh
@@ -732,10 +720,10 @@ class StateManager(_ManagerCore):
                 if outcome.status != "conflict":
                     return outcome.snapshot
                 current = outcome.snapshot
-                if attempt + 1 < attempts:
-                    _observe.notify_retry("transaction", attempt + 1)
-                    time.sleep(self.backoff(attempt))
-            raise self.conflict(attempts)
+                if retrying is None:
+                    retrying = self.retrying(max_attempts)
+                if not retrying.retry("conflict"):
+                    raise self.conflict(retrying.attempt)
 
     @observed("claim")
     def claim(
@@ -757,8 +745,7 @@ class StateManager(_ManagerCore):
             write = self.acquire_write(
                 op_id, purpose=purpose, fingerprint=fingerprint, lease_ms=lease_ms
             )
-            start = time.monotonic()
-            attempt = 0
+            retrying = None
             while True:
                 outcome = self.backend.apply(uid, write)
                 if outcome.status != "busy":
@@ -766,12 +753,10 @@ class StateManager(_ManagerCore):
                     if self.schema is not None:
                         self._migrate_claimed(claim)
                     return claim
-                waited = time.monotonic() - start
-                delay = self.busy_delay(attempt, outcome.retry_after_ms)
-                if waited + delay > (wait_ms or 0) / 1000:
-                    raise self.busy(outcome, waited)
-                time.sleep(delay)
-                attempt += 1
+                if retrying is None:
+                    retrying = self.claim_retrying(wait_ms or 0)
+                if not retrying.retry("busy", at_most=outcome.retry_after_ms / 1000):
+                    raise self.busy(outcome, retrying.elapsed)
 
     @observed("commit")
     def commit(self, claim: _ClaimCore) -> Outcome:
@@ -834,13 +819,23 @@ class AsyncStateManager(_ManagerCore):
         *,
         ttl: float | timedelta | None = None,
         dedupe_window: float | timedelta = DEFAULT_DEDUPE,
-        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        max_attempts: int | None = None,
+        retry: RetryPolicy | None = None,
+        claim_retry: RetryPolicy | None = None,
     ) -> None:
         if not inspect.iscoroutinefunction(getattr(backend, "apply", None)):
             raise UsageError(
                 f"{type(backend).__name__} is synchronous: use StateManager or StateService"
             )
-        super().__init__(rules, ttl, dedupe_window, max_attempts, backend)
+        super().__init__(
+            rules,
+            ttl,
+            dedupe_window,
+            max_attempts,
+            backend,
+            retry=retry,
+            claim_retry=claim_retry,
+        )
         self.backend = backend
 
     def __repr__(self) -> str:
@@ -879,7 +874,8 @@ class AsyncStateManager(_ManagerCore):
 
     async def migrate_stored(self, user_id: str, snapshot: Snapshot) -> Snapshot:
         """The asyncio twin of :meth:`StateManager.migrate_stored`."""
-        for attempt in range(self.max_attempts):
+        retrying = None
+        while True:
             data = self.migrated(user_id, snapshot)
             write = self.seal(user_id, self.migration_write(snapshot, data))
             outcome = await self.backend.apply(user_id, write)
@@ -890,14 +886,14 @@ class AsyncStateManager(_ManagerCore):
             snapshot = self.reveal(user_id, await self.backend.load(user_id) or Snapshot({}, 0))
             if not self.needs_migration(user_id, snapshot):
                 return snapshot
-            if attempt + 1 < self.max_attempts:
-                _observe.notify_retry("migration", attempt + 1)
-                await asyncio.sleep(self.backoff(attempt))
-        raise self.conflict(self.max_attempts)
+            if retrying is None:
+                retrying = self.retry.begin("migration")
+            if not await retrying.aretry("conflict"):
+                raise self.conflict(retrying.attempt)
 
     async def resend_migrated(self, user_id: str, write: Write, outcome: Outcome) -> Outcome:
         """The asyncio twin of :meth:`StateManager.resend_migrated`."""
-        for _ in range(self.max_attempts):
+        for _ in range(self.resend_limit):
             if outcome.status == "newer_schema":
                 raise self.newer(user_id, outcome.value)
             if outcome.status != "stale_schema":
@@ -907,7 +903,7 @@ class AsyncStateManager(_ManagerCore):
                 await self.migrate_stored(user_id, snapshot)
             outcome = await self.backend.apply(user_id, write)
         if outcome.status in _SCHEMA_REFUSALS:
-            raise self.conflict(self.max_attempts)
+            raise self.conflict(self.resend_limit)
         return outcome
 
     @observed("transaction")
@@ -919,13 +915,15 @@ class AsyncStateManager(_ManagerCore):
         max_attempts: int | None = None,
     ) -> Snapshot:
         """The asyncio twin of :meth:`StateManager.transaction`; ``fn`` may be async."""
-        attempts = self.max_attempts if max_attempts is None else _attempts(max_attempts)
+        if max_attempts is not None:
+            _attempts(max_attempts)  # refused before anything runs, not at the first conflict
         with failing(TRANSACTION):
             uid = self.user_id(user_id)
             stored: Snapshot | None = await self.backend.load(uid) or Snapshot({}, 0)
             assert stored is not None
             current = self.reveal(uid, stored)
-            for attempt in range(attempts):
+            retrying = None
+            while True:
                 if self.schema is not None and self.needs_migration(uid, current):
                     current = await self.migrate_stored(uid, current)
                     stored = None  # its ciphertexts are not at hand: seal afresh
@@ -942,10 +940,10 @@ class AsyncStateManager(_ManagerCore):
                 if outcome.status != "conflict":
                     return outcome.snapshot
                 current = outcome.snapshot
-                if attempt + 1 < attempts:
-                    _observe.notify_retry("transaction", attempt + 1)
-                    await asyncio.sleep(self.backoff(attempt))
-            raise self.conflict(attempts)
+                if retrying is None:
+                    retrying = self.retrying(max_attempts)
+                if not await retrying.aretry("conflict"):
+                    raise self.conflict(retrying.attempt)
 
     @observed("claim")
     async def claim(
@@ -967,9 +965,7 @@ class AsyncStateManager(_ManagerCore):
             write = self.acquire_write(
                 op_id, purpose=purpose, fingerprint=fingerprint, lease_ms=lease_ms
             )
-            loop = asyncio.get_running_loop()
-            start = loop.time()
-            attempt = 0
+            retrying = None
             while True:
                 outcome = await self.backend.apply(uid, write)
                 if outcome.status != "busy":
@@ -977,12 +973,10 @@ class AsyncStateManager(_ManagerCore):
                     if self.schema is not None:
                         await self._migrate_claimed(claim)
                     return claim
-                waited = loop.time() - start
-                delay = self.busy_delay(attempt, outcome.retry_after_ms)
-                if waited + delay > (wait_ms or 0) / 1000:
-                    raise self.busy(outcome, waited)
-                await asyncio.sleep(delay)
-                attempt += 1
+                if retrying is None:
+                    retrying = self.claim_retrying(wait_ms or 0)
+                if not await retrying.aretry("busy", at_most=outcome.retry_after_ms / 1000):
+                    raise self.busy(outcome, retrying.elapsed)
 
     @observed("commit")
     async def commit(self, claim: _ClaimCore) -> Outcome:

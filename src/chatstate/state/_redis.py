@@ -19,17 +19,16 @@ import hmac
 import logging
 import time
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any, Final, Self, TypeVar
 from urllib.parse import quote
 
+import attrs
 import redis
 import redis.asyncio
 import redis.exceptions as rex
-from redis.asyncio.retry import Retry as AsyncRetry
-from redis.backoff import ExponentialWithJitterBackoff
-from redis.retry import Retry
 
+from chatstate._retry import REDIS_CLIENT, RESOLVE, RetryPolicy
 from chatstate.exceptions import (
     BackendAuthenticationError,
     BackendError,
@@ -61,11 +60,12 @@ from chatstate.state._backend import (
     corrupt,
     counter_not_integer,
     counter_overflow,
+    new_op_id,
 )
 from chatstate.state._codec import unflatten_columns, unflatten_parts
 from chatstate.state._lua import APPLY_SCRIPT, LOAD_SCRIPT, write_args
-from chatstate.state._manager import new_op_id
 from chatstate.state._pipeline import AsyncConnections, AutoPipeline, Connections, NotSent
+from chatstate.state._redis_retry import AsyncPolicyRetry, PolicyRetry
 
 __all__ = ["AsyncRedisBackend", "RedisBackend"]
 
@@ -122,43 +122,6 @@ def _safe_location(client: Any) -> str:
         return type(client).__name__
 
 
-def _retryable(error: Exception, inner: Callable[[Exception], bool] | None) -> bool:
-    # A refused password stays refused: fail at once instead of after every retry.
-    if isinstance(error, rex.AuthenticationError | rex.AuthorizationError):
-        return False
-    return inner(error) if inner is not None else True
-
-
-class _Retry(Retry):
-    """redis-py's Retry, except that credential errors are never retried."""
-
-    def call_with_retry(
-        self,
-        do: Callable[[], T],
-        fail: Callable[..., Any],
-        is_retryable: Callable[[Exception], bool] | None = None,
-        with_failure_count: bool = False,
-    ) -> T:
-        return super().call_with_retry(
-            do, fail, lambda e: _retryable(e, is_retryable), with_failure_count
-        )
-
-
-class _AsyncRetry(AsyncRetry):
-    """The asyncio twin of :class:`_Retry`."""
-
-    async def call_with_retry(
-        self,
-        do: Callable[[], Awaitable[T]],
-        fail: Callable[..., Any],
-        is_retryable: Callable[[Exception], bool] | None = None,
-        with_failure_count: bool = False,
-    ) -> T:
-        return await super().call_with_retry(
-            do, fail, lambda e: _retryable(e, is_retryable), with_failure_count
-        )
-
-
 def default_client_options(*, asynchronous: bool) -> dict[str, Any]:
     """Timeouts and retries for clients that chatstate creates itself.
 
@@ -166,14 +129,17 @@ def default_client_options(*, asynchronous: bool) -> dict[str, Any]:
     ``ping``, Cluster routing); chatstate re-sends its scripts itself, safely,
     because every write carries an operation key and a nonce.
     """
-    backoff = ExponentialWithJitterBackoff(base=0.05, cap=1.0)
-    retry = _AsyncRetry(backoff, retries=3) if asynchronous else _Retry(backoff, retries=3)
     return {
         "socket_timeout": 5.0,
         "socket_connect_timeout": 5.0,
-        "retry": retry,
+        "retry": _redis_retry(REDIS_CLIENT, asynchronous=asynchronous),
         "health_check_interval": 30,
     }
+
+
+def _redis_retry(policy: RetryPolicy, *, asynchronous: bool) -> PolicyRetry | AsyncPolicyRetry:
+    """redis-py's ``retry`` option for a policy (refused credentials are never retried)."""
+    return AsyncPolicyRetry(policy) if asynchronous else PolicyRetry(policy)
 
 
 def _text(raw: Any) -> str:
@@ -530,10 +496,6 @@ def _lock_lost(name: str, lease: float) -> LockLostError:
     )
 
 
-def _resolve_delay(attempt: int) -> float:
-    return float(min(1.0, 0.05 * 2**attempt))
-
-
 def _short(exc: BaseException) -> str:
     text = str(exc)
     return text if len(text) <= 200 else text[:197] + "..."
@@ -564,6 +526,7 @@ class _RedisBackendBase:
         *,
         namespace: str = DEFAULT_NAMESPACE,
         resolve_attempts: int = 2,
+        resolve_retry: RetryPolicy | None = None,
         deadline_shards: int = 16,
         key_secret: str | bytes | None = None,
         _owns_client: bool = False,
@@ -578,6 +541,11 @@ class _RedisBackendBase:
         self._core = _RedisCore(namespace, _check_key_secret(key_secret))
         self.client = client
         self.resolve_attempts = resolve_attempts
+        if resolve_retry is None:
+            resolve_retry = attrs.evolve(RESOLVE, attempts=resolve_attempts + 1)
+        elif not isinstance(resolve_retry, RetryPolicy):
+            raise ConfigurationError(f"resolve_retry must be a RetryPolicy, got {resolve_retry!r}")
+        self.resolve_retry = resolve_retry
         self._owns_client = _owns_client
         self._cluster = _is_cluster(client)
         self._apply_script = client.register_script(APPLY_SCRIPT)
@@ -596,6 +564,9 @@ class _RedisBackendBase:
 
     @staticmethod
     def _client_kwargs(options: dict[str, Any], *, asynchronous: bool) -> dict[str, Any]:
+        if isinstance(options.get("retry"), RetryPolicy):
+            retry = _redis_retry(options["retry"], asynchronous=asynchronous)
+            options = {**options, "retry": retry}
         return {**default_client_options(asynchronous=asynchronous), **options}
 
     kind = "redis"
@@ -721,6 +692,10 @@ class RedisBackend(_RedisBackendBase):
             one server without seeing each other's data.
         resolve_attempts: How often a write whose outcome is unknown is sent
             again (safely, with its operation key) before ``OutcomeUnknown``.
+        resolve_retry: How those re-sends are spaced and limited (a
+            :class:`~chatstate.RetryPolicy`; its ``attempts`` counts the first
+            send too); when omitted, ``resolve_attempts`` re-sends 50 ms, 100 ms,
+            ... apart (at most 1 s).
         deadline_shards: How many sorted sets ``<namespace>:deadlines:{<n>}``
             hold the index of flow deadlines (each its own Cluster hash slot; a
             user's entry lives in one, chosen by a CRC32 of the user id); 0
@@ -738,6 +713,7 @@ class RedisBackend(_RedisBackendBase):
         *,
         namespace: str = DEFAULT_NAMESPACE,
         resolve_attempts: int = 2,
+        resolve_retry: RetryPolicy | None = None,
         deadline_shards: int = 16,
         key_secret: str | bytes | None = None,
         _owns_client: bool = False,
@@ -746,6 +722,7 @@ class RedisBackend(_RedisBackendBase):
             client,
             namespace=namespace,
             resolve_attempts=resolve_attempts,
+            resolve_retry=resolve_retry,
             deadline_shards=deadline_shards,
             key_secret=key_secret,
             _owns_client=_owns_client,
@@ -771,6 +748,7 @@ class RedisBackend(_RedisBackendBase):
         _check_client_options(options)
         cluster = options.pop("cluster", False)
         resolve_attempts = options.pop("resolve_attempts", 2)
+        resolve_retry = options.pop("resolve_retry", None)
         deadline_shards = options.pop("deadline_shards", 16)
         key_secret = options.pop("key_secret", None)
         kwargs = cls._client_kwargs(options, asynchronous=False)
@@ -793,6 +771,7 @@ class RedisBackend(_RedisBackendBase):
             client,
             namespace=namespace,
             resolve_attempts=resolve_attempts,
+            resolve_retry=resolve_retry,
             deadline_shards=deadline_shards,
             key_secret=key_secret,
             _owns_client=True,
@@ -820,7 +799,8 @@ class RedisBackend(_RedisBackendBase):
         """
         try:
             return self._execute(args)
-        except rex.NoScriptError:
+        except rex.NoScriptError as exc:
+            self.resolve_retry.report("noscript", exc)
             return self._execute(self._eval_args(args))
 
     def load(self, user_id: str) -> Snapshot | None:
@@ -844,18 +824,18 @@ class RedisBackend(_RedisBackendBase):
         answer ``"applied"`` if the earlier attempt had landed.
         """
         keys = self._core.keys(user_id)
-        unknown = False
-        for attempt in range(self.resolve_attempts + 1):
-            args = self._apply_args(write, keys, fresh=attempt == 0)
+        retrying = None
+        while True:
+            args = self._apply_args(write, keys, fresh=retrying is None)
             try:
-                with map_redis_errors(keys[0], write, unknown=unknown):
+                with map_redis_errors(keys[0], write, unknown=retrying is not None):
                     raw = self._script(args)
                 break
-            except OutcomeUnknown:
-                unknown = True
-                if attempt == self.resolve_attempts:
+            except OutcomeUnknown as exc:
+                if retrying is None:
+                    retrying = self.resolve_retry.begin("resolve")
+                if not retrying.retry(exc):
                     raise
-                time.sleep(_resolve_delay(attempt))
         return self._core.parse_apply(raw, write, keys[0])
 
     def erase(self, user_id: str) -> list[str]:
@@ -990,6 +970,7 @@ class AsyncRedisBackend(_RedisBackendBase):
             it stays yours.
         namespace: See :class:`RedisBackend`.
         resolve_attempts: See :class:`RedisBackend`.
+        resolve_retry: See :class:`RedisBackend`.
         pipelining: Batch concurrent commands (the default).
         lanes: How many batches may be in flight at once (one connection each).
         deadline_shards: See :class:`RedisBackend`.
@@ -1004,6 +985,7 @@ class AsyncRedisBackend(_RedisBackendBase):
         *,
         namespace: str = DEFAULT_NAMESPACE,
         resolve_attempts: int = 2,
+        resolve_retry: RetryPolicy | None = None,
         pipelining: bool = True,
         lanes: int = 4,
         deadline_shards: int = 16,
@@ -1014,6 +996,7 @@ class AsyncRedisBackend(_RedisBackendBase):
             client,
             namespace=namespace,
             resolve_attempts=resolve_attempts,
+            resolve_retry=resolve_retry,
             deadline_shards=deadline_shards,
             key_secret=key_secret,
             _owns_client=_owns_client,
@@ -1044,6 +1027,7 @@ class AsyncRedisBackend(_RedisBackendBase):
             name: options.pop(name)
             for name in (
                 "resolve_attempts",
+                "resolve_retry",
                 "pipelining",
                 "lanes",
                 "deadline_shards",
@@ -1089,7 +1073,8 @@ class AsyncRedisBackend(_RedisBackendBase):
         """See :meth:`RedisBackend._script`."""
         try:
             return await self._execute(route, args)
-        except rex.NoScriptError:
+        except rex.NoScriptError as exc:
+            self.resolve_retry.report("noscript", exc)
             return await self._execute(route, self._eval_args(args))
 
     async def load(self, user_id: str) -> Snapshot | None:
@@ -1107,18 +1092,18 @@ class AsyncRedisBackend(_RedisBackendBase):
     async def apply(self, user_id: str, write: Write) -> Outcome:
         """Apply ``write`` atomically with one EVALSHA (see :meth:`RedisBackend.apply`)."""
         keys = self._core.keys(user_id)
-        unknown = False
-        for attempt in range(self.resolve_attempts + 1):
-            args = self._apply_args(write, keys, fresh=attempt == 0)
+        retrying = None
+        while True:
+            args = self._apply_args(write, keys, fresh=retrying is None)
             try:
-                with map_redis_errors(keys[0], write, unknown=unknown):
+                with map_redis_errors(keys[0], write, unknown=retrying is not None):
                     raw = await self._script(keys[0], args)
                 break
-            except OutcomeUnknown:
-                unknown = True
-                if attempt == self.resolve_attempts:
+            except OutcomeUnknown as exc:
+                if retrying is None:
+                    retrying = self.resolve_retry.begin("resolve")
+                if not await retrying.aretry(exc):
                     raise
-                await asyncio.sleep(_resolve_delay(attempt))
         return self._core.parse_apply(raw, write, keys[0])
 
     async def erase(self, user_id: str) -> list[str]:

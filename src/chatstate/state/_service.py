@@ -8,14 +8,15 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Any, Final, Literal, Self, cast
 
+from chatstate._actions import failing
 from chatstate._redact import redact
+from chatstate._retry import RetryPolicy
 from chatstate.exceptions import UsageError
 from chatstate.state._backend import AsyncBackend, Backend, Document, Outcome, Snapshot
 from chatstate.state._manager import (
     ASSIGN,
     DEFAULT_DEDUPE,
     DEFAULT_LEASE,
-    DEFAULT_MAX_ATTEMPTS,
     DEFAULT_WAIT,
     DELETE,
     INCREMENT,
@@ -26,7 +27,6 @@ from chatstate.state._manager import (
     StateManager,
     TransactionFn,
     _ClaimCore,
-    failing,
 )
 from chatstate.state._memory import AsyncMemoryBackend, MemoryBackend
 from chatstate.state._rules import StateData
@@ -94,7 +94,12 @@ class StateService:
             (seconds or a ``timedelta``). Reads do not extend it.
         dedupe_window: How long operation ids are remembered after a user's
             last write (see :data:`~chatstate.state.REMEMBERED_OPS`).
-        max_attempts: How often :meth:`transaction` retries before ``ConflictError``.
+        max_attempts: How often :meth:`transaction` tries before ``ConflictError``
+            (8 when omitted); a shorthand for ``retry=RetryPolicy(attempts=...)``.
+        retry: How :meth:`transaction` tries again after a lost race (a
+            :class:`~chatstate.RetryPolicy`: attempts, budget, backoff, hook).
+        claim_retry: How :meth:`claim` asks again, within its ``wait``, while
+            another message of the user is being handled.
 
     Raises:
         UsageError: ``backend`` is asynchronous (use :class:`AsyncStateService`).
@@ -116,7 +121,9 @@ class StateService:
         *,
         ttl: float | timedelta | None = None,
         dedupe_window: float | timedelta = DEFAULT_DEDUPE,
-        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        max_attempts: int | None = None,
+        retry: RetryPolicy | None = None,
+        claim_retry: RetryPolicy | None = None,
     ) -> None:
         self.manager = StateManager(
             backend if backend is not None else MemoryBackend(),
@@ -124,6 +131,8 @@ class StateService:
             ttl=ttl,
             dedupe_window=dedupe_window,
             max_attempts=max_attempts,
+            retry=retry,
+            claim_retry=claim_retry,
         )
 
     def __repr__(self) -> str:
@@ -560,6 +569,8 @@ class AsyncStateService:
         ttl: See :class:`StateService`.
         dedupe_window: See :class:`StateService`.
         max_attempts: See :class:`StateService`.
+        retry: See :class:`StateService`.
+        claim_retry: See :class:`StateService`.
     """
 
     def __init__(
@@ -569,7 +580,9 @@ class AsyncStateService:
         *,
         ttl: float | timedelta | None = None,
         dedupe_window: float | timedelta = DEFAULT_DEDUPE,
-        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        max_attempts: int | None = None,
+        retry: RetryPolicy | None = None,
+        claim_retry: RetryPolicy | None = None,
     ) -> None:
         self.manager = AsyncStateManager(
             backend if backend is not None else AsyncMemoryBackend(),
@@ -577,6 +590,8 @@ class AsyncStateService:
             ttl=ttl,
             dedupe_window=dedupe_window,
             max_attempts=max_attempts,
+            retry=retry,
+            claim_retry=claim_retry,
         )
 
     def __repr__(self) -> str:

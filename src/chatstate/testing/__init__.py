@@ -34,8 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from chatstate.exceptions import UsageError
 from chatstate.flow import AsyncRouter, Message, Router, Screen, render_text
-from chatstate.state import AsyncStateService
-from chatstate.state._service import SyncServiceAsAsync
+from chatstate.state import AsyncStateService, SyncServiceAsAsync
 from chatstate.typing import JSONObject
 
 if TYPE_CHECKING:

@@ -43,9 +43,9 @@ from chatstate.state import (
     Snapshot,
     StateData,
     StateService,
+    SyncServiceAsAsync,
     stored_size,
 )
-from chatstate.state._service import SyncServiceAsAsync
 from chatstate.testing import ServiceTwin
 from chatstate.typing import JSONObject
 

@@ -1,0 +1,103 @@
+"""The package's rooms: no private name borrowed across them, no import circle between modules."""
+
+from __future__ import annotations
+
+import ast
+import functools
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parent.parent / "src"
+ROOMS = ("state", "flow", "auth", "testing", "integrations")
+# The command line is the operator's view of the Redis storage layout (key names,
+# the Lua scripts it checks): it reads them from the Redis backend's own module.
+ALLOWED = {
+    ("chatstate.__main__", "chatstate.state._redis"),
+    ("chatstate.__main__", "chatstate.state._lua"),
+    ("chatstate.__main__", "chatstate.state._backend"),
+}
+
+
+@functools.cache
+def _modules() -> dict[str, ast.Module]:
+    found = {}
+    for path in sorted((SRC / "chatstate").rglob("*.py")):
+        name = ".".join(path.relative_to(SRC).with_suffix("").parts)
+        found[name.removesuffix(".__init__")] = ast.parse(path.read_text(encoding="utf-8"))
+    return found
+
+
+def _imports(name: str, tree: ast.Module, *, top_level_only: bool) -> list[tuple[str, str]]:
+    """(module imported, name imported) for every ``from chatstate... import`` in ``tree``."""
+    is_package = name.count(".") == 0 or name in _PACKAGES
+    package = name if is_package else name.rsplit(".", 1)[0]
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    out = []
+    for node in nodes:
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                target = ".".join([*base, *([node.module] if node.module else [])])
+            else:
+                target = node.module or ""
+            if target.startswith("chatstate"):
+                out.extend((target, alias.name) for alias in node.names)
+    return out
+
+
+_PACKAGES = {
+    str(p.parent.relative_to(SRC)).replace("/", ".")
+    for p in (SRC / "chatstate").rglob("__init__.py")
+}
+
+
+def _room(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in ROOMS else module
+
+
+def test_no_private_name_is_borrowed_across_rooms() -> None:
+    """A room imports another room only through its package's public names."""
+    borrowed = []
+    for name, tree in _modules().items():
+        for target, imported in _imports(name, tree, top_level_only=False):
+            if _room(target) == _room(name) or _room(target) not in ROOMS:
+                continue  # the same room, or a house module shared by all (chatstate._x)
+            private = any(p.startswith("_") for p in target.split(".")[1:]) or imported.startswith(
+                "_"
+            )
+            if private and (name, target) not in ALLOWED:
+                borrowed.append(f"{name} <- {target}.{imported}")
+    assert not borrowed, borrowed
+
+
+@pytest.mark.parametrize("start", sorted(_modules()))
+def test_no_import_circle(start: str) -> None:
+    """No module imports itself back through the imports run when it is loaded."""
+    trees = _modules()
+    edges = {
+        name: {
+            target
+            for target, imported in _imports(name, tree, top_level_only=True)
+            for target in (
+                [f"{target}.{imported}"] if f"{target}.{imported}" in trees else [target]
+            )
+            if target in trees and target != name and not name.startswith(target + ".")
+        }
+        for name, tree in trees.items()
+    }
+    path = [start]
+    seen: set[str] = set()
+
+    def visit(node: str) -> None:
+        for nxt in sorted(edges.get(node, ())):
+            if nxt == start:
+                raise AssertionError(" -> ".join([*path, nxt]))
+            if nxt not in seen:
+                seen.add(nxt)
+                path.append(nxt)
+                visit(nxt)
+                path.pop()
+
+    visit(start)
