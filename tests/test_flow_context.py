@@ -571,3 +571,27 @@ def test_observers_see_each_flow_step() -> None:
         ("pay", "amount", "back"),
         ("pay", "amount", "cancelled"),
     ]
+
+
+def test_the_contexts_state_is_read_only_and_its_repr_hides_secrets() -> None:
+    """ctx.state reads the stored document, refuses changes, and its repr hides the token."""
+    seen: list[Any] = []
+
+    def show(ctx: Context[None]) -> str:
+        seen.append((repr(ctx.state), ctx.state["pin"], dict(ctx.state), "pin" in ctx.state))
+        with pytest.raises(TypeError):
+            ctx.state["pin"] = "x"  # type: ignore[index]
+        return "ok"
+
+    rules = StateData(preserved=["jwt_token"], secret=["pin"])
+    svc = StateService(rules=rules)
+    svc.set_preserved("u", "jwt_token", "eyJhbGciOiJIUzI1NiJ9.e30.c2lnbmF0dXJl")
+    svc.update("u", {"pin": "4321", "name": "Ana"})
+    router = Router(svc, main_menu=Menu("M", [MenuItem("show", "Show", handler=show)]))
+    assert Conversation(router, user_id="u").send("show") == ["ok"]
+    shown, pin, whole, has = seen[0]
+    assert "eyJ" not in shown
+    assert "4321" not in shown
+    assert "Ana" in shown
+    assert (pin, has) == ("4321", True)
+    assert whole["jwt_token"].startswith("eyJ")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Generic, Protocol
 
 from typing_extensions import TypeVar
@@ -142,6 +142,31 @@ class _Staging(Protocol):
     def set_preserved(self, path: str | Path, value: Any) -> None: ...
 
 
+class _StateView(Mapping[str, Any]):
+    """A read-only view of the stored document whose repr hides preserved and secret fields."""
+
+    __slots__ = ("_data", "_hidden")
+
+    def __init__(self, data: JSONObject, hidden: frozenset[Path]) -> None:
+        self._data = data
+        self._hidden = hidden
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._data
+
+    def __repr__(self) -> str:
+        return repr(Document(Snapshot(self._data), self._hidden))
+
+
 class Context(Generic[DepsT]):
     """What a prompt, validator, cleaner, branch, hook or handler knows, and may change.
 
@@ -196,7 +221,7 @@ class Context(Generic[DepsT]):
     ) -> None:
         self.message = message
         """The message being handled."""
-        self.state: Mapping[str, Any] = Document(Snapshot(state), rules.redacted_fields)
+        self.state: Mapping[str, Any] = _StateView(state, rules.redacted_fields)
         """The user's stored document as the message found it (read-only; its repr
         hides preserved and secret fields)."""
         self.deps: DepsT = deps
