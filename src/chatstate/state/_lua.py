@@ -93,7 +93,7 @@ return 'ok\n' .. ARGV[1] .. '\n' .. table.concat(all, '\n')
 APPLY_SCRIPT: Final = (
     _COMMON
     + r"""
--- KEYS[1] document hash, KEYS[2] operation log (a string), KEYS[3] claim (a string).
+-- KEYS[1] document hash, KEYS[2] operation log (a hash), KEYS[3] claim (a string).
 -- ARGV[1] the parameters, newline-separated: op key, nonce, digest, dedupe ms,
 -- ttl ms or '', max bytes, mode, expected version or '', flags, lease ms or '',
 -- '1' when the reply should carry the document, and the writer's schema version or ''.
@@ -103,17 +103,35 @@ APPLY_SCRIPT: Final = (
 -- Modes: e edits, i increment, r reset, x replace, D delete, c claim, l release.
 -- Flags: c the write completes the claim held under its nonce; f force (delete);
 -- n the first send of a write whose op key chatstate made up (it cannot be logged yet).
-local doc, ops, claimkey = KEYS[1], KEYS[2], KEYS[3]
-local opkey, nonce, digest, dedupe, ttl, max_bytes, mode, expected, flags, lease_ms, want, schema =
-  string.match(ARGV[1],
-    '^(%S+)\n(%S+)\n(%S*)\n(%d+)\n(%d*)\n(%d+)\n(%a)\n(%d*)\n(%a*)\n(%d*)\n([01])\n(%d*)$')
-if opkey == nil then return redis.error_reply('chatstate: malformed arguments') end
-max_bytes = tonumber(max_bytes)  -- dedupe and lease stay text: Lua would print big numbers as 1e+14
-local completes = string.find(flags, 'c', 1, true) ~= nil
-local force = string.find(flags, 'f', 1, true) ~= nil
-local fresh = string.find(flags, 'n', 1, true) ~= nil
-want = want == '1'
+-- The functions below run in the order of apply_write's rules (the main body, at
+-- the end); each check returns a reply to send, or nothing to go on.
 
+-- ARGV[1] as values (nothing when malformed); dedupe, ttl and lease stay text (Lua
+-- would print big numbers as 1e+14), the flags become booleans.
+local function parse_args(text)
+  local opkey, nonce, digest, dedupe, ttl, max_bytes, mode, expected, flags, lease_ms, want,
+    schema = string.match(text,
+    '^(%S+)\n(%S+)\n(%S*)\n(%d+)\n(%d*)\n(%d+)\n(%a)\n(%d*)\n(%a*)\n(%d*)\n([01])\n(%d*)$')
+  if opkey == nil then return nil end
+  return opkey, nonce, digest, dedupe, ttl, tonumber(max_bytes), mode, expected, lease_ms,
+    want == '1', schema, string.find(flags, 'c', 1, true) ~= nil,
+    string.find(flags, 'f', 1, true) ~= nil, string.find(flags, 'n', 1, true) ~= nil
+end
+
+local doc, ops, claimkey = KEYS[1], KEYS[2], KEYS[3]
+local opkey, nonce, digest, dedupe, ttl, max_bytes, mode, expected, lease_ms, want, schema,
+  completes, force, fresh = parse_args(ARGV[1])
+if opkey == nil then return redis.error_reply('chatstate: malformed arguments') end
+
+-- What the script learns before it decides: the document's version, stored size and
+-- schema; the log's count and this op key's record; the claim's holder; the mode's
+-- arguments (for edits: kinds, paths and values) and the stored values of the paths.
+local version, size, sschema, seq = 0, 0, 1, 0
+local rver, rnonce, rdig, hnonce
+local A, kinds, paths, values, stored = {}, {}, {}, {}, {}
+local changes, value = nil, nil  -- path -> new value (false deletes); an increment's result
+
+-- The lines of a newline-separated argument.
 local function split(s)
   local out, n, i = {}, 0, 1
   if s == '' then return out end
@@ -129,94 +147,99 @@ local function split(s)
   end
 end
 
--- The reply's head: status, nonce (echoed), the version the write made (or
--- found), the document's version now, and a mode's extra value.
-local version = 0
+-- The reply: a head of status, nonce (echoed), the version the write made (or
+-- found), the document's version now and a mode's extra value; then the document.
 local function reply(status, v, extra)
   local head = status .. '\n' .. nonce .. '\n' .. v .. '\n' .. version .. '\n' .. (extra or '')
   if want then return head .. '\n' .. dump(doc) end
   return head .. '\n'
 end
 
+-- Drop the log's records numbered up to oldest.
+local function trim_ops(oldest)
+  local all = redis.call('HGETALL', ops)
+  local old = {}
+  for i = 1, #all, 2 do
+    if string.byte(all[i], 1) ~= 35 then
+      local s = tonumber(string.match(all[i + 1], '^(%d+) '))
+      if s and s <= oldest then old[#old + 1] = all[i] end
+    end
+  end
+  if #old > 0 then redis.call('HDEL', ops, unpack(old)) end
+end
+
 -- Remember the operation under its key, with the log's next sequence number; now
--- and then drop the records older than the newest REMEMBERED.
-local seq = 0
-local function record(v)
+-- and then drop the records older than the newest REMEMBERED; end a completed claim.
+local function remember_op(v)
   seq = seq + 1
   redis.call('HSET', ops, opkey, seq .. ' ' .. v .. ' ' .. nonce .. ' ' .. digest, '#n', seq)
   if seq >= TRIM_AT and (seq - REMEMBERED) % (TRIM_AT - REMEMBERED) == 0 then
-    local all = redis.call('HGETALL', ops)
-    local old = {}
-    for i = 1, #all, 2 do
-      if string.byte(all[i], 1) ~= 35 then
-        local s = tonumber(string.match(all[i + 1], '^(%d+) '))
-        if s and s <= seq - REMEMBERED then old[#old + 1] = all[i] end
-      end
-    end
-    if #old > 0 then redis.call('HDEL', ops, unpack(old)) end
+    trim_ops(seq - REMEMBERED)
   end
   redis.call('PEXPIRE', ops, dedupe)
   if completes then redis.call('DEL', claimkey) end
 end
 
--- The operation log: is this op key in it? (A first send of a write whose key
--- chatstate made up cannot be; it still reads the log's count.)
-local rver, rnonce, rdig
-local log = try('HMGET', ops, fresh and '#n' or opkey, '#n')
-if log == nil then
-  if not (mode == 'D' and force) then
-    return fail(ops, 'the key is not a chatstate operation log')
+-- The operation log: the log's count, and this op key's record if there is one. (A
+-- first send of a write whose key chatstate made up cannot be in it.) A forced
+-- delete clears a log that is not ours.
+local function read_log()
+  local log = try('HMGET', ops, fresh and '#n' or opkey, '#n')
+  if log == nil then
+    if not (mode == 'D' and force) then
+      return fail(ops, 'the key is not a chatstate operation log')
+    end
+    redis.call('DEL', ops)
+    log = {false, false}
   end
-  redis.call('DEL', ops)
-  log = {false, false}
-end
-if log[2] then
-  seq = tonumber(log[2])
-  if seq == nil then return fail(ops, 'the operation count is not a number') end
-end
-if log[1] and not fresh then
-  local rseq
-  rseq, rver, rnonce, rdig = string.match(log[1], '^(%d+) (%d+) (%S*) (%S*)$')
-  if rseq == nil then return fail(ops, 'an operation record is malformed') end
+  if log[2] then
+    seq = tonumber(log[2])
+    if seq == nil then return fail(ops, 'the operation count is not a number') end
+  end
+  if log[1] and not fresh then
+    local rseq
+    rseq, rver, rnonce, rdig = string.match(log[1], '^(%d+) (%d+) (%S*) (%S*)$')
+    if rseq == nil then return fail(ops, 'an operation record is malformed') end
+  end
 end
 
--- The claim, for the modes that look at it.
-local hnonce, hkey
-if mode == 'c' or mode == 'l' or completes then
+-- The claim's holder (its nonce), for the modes that look at it.
+local function read_claim()
   local held, herr = try('GET', claimkey)
   if herr then return fail(claimkey, 'the key is not a chatstate claim') end
   if held then
+    local hkey
     hnonce, hkey = string.match(held, '^(%S+) (%S+)$')
     if hnonce == nil then return fail(claimkey, 'the claim is malformed') end
   end
 end
 
--- The document's version and size (and, for edits, the named fields).
-local A = {}
-if mode ~= 'l' then A = split(ARGV[2]) end
-local kinds, paths, values = {}, {}, {}
-if mode == 'e' then
-  local i = 1
-  while i <= #A do
-    local a = A[i]
-    local n = #kinds + 1
-    kinds[n], paths[n] = string.sub(a, 1, 1), string.sub(a, 2)
-    if kinds[n] == 's' then
-      values[n] = A[i + 1]
-      i = i + 2
-    else
-      i = i + 1
+-- The mode's arguments: for edits, kinds, paths and values; for an increment, the
+-- counter's path, then its ancestors' paths (and last the amount, in A).
+local function parse_body()
+  A = split(ARGV[2])
+  if mode == 'e' then
+    local i = 1
+    while i <= #A do
+      local a = A[i]
+      local n = #kinds + 1
+      kinds[n], paths[n] = string.sub(a, 1, 1), string.sub(a, 2)
+      if kinds[n] == 's' then
+        values[n] = A[i + 1]
+        i = i + 2
+      else
+        i = i + 1
+      end
     end
+  elseif mode == 'i' then
+    for j = 1, #A - 1 do paths[j] = A[j] end
   end
-elseif mode == 'i' then
-  -- the counter's path, then its ancestors' paths
-  for j = 1, #A - 1 do paths[j] = A[j] end
 end
 
--- With a schema, '#m' (the stored schema version; none means 1) is read in the same HMGET.
-local size, stored, sschema, off = 0, {}, 1, 2
-if not (mode == 'D' and force) and mode ~= 'l' then
-  local meta
+-- The document's version and size (with a schema, '#m', none meaning 1) and the
+-- stored values of the paths, in one HMGET for up to 4000 paths.
+local function load_meta()
+  local meta, off = nil, 2
   if schema ~= '' then
     off = 3
     if #paths > 0 and #paths < 4000 then
@@ -259,13 +282,16 @@ if not (mode == 'D' and force) and mode ~= 'l' then
   end
 end
 
-if rver and mode ~= 'l' then
+-- An op key already in the log: a reuse for another request, or this request's
+-- earlier answer (applied, for the same nonce) or another copy's (duplicate).
+local function check_op()
   if digest ~= '' and rdig ~= '' and rdig ~= digest then return reply('reused', version) end
   if rnonce == nonce and mode ~= 'c' then return reply('applied', rver) end
   return reply('duplicate', rver)
 end
 
-if mode == 'c' then
+-- Claim the user for this message, unless another nonce holds it.
+local function claim()
   if hnonce and hnonce ~= nonce then
     -- Held, by another message or by another copy of this one (which may yet fail):
     -- wait, then find it recorded (duplicate), released or lapsed (claim it).
@@ -274,73 +300,57 @@ if mode == 'c' then
   redis.call('SET', claimkey, nonce .. ' ' .. opkey, 'PX', lease_ms)
   return reply('claimed', version)
 end
-if mode == 'l' then
-  if hnonce == nonce then redis.call('DEL', claimkey) end
-  return reply('released', 0)
-end
-if completes and hnonce ~= nonce then return reply('lost', version) end
-if schema ~= '' and version > 0 and mode ~= 'D' then
-  -- The schema guard: never mix shapes. A replace carries a whole (migrated)
-  -- document, so it may move a document to a newer schema, never back.
+
+-- The schema guard: never mix shapes. A replace carries a whole (migrated)
+-- document, so it may move a document to a newer schema, never back.
+local function check_schema()
   local mine = tonumber(schema)
   if sschema > mine then return reply('newer_schema', version, sschema) end
   if sschema < mine and mode ~= 'x' then return reply('stale_schema', version, sschema) end
 end
-if mode == 'e' and #kinds == 0 then
-  -- Nothing to change: no version, no document made; only the id is remembered.
-  if expected ~= '' and tonumber(expected) ~= version then return reply('conflict', 0) end
-  record(version)
-  return reply('applied', version)
-end
 
-local changes = nil  -- path -> new value, or false to delete
-local value = nil
-if mode == 'e' then
-  if expected ~= '' and tonumber(expected) ~= version then
-    return reply('conflict', 0)
-  end
-  local whole = false
+-- Edits, fast path: only the named fields change. Nothing (and the size untouched)
+-- when an edit drops a subtree, which takes the whole-document path.
+local function apply_edits()
   for j = 1, #kinds do
-    if kinds[j] ~= 'o' and stored[j] == '{}' then whole = true end
+    if kinds[j] ~= 'o' and stored[j] == '{}' then return nil end
   end
   local cur, orig = {}, {}
-  if not whole then
-    -- Fast path: no subtree goes away, so only the named fields change.
-    for j = 1, #paths do
-      if orig[paths[j]] == nil then
-        orig[paths[j]] = stored[j] or false
-        cur[paths[j]] = stored[j] or false
-      end
-    end
-    for j = 1, #kinds do
-      local p = paths[j]
-      if kinds[j] ~= 'o' and cur[p] == '{}' then
-        -- An object made earlier in this write goes away again: take the
-        -- whole-document path, which drops its subtree.
-        whole = true
-        break
-      end
-      if kinds[j] == 's' then
-        cur[p] = values[j]
-      elseif kinds[j] == 'd' then
-        cur[p] = false
-      else
-        cur[p] = '{}'
-      end
+  for j = 1, #paths do
+    if orig[paths[j]] == nil then
+      orig[paths[j]] = stored[j] or false
+      cur[paths[j]] = stored[j] or false
     end
   end
-  if not whole then
-    changes = {}
-    for p, v in pairs(cur) do
-      local o = orig[p]
-      if v ~= o then
-        if o then size = size - #p - #o end
-        if v then size = size + #p + #v end
-        changes[p] = v
-      end
+  for j = 1, #kinds do
+    local p = paths[j]
+    if kinds[j] ~= 'o' and cur[p] == '{}' then
+      -- An object made earlier in this write goes away again.
+      return nil
+    end
+    if kinds[j] == 's' then
+      cur[p] = values[j]
+    elseif kinds[j] == 'd' then
+      cur[p] = false
+    else
+      cur[p] = '{}'
     end
   end
-elseif mode == 'i' then
+  local out = {}
+  for p, v in pairs(cur) do
+    local o = orig[p]
+    if v ~= o then
+      if o then size = size - #p - #o end
+      if v then size = size + #p + #v end
+      out[p] = v
+    end
+  end
+  return out
+end
+
+-- An increment, done in place by HINCRBY (undone if the result is too large): sets
+-- changes (the missing ancestors), value and size, or returns a refusal.
+local function apply_increment()
   -- Ancestors must be objects or missing; the counter an integer or missing.
   local missing = {}
   for j = 2, #paths do
@@ -375,8 +385,10 @@ elseif mode == 'i' then
   for j = 1, #missing do changes[missing[j]] = '{}' end
 end
 
-if changes == nil and mode ~= 'D' then
-  -- Whole-document path: read every field, compute the new set, diff.
+-- The whole-document path (edits that drop a subtree, a reset, a replace): read
+-- every field, compute the new set, and set changes and size to the difference.
+-- Its helpers are made here, so that a small update never builds them.
+local function rewrite()
   local flat = redis.call('HGETALL', doc)
   local fields = {}
   for i = 1, #flat, 2 do
@@ -387,8 +399,10 @@ if changes == nil and mode ~= 'D' then
       return fail(doc, 'the hash has a field that is not a chatstate path')
     end
   end
-  local new = {}
-  if mode == 'e' then
+
+  -- Every edit applied to a copy of the fields; setting or deleting an object drops its subtree.
+  local function edit_all()
+    local new = {}
     for f, v in pairs(fields) do new[f] = v end
     local function drop(p)
       local old = new[p]
@@ -412,8 +426,13 @@ if changes == nil and mode ~= 'D' then
         new[p] = '{}'
       end
     end
-  elseif mode == 'r' then
-    -- groups: path, number of ancestors, the ancestors' paths
+    return new
+  end
+
+  -- Only the preserved paths that exist, with their subtrees and their ancestors as objects.
+  -- (A's groups: path, number of ancestors, the ancestors' paths.)
+  local function reset()
+    local new = {}
     local i = 1
     while i <= #A do
       local p, n = A[i], tonumber(A[i + 1])
@@ -431,9 +450,24 @@ if changes == nil and mode ~= 'D' then
       end
       i = i + 2 + n
     end
+    return new
+  end
+
+  -- The sent document's fields (A's pairs: path, value).
+  local function replace()
+    local new = {}
+    for i = 1, #A, 2 do new[A[i]] = A[i + 1] end
+    return new
+  end
+
+  local new
+  if mode == 'e' then
+    new = edit_all()
+  elseif mode == 'r' then
+    new = reset()
   elseif mode == 'x' then
     if tonumber(expected) ~= version then return reply('conflict', 0) end
-    for i = 1, #A, 2 do new[A[i]] = A[i + 1] end
+    new = replace()
   else
     return redis.error_reply('chatstate: unknown mode')
   end
@@ -448,6 +482,72 @@ if changes == nil and mode ~= 'D' then
   end
 end
 
+-- Write the next version, the size, the schema if it changes, the changed fields and the TTL.
+local function store()
+  version = version + 1
+  local sets, dels = {'#v', version, '#s', size}, {}
+  if schema ~= '' and tonumber(schema) ~= sschema then
+    sets[5], sets[6] = '#m', schema
+  end
+  for f, v in pairs(changes) do
+    if v then
+      sets[#sets + 1] = f
+      sets[#sets + 1] = v
+    else
+      dels[#dels + 1] = f
+    end
+  end
+  for s = 1, #dels, 1000 do
+    redis.call('HDEL', doc, unpack(dels, s, math.min(s + 999, #dels)))
+  end
+  for s = 1, #sets, 2000 do
+    redis.call('HSET', doc, unpack(sets, s, math.min(s + 1999, #sets)))
+  end
+  if ttl ~= '' then redis.call('PEXPIRE', doc, ttl) end
+end
+
+-- The rules, in apply_write's order. First read (and check) everything.
+local refused = read_log()
+if refused then return refused end
+if mode == 'c' or mode == 'l' or completes then
+  refused = read_claim()
+  if refused then return refused end
+end
+if mode ~= 'l' then parse_body() end
+if not (mode == 'D' and force) and mode ~= 'l' then
+  refused = load_meta()
+  if refused then return refused end
+end
+
+if rver and mode ~= 'l' then return check_op() end
+if mode == 'c' then return claim() end
+if mode == 'l' then
+  if hnonce == nonce then redis.call('DEL', claimkey) end
+  return reply('released', 0)
+end
+if completes and hnonce ~= nonce then return reply('lost', version) end
+if schema ~= '' and version > 0 and mode ~= 'D' then
+  refused = check_schema()
+  if refused then return refused end
+end
+if mode == 'e' and #kinds == 0 then
+  -- Nothing to change: no version, no document made; only the id is remembered.
+  if expected ~= '' and tonumber(expected) ~= version then return reply('conflict', 0) end
+  remember_op(version)
+  return reply('applied', version)
+end
+
+if mode == 'e' then
+  if expected ~= '' and tonumber(expected) ~= version then return reply('conflict', 0) end
+  changes = apply_edits()
+elseif mode == 'i' then
+  refused = apply_increment()
+  if refused then return refused end
+end
+if changes == nil and mode ~= 'D' then
+  refused = rewrite()
+  if refused then return refused end
+end
 if size > max_bytes then
   return 'too_large\n' .. nonce .. '\n' .. size
 end
@@ -456,31 +556,12 @@ end
 if mode == 'D' then
   redis.call('DEL', doc)
   version = 0
-  record(0)
+  remember_op(0)
   want = false
   return reply('applied', 0)
 end
-version = version + 1
-local sets, dels = {'#v', version, '#s', size}, {}
-if schema ~= '' and tonumber(schema) ~= sschema then
-  sets[5], sets[6] = '#m', schema
-end
-for f, v in pairs(changes) do
-  if v then
-    sets[#sets + 1] = f
-    sets[#sets + 1] = v
-  else
-    dels[#dels + 1] = f
-  end
-end
-for s = 1, #dels, 1000 do
-  redis.call('HDEL', doc, unpack(dels, s, math.min(s + 999, #dels)))
-end
-for s = 1, #sets, 2000 do
-  redis.call('HSET', doc, unpack(sets, s, math.min(s + 1999, #sets)))
-end
-if ttl ~= '' then redis.call('PEXPIRE', doc, ttl) end
-record(version)
+store()
+remember_op(version)
 return reply('applied', version, value)
 """.replace("TRIM_AT", str(OPS_TRIM_AT)).replace("REMEMBERED", str(REMEMBERED_OPS))
 )
