@@ -103,11 +103,14 @@ APPLY_SCRIPT: Final = (
 -- Modes: e edits, i increment, r reset, x replace, D delete, c claim, l release.
 -- Flags: c the write completes the claim held under its nonce; f force (delete);
 -- n the first send of a write whose op key chatstate made up (it cannot be logged yet).
--- The functions below run in the order of apply_write's rules (the main body, at
--- the end); each check returns a reply to send, or nothing to go on.
+--
+-- The functions take what they need as arguments and return what they found (a
+-- refusal first, when they can refuse), so that each call builds them cheaply:
+-- Lua makes every function anew on every run, and each variable it captures costs.
+-- The main body, at the end, runs the rules in apply_write's order.
 
--- ARGV[1] as values (nothing when malformed); dedupe, ttl and lease stay text (Lua
--- would print big numbers as 1e+14), the flags become booleans.
+-- ARGV[1] as values, or nothing when malformed. The flags become booleans; dedupe,
+-- ttl and lease stay text (Lua would print big numbers as 1e+14).
 local function parse_args(text)
   local opkey, nonce, digest, dedupe, ttl, max_bytes, mode, expected, flags, lease_ms, want,
     schema = string.match(text,
@@ -117,19 +120,6 @@ local function parse_args(text)
     want == '1', schema, string.find(flags, 'c', 1, true) ~= nil,
     string.find(flags, 'f', 1, true) ~= nil, string.find(flags, 'n', 1, true) ~= nil
 end
-
-local doc, ops, claimkey = KEYS[1], KEYS[2], KEYS[3]
-local opkey, nonce, digest, dedupe, ttl, max_bytes, mode, expected, lease_ms, want, schema,
-  completes, force, fresh = parse_args(ARGV[1])
-if opkey == nil then return redis.error_reply('chatstate: malformed arguments') end
-
--- What the script learns before it decides: the document's version, stored size and
--- schema; the log's count and this op key's record; the claim's holder; the mode's
--- arguments (for edits: kinds, paths and values) and the stored values of the paths.
-local version, size, sschema, seq = 0, 0, 1, 0
-local rver, rnonce, rdig, hnonce
-local A, kinds, paths, values, stored = {}, {}, {}, {}, {}
-local changes, value = nil, nil  -- path -> new value (false deletes); an increment's result
 
 -- The lines of a newline-separated argument.
 local function split(s)
@@ -147,82 +137,51 @@ local function split(s)
   end
 end
 
--- The reply: a head of status, nonce (echoed), the version the write made (or
--- found), the document's version now and a mode's extra value; then the document.
-local function reply(status, v, extra)
-  local head = status .. '\n' .. nonce .. '\n' .. v .. '\n' .. version .. '\n' .. (extra or '')
-  if want then return head .. '\n' .. dump(doc) end
-  return head .. '\n'
-end
-
--- Drop the log's records numbered up to oldest.
-local function trim_ops(oldest)
-  local all = redis.call('HGETALL', ops)
-  local old = {}
-  for i = 1, #all, 2 do
-    if string.byte(all[i], 1) ~= 35 then
-      local s = tonumber(string.match(all[i + 1], '^(%d+) '))
-      if s and s <= oldest then old[#old + 1] = all[i] end
-    end
-  end
-  if #old > 0 then redis.call('HDEL', ops, unpack(old)) end
-end
-
--- Remember the operation under its key, with the log's next sequence number; now
--- and then drop the records older than the newest REMEMBERED; end a completed claim.
-local function remember_op(v)
-  seq = seq + 1
-  redis.call('HSET', ops, opkey, seq .. ' ' .. v .. ' ' .. nonce .. ' ' .. digest, '#n', seq)
-  if seq >= TRIM_AT and (seq - REMEMBERED) % (TRIM_AT - REMEMBERED) == 0 then
-    trim_ops(seq - REMEMBERED)
-  end
-  redis.call('PEXPIRE', ops, dedupe)
-  if completes then redis.call('DEL', claimkey) end
-end
-
--- The operation log: the log's count, and this op key's record if there is one. (A
--- first send of a write whose key chatstate made up cannot be in it.) A forced
--- delete clears a log that is not ours.
-local function read_log()
-  local log = try('HMGET', ops, fresh and '#n' or opkey, '#n')
+-- The operation log's count and the record of key (nil: do not look, a first send
+-- cannot be logged yet): refusal, count, and the record's version, nonce and digest.
+-- A forced delete clears a log that is not ours.
+local function read_log(ops, key, force_delete)
+  local log = try('HMGET', ops, key or '#n', '#n')
   if log == nil then
-    if not (mode == 'D' and force) then
+    if not force_delete then
       return fail(ops, 'the key is not a chatstate operation log')
     end
     redis.call('DEL', ops)
     log = {false, false}
   end
+  local seq = 0
   if log[2] then
     seq = tonumber(log[2])
     if seq == nil then return fail(ops, 'the operation count is not a number') end
   end
-  if log[1] and not fresh then
-    local rseq
-    rseq, rver, rnonce, rdig = string.match(log[1], '^(%d+) (%d+) (%S*) (%S*)$')
+  if log[1] and key then
+    local rseq, rver, rnonce, rdig = string.match(log[1], '^(%d+) (%d+) (%S*) (%S*)$')
     if rseq == nil then return fail(ops, 'an operation record is malformed') end
+    return nil, seq, rver, rnonce, rdig
   end
+  return nil, seq
 end
 
--- The claim's holder (its nonce), for the modes that look at it.
-local function read_claim()
+-- The claim's holder (its nonce, or nil): refusal, holder.
+local function read_claim(claimkey)
   local held, herr = try('GET', claimkey)
   if herr then return fail(claimkey, 'the key is not a chatstate claim') end
   if held then
-    local hkey
-    hnonce, hkey = string.match(held, '^(%S+) (%S+)$')
+    local hnonce = string.match(held, '^(%S+) %S+$')
     if hnonce == nil then return fail(claimkey, 'the claim is malformed') end
+    return nil, hnonce
   end
 end
 
--- The mode's arguments: for edits, kinds, paths and values; for an increment, the
--- counter's path, then its ancestors' paths (and last the amount, in A).
-local function parse_body()
-  A = split(ARGV[2])
+-- The mode's arguments (A) and, for edits, their kinds, paths and values; for an
+-- increment, the paths to read: the counter's, then its ancestors'.
+local function parse_body(mode, text)
+  local A, kinds, paths, values = split(text), {}, {}, {}
   if mode == 'e' then
-    local i = 1
+    local i, n = 1, 0
     while i <= #A do
       local a = A[i]
-      local n = #kinds + 1
+      n = n + 1
       kinds[n], paths[n] = string.sub(a, 1, 1), string.sub(a, 2)
       if kinds[n] == 's' then
         values[n] = A[i + 1]
@@ -234,13 +193,15 @@ local function parse_body()
   elseif mode == 'i' then
     for j = 1, #A - 1 do paths[j] = A[j] end
   end
+  return A, kinds, paths, values
 end
 
--- The document's version and size (with a schema, '#m', none meaning 1) and the
--- stored values of the paths, in one HMGET for up to 4000 paths.
-local function load_meta()
+-- The document's version, size and (with_schema) schema ('#m'; none means 1), and
+-- the stored values of paths, in one HMGET for up to 4000 paths: refusal, version,
+-- size, schema, stored values.
+local function load_meta(doc, with_schema, paths)
   local meta, off = nil, 2
-  if schema ~= '' then
+  if with_schema then
     off = 3
     if #paths > 0 and #paths < 4000 then
       meta = try('HMGET', doc, '#v', '#s', '#m', unpack(paths))
@@ -256,6 +217,7 @@ local function load_meta()
     return fail(doc, 'the key holds a ' .. redis.call('TYPE', doc)['ok'] ..
       ', not a chatstate hash')
   end
+  local version, size, sschema, stored = 0, 0, 1, {}
   if not meta[1] then
     if redis.call('EXISTS', doc) == 1 then
       return fail(doc, 'the hash has no version field')
@@ -280,38 +242,13 @@ local function load_meta()
       for j = 1, #part do stored[#stored + 1] = part[j] end
     end
   end
+  return nil, version, size, sschema, stored
 end
 
--- An op key already in the log: a reuse for another request, or this request's
--- earlier answer (applied, for the same nonce) or another copy's (duplicate).
-local function check_op()
-  if digest ~= '' and rdig ~= '' and rdig ~= digest then return reply('reused', version) end
-  if rnonce == nonce and mode ~= 'c' then return reply('applied', rver) end
-  return reply('duplicate', rver)
-end
-
--- Claim the user for this message, unless another nonce holds it.
-local function claim()
-  if hnonce and hnonce ~= nonce then
-    -- Held, by another message or by another copy of this one (which may yet fail):
-    -- wait, then find it recorded (duplicate), released or lapsed (claim it).
-    return reply('busy', version, redis.call('PTTL', claimkey))
-  end
-  redis.call('SET', claimkey, nonce .. ' ' .. opkey, 'PX', lease_ms)
-  return reply('claimed', version)
-end
-
--- The schema guard: never mix shapes. A replace carries a whole (migrated)
--- document, so it may move a document to a newer schema, never back.
-local function check_schema()
-  local mine = tonumber(schema)
-  if sschema > mine then return reply('newer_schema', version, sschema) end
-  if sschema < mine and mode ~= 'x' then return reply('stale_schema', version, sschema) end
-end
-
--- Edits, fast path: only the named fields change. Nothing (and the size untouched)
--- when an edit drops a subtree, which takes the whole-document path.
-local function apply_edits()
+-- Edits, fast path: only the named fields change. Returns the changes (path -> new
+-- value, false to delete) and the new size, or nil when an edit drops a subtree
+-- (the whole-document path then does the work).
+local function apply_edits(kinds, paths, values, stored, size)
   for j = 1, #kinds do
     if kinds[j] ~= 'o' and stored[j] == '{}' then return nil end
   end
@@ -325,8 +262,7 @@ local function apply_edits()
   for j = 1, #kinds do
     local p = paths[j]
     if kinds[j] ~= 'o' and cur[p] == '{}' then
-      -- An object made earlier in this write goes away again.
-      return nil
+      return nil  -- an object made earlier in this write goes away again
     end
     if kinds[j] == 's' then
       cur[p] = values[j]
@@ -336,21 +272,22 @@ local function apply_edits()
       cur[p] = '{}'
     end
   end
-  local out = {}
+  local changes = {}
   for p, v in pairs(cur) do
     local o = orig[p]
     if v ~= o then
       if o then size = size - #p - #o end
       if v then size = size + #p + #v end
-      out[p] = v
+      changes[p] = v
     end
   end
-  return out
+  return changes, size
 end
 
--- An increment, done in place by HINCRBY (undone if the result is too large): sets
--- changes (the missing ancestors), value and size, or returns a refusal.
-local function apply_increment()
+-- An increment by `by`, done in place by HINCRBY (and undone when too large). Returns
+-- a refusal ('not_integer', 'overflow', 'too_large' or an error reply) and the size,
+-- or nil, the counter's new text, the new size and the changes (missing ancestors).
+local function apply_increment(doc, paths, by, stored, size, max_bytes)
   -- Ancestors must be objects or missing; the counter an integer or missing.
   local missing = {}
   for j = 2, #paths do
@@ -358,37 +295,37 @@ local function apply_increment()
     if v == false or v == nil then
       missing[#missing + 1] = paths[j]
     elseif v ~= '{}' then
-      return reply('counter', version, 'not_integer')
+      return 'not_integer'
     end
   end
   local old = stored[1]
-  if #missing > 0 and old then return reply('counter', version, 'not_integer') end
-  local ok, err = try('HINCRBY', doc, paths[1], A[#A])
+  if #missing > 0 and old then return 'not_integer' end
+  local ok, err = try('HINCRBY', doc, paths[1], by)
   if ok == nil then
-    if string.find(err, 'overflow', 1, true) then return reply('counter', version, 'overflow') end
-    if string.find(err, 'not an integer', 1, true) then
-      return reply('counter', version, 'not_integer')
-    end
+    if string.find(err, 'overflow', 1, true) then return 'overflow' end
+    if string.find(err, 'not an integer', 1, true) then return 'not_integer' end
     return redis.error_reply(err)  -- OOM, READONLY, ...: nothing was written yet
   end
   -- The reply of HINCRBY is a Lua number (a double): read the exact text back.
-  value = redis.call('HGET', doc, paths[1])
+  local value = redis.call('HGET', doc, paths[1])
   if old then size = size - #paths[1] - #old end
   size = size + #paths[1] + #value
   for j = 1, #missing do size = size + #missing[j] + 2 end
   if size > max_bytes then
     -- Too large: put the exact old text back (the only write a script undoes).
     if old then redis.call('HSET', doc, paths[1], old) else redis.call('HDEL', doc, paths[1]) end
-    return 'too_large\n' .. nonce .. '\n' .. size
+    return 'too_large', size
   end
-  changes = {}
+  local changes = {}
   for j = 1, #missing do changes[missing[j]] = '{}' end
+  return nil, value, size, changes
 end
 
--- The whole-document path (edits that drop a subtree, a reset, a replace): read
--- every field, compute the new set, and set changes and size to the difference.
--- Its helpers are made here, so that a small update never builds them.
-local function rewrite()
+-- The whole-document path (edits that drop a subtree, a reset, a replace): read every
+-- field, compute the new set, diff. Returns a refusal (a corrupt reply, 'conflict' or
+-- an error reply), or nil, the changes and the new size. Its helpers are made here,
+-- so that a small update never builds them.
+local function rewrite(doc, mode, A, kinds, paths, values, expected, version)
   local flat = redis.call('HGETALL', doc)
   local fields = {}
   for i = 1, #flat, 2 do
@@ -400,7 +337,7 @@ local function rewrite()
     end
   end
 
-  -- Every edit applied to a copy of the fields; setting or deleting an object drops its subtree.
+  -- Edits: each applied to a copy; setting or deleting an object drops its subtree.
   local function edit_all()
     local new = {}
     for f, v in pairs(fields) do new[f] = v end
@@ -429,8 +366,8 @@ local function rewrite()
     return new
   end
 
-  -- Only the preserved paths that exist, with their subtrees and their ancestors as objects.
-  -- (A's groups: path, number of ancestors, the ancestors' paths.)
+  -- A reset: the preserved paths that exist, with their subtrees and their ancestors
+  -- as objects. (A's groups: path, number of ancestors, the ancestors' paths.)
   local function reset()
     local new = {}
     local i = 1
@@ -453,7 +390,7 @@ local function rewrite()
     return new
   end
 
-  -- The sent document's fields (A's pairs: path, value).
+  -- A replace: the sent document's fields (A's pairs: path, value).
   local function replace()
     local new = {}
     for i = 1, #A, 2 do new[A[i]] = A[i + 1] end
@@ -466,13 +403,12 @@ local function rewrite()
   elseif mode == 'r' then
     new = reset()
   elseif mode == 'x' then
-    if tonumber(expected) ~= version then return reply('conflict', 0) end
+    if tonumber(expected) ~= version then return 'conflict' end
     new = replace()
   else
     return redis.error_reply('chatstate: unknown mode')
   end
-  changes = {}
-  size = 0
+  local changes, size = {}, 0
   for f, v in pairs(new) do
     size = size + #f + #v
     if fields[f] ~= v then changes[f] = v end
@@ -480,15 +416,14 @@ local function rewrite()
   for f in pairs(fields) do
     if new[f] == nil then changes[f] = false end
   end
+  return nil, changes, size
 end
 
--- Write the next version, the size, the schema if it changes, the changed fields and the TTL.
-local function store()
-  version = version + 1
+-- Store a new version: its number, size and schema (nil: unchanged), the changed
+-- fields, and the time to live (ttl ms, or '').
+local function store(doc, version, size, schema, changes, ttl)
   local sets, dels = {'#v', version, '#s', size}, {}
-  if schema ~= '' and tonumber(schema) ~= sschema then
-    sets[5], sets[6] = '#m', schema
-  end
+  if schema then sets[5], sets[6] = '#m', schema end
   for f, v in pairs(changes) do
     if v then
       sets[#sets + 1] = f
@@ -506,29 +441,90 @@ local function store()
   if ttl ~= '' then redis.call('PEXPIRE', doc, ttl) end
 end
 
--- The rules, in apply_write's order. First read (and check) everything.
-local refused = read_log()
+-- Drop the operation log's records numbered up to oldest.
+local function trim_ops(ops, oldest)
+  local all = redis.call('HGETALL', ops)
+  local old = {}
+  for i = 1, #all, 2 do
+    if string.byte(all[i], 1) ~= 35 then
+      local s = tonumber(string.match(all[i + 1], '^(%d+) '))
+      if s and s <= oldest then old[#old + 1] = all[i] end
+    end
+  end
+  if #old > 0 then redis.call('HDEL', ops, unpack(old)) end
+end
+
+-- The main body: the write's parameters, then what the script reads.
+local doc, ops, claimkey = KEYS[1], KEYS[2], KEYS[3]
+local opkey, nonce, digest, dedupe, ttl, max_bytes, mode, expected, lease_ms, want, schema,
+  completes, force, fresh = parse_args(ARGV[1])
+if opkey == nil then return redis.error_reply('chatstate: malformed arguments') end
+local version, seq = 0, 0  -- the document's version; the operation log's count
+
+-- The reply: a head of status, nonce (echoed), the version the write made (or
+-- found), the document's version now and a mode's extra value; then the document.
+local function reply(status, v, extra)
+  local head = status .. '\n' .. nonce .. '\n' .. v .. '\n' .. version .. '\n' .. (extra or '')
+  if want then return head .. '\n' .. dump(doc) end
+  return head .. '\n'
+end
+
+-- Remember the operation under its key, with the log's next sequence number; now
+-- and then drop the records older than the newest REMEMBERED; end a completed claim.
+local function remember_op(v)
+  seq = seq + 1
+  redis.call('HSET', ops, opkey, seq .. ' ' .. v .. ' ' .. nonce .. ' ' .. digest, '#n', seq)
+  if seq >= TRIM_AT and (seq - REMEMBERED) % (TRIM_AT - REMEMBERED) == 0 then
+    trim_ops(ops, seq - REMEMBERED)
+  end
+  redis.call('PEXPIRE', ops, dedupe)
+  if completes then redis.call('DEL', claimkey) end
+end
+
+-- Read and check everything before the first write.
+local refused, rver, rnonce, rdig, hnonce
+refused, seq, rver, rnonce, rdig = read_log(ops, not fresh and opkey or nil, mode == 'D' and force)
 if refused then return refused end
 if mode == 'c' or mode == 'l' or completes then
-  refused = read_claim()
+  refused, hnonce = read_claim(claimkey)
   if refused then return refused end
 end
-if mode ~= 'l' then parse_body() end
+local A, kinds, paths, values  -- (a release needs none of these)
+if mode ~= 'l' then A, kinds, paths, values = parse_body(mode, ARGV[2]) end
+local size, sschema, stored = 0, 1, nil
 if not (mode == 'D' and force) and mode ~= 'l' then
-  refused = load_meta()
+  refused, version, size, sschema, stored = load_meta(doc, schema ~= '', paths)
   if refused then return refused end
 end
 
-if rver and mode ~= 'l' then return check_op() end
-if mode == 'c' then return claim() end
+-- The rules, in apply_write's order.
+if rver and mode ~= 'l' then
+  -- The op key is known: the request reused for another (refused), the same call
+  -- again (its answer), or another copy of the message (duplicate).
+  if digest ~= '' and rdig ~= '' and rdig ~= digest then return reply('reused', version) end
+  if rnonce == nonce and mode ~= 'c' then return reply('applied', rver) end
+  return reply('duplicate', rver)
+end
+if mode == 'c' then
+  if hnonce and hnonce ~= nonce then
+    -- Held, by another message or by another copy of this one (which may yet fail):
+    -- wait, then find it recorded (duplicate), released or lapsed (claim it).
+    return reply('busy', version, redis.call('PTTL', claimkey))
+  end
+  redis.call('SET', claimkey, nonce .. ' ' .. opkey, 'PX', lease_ms)
+  return reply('claimed', version)
+end
 if mode == 'l' then
   if hnonce == nonce then redis.call('DEL', claimkey) end
   return reply('released', 0)
 end
 if completes and hnonce ~= nonce then return reply('lost', version) end
 if schema ~= '' and version > 0 and mode ~= 'D' then
-  refused = check_schema()
-  if refused then return refused end
+  -- The schema guard: never mix shapes. A replace carries a whole (migrated)
+  -- document, so it may move a document to a newer schema, never back.
+  local mine = tonumber(schema)
+  if sschema > mine then return reply('newer_schema', version, sschema) end
+  if sschema < mine and mode ~= 'x' then return reply('stale_schema', version, sschema) end
 end
 if mode == 'e' and #kinds == 0 then
   -- Nothing to change: no version, no document made; only the id is remembered.
@@ -537,15 +533,20 @@ if mode == 'e' and #kinds == 0 then
   return reply('applied', version)
 end
 
+-- The new document, as changes to the stored fields and its size.
+local changes, value = nil, nil
 if mode == 'e' then
   if expected ~= '' and tonumber(expected) ~= version then return reply('conflict', 0) end
-  changes = apply_edits()
+  changes, size = apply_edits(kinds, paths, values, stored, size)
 elseif mode == 'i' then
-  refused = apply_increment()
+  refused, value, size, changes = apply_increment(doc, paths, A[#A], stored, size, max_bytes)
+  if refused == 'too_large' then return 'too_large\n' .. nonce .. '\n' .. value end
+  if type(refused) == 'string' then return reply('counter', version, refused) end
   if refused then return refused end
 end
 if changes == nil and mode ~= 'D' then
-  refused = rewrite()
+  refused, changes, size = rewrite(doc, mode, A, kinds, paths, values, expected, version)
+  if refused == 'conflict' then return reply('conflict', 0) end
   if refused then return refused end
 end
 if size > max_bytes then
@@ -560,7 +561,8 @@ if mode == 'D' then
   want = false
   return reply('applied', 0)
 end
-store()
+version = version + 1
+store(doc, version, size, schema ~= '' and tonumber(schema) ~= sschema and schema or nil, changes, ttl)
 remember_op(version)
 return reply('applied', version, value)
 """.replace("TRIM_AT", str(OPS_TRIM_AT)).replace("REMEMBERED", str(REMEMBERED_OPS))
