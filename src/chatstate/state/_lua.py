@@ -562,7 +562,8 @@ if mode == 'D' then
   return reply('applied', 0)
 end
 version = version + 1
-store(doc, version, size, schema ~= '' and tonumber(schema) ~= sschema and schema or nil, changes, ttl)
+local new_schema = schema ~= '' and tonumber(schema) ~= sschema and schema or nil
+store(doc, version, size, new_schema, changes, ttl)
 remember_op(version)
 return reply('applied', version, value)
 """.replace("TRIM_AT", str(OPS_TRIM_AT)).replace("REMEMBERED", str(REMEMBERED_OPS))
