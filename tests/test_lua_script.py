@@ -298,6 +298,15 @@ def test_increment_refusals(client, keys, counter: str, body: str, why: str) -> 
     assert stored(client, keys) == before
 
 
+def test_increment_of_a_counter_whose_parent_is_missing(client, keys) -> None:
+    """A counter stored without its parent object is not a counter of this document."""
+    fields = {**DOC, "#s": "26", '"m""n"': "1"}
+    put_doc(client, keys, fields)
+    reply = run(client, keys, params(mode="i"), '"m""n"\n"m"\n1')
+    assert reply == "counter\nn1\n3\n3\nnot_integer\n"
+    assert client.hgetall(keys[0]) == fields
+
+
 def test_claim_busy_claimed_and_released(client, keys) -> None:
     """A claim held by another nonce is busy (with its PTTL); a free one is taken; release."""
     put_doc(client, keys)
