@@ -109,34 +109,6 @@ APPLY_SCRIPT: Final = (
 -- Lua makes every function anew on every run, and each variable it captures costs.
 -- The main body, at the end, runs the rules in apply_write's order.
 
--- ARGV[1] as values, or nothing when malformed. The flags become booleans; dedupe,
--- ttl and lease stay text (Lua would print big numbers as 1e+14).
-local function parse_args(text)
-  local opkey, nonce, digest, dedupe, ttl, max_bytes, mode, expected, flags, lease_ms, want,
-    schema = string.match(text,
-    '^(%S+)\n(%S+)\n(%S*)\n(%d+)\n(%d*)\n(%d+)\n(%a)\n(%d*)\n(%a*)\n(%d*)\n([01])\n(%d*)$')
-  if opkey == nil then return nil end
-  return opkey, nonce, digest, dedupe, ttl, tonumber(max_bytes), mode, expected, lease_ms,
-    want == '1', schema, string.find(flags, 'c', 1, true) ~= nil,
-    string.find(flags, 'f', 1, true) ~= nil, string.find(flags, 'n', 1, true) ~= nil
-end
-
--- The lines of a newline-separated argument.
-local function split(s)
-  local out, n, i = {}, 0, 1
-  if s == '' then return out end
-  while true do
-    local j = string.find(s, '\n', i, true)
-    n = n + 1
-    if not j then
-      out[n] = string.sub(s, i)
-      return out
-    end
-    out[n] = string.sub(s, i, j - 1)
-    i = j + 1
-  end
-end
-
 -- The operation log's count and the record of key (nil: do not look, a first send
 -- cannot be logged yet): refusal, count, and the record's version, nonce and digest.
 -- A forced delete clears a log that is not ours.
@@ -173,10 +145,23 @@ local function read_claim(claimkey)
   end
 end
 
--- The mode's arguments (A) and, for edits, their kinds, paths and values; for an
--- increment, the paths to read: the counter's, then its ancestors'.
+-- The mode's arguments: text's lines (A) and, for edits, their kinds, paths and
+-- values; for an increment, the paths to read: the counter's, then its ancestors'.
 local function parse_body(mode, text)
-  local A, kinds, paths, values = split(text), {}, {}, {}
+  local A, kinds, paths, values = {}, {}, {}, {}
+  if text ~= '' then
+    local n, i = 0, 1
+    while true do
+      local j = string.find(text, '\n', i, true)
+      n = n + 1
+      if not j then
+        A[n] = string.sub(text, i)
+        break
+      end
+      A[n] = string.sub(text, i, j - 1)
+      i = j + 1
+    end
+  end
   if mode == 'e' then
     local i, n = 1, 0
     while i <= #A do
@@ -422,18 +407,22 @@ end
 -- Store a new version: its number, size and schema (nil: unchanged), the changed
 -- fields, and the time to live (ttl ms, or '').
 local function store(doc, version, size, schema, changes, ttl)
-  local sets, dels = {'#v', version, '#s', size}, {}
+  local sets, dels = {'#v', version, '#s', size}, nil
   if schema then sets[5], sets[6] = '#m', schema end
   for f, v in pairs(changes) do
     if v then
       sets[#sets + 1] = f
       sets[#sets + 1] = v
-    else
+    elseif dels then
       dels[#dels + 1] = f
+    else
+      dels = {f}
     end
   end
-  for s = 1, #dels, 1000 do
-    redis.call('HDEL', doc, unpack(dels, s, math.min(s + 999, #dels)))
+  if dels then
+    for s = 1, #dels, 1000 do
+      redis.call('HDEL', doc, unpack(dels, s, math.min(s + 999, #dels)))
+    end
   end
   for s = 1, #sets, 2000 do
     redis.call('HSET', doc, unpack(sets, s, math.min(s + 1999, #sets)))
@@ -456,9 +445,18 @@ end
 
 -- The main body: the write's parameters, then what the script reads.
 local doc, ops, claimkey = KEYS[1], KEYS[2], KEYS[3]
-local opkey, nonce, digest, dedupe, ttl, max_bytes, mode, expected, lease_ms, want, schema,
-  completes, force, fresh = parse_args(ARGV[1])
+local opkey, nonce, digest, dedupe, ttl, max_bytes, mode, expected, flags, lease_ms, want,
+  schema = string.match(ARGV[1],
+    '^(%S+)\n(%S+)\n(%S*)\n(%d+)\n(%d*)\n(%d+)\n(%a)\n(%d*)\n(%a*)\n(%d*)\n([01])\n(%d*)$')
 if opkey == nil then return redis.error_reply('chatstate: malformed arguments') end
+max_bytes = tonumber(max_bytes)  -- dedupe, ttl and lease stay text: Lua would print 1e+14
+want = want == '1'
+local completes, force, fresh = false, false, flags == 'n'
+if flags ~= '' and not fresh then  -- (no flags, or only n, are the usual cases)
+  completes = string.find(flags, 'c', 1, true) ~= nil
+  force = string.find(flags, 'f', 1, true) ~= nil
+  fresh = string.find(flags, 'n', 1, true) ~= nil
+end
 local version, seq = 0, 0  -- the document's version; the operation log's count
 
 -- The reply: a head of status, nonce (echoed), the version the write made (or
