@@ -424,8 +424,12 @@ local function store(doc, version, size, schema, changes, ttl)
       redis.call('HDEL', doc, unpack(dels, s, math.min(s + 999, #dels)))
     end
   end
-  for s = 1, #sets, 2000 do
-    redis.call('HSET', doc, unpack(sets, s, math.min(s + 1999, #sets)))
+  if #sets <= 2000 then
+    redis.call('HSET', doc, unpack(sets))
+  else
+    for s = 1, #sets, 2000 do
+      redis.call('HSET', doc, unpack(sets, s, math.min(s + 1999, #sets)))
+    end
   end
   if ttl ~= '' then redis.call('PEXPIRE', doc, ttl) end
 end
@@ -462,9 +466,10 @@ local version, seq = 0, 0  -- the document's version; the operation log's count
 -- The reply: a head of status, nonce (echoed), the version the write made (or
 -- found), the document's version now and a mode's extra value; then the document.
 local function reply(status, v, extra)
-  local head = status .. '\n' .. nonce .. '\n' .. v .. '\n' .. version .. '\n' .. (extra or '')
-  if want then return head .. '\n' .. dump(doc) end
-  return head .. '\n'
+  local head = status .. '\n' .. nonce .. '\n' .. v .. '\n' .. version .. '\n' ..
+    (extra or '') .. '\n'
+  if want then return head .. dump(doc) end
+  return head
 end
 
 -- Remember the operation under its key, with the log's next sequence number; now
