@@ -166,9 +166,10 @@ local function parse_body(mode, text)
     local i, n = 1, 0
     while i <= #A do
       local a = A[i]
+      local kind = string.sub(a, 1, 1)
       n = n + 1
-      kinds[n], paths[n] = string.sub(a, 1, 1), string.sub(a, 2)
-      if kinds[n] == 's' then
+      kinds[n], paths[n] = kind, string.sub(a, 2)
+      if kind == 's' then
         values[n] = A[i + 1]
         i = i + 2
       else
@@ -185,15 +186,15 @@ end
 -- the stored values of paths, in one HMGET for up to 4000 paths: refusal, version,
 -- size, schema, stored values.
 local function load_meta(doc, with_schema, paths)
-  local meta, off = nil, 2
+  local meta, off, np = nil, 2, #paths
   if with_schema then
     off = 3
-    if #paths > 0 and #paths < 4000 then
+    if np > 0 and np < 4000 then
       meta = try('HMGET', doc, '#v', '#s', '#m', unpack(paths))
     else
       meta = try('HMGET', doc, '#v', '#s', '#m')
     end
-  elseif #paths > 0 and #paths < 4000 then
+  elseif np > 0 and np < 4000 then
     meta = try('HMGET', doc, '#v', '#s', unpack(paths))
   else
     meta = try('HMGET', doc, '#v', '#s')
@@ -219,11 +220,11 @@ local function load_meta(doc, with_schema, paths)
       sschema = tonumber(meta[3])
     end
   end
-  if #paths > 0 and #paths < 4000 then
-    for j = 1, #paths do stored[j] = meta[j + off] end
-  elseif #paths > 0 then
-    for s = 1, #paths, 1000 do
-      local part = redis.call('HMGET', doc, unpack(paths, s, math.min(s + 999, #paths)))
+  if np > 0 and np < 4000 then
+    for j = 1, np do stored[j] = meta[j + off] end
+  elseif np > 0 then
+    for s = 1, np, 1000 do
+      local part = redis.call('HMGET', doc, unpack(paths, s, math.min(s + 999, np)))
       for j = 1, #part do stored[#stored + 1] = part[j] end
     end
   end
@@ -234,9 +235,6 @@ end
 -- value, false to delete) and the new size, or nil when an edit drops a subtree
 -- (the whole-document path then does the work).
 local function apply_edits(kinds, paths, values, stored, size)
-  for j = 1, #kinds do
-    if kinds[j] ~= 'o' and stored[j] == '{}' then return nil end
-  end
   local cur, orig = {}, {}
   for j = 1, #paths do
     if orig[paths[j]] == nil then
@@ -247,7 +245,7 @@ local function apply_edits(kinds, paths, values, stored, size)
   for j = 1, #kinds do
     local p = paths[j]
     if kinds[j] ~= 'o' and cur[p] == '{}' then
-      return nil  -- an object made earlier in this write goes away again
+      return nil  -- a stored object, or one made earlier in this write, goes away
     end
     if kinds[j] == 's' then
       cur[p] = values[j]
