@@ -110,24 +110,30 @@ APPLY_SCRIPT: Final = (
 -- The main body, at the end, runs the rules in apply_write's order.
 
 -- The operation log's count and the record of key (nil: do not look, a first send
--- cannot be logged yet): refusal, count, and the record's version, nonce and digest.
--- A forced delete clears a log that is not ours.
+-- cannot be logged yet; one HGET is then cheaper than HMGET's table): refusal, count,
+-- and the record's version, nonce and digest. A forced delete clears a log that is not ours.
 local function read_log(ops, key, force_delete)
-  local log = try('HMGET', ops, key or '#n', '#n')
-  if log == nil then
+  local record, count, log
+  if key then
+    log = try('HMGET', ops, key, '#n')
+    if log then record, count = log[1], log[2] end
+  else
+    count = try('HGET', ops, '#n')
+    log = count ~= nil
+  end
+  if not log then
     if not force_delete then
       return fail(ops, 'the key is not a chatstate operation log')
     end
     redis.call('DEL', ops)
-    log = {false, false}
   end
   local seq = 0
-  if log[2] then
-    seq = tonumber(log[2])
+  if count then
+    seq = tonumber(count)
     if seq == nil then return fail(ops, 'the operation count is not a number') end
   end
-  if log[1] and key then
-    local rseq, rver, rnonce, rdig = string.match(log[1], '^(%d+) (%d+) (%S*) (%S*)$')
+  if record then
+    local rseq, rver, rnonce, rdig = string.match(record, '^(%d+) (%d+) (%S*) (%S*)$')
     if rseq == nil then return fail(ops, 'an operation record is malformed') end
     return nil, seq, rver, rnonce, rdig
   end
