@@ -151,39 +151,42 @@ local function read_claim(claimkey)
   end
 end
 
--- The mode's arguments: text's lines (A) and, for edits, their kinds, paths and
--- values; for an increment, the paths to read: the counter's, then its ancestors'.
+-- The mode's arguments: for edits, their kinds, paths and values (read straight from
+-- the text: a small update builds no list of lines); else text's lines (A), and for
+-- an increment the paths to read: the counter's, then its ancestors'.
 local function parse_body(mode, text)
   local A, kinds, paths, values = {}, {}, {}, {}
-  if text ~= '' then
-    local n, i = 0, 1
+  if text == '' then return A, kinds, paths, values end
+  local n, i = 0, 1
+  if mode == 'e' then
+    local is_value = false
     while true do
       local j = string.find(text, '\n', i, true)
-      n = n + 1
-      if not j then
-        A[n] = string.sub(text, i)
-        break
+      local line = j and string.sub(text, i, j - 1) or string.sub(text, i)
+      if is_value then
+        values[n], is_value = line, false
+      else
+        local kind = string.sub(line, 1, 1)
+        n = n + 1
+        kinds[n], paths[n], is_value = kind, string.sub(line, 2), kind == 's'
       end
-      A[n] = string.sub(text, i, j - 1)
+      if not j then break end
       i = j + 1
     end
+    return A, kinds, paths, values
   end
-  if mode == 'e' then
-    local i, n = 1, 0
-    while i <= #A do
-      local a = A[i]
-      local kind = string.sub(a, 1, 1)
-      n = n + 1
-      kinds[n], paths[n] = kind, string.sub(a, 2)
-      if kind == 's' then
-        values[n] = A[i + 1]
-        i = i + 2
-      else
-        i = i + 1
-      end
+  while true do
+    local j = string.find(text, '\n', i, true)
+    n = n + 1
+    if not j then
+      A[n] = string.sub(text, i)
+      break
     end
-  elseif mode == 'i' then
-    for j = 1, #A - 1 do paths[j] = A[j] end
+    A[n] = string.sub(text, i, j - 1)
+    i = j + 1
+  end
+  if mode == 'i' then
+    for k = 1, n - 1 do paths[k] = A[k] end
   end
   return A, kinds, paths, values
 end
