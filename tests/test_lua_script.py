@@ -185,6 +185,11 @@ def test_a_forced_delete_clears_a_foreign_op_log(client, keys) -> None:
     assert run(client, keys, params(mode="D", flags="f")) == "applied\nn1\n0\n0\n\n"
     assert client.exists(keys[0]) == 0
     assert client.hgetall(keys[1]) == {"#n": "1", "k1": "1 0 n1 "}
+    client.set(keys[1], "junk")
+    put_doc(client, keys)
+    assert run(client, keys, params(op_key="k2", mode="D", flags="nf")) == "applied\nn1\n0\n0\n\n"
+    assert client.exists(keys[0]) == 0
+    assert client.hgetall(keys[1]) == {"#n": "1", "k2": "1 0 n1 "}
 
 
 def test_ttl_is_set_with_pexpire_and_kept_when_not_sent(client, keys) -> None:

@@ -462,8 +462,8 @@ local opkey, nonce, digest, dedupe, ttl, max_bytes, mode, expected, flags, lease
 if opkey == nil then return redis.error_reply('chatstate: malformed arguments') end
 max_bytes = tonumber(max_bytes)  -- dedupe, ttl and lease stay text: Lua would print 1e+14
 want = want == '1'
-local completes, force, fresh = false, false, flags == 'n'
-if flags ~= '' and not fresh then  -- (no flags, or only n, are the usual cases)
+local completes, force, fresh = flags == 'c', false, flags == 'n'
+if #flags > 1 or flags == 'f' then  -- (none, or only n or c, are the usual cases)
   completes = string.find(flags, 'c', 1, true) ~= nil
   force = string.find(flags, 'f', 1, true) ~= nil
   fresh = string.find(flags, 'n', 1, true) ~= nil
