@@ -159,8 +159,11 @@ end
 -- the text: a small update builds no list of lines); else text's lines (A), and for
 -- an increment the paths to read: the counter's, then its ancestors'.
 local function parse_body(mode, text)
+  if text == '' then  -- (a claim, a delete): one empty table will do, none is changed later
+    local none = {}
+    return none, none, none, none
+  end
   local A, kinds, paths, values = {}, {}, {}, {}
-  if text == '' then return A, kinds, paths, values end
   local n, i = 0, 1
   if mode == 'e' then
     local is_value = false
