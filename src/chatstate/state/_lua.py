@@ -248,8 +248,8 @@ local function load_meta(doc, with_schema, paths)
 end
 
 -- Edits, fast path: only the named fields change. Returns the changes (path -> new
--- value, false to delete) and the new size, or nil when an edit drops a subtree
--- (the whole-document path then does the work).
+-- value, false to delete) and the new size, or nil and the size unchanged when an
+-- edit drops a subtree (the whole-document path then does the work).
 local function apply_edits(kinds, paths, values, stored, size)
   local cur, orig = {}, {}
   for j = 1, #paths do
@@ -261,7 +261,7 @@ local function apply_edits(kinds, paths, values, stored, size)
   for j = 1, #kinds do
     local p = paths[j]
     if kinds[j] ~= 'o' and cur[p] == '{}' then
-      return nil  -- a stored object, or one made earlier in this write, goes away
+      return nil, size  -- a stored object, or one made earlier in this write, goes away
     end
     if kinds[j] == 's' then
       cur[p] = values[j]
@@ -557,7 +557,7 @@ if mode == 'e' then
   changes, size = apply_edits(kinds, paths, values, stored, size)
 elseif mode == 'i' then
   refused, value, size, changes = apply_increment(doc, paths, A[#A], stored, size, max_bytes)
-  if refused == 'too_large' then return 'too_large\n' .. nonce .. '\n' .. value end
+  if refused == 'too_large' then return 'too_large\n' .. nonce .. '\n' .. value end  -- (the size)
   if type(refused) == 'string' then return reply('counter', version, refused) end
   if refused then return refused end
 end
