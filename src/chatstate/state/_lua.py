@@ -25,7 +25,11 @@ then the document's fields and values joined by newlines (compact JSON never
 holds a raw newline), which redis-py reads in one piece.
 
 The logic mirrors :func:`chatstate.state.apply_write`; the parity tests run
-both on random operations and compare.
+both on random operations and compare. The apply script is a set of local
+functions, each given its inputs as arguments (Lua builds every function anew on
+each run, and each captured variable adds to that), and a main body that runs the
+rules in ``apply_write``'s order. ``tests/test_lua_script.py`` calls the scripts
+directly, with hand-made arguments and stored data.
 """
 
 from __future__ import annotations
@@ -93,7 +97,7 @@ return 'ok\n' .. ARGV[1] .. '\n' .. table.concat(all, '\n')
 APPLY_SCRIPT: Final = (
     _COMMON
     + r"""
--- KEYS[1] document hash, KEYS[2] operation log (a string), KEYS[3] claim (a string).
+-- KEYS[1] document hash, KEYS[2] operation log (a hash), KEYS[3] claim (a string).
 -- ARGV[1] the parameters, newline-separated: op key, nonce, digest, dedupe ms,
 -- ttl ms or '', max bytes, mode, expected version or '', flags, lease ms or '',
 -- '1' when the reply should carry the document, and the writer's schema version or ''.
@@ -103,128 +107,110 @@ APPLY_SCRIPT: Final = (
 -- Modes: e edits, i increment, r reset, x replace, D delete, c claim, l release.
 -- Flags: c the write completes the claim held under its nonce; f force (delete);
 -- n the first send of a write whose op key chatstate made up (it cannot be logged yet).
-local doc, ops, claimkey = KEYS[1], KEYS[2], KEYS[3]
-local opkey, nonce, digest, dedupe, ttl, max_bytes, mode, expected, flags, lease_ms, want, schema =
-  string.match(ARGV[1],
-    '^(%S+)\n(%S+)\n(%S*)\n(%d+)\n(%d*)\n(%d+)\n(%a)\n(%d*)\n(%a*)\n(%d*)\n([01])\n(%d*)$')
-if opkey == nil then return redis.error_reply('chatstate: malformed arguments') end
-max_bytes = tonumber(max_bytes)  -- dedupe and lease stay text: Lua would print big numbers as 1e+14
-local completes = string.find(flags, 'c', 1, true) ~= nil
-local force = string.find(flags, 'f', 1, true) ~= nil
-local fresh = string.find(flags, 'n', 1, true) ~= nil
-want = want == '1'
+--
+-- The functions take what they need as arguments and return what they found (a
+-- refusal first, when they can refuse), so that each call builds them cheaply:
+-- Lua makes every function anew on every run, and each variable it captures costs.
+-- The main body, at the end, runs the rules in apply_write's order.
 
-local function split(s)
-  local out, n, i = {}, 0, 1
-  if s == '' then return out end
-  while true do
-    local j = string.find(s, '\n', i, true)
-    n = n + 1
-    if not j then
-      out[n] = string.sub(s, i)
-      return out
+-- The operation log's count and the record of key (nil: do not look, a first send
+-- cannot be logged yet; one HGET is then cheaper than HMGET's table): refusal, count,
+-- and the record's version, nonce and digest. A forced delete clears a log that is not ours.
+local function read_log(ops, key, force_delete)
+  local record, count, log
+  if key then
+    log = try('HMGET', ops, key, '#n')
+    if log then record, count = log[1], log[2] end
+  else
+    count = try('HGET', ops, '#n')
+    log = count ~= nil
+  end
+  if not log then
+    if not force_delete then
+      return fail(ops, 'the key is not a chatstate operation log')
     end
-    out[n] = string.sub(s, i, j - 1)
-    i = j + 1
+    redis.call('DEL', ops)
   end
-end
-
--- The reply's head: status, nonce (echoed), the version the write made (or
--- found), the document's version now, and a mode's extra value.
-local version = 0
-local function reply(status, v, extra)
-  local head = status .. '\n' .. nonce .. '\n' .. v .. '\n' .. version .. '\n' .. (extra or '')
-  if want then return head .. '\n' .. dump(doc) end
-  return head .. '\n'
-end
-
--- Remember the operation under its key, with the log's next sequence number; now
--- and then drop the records older than the newest REMEMBERED.
-local seq = 0
-local function record(v)
-  seq = seq + 1
-  redis.call('HSET', ops, opkey, seq .. ' ' .. v .. ' ' .. nonce .. ' ' .. digest, '#n', seq)
-  if seq >= TRIM_AT and (seq - REMEMBERED) % (TRIM_AT - REMEMBERED) == 0 then
-    local all = redis.call('HGETALL', ops)
-    local old = {}
-    for i = 1, #all, 2 do
-      if string.byte(all[i], 1) ~= 35 then
-        local s = tonumber(string.match(all[i + 1], '^(%d+) '))
-        if s and s <= seq - REMEMBERED then old[#old + 1] = all[i] end
-      end
-    end
-    if #old > 0 then redis.call('HDEL', ops, unpack(old)) end
+  local seq = 0
+  if count then
+    seq = tonumber(count)
+    if seq == nil then return fail(ops, 'the operation count is not a number') end
   end
-  redis.call('PEXPIRE', ops, dedupe)
-  if completes then redis.call('DEL', claimkey) end
-end
-
--- The operation log: is this op key in it? (A first send of a write whose key
--- chatstate made up cannot be; it still reads the log's count.)
-local rver, rnonce, rdig
-local log = try('HMGET', ops, fresh and '#n' or opkey, '#n')
-if log == nil then
-  if not (mode == 'D' and force) then
-    return fail(ops, 'the key is not a chatstate operation log')
+  if record then
+    local rseq, rver, rnonce, rdig = string.match(record, '^(%d+) (%d+) (%S*) (%S*)$')
+    if rseq == nil then return fail(ops, 'an operation record is malformed') end
+    return nil, seq, rver, rnonce, rdig
   end
-  redis.call('DEL', ops)
-  log = {false, false}
-end
-if log[2] then
-  seq = tonumber(log[2])
-  if seq == nil then return fail(ops, 'the operation count is not a number') end
-end
-if log[1] and not fresh then
-  local rseq
-  rseq, rver, rnonce, rdig = string.match(log[1], '^(%d+) (%d+) (%S*) (%S*)$')
-  if rseq == nil then return fail(ops, 'an operation record is malformed') end
+  return nil, seq
 end
 
--- The claim, for the modes that look at it.
-local hnonce, hkey
-if mode == 'c' or mode == 'l' or completes then
+-- The claim's holder (its nonce, or nil): refusal, holder.
+local function read_claim(claimkey)
   local held, herr = try('GET', claimkey)
   if herr then return fail(claimkey, 'the key is not a chatstate claim') end
   if held then
-    hnonce, hkey = string.match(held, '^(%S+) (%S+)$')
+    local hnonce = string.match(held, '^(%S+) %S+$')
     if hnonce == nil then return fail(claimkey, 'the claim is malformed') end
+    return nil, hnonce
   end
 end
 
--- The document's version and size (and, for edits, the named fields).
-local A = {}
-if mode ~= 'l' then A = split(ARGV[2]) end
-local kinds, paths, values = {}, {}, {}
-if mode == 'e' then
-  local i = 1
-  while i <= #A do
-    local a = A[i]
-    local n = #kinds + 1
-    kinds[n], paths[n] = string.sub(a, 1, 1), string.sub(a, 2)
-    if kinds[n] == 's' then
-      values[n] = A[i + 1]
-      i = i + 2
-    else
-      i = i + 1
+-- The mode's arguments: for edits, their kinds, paths and values (read straight from
+-- the text: a small update builds no list of lines); else text's lines (A), and for
+-- an increment the paths to read: the counter's, then its ancestors'.
+local function parse_body(mode, text)
+  if text == '' then  -- (a claim, a delete): one empty table will do, none is changed later
+    local none = {}
+    return none, none, none, none
+  end
+  local A, kinds, paths, values = {}, {}, {}, {}
+  local n, i = 0, 1
+  if mode == 'e' then
+    local is_value = false
+    while true do
+      local j = string.find(text, '\n', i, true)
+      local line = j and string.sub(text, i, j - 1) or string.sub(text, i)
+      if is_value then
+        values[n], is_value = line, false
+      else
+        local kind = string.sub(line, 1, 1)
+        n = n + 1
+        kinds[n], paths[n], is_value = kind, string.sub(line, 2), kind == 's'
+      end
+      if not j then break end
+      i = j + 1
     end
+    return A, kinds, paths, values
   end
-elseif mode == 'i' then
-  -- the counter's path, then its ancestors' paths
-  for j = 1, #A - 1 do paths[j] = A[j] end
+  while true do
+    local j = string.find(text, '\n', i, true)
+    n = n + 1
+    if not j then
+      A[n] = string.sub(text, i)
+      break
+    end
+    A[n] = string.sub(text, i, j - 1)
+    i = j + 1
+  end
+  if mode == 'i' then
+    for k = 1, n - 1 do paths[k] = A[k] end
+  end
+  return A, kinds, paths, values
 end
 
--- With a schema, '#m' (the stored schema version; none means 1) is read in the same HMGET.
-local size, stored, sschema, off = 0, {}, 1, 2
-if not (mode == 'D' and force) and mode ~= 'l' then
-  local meta
-  if schema ~= '' then
+-- The document's version, size and (with_schema) schema ('#m'; none means 1), and
+-- the stored values of paths, in one HMGET for up to 4000 paths: refusal, version,
+-- size, schema, stored values.
+local function load_meta(doc, with_schema, paths)
+  local meta, off, np = nil, 2, #paths
+  if with_schema then
     off = 3
-    if #paths > 0 and #paths < 4000 then
+    if np > 0 and np < 4000 then
       meta = try('HMGET', doc, '#v', '#s', '#m', unpack(paths))
     else
       meta = try('HMGET', doc, '#v', '#s', '#m')
     end
-  elseif #paths > 0 and #paths < 4000 then
+  elseif np > 0 and np < 4000 then
     meta = try('HMGET', doc, '#v', '#s', unpack(paths))
   else
     meta = try('HMGET', doc, '#v', '#s')
@@ -233,6 +219,7 @@ if not (mode == 'D' and force) and mode ~= 'l' then
     return fail(doc, 'the key holds a ' .. redis.call('TYPE', doc)['ok'] ..
       ', not a chatstate hash')
   end
+  local version, size, sschema, stored = 0, 0, 1, {}
   if not meta[1] then
     if redis.call('EXISTS', doc) == 1 then
       return fail(doc, 'the hash has no version field')
@@ -249,22 +236,292 @@ if not (mode == 'D' and force) and mode ~= 'l' then
       sschema = tonumber(meta[3])
     end
   end
-  if #paths > 0 and #paths < 4000 then
-    for j = 1, #paths do stored[j] = meta[j + off] end
-  elseif #paths > 0 then
-    for s = 1, #paths, 1000 do
-      local part = redis.call('HMGET', doc, unpack(paths, s, math.min(s + 999, #paths)))
+  if np > 0 and np < 4000 then
+    for j = 1, np do stored[j] = meta[j + off] end
+  elseif np > 0 then
+    for s = 1, np, 1000 do
+      local part = redis.call('HMGET', doc, unpack(paths, s, math.min(s + 999, np)))
       for j = 1, #part do stored[#stored + 1] = part[j] end
     end
   end
+  return nil, version, size, sschema, stored
 end
 
+-- Edits, fast path: only the named fields change. Returns the changes (path -> new
+-- value, false to delete) and the new size, or nil and the size unchanged when an
+-- edit drops a subtree (the whole-document path then does the work).
+local function apply_edits(kinds, paths, values, stored, size)
+  local cur, orig = {}, {}
+  for j = 1, #paths do
+    if orig[paths[j]] == nil then
+      orig[paths[j]] = stored[j] or false
+      cur[paths[j]] = stored[j] or false
+    end
+  end
+  for j = 1, #kinds do
+    local p = paths[j]
+    if kinds[j] ~= 'o' and cur[p] == '{}' then
+      return nil, size  -- a stored object, or one made earlier in this write, goes away
+    end
+    if kinds[j] == 's' then
+      cur[p] = values[j]
+    elseif kinds[j] == 'd' then
+      cur[p] = false
+    else
+      cur[p] = '{}'
+    end
+  end
+  local changes = {}
+  for p, v in pairs(cur) do
+    local o = orig[p]
+    if v ~= o then
+      if o then size = size - #p - #o end
+      if v then size = size + #p + #v end
+      changes[p] = v
+    end
+  end
+  return changes, size
+end
+
+-- An increment by `by`, done in place by HINCRBY (and undone when too large). Returns
+-- a refusal ('not_integer', 'overflow', 'too_large' or an error reply) and the size,
+-- or nil, the counter's new text, the new size and the changes (missing ancestors).
+local function apply_increment(doc, paths, by, stored, size, max_bytes)
+  -- Ancestors must be objects or missing; the counter an integer or missing.
+  local missing = {}
+  for j = 2, #paths do
+    local v = stored[j]
+    if v == false or v == nil then
+      missing[#missing + 1] = paths[j]
+    elseif v ~= '{}' then
+      return 'not_integer'
+    end
+  end
+  local old = stored[1]
+  if #missing > 0 and old then return 'not_integer' end
+  local ok, err = try('HINCRBY', doc, paths[1], by)
+  if ok == nil then
+    if string.find(err, 'overflow', 1, true) then return 'overflow' end
+    if string.find(err, 'not an integer', 1, true) then return 'not_integer' end
+    return redis.error_reply(err)  -- OOM, READONLY, ...: nothing was written yet
+  end
+  -- The reply of HINCRBY is a Lua number (a double): read the exact text back.
+  local value = redis.call('HGET', doc, paths[1])
+  if old then size = size - #paths[1] - #old end
+  size = size + #paths[1] + #value
+  for j = 1, #missing do size = size + #missing[j] + 2 end
+  if size > max_bytes then
+    -- Too large: put the exact old text back (the only write a script undoes).
+    if old then redis.call('HSET', doc, paths[1], old) else redis.call('HDEL', doc, paths[1]) end
+    return 'too_large', size
+  end
+  local changes = {}
+  for j = 1, #missing do changes[missing[j]] = '{}' end
+  return nil, value, size, changes
+end
+
+-- The whole-document path (edits that drop a subtree, a reset, a replace): read every
+-- field, compute the new set, diff. Returns a refusal (a corrupt reply, 'conflict' or
+-- an error reply), or nil, the changes and the new size. Its helpers are made here,
+-- so that a small update never builds them.
+local function rewrite(doc, mode, A, kinds, paths, values, expected, version)
+  local flat = redis.call('HGETALL', doc)
+  local fields = {}
+  for i = 1, #flat, 2 do
+    local f = flat[i]
+    if string.byte(f, 1) == 34 then
+      fields[f] = flat[i + 1]
+    elseif f ~= '#v' and f ~= '#s' and f ~= '#m' then
+      return fail(doc, 'the hash has a field that is not a chatstate path')
+    end
+  end
+
+  -- Edits: each applied to a copy; setting or deleting an object drops its subtree.
+  local function edit_all()
+    local new = {}
+    for f, v in pairs(fields) do new[f] = v end
+    local function drop(p)
+      local old = new[p]
+      if old == '{}' then
+        local n = #p
+        for f in pairs(new) do
+          if string.sub(f, 1, n) == p then new[f] = nil end
+        end
+      elseif old ~= nil then
+        new[p] = nil
+      end
+    end
+    for j = 1, #kinds do
+      local p = paths[j]
+      if kinds[j] == 's' then
+        drop(p)
+        new[p] = values[j]
+      elseif kinds[j] == 'd' then
+        drop(p)
+      elseif new[p] ~= '{}' then
+        new[p] = '{}'
+      end
+    end
+    return new
+  end
+
+  -- A reset: the preserved paths that exist, with their subtrees and their ancestors
+  -- as objects. (A's groups: path, number of ancestors, the ancestors' paths.)
+  local function reset()
+    local new = {}
+    local i = 1
+    while i <= #A do
+      local p, n = A[i], tonumber(A[i + 1])
+      local old = fields[p]
+      if old ~= nil then
+        if old == '{}' then
+          local len = #p
+          for f, v in pairs(fields) do
+            if string.sub(f, 1, len) == p then new[f] = v end
+          end
+        else
+          new[p] = old
+        end
+        for j = 1, n do new[A[i + 1 + j]] = '{}' end
+      end
+      i = i + 2 + n
+    end
+    return new
+  end
+
+  -- A replace: the sent document's fields (A's pairs: path, value).
+  local function replace()
+    local new = {}
+    for i = 1, #A, 2 do new[A[i]] = A[i + 1] end
+    return new
+  end
+
+  local new
+  if mode == 'e' then
+    new = edit_all()
+  elseif mode == 'r' then
+    new = reset()
+  elseif mode == 'x' then
+    if tonumber(expected) ~= version then return 'conflict' end
+    new = replace()
+  else
+    return redis.error_reply('chatstate: unknown mode')
+  end
+  local changes, size = {}, 0
+  for f, v in pairs(new) do
+    size = size + #f + #v
+    if fields[f] ~= v then changes[f] = v end
+  end
+  for f in pairs(fields) do
+    if new[f] == nil then changes[f] = false end
+  end
+  return nil, changes, size
+end
+
+-- Store a new version: its number, size and schema (nil: unchanged), the changed
+-- fields, and the time to live (ttl ms, or '').
+local function store(doc, version, size, schema, changes, ttl)
+  local sets, dels = {'#v', version, '#s', size}, nil
+  if schema then sets[5], sets[6] = '#m', schema end
+  for f, v in pairs(changes) do
+    if v then
+      sets[#sets + 1] = f
+      sets[#sets + 1] = v
+    elseif dels then
+      dels[#dels + 1] = f
+    else
+      dels = {f}
+    end
+  end
+  if dels then
+    for s = 1, #dels, 1000 do
+      redis.call('HDEL', doc, unpack(dels, s, math.min(s + 999, #dels)))
+    end
+  end
+  if #sets <= 2000 then
+    redis.call('HSET', doc, unpack(sets))
+  else
+    for s = 1, #sets, 2000 do
+      redis.call('HSET', doc, unpack(sets, s, math.min(s + 1999, #sets)))
+    end
+  end
+  if ttl ~= '' then redis.call('PEXPIRE', doc, ttl) end
+end
+
+-- Drop the operation log's records numbered up to oldest.
+local function trim_ops(ops, oldest)
+  local all = redis.call('HGETALL', ops)
+  local old = {}
+  for i = 1, #all, 2 do
+    if string.byte(all[i], 1) ~= 35 then
+      local s = tonumber(string.match(all[i + 1], '^(%d+) '))
+      if s and s <= oldest then old[#old + 1] = all[i] end
+    end
+  end
+  if #old > 0 then redis.call('HDEL', ops, unpack(old)) end
+end
+
+-- The main body: the write's parameters, then what the script reads.
+local doc, ops, claimkey = KEYS[1], KEYS[2], KEYS[3]
+local opkey, nonce, digest, dedupe, ttl, max_bytes, mode, expected, flags, lease_ms, want,
+  schema = string.match(ARGV[1],
+    '^(%S+)\n(%S+)\n(%S*)\n(%d+)\n(%d*)\n(%d+)\n(%a)\n(%d*)\n(%a*)\n(%d*)\n([01])\n(%d*)$')
+if opkey == nil then return redis.error_reply('chatstate: malformed arguments') end
+max_bytes = tonumber(max_bytes)  -- dedupe, ttl and lease stay text: Lua would print 1e+14
+want = want == '1'
+local completes, force, fresh = flags == 'c', false, flags == 'n'
+if #flags > 1 or flags == 'f' then  -- (none, or only n or c, are the usual cases)
+  completes = string.find(flags, 'c', 1, true) ~= nil
+  force = string.find(flags, 'f', 1, true) ~= nil
+  fresh = string.find(flags, 'n', 1, true) ~= nil
+end
+local version, seq = 0, 0  -- the document's version; the operation log's count
+
+-- The reply: a head of status, nonce (echoed), the version the write made (or
+-- found), the document's version now and a mode's extra value; then the document.
+local function reply(status, v, extra)
+  local head = status .. '\n' .. nonce .. '\n' .. v .. '\n' .. version .. '\n' ..
+    (extra or '') .. '\n'
+  if want then return head .. dump(doc) end
+  return head
+end
+
+-- Remember the operation under its key, with the log's next sequence number; now
+-- and then drop the records older than the newest REMEMBERED; end a completed claim.
+local function remember_op(v)
+  seq = seq + 1
+  redis.call('HSET', ops, opkey, seq .. ' ' .. v .. ' ' .. nonce .. ' ' .. digest, '#n', seq)
+  if seq >= TRIM_AT and (seq - REMEMBERED) % (TRIM_AT - REMEMBERED) == 0 then
+    trim_ops(ops, seq - REMEMBERED)
+  end
+  redis.call('PEXPIRE', ops, dedupe)
+  if completes then redis.call('DEL', claimkey) end
+end
+
+-- Read and check everything before the first write.
+local refused, rver, rnonce, rdig, hnonce
+refused, seq, rver, rnonce, rdig = read_log(ops, not fresh and opkey or nil, mode == 'D' and force)
+if refused then return refused end
+if mode == 'c' or mode == 'l' or completes then
+  refused, hnonce = read_claim(claimkey)
+  if refused then return refused end
+end
+local A, kinds, paths, values  -- (a release needs none of these)
+if mode ~= 'l' then A, kinds, paths, values = parse_body(mode, ARGV[2]) end
+local size, sschema, stored = 0, 1, nil
+if not (mode == 'D' and force) and mode ~= 'l' then
+  refused, version, size, sschema, stored = load_meta(doc, schema ~= '', paths)
+  if refused then return refused end
+end
+
+-- The rules, in apply_write's order.
 if rver and mode ~= 'l' then
+  -- The op key is known: the request reused for another (refused), the same call
+  -- again (its answer), or another copy of the message (duplicate).
   if digest ~= '' and rdig ~= '' and rdig ~= digest then return reply('reused', version) end
   if rnonce == nonce and mode ~= 'c' then return reply('applied', rver) end
   return reply('duplicate', rver)
 end
-
 if mode == 'c' then
   if hnonce and hnonce ~= nonce then
     -- Held, by another message or by another copy of this one (which may yet fail):
@@ -289,165 +546,26 @@ end
 if mode == 'e' and #kinds == 0 then
   -- Nothing to change: no version, no document made; only the id is remembered.
   if expected ~= '' and tonumber(expected) ~= version then return reply('conflict', 0) end
-  record(version)
+  remember_op(version)
   return reply('applied', version)
 end
 
-local changes = nil  -- path -> new value, or false to delete
-local value = nil
+-- The new document, as changes to the stored fields and its size.
+local changes, value = nil, nil
 if mode == 'e' then
-  if expected ~= '' and tonumber(expected) ~= version then
-    return reply('conflict', 0)
-  end
-  local whole = false
-  for j = 1, #kinds do
-    if kinds[j] ~= 'o' and stored[j] == '{}' then whole = true end
-  end
-  local cur, orig = {}, {}
-  if not whole then
-    -- Fast path: no subtree goes away, so only the named fields change.
-    for j = 1, #paths do
-      if orig[paths[j]] == nil then
-        orig[paths[j]] = stored[j] or false
-        cur[paths[j]] = stored[j] or false
-      end
-    end
-    for j = 1, #kinds do
-      local p = paths[j]
-      if kinds[j] ~= 'o' and cur[p] == '{}' then
-        -- An object made earlier in this write goes away again: take the
-        -- whole-document path, which drops its subtree.
-        whole = true
-        break
-      end
-      if kinds[j] == 's' then
-        cur[p] = values[j]
-      elseif kinds[j] == 'd' then
-        cur[p] = false
-      else
-        cur[p] = '{}'
-      end
-    end
-  end
-  if not whole then
-    changes = {}
-    for p, v in pairs(cur) do
-      local o = orig[p]
-      if v ~= o then
-        if o then size = size - #p - #o end
-        if v then size = size + #p + #v end
-        changes[p] = v
-      end
-    end
-  end
+  if expected ~= '' and tonumber(expected) ~= version then return reply('conflict', 0) end
+  changes, size = apply_edits(kinds, paths, values, stored, size)
 elseif mode == 'i' then
-  -- Ancestors must be objects or missing; the counter an integer or missing.
-  local missing = {}
-  for j = 2, #paths do
-    local v = stored[j]
-    if v == false or v == nil then
-      missing[#missing + 1] = paths[j]
-    elseif v ~= '{}' then
-      return reply('counter', version, 'not_integer')
-    end
-  end
-  local old = stored[1]
-  if #missing > 0 and old then return reply('counter', version, 'not_integer') end
-  local ok, err = try('HINCRBY', doc, paths[1], A[#A])
-  if ok == nil then
-    if string.find(err, 'overflow', 1, true) then return reply('counter', version, 'overflow') end
-    if string.find(err, 'not an integer', 1, true) then
-      return reply('counter', version, 'not_integer')
-    end
-    return redis.error_reply(err)  -- OOM, READONLY, ...: nothing was written yet
-  end
-  -- The reply of HINCRBY is a Lua number (a double): read the exact text back.
-  value = redis.call('HGET', doc, paths[1])
-  if old then size = size - #paths[1] - #old end
-  size = size + #paths[1] + #value
-  for j = 1, #missing do size = size + #missing[j] + 2 end
-  if size > max_bytes then
-    -- Too large: put the exact old text back (the only write a script undoes).
-    if old then redis.call('HSET', doc, paths[1], old) else redis.call('HDEL', doc, paths[1]) end
-    return 'too_large\n' .. nonce .. '\n' .. size
-  end
-  changes = {}
-  for j = 1, #missing do changes[missing[j]] = '{}' end
+  refused, value, size, changes = apply_increment(doc, paths, A[#A], stored, size, max_bytes)
+  if refused == 'too_large' then return 'too_large\n' .. nonce .. '\n' .. value end  -- (the size)
+  if type(refused) == 'string' then return reply('counter', version, refused) end
+  if refused then return refused end
 end
-
 if changes == nil and mode ~= 'D' then
-  -- Whole-document path: read every field, compute the new set, diff.
-  local flat = redis.call('HGETALL', doc)
-  local fields = {}
-  for i = 1, #flat, 2 do
-    local f = flat[i]
-    if string.byte(f, 1) == 34 then
-      fields[f] = flat[i + 1]
-    elseif f ~= '#v' and f ~= '#s' and f ~= '#m' then
-      return fail(doc, 'the hash has a field that is not a chatstate path')
-    end
-  end
-  local new = {}
-  if mode == 'e' then
-    for f, v in pairs(fields) do new[f] = v end
-    local function drop(p)
-      local old = new[p]
-      if old == '{}' then
-        local n = #p
-        for f in pairs(new) do
-          if string.sub(f, 1, n) == p then new[f] = nil end
-        end
-      elseif old ~= nil then
-        new[p] = nil
-      end
-    end
-    for j = 1, #kinds do
-      local p = paths[j]
-      if kinds[j] == 's' then
-        drop(p)
-        new[p] = values[j]
-      elseif kinds[j] == 'd' then
-        drop(p)
-      elseif new[p] ~= '{}' then
-        new[p] = '{}'
-      end
-    end
-  elseif mode == 'r' then
-    -- groups: path, number of ancestors, the ancestors' paths
-    local i = 1
-    while i <= #A do
-      local p, n = A[i], tonumber(A[i + 1])
-      local old = fields[p]
-      if old ~= nil then
-        if old == '{}' then
-          local len = #p
-          for f, v in pairs(fields) do
-            if string.sub(f, 1, len) == p then new[f] = v end
-          end
-        else
-          new[p] = old
-        end
-        for j = 1, n do new[A[i + 1 + j]] = '{}' end
-      end
-      i = i + 2 + n
-    end
-  elseif mode == 'x' then
-    if tonumber(expected) ~= version then return reply('conflict', 0) end
-    for i = 1, #A, 2 do new[A[i]] = A[i + 1] end
-  else
-    return redis.error_reply('chatstate: unknown mode')
-  end
-  changes = {}
-  size = 0
-  for f, v in pairs(new) do
-    size = size + #f + #v
-    if fields[f] ~= v then changes[f] = v end
-  end
-  for f in pairs(fields) do
-    if new[f] == nil then changes[f] = false end
-  end
+  refused, changes, size = rewrite(doc, mode, A, kinds, paths, values, expected, version)
+  if refused == 'conflict' then return reply('conflict', 0) end
+  if refused then return refused end
 end
-
 if size > max_bytes then
   return 'too_large\n' .. nonce .. '\n' .. size
 end
@@ -456,31 +574,14 @@ end
 if mode == 'D' then
   redis.call('DEL', doc)
   version = 0
-  record(0)
+  remember_op(0)
   want = false
   return reply('applied', 0)
 end
 version = version + 1
-local sets, dels = {'#v', version, '#s', size}, {}
-if schema ~= '' and tonumber(schema) ~= sschema then
-  sets[5], sets[6] = '#m', schema
-end
-for f, v in pairs(changes) do
-  if v then
-    sets[#sets + 1] = f
-    sets[#sets + 1] = v
-  else
-    dels[#dels + 1] = f
-  end
-end
-for s = 1, #dels, 1000 do
-  redis.call('HDEL', doc, unpack(dels, s, math.min(s + 999, #dels)))
-end
-for s = 1, #sets, 2000 do
-  redis.call('HSET', doc, unpack(sets, s, math.min(s + 1999, #sets)))
-end
-if ttl ~= '' then redis.call('PEXPIRE', doc, ttl) end
-record(version)
+local new_schema = schema ~= '' and tonumber(schema) ~= sschema and schema or nil
+store(doc, version, size, new_schema, changes, ttl)
+remember_op(version)
 return reply('applied', version, value)
 """.replace("TRIM_AT", str(OPS_TRIM_AT)).replace("REMEMBERED", str(REMEMBERED_OPS))
 )
