@@ -8,7 +8,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chatstate import MemoryBackend, RedisBackend, StateData, StateError, StateService
+from chatstate import (
+    MemoryBackend,
+    RedisBackend,
+    StateData,
+    StateError,
+    StateService,
+    StateTooLargeError,
+)
 from chatstate.state import stored_size
 from strategies import EDGE_FLOATS, EDGE_INTS, canonical, documents, json_values, patches
 
@@ -136,3 +143,18 @@ def test_size_limit_is_the_same_number_on_both(services) -> None:
         assert svc.update("lim", {"s": "x" * n})["s"] == "x" * n
         with pytest.raises(StateError):
             svc.update("lim", {"s": "x" * (n + 1)})
+
+
+@pytest.mark.redis
+def test_a_document_over_a_lowered_max_bytes_can_still_be_deleted(
+    redis_url: str, namespace: str
+) -> None:
+    """After max_bytes is lowered, delete() removes a document now over it, as in memory."""
+    for backend in (MemoryBackend(), RedisBackend.from_url(redis_url, namespace=namespace)):
+        StateService(backend).update("big", {"blob": "x" * 2000})
+        small = StateService(backend, StateData(max_bytes=500))
+        with pytest.raises(StateTooLargeError):
+            small.update("big", {"more": 1})
+        small.delete("big")
+        assert small.get("big") == {}
+        small.close()

@@ -566,7 +566,7 @@ if changes == nil and mode ~= 'D' then
   if refused == 'conflict' then return reply('conflict', 0) end
   if refused then return refused end
 end
-if size > max_bytes then
+if size > max_bytes and mode ~= 'D' then  -- a delete removes it, whatever its size
   return 'too_large\n' .. nonce .. '\n' .. size
 end
 
