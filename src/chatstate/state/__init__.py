@@ -6,6 +6,7 @@ so that a bot on the memory backend never loads redis-py.
 
 from typing import TYPE_CHECKING, Any
 
+from chatstate.state._async.manager import AsyncStateManager
 from chatstate.state._backend import (
     ERASED_PARTS,
     INT64_MAX,
@@ -41,7 +42,6 @@ from chatstate.state._backend import (
 )
 from chatstate.state._codec import stored_size
 from chatstate.state._crypto import FieldEncryption, secret_paths
-from chatstate.state._manager import AsyncStateManager, StateManager
 from chatstate.state._memory import AsyncMemoryBackend, MemoryBackend
 from chatstate.state._rules import Edit, StateData, apply_edits, diff, merge, parse_path
 from chatstate.state._service import (
@@ -56,6 +56,7 @@ from chatstate.state._service import (
     SyncServiceAsAsync,
 )
 from chatstate.state._sqlite import AsyncSqliteBackend, SqliteBackend
+from chatstate.state._sync.manager import StateManager
 
 __all__ = [
     "ERASED_PARTS",

@@ -12,6 +12,7 @@ from chatstate._actions import failing
 from chatstate._redact import redact
 from chatstate._retry import RetryPolicy
 from chatstate.exceptions import UsageError
+from chatstate.state._async.manager import AsyncStateManager
 from chatstate.state._backend import AsyncBackend, Backend, Document, Outcome, Snapshot
 from chatstate.state._manager import (
     ASSIGN,
@@ -23,13 +24,12 @@ from chatstate.state._manager import (
     RESET,
     SET_PRESERVED,
     UPDATE,
-    AsyncStateManager,
-    StateManager,
     TransactionFn,
     _ClaimCore,
 )
 from chatstate.state._memory import AsyncMemoryBackend, MemoryBackend
 from chatstate.state._rules import StateData
+from chatstate.state._sync.manager import StateManager
 from chatstate.typing import JSONObject, Path
 
 __all__ = [
