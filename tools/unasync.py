@@ -7,7 +7,7 @@ the module of the same name in the ``_sync/`` folder beside it, then sorts its
 imports and formats it with ruff, so the generated file passes ``make lint``.
 
 Where the twins must truly differ, the source calls a helper with an async and
-a sync variant (``aresolved`` and ``resolved`` in ``state/_manager.py``) and the
+a sync variant (``resolved_async`` and ``resolved_sync`` in ``state/_manager.py``) and the
 substitution below picks the sync one: the difference lives beside the helper,
 with its reason, and not in this script.
 
@@ -34,12 +34,16 @@ SUBS: list[tuple[str, str]] = [
     (r"Async([A-Z][A-Za-z0-9_]*)", r"\1"),
     (r"async def", "def"),
     (r"await ", ""),
+    (r"__aenter__", "__enter__"),
+    (r"__aexit__", "__exit__"),
     (r"aclose", "close"),
     # RetryPolicy's Retrying sleeps with asyncio.sleep in aretry(), time.sleep in retry().
     (r"aretry", "retry"),
-    # The helpers where the twins differ, each explained where it is defined.
-    (r"aresolved", "resolved"),
-    (r"check_async_backend", "check_sync_backend"),
+    # The helpers where the twins differ, each explained where it is defined:
+    # resolved_async -> resolved_sync, check_backend_async -> check_backend_sync, ...
+    (r"(\w+)_async", r"\1_sync"),
+    # The generated module imports the generated twins of its neighbours.
+    (r"chatstate\.(\w+)\._async\.", r"chatstate.\1._sync."),
 ]
 COMPILED = [(re.compile(rf"\b{pattern}\b"), repl) for pattern, repl in SUBS]
 

@@ -183,19 +183,19 @@ def observed(operation: str | None = None) -> Callable[[F], F]:
 # name: the async source calls the first of each pair, its generated sync twin the second.
 
 
-async def aresolved(result: T | Awaitable[T]) -> T:
+async def resolved_async(result: T | Awaitable[T]) -> T:
     """What an async transaction function returned, awaited if it was a coroutine function."""
     if inspect.isawaitable(result):
         return await result
     return result
 
 
-def resolved(result: T) -> T:
+def resolved_sync(result: T) -> T:
     """What a sync transaction function returned: it cannot be awaitable, nothing to wait for."""
     return result
 
 
-def check_async_backend(backend: object) -> None:
+def check_backend_async(backend: object) -> None:
     """Refuse a backend whose ``apply`` is not a coroutine function (the sync twin's)."""
     if not inspect.iscoroutinefunction(getattr(backend, "apply", None)):
         raise UsageError(
@@ -203,7 +203,7 @@ def check_async_backend(backend: object) -> None:
         )
 
 
-def check_sync_backend(backend: object) -> None:
+def check_backend_sync(backend: object) -> None:
     """Refuse a non-backend, or one whose ``apply`` is a coroutine function (the async twin's)."""
     apply = getattr(backend, "apply", None)
     if not callable(apply):

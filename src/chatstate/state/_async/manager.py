@@ -26,9 +26,9 @@ from chatstate.state._manager import (
     _attempts,
     _ClaimCore,
     _ManagerCore,
-    aresolved,
-    check_async_backend,
+    check_backend_async,
     observed,
+    resolved_async,
 )
 from chatstate.state._rules import StateData, copy_json
 
@@ -67,7 +67,7 @@ class AsyncStateManager(_ManagerCore):
         retry: RetryPolicy | None = None,
         claim_retry: RetryPolicy | None = None,
     ) -> None:
-        check_async_backend(backend)
+        check_backend_async(backend)
         super().__init__(
             rules,
             ttl,
@@ -184,7 +184,7 @@ class AsyncStateManager(_ManagerCore):
                     current = await self.migrate_stored(uid, current)
                     stored = None  # its ciphertexts are not at hand: seal afresh
                 draft = copy_json(current.data)
-                result = await aresolved(fn(draft))
+                result = await resolved_async(fn(draft))
                 write = self.seal(uid, self.replace_write(current, draft, result), stored)
                 outcome = await self.backend.apply(uid, write)
                 if outcome.status == "newer_schema":

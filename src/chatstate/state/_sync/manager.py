@@ -27,9 +27,9 @@ from chatstate.state._manager import (
     _attempts,
     _ClaimCore,
     _ManagerCore,
-    check_sync_backend,
+    check_backend_sync,
     observed,
-    resolved,
+    resolved_sync,
 )
 from chatstate.state._rules import StateData, copy_json
 
@@ -68,7 +68,7 @@ class StateManager(_ManagerCore):
         retry: RetryPolicy | None = None,
         claim_retry: RetryPolicy | None = None,
     ) -> None:
-        check_sync_backend(backend)
+        check_backend_sync(backend)
         super().__init__(
             rules,
             ttl,
@@ -185,7 +185,7 @@ class StateManager(_ManagerCore):
                     current = self.migrate_stored(uid, current)
                     stored = None  # its ciphertexts are not at hand: seal afresh
                 draft = copy_json(current.data)
-                result = resolved(fn(draft))
+                result = resolved_sync(fn(draft))
                 write = self.seal(uid, self.replace_write(current, draft, result), stored)
                 outcome = self.backend.apply(uid, write)
                 if outcome.status == "newer_schema":
