@@ -7,7 +7,7 @@ the module of the same name in the ``_sync/`` folder beside it, then sorts its
 imports and formats it with ruff, so the generated file passes ``make lint``.
 
 Where the twins must truly differ, the source calls a helper with an async and
-a sync variant (``resolved_async`` and ``resolved_sync`` in ``state/_manager.py``) and the
+a sync variant (``resolved_async`` and ``resolved_sync`` in ``chatstate/_twins.py``) and the
 substitution below picks the sync one: the difference lives beside the helper,
 with its reason, and not in this script.
 
@@ -33,10 +33,13 @@ SUBS: list[tuple[str, str]] = [
     # their prefix: AsyncStateManager -> StateManager, AsyncBackend -> Backend.
     (r"Async([A-Z][A-Za-z0-9_]*)", r"\1"),
     (r"async def", "def"),
+    (r"async with", "with"),
     (r"await ", ""),
     (r"__aenter__", "__enter__"),
     (r"__aexit__", "__exit__"),
-    (r"aclose", "close"),
+    # The public functions and methods whose asyncio twin is named with an "a" prefix.
+    (r"a(close|set_jwt_token|clear_jwt_token|get_valid_token)", r"\1"),
+    (r"asynccontextmanager", "contextmanager"),
     # RetryPolicy's Retrying sleeps with asyncio.sleep in aretry(), time.sleep in retry().
     (r"aretry", "retry"),
     # The helpers where the twins differ, each explained where it is defined:

@@ -183,18 +183,6 @@ def observed(operation: str | None = None) -> Callable[[F], F]:
 # name: the async source calls the first of each pair, its generated sync twin the second.
 
 
-async def resolved_async(result: T | Awaitable[T]) -> T:
-    """What an async transaction function returned, awaited if it was a coroutine function."""
-    if inspect.isawaitable(result):
-        return await result
-    return result
-
-
-def resolved_sync(result: T) -> T:
-    """What a sync transaction function returned: it cannot be awaitable, nothing to wait for."""
-    return result
-
-
 def check_backend_async(backend: object) -> None:
     """Refuse a backend whose ``apply`` is not a coroutine function (the sync twin's)."""
     if not inspect.iscoroutinefunction(getattr(backend, "apply", None)):

@@ -13,6 +13,7 @@ from datetime import timedelta
 from chatstate._actions import failing, relabel
 from chatstate._durations import to_ms
 from chatstate._retry import RetryPolicy
+from chatstate._twins import resolved_async
 from chatstate.exceptions import OutcomeUnknown, StateError
 from chatstate.state._backend import AsyncBackend, Outcome, Snapshot, Write
 from chatstate.state._manager import (
@@ -28,7 +29,6 @@ from chatstate.state._manager import (
     _ManagerCore,
     check_backend_async,
     observed,
-    resolved_async,
 )
 from chatstate.state._rules import StateData, copy_json
 

@@ -14,6 +14,7 @@ from datetime import timedelta
 from chatstate._actions import failing, relabel
 from chatstate._durations import to_ms
 from chatstate._retry import RetryPolicy
+from chatstate._twins import resolved_sync
 from chatstate.exceptions import OutcomeUnknown, StateError
 from chatstate.state._backend import Backend, Outcome, Snapshot, Write
 from chatstate.state._manager import (
@@ -29,7 +30,6 @@ from chatstate.state._manager import (
     _ManagerCore,
     check_backend_sync,
     observed,
-    resolved_sync,
 )
 from chatstate.state._rules import StateData, copy_json
 
