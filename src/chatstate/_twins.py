@@ -7,11 +7,13 @@ twin. So each difference, and the reason for it, is written here once.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import time
 from collections.abc import Awaitable
 from typing import TypeVar
 
-__all__ = ["resolved_async", "resolved_sync"]
+__all__ = ["monotonic_async", "monotonic_sync", "resolved_async", "resolved_sync"]
 
 T = TypeVar("T")
 
@@ -30,3 +32,13 @@ async def resolved_async(result: T | Awaitable[T]) -> T:
 def resolved_sync(result: T) -> T:
     """What a user's callable returned: the sync twins take plain functions only."""
     return result
+
+
+def monotonic_async() -> float:
+    """The running event loop's clock: the one its sleeps and timeouts follow."""
+    return asyncio.get_running_loop().time()
+
+
+def monotonic_sync() -> float:
+    """The monotonic clock ``time.sleep`` waits on."""
+    return time.monotonic()
