@@ -10,7 +10,6 @@ that adds the backend calls (and the sleeps between retries, which
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import inspect
 import os
@@ -18,12 +17,11 @@ import unicodedata
 from base64 import urlsafe_b64encode
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import timedelta
-from typing import Any, Final, TypeVar, cast
+from typing import Any, Final
 
 import attrs
 
 from chatstate import _retry
-from chatstate import observe as _observe
 from chatstate._durations import to_ms
 from chatstate._retry import Retrying, RetryPolicy
 from chatstate.exceptions import (
@@ -63,8 +61,6 @@ from chatstate.typing import JSONObject, Path
 
 __all__ = ["digest_text", "request_digest"]
 
-T = TypeVar("T")
-F = TypeVar("F", bound=Callable[..., Any])
 
 READ: Final = "Failed to read state"
 UPDATE: Final = "Failed to update state"
@@ -128,55 +124,14 @@ OPERATIONS: Final = {
 }
 
 
-def _outcome(result: Any) -> str:
+def outcome_name(result: Any) -> str:
     status = getattr(result, "status", None)
     return str(status) if status is not None else "read"
 
 
-def observed(operation: str | None = None) -> Callable[[F], F]:
-    """Report a manager method to the observers (:mod:`chatstate.observe`), if any.
-
-    With no observer registered this costs one truth test. ``operation`` names
-    the operation; ``None`` takes it from the method's ``action`` argument.
-    """
-
-    def wrap(method: F) -> F:
-        def name(args: tuple[Any, ...]) -> str:
-            return operation or OPERATIONS.get(args[2], "write")
-
-        if inspect.iscoroutinefunction(method):
-
-            @functools.wraps(method)
-            async def run_async(self: Any, *args: Any, **kwargs: Any) -> Any:
-                if not _observe._observers:  # noqa: SLF001 - the hot path's one check
-                    return await method(self, *args, **kwargs)
-                watch = _observe.Watch(name((self, *args)), self.backend)
-                try:
-                    result = await method(self, *args, **kwargs)
-                except BaseException as exc:
-                    watch.end("error", exc)
-                    raise
-                watch.end(_outcome(result))
-                return result
-
-            return cast("F", run_async)
-
-        @functools.wraps(method)
-        def run(self: Any, *args: Any, **kwargs: Any) -> Any:
-            if not _observe._observers:  # noqa: SLF001 - the hot path's one check
-                return method(self, *args, **kwargs)
-            watch = _observe.Watch(name((self, *args)), self.backend)
-            try:
-                result = method(self, *args, **kwargs)
-            except BaseException as exc:
-                watch.end("error", exc)
-                raise
-            watch.end(_outcome(result))
-            return result
-
-        return cast("F", run)
-
-    return wrap
+def operation_name(operation: str | None, args: tuple[Any, ...]) -> str:
+    """What an observed manager call reports: ``operation``, else its ``action`` argument's."""
+    return operation or OPERATIONS.get(args[1], "write")
 
 
 # Where the twins differ, each has its own variant here and tools/unasync.py swaps the

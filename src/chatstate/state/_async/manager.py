@@ -7,9 +7,12 @@ is generated from it by ``tools/unasync.py``. Edit this one, then ``make unasync
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from datetime import timedelta
+from typing import Any, TypeVar, cast
 
+from chatstate import observe as _observe
 from chatstate._actions import failing, relabel
 from chatstate._durations import to_ms
 from chatstate._retry import RetryPolicy
@@ -28,11 +31,40 @@ from chatstate.state._manager import (
     _ClaimCore,
     _ManagerCore,
     check_backend_async,
-    observed,
+    operation_name,
+    outcome_name,
 )
 from chatstate.state._rules import StateData, copy_json
 
 __all__ = ["AsyncStateManager"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def observed_async(operation: str | None = None) -> Callable[[F], F]:
+    """Report a manager method to the observers (:mod:`chatstate.observe`), if any.
+
+    With no observer registered this costs one truth test. ``operation`` names
+    the operation; ``None`` takes it from the method's ``action`` argument.
+    """
+
+    def wrap(method: F) -> F:
+        @functools.wraps(method)
+        async def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if not _observe._observers:  # noqa: SLF001 - the hot path's one check
+                return await method(self, *args, **kwargs)
+            watch = _observe.Watch(operation_name(operation, args), self.backend)
+            try:
+                result = await method(self, *args, **kwargs)
+            except BaseException as exc:
+                watch.end("error", exc)
+                raise
+            watch.end(outcome_name(result))
+            return result
+
+        return cast("F", run)
+
+    return wrap
 
 
 class AsyncStateManager(_ManagerCore):
@@ -82,7 +114,7 @@ class AsyncStateManager(_ManagerCore):
     def __repr__(self) -> str:
         return f"<AsyncStateManager backend={self.backend!r}>"
 
-    @observed("get")
+    @observed_async("get")
     async def load(self, user_id: str) -> Snapshot:
         """Return the user's document and version (``{}`` and 0 when there is none).
 
@@ -100,7 +132,7 @@ class AsyncStateManager(_ManagerCore):
             raise
         return snapshot
 
-    @observed()
+    @observed_async()
     async def apply(self, user_id: str, action: str, make: Callable[[], Write]) -> Outcome:
         """Validate, then apply one write; errors start with ``action``."""
         try:
@@ -163,7 +195,7 @@ class AsyncStateManager(_ManagerCore):
             raise self.conflict(self.resend_limit)
         return outcome
 
-    @observed("transaction")
+    @observed_async("transaction")
     async def transaction(
         self, user_id: str, fn: AsyncTransactionFn, *, max_attempts: int | None = None
     ) -> Snapshot:
@@ -199,7 +231,7 @@ class AsyncStateManager(_ManagerCore):
                 if not await retrying.aretry("conflict"):
                     raise self.conflict(retrying.attempt)
 
-    @observed("claim")
+    @observed_async("claim")
     async def claim(
         self,
         user_id: str,
@@ -232,7 +264,7 @@ class AsyncStateManager(_ManagerCore):
                 if not await retrying.aretry("busy", at_most=outcome.retry_after_ms / 1000):
                     raise self.busy(outcome, retrying.elapsed)
 
-    @observed("commit")
+    @observed_async("commit")
     async def commit(self, claim: _ClaimCore) -> Outcome:
         """Write the claim's staged changes, remember its op id and release it.
 
@@ -265,7 +297,7 @@ class AsyncStateManager(_ManagerCore):
                 await self.release(claim)
             raise
 
-    @observed("release")
+    @observed_async("release")
     async def release(self, claim: _ClaimCore) -> None:
         """Give the claim up without recording anything (the message may come again)."""
         if claim.state != "open":
