@@ -1,7 +1,8 @@
 # Two commands for a fresh machine with Python 3.11+ and make:
 #   make demo   - run the demo bot on the in-memory backend (no server needed)
 #   make test   - lint, type-check and run the whole test suite
-# Others: make docs (the site, into site/), make dist (sdist and wheel, checked),
+# Others: make unasync (regenerate the sync twins from their _async/ sources),
+#   make docs (the site, into site/), make dist (sdist and wheel, checked),
 #   make mindeps (the core suite against the oldest allowed runtime dependencies),
 #   make mutation (mutmut over the merge rules, op-id handling, manager writes and router
 #   core; slow, not in make test)
@@ -9,7 +10,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint typecheck pytest wheel-check bench docs dist mindeps mutation clean
+.PHONY: demo test lint typecheck unasync pytest wheel-check bench docs dist mindeps mutation clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +42,12 @@ demo: $(VENV)/.demo-installed
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check src tests examples benchmarks typing_tests tools
 	$(BIN)/ruff format --check src tests examples benchmarks typing_tests tools
+	$(BIN)/python tools/unasync.py --check
+
+# The sync twins (each _sync/ module) rewritten from their asyncio sources in _async/:
+# edit the _async module, then run this. `make lint` fails while a twin is out of date.
+unasync: $(VENV)/.test-installed
+	$(BIN)/python tools/unasync.py
 
 typecheck: $(VENV)/.test-installed
 	$(BIN)/mypy src typing_tests

@@ -24,7 +24,7 @@ from typing import Any
 
 from chatstate import StateService
 from chatstate.observe import LoggingObserver, Observer, add_observer, remove_observer
-from chatstate.state._manager import StateManager
+from chatstate.state import StateManager
 
 
 @contextlib.contextmanager

@@ -49,7 +49,7 @@ from chatstate.auth import (
     read_token,
     set_jwt_token,
 )
-from chatstate.exceptions import RedactedError
+from chatstate.exceptions import RedactedError, UsageError
 from conftest import register_secret
 from strategies import patches
 
@@ -510,6 +510,26 @@ def test_async_api_client() -> None:
         await aset_jwt_token(user, make_token(jti="2"))
         await client.logout()
         assert client.jwt_token is None
+
+    asyncio.run(main())
+
+
+def test_cached_user_twins_read_the_document_once() -> None:
+    """load() and state give one cached state; only the asyncio twin needs load() first."""
+    store = MemoryBackend()
+    svc = StateService(store, RULES)
+    svc.update("u", {"a": 1})
+    user = CachedUser("u", svc)
+    assert user.state is user.load() is user.load()
+    assert user.state["a"] == 1
+
+    async def main() -> None:
+        auser = AsyncCachedUser("u", AsyncStateService(AsyncMemoryBackend(store), RULES))
+        with pytest.raises(UsageError, match="load"):
+            _ = auser.state
+        state = await auser.load()
+        assert auser.state is state is await auser.load()
+        assert state["a"] == 1
 
     asyncio.run(main())
 

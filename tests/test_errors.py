@@ -136,7 +136,7 @@ def test_per_user_tables_in_memory_do_not_grow_with_users() -> None:
             pass
         svc.claim(f"user-{i}", f"m{i}").commit()
     assert len(store._locks) == 0
-    assert len(_tokens._local_locks) == 0
+    assert len(_tokens._local_locks_sync) == 0
     assert len(store._users) == 10_000
     now[0] += 2
     svc.update("last", {"a": 1})  # any write reclaims what expired

@@ -330,7 +330,7 @@ def test_busy_after_an_unknown_outcome_stays_unknown() -> None:
     """Once an attempt's outcome is unknown, a BUSY answer to the re-send is OutcomeUnknown."""
     from redis.exceptions import BusyLoadingError, ResponseError
 
-    from chatstate.state._manager import StateManager
+    from chatstate.state import StateManager
     from chatstate.state._memory import MemoryBackend
     from chatstate.state._redis import map_redis_errors
 
@@ -344,7 +344,7 @@ def test_busy_after_an_unknown_outcome_stays_unknown() -> None:
 
 def test_a_client_bug_is_not_disguised_as_an_unknown_outcome() -> None:
     """AttributeError, TypeError and RuntimeError from the client pass through as they are."""
-    from chatstate.state._manager import StateManager
+    from chatstate.state import StateManager
     from chatstate.state._memory import MemoryBackend
     from chatstate.state._redis import map_redis_errors
 

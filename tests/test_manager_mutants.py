@@ -55,8 +55,9 @@ from chatstate import (
     UsageError,
 )
 from chatstate._durations import _to_ms, to_ms
+from chatstate.state import AsyncStateManager, StateManager
 from chatstate.state._backend import Acquire, Delete, Release, Reset, new_op_id
-from chatstate.state._manager import AsyncStateManager, StateManager, digest_text
+from chatstate.state._manager import digest_text
 
 
 def _manager(**options: object) -> StateManager:

@@ -19,7 +19,7 @@ from chatstate import (
     StateService,
 )
 from chatstate.auth import TokenInfo, fingerprint, get_jwt_token, read_token
-from chatstate.state import AsyncCachedState
+from chatstate.state import AsyncCachedState, CachedState
 
 
 def sync_api(svc: StateService) -> None:
@@ -39,6 +39,7 @@ def sync_api(svc: StateService) -> None:
     assert_type(svc.transaction("u", lambda doc: {**doc, "n": 1}), dict[str, Any])
     assert_type(svc.user("u"), CachedUser)
     assert_type(svc.user("u").state.version, int)
+    assert_type(svc.user("u").load(), CachedState)
     assert_type(svc.user("u").jwt_token, str | None)
     assert_type(svc.rules, StateData)
     assert_type(StateService(MemoryBackend()), StateService)

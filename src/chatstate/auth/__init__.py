@@ -8,18 +8,11 @@ contents the bot must not trust) or verified (:class:`TokenVerifier`). Logs and
 reprs show a :func:`fingerprint`, never the token.
 """
 
+from chatstate.auth._async.tokens import aclear_jwt_token, aget_valid_token, aset_jwt_token
+from chatstate.auth._clients import ApiClient, AsyncApiClient
 from chatstate.auth._jwt import TokenInfo, TokenVerifier, fingerprint, read_token
-from chatstate.auth._tokens import (
-    ApiClient,
-    AsyncApiClient,
-    aclear_jwt_token,
-    aget_valid_token,
-    aset_jwt_token,
-    clear_jwt_token,
-    get_jwt_token,
-    get_valid_token,
-    set_jwt_token,
-)
+from chatstate.auth._sync.tokens import clear_jwt_token, get_valid_token, set_jwt_token
+from chatstate.auth._tokens import get_jwt_token
 
 __all__ = [
     "ApiClient",

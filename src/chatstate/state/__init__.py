@@ -6,6 +6,13 @@ so that a bot on the memory backend never loads redis-py.
 
 from typing import TYPE_CHECKING, Any
 
+from chatstate.state._async.manager import AsyncStateManager
+from chatstate.state._async.service import (
+    AsyncCachedState,
+    AsyncCachedUser,
+    AsyncClaim,
+    AsyncStateService,
+)
 from chatstate.state._backend import (
     ERASED_PARTS,
     INT64_MAX,
@@ -41,21 +48,12 @@ from chatstate.state._backend import (
 )
 from chatstate.state._codec import stored_size
 from chatstate.state._crypto import FieldEncryption, secret_paths
-from chatstate.state._manager import AsyncStateManager, StateManager
 from chatstate.state._memory import AsyncMemoryBackend, MemoryBackend
 from chatstate.state._rules import Edit, StateData, apply_edits, diff, merge, parse_path
-from chatstate.state._service import (
-    AsyncCachedState,
-    AsyncCachedUser,
-    AsyncClaim,
-    AsyncStateService,
-    CachedState,
-    CachedUser,
-    Claim,
-    StateService,
-    SyncServiceAsAsync,
-)
 from chatstate.state._sqlite import AsyncSqliteBackend, SqliteBackend
+from chatstate.state._sync.manager import StateManager
+from chatstate.state._sync.service import CachedState, CachedUser, Claim, StateService
+from chatstate.state._sync_as_async import SyncServiceAsAsync
 
 __all__ = [
     "ERASED_PARTS",

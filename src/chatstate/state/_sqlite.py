@@ -12,11 +12,10 @@ import asyncio
 import contextlib
 import json
 import os
-import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Final, Literal
 
 from chatstate.exceptions import (
@@ -24,12 +23,11 @@ from chatstate.exceptions import (
     BackendUnavailable,
     ConfigurationError,
     CorruptStateError,
-    LockLostError,
-    LockTimeoutError,
     StoreBusyError,
     StoreFullError,
     UsageError,
 )
+from chatstate.state._async.leases import hold_lease_async
 from chatstate.state._backend import (
     UNCHANGED,
     Acquire,
@@ -45,6 +43,7 @@ from chatstate.state._backend import (
     check_deadline,
     check_limit,
 )
+from chatstate.state._sync.leases import hold_lease_sync
 from chatstate.typing import JSONObject
 
 __all__ = ["AsyncSqliteBackend", "SqliteBackend"]
@@ -623,8 +622,9 @@ class SqliteBackend:
             )
             return bool(row[0] > now)
 
-    @contextlib.contextmanager
-    def lock(self, user_id: str, name: str, *, lease: float, wait: float) -> Iterator[None]:
+    def lock(
+        self, user_id: str, name: str, *, lease: float, wait: float
+    ) -> contextlib.AbstractContextManager[None]:
         """Hold the user's lock ``name`` across threads and processes on this file.
 
         A row in the locks table with a lease: it is taken when free or lapsed,
@@ -637,37 +637,7 @@ class SqliteBackend:
                 holder may have run meanwhile); raised when the block ends
                 without an error of its own.
         """
-        token = secrets.token_hex(16)
-        give_up = time.monotonic() + max(wait, 0)
-        pause = 0.002
-        while not self.try_lock(user_id, name, token, lease):
-            left = give_up - time.monotonic()
-            if left <= 0:
-                raise LockTimeoutError(f"another holder kept the {name!r} lock for {wait} s")
-            time.sleep(min(pause, left))
-            pause = min(pause * 2, 0.05)
-        failed = False
-        try:
-            yield
-        except BaseException:
-            failed = True
-            raise
-        finally:
-            try:
-                ours = self.unlock(user_id, name, token)
-            except Exception:
-                if not failed:
-                    raise
-                ours = True  # the block's own error matters more; the lease lapses anyway
-            if not ours and not failed:
-                raise _lock_lost(name, lease)
-
-
-def _lock_lost(name: str, lease: float) -> LockLostError:
-    return LockLostError(
-        f"the {name!r} lock expired while held (lease {lease} s); "
-        "another holder may have run at the same time"
-    )
+        return hold_lease_sync(self, user_id, name, lease=lease, wait=wait)
 
 
 class AsyncSqliteBackend:
@@ -727,7 +697,7 @@ class AsyncSqliteBackend:
         """See :meth:`SqliteBackend.due`."""
         return await asyncio.to_thread(self.store.due, now_ms, limit)
 
-    async def _try_lock(self, user_id: str, name: str, token: str, lease: float) -> bool:
+    async def try_lock(self, user_id: str, name: str, token: str, lease: float) -> bool:
         """One attempt; a lock taken by an attempt whose caller was cancelled is given back."""
         store = self.store
         attempt = asyncio.ensure_future(
@@ -745,34 +715,12 @@ class AsyncSqliteBackend:
             attempt.add_done_callback(give_back)
             raise
 
-    @contextlib.asynccontextmanager
-    async def lock(
+    async def unlock(self, user_id: str, name: str, token: str) -> bool:
+        """See :meth:`SqliteBackend.unlock`."""
+        return await asyncio.to_thread(self.store.unlock, user_id, name, token)
+
+    def lock(
         self, user_id: str, name: str, *, lease: float, wait: float
-    ) -> AsyncIterator[None]:
+    ) -> contextlib.AbstractAsyncContextManager[None]:
         """The asyncio twin of :meth:`SqliteBackend.lock` (polls with ``asyncio.sleep``)."""
-        store = self.store
-        token = secrets.token_hex(16)
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + max(wait, 0)
-        pause = 0.002
-        while not await self._try_lock(user_id, name, token, lease):
-            left = give_up - loop.time()
-            if left <= 0:
-                raise LockTimeoutError(f"another holder kept the {name!r} lock for {wait} s")
-            await asyncio.sleep(min(pause, left))
-            pause = min(pause * 2, 0.05)
-        failed = False
-        try:
-            yield
-        except BaseException:
-            failed = True
-            raise
-        finally:
-            try:
-                ours = await asyncio.to_thread(store.unlock, user_id, name, token)
-            except Exception:
-                if not failed:
-                    raise
-                ours = True
-            if not ours and not failed:
-                raise _lock_lost(name, lease)
+        return hold_lease_async(self, user_id, name, lease=lease, wait=wait)

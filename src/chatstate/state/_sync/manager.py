@@ -1,0 +1,312 @@
+# Generated from src/chatstate/state/_async/manager.py by tools/unasync.py: do not edit.
+"""The state manager's I/O: the backend calls around the pure :class:`_ManagerCore`.
+
+This module is the one body of both twins: ``_sync/manager.py`` (``StateManager``)
+is generated from it by ``tools/unasync.py``. Edit this one, then ``make unasync``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, TypeVar, cast
+
+from chatstate import observe as _observe
+from chatstate._actions import failing, relabel
+from chatstate._durations import to_ms
+from chatstate._retry import RetryPolicy
+from chatstate._twins import resolved_sync
+from chatstate.exceptions import OutcomeUnknown, StateError
+from chatstate.state._backend import Backend, Outcome, Snapshot, Write
+from chatstate.state._manager import (
+    _SCHEMA_REFUSALS,
+    CLAIM,
+    COMMIT,
+    DEFAULT_DEDUPE,
+    READ,
+    TRANSACTION,
+    TransactionFn,
+    _attempts,
+    _ClaimCore,
+    _ManagerCore,
+    check_backend_sync,
+    operation_name,
+    outcome_name,
+)
+from chatstate.state._rules import StateData, copy_json
+
+__all__ = ["StateManager"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def observed_sync(operation: str | None = None) -> Callable[[F], F]:
+    """Report a manager method to the observers (:mod:`chatstate.observe`), if any.
+
+    With no observer registered this costs one truth test. ``operation`` names
+    the operation; ``None`` takes it from the method's ``action`` argument.
+    """
+
+    def wrap(method: F) -> F:
+        @functools.wraps(method)
+        def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if not _observe._observers:  # noqa: SLF001 - the hot path's one check
+                return method(self, *args, **kwargs)
+            watch = _observe.Watch(operation_name(operation, args), self.backend)
+            try:
+                result = method(self, *args, **kwargs)
+            except BaseException as exc:
+                watch.end("error", exc)
+                raise
+            watch.end(outcome_name(result))
+            return result
+
+        return cast("F", run)
+
+    return wrap
+
+
+class StateManager(_ManagerCore):
+    """Applies state operations atomically on a backend of its own kind (sync or asyncio).
+
+    Args:
+        backend: Where documents live.
+        rules: The merge rules; ``StateData()`` when omitted.
+        ttl: If set, a document expires this long after its last write.
+        dedupe_window: How long operation ids are remembered after a user's last write.
+        max_attempts: How often a transaction tries before ``ConflictError``
+            (8 when omitted); a shorthand for ``retry=RetryPolicy(attempts=...)``.
+        retry: How a transaction that lost its race tries again (attempts,
+            budget, backoff, hook); when omitted, 8 attempts 1 to 50 ms apart.
+        claim_retry: How a claim that found the user busy asks again within
+            its ``wait`` (its budget); when omitted, every 2 to 50 ms.
+
+    Raises:
+        UsageError: ``backend`` is of the other kind (asyncio for the sync
+            manager, sync for the asyncio one).
+        ConfigurationError: an option is out of range.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        rules: StateData | None = None,
+        *,
+        ttl: float | timedelta | None = None,
+        dedupe_window: float | timedelta = DEFAULT_DEDUPE,
+        max_attempts: int | None = None,
+        retry: RetryPolicy | None = None,
+        claim_retry: RetryPolicy | None = None,
+    ) -> None:
+        check_backend_sync(backend)
+        super().__init__(
+            rules,
+            ttl,
+            dedupe_window,
+            max_attempts,
+            backend,
+            retry=retry,
+            claim_retry=claim_retry,
+        )
+        self.backend = backend
+
+    def __repr__(self) -> str:
+        return f"<StateManager backend={self.backend!r}>"
+
+    @observed_sync("get")
+    def load(self, user_id: str) -> Snapshot:
+        """Return the user's document and version (``{}`` and 0 when there is none).
+
+        A document at an older schema is migrated and stored first.
+        """
+        try:
+            uid = self.user_id(user_id)
+            snapshot = self.backend.load(uid) or Snapshot({}, 0)
+            if self.cipher is not None:
+                snapshot = self.reveal(uid, snapshot)
+            if self.schema is not None and self.needs_migration(uid, snapshot):
+                snapshot = self.migrate_stored(uid, snapshot)
+        except StateError as exc:
+            relabel(exc, READ)
+            raise
+        return snapshot
+
+    @observed_sync()
+    def apply(self, user_id: str, action: str, make: Callable[[], Write]) -> Outcome:
+        """Validate, then apply one write; errors start with ``action``."""
+        try:
+            uid = self.user_id(user_id)
+            write = make()
+            if self.cipher is not None:
+                write = self.seal(uid, write)
+            outcome = self.backend.apply(uid, write)
+            if self.schema is not None and outcome.status in _SCHEMA_REFUSALS:
+                outcome = self.resend_migrated(uid, write, outcome)
+            return outcome if self.cipher is None else self.revealed(uid, outcome)
+        except StateError as exc:
+            relabel(exc, action)
+            raise
+
+    def migrate_stored(self, user_id: str, snapshot: Snapshot) -> Snapshot:
+        """Migrate the stored document read as ``snapshot`` and store it (compare-and-set).
+
+        A writer that changed it meanwhile wins: the document is read again and
+        migrated again, up to ``max_attempts`` times.
+
+        Raises:
+            MigrationError: a migration failed; nothing was written.
+            SchemaVersionError: the document is (now) at a newer schema.
+            ConflictError: it kept changing.
+        """
+        retrying = None
+        while True:
+            data = self.migrated(user_id, snapshot)
+            write = self.seal(user_id, self.migration_write(snapshot, data))
+            outcome = self.backend.apply(user_id, write)
+            if outcome.status == "applied":
+                return self.reveal(user_id, outcome.snapshot)
+            if outcome.status == "newer_schema":
+                raise self.newer(user_id, outcome.value)
+            snapshot = self.reveal(user_id, self.backend.load(user_id) or Snapshot({}, 0))
+            if not self.needs_migration(user_id, snapshot):
+                return snapshot
+            if retrying is None:
+                retrying = self.retry.begin("migration")
+            if not retrying.retry("conflict"):
+                raise self.conflict(retrying.attempt)
+
+    def resend_migrated(self, user_id: str, write: Write, outcome: Outcome) -> Outcome:
+        """Answer a write refused for its schema: migrate the document, then send it again.
+
+        The refused write was not remembered, so sending it again (same op key
+        and nonce) applies it once.
+        """
+        for _ in range(self.resend_limit):
+            if outcome.status == "newer_schema":
+                raise self.newer(user_id, outcome.value)
+            if outcome.status != "stale_schema":
+                return outcome
+            snapshot = self.reveal(user_id, self.backend.load(user_id) or Snapshot({}, 0))
+            if self.needs_migration(user_id, snapshot):
+                self.migrate_stored(user_id, snapshot)
+            outcome = self.backend.apply(user_id, write)
+        if outcome.status in _SCHEMA_REFUSALS:
+            raise self.conflict(self.resend_limit)
+        return outcome
+
+    @observed_sync("transaction")
+    def transaction(
+        self, user_id: str, fn: TransactionFn, *, max_attempts: int | None = None
+    ) -> Snapshot:
+        """Run ``fn`` on the document and store its result if nothing changed meanwhile.
+
+        See :meth:`chatstate.StateService.transaction`.
+        """
+        if max_attempts is not None:
+            _attempts(max_attempts)  # refused before anything runs, not at the first conflict
+        with failing(TRANSACTION):
+            uid = self.user_id(user_id)
+            stored: Snapshot | None = self.backend.load(uid) or Snapshot({}, 0)
+            assert stored is not None
+            current = self.reveal(uid, stored)
+            retrying = None
+            while True:
+                if self.schema is not None and self.needs_migration(uid, current):
+                    current = self.migrate_stored(uid, current)
+                    stored = None  # its ciphertexts are not at hand: seal afresh
+                draft = copy_json(current.data)
+                result = resolved_sync(fn(draft))
+                write = self.seal(uid, self.replace_write(current, draft, result), stored)
+                outcome = self.backend.apply(uid, write)
+                if outcome.status == "newer_schema":
+                    raise self.newer(uid, outcome.value)
+                stored = outcome.snapshot
+                outcome = self.revealed(uid, outcome)
+                if outcome.status != "conflict":
+                    return outcome.snapshot
+                current = outcome.snapshot
+                if retrying is None:
+                    retrying = self.retrying(max_attempts)
+                if not retrying.retry("conflict"):
+                    raise self.conflict(retrying.attempt)
+
+    @observed_sync("claim")
+    def claim(
+        self,
+        user_id: str,
+        op_id: str | None,
+        *,
+        purpose: str,
+        fingerprint: str | None,
+        lease: float | timedelta,
+        wait: float | timedelta,
+    ) -> _ClaimCore:
+        """Take the user's claim for ``op_id``, waiting up to ``wait`` while another holds it."""
+        with failing(CLAIM):
+            uid = self.user_id(user_id)
+            lease_ms = to_ms(lease, "lease")
+            wait_ms = to_ms(wait, "wait") if wait else 0
+            assert lease_ms is not None
+            write = self.acquire_write(
+                op_id, purpose=purpose, fingerprint=fingerprint, lease_ms=lease_ms
+            )
+            retrying = None
+            while True:
+                outcome = self.backend.apply(uid, write)
+                if outcome.status != "busy":
+                    claim = _ClaimCore(self, uid, write, self.revealed(uid, outcome))
+                    if self.schema is not None:
+                        self._migrate_claimed(claim)
+                    return claim
+                if retrying is None:
+                    retrying = self.claim_retrying(wait_ms or 0)
+                if not retrying.retry("busy", at_most=outcome.retry_after_ms / 1000):
+                    raise self.busy(outcome, retrying.elapsed)
+
+    @observed_sync("commit")
+    def commit(self, claim: _ClaimCore) -> Outcome:
+        """Write the claim's staged changes, remember its op id and release it.
+
+        A refused commit (too large, corrupt data, nothing sent) releases the
+        claim; after ``OutcomeUnknown`` the claim stays open so that calling
+        ``commit()`` again settles it.
+        """
+        with failing(COMMIT):
+            claim._open()  # noqa: SLF001 - the claim's own check
+            try:
+                write = self.seal(claim.user_id, self.commit_write(claim))
+                outcome = self.backend.apply(claim.user_id, write)
+                if self.schema is not None and outcome.status in _SCHEMA_REFUSALS:
+                    outcome = self.resend_migrated(claim.user_id, write, outcome)
+            except OutcomeUnknown:
+                raise
+            except StateError:
+                with contextlib.suppress(StateError):
+                    self.release(claim)
+                raise
+            return claim.settle_commit(outcome)
+
+    def _migrate_claimed(self, claim: _ClaimCore) -> None:
+        """Hand the claim's holder a migrated document (releasing the claim on failure)."""
+        try:
+            if self.needs_migration(claim.user_id, claim.snapshot):
+                claim.snapshot = self.migrate_stored(claim.user_id, claim.snapshot)
+        except StateError:
+            with contextlib.suppress(StateError):
+                self.release(claim)
+            raise
+
+    @observed_sync("release")
+    def release(self, claim: _ClaimCore) -> None:
+        """Give the claim up without recording anything (the message may come again)."""
+        if claim.state != "open":
+            return
+        claim.state = "done"
+        with failing(COMMIT):
+            self.backend.apply(claim.user_id, self.release_write(claim))
+
+    def close(self) -> None:
+        """Close the backend."""
+        self.backend.close()

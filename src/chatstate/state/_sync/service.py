@@ -1,0 +1,520 @@
+# Generated from src/chatstate/state/_async/service.py by tools/unasync.py: do not edit.
+"""The state service, its claims and cached users: the I/O around :mod:`._service`.
+
+This module is the one body of both twins: ``_sync/service.py`` (``StateService``,
+``Claim``, ``CachedState``, ``CachedUser``) is generated from it by
+``tools/unasync.py``. Edit this one, then ``make unasync``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from datetime import timedelta
+from types import TracebackType
+from typing import Any, Self
+
+from chatstate._actions import failing
+from chatstate._retry import RetryPolicy
+from chatstate.state._backend import Backend, Document, Outcome, Snapshot
+from chatstate.state._manager import (
+    ASSIGN,
+    DEFAULT_DEDUPE,
+    DEFAULT_LEASE,
+    DEFAULT_WAIT,
+    DELETE,
+    INCREMENT,
+    RESET,
+    SET_PRESERVED,
+    UPDATE,
+    TransactionFn,
+    _ClaimCore,
+)
+from chatstate.state._memory import MemoryBackend
+from chatstate.state._rules import StateData
+from chatstate.state._service import (
+    CLAIM_PURPOSE,
+    ERASE,
+    _CachedStateView,
+    _ClaimBase,
+    _counter_value,
+    _eraser,
+    _export,
+    cached_state_sync,
+)
+from chatstate.state._sync.manager import StateManager
+from chatstate.typing import JSONObject, Path
+
+__all__ = ["CachedState", "CachedUser", "Claim", "StateService"]
+
+log = logging.getLogger("chatstate.state")
+
+
+class StateService:
+    """Read and update one JSON document per user, atomically.
+
+    Every write is one atomic operation on the backend and bumps the document's
+    version by one. Reads return copies: changing them changes nothing stored.
+
+    Args:
+        backend: Where documents live; a new :class:`MemoryBackend` when omitted.
+        rules: The merge rules (preserved and replaced fields, limits).
+        ttl: If set, a user's document expires this long after its last write
+            (seconds or a ``timedelta``). Reads do not extend it.
+        dedupe_window: How long operation ids are remembered after a user's
+            last write (see :data:`~chatstate.state.REMEMBERED_OPS`).
+        max_attempts: How often :meth:`transaction` tries before ``ConflictError``
+            (8 when omitted); a shorthand for ``retry=RetryPolicy(attempts=...)``.
+        retry: How :meth:`transaction` tries again after a lost race (a
+            :class:`~chatstate.RetryPolicy`: attempts, budget, backoff, hook).
+        claim_retry: How :meth:`claim` asks again, within its ``wait``, while
+            another message of the user is being handled.
+
+    Raises:
+        UsageError: ``backend`` is of the other kind (asyncio for the sync
+            service, sync for the asyncio one).
+        ConfigurationError: an option is out of range.
+
+    Examples:
+        With the sync twin:
+
+        >>> from chatstate import StateService, StateData
+        >>> svc = StateService(rules=StateData(preserved=["jwt_token"]))
+        >>> svc.update("alice", {"step": "ask_name", "cart": {"apples": 2}})
+        {'step': 'ask_name', 'cart': {'apples': 2}}
+        >>> svc.update("alice", {"cart": {"pears": 1}, "step": None})
+        {'cart': {'apples': 2, 'pears': 1}}
+    """
+
+    def __init__(
+        self,
+        backend: Backend | None = None,
+        rules: StateData | None = None,
+        *,
+        ttl: float | timedelta | None = None,
+        dedupe_window: float | timedelta = DEFAULT_DEDUPE,
+        max_attempts: int | None = None,
+        retry: RetryPolicy | None = None,
+        claim_retry: RetryPolicy | None = None,
+    ) -> None:
+        self.manager = StateManager(
+            backend if backend is not None else MemoryBackend(),
+            rules,
+            ttl=ttl,
+            dedupe_window=dedupe_window,
+            max_attempts=max_attempts,
+            retry=retry,
+            claim_retry=claim_retry,
+        )
+
+    def __repr__(self) -> str:
+        return f"<StateService backend={self.manager.backend!r}>"
+
+    @property
+    def rules(self) -> StateData:
+        """The merge rules this service applies."""
+        return self.manager.rules
+
+    def get(self, user_id: str) -> JSONObject:
+        """Return a copy of the user's document; ``{}`` for an unknown user."""
+        snapshot = self.manager.load(user_id)
+        return snapshot.data
+
+    def snapshot(self, user_id: str) -> Snapshot:
+        """Return the user's document together with its version."""
+        return self.manager.load(user_id)
+
+    def update(
+        self, user_id: str, patch: Mapping[str, Any], *, op_id: str | None = None
+    ) -> Document:
+        """Merge ``patch`` into the user's document atomically and return the result.
+
+        Objects merge, ``None`` deletes a key, lists and scalars replace
+        (RFC 7396), subject to the service's :class:`StateData` rules.
+
+        Args:
+            user_id: The user.
+            patch: A JSON object.
+            op_id: Identifies this write (for example a webhook message id). A
+                repeat of an id already applied within ``dedupe_window`` changes
+                nothing and returns the current document; see :meth:`update_once`
+                to learn which happened.
+
+        Returns:
+            The new document: a read-only mapping, decoded only when you read it
+            (``dict(doc)`` gives a plain dict).
+
+        Raises:
+            SerializationError: ``patch`` is not JSON; nothing was stored.
+            PreservedFieldError: ``patch`` names a preserved field.
+            StateTooLargeError: the result would exceed ``max_bytes``.
+            OpIdReusedError: ``op_id`` was used before for a different patch.
+            BackendError: the store failed.
+        """
+        return self.manager.document(self.update_once(user_id, patch, op_id=op_id))
+
+    def update_once(
+        self,
+        user_id: str,
+        patch: Mapping[str, Any],
+        *,
+        op_id: str | None,
+        if_version: int | None = None,
+        fingerprint: str | None = None,
+    ) -> Outcome:
+        """Like :meth:`update`, but say whether this call applied the patch.
+
+        Args:
+            user_id: The user.
+            patch: A JSON object.
+            op_id: See :meth:`update`.
+            if_version: Apply only if the document is still at this version
+                (0: no document yet); otherwise nothing is written and the
+                outcome is ``"conflict"`` with the current document.
+            fingerprint: What identifies the request behind ``op_id`` (by
+                default the patch itself). The same ``op_id`` with another
+                fingerprint raises :class:`~chatstate.OpIdReusedError`. Pass the
+                message's text when the patch is computed from state that may
+                have moved on (a redelivery then still counts as a duplicate).
+
+        Returns:
+            An :class:`Outcome` whose ``status`` is ``"applied"`` (also when an
+            earlier attempt of this very call applied it and the reply was
+            lost), ``"duplicate"`` when ``op_id`` had already been applied by
+            another call, or ``"conflict"``. Its snapshot is decoded when read.
+        """
+        make = lambda: self.manager.update_write(patch, op_id, if_version, fingerprint)  # noqa: E731
+        return self.manager.apply(user_id, UPDATE, make)
+
+    def assign(
+        self, user_id: str, values: Mapping[Any, Any], *, op_id: str | None = None
+    ) -> Document:
+        """Set each path to exactly the value given, atomically.
+
+        Unlike :meth:`update`, an object replaces what was there (nothing is
+        merged) and ``None`` is stored as JSON null. Keys are top-level field
+        names (a str is one key, dots and all) or tuples of keys; missing
+        parent objects are created.
+
+        Examples:
+            With the sync twin:
+
+            >>> from chatstate import StateService
+            >>> svc = StateService()
+            >>> _ = svc.update("u", {"form": {"a": 1, "b": 2}})
+            >>> svc.assign("u", {"form": {"c": 3}, ("meta", "seen"): None})
+            {'form': {'c': 3}, 'meta': {'seen': None}}
+
+        Raises:
+            PreservedFieldError: a path is, holds or lies under a preserved field.
+            SerializationError: a value is not JSON.
+        """
+        make = lambda: self.manager.assign_write(values, op_id)  # noqa: E731
+        return self.manager.document(self.manager.apply(user_id, ASSIGN, make))
+
+    def increment(
+        self, user_id: str, path: str | Path, by: int = 1, *, op_id: str | None = None
+    ) -> int:
+        """Add ``by`` to the integer at ``path`` atomically and return the new value.
+
+        A missing counter counts from 0, missing parent objects are created.
+        The value stays exact over the whole signed 64-bit range. ``path`` is a
+        dotted str (``"stats.visits"``) or a tuple of keys.
+
+        With an ``op_id`` seen before, nothing changes and the counter's
+        current value is returned.
+
+        Raises:
+            CounterError: the value (or a parent) is not an integer, or the
+                result would leave the signed 64-bit range; nothing was stored.
+            PreservedFieldError: ``path`` is, holds or lies under a preserved field.
+        """
+        make = lambda: self.manager.increment_write(path, by, op_id)  # noqa: E731
+        outcome = self.manager.apply(user_id, INCREMENT, make)
+        if outcome.value is not None:
+            return int(outcome.value)
+        return _counter_value(self.get(user_id), self.rules.increment_path(path))
+
+    def set_preserved(
+        self, user_id: str, path: str | Path, value: Any, *, op_id: str | None = None
+    ) -> Document:
+        """Set (or, with ``None``, remove) a field declared preserved in the rules.
+
+        Raises:
+            PreservedFieldError: ``path`` is not declared preserved.
+        """
+        make = lambda: self.manager.preserved_write(path, value, op_id)  # noqa: E731
+        return self.manager.document(self.manager.apply(user_id, SET_PRESERVED, make))
+
+    def reset(self, user_id: str, *, op_id: str | None = None) -> Document:
+        """Drop everything but the preserved fields; return what is left."""
+        make = lambda: self.manager.reset_write(op_id)  # noqa: E731
+        return self.manager.document(self.manager.apply(user_id, RESET, make))
+
+    def delete(self, user_id: str, *, op_id: str | None = None, force: bool = False) -> None:
+        """Remove the user's document, preserved fields included.
+
+        The operation ids the user's writes carried stay remembered (a late
+        redelivery is still recognised). ``force`` removes the document's
+        storage whatever it holds, also data that is not a chatstate document
+        (which every other call refuses to touch).
+        """
+        make = lambda: self.manager.delete_write(op_id, force=force)  # noqa: E731
+        self.manager.apply(user_id, DELETE, make)
+
+    def export(self, user_id: str, *, include_secrets: bool = False) -> JSONObject:
+        """Everything stored for the user, as a JSON-ready export.
+
+        ``{"chatstate_export": 1, "user_id", "version", "secrets", "document"}``:
+        preserved fields and values that look secret (``token``, ``password``,
+        ...) are replaced by ``"<secret sha256:...>"`` fingerprints unless
+        ``include_secrets``. A user with nothing stored exports version 0 and an
+        empty document. A document stored at a schema version other than 1
+        (``StateData(schema_version=...)``) also carries ``"schema"``.
+        ``chatstate import`` reads it back.
+        """
+        uid = self.manager.user_id(user_id)
+        return _export(uid, self.snapshot(uid), self.manager.rules, include_secrets)
+
+    def erase(self, user_id: str) -> list[str]:
+        """Remove everything chatstate keeps for the user; return what was there.
+
+        Unlike :meth:`delete`, the user's remembered operation ids go too (a
+        message redelivered after an erasure is handled as new), with any claim,
+        the locks chatstate takes and the flow deadline entry. The names come
+        from :data:`~chatstate.state.ERASED_PARTS` (``[]``: nothing was stored).
+
+        Raises:
+            UsageError: the backend has no ``erase`` (a backend of your own).
+        """
+        uid = self.manager.user_id(user_id)
+        erase = _eraser(self.manager.backend)
+        with failing(ERASE):
+            return list(erase(uid))
+
+    def transaction(
+        self, user_id: str, fn: TransactionFn, *, max_attempts: int | None = None
+    ) -> JSONObject:
+        """Run ``fn`` on the document and store its result, retrying on conflict.
+
+        ``fn`` gets a private copy of the document and returns the new document
+        (or ``None`` to store the copy it changed in place); the asyncio twin
+        also takes a coroutine function. The result is stored only if no other
+        write happened since the read; otherwise ``fn`` runs again on the fresh
+        document. ``fn`` may run more than once, so it must not have side
+        effects. Preserved fields must come back unchanged. For a counter,
+        :meth:`increment` is faster and never retries.
+
+        Raises:
+            ConflictError: every attempt lost its race.
+            PreservedFieldError: ``fn`` changed a preserved field.
+            SerializationError: ``fn`` returned something that is not JSON.
+        """
+        snapshot = self.manager.transaction(user_id, fn, max_attempts=max_attempts)
+        return snapshot.data
+
+    def claim(
+        self,
+        user_id: str,
+        op_id: str | None = None,
+        *,
+        fingerprint: str | None = None,
+        purpose: str = CLAIM_PURPOSE,
+        lease: float | timedelta = DEFAULT_LEASE,
+        wait: float | timedelta = DEFAULT_WAIT,
+    ) -> Claim:
+        """Claim the user to handle one message, exactly once, one message at a time.
+
+        The claim is taken atomically with a read of the document. While it is
+        held, other claims of the same user wait (up to ``wait``), so messages
+        of one user are handled one after the other, across processes. A claim
+        for an ``op_id`` already handled comes back as a duplicate; a copy of a
+        message being handled waits for that handling: a duplicate once it
+        commits, claimed if it fails or its process dies (after ``lease``).
+        Changes staged on the claim are written with
+        :meth:`Claim.commit` in one atomic write that also remembers ``op_id``
+        and releases the claim; :meth:`Claim.release` gives it up without
+        remembering anything, so a redelivery is handled again. The claim is
+        a context manager (the asyncio twin's an asynchronous one).
+
+        Examples:
+            With the sync twin:
+
+            >>> from chatstate import StateService
+            >>> svc = StateService()
+            >>> with svc.claim("ann", "wamid.1") as claim:
+            ...     if not claim.duplicate:
+            ...         claim.update({"seen": claim.data.get("seen", 0) + 1})
+            >>> svc.claim("ann", "wamid.1").duplicate
+            True
+
+        Args:
+            user_id: The user.
+            op_id: The message id (``None``: a claim with no dedupe).
+            fingerprint: Identifies the message's content (see
+                :meth:`update_once`); a different one with the same ``op_id``
+                raises :class:`~chatstate.OpIdReusedError`.
+            purpose: The namespace of ``op_id`` (the router uses its own, so
+                your ids and its never collide).
+            lease: The claim lapses this long after it was taken if its holder
+                neither commits nor releases (a crashed process).
+            wait: How long to wait while another message of the user is being
+                handled before :class:`~chatstate.UserBusyError`.
+        """
+        core = self.manager.claim(
+            user_id, op_id, purpose=purpose, fingerprint=fingerprint, lease=lease, wait=wait
+        )
+        return Claim(self, core)
+
+    def user(self, user_id: str) -> CachedUser:
+        """A :class:`CachedUser` bound to ``user_id``."""
+        return CachedUser(user_id, self)
+
+    def ping(self) -> float:
+        """Check the backend answers (for health checks); return the latency in seconds.
+
+        Raises:
+            BackendUnavailable: the backend cannot be reached.
+        """
+        ping = getattr(self.manager.backend, "ping", None)
+        return float(ping()) if ping is not None else 0.0
+
+    def close(self) -> None:
+        """Close the backend (a client the caller passed in stays open)."""
+        self.manager.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class Claim(_ClaimBase):
+    """A user claimed for one message; see :meth:`StateService.claim`.
+
+    Use it as a context manager: leaving the block commits what was staged, an
+    exception releases the claim (nothing is written, the message may come again).
+    """
+
+    def __init__(self, service: StateService, core: _ClaimCore) -> None:
+        super().__init__(core)
+        self._service = service
+
+    def commit(self) -> Outcome:
+        """Write the staged changes, remember the op id, release the claim: one atomic write.
+
+        Returns:
+            The outcome: ``"applied"``, or ``"duplicate"`` when another handler
+            took over a lapsed claim and handled the message first.
+
+        Raises:
+            ClaimLostError: the claim lapsed and another handler holds the user.
+            UsageError: the claim is a duplicate, or was committed or released.
+        """
+        return self._service.manager.commit(self._core)
+
+    def release(self) -> None:
+        """Give the claim up without writing or remembering anything."""
+        self._service.manager.release(self._core)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if not self.open:
+            return
+        if exc is None:
+            self.commit()
+            return
+        try:
+            self.release()
+        except Exception:  # the claim lapses on its own; the caller's error matters more
+            log.warning("could not release the claim on user %r", self.user_id, exc_info=True)
+
+
+class CachedState(_CachedStateView):
+    """A user's document read once; every write goes through and refreshes it."""
+
+    def __init__(self, user: CachedUser, snapshot: Snapshot) -> None:
+        super().__init__(snapshot, user.service.rules)
+        self._user = user
+
+    def update(self, patch: Mapping[str, Any], *, op_id: str | None = None) -> Document:
+        """Write ``patch`` through (see :meth:`StateService.update`)."""
+        svc = self._user.service
+        return self._store(svc.update_once(self._user.user_id, patch, op_id=op_id))
+
+    def set_preserved(self, path: str | Path, value: Any, *, op_id: str | None = None) -> Document:
+        """Write a preserved field through (see :meth:`StateService.set_preserved`)."""
+        svc = self._user.service
+        make = lambda: svc.manager.preserved_write(path, value, op_id)  # noqa: E731
+        return self._store(svc.manager.apply(self._user.user_id, SET_PRESERVED, make))
+
+    def reset(self, *, op_id: str | None = None) -> Document:
+        """Reset through (see :meth:`StateService.reset`)."""
+        svc = self._user.service
+        make = lambda: svc.manager.reset_write(op_id)  # noqa: E731
+        return self._store(svc.manager.apply(self._user.user_id, RESET, make))
+
+    def refresh(self) -> JSONObject:
+        """Read the document again."""
+        self._snapshot = self._user.service.snapshot(self._user.user_id)
+        return self._snapshot.data
+
+
+class CachedUser:
+    """One user's state, read at most once per request and written through.
+
+    :meth:`load` reads the document, once; :attr:`state` is what it read. The
+    sync twin also reads it on the first use of :attr:`state`; the asyncio twin
+    cannot wait inside a property, so there :meth:`load` must have been awaited.
+
+    Examples:
+        With the sync twin:
+
+        >>> from chatstate import CachedUser, StateService
+        >>> user = CachedUser("alice", StateService())
+        >>> user.state.update({"step": "menu"})
+        {'step': 'menu'}
+        >>> user.state["step"]
+        'menu'
+    """
+
+    def __init__(self, user_id: str, service: StateService) -> None:
+        self.user_id = service.manager.user_id(user_id)
+        self.service = service
+        self._state: CachedState | None = None
+
+    def __repr__(self) -> str:
+        return f"<CachedUser user_id={self.user_id!r}>"
+
+    def load(self) -> CachedState:
+        """Read the document once (later calls return the cached state)."""
+        if self._state is None:
+            self._state = CachedState(self, self.service.snapshot(self.user_id))
+        return self._state
+
+    @property
+    def state(self) -> CachedState:
+        """The cached document (read here on first use by the sync twin).
+
+        Raises:
+            UsageError: the asyncio twin's :meth:`load` has not been awaited yet.
+        """
+        return cached_state_sync(self._state, self.load)
+
+    @property
+    def jwt_token(self) -> str | None:
+        """The user's JWT from the cached state, or ``None`` (see :mod:`chatstate.auth`)."""
+        return self.state.jwt_token
