@@ -255,7 +255,9 @@ class AsyncStateManager(_ManagerCore):
             while True:
                 outcome = await self.backend.apply(uid, write)
                 if outcome.status != "busy":
-                    claim = _ClaimCore(self, uid, write, self.revealed(uid, outcome))
+                    if self.cipher is not None:
+                        outcome = self.revealed(uid, outcome)
+                    claim = _ClaimCore(self, uid, write, outcome)
                     if self.schema is not None:
                         await self._migrate_claimed(claim)
                     return claim
@@ -275,7 +277,9 @@ class AsyncStateManager(_ManagerCore):
         with failing(COMMIT):
             claim._open()  # noqa: SLF001 - the claim's own check
             try:
-                write = self.seal(claim.user_id, self.commit_write(claim))
+                write = self.commit_write(claim)
+                if self.cipher is not None:
+                    write = self.seal(claim.user_id, write)
                 outcome = await self.backend.apply(claim.user_id, write)
                 if self.schema is not None and outcome.status in _SCHEMA_REFUSALS:
                     outcome = await self.resend_migrated(claim.user_id, write, outcome)

@@ -256,7 +256,9 @@ class StateManager(_ManagerCore):
             while True:
                 outcome = self.backend.apply(uid, write)
                 if outcome.status != "busy":
-                    claim = _ClaimCore(self, uid, write, self.revealed(uid, outcome))
+                    if self.cipher is not None:
+                        outcome = self.revealed(uid, outcome)
+                    claim = _ClaimCore(self, uid, write, outcome)
                     if self.schema is not None:
                         self._migrate_claimed(claim)
                     return claim
@@ -276,7 +278,9 @@ class StateManager(_ManagerCore):
         with failing(COMMIT):
             claim._open()  # noqa: SLF001 - the claim's own check
             try:
-                write = self.seal(claim.user_id, self.commit_write(claim))
+                write = self.commit_write(claim)
+                if self.cipher is not None:
+                    write = self.seal(claim.user_id, write)
                 outcome = self.backend.apply(claim.user_id, write)
                 if self.schema is not None and outcome.status in _SCHEMA_REFUSALS:
                     outcome = self.resend_migrated(claim.user_id, write, outcome)
