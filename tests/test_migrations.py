@@ -169,9 +169,12 @@ def each_backend(body: Body) -> Body:
     ("kwargs", "message"),
     [
         ({"migrations": {1: to_2}}, "need a schema_version"),
-        ({"schema_version": 0}, "at least 1"),
-        ({"schema_version": True}, "at least 1"),
-        ({"schema_version": 2.0}, "at least 1"),
+        ({"schema_version": 0}, "from 1 to 999999999"),
+        ({"schema_version": True}, "from 1 to 999999999"),
+        ({"schema_version": 2.0}, "from 1 to 999999999"),
+        ({"schema_version": 10**9}, "from 1 to 999999999"),
+        ({"schema_version": 10**8}, "100000000 needs migrations for exactly 1..99999999"),
+        ({"schema_version": 2, "migrations": {True: to_2}}, "unexpected [True]"),
         ({"schema_version": 3, "migrations": {1: to_2}}, "missing [2]"),
         ({"schema_version": 2, "migrations": {1: to_2, 2: to_3}}, "unexpected [2]"),
         ({"schema_version": 2, "migrations": {0: to_2, 1: to_2}}, "unexpected [0]"),
@@ -231,11 +234,41 @@ def test_an_async_backend_that_stores_no_schema_is_refused() -> None:
         AsyncStateService(OldAsync(), rules(2))  # type: ignore[arg-type]
 
 
-def test_without_a_schema_writes_carry_none() -> None:
-    """No schema configured: writes carry none, so the backend does exactly what it did."""
+def test_without_a_schema_writes_carry_schema_1_where_the_backend_stores_schemas() -> None:
+    """No schema configured: writes are schema 1 (never into a migrated document); a backend
+    that stores no schemas gets none, so it does exactly what it did."""
     svc = StateService(rules=rules(None))
-    assert svc.manager.update_write({"a": 1}, None).schema is None
+    assert svc.manager.update_write({"a": 1}, None).schema == 1
     assert StateService(rules=rules(3)).manager.update_write({"a": 1}, None).schema == 3
+
+    class Old:
+        def load(self, user_id: str) -> Any: ...
+        def apply(self, user_id: str, write: Any) -> Any: ...
+        def close(self) -> None: ...
+
+    old = StateService(Old(), rules(None))  # type: ignore[arg-type]
+    assert old.manager.update_write({"a": 1}, None).schema is None
+
+
+def test_code_without_a_schema_never_writes_into_a_migrated_document() -> None:
+    """The first rolling deploy: old code (no schema) gets SchemaVersionError, writes nothing."""
+    store = MemoryBackend()
+    new = StateService(store, rules(3))
+    new.update("ana", {"x": 1})
+    old = StateService(store)
+    before = new.snapshot("ana")
+    for write in (
+        lambda: old.update("ana", {"name": "Bob"}),
+        lambda: old.increment("ana", "n"),
+        lambda: old.reset("ana"),
+        lambda: old.transaction("ana", lambda d: {**d, "y": 1}),
+    ):
+        with pytest.raises(SchemaVersionError) as info:
+            write()
+        assert (info.value.stored, info.value.supported) == (3, 1)
+    assert new.snapshot("ana") == before
+    old.delete("ana")  # a delete is never guarded: removing needs no shape
+    assert new.get("ana") == {}
 
 
 # -- migration on read and on write (Hypothesis) ----------------------------------------

@@ -51,9 +51,10 @@ import redis
 import redis.exceptions as rex
 
 from chatstate._redact import redact
-from chatstate.exceptions import ChatstateError, ConfigurationError
+from chatstate.exceptions import ChatstateError, ConfigurationError, SchemaVersionError
 from chatstate.flow import Flow
 from chatstate.state import (
+    MAX_SCHEMA,
     AsyncRedisBackend,
     AsyncStateService,
     RedisBackend,
@@ -427,10 +428,11 @@ def _read_export(source: str) -> tuple[str, int, dict[str, Any], int]:
         and type(data.get("version")) is int
         and isinstance(data.get("document"), dict)
         and type(data.get("schema", 1)) is int
-        and data.get("schema", 1) >= 1
+        and 1 <= data.get("schema", 1) <= MAX_SCHEMA
     ):
         raise CommandError(
-            f"{name} is not a chatstate export (chatstate_export, user_id, version, document)"
+            f"{name} is not a chatstate export (chatstate_export, user_id, version, document, "
+            f"and an optional schema from 1 to {MAX_SCHEMA})"
         )
     where = find_redacted(data["document"])
     if where is not None:
@@ -474,14 +476,15 @@ def cmd_import(args: argparse.Namespace, console: Console) -> int:
                     f"refused: {user_id!r} is stored at version {current.version}, not older "
                     f"than the export's {version}; pass --overwrite to replace it"
                 )
-            outcome = manager.apply(
-                user_id, "Failed to import state", functools.partial(write, current)
-            )
-            if outcome.status == "newer_schema":
-                raise CommandError(
-                    f"refused: {user_id!r} is stored at schema version {outcome.value}, newer "
-                    f"than the export's {schema}"
+            try:
+                outcome = manager.apply(
+                    user_id, "Failed to import state", functools.partial(write, current)
                 )
+            except SchemaVersionError as exc:
+                raise CommandError(
+                    f"refused: {user_id!r} is stored at schema version {exc.stored}, newer "
+                    f"than the export's {schema}"
+                ) from None
             if outcome.status == "applied":
                 console.out(f"imported {user_id!r}: now version {outcome.snapshot.version}")
                 return 0

@@ -49,7 +49,15 @@ from chatstate.state._backend import (
 from chatstate.state._codec import stored_size
 from chatstate.state._crypto import FieldEncryption, secret_paths
 from chatstate.state._memory import AsyncMemoryBackend, MemoryBackend
-from chatstate.state._rules import Edit, StateData, apply_edits, diff, merge, parse_path
+from chatstate.state._rules import (
+    MAX_SCHEMA,
+    Edit,
+    StateData,
+    apply_edits,
+    diff,
+    merge,
+    parse_path,
+)
 from chatstate.state._sqlite import AsyncSqliteBackend, SqliteBackend
 from chatstate.state._sync.manager import StateManager
 from chatstate.state._sync.service import CachedState, CachedUser, Claim, StateService
@@ -59,6 +67,7 @@ __all__ = [
     "ERASED_PARTS",
     "INT64_MAX",
     "INT64_MIN",
+    "MAX_SCHEMA",
     "REMEMBERED_OPS",
     "UNCHANGED",
     "Acquire",

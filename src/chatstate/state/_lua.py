@@ -230,8 +230,8 @@ local function load_meta(doc, with_schema, paths)
     end
     version, size = tonumber(meta[1]), tonumber(meta[2])
     if off == 3 and meta[3] then
-      if not string.match(meta[3], '^%d+$') then
-        return fail(doc, 'the schema field is not a whole number')
+      if not string.match(meta[3], '^[1-9]%d?%d?%d?%d?%d?%d?%d?%d?$') then
+        return fail(doc, 'the schema field is not a whole number from 1 to 999999999')
       end
       sschema = tonumber(meta[3])
     end

@@ -33,6 +33,7 @@ from chatstate.exceptions import (
     MigrationError,
     PreservedFieldError,
     SchemaVersionError,
+    StateTooLargeError,
     UsageError,
     UserBusyError,
     ValidationError,
@@ -193,6 +194,12 @@ class _ManagerCore:
                 "stores_schema = True), so StateData(schema_version=...) cannot be used "
                 "with it; see the backend author's recipe in docs/backends.md"
             )
+        # What writes carry: code without a schema writes as schema 1 (the shape of
+        # documents stored before schemas), so that it never writes into a document a
+        # newer release has migrated, on every backend that stores schemas.
+        self.write_schema = self.schema
+        if self.schema is None and getattr(backend, "stores_schema", False) is True:
+            self.write_schema = 1
         self.ttl_ms = to_ms(ttl, "ttl")
         dedupe_ms = to_ms(dedupe_window, "dedupe_window")
         assert dedupe_ms is not None
@@ -302,7 +309,7 @@ class _ManagerCore:
                 digest = ""
         return Write(
             operation, key, nonce, digest, self.ttl_ms, self.rules.max_bytes, self.dedupe_ms,
-            op_id=op_id, schema=self.schema,
+            op_id=op_id, schema=self.write_schema,
         )  # fmt: skip
 
     def edits_write(
@@ -372,13 +379,13 @@ class _ManagerCore:
         return True
 
     def newer(self, user_id: str, stored: int) -> SchemaVersionError:
-        assert self.schema is not None
+        supported = self.schema or 1
         return SchemaVersionError(
-            f"the document is at schema version {stored}, newer than the {self.schema} "
+            f"the document is at schema version {stored}, newer than the {supported} "
             "this code knows; nothing was read or written (deploy the newer code)",
             user_id=user_id,
             stored=stored,
-            supported=self.schema,
+            supported=supported,
         )
 
     def migrated(self, user_id: str, snapshot: Snapshot) -> JSONObject:
@@ -425,6 +432,17 @@ class _ManagerCore:
                 from_version=snapshot.schema,
             ) from exc
         return data
+
+    def too_large(
+        self, user_id: str, snapshot: Snapshot, exc: StateTooLargeError
+    ) -> MigrationError:
+        """The error for a migrated document the store refused as too large."""
+        return MigrationError(
+            f"the migrations to schema {self.schema} made a document over max_bytes "
+            f"({exc.detail}); nothing was written",
+            user_id=user_id,
+            from_version=snapshot.schema,
+        )
 
     def migration_write(self, snapshot: Snapshot, data: JSONObject) -> Write:
         """The compare-and-set write that stores a migrated document (and the new schema).
@@ -477,7 +495,7 @@ class _ManagerCore:
         return Write(
             operation, claim.op_key, claim.nonce, claim.digest, self.ttl_ms,
             self.rules.max_bytes, self.dedupe_ms, completes_claim=completes, op_id=claim.op_id,
-            want_document=False, schema=self.schema,
+            want_document=False, schema=self.write_schema,
         )  # fmt: skip
 
     @staticmethod

@@ -59,6 +59,8 @@ Edit: TypeAlias = tuple[EditKind, Path, Any]
 
 DEFAULT_MAX_DEPTH: Final = 32
 DEFAULT_MAX_BYTES: Final = 128 * 1024
+MAX_SCHEMA: Final = 999_999_999
+"""The highest schema version (nine digits: every backend stores it exactly)."""
 
 
 def format_path(path: Path | tuple[str | int, ...]) -> str:
@@ -211,18 +213,20 @@ class StateData:
             if migrations:
                 raise ConfigurationError("migrations need a schema_version")
             return
-        ok = type(version) is int and version >= 1  # not isinstance: True is no version
+        ok = type(version) is int and 1 <= version <= MAX_SCHEMA  # True is no version
         if not ok:
             raise ConfigurationError(
-                f"schema_version must be a whole number of at least 1, got {version!r}"
+                f"schema_version must be a whole number from 1 to {MAX_SCHEMA}, got {version!r}"
             )
-        wanted = set(range(1, version))
-        if set(migrations) != wanted:
-            missing = sorted(wanted - set(migrations))
-            extra = sorted(set(migrations) - wanted, key=repr)
+        # Not isinstance: True == 1 must not stand for migration 1.
+        keys = [n for n in migrations if type(n) is int and 1 <= n < version]
+        if len(keys) != len(migrations) or len(migrations) != version - 1:
+            missing = [n for n in range(1, min(version, 12)) if n not in keys][:10]
+            extra = [n for n in migrations if not (type(n) is int and 1 <= n < version)][:10]
             raise ConfigurationError(
                 f"schema_version {version} needs migrations for exactly 1..{version - 1} "
-                f"(from each version to the next); missing {missing}, unexpected {extra}"
+                f"(from each version to the next); {len(migrations)} given; missing "
+                f"{missing}{'...' if version > 12 else ''}, unexpected {extra!r}"
             )
         for n, fn in migrations.items():
             if not callable(fn):
@@ -453,7 +457,7 @@ class StateData:
             PreservedFieldError: a preserved field differs between ``old`` and ``new``.
         """
         for path in self.preserved:
-            if _lookup(old, path) != _lookup(new, path):
+            if not same_json(_lookup(old, path), _lookup(new, path)):
                 raise PreservedFieldError(
                     f"{format_path(path)} is preserved; a transaction cannot change "
                     "it (use set_preserved())",
@@ -471,6 +475,17 @@ def _lookup(doc: JSONObject, path: Path) -> Any:
             return _MISSING
         node = node[key]
     return node
+
+
+def same_json(a: Any, b: Any) -> bool:
+    """Whether two JSON values are the same JSON: ``True`` is not ``1``, nor ``1.0``."""
+    if type(a) is not type(b):
+        return False
+    if type(a) is dict:
+        return a.keys() == b.keys() and all(same_json(v, b[k]) for k, v in a.items())
+    if type(a) is list:
+        return len(a) == len(b) and all(same_json(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
 
 
 def copy_json(value: Any) -> Any:

@@ -17,7 +17,7 @@ from chatstate._actions import failing, relabel
 from chatstate._durations import to_ms
 from chatstate._retry import RetryPolicy
 from chatstate._twins import resolved_async
-from chatstate.exceptions import OutcomeUnknown, StateError
+from chatstate.exceptions import OutcomeUnknown, StateError, StateTooLargeError
 from chatstate.state._backend import AsyncBackend, Outcome, Snapshot, Write
 from chatstate.state._manager import (
     _SCHEMA_REFUSALS,
@@ -141,7 +141,7 @@ class AsyncStateManager(_ManagerCore):
             if self.cipher is not None:
                 write = self.seal(uid, write)
             outcome = await self.backend.apply(uid, write)
-            if self.schema is not None and outcome.status in _SCHEMA_REFUSALS:
+            if outcome.status in _SCHEMA_REFUSALS:
                 outcome = await self.resend_migrated(uid, write, outcome)
             return outcome if self.cipher is None else self.revealed(uid, outcome)
         except StateError as exc:
@@ -163,7 +163,10 @@ class AsyncStateManager(_ManagerCore):
         while True:
             data = self.migrated(user_id, snapshot)
             write = self.seal(user_id, self.migration_write(snapshot, data))
-            outcome = await self.backend.apply(user_id, write)
+            try:
+                outcome = await self.backend.apply(user_id, write)
+            except StateTooLargeError as exc:
+                raise self.too_large(user_id, snapshot, exc) from exc
             if outcome.status == "applied":
                 return self.reveal(user_id, outcome.snapshot)
             if outcome.status == "newer_schema":
@@ -281,7 +284,7 @@ class AsyncStateManager(_ManagerCore):
                 if self.cipher is not None:
                     write = self.seal(claim.user_id, write)
                 outcome = await self.backend.apply(claim.user_id, write)
-                if self.schema is not None and outcome.status in _SCHEMA_REFUSALS:
+                if outcome.status in _SCHEMA_REFUSALS:
                     outcome = await self.resend_migrated(claim.user_id, write, outcome)
             except OutcomeUnknown:
                 raise
