@@ -10,10 +10,17 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable
 from typing import TypeVar
 
-__all__ = ["monotonic_async", "monotonic_sync", "resolved_async", "resolved_sync"]
+__all__ = [
+    "gathered_async",
+    "gathered_sync",
+    "monotonic_async",
+    "monotonic_sync",
+    "resolved_async",
+    "resolved_sync",
+]
 
 T = TypeVar("T")
 
@@ -42,3 +49,21 @@ def monotonic_async() -> float:
 def monotonic_sync() -> float:
     """The monotonic clock ``time.sleep`` waits on."""
     return time.monotonic()
+
+
+async def gathered_async(calls: Iterable[Awaitable[T]]) -> list[T]:
+    """The results of ``calls``, in order, awaited concurrently.
+
+    Independent reads (the Redis backend's deadline shards, each its own hash
+    slot) then cost one round trip together, or one pipeline, not one each.
+    """
+    return list(await asyncio.gather(*calls))
+
+
+def gathered_sync(calls: Iterable[T]) -> list[T]:
+    """The results of ``calls``, in order: a thread makes them one after another.
+
+    ``calls`` is a generator, so each call runs as it is reached and the first
+    to fail stops the rest, as a plain loop would.
+    """
+    return list(calls)

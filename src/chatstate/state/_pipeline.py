@@ -32,6 +32,7 @@ import contextlib
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import redis.exceptions as rex
@@ -118,18 +119,9 @@ class Connections:
                 if self._idle:
                     return self._idle.pop()
             self._count += 1
-        try:
+        with _opening(self._forget):
             conn = _new_connection(self._pool)
             conn.connect()
-        except (rex.AuthenticationError, rex.AuthorizationError):
-            self._forget()
-            raise
-        except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
-            self._forget()
-            raise NotSent(str(exc)) from exc
-        except BaseException:
-            self._forget()
-            raise
         return conn
 
     def release(self, conn: Any) -> None:
@@ -174,6 +166,26 @@ class Connections:
         return reply
 
 
+@contextlib.contextmanager
+def _opening(forget: Callable[[], None]) -> Iterator[None]:
+    """Open a connection for a pool of either twin; on failure ``forget`` its place.
+
+    Refused credentials are raised as they are (a retry cannot help); a server
+    that cannot be reached is :class:`NotSent`, since nothing was sent yet.
+    """
+    try:
+        yield
+    except (rex.AuthenticationError, rex.AuthorizationError):
+        forget()
+        raise
+    except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
+        forget()
+        raise NotSent(str(exc)) from exc
+    except BaseException:
+        forget()
+        raise
+
+
 def _new_connection(pool: Any) -> Any:
     """A connection made as the pool would make it, outside the pool's own accounting."""
     return pool.connection_class(**pool.connection_kwargs)
@@ -216,18 +228,9 @@ class AsyncConnections:
             if self._idle:
                 return self._idle.pop()
         self._count += 1
-        try:
+        with _opening(self._forget):
             conn = _new_connection(self._pool)
             await conn.connect()
-        except (rex.AuthenticationError, rex.AuthorizationError):
-            self._forget()
-            raise
-        except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
-            self._forget()
-            raise NotSent(str(exc)) from exc
-        except BaseException:
-            self._forget()
-            raise
         return conn
 
     def release(self, conn: Any) -> None:

@@ -1,0 +1,667 @@
+"""The pure half of the Redis backends: keys, arguments, replies, error mapping.
+
+:class:`_RedisCore` holds what is not I/O (keys, argument packing, reply
+decoding) and :class:`_RedisBackendBase` what the two backends share
+(construction, scripts, the deadline index's keys, repr). The I/O that the two
+twins share is written once in ``_async/redis.py`` (the sync one generated from
+it by ``tools/unasync.py``); ``_redis`` adds what truly differs.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import functools
+import hashlib
+import hmac
+import logging
+import zlib
+from collections.abc import Iterator
+from typing import Any, Final
+from urllib.parse import quote
+
+import attrs
+import redis.exceptions as rex
+
+from chatstate._retry import REDIS_CLIENT, RESOLVE, RetryPolicy
+from chatstate.exceptions import (
+    BackendAuthenticationError,
+    BackendError,
+    BackendPermissionError,
+    BackendUnavailable,
+    ConfigurationError,
+    CorruptStateError,
+    LockLostError,
+    OpIdReusedError,
+    OutcomeUnknown,
+    StateTooLargeError,
+    StoreBusyError,
+    StoreFullError,
+    UsageError,
+)
+from chatstate.state._backend import (
+    ERASED_PARTS,
+    Delete,
+    Edits,
+    Increment,
+    Outcome,
+    Replace,
+    Reset,
+    Snapshot,
+    Write,
+    check_deadline,
+    corrupt,
+    counter_not_integer,
+    counter_overflow,
+)
+from chatstate.state._codec import unflatten_columns, unflatten_parts
+from chatstate.state._lua import APPLY_SCRIPT, LOAD_SCRIPT, write_args
+from chatstate.state._pipeline import NotSent
+from chatstate.state._redis_retry import AsyncPolicyRetry, PolicyRetry
+
+__all__ = ["DEFAULT_NAMESPACE", "LOCK_NAMES", "default_client_options", "map_redis_errors"]
+
+log = logging.getLogger("chatstate.redis")
+
+
+DEFAULT_NAMESPACE: Final = "chatstate"
+LOCK_NAMES: Final = ("jwt-refresh", "aiogram")
+"""The lock names chatstate itself takes (token refresh, aiogram's event isolation)."""
+
+# Deletes a user's keys (one hash slot) in one atomic step and says which existed.
+_ERASE_SCRIPT: Final = """
+local parts = {'document', 'operations', 'claim'}
+local out = {}
+for i = 1, #KEYS do
+  if redis.call('DEL', KEYS[i]) == 1 then
+    out[#out + 1] = parts[i] or 'lock'
+  end
+end
+return out
+"""
+_SCHEMA_REFUSALS: Final = frozenset({"stale_schema", "newer_schema"})
+_SAFE_ID_CHARS: Final = "@+"  # plus quote()'s own: letters, digits and "_.-~"
+_STATUSES: Final = frozenset(
+    {
+        "applied",
+        "duplicate",
+        "conflict",
+        "claimed",
+        "busy",
+        "released",
+        "lost",
+        "stale_schema",
+        "newer_schema",
+    }
+)
+
+
+def _check_namespace(namespace: object) -> str:
+    if not isinstance(namespace, str) or not namespace:
+        raise ConfigurationError("namespace must be a non-empty str")
+    if any(c in namespace for c in "{}") or not namespace.isprintable():
+        raise ConfigurationError("namespace must be printable and hold no '{' or '}'")
+    return namespace
+
+
+def _safe_location(client: Any) -> str:
+    """host:port of a client for reprs, never its password."""
+    try:
+        kwargs = client.connection_pool.connection_kwargs
+        return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
+    except AttributeError:
+        return type(client).__name__
+
+
+def default_client_options(*, asynchronous: bool) -> dict[str, Any]:
+    """Timeouts and retries for clients that chatstate creates itself.
+
+    redis-py's own retries apply to the commands chatstate leaves to it (locks,
+    ``ping``, Cluster routing); chatstate re-sends its scripts itself, safely,
+    because every write carries an operation key and a nonce.
+    """
+    return {
+        "socket_timeout": 5.0,
+        "socket_connect_timeout": 5.0,
+        "retry": _redis_retry(REDIS_CLIENT, asynchronous=asynchronous),
+        "health_check_interval": 30,
+    }
+
+
+def _redis_retry(policy: RetryPolicy, *, asynchronous: bool) -> PolicyRetry | AsyncPolicyRetry:
+    """redis-py's ``retry`` option for a policy (refused credentials are never retried)."""
+    return AsyncPolicyRetry(policy) if asynchronous else PolicyRetry(policy)
+
+
+def _text(raw: Any) -> str:
+    if isinstance(raw, bytes):
+        return raw.decode("utf-8")
+    if isinstance(raw, str):
+        return raw
+    raise TypeError(f"a script replied with a {type(raw).__name__}")
+
+
+@functools.lru_cache(maxsize=16384)
+def _keys(namespace: str, user_id: str) -> tuple[str, str, str]:
+    base = f"{namespace}:{{{quote(user_id, safe=_SAFE_ID_CHARS)}}}"
+    return base, base + ":ops", base + ":claim"
+
+
+@functools.lru_cache(maxsize=16384)
+def _hashed_keys(namespace: str, secret: bytes, user_id: str) -> tuple[str, str, str]:
+    digest = hmac.new(secret, user_id.encode("utf-8", "surrogatepass"), hashlib.sha256).digest()
+    tag = "#" + base64.b32encode(digest[:20]).decode("ascii").lower()
+    base = f"{namespace}:{{{tag}}}"
+    return base, base + ":ops", base + ":claim"
+
+
+def _check_client_options(options: dict[str, Any]) -> None:
+    """The connection options chatstate reads itself, checked before redis-py sees them."""
+    cluster = options.get("cluster", False)
+    if not isinstance(cluster, bool):
+        raise ConfigurationError(f"cluster must be True or False, not {cluster!r}")
+    most = options.get("max_connections", 50)
+    if isinstance(most, bool) or not isinstance(most, int) or most < 1:
+        raise ConfigurationError(f"max_connections must be a whole number >= 1, not {most!r}")
+    for name in ("pool_timeout", "socket_timeout", "socket_connect_timeout"):
+        value = options.get(name)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int | float) or not value > 0
+        ):
+            raise ConfigurationError(f"{name} must be positive seconds or None, not {value!r}")
+
+
+def _check_key_secret(secret: object) -> bytes | None:
+    if secret is None:
+        return None
+    if isinstance(secret, str):
+        secret = secret.encode("utf-8")
+    if not isinstance(secret, bytes) or len(secret) < 16:
+        raise ConfigurationError("key_secret must be at least 16 bytes (a str or bytes)")
+    return secret
+
+
+def _stored_schema(fields: list[str], values: list[Any], key: str) -> int:
+    """The schema version in a document hash's ``#m`` field (1 when it has none)."""
+    if "#m" not in fields:
+        return 1
+    raw = values[fields.index("#m")]
+    raw = raw.decode("ascii", "replace") if isinstance(raw, bytes) else str(raw)
+    if not (raw.isascii() and raw.isdigit()):
+        raise corrupt(key, "the schema field is not a whole number")
+    return int(raw)
+
+
+class _RedisCore:
+    """The pure half of the Redis backends: keys and replies."""
+
+    def __init__(self, namespace: str, key_secret: bytes | None = None) -> None:
+        self.namespace = _check_namespace(namespace)
+        self._secret = key_secret
+
+    def keys(self, user_id: str) -> list[str]:
+        """A user's document, operation-log and claim keys: one hash slot.
+
+        The user id is percent-encoded (so distinct ids give distinct keys and no
+        id can open or close a hash tag) and the encoded id is the hash tag. With
+        a key secret the tag is ``#`` and an HMAC-SHA256 of the id instead (160
+        bits in base32), so no user id appears in a key name.
+        """
+        if self._secret is not None:
+            return list(_hashed_keys(self.namespace, self._secret, user_id))
+        return list(_keys(self.namespace, user_id))
+
+    @staticmethod
+    def hash_snapshot(parts: list[str], key: str) -> Snapshot | None:
+        """A snapshot of a document hash given as its fields and values, alternating.
+
+        The version is checked now; the values are decoded when first read.
+        """
+        if not parts or parts == [""]:
+            return None
+        if len(parts) % 2:
+            raise corrupt(key, "the hash does not hold a chatstate document")
+        fields = parts[0::2]
+        try:
+            at = fields.index("#v")
+        except ValueError:
+            raise corrupt(key, "the hash has no version field") from None
+        raw = parts[2 * at + 1]
+        if not (raw.isascii() and raw.isdigit()) or "#s" not in fields:
+            raise corrupt(key, "the version or size field is not a whole number")
+        schema = _stored_schema(fields, parts[1::2], key)
+
+        def decode() -> dict[str, Any]:
+            try:
+                return unflatten_parts(parts)
+            except ValueError as exc:
+                raise CorruptStateError(
+                    f"the hash does not hold a chatstate document (key {key!r}): {exc}", key=key
+                ) from exc
+
+        return Snapshot.lazy(int(raw), decode, schema)
+
+    @staticmethod
+    def decode_dump(dump: str, key: str) -> dict[str, Any]:
+        """Decode a document hash given as its fields and values joined by newlines."""
+        try:
+            return unflatten_parts(dump.split("\n"))
+        except ValueError as exc:
+            raise CorruptStateError(
+                f"the hash does not hold a chatstate document (key {key!r}): {exc}", key=key
+            ) from exc
+
+    def parse_load(self, raw: Any, key: str, echo: str) -> Snapshot | None:
+        text = self._reply_text(raw, key)
+        head, _, rest = text.partition("\n")
+        if head == "corrupt":
+            raise self._corrupt(text)
+        mark, _, dump = rest.partition("\n")
+        if head != "ok" or mark != echo:
+            raise BackendError("the reply did not belong to this request; connection dropped")
+        return self.hash_snapshot(dump.split("\n") if dump else [], key)
+
+    def parse_hgetall(self, raw: Any, key: str) -> Snapshot | None:
+        """A snapshot from an HGETALL reply: a dict (RESP3) or a flat list (RESP2).
+
+        The version is checked now; the values are decoded, in one ``json.loads``
+        of their bytes, when the data is first read.
+        """
+        if isinstance(raw, dict):
+            names, values = list(raw), list(raw.values())
+        else:
+            names, values = raw[0::2], raw[1::2]
+        if not names:
+            return None
+        try:
+            if isinstance(names[0], bytes):
+                joined = b"\n".join(names).decode("utf-8")
+                text: str | bytes = b"[[" + b"],[".join(values) + b"]]"
+            else:
+                joined = "\n".join(map(str, names))
+                text = "[[" + "],[".join(map(str, values)) + "]]"
+            fields = joined.split("\n")
+        except (UnicodeDecodeError, TypeError):
+            raise corrupt(key, "the hash holds text that is not UTF-8") from None
+        if len(fields) != len(names):
+            raise corrupt(key, "a stored field holds a raw newline")
+        try:
+            at = fields.index("#v")
+        except ValueError:
+            raise corrupt(key, "the hash has no version field") from None
+        version = values[at]
+        version = version.decode("ascii", "replace") if isinstance(version, bytes) else version
+        if not (version.isascii() and version.isdigit()) or "#s" not in fields:
+            raise corrupt(key, "the version or size field is not a whole number")
+        # One substring search of the joined names skips the list scan for most documents.
+        schema = _stored_schema(fields, values, key) if "#m" in joined else 1
+
+        def decode() -> dict[str, Any]:
+            try:
+                return unflatten_columns(fields, text)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise CorruptStateError(
+                    f"the hash does not hold a chatstate document (key {key!r}): {exc}", key=key
+                ) from exc
+
+        return Snapshot.lazy(int(version), decode, schema)
+
+    def parse_apply(self, raw: Any, write: Write, key: str) -> Outcome:
+        text = self._reply_text(raw, key)
+        parts = text.split("\n", 5)
+        status = parts[0]
+        if status == "corrupt":
+            raise self._corrupt(text)
+        if len(parts) < 3 or parts[1] != write.nonce:
+            raise BackendError("the reply did not belong to this request; connection dropped")
+        if status == "too_large":
+            raise StateTooLargeError(size=int(parts[2]), limit=write.max_bytes)
+        if status == "reused":
+            raise OpIdReusedError(
+                "this op_id was already used for a different request",
+                op_id=write.op_id or write.op_key,
+            )
+        op = write.operation
+        if status == "counter":
+            assert isinstance(op, Increment)
+            if parts[4] == "overflow":
+                raise counter_overflow(op.path)
+            raise counter_not_integer(op.path)
+        if status not in _STATUSES:
+            raise BackendError(f"unexpected reply status {status!r} from the script")
+        version, current, extra = int(parts[2]), int(parts[3]), parts[4]
+        dump = parts[5] if len(parts) > 5 else ""
+        schema = self._reply_schema(status, write.schema if current else None, extra, dump, key)
+        if write.want_document and dump:
+            snapshot = Snapshot.lazy(current, lambda: self.decode_dump(dump, key), schema)
+        else:
+            snapshot = Snapshot({}, current, schema)
+        applied_now = status == "applied" and isinstance(op, Increment) and extra
+        # An earlier attempt's reply has no value; a schema refusal's is the stored schema.
+        value = int(extra) if applied_now or status in _SCHEMA_REFUSALS else None
+        retry = int(extra) if status == "busy" else 0
+        return Outcome(status, snapshot, version, value=value, retry_after_ms=retry)  # type: ignore[arg-type]
+
+    @staticmethod
+    def _reply_schema(status: str, sent: int | None, extra: str, dump: str, key: str) -> int:
+        """The stored schema an apply reply tells of (only read when the write carried one).
+
+        ``sent`` is ``None`` too when there is no document (1, as for none stored).
+        """
+        if sent is None:
+            return 1
+        if status in _SCHEMA_REFUSALS:
+            return int(extra)
+        if dump:
+            parts = dump.split("\n")
+            return _stored_schema(parts[0::2], parts[1::2], key)
+        return sent if status == "applied" else 1
+
+    @staticmethod
+    def _reply_text(raw: Any, key: str) -> str:
+        try:
+            return _text(raw)
+        except (UnicodeDecodeError, TypeError):
+            raise corrupt(key, "the hash holds text that is not UTF-8") from None
+
+    @staticmethod
+    def _corrupt(text: str) -> CorruptStateError:
+        _, key, why = [*text.split("\n", 2), "", ""][:3]
+        return corrupt(key, why)
+
+
+class _TagCore(_RedisCore):
+    """A core addressed by hash tag (the encoded id or keyed hash) instead of the user id.
+
+    For operator tools that find users by their keys (``chatstate migrate``), which
+    cannot turn a pseudonymous key back into its user id and need not.
+    """
+
+    def keys(self, user_id: str) -> list[str]:
+        base = f"{self.namespace}:{{{user_id}}}"
+        return [base, base + ":ops", base + ":claim"]
+
+
+@contextlib.contextmanager
+def map_redis_errors(  # noqa: C901, PLR0912, PLR0915 - one flat table of translations
+    key: str, write: Write | None = None, *, unknown: bool = False
+) -> Iterator[None]:
+    """Translate redis-py errors into chatstate errors, once, for both twins.
+
+    ``write`` marks a write: a connection lost after sending it becomes
+    :class:`OutcomeUnknown`, since the script may have run. ``unknown`` says an
+    earlier attempt of the same write ended so: then every failure that is not
+    an answer from the script stays :class:`OutcomeUnknown`.
+    """
+    op_id = None if write is None else (write.op_id or write.op_key)
+
+    def unknown_outcome(exc: BaseException) -> OutcomeUnknown:
+        assert op_id is not None
+        return OutcomeUnknown(
+            f"lost the connection during a write to {key!r} ({type(exc).__name__}); "
+            "it may or may not have been applied; retrying with the same op_id is safe",
+            op_id=op_id,
+        )
+
+    try:
+        yield
+    except NotSent as exc:
+        if unknown and op_id is not None:
+            raise unknown_outcome(exc) from exc
+        raise BackendUnavailable(
+            f"no connection to the server ({_short(exc)}); nothing was sent"
+        ) from exc
+    except (rex.AuthenticationError, rex.AuthorizationError) as exc:
+        if unknown and op_id is not None:
+            raise unknown_outcome(exc) from exc
+        raise BackendAuthenticationError(
+            "the server refused the credentials (check the password or ACL user)"
+        ) from exc
+    except rex.NoPermissionError as exc:
+        raise BackendPermissionError(
+            f"the ACL user may not run a command chatstate needs ({_short(exc)}); "
+            "see the ACL in the operations guide"
+        ) from exc
+    except rex.BusyLoadingError as exc:
+        if unknown and op_id is not None:
+            raise unknown_outcome(exc) from exc
+        raise StoreBusyError("the server is loading its data set; try again shortly") from exc
+    except rex.MaxConnectionsError as exc:
+        if unknown and op_id is not None:
+            raise unknown_outcome(exc) from exc
+        raise BackendUnavailable(
+            "every connection of the pool is in use; nothing was sent"
+        ) from exc
+    except (rex.ConnectionError, rex.TimeoutError, rex.ClusterDownError, OSError) as exc:
+        if op_id is not None:
+            raise unknown_outcome(exc) from exc
+        raise BackendUnavailable(
+            f"cannot reach the server ({type(exc).__name__}: {_short(exc)})"
+        ) from exc
+    except rex.ReadOnlyError as exc:
+        if unknown and op_id is not None:
+            raise unknown_outcome(exc) from exc
+        raise BackendUnavailable(
+            "the server is a read-only replica (a failover in progress?)"
+        ) from exc
+    except rex.OutOfMemoryError as exc:
+        if unknown and op_id is not None:
+            raise unknown_outcome(exc) from exc
+        raise StoreFullError(
+            "the server is out of memory (maxmemory); nothing was written"
+        ) from exc
+    except rex.ResponseError as exc:
+        message = str(exc)
+        if message.startswith("NOPERM") or "NOPERM" in message[:80]:
+            raise BackendPermissionError(
+                f"the ACL user may not run a command chatstate needs ({_short(exc)}); "
+                "see the ACL in the operations guide"
+            ) from exc
+        if unknown and op_id is not None:
+            raise unknown_outcome(exc) from exc
+        if message.startswith("OOM"):
+            raise StoreFullError(
+                "the server is out of memory (maxmemory); nothing was written"
+            ) from exc
+        if message.startswith("BUSY"):
+            raise StoreBusyError("the server is busy running a script; try again shortly") from exc
+        if message.startswith("WRONGTYPE"):
+            raise CorruptStateError(
+                f"the key holds the wrong type (key {key!r}); nothing was written", key=key
+            ) from exc
+        raise BackendError(f"the server answered with an error: {_short(exc)}") from exc
+    except rex.RedisError as exc:
+        if unknown and op_id is not None:
+            raise unknown_outcome(exc) from exc
+        raise BackendError(f"the Redis client failed: {type(exc).__name__}: {_short(exc)}") from exc
+    except rex.RedisClusterException as exc:  # not a RedisError: no node reachable, no slots
+        if unknown and op_id is not None:
+            raise unknown_outcome(exc) from exc
+        raise BackendUnavailable(f"cannot use the cluster ({_short(exc)})") from exc
+
+
+def _lock_lost(name: str, lease: float) -> LockLostError:
+    return LockLostError(
+        f"the {name!r} lock expired while held (lease {lease} s); "
+        "another holder may have run at the same time"
+    )
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _is_cluster(client: Any) -> bool:
+    return hasattr(client, "get_node_from_key") or hasattr(client, "nodes_manager")
+
+
+def _hiredis(client: Any) -> bool:
+    """True when the client parses replies with hiredis (plain HGETALL is then fastest)."""
+    try:
+        from redis.utils import HIREDIS_AVAILABLE  # noqa: PLC0415 - only checked once
+    except ImportError:  # pragma: no cover - every supported redis-py has it
+        return False
+    if not HIREDIS_AVAILABLE or _is_cluster(client):
+        return False
+    parser = client.connection_pool.connection_kwargs.get("parser_class")
+    return parser is None or "Hiredis" in getattr(parser, "__name__", "")
+
+
+class _RedisBackendBase:
+    """What the two Redis backends share: construction, keys, scripts, repr."""
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        resolve_attempts: int = 2,
+        resolve_retry: RetryPolicy | None = None,
+        deadline_shards: int = 16,
+        key_secret: str | bytes | None = None,
+        _owns_client: bool = False,
+    ) -> None:
+        if type(deadline_shards) is not int or not 0 <= deadline_shards <= 1024:
+            raise ConfigurationError("deadline_shards must be a whole number from 0 to 1024")
+        self.deadline_shards = deadline_shards
+        if isinstance(resolve_attempts, bool) or not isinstance(resolve_attempts, int):
+            raise ConfigurationError("resolve_attempts must be a whole number")
+        if resolve_attempts < 0:
+            raise ConfigurationError("resolve_attempts must not be negative")
+        self._core = _RedisCore(namespace, _check_key_secret(key_secret))
+        self.client = client
+        self.resolve_attempts = resolve_attempts
+        if resolve_retry is None:
+            resolve_retry = attrs.evolve(RESOLVE, attempts=resolve_attempts + 1)
+        elif not isinstance(resolve_retry, RetryPolicy):
+            raise ConfigurationError(f"resolve_retry must be a RetryPolicy, got {resolve_retry!r}")
+        self.resolve_retry = resolve_retry
+        self._owns_client = _owns_client
+        self._cluster = _is_cluster(client)
+        self._apply_script = client.register_script(APPLY_SCRIPT)
+        self._load_script = client.register_script(LOAD_SCRIPT)
+        self._plain_reads = _hiredis(client)
+
+    @staticmethod
+    def _pool_limits(client: Any) -> tuple[int, float | None]:
+        """How many connections chatstate may open, and how long a caller waits for one."""
+        pool = client.connection_pool
+        most = int(getattr(pool, "max_connections", 50) or 50)
+        timeout = getattr(pool, "timeout", None)
+        if timeout is None:
+            timeout = pool.connection_kwargs.get("socket_timeout") or 5.0
+        return min(most, 10_000), float(timeout)
+
+    @staticmethod
+    def _client_kwargs(options: dict[str, Any], *, asynchronous: bool) -> dict[str, Any]:
+        if isinstance(options.get("retry"), RetryPolicy):
+            retry = _redis_retry(options["retry"], asynchronous=asynchronous)
+            options = {**options, "retry": retry}
+        return {**default_client_options(asynchronous=asynchronous), **options}
+
+    kind = "redis"
+    stores_schema = True
+
+    def describe(self) -> dict[str, Any]:
+        """What observers may say of this backend (OpenTelemetry's database attributes)."""
+        out: dict[str, Any] = {"db.system.name": "redis", "db.namespace": self._core.namespace}
+        try:
+            kwargs = self.client.connection_pool.connection_kwargs
+        except AttributeError:
+            return out
+        if "host" in kwargs:
+            out["server.address"] = str(kwargs["host"])
+        if "port" in kwargs:
+            out["server.port"] = int(kwargs["port"])
+        return out
+
+    def __repr__(self) -> str:
+        location = _safe_location(self.client)
+        return f"<{type(self).__name__} {location} namespace={self._core.namespace!r}>"
+
+    def keys(self, user_id: str) -> list[str]:
+        """The Redis keys of a user's data (for an already checked user id)."""
+        return self._core.keys(user_id)
+
+    def _apply_args(self, write: Write, keys: list[str], *, fresh: bool) -> tuple[Any, ...]:
+        # A first send may skip the op-log lookup only where nothing re-sends
+        # behind our back (redis-py's cluster client retries on its own).
+        fresh = (
+            fresh
+            and write.op_id is None
+            and not write.completes_claim  # its key was already used by the claim
+            and isinstance(write.operation, Edits | Increment | Reset | Replace | Delete)
+            and not self._cluster
+        )
+        return ("EVALSHA", self._apply_script.sha, 3, *keys, *write_args(write, fresh=fresh))
+
+    def _load_args(self, key: str, echo: str) -> tuple[Any, ...]:
+        return ("EVALSHA", self._load_script.sha, 1, key, echo)
+
+    def _eval_args(self, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        """An EVALSHA command as the EVAL of its script's text."""
+        text = APPLY_SCRIPT if args[1] == self._apply_script.sha else LOAD_SCRIPT
+        return ("EVAL", text, *args[2:])
+
+    def _erase_keys(self, user_id: str) -> list[str]:
+        keys = self._core.keys(user_id)
+        return [*keys, *(f"{keys[0]}:lock:{name}" for name in LOCK_NAMES)]
+
+    @staticmethod
+    def _erased(raw: Any, zrem: Any) -> list[str]:
+        found = {_text(part) for part in raw or []}
+        if int(zrem or 0):
+            found.add("deadline")
+        return [part for part in ERASED_PARTS if part in found]
+
+    # -- the deadline index: one sorted set per shard, each its own hash slot --------
+
+    def deadline_keys(self) -> list[str]:
+        """The sorted sets of the deadline index, ``<namespace>:deadlines:{<n>}``."""
+        return [self._deadline_key(n) for n in range(self.deadline_shards)]
+
+    def _deadline_key(self, shard: int) -> str:
+        return f"{self._core.namespace}:deadlines:{{{shard}}}"
+
+    def _deadline_shard_key(self, user_id: str) -> str:
+        digest = zlib.crc32(user_id.encode("utf-8", "surrogatepass"))
+        return self._deadline_key(digest % self.deadline_shards)
+
+    def _no_index(self) -> UsageError:
+        return UsageError(
+            f"{type(self).__name__} keeps no deadline index (deadline_shards=0); "
+            "timeouts still apply at the user's next message"
+        )
+
+    def _schedule_args(self, user_id: str, at_ms: int, earlier_only: bool) -> tuple[Any, ...]:
+        at_ms = check_deadline(at_ms)
+        key = self._deadline_shard_key(user_id)
+        if earlier_only:  # LT: an entry only moves earlier; a new one is added
+            return ("ZADD", key, "LT", at_ms, user_id)
+        return ("ZADD", key, at_ms, user_id)
+
+    @staticmethod
+    def _due_args(key: str, now_ms: int, limit: int) -> tuple[Any, ...]:
+        return ("ZRANGEBYSCORE", key, "-inf", now_ms, "WITHSCORES", "LIMIT", 0, limit)
+
+    @staticmethod
+    def _parse_due(replies: list[Any], limit: int) -> list[tuple[str, int]]:
+        """Merge the shards' replies (flat RESP2 lists or RESP3 pairs), earliest first."""
+        found: list[tuple[int, str]] = []
+        for raw in replies:
+            items = list(raw or [])
+            pairs = (
+                items
+                if items and isinstance(items[0], list | tuple)
+                else list(zip(items[::2], items[1::2], strict=True))
+            )
+            found.extend(
+                (
+                    int(score if isinstance(score, int | float) else float(_text(score))),
+                    _text(member),
+                )
+                for member, score in pairs
+            )
+        found.sort()
+        return [(user_id, at) for at, user_id in found[:limit]]
