@@ -235,8 +235,7 @@ def test_an_async_backend_that_stores_no_schema_is_refused() -> None:
 
 
 def test_without_a_schema_writes_carry_schema_1_where_the_backend_stores_schemas() -> None:
-    """No schema configured: writes are schema 1 (never into a migrated document); a backend
-    that stores no schemas gets none, so it does exactly what it did."""
+    """No schema configured: writes are schema 1; a backend storing none gets none, as before."""
     svc = StateService(rules=rules(None))
     assert svc.manager.update_write({"a": 1}, None).schema == 1
     assert StateService(rules=rules(3)).manager.update_write({"a": 1}, None).schema == 3
