@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from chatstate import CorruptStateError, RedisBackend, StateData, StateService
 from chatstate.state._backend import OPS_TRIM_AT, REMEMBERED_OPS, Edits, Increment, Write
 from chatstate.state._lua import APPLY_SCRIPT, LOAD_SCRIPT, write_args
 
@@ -472,3 +473,19 @@ def test_write_args_packs_what_the_script_reads(client, keys) -> None:
     sha = client.script_load(APPLY_SCRIPT)
     reply = str(client.evalsha(sha, 3, *keys, *write_args(bump, fresh=True)))
     assert reply.split("\n")[:5] == ["applied", "n2", "4", "4", "-5"]
+
+
+@pytest.mark.parametrize("stored", ["0", "01", "1000000000", "2.5", "-1"])
+def test_a_stored_schema_outside_1_to_999999999_is_corrupt(
+    redis_url: str, namespace: str, stored: str
+) -> None:
+    """Reads and writes refuse a #m that no backend could have stored (0, 10 digits, ...)."""
+    backend = RedisBackend.from_url(redis_url, namespace=namespace)
+    svc = StateService(backend, StateData(schema_version=2, migrations={1: dict}))
+    svc.update("u", {"a": 1})
+    backend.client.hset(f"{namespace}:{{u}}", "#m", stored)
+    with pytest.raises(CorruptStateError, match="schema field"):
+        svc.update("u", {"a": 2})
+    with pytest.raises(CorruptStateError, match="schema field"):
+        svc.get("u")
+    svc.close()

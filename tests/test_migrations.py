@@ -31,6 +31,7 @@ from chatstate import (
     SqliteBackend,
     StateData,
     StateService,
+    StateTooLargeError,
 )
 from chatstate.state import Replace
 from chatstate.state._rules import merge
@@ -690,3 +691,37 @@ def test_a_flow_carries_on_over_a_migrated_document() -> None:
     assert new.send("Porto") == ["Hello Ana from Porto!"]
     assert svc.snapshot("ana").schema == 2
     assert svc.get("ana")["lang"] == "en"
+
+
+def test_a_migration_changing_a_preserved_fields_json_type_is_refused() -> None:
+    """1 -> True or 7 -> 7.0 in a preserved field is a change: MigrationError, nothing written."""
+    store = MemoryBackend()
+    keep = StateData(preserved=["flag"])
+    StateService(store, keep).set_preserved("u", "flag", 1)
+
+    def to_bool(doc: dict[str, Any]) -> dict[str, Any]:
+        return {**doc, "flag": True}
+
+    new = StateService(
+        store, StateData(preserved=["flag"], schema_version=2, migrations={1: to_bool})
+    )
+    with pytest.raises(MigrationError) as info:
+        new.get("u")
+    assert info.value.path == "$.flag"
+    assert store.load("u").schema == 1
+
+
+def test_a_migrated_document_over_max_bytes_is_a_migration_error() -> None:
+    """The store refusing the result names the user and the migration; nothing is written."""
+    store = MemoryBackend()
+    StateService(store).update("u", {"a": 1})
+
+    def bloat(doc: dict[str, Any]) -> dict[str, Any]:
+        return {**doc, "blob": "x" * 5000}
+
+    new = StateService(store, StateData(max_bytes=1000, schema_version=2, migrations={1: bloat}))
+    with pytest.raises(MigrationError) as info:
+        new.get("u")
+    assert (info.value.user_id, info.value.from_version) == ("u", 1)
+    assert isinstance(info.value.__cause__, StateTooLargeError)
+    assert store.load("u").schema == 1

@@ -9,6 +9,7 @@ import pytest
 
 from chatstate import (
     AsyncStateService,
+    BackendUnavailable,
     ConfigurationError,
     ConflictError,
     RedisBackend,
@@ -227,3 +228,43 @@ def test_from_url_takes_a_policy_for_redis_pys_own_retries() -> None:
     assert retry.policy is policy
     assert retry.get_retries() == 1
     backend.close()
+
+
+def test_redis_py_retries_are_not_nested() -> None:
+    """A policy of 3 attempts makes 3 connections, not 3 x 3 (redis-py connects inside a retry)."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(50)
+    accepted: list[int] = []
+
+    def hang_up() -> None:  # accept every connection and close it at once
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(1)
+            conn.close()
+
+    threading.Thread(target=hang_up, daemon=True).start()
+    events: list[Any] = []
+    policy = RetryPolicy(attempts=3, initial=0.0, sleep=lambda _s: None, on_retry=events.append)
+    port = listener.getsockname()[1]
+    backend = RedisBackend.from_url(f"redis://127.0.0.1:{port}/0", retry=policy)
+    try:
+        with pytest.raises(BackendUnavailable):
+            backend.ping()
+        assert len(accepted) == 3
+        assert len(events) == 2  # two retries after the first attempt
+    finally:
+        backend.close()
+        listener.close()
+
+
+def test_from_url_refuses_a_retry_that_is_no_policy() -> None:
+    """retry= takes a RetryPolicy or a redis-py Retry; anything else fails at once."""
+    with pytest.raises(ConfigurationError, match="retry must be"):
+        RedisBackend.from_url("redis://127.0.0.1:1/0", retry=5)

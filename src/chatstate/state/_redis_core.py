@@ -187,8 +187,8 @@ def _stored_schema(fields: list[str], values: list[Any], key: str) -> int:
         return 1
     raw = values[fields.index("#m")]
     raw = raw.decode("ascii", "replace") if isinstance(raw, bytes) else str(raw)
-    if not (raw.isascii() and raw.isdigit()):
-        raise corrupt(key, "the schema field is not a whole number")
+    if not (raw.isascii() and raw.isdigit() and raw[0] != "0" and len(raw) <= 9):
+        raise corrupt(key, "the schema field is not a whole number from 1 to 999999999")
     return int(raw)
 
 
@@ -555,9 +555,13 @@ class _RedisBackendBase:
 
     @staticmethod
     def _client_kwargs(options: dict[str, Any], *, asynchronous: bool) -> dict[str, Any]:
-        if isinstance(options.get("retry"), RetryPolicy):
-            retry = _redis_retry(options["retry"], asynchronous=asynchronous)
-            options = {**options, "retry": retry}
+        retry = options.get("retry")
+        if isinstance(retry, RetryPolicy):
+            options = {**options, "retry": _redis_retry(retry, asynchronous=asynchronous)}
+        elif retry is not None and not callable(getattr(retry, "call_with_retry", None)):
+            raise ConfigurationError(
+                f"retry must be a chatstate RetryPolicy or a redis-py Retry, got {retry!r}"
+            )
         return {**default_client_options(asynchronous=asynchronous), **options}
 
     kind = "redis"

@@ -9,12 +9,18 @@ and the hook from a policy, and never retry a refused password.
 redis-py deep-copies its ``retry`` into every connection: these copy themselves
 shallowly, so that every connection shares the one (immutable) policy and its
 hook, never a copy of the hook's owner.
+
+redis-py nests its retries: a command's ``call_with_retry`` connects through the
+connection's own ``call_with_retry``, so a policy of 4 attempts would make 16
+connection attempts. Only the outermost loop retries here (a context variable
+marks it); an inner one runs its call once and lets the error reach the outer.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import Any, Self, TypeVar
 
 import redis.exceptions as rex
@@ -27,6 +33,9 @@ from chatstate._retry import REDIS_CLIENT, Retrying, RetryPolicy
 __all__ = ["AsyncPolicyRetry", "PolicyBackoff", "PolicyRetry"]
 
 T = TypeVar("T")
+
+_RETRYING: ContextVar[bool] = ContextVar("chatstate_redis_retrying", default=False)
+"""True inside a policy's retry loop: a nested loop then tries once."""
 
 
 def retryable(error: Exception, inner: Callable[[Exception], bool] | None) -> bool:
@@ -87,6 +96,21 @@ class PolicyRetry(Retry):
         with_failure_count: bool = False,
     ) -> T:
         """Call ``do`` until it succeeds or the policy gives up (then raise its last error)."""
+        if _RETRYING.get():
+            return do()  # inside another retry loop: that one retries
+        token = _RETRYING.set(True)
+        try:
+            return self._loop(do, fail, is_retryable, with_failure_count)
+        finally:
+            _RETRYING.reset(token)
+
+    def _loop(
+        self,
+        do: Callable[[], T],
+        fail: Callable[..., Any],
+        is_retryable: Callable[[Exception], bool] | None,
+        with_failure_count: bool,
+    ) -> T:
         retrying: Retrying | None = None
         failures = 0
         while True:
@@ -124,6 +148,21 @@ class AsyncPolicyRetry(AsyncRetry):
         with_failure_count: bool = False,
     ) -> T:
         """The asyncio twin of :meth:`PolicyRetry.call_with_retry`."""
+        if _RETRYING.get():
+            return await do()  # inside another retry loop: that one retries
+        token = _RETRYING.set(True)
+        try:
+            return await self._loop(do, fail, is_retryable, with_failure_count)
+        finally:
+            _RETRYING.reset(token)
+
+    async def _loop(
+        self,
+        do: Callable[[], Awaitable[T]],
+        fail: Callable[..., Any],
+        is_retryable: Callable[[Exception], bool] | None,
+        with_failure_count: bool,
+    ) -> T:
         retrying: Retrying | None = None
         failures = 0
         while True:
