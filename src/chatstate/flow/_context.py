@@ -185,6 +185,7 @@ class Context(Generic[DepsT]):
 
     __slots__ = (
         "_catalogues",
+        "_doc",
         "_flows",
         "_language_field",
         "_next_flow",
@@ -198,7 +199,6 @@ class Context(Generic[DepsT]):
         "flow",
         "language",
         "message",
-        "state",
         "step",
     )
 
@@ -221,9 +221,7 @@ class Context(Generic[DepsT]):
     ) -> None:
         self.message = message
         """The message being handled."""
-        self.state: Mapping[str, Any] = _StateView(state, rules.redacted_fields)
-        """The user's stored document as the message found it (read-only; its repr
-        hides preserved and secret fields)."""
+        self._doc = state
         self.deps: DepsT = deps
         """The bot's own services, as given to the router (``deps=``)."""
         self.authenticated = authenticated
@@ -244,6 +242,14 @@ class Context(Generic[DepsT]):
         self.language = catalogues.pick(state.get(language_field))
         """The user's language code (the stored one, else the router's default)."""
         self._translate = catalogues.translator(self.language)
+
+    @property
+    def state(self) -> Mapping[str, Any]:
+        """The user's stored document as the message found it (read-only).
+
+        Its repr hides preserved and secret fields.
+        """
+        return _StateView(self._doc, self._rules.redacted_fields)
 
     def __repr__(self) -> str:
         return (
