@@ -382,7 +382,16 @@ def test_no_schema_field_means_schema_one(client, keys) -> None:
     [
         ({**DOC, "#v": "x"}, 's"a"\n2', "the version or size field is not a whole number"),
         ({**DOC, "#s": "-1"}, 's"a"\n2', "the version or size field is not a whole number"),
-        ({**DOC, "#m": "two"}, 's"a"\n2', "the schema field is not a whole number"),
+        (
+            {**DOC, "#m": "two"},
+            's"a"\n2',
+            "the schema field is not a whole number from 1 to 999999999",
+        ),
+        (
+            {**DOC, "#m": "0"},
+            's"a"\n2',
+            "the schema field is not a whole number from 1 to 999999999",
+        ),
         ({'"a"': "1"}, 's"a"\n2', "the hash has no version field"),
         ({**DOC, "foo": "1"}, 'd"b"', "the hash has a field that is not a chatstate path"),
     ],
