@@ -24,7 +24,7 @@ from chatstate.observe import (
     add_observer,
     remove_observer,
 )
-from chatstate.state._redis_retry import PolicyRetry
+from chatstate.state._sync.redis_retry import PolicyRetry
 from proxy import ReplyDroppingProxy
 
 

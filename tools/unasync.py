@@ -47,6 +47,8 @@ SUBS: list[tuple[str, str]] = [
     # The helpers where the twins differ, each explained where it is defined:
     # resolved_async -> resolved_sync, check_backend_async -> check_backend_sync, ...
     (r"(\w+)_async", r"\1_sync"),
+    # redis-py's asyncio modules mirror its sync ones: redis.asyncio.retry -> redis.retry.
+    (r"redis\.asyncio\.(\w+)", r"redis.\1"),
     # The generated module imports the generated twins of its neighbours.
     (r"chatstate\.(\w+)\._async\.", r"chatstate.\1._sync."),
 ]

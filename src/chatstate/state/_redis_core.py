@@ -39,6 +39,7 @@ from chatstate.exceptions import (
     StoreFullError,
     UsageError,
 )
+from chatstate.state._async.redis_retry import AsyncPolicyRetry
 from chatstate.state._backend import (
     ERASED_PARTS,
     Delete,
@@ -57,7 +58,7 @@ from chatstate.state._backend import (
 from chatstate.state._codec import unflatten_columns, unflatten_parts
 from chatstate.state._lua import APPLY_SCRIPT, LOAD_SCRIPT, write_args
 from chatstate.state._pipeline import NotSent
-from chatstate.state._redis_retry import AsyncPolicyRetry, PolicyRetry
+from chatstate.state._sync.redis_retry import PolicyRetry
 
 __all__ = ["DEFAULT_NAMESPACE", "LOCK_NAMES", "default_client_options", "map_redis_errors"]
 

@@ -1,7 +1,9 @@
 """redis-py's ``Retry``, driven by a :class:`~chatstate._retry.RetryPolicy`.
 
 redis-py retries the commands chatstate leaves to it (locks, ``ping``, Cluster
-routing) with its own loop, backoff and ``time.sleep``. These subclasses keep
+routing) with its own loop, backoff and ``time.sleep``. ``PolicyRetry`` and
+``AsyncPolicyRetry`` (one body in ``_async/redis_retry.py``, the sync twin
+generated) keep
 redis-py's contract (``call_with_retry``, ``get_retries``, ``fail`` called once
 per failure, so that it reconnects) but take the delays, the budget, the sleeps
 and the hook from a policy, and never retry a refused password.
@@ -14,27 +16,26 @@ redis-py nests its retries: a command's ``call_with_retry`` connects through the
 connection's own ``call_with_retry``, so a policy of 4 attempts would make 16
 connection attempts. Only the outermost loop retries here (a context variable
 marks it); an inner one runs its call once and lets the error reach the outer.
+
+This module holds what the twins share and no I/O.
 """
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from contextvars import ContextVar
-from typing import Any, Self, TypeVar
+from typing import TypeVar
 
 import redis.exceptions as rex
-from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import AbstractBackoff
-from redis.retry import Retry
 
-from chatstate._retry import REDIS_CLIENT, Retrying, RetryPolicy
+from chatstate._retry import Retrying, RetryPolicy
 
-__all__ = ["AsyncPolicyRetry", "PolicyBackoff", "PolicyRetry"]
+__all__ = ["RETRYING", "PolicyBackoff", "begin", "retries", "retryable"]
 
 T = TypeVar("T")
 
-_RETRYING: ContextVar[bool] = ContextVar("chatstate_redis_retrying", default=False)
+RETRYING: ContextVar[bool] = ContextVar("chatstate_redis_retrying", default=False)
 """True inside a policy's retry loop: a nested loop then tries once."""
 
 
@@ -68,115 +69,11 @@ class PolicyBackoff(AbstractBackoff):
         return hash(self.policy)
 
 
-def _retries(policy: RetryPolicy) -> int:
+def retries(policy: RetryPolicy) -> int:
     """redis-py's count: retries after the first try; -1 for no limit."""
     return -1 if policy.attempts is None else policy.attempts - 1
 
 
-def _begin(policy: RetryPolicy, retries: int) -> Retrying:
+def begin(policy: RetryPolicy, retries: int) -> Retrying:
     """Start retrying; redis-py's ``update_retries()`` overrides the policy's attempts."""
     return policy.begin("redis", attempts=None if retries < 0 else retries + 1)
-
-
-class PolicyRetry(Retry):
-    """redis-py's ``Retry`` with a chatstate policy (``REDIS_CLIENT`` by default)."""
-
-    def __init__(self, policy: RetryPolicy = REDIS_CLIENT, **kwargs: Any) -> None:
-        super().__init__(PolicyBackoff(policy), _retries(policy), **kwargs)
-        self.policy = policy
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> Self:
-        return copy.copy(self)
-
-    def call_with_retry(
-        self,
-        do: Callable[[], T],
-        fail: Callable[..., Any],
-        is_retryable: Callable[[Exception], bool] | None = None,
-        with_failure_count: bool = False,
-    ) -> T:
-        """Call ``do`` until it succeeds or the policy gives up (then raise its last error)."""
-        if _RETRYING.get():
-            return do()  # inside another retry loop: that one retries
-        token = _RETRYING.set(True)
-        try:
-            return self._loop(do, fail, is_retryable, with_failure_count)
-        finally:
-            _RETRYING.reset(token)
-
-    def _loop(
-        self,
-        do: Callable[[], T],
-        fail: Callable[..., Any],
-        is_retryable: Callable[[Exception], bool] | None,
-        with_failure_count: bool,
-    ) -> T:
-        retrying: Retrying | None = None
-        failures = 0
-        while True:
-            try:
-                return do()
-            except self._supported_errors as error:
-                if not retryable(error, is_retryable):
-                    raise
-                failures += 1
-                if with_failure_count:
-                    fail(error, failures)
-                else:
-                    fail(error)
-                if retrying is None:
-                    retrying = _begin(self.policy, self._retries)
-                if not retrying.retry(error):
-                    raise
-
-
-class AsyncPolicyRetry(AsyncRetry):
-    """The asyncio twin of :class:`PolicyRetry`."""
-
-    def __init__(self, policy: RetryPolicy = REDIS_CLIENT, **kwargs: Any) -> None:
-        super().__init__(PolicyBackoff(policy), _retries(policy), **kwargs)
-        self.policy = policy
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> Self:
-        return copy.copy(self)
-
-    async def call_with_retry(
-        self,
-        do: Callable[[], Awaitable[T]],
-        fail: Callable[..., Any],
-        is_retryable: Callable[[Exception], bool] | None = None,
-        with_failure_count: bool = False,
-    ) -> T:
-        """The asyncio twin of :meth:`PolicyRetry.call_with_retry`."""
-        if _RETRYING.get():
-            return await do()  # inside another retry loop: that one retries
-        token = _RETRYING.set(True)
-        try:
-            return await self._loop(do, fail, is_retryable, with_failure_count)
-        finally:
-            _RETRYING.reset(token)
-
-    async def _loop(
-        self,
-        do: Callable[[], Awaitable[T]],
-        fail: Callable[..., Any],
-        is_retryable: Callable[[Exception], bool] | None,
-        with_failure_count: bool,
-    ) -> T:
-        retrying: Retrying | None = None
-        failures = 0
-        while True:
-            try:
-                return await do()
-            except self._supported_errors as error:
-                if not retryable(error, is_retryable):
-                    raise
-                failures += 1
-                if with_failure_count:
-                    await fail(error, failures)
-                else:
-                    await fail(error)
-                if retrying is None:
-                    retrying = _begin(self.policy, self._retries)
-                if not await retrying.aretry(error):
-                    raise
