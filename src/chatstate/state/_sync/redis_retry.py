@@ -41,32 +41,23 @@ class PolicyRetry(redis_retry.Retry):
         if RETRYING.get():
             return do()  # inside another retry loop: that one retries
         token = RETRYING.set(True)
-        try:
-            return self._loop(do, fail, is_retryable, with_failure_count)
-        finally:
-            RETRYING.reset(token)
-
-    def _loop(
-        self,
-        do: Callable[[], Any],
-        fail: Callable[..., Any],
-        is_retryable: Callable[[Exception], bool] | None,
-        with_failure_count: bool,
-    ) -> Any:
         retrying: Retrying | None = None
         failures = 0
-        while True:
-            try:
-                return do()
-            except self._supported_errors as error:
-                if not retryable(error, is_retryable):
-                    raise
-                failures += 1
-                if with_failure_count:
-                    fail(error, failures)
-                else:
-                    fail(error)
-                if retrying is None:
-                    retrying = begin(self.policy, self._retries)
-                if not retrying.retry(error):
-                    raise
+        try:
+            while True:
+                try:
+                    return do()
+                except self._supported_errors as error:
+                    if not retryable(error, is_retryable):
+                        raise
+                    failures += 1
+                    if with_failure_count:
+                        fail(error, failures)
+                    else:
+                        fail(error)
+                    if retrying is None:
+                        retrying = begin(self.policy, self._retries)
+                    if not retrying.retry(error):
+                        raise
+        finally:
+            RETRYING.reset(token)
