@@ -21,7 +21,7 @@ import marshal
 import os
 from base64 import urlsafe_b64encode
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Final, Literal, Protocol, TypeAlias, runtime_checkable
+from typing import Any, Final, Literal, Protocol, TypeAlias, get_args, runtime_checkable
 
 import attrs
 
@@ -417,6 +417,10 @@ Status: TypeAlias = Literal[
     "stale_schema",
     "newer_schema",
 ]
+STATUSES: Final = frozenset(get_args(Status))
+"""Every status an outcome may have."""
+SCHEMA_REFUSALS: Final = frozenset({"stale_schema", "newer_schema"})
+"""The statuses of a write refused for the stored document's schema (nothing written)."""
 
 
 class Outcome:

@@ -56,7 +56,7 @@ from chatstate.exceptions import (
     ValidationError,
 )
 from chatstate.state._codec import encode_value
-from chatstate.state._rules import format_path, parse_path
+from chatstate.state._rules import _MISSING, _drop_nones, _lookup, format_path, parse_path
 from chatstate.typing import JSON, JSONObject, Path
 
 __all__ = [
@@ -79,7 +79,6 @@ _INSTALL: Final = "pip install 'chatstate[crypto]'"
 _KEY_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _TOKEN: Final = re.compile(r"csenc:([0-9]+):([^:]*):([A-Za-z0-9_-]*)")
 _B64_KEY: Final = re.compile(r"[A-Za-z0-9+/_-]+={0,2}")
-_MISSING: Final = object()
 
 
 def is_encrypted(value: object) -> bool:
@@ -638,19 +637,6 @@ def _aad(key_id: str, user_id: str, path: Path) -> bytes:
     return json.dumps(
         [_AAD_TAG, VERSION, key_id, user_id, list(path)], ensure_ascii=True, separators=(",", ":")
     ).encode("ascii")
-
-
-def _drop_nones(obj: JSONObject) -> JSONObject:
-    return {k: (_drop_nones(v) if type(v) is dict else v) for k, v in obj.items() if v is not None}
-
-
-def _lookup(doc: JSONObject, path: Path) -> Any:
-    node: Any = doc
-    for key in path:
-        if type(node) is not dict or key not in node:
-            return _MISSING
-        node = node[key]
-    return node
 
 
 def _fail(user_id: str, path: Path, key_id: str | None, reason: str, why: str) -> NoReturn:

@@ -85,8 +85,6 @@ TransactionFn = Callable[[JSONObject], JSONObject | None]
 AsyncTransactionFn = Callable[[JSONObject], JSONObject | Awaitable[JSONObject | None] | None]
 """A transaction function of the asyncio twin: a plain function or a coroutine function."""
 
-_SCHEMA_REFUSALS: Final = frozenset({"stale_schema", "newer_schema"})
-
 
 def _b64(raw: bytes) -> str:
     return urlsafe_b64encode(raw).decode("ascii")

@@ -42,6 +42,8 @@ from chatstate.exceptions import (
 from chatstate.state._async.redis_retry import AsyncPolicyRetry
 from chatstate.state._backend import (
     ERASED_PARTS,
+    SCHEMA_REFUSALS,
+    STATUSES,
     Delete,
     Edits,
     Increment,
@@ -80,21 +82,7 @@ for i = 1, #KEYS do
 end
 return out
 """
-_SCHEMA_REFUSALS: Final = frozenset({"stale_schema", "newer_schema"})
 _SAFE_ID_CHARS: Final = "@+"  # plus quote()'s own: letters, digits and "_.-~"
-_STATUSES: Final = frozenset(
-    {
-        "applied",
-        "duplicate",
-        "conflict",
-        "claimed",
-        "busy",
-        "released",
-        "lost",
-        "stale_schema",
-        "newer_schema",
-    }
-)
 
 
 def _check_namespace(namespace: object) -> str:
@@ -328,7 +316,7 @@ class _RedisCore:
             if parts[4] == "overflow":
                 raise counter_overflow(op.path)
             raise counter_not_integer(op.path)
-        if status not in _STATUSES:
+        if status not in STATUSES:
             raise BackendError(f"unexpected reply status {status!r} from the script")
         version, current, extra = int(parts[2]), int(parts[3]), parts[4]
         dump = parts[5] if len(parts) > 5 else ""
@@ -339,7 +327,7 @@ class _RedisCore:
             snapshot = Snapshot({}, current, schema)
         applied_now = status == "applied" and isinstance(op, Increment) and extra
         # An earlier attempt's reply has no value; a schema refusal's is the stored schema.
-        value = int(extra) if applied_now or status in _SCHEMA_REFUSALS else None
+        value = int(extra) if applied_now or status in SCHEMA_REFUSALS else None
         retry = int(extra) if status == "busy" else 0
         return Outcome(status, snapshot, version, value=value, retry_after_ms=retry)  # type: ignore[arg-type]
 
@@ -351,7 +339,7 @@ class _RedisCore:
         """
         if sent is None:
             return 1
-        if status in _SCHEMA_REFUSALS:
+        if status in SCHEMA_REFUSALS:
             return int(extra)
         if dump:
             parts = dump.split("\n")

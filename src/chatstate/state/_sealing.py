@@ -26,7 +26,16 @@ import attrs
 from chatstate.exceptions import DecryptionError, SecretFieldError
 from chatstate.state._backend import Edits, Increment, Operation, Replace, Snapshot, Write
 from chatstate.state._crypto import is_encrypted, key_id_of
-from chatstate.state._rules import DELETE, MAKE_OBJECT, SET, Edit, apply_edits, format_path
+from chatstate.state._rules import (
+    _MISSING,
+    DELETE,
+    MAKE_OBJECT,
+    SET,
+    Edit,
+    _lookup,
+    apply_edits,
+    format_path,
+)
 
 if TYPE_CHECKING:
     from chatstate.state._crypto import FieldEncryption
@@ -34,7 +43,6 @@ if TYPE_CHECKING:
 
 __all__ = ["mask", "reveal", "seal"]
 
-_MISSING: Final = object()
 MASK: Final = "<secret>"
 
 
@@ -47,15 +55,6 @@ def _related(path: Path, secret: Path) -> bool:
     """``path`` is ``secret``, an ancestor of it, or lies inside it."""
     n = min(len(path), len(secret))
     return path[:n] == secret[:n]
-
-
-def _lookup(doc: JSONObject, path: Path) -> Any:
-    node: Any = doc
-    for key in path:
-        if type(node) is not dict or key not in node:
-            return _MISSING
-        node = node[key]
-    return node
 
 
 def _touches(edits: Collection[Edit], secret: Collection[Path]) -> bool:

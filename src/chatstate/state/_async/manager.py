@@ -18,9 +18,8 @@ from chatstate._durations import to_ms
 from chatstate._retry import RetryPolicy
 from chatstate._twins import resolved_async
 from chatstate.exceptions import OutcomeUnknown, StateError, StateTooLargeError
-from chatstate.state._backend import AsyncBackend, Outcome, Snapshot, Write
+from chatstate.state._backend import SCHEMA_REFUSALS, AsyncBackend, Outcome, Snapshot, Write
 from chatstate.state._manager import (
-    _SCHEMA_REFUSALS,
     CLAIM,
     COMMIT,
     DEFAULT_DEDUPE,
@@ -141,7 +140,7 @@ class AsyncStateManager(_ManagerCore):
             if self.cipher is not None:
                 write = self.seal(uid, write)
             outcome = await self.backend.apply(uid, write)
-            if outcome.status in _SCHEMA_REFUSALS:
+            if outcome.status in SCHEMA_REFUSALS:
                 outcome = await self.resend_migrated(uid, write, outcome)
             return outcome if self.cipher is None else self.revealed(uid, outcome)
         except StateError as exc:
@@ -194,7 +193,7 @@ class AsyncStateManager(_ManagerCore):
             if self.needs_migration(user_id, snapshot):
                 await self.migrate_stored(user_id, snapshot)
             outcome = await self.backend.apply(user_id, write)
-        if outcome.status in _SCHEMA_REFUSALS:
+        if outcome.status in SCHEMA_REFUSALS:
             raise self.conflict(self.resend_limit)
         return outcome
 
@@ -284,7 +283,7 @@ class AsyncStateManager(_ManagerCore):
                 if self.cipher is not None:
                     write = self.seal(claim.user_id, write)
                 outcome = await self.backend.apply(claim.user_id, write)
-                if outcome.status in _SCHEMA_REFUSALS:
+                if outcome.status in SCHEMA_REFUSALS:
                     outcome = await self.resend_migrated(claim.user_id, write, outcome)
             except OutcomeUnknown:
                 raise

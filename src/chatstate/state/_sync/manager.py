@@ -19,9 +19,8 @@ from chatstate._durations import to_ms
 from chatstate._retry import RetryPolicy
 from chatstate._twins import resolved_sync
 from chatstate.exceptions import OutcomeUnknown, StateError, StateTooLargeError
-from chatstate.state._backend import Backend, Outcome, Snapshot, Write
+from chatstate.state._backend import SCHEMA_REFUSALS, Backend, Outcome, Snapshot, Write
 from chatstate.state._manager import (
-    _SCHEMA_REFUSALS,
     CLAIM,
     COMMIT,
     DEFAULT_DEDUPE,
@@ -142,7 +141,7 @@ class StateManager(_ManagerCore):
             if self.cipher is not None:
                 write = self.seal(uid, write)
             outcome = self.backend.apply(uid, write)
-            if outcome.status in _SCHEMA_REFUSALS:
+            if outcome.status in SCHEMA_REFUSALS:
                 outcome = self.resend_migrated(uid, write, outcome)
             return outcome if self.cipher is None else self.revealed(uid, outcome)
         except StateError as exc:
@@ -195,7 +194,7 @@ class StateManager(_ManagerCore):
             if self.needs_migration(user_id, snapshot):
                 self.migrate_stored(user_id, snapshot)
             outcome = self.backend.apply(user_id, write)
-        if outcome.status in _SCHEMA_REFUSALS:
+        if outcome.status in SCHEMA_REFUSALS:
             raise self.conflict(self.resend_limit)
         return outcome
 
@@ -285,7 +284,7 @@ class StateManager(_ManagerCore):
                 if self.cipher is not None:
                     write = self.seal(claim.user_id, write)
                 outcome = self.backend.apply(claim.user_id, write)
-                if outcome.status in _SCHEMA_REFUSALS:
+                if outcome.status in SCHEMA_REFUSALS:
                     outcome = self.resend_migrated(claim.user_id, write, outcome)
             except OutcomeUnknown:
                 raise
