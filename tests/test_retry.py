@@ -30,29 +30,7 @@ from chatstate.observe import Observer, add_observer, remove_observer
 from chatstate.state._async.redis_retry import AsyncPolicyRetry
 from chatstate.state._redis_retry import PolicyBackoff
 from chatstate.state._sync.redis_retry import PolicyRetry
-
-
-class Fake:
-    """A clock that only sleeps move, and a record of every sleep and every hook call."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.naps: list[float] = []
-        self.events: list[RetryScheduled] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.naps.append(seconds)
-        self.now += seconds
-
-    async def asleep(self, seconds: float) -> None:
-        self.sleep(seconds)
-
-    def policy(self, **options: Any) -> RetryPolicy:
-        options.setdefault("on_retry", self.events.append)
-        return RetryPolicy(clock=self.clock, sleep=self.sleep, asleep=self.asleep, **options)
+from fakes import Fake
 
 
 def run(policy: RetryPolicy, failures: int, *, cost: float = 0.0, fake: Fake | None = None) -> int:

@@ -25,32 +25,8 @@ from chatstate.observe import (
     remove_observer,
 )
 from chatstate.state._sync.redis_retry import PolicyRetry
+from fakes import Fake
 from proxy import ReplyDroppingProxy
-
-
-class Fake:
-    """A clock that only sleeps move, and the events a policy's hook heard."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.naps: list[float] = []
-        self.events: list[RetryScheduled] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.naps.append(seconds)
-        self.now += seconds
-
-    async def asleep(self, seconds: float) -> None:
-        self.sleep(seconds)
-
-    def policy(self, **options: Any) -> RetryPolicy:
-        return RetryPolicy(
-            clock=self.clock, sleep=self.sleep, asleep=self.asleep, on_retry=self.events.append,
-            **options,
-        )  # fmt: skip
 
 
 def _always_losing(svc: StateService) -> Any:
