@@ -66,6 +66,7 @@ __all__ = [
     "Operation",
     "Outcome",
     "Release",
+    "Renew",
     "Replace",
     "Reset",
     "Snapshot",
@@ -321,11 +322,24 @@ class Acquire:
 
 
 @attrs.frozen
+class Renew(Acquire):
+    """Extend the claim held under the write's nonce to ``lease_ms`` from now.
+
+    Answers ``"claimed"``, or ``"lost"`` when the claim is not (or no longer)
+    held under that nonce: a renewal never takes a free or lapsed claim, so one
+    that arrives after its claim was committed or released changes nothing. The
+    write's operation key is neither looked up nor recorded. (A subclass of
+    :class:`Acquire`: a backend that stores what an ``Acquire`` changes stores
+    what this changes the same way.)
+    """
+
+
+@attrs.frozen
 class Release:
     """Give up the claim held under the write's nonce without recording anything."""
 
 
-Operation: TypeAlias = Edits | Increment | Reset | Replace | Delete | Acquire | Release
+Operation: TypeAlias = Edits | Increment | Reset | Replace | Delete | Acquire | Renew | Release
 
 
 class Write:
@@ -347,7 +361,12 @@ class Write:
         dedupe_ms: How long the operation log is kept after the user's last write.
         completes_claim: The write ends the claim held under ``nonce``: it
             applies only while that claim is the user's (else ``"lost"``), and
-            it releases the claim.
+            it releases the claim (unless ``keeps_claim``).
+        keeps_claim: With ``completes_claim``: the claim stays held after the
+            write (its holder ends it later with another write that completes
+            the claim, or a :class:`Release`; else it lapses with its lease).
+            The router commits a message's step and replies so, and keeps the
+            user until the replies are acknowledged sent.
         op_id: The caller's operation id, for error messages (``None`` when
             chatstate made it up).
         want_document: ``False`` when the caller does not need the document
@@ -366,6 +385,7 @@ class Write:
         "completes_claim",
         "dedupe_ms",
         "digest",
+        "keeps_claim",
         "max_bytes",
         "nonce",
         "op_id",
@@ -389,6 +409,7 @@ class Write:
         op_id: str | None = None,
         want_document: bool = True,
         schema: int | None = None,
+        keeps_claim: bool = False,
     ) -> None:
         self.operation = operation
         self.op_key = op_key
@@ -401,6 +422,7 @@ class Write:
         self.op_id = op_id
         self.want_document = want_document
         self.schema = schema
+        self.keeps_claim = keeps_claim
 
     def __repr__(self) -> str:
         return f"Write({self.operation!r}, op_key={self.op_key!r})"
@@ -605,6 +627,12 @@ def apply_write(  # noqa: C901, PLR0911, PLR0912 - one branch per rule, in the L
         outcome = Outcome(status, _as_found(current, shared), made, value, wait)
         return WriteResult(outcome, UNCHANGED, 0, log_changed=changed, schema=stored_schema)
 
+    lease = log.lease
+    if isinstance(op, Renew):
+        if lease is None or lease.nonce != write.nonce or lease.expires_ms <= now_ms:
+            return found("lost", version)
+        lease.expires_ms = now_ms + op.lease_ms
+        return found("claimed", version, changed=True)
     record = log.records.get(write.op_key)
     if record is not None and not isinstance(op, Release):
         if write.digest and record.digest and record.digest != write.digest:
@@ -614,7 +642,6 @@ def apply_write(  # noqa: C901, PLR0911, PLR0912 - one branch per rule, in the L
             )
         own = record.nonce == write.nonce and not isinstance(op, Acquire)
         return found("applied" if own else "duplicate", record.version)
-    lease = log.lease
     if isinstance(op, Acquire):
         if lease is not None and lease.nonce != write.nonce and lease.expires_ms > now_ms:
             # Held by another message, or by another copy of this one that may still
@@ -644,7 +671,7 @@ def apply_write(  # noqa: C901, PLR0911, PLR0912 - one branch per rule, in the L
         if op.expected_version is not None and op.expected_version != version:
             return found("conflict", 0)
         log.remember(write, version)
-        if write.completes_claim:
+        if write.completes_claim and not write.keeps_claim:
             log.lease = None
         return found("applied", version, changed=True)
     status_, data, size, value = _apply_document(
@@ -654,7 +681,7 @@ def apply_write(  # noqa: C901, PLR0911, PLR0912 - one branch per rule, in the L
         return found("conflict", 0)
     new_version = 0 if data is None else version + 1
     log.remember(write, new_version)
-    if write.completes_claim:
+    if write.completes_claim and not write.keeps_claim:
         log.lease = None
     new_schema = stored_schema if schema is None else schema
     if data is None:

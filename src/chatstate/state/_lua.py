@@ -45,6 +45,7 @@ from chatstate.state._backend import (
     Edits,
     Increment,
     Release,
+    Renew,
     Replace,
     Reset,
     Write,
@@ -104,9 +105,11 @@ APPLY_SCRIPT: Final = (
 -- ARGV[2] the mode's arguments, newline-separated. (Paths and values are compact
 -- JSON, which never holds a raw newline; two arguments instead of one per path
 -- save redis-py most of its packing work.)
--- Modes: e edits, i increment, r reset, x replace, D delete, c claim, l release.
--- Flags: c the write completes the claim held under its nonce; f force (delete);
--- n the first send of a write whose op key chatstate made up (it cannot be logged yet).
+-- Modes: e edits, i increment, r reset, x replace, D delete, c claim, w renew the
+-- claim (never taking one that is not held under the nonce), l release.
+-- Flags: c the write completes the claim held under its nonce; k with c, the claim
+-- stays held; f force (delete); n the first send of a write whose op key chatstate
+-- made up (it cannot be logged yet).
 --
 -- The functions take what they need as arguments and return what they found (a
 -- refusal first, when they can refuse), so that each call builds them cheaply:
@@ -469,11 +472,12 @@ local opkey, nonce, digest, dedupe, ttl, max_bytes, mode, expected, flags, lease
 if opkey == nil then return redis.error_reply('chatstate: malformed arguments') end
 max_bytes = tonumber(max_bytes)  -- dedupe, ttl and lease stay text: Lua would print 1e+14
 want = want == '1'
-local completes, force, fresh = flags == 'c', false, flags == 'n'
+local completes, force, fresh, keep = flags == 'c', false, flags == 'n', false
 if #flags > 1 or flags == 'f' then  -- (none, or only n or c, are the usual cases)
   completes = string.find(flags, 'c', 1, true) ~= nil
   force = string.find(flags, 'f', 1, true) ~= nil
   fresh = string.find(flags, 'n', 1, true) ~= nil
+  keep = string.find(flags, 'k', 1, true) ~= nil
 end
 local version, seq = 0, 0  -- the document's version; the operation log's count
 
@@ -487,7 +491,8 @@ local function reply(status, v, extra)
 end
 
 -- Remember the operation under its key, with the log's next sequence number; now
--- and then drop the records older than the newest REMEMBERED; end a completed claim.
+-- and then drop the records older than the newest REMEMBERED; end a completed claim
+-- (unless it is kept).
 local function remember_op(v)
   seq = seq + 1
   redis.call('HSET', ops, opkey, seq .. ' ' .. v .. ' ' .. nonce .. ' ' .. digest, '#n', seq)
@@ -495,11 +500,18 @@ local function remember_op(v)
     trim_ops(ops, seq - REMEMBERED)
   end
   redis.call('PEXPIRE', ops, dedupe)
-  if completes then redis.call('DEL', claimkey) end
+  if completes and not keep then redis.call('DEL', claimkey) end
 end
 
 -- Read and check everything before the first write.
 local refused, rver, rnonce, rdig, hnonce
+if mode == 'w' then  -- a renewal reads and changes nothing but the claim
+  refused, hnonce = read_claim(claimkey)
+  if refused then return refused end
+  if hnonce ~= nonce then return reply('lost', 0) end
+  redis.call('PEXPIRE', claimkey, lease_ms)
+  return reply('claimed', 0)
+end
 refused, seq, rver, rnonce, rdig = read_log(ops, not fresh and opkey or nil, mode == 'D' and force)
 if refused then return refused end
 if mode == 'c' or mode == 'l' or completes then
@@ -610,7 +622,7 @@ def _least_size(edits: list[tuple[str, Path, int]]) -> int:
     return total
 
 
-def write_args(write: Write, *, fresh: bool = False) -> list[str]:  # noqa: C901, PLR0912 - one branch per operation
+def write_args(write: Write, *, fresh: bool = False) -> list[str]:  # noqa: C901, PLR0912, PLR0915 - one branch per operation
     """Pack a write into the apply script's two arguments.
 
     ``fresh`` marks the first send of a write whose op key chatstate made up:
@@ -625,6 +637,8 @@ def write_args(write: Write, *, fresh: bool = False) -> list[str]:  # noqa: C901
     body: list[str] = []
     expected: int | str = ""
     flags = ("c" if write.completes_claim else "") + ("n" if fresh else "")
+    if write.keeps_claim and write.completes_claim:
+        flags += "k"
     lease: int | str = ""
     if isinstance(op, Edits):
         mode = "e"
@@ -658,6 +672,9 @@ def write_args(write: Write, *, fresh: bool = False) -> list[str]:  # noqa: C901
         expected = op.expected_version
         for item in flatten(op.data).items():
             body.extend(item)
+    elif isinstance(op, Renew):
+        mode = "w"
+        lease = op.lease_ms
     elif isinstance(op, Acquire):
         mode = "c"
         lease = op.lease_ms

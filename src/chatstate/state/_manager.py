@@ -49,6 +49,7 @@ from chatstate.state._backend import (
     Operation,
     Outcome,
     Release,
+    Renew,
     Replace,
     Reset,
     Snapshot,
@@ -75,7 +76,7 @@ CLAIM: Final = "Failed to claim user"
 COMMIT: Final = "Failed to commit claim"
 
 DEFAULT_DEDUPE: Final = timedelta(minutes=10)
-DEFAULT_LEASE: Final = timedelta(seconds=30)
+DEFAULT_LEASE: Final = timedelta(seconds=5)
 DEFAULT_WAIT: Final = timedelta(seconds=10)
 MAX_OP_ID_LENGTH: Final = 200
 APP: Final = "app"
@@ -483,8 +484,14 @@ class _ManagerCore:
             digest_request=False,
         )
 
-    def commit_write(self, claim: _ClaimCore) -> Write:
-        return self._claim_write(claim, Edits(tuple(claim.edits)), completes=True)
+    def commit_write(self, claim: _ClaimCore, *, keep: bool = False) -> Write:
+        write = self._claim_write(claim, Edits(tuple(claim.edits)), completes=True)
+        write.keeps_claim = keep
+        return write
+
+    def renew_write(self, claim: _ClaimCore, lease_ms: int) -> Write:
+        """Extend the claim held under ``claim``'s nonce (``"lost"`` once it is not held)."""
+        return self._claim_write(claim, Renew(lease_ms), completes=False)
 
     def release_write(self, claim: _ClaimCore) -> Write:
         return self._claim_write(claim, Release(), completes=False)
@@ -518,6 +525,8 @@ class _ClaimCore:
         self.snapshot = outcome.snapshot
         self.edits: list[Edit] = []
         self.state = "open" if outcome.status == "claimed" else "done"
+        self.kept = False  # committed with keep=True: the message's write is stored
+        self.lease = 0.0  # seconds, as claimed
 
     def stage_update(self, patch: Mapping[str, Any]) -> None:
         self._open()
@@ -537,8 +546,16 @@ class _ClaimCore:
                 "this claim is not open (a duplicate, or already committed or released)"
             )
 
-    def settle_commit(self, outcome: Outcome) -> Outcome:
+    def settle_commit(self, outcome: Outcome, *, keep: bool = False) -> Outcome:
         self.state = "done"
+        if keep and outcome.status == "applied":
+            # Still held: a follow-up commit (under a key of its own, the message's is
+            # recorded now) or a release ends it.
+            self.state = "open"
+            self.edits = []
+            self.op_key = _b64(os.urandom(9))
+            self.digest = ""
+            self.kept = True
         if outcome.status == "lost":
             raise ClaimLostError(
                 "the claim's lease ran out and another handler took the user over; "

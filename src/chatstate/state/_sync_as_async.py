@@ -27,9 +27,13 @@ class _SyncClaimAsAsync(_ClaimBase):
         super().__init__(claim._core)  # noqa: SLF001 - the twin wraps the same core
         self._claim = claim
 
-    async def commit(self) -> Outcome:
+    async def commit(self, *, keep: bool = False) -> Outcome:
         """Commit the sync claim."""
-        return self._claim.commit()
+        return self._claim.commit(keep=True) if keep else self._claim.commit()
+
+    async def renew(self, lease: float | timedelta | None = None) -> bool:
+        """Renew the sync claim."""
+        return self._claim.renew(lease)
 
     async def release(self) -> None:
         """Release the sync claim."""
@@ -126,10 +130,17 @@ class SyncServiceAsAsync:
         purpose: str = CLAIM_PURPOSE,
         lease: float | timedelta = DEFAULT_LEASE,
         wait: float | timedelta = DEFAULT_WAIT,
+        heartbeat: bool = True,
     ) -> _SyncClaimAsAsync:
         """Call :meth:`StateService.claim`."""
         claim = self.service.claim(
-            user_id, op_id, fingerprint=fingerprint, purpose=purpose, lease=lease, wait=wait
+            user_id,
+            op_id,
+            fingerprint=fingerprint,
+            purpose=purpose,
+            lease=lease,
+            wait=wait,
+            heartbeat=heartbeat,
         )
         return _SyncClaimAsAsync(claim)
 

@@ -750,7 +750,7 @@ class BackendContract:
     @_twin_test
     async def test_a_lapsed_claim_loses_to_the_next(self, svc: ServiceTwin) -> None:
         """A claim past its lease can be taken over; the old holder's commit writes nothing."""
-        stale = await svc.claim("u", "slow", lease=0.05, wait=0)
+        stale = await svc.claim("u", "slow", lease=0.05, wait=0, heartbeat=False)
         stale.update({"by": "stale"})
         await self.advance(0.1)
         # The same message, redelivered after the lease ran out, is handled again...
@@ -763,7 +763,7 @@ class BackendContract:
         assert late.status == "duplicate"
         assert await svc.get("u") == {"by": "fresh"}
         # A stale claim whose user another message took over cannot commit at all.
-        slow = await svc.claim("u", "m1", lease=0.05, wait=0)
+        slow = await svc.claim("u", "m1", lease=0.05, wait=0, heartbeat=False)
         slow.update({"by": "slow"})
         await self.advance(0.1)
         other = await svc.claim("u", "m2", wait=0)
@@ -802,7 +802,7 @@ class BackendContract:
         async def main() -> None:
             svc = self.open_service(twin)
             try:
-                claim = await svc.claim("u", "slow", lease=0.05, wait=0)
+                claim = await svc.claim("u", "slow", lease=0.05, wait=0, heartbeat=False)
                 claim.update({"late": True})
                 await self.advance(0.1)
                 with pytest.raises(ClaimLostError):
@@ -829,6 +829,66 @@ class BackendContract:
                 await svc.aclose()
 
         asyncio.run(main())
+
+    @_twin_test
+    async def test_a_renewed_claim_outlives_its_first_lease(self, svc: ServiceTwin) -> None:
+        """renew() moves the lease's end: the user stays held past the first lease."""
+        claim = await svc.claim("u", "slow", lease=0.4, wait=0, heartbeat=False)
+        await self.advance(0.25)
+        assert await claim.renew() is True
+        await self.advance(0.25)  # 0.5 s after the claim, 0.25 s after the renewal
+        with pytest.raises(UserBusyError):
+            await svc.claim("u", "other", wait=0)
+        claim.update({"done": True})
+        assert (await claim.commit()).applied
+        assert await svc.get("u") == {"done": True}
+
+    @_twin_test
+    async def test_a_renewal_never_takes_a_claim_back(self, svc: ServiceTwin) -> None:
+        """A lapsed claim is not renewed, even when nobody took the user: it stays free."""
+        claim = await svc.claim("u", "slow", lease=0.05, wait=0, heartbeat=False)
+        await self.advance(0.1)
+        assert await claim.renew() is False
+        other = await svc.claim("u", "next", wait=0)  # free: the renewal took nothing
+        assert not other.duplicate
+        await other.release()
+        with pytest.raises(ClaimLostError):
+            await claim.commit()
+
+    @_twin_test
+    async def test_a_kept_commit_holds_the_user_until_the_second(self, svc: ServiceTwin) -> None:
+        """commit(keep=True) stores and remembers the message, and the user stays held."""
+        claim = await svc.claim("u", "m1", wait=0)
+        claim.update({"step": 2, "outbox": {"k": ["hello"]}})
+        assert (await claim.commit(keep=True)).applied
+        assert claim.open
+        assert await svc.get("u") == {"step": 2, "outbox": {"k": ["hello"]}}
+        assert (await svc.claim("u", "m1", wait=0)).duplicate  # remembered already
+        with pytest.raises(UserBusyError):
+            await svc.claim("u", "m2", wait=0)  # still held
+        assert await claim.renew() is True  # a kept claim is renewed like any other
+        claim.update({"outbox": {"k": None}})
+        assert (await claim.commit()).applied  # under a key of its own: not a duplicate
+        assert not claim.open
+        assert await svc.get("u") == {"step": 2, "outbox": {}}
+        after = await svc.claim("u", "m2", wait=0)  # free again
+        assert not after.duplicate
+        await after.release()
+        assert (await svc.claim("u", "m1", wait=0)).duplicate
+
+    @_twin_test
+    async def test_a_kept_claim_can_be_released(self, svc: ServiceTwin) -> None:
+        """release() after commit(keep=True) frees the user and keeps what was committed."""
+        claim = await svc.claim("u", "m1", wait=0)
+        claim.update({"n": 1})
+        await claim.commit(keep=True)
+        await claim.release()
+        assert not claim.open
+        free = await svc.claim("u", "m2", wait=0)
+        assert not free.duplicate
+        await free.release()
+        assert await svc.get("u") == {"n": 1}
+        assert (await svc.claim("u", "m1", wait=0)).duplicate
 
     # -- transactions -----------------------------------------------------------
 

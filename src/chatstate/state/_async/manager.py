@@ -260,6 +260,7 @@ class AsyncStateManager(_ManagerCore):
                     if self.cipher is not None:
                         outcome = self.revealed(uid, outcome)
                     claim = _ClaimCore(self, uid, write, outcome)
+                    claim.lease = lease_ms / 1000
                     if self.schema is not None:
                         await self._migrate_claimed(claim)
                     return claim
@@ -269,17 +270,18 @@ class AsyncStateManager(_ManagerCore):
                     raise self.busy(outcome, retrying.elapsed)
 
     @observed_async("commit")
-    async def commit(self, claim: _ClaimCore) -> Outcome:
+    async def commit(self, claim: _ClaimCore, *, keep: bool = False) -> Outcome:
         """Write the claim's staged changes, remember its op id and release it.
 
-        A refused commit (too large, corrupt data, nothing sent) releases the
-        claim; after ``OutcomeUnknown`` the claim stays open so that calling
-        ``commit()`` again settles it.
+        With ``keep`` the claim stays held after the write, for a follow-up
+        commit or a release. A refused commit (too large, corrupt data, nothing
+        sent) releases the claim; after ``OutcomeUnknown`` the claim stays open
+        so that calling ``commit()`` again settles it.
         """
         with failing(COMMIT):
             claim._open()  # noqa: SLF001 - the claim's own check
             try:
-                write = self.commit_write(claim)
+                write = self.commit_write(claim, keep=keep)
                 if self.cipher is not None:
                     write = self.seal(claim.user_id, write)
                 outcome = await self.backend.apply(claim.user_id, write)
@@ -291,7 +293,25 @@ class AsyncStateManager(_ManagerCore):
                 with contextlib.suppress(StateError):
                     await self.release(claim)
                 raise
-            return claim.settle_commit(outcome)
+            if keep and outcome.status == "duplicate":
+                # Another handler took over a lapsed claim and committed first; a
+                # renewal may have taken the user back meanwhile: let go of it.
+                with contextlib.suppress(StateError):
+                    await self.backend.apply(claim.user_id, self.release_write(claim))
+            return claim.settle_commit(outcome, keep=keep)
+
+    @observed_async("renew")
+    async def renew(self, claim: _ClaimCore, lease: float | timedelta) -> Outcome:
+        """Extend the claim's lease to ``lease`` from now: ``"claimed"``, or ``"lost"``.
+
+        ``"lost"``: the claim is no longer held (it lapsed, or was committed or
+        released meanwhile); a renewal never takes a claim back.
+        """
+        lease_ms = to_ms(lease, "lease")
+        assert lease_ms is not None
+        claim._open()  # noqa: SLF001 - the claim's own check
+        with failing(CLAIM):
+            return await self.backend.apply(claim.user_id, self.renew_write(claim, lease_ms))
 
     async def _migrate_claimed(self, claim: _ClaimCore) -> None:
         """Hand the claim's holder a migrated document (releasing the claim on failure)."""

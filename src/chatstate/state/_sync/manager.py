@@ -261,6 +261,7 @@ class StateManager(_ManagerCore):
                     if self.cipher is not None:
                         outcome = self.revealed(uid, outcome)
                     claim = _ClaimCore(self, uid, write, outcome)
+                    claim.lease = lease_ms / 1000
                     if self.schema is not None:
                         self._migrate_claimed(claim)
                     return claim
@@ -270,17 +271,18 @@ class StateManager(_ManagerCore):
                     raise self.busy(outcome, retrying.elapsed)
 
     @observed_sync("commit")
-    def commit(self, claim: _ClaimCore) -> Outcome:
+    def commit(self, claim: _ClaimCore, *, keep: bool = False) -> Outcome:
         """Write the claim's staged changes, remember its op id and release it.
 
-        A refused commit (too large, corrupt data, nothing sent) releases the
-        claim; after ``OutcomeUnknown`` the claim stays open so that calling
-        ``commit()`` again settles it.
+        With ``keep`` the claim stays held after the write, for a follow-up
+        commit or a release. A refused commit (too large, corrupt data, nothing
+        sent) releases the claim; after ``OutcomeUnknown`` the claim stays open
+        so that calling ``commit()`` again settles it.
         """
         with failing(COMMIT):
             claim._open()  # noqa: SLF001 - the claim's own check
             try:
-                write = self.commit_write(claim)
+                write = self.commit_write(claim, keep=keep)
                 if self.cipher is not None:
                     write = self.seal(claim.user_id, write)
                 outcome = self.backend.apply(claim.user_id, write)
@@ -292,7 +294,25 @@ class StateManager(_ManagerCore):
                 with contextlib.suppress(StateError):
                     self.release(claim)
                 raise
-            return claim.settle_commit(outcome)
+            if keep and outcome.status == "duplicate":
+                # Another handler took over a lapsed claim and committed first; a
+                # renewal may have taken the user back meanwhile: let go of it.
+                with contextlib.suppress(StateError):
+                    self.backend.apply(claim.user_id, self.release_write(claim))
+            return claim.settle_commit(outcome, keep=keep)
+
+    @observed_sync("renew")
+    def renew(self, claim: _ClaimCore, lease: float | timedelta) -> Outcome:
+        """Extend the claim's lease to ``lease`` from now: ``"claimed"``, or ``"lost"``.
+
+        ``"lost"``: the claim is no longer held (it lapsed, or was committed or
+        released meanwhile); a renewal never takes a claim back.
+        """
+        lease_ms = to_ms(lease, "lease")
+        assert lease_ms is not None
+        claim._open()  # noqa: SLF001 - the claim's own check
+        with failing(CLAIM):
+            return self.backend.apply(claim.user_id, self.renew_write(claim, lease_ms))
 
     def _migrate_claimed(self, claim: _ClaimCore) -> None:
         """Hand the claim's holder a migrated document (releasing the claim on failure)."""

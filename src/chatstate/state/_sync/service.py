@@ -15,7 +15,9 @@ from types import TracebackType
 from typing import Any, Self
 
 from chatstate._actions import failing
+from chatstate._heartbeat import Beat, heartbeat_sync
 from chatstate._retry import RetryPolicy
+from chatstate.exceptions import UsageError
 from chatstate.state._backend import Backend, Document, Outcome, Snapshot
 from chatstate.state._manager import (
     ASSIGN,
@@ -322,6 +324,7 @@ class StateService:
         purpose: str = CLAIM_PURPOSE,
         lease: float | timedelta = DEFAULT_LEASE,
         wait: float | timedelta = DEFAULT_WAIT,
+        heartbeat: bool = True,
     ) -> Claim:
         """Claim the user to handle one message, exactly once, one message at a time.
 
@@ -356,15 +359,21 @@ class StateService:
                 raises :class:`~chatstate.OpIdReusedError`.
             purpose: The namespace of ``op_id`` (the router uses its own, so
                 your ids and its never collide).
-            lease: The claim lapses this long after it was taken if its holder
-                neither commits nor releases (a crashed process).
+            lease: How long the user stays held after the holder's process
+                died: the claim is renewed every third of its lease while it is
+                open (``heartbeat``), and lapses one lease after the last
+                renewal.
             wait: How long to wait while another message of the user is being
                 handled before :class:`~chatstate.UserBusyError`.
+            heartbeat: Renew the lease while the claim is open (from the event
+                loop; the sync twin from one thread per process). ``False``: the
+                claim lapses ``lease`` after it was taken, however long its
+                handler runs.
         """
         core = self.manager.claim(
             user_id, op_id, purpose=purpose, fingerprint=fingerprint, lease=lease, wait=wait
         )
-        return Claim(self, core)
+        return Claim(self, core, heartbeat=heartbeat)
 
     def user(self, user_id: str) -> CachedUser:
         """A :class:`CachedUser` bound to ``user_id``."""
@@ -402,12 +411,38 @@ class Claim(_ClaimBase):
     exception releases the claim (nothing is written, the message may come again).
     """
 
-    def __init__(self, service: StateService, core: _ClaimCore) -> None:
+    def __init__(self, service: StateService, core: _ClaimCore, *, heartbeat: bool = False) -> None:
         super().__init__(core)
         self._service = service
+        self._beat: Beat | None = None
+        if heartbeat and core.state == "open":
+            self._beat = heartbeat_sync(self, Claim._renew_quietly, core.lease / 3)
 
-    def commit(self) -> Outcome:
+    def _settled(self) -> None:
+        """Stop the heartbeat once the claim is no longer held."""
+        if self._beat is not None and self._core.state != "open":
+            self._beat.stop()
+            self._beat = None
+
+    def _renew_quietly(self) -> bool:
+        """One heartbeat: renew; False (stop beating) once the claim is not held."""
+        if self._core.state != "open":
+            return False
+        try:
+            outcome = self._service.manager.renew(self._core, self._core.lease)
+        except UsageError:  # committed or released meanwhile
+            return False
+        return outcome.status == "claimed"
+
+    def commit(self, *, keep: bool = False) -> Outcome:
         """Write the staged changes, remember the op id, release the claim: one atomic write.
+
+        Args:
+            keep: Keep holding the user after the write: the claim stays open
+                (other messages of the user keep waiting) until a second
+                ``commit()``, which writes what was staged since under a key of
+                its own, or :meth:`release`. The router commits a message's
+                step and its replies so, and lets go once they are sent.
 
         Returns:
             The outcome: ``"applied"``, or ``"duplicate"`` when another handler
@@ -417,11 +452,35 @@ class Claim(_ClaimBase):
             ClaimLostError: the claim lapsed and another handler holds the user.
             UsageError: the claim is a duplicate, or was committed or released.
         """
-        return self._service.manager.commit(self._core)
+        try:
+            return self._service.manager.commit(self._core, keep=keep)
+        finally:
+            self._settled()
+
+    def renew(self, lease: float | timedelta | None = None) -> bool:
+        """Extend the lease: it now lapses ``lease`` from now (the claim's own lease by default).
+
+        Call it every third of the lease or so while a slow handler runs (the
+        router does so by itself), so that a claim lapses soon after its process
+        dies, never while it works.
+
+        Returns:
+            True; False when the lease had lapsed (another handler may hold the
+            user now: what this one commits will be refused as ``lost``).
+
+        Raises:
+            UsageError: the claim is a duplicate, or was committed or released.
+            BackendError: the store failed (the lease is as it was).
+        """
+        outcome = self._service.manager.renew(self._core, lease or self._core.lease)
+        return outcome.status == "claimed"
 
     def release(self) -> None:
         """Give the claim up without writing or remembering anything."""
-        self._service.manager.release(self._core)
+        try:
+            self._service.manager.release(self._core)
+        finally:
+            self._settled()
 
     def __enter__(self) -> Self:
         return self
