@@ -8,6 +8,7 @@ and a message delivered twice or two messages at once never advance a flow twice
 """
 
 from chatstate.flow._context import Context, Translations, Turn
+from chatstate.flow._delivery import AsyncDelivery, Delivery
 from chatstate.flow._flow import DONE, Flow, Invalid, Step
 from chatstate.flow._message import (
     Contact,
@@ -36,11 +37,13 @@ from chatstate.flow._whatsapp import parse_webhook
 
 __all__ = [
     "DONE",
+    "AsyncDelivery",
     "AsyncRouter",
     "Button",
     "Buttons",
     "Contact",
     "Context",
+    "Delivery",
     "Flow",
     "Invalid",
     "ListScreen",

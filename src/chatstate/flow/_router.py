@@ -29,6 +29,7 @@ from chatstate import observe
 from chatstate._durations import to_ms
 from chatstate.exceptions import FlowError, InvalidScreenError, UsageError, UserBusyError
 from chatstate.flow._context import Catalogues, Context, Translations, is_async
+from chatstate.flow._delivery import AsyncDelivery, Delivery
 from chatstate.flow._flow import DONE, Flow, Replies, Step
 from chatstate.flow._message import Message
 from chatstate.flow._screens import (
@@ -39,6 +40,8 @@ from chatstate.flow._screens import (
     Screen,
     Section,
     Text,
+    screen_from_json,
+    screen_to_json,
     translate_screen,
 )
 from chatstate.state import (
@@ -51,6 +54,9 @@ from chatstate.state import (
 )
 
 __all__ = ["AsyncRouter", "Menu", "MenuItem", "Router"]
+
+DEFAULT_LEASE: Final = timedelta(seconds=5)
+DEFAULT_RESEND_AFTER: Final = timedelta(seconds=30)
 
 log = logging.getLogger("chatstate.flow")
 
@@ -211,12 +217,29 @@ class _Plan:
     step_name: str = ""
 
 
+@attrs.define
+class _Opened:
+    """A handled message: its replies and, until they are acknowledged, the claim holding them."""
+
+    user_id: str
+    replies: list[Screen]
+    claim: Any  # the claim kept after the commit, or None: nothing to acknowledge
+    keys: list[str]  # the outbox entries the acknowledgement drops
+    field: str  # the outbox field
+    resent: bool = False
+
+
 class _ClaimLike(Protocol):
+    _core: Any
+
     @property
     def duplicate(self) -> bool: ...
 
     @property
     def data(self) -> dict[str, Any]: ...
+
+    @property
+    def open(self) -> bool: ...
 
     def update(self, patch: Mapping[str, Any]) -> None: ...
 
@@ -224,12 +247,14 @@ class _ClaimLike(Protocol):
 
     def set_preserved(self, path: Any, value: Any) -> None: ...
 
-    async def commit(self) -> Outcome: ...
+    async def commit(self, *, keep: bool = False) -> Outcome: ...
 
     async def release(self) -> None: ...
 
 
 class _StateLike(Protocol):
+    manager: Any
+
     async def claim(
         self,
         user_id: str,
@@ -274,6 +299,19 @@ def _ms(seconds: float) -> int:
     return math.ceil(seconds * 1000)
 
 
+def _entry_at(entry: Any) -> int:
+    """When an outbox entry was stored (ms); 0 for one that is not ours (dropped soon)."""
+    if isinstance(entry, list) and entry and type(entry[0]) is int:
+        return int(entry[0])
+    return 0
+
+
+def _entry_replies(entry: Any) -> list[Any]:
+    if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], list):
+        return entry[1]
+    return []
+
+
 class _RouterCore(Generic[DepsT]):
     """Everything the two routers share."""
 
@@ -301,8 +339,10 @@ class _RouterCore(Generic[DepsT]):
         login_first_text: str = LOGIN_FIRST_TEXT,
         reminder_text: str = REMINDER_TEXT,
         clock: Callable[[], float] = time.time,
-        lease: float | timedelta = timedelta(seconds=30),
+        lease: float | timedelta = DEFAULT_LEASE,
         wait: float | timedelta = timedelta(seconds=10),
+        outbox_field: str = "outbox",
+        resend_after: float | timedelta | None = DEFAULT_RESEND_AFTER,
     ) -> None:
         self._check_service(service)
         self.service = service
@@ -327,11 +367,21 @@ class _RouterCore(Generic[DepsT]):
         if is_authenticated is not None and not callable(is_authenticated):
             raise UsageError("is_authenticated takes a function of the state document")
         self._is_authenticated = is_authenticated or (lambda doc: bool(doc.get(field)))
-        for name, value in (("flow_field", flow_field), ("language_field", language_field)):
+        for name, value in (
+            ("flow_field", flow_field),
+            ("language_field", language_field),
+            ("outbox_field", outbox_field),
+        ):
             if not isinstance(value, str) or not value:  # type: ignore[redundant-expr]  # callers may be untyped
                 raise UsageError(f"{name} must be a top-level field name")
         if flow_field in (language_field, field):
             raise UsageError("flow_field must differ from language_field and token_field")
+        if outbox_field in (flow_field, language_field, field):
+            raise UsageError(
+                "outbox_field must differ from flow_field, language_field and token_field"
+            )
+        self.outbox_field = outbox_field
+        self.resend_after_ms = None if resend_after is None else to_ms(resend_after, "resend_after")
         self.flow_field = flow_field
         self.language_field = language_field
         self.catalogues = Catalogues(translations, default_language)
@@ -506,6 +556,160 @@ class _RouterCore(Generic[DepsT]):
         if plan.outcome is not None:
             observe.notify_flow_step(plan.flow_name, plan.step_name, plan.outcome)
         return replies
+
+    async def open_with(self, state: _StateLike, message: Message) -> _Opened:
+        """Handle one message, committing its step and its replies; keep them until acknowledged.
+
+        As :meth:`handle_with`, but the replies are written into the user's
+        outbox (``outbox_field``) in the same atomic write that commits the
+        step, and the claim stays held (and renewed) until the caller
+        acknowledges or abandons the delivery. A redelivery of a message whose
+        replies are stored and unacknowledged waits for that holder, then returns
+        them again (``resent``) if they are still there.
+        """
+        if not isinstance(message, Message):
+            raise UsageError(f"deliver() takes a Message, not {type(message).__name__}")
+        user_id = message.user_id
+        if message.kind == "status":
+            return _Opened(user_id, [], None, [], self.outbox_field)
+        claim = await state.claim(
+            user_id,
+            message.idempotency_key,
+            fingerprint=message.fingerprint,
+            purpose=ROUTER_PURPOSE,
+            lease=self.lease,
+            wait=self.wait,
+        )
+        key: str = claim._core.op_key  # noqa: SLF001 - the message's key in the store
+        if claim.duplicate:
+            if key not in self._outbox(claim.data):
+                return _Opened(user_id, [], None, [], self.outbox_field)  # sent and acknowledged
+            return await self._stored(state, user_id, [key])
+        try:
+            doc = claim.data
+            ctx = self._context(message, doc, claim)
+            now = message.timestamp if message.timestamp is not None else self.clock()
+            plan = await self._plan(ctx, doc, message, now)
+            replies = await self._settle(ctx, doc, plan, now, claim)
+            if replies:
+                await self._stage_outbox(state, claim, doc=doc, key=key, replies=replies, now=now)
+            outcome = await claim.commit(keep=bool(replies))
+        except BaseException:
+            await claim.release()
+            raise
+        if outcome.status == "duplicate":
+            return _Opened(user_id, [], None, [], self.outbox_field)
+        if plan.outcome is not None:
+            observe.notify_flow_step(plan.flow_name, plan.step_name, plan.outcome)
+        held = claim if replies and claim.open else None
+        return _Opened(user_id, replies, held, [key], self.outbox_field)
+
+    def _outbox(self, doc: Mapping[str, Any]) -> dict[str, Any]:
+        box = doc.get(self.outbox_field)
+        return box if isinstance(box, dict) else {}
+
+    async def _stage_outbox(
+        self,
+        state: _StateLike,
+        claim: Any,
+        *,
+        doc: Mapping[str, Any],
+        key: str,
+        replies: list[Screen],
+        now: float,
+    ) -> None:
+        """Stage the replies under ``key``; drop entries older than the dedupe window."""
+        now_ms = _ms(now)
+        entry = [now_ms, [screen_to_json(r) for r in replies]]
+        patch: dict[str, Any] = {key: entry}
+        window = state.manager.dedupe_ms
+        for old, stored in self._outbox(doc).items():
+            if _entry_at(stored) + window < now_ms:
+                patch[old] = None  # its message is forgotten: a redelivery runs again
+        claim.update({self.outbox_field: patch})
+        if self.resend_after_ms is not None:
+            await self._schedule(claim.user_id, now_ms + self.resend_after_ms)
+
+    async def _stored(self, state: _StateLike, user_id: str, keys: list[str]) -> _Opened:
+        """The stored replies under ``keys``, once their holder let go; nothing if acknowledged."""
+        claim = await state.claim(
+            user_id, None, purpose=ROUTER_PURPOSE, lease=self.lease, wait=self.wait
+        )
+        try:
+            box = self._outbox(claim.data)
+            found = [k for k in keys if k in box]
+            found.sort(key=lambda k: _entry_at(box[k]))
+            replies = [screen_from_json(r) for k in found for r in _entry_replies(box[k])]
+        except BaseException:
+            await claim.release()
+            raise
+        if not found:
+            await claim.release()
+            return _Opened(user_id, [], None, [], self.outbox_field)
+        return _Opened(user_id, replies, claim, found, self.outbox_field, resent=True)
+
+    async def undelivered_with(
+        self, state: _StateLike, now: float | None, limit: int
+    ) -> list[_Opened]:
+        """Stored replies not acknowledged within ``resend_after``, each user's claimed."""
+        if self.resend_after_ms is None:
+            raise UsageError("undelivered() needs resend_after (the router was built without)")
+        if not self._indexed():
+            raise UsageError(
+                f"{type(self._backend).__name__} keeps no deadline index "
+                "(schedule, unschedule, due): unacknowledged replies cannot be listed"
+            )
+        now_ms = _ms(self.clock() if now is None else now)
+        found: list[_Opened] = []
+        for user_id, _at_ms in await _call(self._backend.due, now_ms, limit):
+            try:
+                claim = await state.claim(
+                    user_id, None, purpose=DEADLINE_PURPOSE, lease=self.lease, wait=0
+                )
+            except UserBusyError:
+                continue  # handling a message: its own delivery goes first
+            try:
+                box = self._outbox(claim.data)
+                due = sorted(
+                    (k for k, e in box.items() if _entry_at(e) + self.resend_after_ms <= now_ms),
+                    key=lambda k: _entry_at(box[k]),
+                )
+                replies = [screen_from_json(r) for k in due for r in _entry_replies(box[k])]
+                if not due:
+                    # A flow's deadline (due() fires it and moves the entry), or an
+                    # entry that is early: the index is left as it is.
+                    await claim.release()
+                    continue
+            except BaseException:
+                await claim.release()
+                raise
+            found.append(_Opened(user_id, replies, claim, due, self.outbox_field, resent=True))
+        return found
+
+    def _outbox_wake(self, doc: Mapping[str, Any]) -> int | None:
+        """When the oldest stored replies are due for a resend (ms), or None."""
+        if self.resend_after_ms is None:
+            return None
+        times = [_entry_at(e) for e in self._outbox(doc).values()]
+        return min(times) + self.resend_after_ms if times else None
+
+    async def _reschedule(
+        self, user_id: str, doc: Mapping[str, Any], now_ms: int, flow_at: int | None = None
+    ) -> None:
+        """Index the user's next wake-up: the flow's deadline or a resend, whichever is first.
+
+        A resend that is due already is put off by ``resend_after`` (``due()``
+        leaves it to :meth:`undelivered`, and must not find it again at once).
+        """
+        wake = self._outbox_wake(doc)
+        if wake is not None and wake <= now_ms:
+            assert self.resend_after_ms is not None
+            wake = now_ms + self.resend_after_ms
+        times = [t for t in (wake, flow_at) if t is not None]
+        if times:
+            await self._schedule(user_id, min(times), exact=True)
+        else:
+            await self._unschedule(user_id)
 
     async def _settle(
         self, ctx: Context[DepsT], doc: dict[str, Any], plan: _Plan, now: float, claim: Any
@@ -752,12 +956,12 @@ class _RouterCore(Generic[DepsT]):
             flow_cls = self.flows.get(str(active.get("name"))) if isinstance(active, dict) else None
             event = self._due_event(active, _ms(now))
             if flow_cls is None or event is None or not isinstance(active, dict):
-                await self._unschedule(user_id)
+                await self._reschedule(user_id, doc, _ms(now))
                 await claim.release()
                 return []
             kind, when = event
             if when > _ms(now):  # the index was early: the flow moved on since
-                await self._schedule(user_id, when, exact=True)
+                await self._reschedule(user_id, doc, _ms(now), when)
                 await claim.release()
                 return []
             message = Message(user_id, message_id=f"deadline-{when}", timestamp=now)
@@ -768,7 +972,7 @@ class _RouterCore(Generic[DepsT]):
             plan: _Plan
             if kind == "timeout":
                 plan = await self._expire(flow_cls, ctx)
-                await self._unschedule(user_id)
+                await self._reschedule(user_id, doc, _ms(now))
             else:
                 replies = await _replies(await flow.run_hook("on_reminder", ctx))
                 if not replies:
@@ -779,10 +983,9 @@ class _RouterCore(Generic[DepsT]):
                 reminded = {**active, "reminded": True}
                 plan = _Plan(reminded, replies, "reminded", flow_cls.name, ctx.step or "")
                 following = self._next_deadline(reminded)
-                if following is None:
-                    await self._unschedule(user_id)
-                else:
-                    await self._schedule(user_id, following[1], exact=True)
+                await self._reschedule(
+                    user_id, doc, _ms(now), None if following is None else following[1]
+                )
             replies = await self._settle(ctx, doc, plan, now, claim)
             outcome = await claim.commit()
         except BaseException:
@@ -841,8 +1044,46 @@ class Router(_RouterCore[DepsT]):
         self._state = SyncServiceAsAsync(service)
 
     def handle(self, message: Message) -> list[Screen]:
-        """Handle one message and return the replies to send (nothing for a redelivery)."""
+        """Handle one message and return the replies to send (nothing for a redelivery).
+
+        The replies are not kept: a process that dies after this returns and
+        before they are sent loses them. :meth:`deliver` keeps them until
+        they are acknowledged sent.
+        """
         return run_sync(self.handle_with(self._state, message))
+
+    def deliver(self, message: Message) -> Delivery:
+        """Handle one message; its replies are kept in the store until acknowledged sent.
+
+        Use it as a context manager around the send::
+
+            with router.deliver(message) as delivery:
+                for screen in delivery.replies:
+                    send(message.user_id, screen)
+
+        Entering handles the message, exactly once; leaving the block normally
+        acknowledges the replies; an exception leaves them stored for the
+        redelivery (see :class:`~chatstate.flow.AsyncDelivery`).
+
+        Raises:
+            UsageError: ``message`` is not a :class:`Message` (raised on entering).
+        """
+        return Delivery(self, str(getattr(message, "user_id", "")), message)
+
+    def undelivered(self, now: float | None = None, *, limit: int = 100) -> list[Delivery]:
+        """Replies stored longer than ``resend_after`` and not acknowledged, to send now.
+
+        For platforms that never redeliver a message (a poller that confirmed
+        its offset): call it every few seconds, send each delivery's replies in
+        a ``with`` block, which acknowledges them. Each user's delivery holds
+        the user until then. See :meth:`AsyncRouter.undelivered`.
+
+        Raises:
+            UsageError: the backend keeps no deadline index, or ``resend_after`` is None.
+        """
+        _check_limit(limit)
+        found = run_sync(self.undelivered_with(self._state, now, limit))
+        return [Delivery(self, o.user_id, None, o) for o in found]
 
     def due(self, now: float | None = None, *, limit: int = 100) -> list[tuple[str, list[Screen]]]:
         """Fire due reminders and timeouts; return ``(user_id, replies)`` to send.
@@ -855,6 +1096,11 @@ class Router(_RouterCore[DepsT]):
             UsageError: the backend keeps no deadline index.
         """
         return run_sync(self.due_with(self._state, now, limit))
+
+
+def _check_limit(limit: object) -> None:
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise UsageError(f"limit must be a positive int, not {limit!r}")
 
 
 class AsyncRouter(_RouterCore[DepsT]):
@@ -870,8 +1116,63 @@ class AsyncRouter(_RouterCore[DepsT]):
             )
 
     async def handle(self, message: Message) -> list[Screen]:
-        """Handle one message and return the replies to send (nothing for a redelivery)."""
+        """Handle one message and return the replies to send (nothing for a redelivery).
+
+        The replies are not kept: see :meth:`deliver`.
+        """
         return await self.handle_with(self.service, message)
+
+    def deliver(self, message: Message) -> AsyncDelivery:
+        """Handle one message; its replies are kept in the store until acknowledged sent.
+
+        Use it as an asynchronous context manager around the send::
+
+            async with router.deliver(message) as delivery:
+                for screen in delivery.replies:
+                    await send(message.user_id, screen)
+
+        Entering handles the message, exactly once, and commits its step with
+        its replies in one write; the user stays claimed (the lease renewed)
+        until the block ends. Leaving it normally acknowledges the replies: they
+        are dropped from the store and the user's next message may run. An
+        exception leaves them stored and lets the user go: the redelivered
+        message returns them again (``delivery.resent``) and runs nothing. A
+        redelivery of an acknowledged message has no replies.
+
+        Raises:
+            UsageError: ``message`` is not a :class:`Message` (raised on entering).
+            UserBusyError: another message of the user was still being handled
+                after ``wait`` (on entering).
+        """
+        return AsyncDelivery(self, str(getattr(message, "user_id", "")), message)
+
+    async def undelivered(
+        self, now: float | None = None, *, limit: int = 100
+    ) -> list[AsyncDelivery]:
+        """Replies stored longer than ``resend_after`` and not acknowledged, to send now.
+
+        A platform that redelivers an unanswered message (a webhook) gets them
+        back through the redelivery. For one that never does (a Telegram
+        poller that confirmed its offset), call this every few seconds, or let
+        :meth:`run_due` do it; each delivery holds its user until its ``async
+        with`` block ends::
+
+            for delivery in await router.undelivered():
+                async with delivery:
+                    await send(delivery.user_id, delivery.replies)
+
+        Uses the backend's deadline index (memory, SQLite and Redis keep one).
+
+        Args:
+            now: Unix seconds (the router's clock when omitted).
+            limit: At most this many users.
+
+        Raises:
+            UsageError: the backend keeps no deadline index, or ``resend_after`` is None.
+        """
+        _check_limit(limit)
+        found = await self.undelivered_with(self.service, now, limit)
+        return [AsyncDelivery(self, o.user_id, None, o) for o in found]
 
     async def due(
         self, now: float | None = None, *, limit: int = 100
@@ -894,6 +1195,8 @@ class AsyncRouter(_RouterCore[DepsT]):
         """
         _check_run_due(send, interval, limit)
         while True:
+            if self.resend_after_ms is not None and self._indexed():
+                await self._resend_undelivered(send, limit)
             try:
                 fired = await self.due(limit=limit)
             except asyncio.CancelledError:
@@ -911,3 +1214,23 @@ class AsyncRouter(_RouterCore[DepsT]):
                     log.exception("sending a reminder or timeout to user %r failed", user_id)
             if len(fired) < limit:
                 await asyncio.sleep(interval)
+
+    async def _resend_undelivered(
+        self, send: Callable[[str, list[Screen]], Awaitable[Any]], limit: int
+    ) -> None:
+        """One round of :meth:`run_due`'s resends: each acknowledged once ``send`` returned."""
+        try:
+            found = await self.undelivered(limit=limit)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("collecting unacknowledged replies failed; trying again")
+            return
+        for delivery in found:
+            try:
+                async with delivery:
+                    await send(delivery.user_id, delivery.replies)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("resending stored replies to user %r failed", delivery.user_id)

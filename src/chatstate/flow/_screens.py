@@ -275,3 +275,43 @@ def translate_screen(screen: Screen, translate: Callable[[str], str]) -> Screen:
     return ListScreen(
         translate(screen.body), translate(screen.button), sections, header=header, footer=footer
     )
+
+
+def screen_to_json(screen: Screen) -> dict[str, Any]:
+    """A screen as a JSON object (how the router keeps replies until they are sent).
+
+    :func:`screen_from_json` makes the same screen of it again.
+    """
+    if isinstance(screen, Text):
+        return {"text": screen.body}
+    extra = {k: v for k, v in (("header", screen.header), ("footer", screen.footer)) if v}
+    if isinstance(screen, Buttons):
+        buttons = [[b.id, b.title] for b in screen.buttons]
+        return {"buttons": screen.body, "items": buttons, **extra}
+    sections = [
+        {"title": s.title, "rows": [[r.id, r.title, r.description] for r in s.rows]}
+        for s in screen.sections
+    ]
+    return {"list": screen.body, "button": screen.button, "sections": sections, **extra}
+
+
+def screen_from_json(obj: Any) -> Screen:
+    """The screen :func:`screen_to_json` made ``obj`` of.
+
+    Raises:
+        InvalidScreenError: ``obj`` is not such an object, or breaks WhatsApp's limits.
+    """
+    try:
+        if "text" in obj:
+            return Text(obj["text"])
+        header, footer = obj.get("header"), obj.get("footer")
+        if "buttons" in obj:
+            items = [Button(i, t) for i, t in obj["items"]]
+            return Buttons(obj["buttons"], items, header=header, footer=footer)
+        sections = [
+            Section([Row(i, t, d) for i, t, d in s["rows"]], s.get("title"))
+            for s in obj["sections"]
+        ]
+        return ListScreen(obj["list"], obj["button"], sections, header=header, footer=footer)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise InvalidScreenError(f"not a stored screen ({type(exc).__name__})") from None
