@@ -42,7 +42,7 @@ MENU = Menu("Menu", [MenuItem("signup", "Sign up", flow=Signup)])
 T0 = 1_700_000_000.0
 
 
-class Failed(Exception):
+class SendError(Exception):
     """The platform refused a send."""
 
 
@@ -77,9 +77,10 @@ def test_a_failed_send_keeps_the_replies_for_the_redelivery() -> None:
     router, svc = _sync_router()
     router.handle(_msg("signup", "m1"))
     RUNS.clear()
-    with pytest.raises(Failed), router.deliver(_msg("Ann", "m2")) as delivery:
-        assert _texts(delivery.replies) == ["Welcome, Ann."]
-        raise Failed
+    delivery = router.deliver(_msg("Ann", "m2"))
+    with pytest.raises(SendError), delivery:
+        raise SendError
+    assert _texts(delivery.replies) == ["Welcome, Ann."]
     assert not delivery.acknowledged
     assert RUNS["welcome"] == 1
     assert list(svc.get("ann")["outbox"]) != []  # kept, and the user is free
@@ -134,9 +135,9 @@ def test_undelivered_lists_replies_older_than_resend_after() -> None:
     async def main() -> None:
         svc = AsyncStateService(AsyncMemoryBackend())
         router = AsyncRouter(svc, main_menu=MENU, clock=lambda: T0, resend_after=30)
-        with pytest.raises(Failed):
+        with pytest.raises(SendError):
             async with router.deliver(_msg("signup", "m1")):
-                raise Failed
+                raise SendError
         assert await router.undelivered(now=T0 + 10) == []  # not yet
         found = await router.undelivered(now=T0 + 31)
         assert [type(d) for d in found] == [AsyncDelivery]
@@ -157,9 +158,9 @@ def test_run_due_resends_and_acknowledges() -> None:
         now = [T0]
         svc = AsyncStateService(AsyncMemoryBackend())
         router = AsyncRouter(svc, main_menu=MENU, clock=lambda: now[0], resend_after=30)
-        with pytest.raises(Failed):
+        with pytest.raises(SendError):
             async with router.deliver(_msg("signup", "m1")):
-                raise Failed
+                raise SendError
         now[0] = T0 + 40
         sent: list[tuple[str, list[str]]] = []
 
@@ -202,8 +203,8 @@ def test_the_outbox_drops_entries_older_than_the_dedupe_window() -> None:
     """Stored replies live as long as their message's id: older ones go at the next commit."""
     svc = StateService(MemoryBackend(), dedupe_window=60)
     router = Router(svc, main_menu=MENU, clock=lambda: T0)
-    with pytest.raises(Failed), router.deliver(_msg("signup", "m1")):
-        raise Failed
+    with pytest.raises(SendError), router.deliver(_msg("signup", "m1")):
+        raise SendError
     with router.deliver(_msg("hi", "m2", at=T0 + 61)):
         pass
     assert svc.get("ann")["outbox"] == {}

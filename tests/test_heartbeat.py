@@ -30,8 +30,8 @@ def _until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
     return condition()
 
 
-async def _until_async(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
-    end = time.monotonic() + timeout
+async def _until_async(condition: Callable[[], bool], within: float = 10.0) -> bool:
+    end = time.monotonic() + within
     while time.monotonic() < end:
         if condition():
             return True
