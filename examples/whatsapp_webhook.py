@@ -36,10 +36,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from credit_bot import RULES, build_router, seeded_bank
 
 from chatstate import MemoryBackend, StateService
-from chatstate.flow import Router, parse_webhook, render_whatsapp
+from chatstate.flow import Message, Router, parse_webhook, render_whatsapp
 from chatstate.integrations.starlette import chatstate_lifespan
 
 Send = Callable[[dict[str, Any]], None]
+
+
+def _deliver(bot: Router, message: Message, send: Send) -> None:
+    """Handle one message and send its replies; leaving the block acknowledges them."""
+    with bot.deliver(message) as delivery:
+        for screen in delivery.replies:
+            send(render_whatsapp(screen, message.user_id))
 
 
 def signature_ok(body: bytes, header: str | None, app_secret: str) -> bool:
@@ -82,10 +89,10 @@ def create_app(
         bot: Router = request.state.router
         handled = 0
         for message in parse_webhook(payload):
-            # The sync router does blocking I/O: keep it off the event loop.
-            replies = await run_in_threadpool(bot.handle, message)
-            for screen in replies:
-                deliver(render_whatsapp(screen, message.user_id))
+            # The sync router does blocking I/O: keep it off the event loop. The step
+            # and its replies are committed together; the replies are acknowledged only
+            # once sent, so a crash before that resends them on Meta's redelivery.
+            await run_in_threadpool(_deliver, bot, message, deliver)
             handled += 1
         return JSONResponse({"handled": handled})
 
