@@ -19,9 +19,8 @@ second in place of the first in the generated sync service.
 from __future__ import annotations
 
 import asyncio
-import heapq
-import itertools
 import logging
+import math
 import os
 import threading
 import time
@@ -91,12 +90,17 @@ def heartbeat_async(claim: Any, renew: Callable[[Any], Awaitable[bool]], interva
 
 
 class _ThreadBeats:
-    """One daemon thread that renews every sync claim of the process when due."""
+    """One daemon thread that renews every open sync claim of the process when due.
+
+    Claims come and go far more often than they are renewed (most commit within
+    a few milliseconds), so adding and removing one is a dict operation under a
+    lock, and the thread looks for due claims only when the earliest is due.
+    """
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._heap: list[tuple[float, int, _ThreadBeat]] = []
-        self._order = itertools.count()
+        self._active: dict[int, _ThreadBeat] = {}
+        self._wake = math.inf  # when the thread means to look next
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
 
@@ -104,33 +108,33 @@ class _ThreadBeats:
         with self._cond:
             if self._thread is None or self._pid != os.getpid():
                 # None yet, or a forked child (threads do not survive a fork).
-                self._heap, self._pid = [], os.getpid()
+                self._active, self._pid, self._wake = {}, os.getpid(), math.inf
                 self._thread = threading.Thread(
                     target=self._run, name="chatstate-heartbeat", daemon=True
                 )
                 self._thread.start()
-            first = not self._heap or beat.due < self._heap[0][0]
-            heapq.heappush(self._heap, (beat.due, next(self._order), beat))
-            if first:
+            self._active[id(beat)] = beat
+            if beat.due < self._wake:
+                self._wake = beat.due
                 self._cond.notify()
+
+    def discard(self, beat: _ThreadBeat) -> None:
+        with self._cond:
+            self._active.pop(id(beat), None)
 
     def _run(self) -> None:
         while True:
             with self._cond:
                 while True:
-                    while self._heap and self._heap[0][2].stopped:
-                        heapq.heappop(self._heap)
-                    if not self._heap:
-                        self._cond.wait()
-                        continue
-                    wait = self._heap[0][0] - time.monotonic()
-                    if wait <= 0:
-                        beat = heapq.heappop(self._heap)[2]
+                    now = time.monotonic()
+                    due = [b for b in self._active.values() if b.due <= now]
+                    if due:
                         break
-                    self._cond.wait(wait)
-            if beat.beat():
-                with self._cond:
-                    heapq.heappush(self._heap, (beat.due, next(self._order), beat))
+                    self._wake = min((b.due for b in self._active.values()), default=math.inf)
+                    self._cond.wait(None if self._wake == math.inf else self._wake - now)
+            for beat in due:
+                if not beat.beat():
+                    self.discard(beat)
 
 
 _beats = _ThreadBeats()
@@ -159,6 +163,7 @@ class _ThreadBeat:
 
     def stop(self) -> None:
         self.stopped = True
+        _beats.discard(self)
 
 
 def heartbeat_sync(claim: Any, renew: Callable[[Any], bool], interval: float) -> Beat:
