@@ -74,6 +74,8 @@ def main(argv: list[str]) -> int:
             with (args.history / f"seed-{seed}.jsonl").open("w") as out:
                 out.write(json.dumps({"config": dataclasses.asdict(config)}) + "\n")
                 out.writelines(json.dumps(r) + "\n" for r in result.history)
+            report_file = args.history / f"seed-{seed}.report.json"
+            report_file.write_text(json.dumps(dataclasses.asdict(report), indent=1))
         for problem in report.done():
             failed = True
             print(f"seed {seed}: {problem}", file=sys.stderr)

@@ -297,11 +297,12 @@ class Dispatcher:
 
     async def write(self, p: Proc, order: dict[str, Any]) -> bool:
         """Send one line to a worker; False when it is gone."""
-        if not p.alive or p.proc.stdin is None:
-            return False
+        stdin = p.proc.stdin
+        if not p.alive or p.proc.returncode is not None or stdin is None or stdin.is_closing():
+            return False  # dead, its end not read yet: the watcher redelivers what it held
         try:
-            p.proc.stdin.write((json.dumps(order) + "\n").encode())
-            await p.proc.stdin.drain()
+            stdin.write((json.dumps(order) + "\n").encode())
+            await stdin.drain()
         except (BrokenPipeError, ConnectionResetError):
             return False
         return True
