@@ -100,8 +100,23 @@ def test_digests_are_pinned() -> None:
     assert manager.delete_write("op1").digest == "TN1d0AY7"
     assert manager.reset_write("op1").digest == "vABe3WIn"
     fingerprinted = manager.update_write({"a": 1}, "op1", None, "fp")
-    assert fingerprinted.digest == digest_text("fp")
+    assert fingerprinted.digest == ""  # what was said is never digested without a key
     assert manager.update_write({"a": 1}, None, None, "fp").digest == ""
+
+
+def test_a_digest_key_keys_every_digest() -> None:
+    """With digest_key, request and content digests are HMAC-SHA256 under it (pinned)."""
+    key = b"k" * 16
+    manager = StateManager(MemoryBackend(), StateData(preserved=["token"], digest_key=key))
+    assert digest_text("fp", key) == "yXZsX6no30GMlqgW"
+    assert manager.update_write({"a": 1}, "op1", None, "fp").digest == digest_text("fp", key)
+    assert manager.delete_write("op1").digest == digest_text("D", key)
+    assert (
+        manager.update_write({"a": 1}, "op1").digest
+        != _manager().update_write({"a": 1}, "op1").digest
+    )
+    other = StateManager(MemoryBackend(), StateData(digest_key=b"o" * 16))
+    assert other.update_write({"a": 1}, "op1", None, "fp").digest != digest_text("fp", key)
 
 
 def test_every_write_method_keeps_its_op_id() -> None:
@@ -168,7 +183,8 @@ def test_an_op_id_may_be_200_characters() -> None:
 
 
 def test_commit_and_release_writes_carry_the_claims_identity() -> None:
-    manager = _manager(ttl=60)
+    key = b"k" * 16
+    manager = StateManager(MemoryBackend(), StateData(preserved=["token"], digest_key=key), ttl=60)
     claim = manager.claim("ana", "m1", purpose="router", fingerprint="fp", lease=30, wait=0)
     claim.stage_update({"a": 1})
     commit = manager.commit_write(claim)
@@ -176,7 +192,7 @@ def test_commit_and_release_writes_carry_the_claims_identity() -> None:
     for write in (commit, release):
         assert write.op_key == _key("router", "m1")
         assert write.nonce == claim.nonce
-        assert write.digest == digest_text("fp")
+        assert write.digest == digest_text("fp", key)
         assert write.op_id == "m1"
         assert write.ttl_ms == 60_000
         assert write.want_document is False
@@ -188,7 +204,7 @@ def test_commit_and_release_writes_carry_the_claims_identity() -> None:
 
 
 def test_a_released_claim_runs_again_and_a_committed_one_is_a_duplicate() -> None:
-    service = StateService()
+    service = StateService(rules=StateData(digest_key=b"k" * 16))
     service.claim("ana", "m1", fingerprint="fp").release()
     again = service.claim("ana", "m1", fingerprint="fp")
     assert not again.duplicate

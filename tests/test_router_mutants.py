@@ -643,12 +643,24 @@ def test_a_user_busy_elsewhere_waits_only_the_routers_wait(monkeypatch: pytest.M
 
 
 def test_a_message_id_reused_for_other_content_is_refused() -> None:
-    from chatstate import OpIdReusedError
+    """With a digest_key, an id that comes back with other content is refused."""
+    from chatstate import OpIdReusedError, StateData
 
-    router = _router()
+    service = StateService(rules=StateData(digest_key="a deployment secret!"))
+    router = Router(service, main_menu=MENU, clock=Clock())
     router.handle(Message("ana", text="help", message_id="m1"))
     with pytest.raises(OpIdReusedError):
         router.handle(Message("ana", text="order", message_id="m1"))
+
+
+def test_without_a_digest_key_the_content_of_a_message_is_not_kept() -> None:
+    """No digest_key: the op log holds no digest of what was typed (the id's copy is silent)."""
+    service = StateService()
+    router = Router(service, main_menu=MENU, clock=Clock())
+    router.handle(Message("ana", text="help", message_id="m1"))
+    records = service.manager.backend._users["ana"].log.records
+    assert [r.digest for r in records.values()] == [""]
+    assert router.handle(Message("ana", text="order", message_id="m1")) == []
 
 
 def test_due_names_the_backend_without_an_index() -> None:

@@ -204,6 +204,12 @@ class Step:
         wrong_kind_message: The re-prompt for a message of another kind
             (default: "Please send text." or "Please send a photo." and so on);
             it does not count as an attempt.
+        secret: The answer is a secret (a PIN, a password): it is stored
+            encrypted in the flow's progress (``<flow_field>.data.<key>``)
+            from the moment it is stored, and redacted by ``export()`` and in
+            reprs; validators, hooks and ``next`` get it in plaintext. The
+            router refuses to start unless the service's rules encrypt that
+            path (``StateData(encryption=..., secret=[..., "flow.data.<key>"])``).
     """
 
     prompt: Prompt = attrs.field(validator=_check_prompt)
@@ -219,6 +225,7 @@ class Step:
     invalid_message: str = attrs.field(default=INVALID_TEXT, validator=_check_text)
     accepts: tuple[str, ...] = attrs.field(default=("text",), converter=_accepts)
     wrong_kind_message: str | None = attrs.field(default=None, validator=_check_text)
+    secret: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
     name: str = attrs.field(default="", init=False)
     owners: list[tuple[type, str]] = attrs.field(factory=list, init=False, repr=False)
     _calls: dict[str, Call] = attrs.field(factory=dict, init=False, repr=False)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
+import secrets
 from collections.abc import Iterable
 from typing import Any, Final, Literal, TypeAlias
 
@@ -228,8 +228,9 @@ class Message:
         text: What they typed, or a media caption, or a tapped button's title.
         reply_id: The id of the button or list row they tapped, if any.
         message_id: The platform's message id: a redelivery of the same id is
-            recognised and changes nothing. Without one, two identical messages
-            within the dedupe window count as one.
+            recognised and changes nothing. A message without one is never
+            recognised as a redelivery (two identical messages, such as a PIN
+            typed twice, are two messages): give messages an id.
         timestamp: When it was sent (Unix seconds); the router's clock when missing.
         kind: ``"text"``, ``"reply"`` (a tap), ``"image"``, ``"audio"``,
             ``"video"``, ``"document"``, ``"sticker"``, ``"location"``,
@@ -259,6 +260,9 @@ class Message:
         default=attrs.Factory(_default_kind, takes_self=True), validator=_check_kind, kw_only=True
     )
     raw: Any = attrs.field(default=None, eq=False, repr=False, kw_only=True)
+    _own_key: str = attrs.field(
+        factory=lambda: "msg-" + secrets.token_urlsafe(12), init=False, eq=False, repr=False
+    )
 
     @property
     def answer(self) -> str:
@@ -298,15 +302,13 @@ class Message:
     def idempotency_key(self) -> str:
         """A key for calls to other services made while handling this message.
 
-        The message id when there is one (a redelivery has the same key), else
-        a digest of the content and timestamp. Pass it to a payment API's
-        idempotency header: when a failed handling runs again, the API sees the
-        same key and does not charge twice.
+        The message id when there is one (a redelivery has the same key): pass
+        it to a payment API's idempotency header, so that a failed handling
+        that runs again does not charge twice. Without a message id, a random
+        key made once for this object (nothing about the content can be read
+        from it; a redelivery, a new object, gets another).
         """
-        if self.message_id:
-            return self.message_id
-        seed = f"{self.fingerprint}\x1f{self.timestamp}".encode()
-        return "msg-" + hashlib.blake2b(seed, digest_size=12).hexdigest()
+        return self.message_id or self._own_key
 
 
 _NOT_DIGITS = re.compile(r"[\s().\-]")

@@ -420,6 +420,7 @@ class _RouterCore(Generic[DepsT]):
         self._indexes: dict[str, dict[str, MenuItem]] = {}
         self._homes: dict[tuple[bool, str], Screen] = {}
         self._check_languages()
+        self._check_secret_steps()
         if self._sync:
             self._refuse_async(is_authenticated, translations)
 
@@ -446,6 +447,23 @@ class _RouterCore(Generic[DepsT]):
                             raise InvalidScreenError(
                                 f"{flow_cls.__name__}.{step.name} in language {language!r}: {exc}"
                             ) from None
+
+    def _check_secret_steps(self) -> None:
+        """Every ``Step(secret=True)`` answer must be a field the service encrypts."""
+        missing: list[str] = []
+        for flow_cls in self.flows.values():
+            for step in flow_cls.steps.values():
+                if step.secret:
+                    path = (self.flow_field, "data", step.key or step.name)
+                    covered = any(path[: len(p)] == p for p in self.rules.secret)
+                    if self.rules.encryption is None or not covered:
+                        missing.append(".".join(path))
+        if missing:
+            listed = ", ".join(repr(p) for p in sorted(set(missing)))
+            raise UsageError(
+                "a secret step's answer must be stored encrypted: build the service's rules "
+                f"with StateData(encryption=FieldEncryption(...), secret=[..., {listed}])"
+            )
 
     def _menus(self) -> list[Menu]:
         menus = [self.main_menu, self.auth_menu]
@@ -531,14 +549,7 @@ class _RouterCore(Generic[DepsT]):
             raise UsageError(f"handle() takes a Message, not {type(message).__name__}")
         if message.kind == "status":
             return []  # a delivery report: nothing the user said
-        claim = await state.claim(
-            message.user_id,
-            message.idempotency_key,  # the message id, else a digest of content and time
-            fingerprint=message.fingerprint,
-            purpose=ROUTER_PURPOSE,
-            lease=self.lease,
-            wait=self.wait,
-        )
+        claim = await self._claim_message(state, message)
         if claim.duplicate:
             return []
         try:
@@ -572,14 +583,7 @@ class _RouterCore(Generic[DepsT]):
         user_id = message.user_id
         if message.kind == "status":
             return _Opened(user_id, [], None, [], self.outbox_field)
-        claim = await state.claim(
-            user_id,
-            message.idempotency_key,
-            fingerprint=message.fingerprint,
-            purpose=ROUTER_PURPOSE,
-            lease=self.lease,
-            wait=self.wait,
-        )
+        claim = await self._claim_message(state, message)
         key: str = claim._core.op_key  # noqa: SLF001 - the message's key in the store
         if claim.duplicate:
             if key not in self._outbox(claim.data):
@@ -603,6 +607,23 @@ class _RouterCore(Generic[DepsT]):
             observe.notify_flow_step(plan.flow_name, plan.step_name, plan.outcome)
         held = claim if replies and claim.open else None
         return _Opened(user_id, replies, held, [key], self.outbox_field)
+
+    async def _claim_message(self, state: _StateLike, message: Message) -> Any:
+        """Claim the message's user under its id (a message without one is never a duplicate).
+
+        The fingerprint (what the message says) goes into the request's digest,
+        which is keyed when the rules have a ``digest_key`` and left out when
+        they do not: the store never holds an unkeyed digest of what a user typed.
+        """
+        has_id = bool(message.message_id)
+        return await state.claim(
+            message.user_id,
+            message.message_id if has_id else None,
+            fingerprint=message.fingerprint if has_id else None,
+            purpose=ROUTER_PURPOSE,
+            lease=self.lease,
+            wait=self.wait,
+        )
 
     def _outbox(self, doc: Mapping[str, Any]) -> dict[str, Any]:
         box = doc.get(self.outbox_field)

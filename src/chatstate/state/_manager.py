@@ -11,6 +11,7 @@ that adds the backend calls (and the sleeps between retries, which
 from __future__ import annotations
 
 import hashlib
+import hmac
 import inspect
 import os
 import unicodedata
@@ -91,25 +92,32 @@ def _b64(raw: bytes) -> str:
     return urlsafe_b64encode(raw).decode("ascii")
 
 
-def digest_text(text: str) -> str:
-    """A short digest of a request (48 bits): enough to tell two requests apart."""
-    return _b64(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=6).digest())
+def digest_text(text: str, key: bytes | None = None) -> str:
+    """A short digest of a request: enough to tell two requests apart.
+
+    With ``key``, HMAC-SHA256 under it (96 bits, 16 characters): without the key
+    nothing can be matched against guesses. Without, 48 bits of BLAKE2b.
+    """
+    raw = text.encode("utf-8", "surrogatepass")
+    if key is not None:
+        return _b64(hmac.new(key, raw, hashlib.sha256).digest()[:12])
+    return _b64(hashlib.blake2b(raw, digest_size=6).digest())
 
 
-def request_digest(operation: Operation) -> str:
+def request_digest(operation: Operation, key: bytes | None = None) -> str:
     """The digest of what an operation asks for (its precondition left out)."""
     if isinstance(operation, Edits):
         parts = [
             kind + encode_path(path) + ("\x00" + encode_value(value) if kind == SET else "")
             for kind, path, value in operation.edits
         ]
-        return digest_text("e\n" + "\n".join(parts))
+        return digest_text("e\n" + "\n".join(parts), key)
     if isinstance(operation, Increment):
-        return digest_text(f"i\n{encode_path(operation.path)}\n{operation.by}")
+        return digest_text(f"i\n{encode_path(operation.path)}\n{operation.by}", key)
     if isinstance(operation, Delete):
-        return digest_text("D")
+        return digest_text("D", key)
     if isinstance(operation, Reset):
-        return digest_text("r")
+        return digest_text("r", key)
     return ""
 
 
@@ -298,11 +306,14 @@ class _ManagerCore:
                 )
             material = f"{purpose}\x1f{op_id}".encode("utf-8", "surrogatepass")
             key = _b64(hashlib.blake2b(material, digest_size=9).digest())
+            secret = self.rules.digest_key
             if fingerprint is not None:
-                digest = digest_text(fingerprint)
+                # What a user typed: only ever digested under a key (a PIN's
+                # unkeyed digest falls to trying every PIN).
+                digest = "" if secret is None else digest_text(fingerprint, secret)
             elif digest_request:
                 digest = request_digest(
-                    operation if self.cipher is None else mask(operation, self.secret)
+                    operation if self.cipher is None else mask(operation, self.secret), secret
                 )
             else:
                 digest = ""

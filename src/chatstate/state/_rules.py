@@ -120,6 +120,16 @@ def _default_secret(rules: StateData) -> list[str]:
     return [rules.token_field] if rules.encryption is not None else []
 
 
+def _to_digest_key(key: object) -> bytes | None:
+    if key is None:
+        return None
+    if isinstance(key, str):
+        key = key.encode("utf-8")
+    if not isinstance(key, bytes) or len(key) < 16:
+        raise ConfigurationError("digest_key must be a secret of at least 16 bytes (or text)")
+    return key
+
+
 def _is_prefix(prefix: Path, path: Path) -> bool:
     return len(prefix) <= len(path) and path[: len(prefix)] == prefix
 
@@ -158,13 +168,23 @@ class StateData:
             a patch replaces a secret object instead of merging into it (as for
             ``replaced``), and it cannot be incremented. Defaults to
             ``[token_field]`` when ``encryption`` is given, else none.
+        digest_key: A secret of at least 16 bytes (``bytes``, or text read as
+            UTF-8) shared by every process of the deployment, like the
+            encryption keys. The digests the operation log keeps beside an op
+            id (to refuse an id reused for another request) are then
+            HMAC-SHA256 under it, so nothing in the store can be matched
+            against guesses of what was sent. Without it, a message's content
+            (``fingerprint=``) is never digested (an id reused for other
+            content is not detected), and request digests of ``update_once``
+            and the like are plain 48-bit hashes of the values written
+            (secret fields left out).
 
     Raises:
         ConfigurationError: a field is both preserved and replaced, a replaced
             field holds a preserved one, a limit is not positive, the schema
             version or migrations are not as described, a secret field lies
-            inside another or holds a preserved field, or ``encryption`` is
-            not a ``FieldEncryption``.
+            inside another or holds a preserved field, ``encryption`` is
+            not a ``FieldEncryption``, or ``digest_key`` is shorter than 16 bytes.
     """
 
     preserved: frozenset[Path] = attrs.field(default=frozenset(), converter=_to_paths)
@@ -180,6 +200,9 @@ class StateData:
     encryption: FieldEncryption | None = attrs.field(default=None, repr=False)
     secret: frozenset[Path] = attrs.field(
         default=attrs.Factory(_default_secret, takes_self=True), converter=_to_secret_paths
+    )
+    digest_key: bytes | None = attrs.field(
+        default=None, converter=_to_digest_key, repr=False, eq=False, kw_only=True
     )
     _whole: frozenset[Path] = attrs.field(init=False, repr=False, eq=False)
     _redacted: frozenset[Path] = attrs.field(init=False, repr=False, eq=False)
