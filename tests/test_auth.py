@@ -336,7 +336,7 @@ def test_a_failed_refresh_never_chains_the_callables_message(user: CachedUser) -
 def test_a_refresh_that_outlives_its_lock_is_reported(
     redis_url: str, namespace: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A refresh longer than lock_timeout logs a warning; the lock itself raises LockLostError."""
+    """A refresh whose lock lapsed (erased here) logs a warning; the lock raises LockLostError."""
     svc = StateService(RedisBackend.from_url(redis_url, namespace=namespace), RULES)
     backend = svc.manager.backend
     gone = threading.Event()
@@ -365,7 +365,7 @@ def test_a_refresh_that_outlives_its_lock_is_reported(
 
     with caplog.at_level(logging.WARNING, logger="chatstate.auth"):
         assert get_valid_token(user, slow) == new
-    assert "expired before the refresh ended" in caplog.text
+    assert "lapsed before the refresh ended" in caplog.text
     assert user.state.refresh()["jwt_token"] == new
     svc.close()
 

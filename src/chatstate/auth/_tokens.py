@@ -32,6 +32,8 @@ log = logging.getLogger("chatstate.auth")
 
 DEFAULT_MARGIN: Final = timedelta(seconds=60)
 LOCK_NAME: Final = "jwt-refresh"
+DEFAULT_LOCK_LEASE: Final = 5.0
+"""The refresh lock's lease: how long a dead or cut-off refresh holds the user at most."""
 
 Refresh = Callable[[str | None], str]
 AsyncRefresh = Callable[[str | None], str | Awaitable[str]]
@@ -120,7 +122,8 @@ def _refresh_failed_by(
 
 def _lost_lock(user_id: str) -> None:
     log.warning(
-        "the token refresh lock of user %r expired before the refresh ended: raise "
-        "lock_timeout, another process may have refreshed at the same time",
+        "the token refresh lock of user %r lapsed before the refresh ended (it could "
+        "not be renewed within lock_timeout): another process may have refreshed at "
+        "the same time",
         user_id,
     )

@@ -16,8 +16,15 @@ reply and its own error.
   replies can never be mixed up between callers.
 - **Failures.** A connection that cannot be had means nothing was sent
   (:class:`NotSent`). A connection lost while sending or reading fails every
-  command whose reply was not read; the callers turn that into
-  ``OutcomeUnknown`` and settle it with the write's operation key and nonce.
+  command whose reply was not read; the callers send an idempotent command
+  again, and settle a write with its operation key and nonce.
+- **Connections the server closed.** An idle connection owes no reply, so one
+  whose socket has anything to read (the end of the stream, a reset) was
+  closed by the server while it waited (``CLIENT KILL``, a restart, its idle
+  ``timeout``). It is dropped when it is taken, before a command is written on
+  it, and another is used: nothing was sent, so the command never fails for
+  it, and a restart that left every idle connection dead costs one new
+  connection, not one failed attempt per dead one.
 
 This asymmetry with the sync backend is deliberate: threads each wait on their
 own connection, so only asyncio can gather concurrent commands without adding
@@ -30,6 +37,7 @@ import asyncio
 import collections
 import contextlib
 import os
+import select
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -37,7 +45,15 @@ from typing import Any
 
 import redis.exceptions as rex
 
-__all__ = ["AsyncConnections", "AutoPipeline", "Connections", "NotSent", "pack"]
+__all__ = [
+    "AsyncConnections",
+    "AutoPipeline",
+    "Connections",
+    "NotSent",
+    "closed_by_server",
+    "closed_by_server_async",
+    "pack",
+]
 
 
 def pack(args: tuple[Any, ...]) -> bytes:
@@ -55,6 +71,50 @@ def pack(args: tuple[Any, ...]) -> bytes:
 
 class NotSent(Exception):  # noqa: N818 - a state, like redis-py's own names
     """No connection could be had: the command was not sent. ``__cause__`` says why."""
+
+
+_UNKNOWN: Any = object()
+
+
+def _readable(sock: Any) -> bool:
+    """True when a socket has something to read now (data, the end of the stream, a reset)."""
+    try:
+        return bool(select.select((sock,), (), (), 0)[0])
+    except (OSError, ValueError):  # closed meanwhile (a file number of -1)
+        return True
+
+
+def closed_by_server(conn: Any) -> bool:
+    """True when an idle connection of the sync client is no longer usable.
+
+    It owes no reply, so anything to read means the server closed it (or sent
+    what no command asked for): either way it must not carry a command. One
+    ``select`` of the socket, about half a microsecond. A connection class
+    without the attribute this looks at is trusted as it is.
+    """
+    sock = getattr(conn, "_sock", _UNKNOWN)
+    if sock is _UNKNOWN:
+        return False
+    return sock is None or _readable(sock)
+
+
+def closed_by_server_async(conn: Any) -> bool:
+    """The asyncio twin of :func:`closed_by_server`, for ``redis.asyncio`` connections.
+
+    The socket itself is asked, not only the stream: the event loop may not
+    have run since the server's FIN arrived, so the stream may not know yet.
+    """
+    writer = getattr(conn, "_writer", _UNKNOWN)
+    if writer is _UNKNOWN:
+        return False
+    if writer is None:
+        return True
+    transport = writer.transport
+    reader = conn._reader  # noqa: SLF001 - redis-py keeps its stream here
+    if transport.is_closing() or reader is None or reader.at_eof():
+        return True
+    sock = transport.get_extra_info("socket")
+    return sock is not None and _readable(sock)
 
 
 class _Lane:
@@ -102,10 +162,23 @@ class Connections:
     def acquire(self) -> Any:
         """An idle connection, a new one, or one given back within the timeout.
 
+        An idle connection the server closed meanwhile is dropped, not handed out.
+
         Raises:
             NotSent: no connection could be had (none came free, or connecting failed).
         """
         self._check_fork()
+        while (conn := self._reserve()) is not None:
+            if not closed_by_server(conn):
+                return conn
+            self.discard(conn)
+        with _opening(self._forget):
+            conn = _new_connection(self._pool)
+            conn.connect()
+        return conn
+
+    def _reserve(self) -> Any:
+        """An idle connection, or ``None`` once a place for a new one is counted."""
         cond = self._cond
         with cond:
             if self._idle:
@@ -119,10 +192,7 @@ class Connections:
                 if self._idle:
                     return self._idle.pop()
             self._count += 1
-        with _opening(self._forget):
-            conn = _new_connection(self._pool)
-            conn.connect()
-        return conn
+            return None
 
     def release(self, conn: Any) -> None:
         """Give back a connection whose replies were all read."""
@@ -209,6 +279,17 @@ class AsyncConnections:
         if loop is not self._loop:
             # Connections belong to the loop that opened them.
             self._idle, self._count, self._freed, self._loop = [], 0, asyncio.Event(), loop
+        while (conn := await self._reserve(loop)) is not None:
+            if not closed_by_server_async(conn):
+                return conn
+            await self.discard(conn)
+        with _opening(self._forget):
+            conn = _new_connection(self._pool)
+            await conn.connect()
+        return conn
+
+    async def _reserve(self, loop: asyncio.AbstractEventLoop) -> Any:
+        """See :meth:`Connections._reserve`."""
         if self._idle:
             return self._idle.pop()
         deadline = None if self._timeout is None else loop.time() + self._timeout
@@ -228,10 +309,7 @@ class AsyncConnections:
             if self._idle:
                 return self._idle.pop()
         self._count += 1
-        with _opening(self._forget):
-            conn = _new_connection(self._pool)
-            await conn.connect()
-        return conn
+        return None
 
     def release(self, conn: Any) -> None:
         """See :meth:`Connections.release`."""
@@ -332,6 +410,9 @@ class AutoPipeline:
             # The caller holds the connection alone while it uses it: a close meanwhile
             # cannot pull it from under it.
             conn, lane.conn = lane.conn, None
+            if conn is not None and closed_by_server_async(conn):
+                await self.pool.discard(conn)
+                conn = None
             if conn is None:
                 conn = await self.pool.acquire()
             try:
@@ -410,6 +491,9 @@ class AutoPipeline:
     async def _send_batch(  # noqa: C901, PLR0912 - one path per outcome
         self, lane: _Lane, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]
     ) -> None:
+        if lane.conn is not None and closed_by_server_async(lane.conn):
+            conn, lane.conn = lane.conn, None
+            await self.pool.discard(conn)
         if lane.conn is None:
             try:
                 lane.conn = await self.pool.acquire()

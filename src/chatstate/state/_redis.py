@@ -95,13 +95,17 @@ class RedisBackend(RedisIO):
         )
         limits = None if self._cluster else self._pool_limits(client)
         self._conns = None if limits is None else Connections(client.connection_pool, *limits)
+        # redis-py's sync RedisCluster retries a command on a broken connection
+        # itself (execute_command), under the same policy: not twice.
+        self._reconnects = not self._cluster
 
     @classmethod
     def from_url(cls, url: str, *, namespace: str = DEFAULT_NAMESPACE, **options: Any) -> Self:
         """Create a client from ``url`` (``redis://``, ``rediss://``, ``unix://``) and own it.
 
         ``options`` go to redis-py and override chatstate's defaults (5 s
-        timeouts, 3 retries with jittered backoff for redis-py's own commands).
+        timeouts; ``retry``: 3 retries with jittered backoff of every command
+        whose connection broke, chatstate's own and redis-py's).
         chatstate keeps at most ``max_connections`` connections (default 50):
         a thread that finds them all busy waits up to ``pool_timeout`` seconds
         (default: ``socket_timeout``) instead of failing, and a write that gets
@@ -226,14 +230,19 @@ class RedisBackend(RedisIO):
     def lock(self, user_id: str, name: str, *, lease: float, wait: float) -> Iterator[None]:
         """Hold a per-user lock in the user's own hash slot, across processes.
 
-        Built on redis-py's ``Lock`` (``SET NX PX`` and a compare-and-delete
-        script). It expires after ``lease`` seconds if its holder dies.
+        A key ``<namespace>:{<id>}:lock:<name>`` holding this holder's token,
+        taken, renewed and released by one small script each time (every step
+        safe to re-send on a broken connection). Its lease is renewed every
+        third of ``lease`` while the block runs (from the heartbeat thread), so
+        the lock lapses ``lease`` seconds after its holder died or failed to
+        release it, and never under a live holder.
 
         Raises:
             LockTimeoutError: the lock was not free within ``wait`` seconds.
-            LockLostError: the lease ran out while the lock was held (another
-                holder may have run meanwhile); raised when the block ends
-                without an error of its own.
+            LockLostError: the lease ran out while the lock was held (the
+                server was out of reach for longer than the lease, or the lock
+                was erased; another holder may have run meanwhile); raised when
+                the block ends without an error of its own.
         """
         with self._lock(user_id, name, lease=lease, wait=wait):
             yield
@@ -400,7 +409,7 @@ class AsyncRedisBackend(AsyncRedisIO):
     async def lock(
         self, user_id: str, name: str, *, lease: float, wait: float
     ) -> AsyncIterator[None]:
-        """The asyncio twin of :meth:`RedisBackend.lock`."""
+        """The asyncio twin of :meth:`RedisBackend.lock` (renewed from the event loop)."""
         async with self._lock(user_id, name, lease=lease, wait=wait):
             yield
 

@@ -14,7 +14,7 @@ import contextlib
 import functools
 import hashlib
 import hmac
-import logging
+import math
 import zlib
 from collections.abc import Iterator
 from typing import Any, Final
@@ -31,9 +31,9 @@ from chatstate.exceptions import (
     BackendUnavailable,
     ConfigurationError,
     CorruptStateError,
-    LockLostError,
     OpIdReusedError,
     OutcomeUnknown,
+    StateError,
     StateTooLargeError,
     StoreBusyError,
     StoreFullError,
@@ -64,9 +64,6 @@ from chatstate.state._sync.redis_retry import PolicyRetry
 
 __all__ = ["DEFAULT_NAMESPACE", "LOCK_NAMES", "default_client_options", "map_redis_errors"]
 
-log = logging.getLogger("chatstate.redis")
-
-
 DEFAULT_NAMESPACE: Final = "chatstate"
 LOCK_NAMES: Final = ("jwt-refresh", "aiogram")
 """The lock names chatstate itself takes (token refresh, aiogram's event isolation)."""
@@ -81,6 +78,33 @@ for i = 1, #KEYS do
   end
 end
 return out
+"""
+# A user's lock (the token refresh's, aiogram's): one string key holding its
+# holder's token, with a lease. Every action is safe to send again after a lost
+# reply: taking a lock already ours renews it, renewing twice renews, and
+# "released" (the re-send of "release") counts a lock that is gone as let go.
+# A renewal never takes a lock that is free: one whose lease ran out was lost.
+LOCK_SCRIPT: Final = """
+local held = redis.call('GET', KEYS[1])
+local action, token = ARGV[1], ARGV[2]
+if held == token then
+  if action == 'release' or action == 'released' then
+    redis.call('DEL', KEYS[1])
+  else
+    redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  end
+  return 1
+end
+if not held then
+  if action == 'acquire' then
+    redis.call('SET', KEYS[1], token, 'PX', ARGV[3])
+    return 1
+  end
+  if action == 'released' then
+    return 1
+  end
+end
+return 0
 """
 _SAFE_ID_CHARS: Final = "@+"  # plus quote()'s own: letters, digits and "_.-~"
 
@@ -105,9 +129,10 @@ def _safe_location(client: Any) -> str:
 def default_client_options(*, asynchronous: bool) -> dict[str, Any]:
     """Timeouts and retries for clients that chatstate creates itself.
 
-    redis-py's own retries apply to the commands chatstate leaves to it (locks,
-    ``ping``, Cluster routing); chatstate re-sends its scripts itself, safely,
-    because every write carries an operation key and a nonce.
+    The ``retry`` policy is the one for every command whose connection broke:
+    redis-py applies it to connecting, ``ping`` and the sync Cluster's routing,
+    chatstate to the commands it sends itself (``AsyncRedisIO._send``), where a
+    write is re-sent safely, with its operation key and nonce.
     """
     return {
         "socket_timeout": 5.0,
@@ -115,6 +140,30 @@ def default_client_options(*, asynchronous: bool) -> dict[str, Any]:
         "retry": _redis_retry(REDIS_CLIENT, asynchronous=asynchronous),
         "health_check_interval": 30,
     }
+
+
+def connection_policy(client: Any) -> RetryPolicy:
+    """The policy for a command whose connection broke: the one the client's ``retry`` has.
+
+    A :class:`PolicyRetry` (what ``from_url`` makes) lends its policy and its
+    count of retries (redis-py's ``update_retries()`` may have changed it); a
+    redis-py ``Retry`` its count, with ``REDIS_CLIENT``'s delays; no retry at
+    all means one attempt. chatstate's own commands and redis-py's are so
+    retried under one policy.
+    """
+    if _is_cluster(client):
+        retry = getattr(client, "retry", None)
+    else:
+        get_retry = getattr(client, "get_retry", None)
+        retry = get_retry() if callable(get_retry) else None
+    policy = getattr(retry, "policy", None)
+    if not isinstance(policy, RetryPolicy):
+        policy = REDIS_CLIENT
+    get_retries = getattr(retry, "get_retries", None)
+    retries = get_retries() if callable(get_retries) else 0
+    if retries < 0:  # redis-py's "forever": the policy's own limit
+        return policy
+    return attrs.evolve(policy, attempts=retries + 1)
 
 
 def _redis_retry(policy: RetryPolicy, *, asynchronous: bool) -> PolicyRetry | AsyncPolicyRetry:
@@ -371,109 +420,203 @@ class _TagCore(_RedisCore):
         return [base, base + ":ops", base + ":claim"]
 
 
-@contextlib.contextmanager
-def map_redis_errors(  # noqa: C901, PLR0912, PLR0915 - one flat table of translations
-    key: str, write: Write | None = None, *, unknown: bool = False
-) -> Iterator[None]:
-    """Translate redis-py errors into chatstate errors, once, for both twins.
+@attrs.frozen
+class _Translation:
+    """What one kind of redis-py error means to chatstate (a row of ``_TRANSLATIONS``).
 
-    ``write`` marks a write: a connection lost after sending it becomes
-    :class:`OutcomeUnknown`, since the script may have run. ``unknown`` says an
-    earlier attempt of the same write ended so: then every failure that is not
-    an answer from the script stays :class:`OutcomeUnknown`.
+    Attributes:
+        types: The redis-py (or socket) errors it covers.
+        error: The chatstate error raised for them.
+        why: What went wrong, as a message; ``{detail}`` is the error's own text,
+            ``{kind}`` its class name, ``{key}`` the key.
+        then: What that means for the call, added to ``why`` when it ends the
+            call (``"nothing was sent"``); left out where a write's outcome is
+            unknown for another reason.
+        prefix: For error replies: the reply's first word (``"BUSY"``).
+        within: The prefix may stand anywhere in the reply's first this many
+            characters (an ACL refusal inside a script is quoted after its name).
+        sent: The attempt may have run: the command was sent and its reply was
+            lost, so a write's outcome is unknown.
+        again: Sending again may help (a new connection, a server done
+            loading): retried under the connection policy where that is safe.
+        final: Stays itself even after an earlier attempt of the write was lost
+            (a missing ACL permission is never an unknown outcome).
     """
-    op_id = None if write is None else (write.op_id or write.op_key)
 
-    def unknown_outcome(exc: BaseException) -> OutcomeUnknown:
-        assert op_id is not None
+    types: tuple[type[BaseException], ...]
+    error: type[StateError]
+    why: str
+    then: str = ""
+    prefix: str = ""
+    within: int = 0
+    sent: bool = False
+    again: bool = False
+    final: bool = False
+
+
+_NOPERM_WHY: Final = (
+    "the ACL user may not run a command chatstate needs ({detail}); "
+    "see the ACL in the operations guide"
+)
+
+# The first row whose types (and reply prefix) match is the error's meaning. Order
+# matters where redis-py's errors subclass each other: its AuthenticationError,
+# BusyLoadingError and MaxConnectionsError are ConnectionErrors, and ReadOnlyError,
+# OutOfMemoryError and NoPermissionError are ResponseErrors.
+_TRANSLATIONS: Final = (
+    _Translation(
+        (NotSent,),
+        BackendUnavailable,
+        "no connection to the server ({detail})",
+        then="nothing was sent",
+    ),
+    _Translation(
+        (rex.AuthenticationError, rex.AuthorizationError),
+        BackendAuthenticationError,
+        "the server refused the credentials (check the password or ACL user)",
+    ),
+    _Translation((rex.NoPermissionError,), BackendPermissionError, _NOPERM_WHY, final=True),
+    _Translation(
+        (rex.BusyLoadingError,),
+        StoreBusyError,
+        "the server is loading its data set",
+        then="try again shortly",
+        again=True,
+    ),
+    _Translation(
+        (rex.MaxConnectionsError,),
+        BackendUnavailable,
+        "every connection of the pool is in use",
+        then="nothing was sent",
+    ),
+    _Translation(
+        (rex.ConnectionError, rex.TimeoutError, rex.ClusterDownError, OSError),
+        BackendUnavailable,
+        "cannot reach the server ({kind}: {detail})",
+        sent=True,
+        again=True,
+    ),
+    _Translation(
+        (rex.ReadOnlyError,),
+        BackendUnavailable,
+        "the server is a read-only replica (a failover in progress?)",
+    ),
+    _Translation(
+        (rex.OutOfMemoryError,),
+        StoreFullError,
+        "the server is out of memory (maxmemory)",
+        then="nothing was written",
+    ),
+    _Translation(
+        (rex.ResponseError,),
+        BackendPermissionError,
+        _NOPERM_WHY,
+        prefix="NOPERM",
+        within=80,
+        final=True,
+    ),
+    _Translation(
+        (rex.ResponseError,),
+        StoreFullError,
+        "the server is out of memory (maxmemory)",
+        then="nothing was written",
+        prefix="OOM",
+    ),
+    _Translation(
+        (rex.ResponseError,),
+        StoreBusyError,
+        "the server is busy running a script",
+        then="try again shortly",
+        prefix="BUSY",
+    ),
+    _Translation(
+        (rex.ResponseError,),
+        CorruptStateError,
+        "the key holds the wrong type (key {key!r})",
+        then="nothing was written",
+        prefix="WRONGTYPE",
+    ),
+    _Translation((rex.ResponseError,), BackendError, "the server answered with an error: {detail}"),
+    _Translation((rex.RedisError,), BackendError, "the Redis client failed: {kind}: {detail}"),
+    # Not a RedisError: no node reachable, no slots.
+    _Translation(
+        (rex.RedisClusterException,), BackendUnavailable, "cannot use the cluster ({detail})"
+    ),
+)
+
+TRANSLATED: Final = (NotSent, rex.RedisError, rex.RedisClusterException, OSError)
+"""The errors :func:`translate` knows; any other (a bug: ``AttributeError``...) passes through."""
+
+
+def translation(exc: BaseException) -> _Translation:
+    """The row of ``_TRANSLATIONS`` that says what ``exc`` (one of ``TRANSLATED``) means."""
+    text = str(exc) if isinstance(exc, rex.ResponseError) else ""
+    for row in _TRANSLATIONS:
+        if isinstance(exc, row.types) and (
+            not row.prefix
+            or text.startswith(row.prefix)
+            or (row.within and row.prefix in text[: row.within])
+        ):
+            return row
+    raise TypeError(f"chatstate does not translate {type(exc).__name__}")  # pragma: no cover
+
+
+def translate(
+    exc: BaseException,
+    key: str,
+    write: Write | None = None,
+    *,
+    lost: BaseException | None = None,
+    unknown: bool = False,
+) -> StateError:
+    """The chatstate error for a redis-py error (one of ``TRANSLATED``), for both twins.
+
+    ``write`` marks a write: when its attempt may have run (the connection was
+    lost after sending it), or an earlier attempt of it may have (``lost``, the
+    error that attempt ended with; or just ``unknown``), the error is
+    :class:`OutcomeUnknown` and says so, and only so. Every other error says
+    what went wrong and that nothing was sent or written.
+    """
+    row = translation(exc)
+    why = row.why.format(detail=_short(exc), kind=type(exc).__name__, key=key)
+    op_id = None if write is None else (write.op_id or write.op_key)
+    if op_id is not None and not row.final and (row.sent or lost is not None or unknown):
+        if row.sent:
+            text = f"lost the connection after sending a write to {key!r} ({_kind(exc)})"
+        else:
+            earlier = "" if lost is None else f" ({_kind(lost)})"
+            text = (
+                f"lost the reply to a write to {key!r}{earlier}, then re-sending it failed: {why}"
+            )
         return OutcomeUnknown(
-            f"lost the connection during a write to {key!r} ({type(exc).__name__}); "
-            "it may or may not have been applied; retrying with the same op_id is safe",
+            f"{text}; it may or may not have been applied: calling again with the same op_id "
+            "is safe",
             op_id=op_id,
         )
+    text = f"{why}; {row.then}" if row.then else why
+    if row.error is CorruptStateError:
+        return CorruptStateError(text, key=key)
+    return row.error(text)
 
+
+def _kind(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {_short(exc)}"
+
+
+@contextlib.contextmanager
+def map_redis_errors(
+    key: str, write: Write | None = None, *, unknown: bool = False
+) -> Iterator[None]:
+    """Translate redis-py errors into chatstate errors (see :func:`translate`), chained.
+
+    ``unknown`` says an earlier attempt of the same write was lost: then every
+    failure that is not an answer it cannot be (a missing permission) stays
+    :class:`OutcomeUnknown`.
+    """
     try:
         yield
-    except NotSent as exc:
-        if unknown and op_id is not None:
-            raise unknown_outcome(exc) from exc
-        raise BackendUnavailable(
-            f"no connection to the server ({_short(exc)}); nothing was sent"
-        ) from exc
-    except (rex.AuthenticationError, rex.AuthorizationError) as exc:
-        if unknown and op_id is not None:
-            raise unknown_outcome(exc) from exc
-        raise BackendAuthenticationError(
-            "the server refused the credentials (check the password or ACL user)"
-        ) from exc
-    except rex.NoPermissionError as exc:
-        raise BackendPermissionError(
-            f"the ACL user may not run a command chatstate needs ({_short(exc)}); "
-            "see the ACL in the operations guide"
-        ) from exc
-    except rex.BusyLoadingError as exc:
-        if unknown and op_id is not None:
-            raise unknown_outcome(exc) from exc
-        raise StoreBusyError("the server is loading its data set; try again shortly") from exc
-    except rex.MaxConnectionsError as exc:
-        if unknown and op_id is not None:
-            raise unknown_outcome(exc) from exc
-        raise BackendUnavailable(
-            "every connection of the pool is in use; nothing was sent"
-        ) from exc
-    except (rex.ConnectionError, rex.TimeoutError, rex.ClusterDownError, OSError) as exc:
-        if op_id is not None:
-            raise unknown_outcome(exc) from exc
-        raise BackendUnavailable(
-            f"cannot reach the server ({type(exc).__name__}: {_short(exc)})"
-        ) from exc
-    except rex.ReadOnlyError as exc:
-        if unknown and op_id is not None:
-            raise unknown_outcome(exc) from exc
-        raise BackendUnavailable(
-            "the server is a read-only replica (a failover in progress?)"
-        ) from exc
-    except rex.OutOfMemoryError as exc:
-        if unknown and op_id is not None:
-            raise unknown_outcome(exc) from exc
-        raise StoreFullError(
-            "the server is out of memory (maxmemory); nothing was written"
-        ) from exc
-    except rex.ResponseError as exc:
-        message = str(exc)
-        if message.startswith("NOPERM") or "NOPERM" in message[:80]:
-            raise BackendPermissionError(
-                f"the ACL user may not run a command chatstate needs ({_short(exc)}); "
-                "see the ACL in the operations guide"
-            ) from exc
-        if unknown and op_id is not None:
-            raise unknown_outcome(exc) from exc
-        if message.startswith("OOM"):
-            raise StoreFullError(
-                "the server is out of memory (maxmemory); nothing was written"
-            ) from exc
-        if message.startswith("BUSY"):
-            raise StoreBusyError("the server is busy running a script; try again shortly") from exc
-        if message.startswith("WRONGTYPE"):
-            raise CorruptStateError(
-                f"the key holds the wrong type (key {key!r}); nothing was written", key=key
-            ) from exc
-        raise BackendError(f"the server answered with an error: {_short(exc)}") from exc
-    except rex.RedisError as exc:
-        if unknown and op_id is not None:
-            raise unknown_outcome(exc) from exc
-        raise BackendError(f"the Redis client failed: {type(exc).__name__}: {_short(exc)}") from exc
-    except rex.RedisClusterException as exc:  # not a RedisError: no node reachable, no slots
-        if unknown and op_id is not None:
-            raise unknown_outcome(exc) from exc
-        raise BackendUnavailable(f"cannot use the cluster ({_short(exc)})") from exc
-
-
-def _lock_lost(name: str, lease: float) -> LockLostError:
-    return LockLostError(
-        f"the {name!r} lock expired while held (lease {lease} s); "
-        "another holder may have run at the same time"
-    )
+    except TRANSLATED as exc:
+        raise translate(exc, key, write, unknown=unknown) from exc
 
 
 def _short(exc: BaseException) -> str:
@@ -528,8 +671,16 @@ class _RedisBackendBase:
         self.resolve_retry = resolve_retry
         self._owns_client = _owns_client
         self._cluster = _is_cluster(client)
+        self.connection_retry = connection_policy(client)
+        self._reconnects = True  # False where the client retries a broken connection itself
         self._apply_script = client.register_script(APPLY_SCRIPT)
         self._load_script = client.register_script(LOAD_SCRIPT)
+        self._lock_sha = client.register_script(LOCK_SCRIPT).sha
+        self._scripts = {
+            self._apply_script.sha: APPLY_SCRIPT,
+            self._load_script.sha: LOAD_SCRIPT,
+            self._lock_sha: LOCK_SCRIPT,
+        }
         self._plain_reads = _hiredis(client)
 
     @staticmethod
@@ -594,8 +745,14 @@ class _RedisBackendBase:
 
     def _eval_args(self, args: tuple[Any, ...]) -> tuple[Any, ...]:
         """An EVALSHA command as the EVAL of its script's text."""
-        text = APPLY_SCRIPT if args[1] == self._apply_script.sha else LOAD_SCRIPT
-        return ("EVAL", text, *args[2:])
+        return ("EVAL", self._scripts[args[1]], *args[2:])
+
+    def _lock_key(self, user_id: str, name: str) -> str:
+        return f"{self._core.keys(user_id)[0]}:lock:{name}"
+
+    def _lock_args(self, key: str, action: str, token: str, lease: float) -> tuple[Any, ...]:
+        lease_ms = max(1, math.ceil(lease * 1000))
+        return ("EVALSHA", self._lock_sha, 1, key, action, token, lease_ms)
 
     def _erase_keys(self, user_id: str) -> list[str]:
         keys = self._core.keys(user_id)

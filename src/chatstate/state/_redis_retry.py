@@ -1,7 +1,8 @@
 """redis-py's ``Retry``, driven by a :class:`~chatstate._retry.RetryPolicy`.
 
-redis-py retries the commands chatstate leaves to it (locks, ``ping``, Cluster
-routing) with its own loop, backoff and ``time.sleep``. ``PolicyRetry`` and
+redis-py retries what chatstate leaves to it (connecting, ``ping``, the sync
+Cluster's routing) with its own loop, backoff and ``time.sleep``; chatstate's
+own commands are retried under the same policy by ``AsyncRedisIO._send``. ``PolicyRetry`` and
 ``AsyncPolicyRetry`` (one body in ``_async/redis_retry.py``, the sync twin
 generated) keep
 redis-py's contract (``call_with_retry``, ``get_retries``, ``fail`` called once

@@ -15,6 +15,7 @@ from chatstate._actions import CLEAR_TOKEN, REFRESH_TOKEN, SET_TOKEN, failing
 from chatstate._twins import resolved_async
 from chatstate.auth._jwt import TokenVerifier
 from chatstate.auth._tokens import (
+    DEFAULT_LOCK_LEASE,
     DEFAULT_MARGIN,
     LOCK_NAME,
     AsyncRefresh,
@@ -84,7 +85,7 @@ async def aget_valid_token(
     *,
     margin: timedelta = DEFAULT_MARGIN,
     verifier: TokenVerifier | None = None,
-    lock_timeout: float = 30.0,
+    lock_timeout: float = DEFAULT_LOCK_LEASE,
     wait: float = 30.0,
 ) -> str:
     """Return a token that is good for at least ``margin``, refreshing it if needed.
@@ -100,8 +101,11 @@ async def aget_valid_token(
         refresh: Makes a new token (calls your API's login or refresh endpoint).
         margin: Refresh when the token lapses within this long.
         verifier: If given, tokens are verified (signature and claims), not just read.
-        lock_timeout: The refresh lock expires after this many seconds if its
-            holder dies. A refresh that takes longer is logged as a warning.
+        lock_timeout: The refresh lock's lease, in seconds: renewed every
+            third of it while the refresh runs (on Redis; on a backend whose
+            lock cannot renew, the longest a refresh may take), it lapses this
+            long after its holder died or failed to release it, so other
+            callers wait at most about this long for a dead refresh.
         wait: How long to wait for another refresh before giving up.
 
     Raises:

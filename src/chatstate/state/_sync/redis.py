@@ -12,14 +12,15 @@ asyncio twin only, by the ``gathered_*`` pair in ``chatstate/_twins.py``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import redis.exceptions as rex
 
+from chatstate._retry import Retrying
 from chatstate._twins import gathered_sync
-from chatstate.exceptions import LockTimeoutError, OutcomeUnknown
 from chatstate.state._backend import (
     Outcome,
     Snapshot,
@@ -30,11 +31,13 @@ from chatstate.state._backend import (
 )
 from chatstate.state._redis_core import (
     _ERASE_SCRIPT,
-    _lock_lost,
+    TRANSLATED,
     _RedisBackendBase,
-    log,
     map_redis_errors,
+    translate,
+    translation,
 )
+from chatstate.state._sync.leases import hold_lease_sync
 
 __all__ = ["RedisIO"]
 
@@ -42,7 +45,8 @@ __all__ = ["RedisIO"]
 class RedisIO(_RedisBackendBase):
     """The commands of a Redis backend, over the ``_execute`` its subclass sends them with.
 
-    The public methods of the backends are documented wrappers of these.
+    The public methods of the backends are documented wrappers of these. Every
+    command goes through :meth:`_send`, the one place that retries.
     """
 
     def _execute(self, route: str, args: tuple[Any, ...]) -> Any:
@@ -61,42 +65,85 @@ class RedisIO(_RedisBackendBase):
             self.resolve_retry.report("noscript", exc)
             return self._execute(route, self._eval_args(args))
 
+    def _send(
+        self,
+        key: str,
+        args: tuple[Any, ...],
+        *,
+        script: bool = False,
+        write: Write | None = None,
+        again: Callable[[], tuple[Any, ...]] | None = None,
+    ) -> Any:
+        """Send one command, retried where that is safe; raise chatstate's errors.
+
+        A command whose connection broke (``CLIENT KILL``, a restart, a reset)
+        may have run or not: it is sent again on a new connection under
+        ``connection_retry`` (the client's own policy), being idempotent; so is
+        one the server refused while loading its data. A ``write`` (``apply``)
+        is re-sent instead under ``resolve_retry``, as ``again()`` builds it
+        (with its op-log lookup on): its op key and nonce make it apply once,
+        and when no re-send gets an answer its outcome is unknown. ``again``
+        serves other commands whose re-send must differ too (a lock's release).
+
+        A command that was not sent at all is not retried here (connecting was
+        retried by the connection's own ``retry``, under the same policy), except
+        as a re-send of a write that may have run.
+        """
+        reconnecting: Retrying | None = None
+        resolving: Retrying | None = None
+        lost: BaseException | None = None
+        while True:
+            try:
+                if script:
+                    return self._script(key, args)
+                return self._execute(key, args)
+            except TRANSLATED as exc:
+                row = translation(exc)
+                if row.sent:
+                    lost = lost or exc
+                    if again is not None:
+                        args = again()
+                error = translate(exc, key, write, lost=lost)
+                retrying: Retrying | None = None
+                if write is not None and lost is not None and not row.final:
+                    # Once a write may have run, every re-send is part of settling it.
+                    resolving = resolving or self.resolve_retry.begin("resolve")
+                    retrying = resolving
+                elif row.again and self._reconnects:
+                    reconnecting = reconnecting or self.connection_retry.begin("redis")
+                    retrying = reconnecting
+                if retrying is None or not retrying.retry(error if retrying is resolving else exc):
+                    raise error from exc
+
     def _load(self, user_id: str) -> Snapshot | None:
         key = self._core.keys(user_id)[0]
         if self._plain_reads:
-            with map_redis_errors(key):
-                raw = self._execute(key, ("HGETALL", key))
+            raw = self._send(key, ("HGETALL", key))
             return self._core.parse_hgetall(raw, key)
         echo = new_op_id()
-        with map_redis_errors(key):
-            raw = self._script(key, self._load_args(key, echo))
+        raw = self._send(key, self._load_args(key, echo), script=True)
         return self._core.parse_load(raw, key, echo)
 
     def _apply(self, user_id: str, write: Write) -> Outcome:
         keys = self._core.keys(user_id)
-        retrying = None
-        while True:
-            args = self._apply_args(write, keys, fresh=retrying is None)
-            try:
-                with map_redis_errors(keys[0], write, unknown=retrying is not None):
-                    raw = self._script(keys[0], args)
-                break
-            except OutcomeUnknown as exc:
-                if retrying is None:
-                    retrying = self.resolve_retry.begin("resolve")
-                if not retrying.retry(exc):
-                    raise
+        raw = self._send(
+            keys[0],
+            self._apply_args(write, keys, fresh=True),
+            script=True,
+            write=write,
+            again=functools.partial(self._apply_args, write, keys, fresh=False),
+        )
         return self._core.parse_apply(raw, write, keys[0])
 
     def _erase(self, user_id: str) -> list[str]:
+        # Deleting twice deletes the same: a re-send after a lost reply is safe,
+        # though it can only report what the first attempt had left.
         keys = self._erase_keys(user_id)
-        with map_redis_errors(keys[0]):
-            raw = self._execute(keys[0], ("EVAL", _ERASE_SCRIPT, len(keys), *keys))
+        raw = self._send(keys[0], ("EVAL", _ERASE_SCRIPT, len(keys), *keys))
         zrem = 0
         if self.deadline_shards:
             index = self._deadline_shard_key(user_id)
-            with map_redis_errors(index):
-                zrem = self._execute(index, ("ZREM", index, user_id))
+            zrem = self._send(index, ("ZREM", index, user_id))
         return self._erased(raw, zrem)
 
     def _schedule(self, user_id: str, at_ms: int, *, earlier_only: bool) -> None:
@@ -104,62 +151,70 @@ class RedisIO(_RedisBackendBase):
             check_deadline(at_ms)
             return
         args = self._schedule_args(user_id, at_ms, earlier_only)
-        with map_redis_errors(args[1]):
-            self._execute(args[1], args)
+        self._send(args[1], args)  # ZADD of one score: the same however often
 
     def _unschedule(self, user_id: str) -> None:
         if not self.deadline_shards:
             return
         key = self._deadline_shard_key(user_id)
-        with map_redis_errors(key):
-            self._execute(key, ("ZREM", key, user_id))
+        self._send(key, ("ZREM", key, user_id))
 
     def _due(self, now_ms: int, limit: int) -> list[tuple[str, int]]:
         limit, now_ms = check_limit(limit), check_deadline(now_ms)
         if not self.deadline_shards:
             raise self._no_index()
-
-        def read(key: str) -> Any:
-            with map_redis_errors(key):
-                return self._execute(key, self._due_args(key, now_ms, limit))
-
-        replies = gathered_sync(read(key) for key in self.deadline_keys())
+        replies = gathered_sync(
+            self._send(key, self._due_args(key, now_ms, limit)) for key in self.deadline_keys()
+        )
         return self._parse_due(replies, limit)
 
     def _ping(self) -> float:
         start = time.perf_counter()
-        with map_redis_errors("PING"):
+        with map_redis_errors("PING"):  # redis-py retries it, under the same policy
             self.client.ping()
         return time.perf_counter() - start
 
     @contextlib.contextmanager
     def _lock(self, user_id: str, name: str, *, lease: float, wait: float) -> Iterator[None]:
-        key = f"{self._core.keys(user_id)[0]}:lock:{name}"
-        held = self.client.lock(key, timeout=lease, sleep=0.01, blocking_timeout=wait)
-        with map_redis_errors(key):
-            acquired = held.acquire()
-        if not acquired:
-            raise LockTimeoutError(f"another holder kept the {name!r} lock for {wait} s")
-        failed = False
-        try:
+        with hold_lease_sync(RedisLeases(self), user_id, name, lease=lease, wait=wait):
             yield
-        except BaseException:
-            failed = True
-            raise
-        finally:
-            lost = False
-            try:
-                with map_redis_errors(key):
-                    try:
-                        held.release()
-                    except rex.LockNotOwnedError:
-                        lost = True
-                    except rex.LockError:
-                        pass
-            except Exception:
-                if not failed:
-                    raise
-                # The block's own error matters more; the lock lapses by itself.
-                log.warning("could not release the %r lock of a failed block", name)
-            if lost and not failed:
-                raise _lock_lost(name, lease)
+
+    def _lease(self, user_id: str, name: str, action: str, token: str, lease: float) -> bool:
+        """One step of a lock's life (``acquire``, ``renew``, ``release``): True if it held."""
+        key = self._lock_key(user_id, name)
+        again = None
+        if action == "release":
+            # Re-sent after a lost reply, a release may find the lock gone by its own first send.
+            again = functools.partial(self._lock_args, key, "released", token, lease)
+        reply = self._send(
+            key, self._lock_args(key, action, token, lease), script=True, again=again
+        )
+        return bool(reply)
+
+
+class RedisLeases:
+    """A Redis backend's per-user locks, as the lease store ``hold_lease_sync`` holds.
+
+    One string key per lock, ``<namespace>:{<id>}:lock:<name>``, in the user's
+    hash slot, holding its holder's token with a lease; each step is one run
+    of ``LOCK_SCRIPT``, sent through :meth:`RedisIO._send` like every
+    other command.
+    """
+
+    def __init__(self, io: RedisIO) -> None:
+        self.io = io
+
+    def try_lock(self, user_id: str, name: str, token: str, lease: float) -> bool:
+        """Take the lock for ``token`` if it is free (or ours already: then renew it)."""
+        return self._run(user_id, name, "acquire", token, lease)
+
+    def renew_lock(self, user_id: str, name: str, token: str, lease: float) -> bool:
+        """Extend the lock held under ``token`` to ``lease`` from now; False if it was lost."""
+        return self._run(user_id, name, "renew", token, lease)
+
+    def unlock(self, user_id: str, name: str, token: str) -> bool:
+        """Release the lock held under ``token``; False if it was no longer ours."""
+        return self._run(user_id, name, "release", token, 0)
+
+    def _run(self, user_id: str, name: str, action: str, token: str, lease: float) -> bool:
+        return self.io._lease(user_id, name, action, token, lease)  # noqa: SLF001
