@@ -6,14 +6,23 @@
 #   make mindeps (the core suite against the oldest allowed runtime dependencies),
 #   make mutation (mutmut over the merge rules, op-id handling, manager writes and router
 #   core; slow, not in make test)
+# Another Python gets a venv of its own beside .venv, named after it:
+#   make test PYTHON=python3.13   - in .venv-python3.13 (VENV=dir chooses another)
+#   make pytest PYTEST_ARGS='-m "not slow"'   - extra pytest arguments
 PYTHON ?= python3
+ifeq ($(PYTHON),python3)
 VENV := .venv
+else
+VENV := .venv-$(notdir $(PYTHON))
+endif
 BIN := $(VENV)/bin
+PYTEST_ARGS ?=
 
 .PHONY: demo test lint typecheck unasync pytest wheel-check bench docs dist mindeps mutation clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
+	echo '*' > $(VENV)/.gitignore
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(VENV)/.demo-installed: pyproject.toml | $(BIN)/python
@@ -53,7 +62,7 @@ typecheck: $(VENV)/.test-installed
 	$(BIN)/mypy src typing_tests
 
 pytest: $(VENV)/.test-installed
-	$(BIN)/pytest
+	$(BIN)/pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest
 
@@ -121,4 +130,4 @@ mutation: $(VENV)/.mutation-installed
 	$(BIN)/mutmut results
 
 clean:
-	rm -rf $(VENV) .wheel-venv .mindeps-venv site dist mutants .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf .venv .venv-* $(VENV) .wheel-venv .mindeps-venv site dist mutants .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -8,9 +8,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
+import re
 import shutil
 import sqlite3
 import tempfile
+import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -221,8 +224,8 @@ def test_expired_rows_are_purged(tmp_path: Path) -> None:
     svc.update("bob", {"b": 1})
     clock.now += 100
     svc.update("carl", {"c": 1})  # a write past purge_every purges on the way
-    count = sqlite3.connect(tmp_path / "state.db").execute("SELECT count(*) FROM chatstate_users")
-    assert count.fetchone() == (1,)
+    with contextlib.closing(sqlite3.connect(tmp_path / "state.db")) as raw:
+        assert raw.execute("SELECT count(*) FROM chatstate_users").fetchone() == (1,)
     svc.close()
 
 
@@ -267,6 +270,106 @@ def test_a_writer_holding_the_file_past_busy_timeout_is_store_busy(tmp_path: Pat
     svc.close()
 
 
+@pytest.fixture
+def opened(monkeypatch: pytest.MonkeyPatch) -> list[sqlite3.Connection]:
+    """Every connection opened during the test, each a StrictBindingConnection."""
+    made: list[sqlite3.Connection] = []
+
+    def connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        conn = real_connect(*args, factory=StrictBindingConnection, **kwargs)
+        made.append(conn)
+        return conn
+
+    real_connect = sqlite3.connect
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    return made
+
+
+NAMED_PARAMETER = re.compile(r"\?\d|[:@$][A-Za-z_]")
+
+
+class StrictBindingConnection(sqlite3.Connection):
+    """Refuses, on any Python, a named or numbered placeholder bound from a sequence.
+
+    ``:name`` from a sequence is a DeprecationWarning (an error in this suite) from
+    Python 3.12 on, and a ProgrammingError from 3.14; ``?1`` from a sequence is one on
+    3.12.0 to 3.12.3 (CPython gh-117995).
+    """
+
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        if not isinstance(parameters, Mapping) and NAMED_PARAMETER.search(sql):
+            raise sqlite3.ProgrammingError(f"a named parameter bound from a sequence: {sql}")
+        return super().execute(sql, parameters)
+
+
+def test_erase_and_purge_bind_named_parameters_from_a_mapping(
+    tmp_path: Path, opened: list[sqlite3.Connection]
+) -> None:
+    clock = FakeClock()
+    backend = SqliteBackend(tmp_path / "state.db", clock=clock, purge_every=60)
+    with StateService(backend, ttl=10) as svc:
+        svc.update_once("ana", {"a": 1}, op_id="m1")
+        assert backend.try_lock("ana", "x", "token", 30)
+        assert backend.erase("ana") == ["document", "operations", "lock"]
+        svc.update("bob", {"b": 1})
+        clock.now += 11
+        assert backend.purge() == 1
+        svc.update("carl", {"c": 1})
+        clock.now += 100
+        svc.update("dan", {"d": 1})  # a write past purge_every purges on the way
+        assert backend.due(0) == []
+    assert opened
+
+
+def test_a_file_that_cannot_be_opened_leaves_no_connection_open(
+    tmp_path: Path, opened: list[sqlite3.Connection]
+) -> None:
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not an SQLite file" * 100)
+    newer = tmp_path / "newer.db"
+    with contextlib.closing(sqlite3.connect(newer)) as raw:
+        raw.execute("PRAGMA user_version = 2")
+    with pytest.raises(BackendError, match="not a database"):
+        SqliteBackend(junk)
+    with pytest.raises(BackendError, match="newer chatstate"):
+        SqliteBackend(newer)
+    assert len(opened) == 3
+    assert all(_closed(conn) for conn in opened), "left to the garbage collector"
+
+
+def test_a_connection_opened_while_the_backend_closes_is_closed_too(
+    tmp_path: Path, opened: list[sqlite3.Connection]
+) -> None:
+    backend = SqliteBackend(tmp_path / "state.db")
+    connected, closed = threading.Event(), threading.Event()
+    connect = backend._connect
+
+    def slow_connect() -> sqlite3.Connection:
+        conn = connect()
+        connected.set()
+        assert closed.wait(30)
+        return conn
+
+    backend._connect = slow_connect  # type: ignore[method-assign]
+    refused: list[Exception] = []
+
+    def load() -> None:
+        try:
+            backend.load("ana")
+        except UsageError as exc:
+            refused.append(exc)
+
+    thread = threading.Thread(target=load)
+    thread.start()
+    assert connected.wait(30)
+    backend.close()
+    closed.set()
+    thread.join()
+    assert len(refused) == 1
+    assert len(opened) == 2
+    assert all(_closed(conn) for conn in opened)
+
+
 def test_a_file_that_is_not_a_database_is_a_backend_error(tmp_path: Path) -> None:
     path = tmp_path / "junk.db"
     path.write_bytes(b"this is not an SQLite file" * 100)
@@ -302,6 +405,121 @@ def test_a_forked_child_uses_its_own_connections(tmp_path: Path) -> None:
     assert child.exitcode == 0
     assert svc.increment("ana", "n") == 11  # the parent's connection still works
     svc.close()
+
+
+def _run_forked(target: Any, *args: Any) -> None:
+    child = multiprocessing.get_context("fork").Process(target=target, args=args)
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0, "the child failed (its traceback is in the captured stderr)"
+
+
+def _closed(conn: sqlite3.Connection) -> bool:
+    try:
+        conn.execute("SELECT 1")
+    except sqlite3.ProgrammingError:
+        return True
+    return False
+
+
+def _use_one_and_check_all_inherited_are_closed(
+    used: SqliteBackend, inherited: list[sqlite3.Connection]
+) -> None:
+    used.load("ana")
+    assert all(_closed(conn) for conn in inherited), "an inherited connection left open"
+    used.close()
+
+
+def test_a_forked_child_closes_what_every_backend_inherited_before_its_first_connection(
+    tmp_path: Path,
+) -> None:
+    # Not left to the garbage collector (Python 3.13 warns of every connection it
+    # closes), and those of a backend the child never uses are closed too.
+    a, b = SqliteBackend(tmp_path / "state.db"), SqliteBackend(tmp_path / "state.db")
+    with_a_thread = threading.Thread(target=a.load, args=("bob",))
+    with_a_thread.start()
+    with_a_thread.join()
+    inherited = [*a._conns.values(), *b._conns.values()]
+    assert len(inherited) == 3
+    _run_forked(_use_one_and_check_all_inherited_are_closed, b, inherited)
+    assert not any(_closed(conn) for conn in inherited)  # the parent's stay open
+    assert a.load("ana") is None
+    a.close()
+    b.close()
+    assert all(_closed(conn) for conn in inherited)
+
+
+def _write_twice_around_the_parents_close(backend: SqliteBackend, ready: Any, go: Any) -> None:
+    with StateService(backend) as svc:
+        svc.update("kid", {"first": 1})
+        ready.set()
+        assert go.wait(30)
+        svc.update("kid", {"second": 2})
+
+
+def test_a_child_write_survives_the_parent_closing_its_last_connection(tmp_path: Path) -> None:
+    # The child uses one of two backends. While the other's inherited connection was
+    # open, the child's own took no lock on the file (SQLite counted the parent's), so
+    # the parent, closing its last connection, deleted the WAL under the child: the
+    # child's second write went to a deleted file and was lost.
+    path = tmp_path / "state.db"
+    other, used = SqliteBackend(path), SqliteBackend(path)
+    used.load("ana")
+    ctx = multiprocessing.get_context("fork")
+    ready, go = ctx.Event(), ctx.Event()
+    child = ctx.Process(target=_write_twice_around_the_parents_close, args=(used, ready, go))
+    child.start()
+    try:
+        assert ready.wait(30)
+        other.close()
+        used.close()
+    finally:
+        go.set()
+        child.join(30)
+    assert child.exitcode == 0
+    with StateService(SqliteBackend(path)) as svc:
+        assert svc.get("kid") == {"first": 1, "second": 2}
+
+
+def _read_and_close(backend: SqliteBackend) -> None:
+    assert backend.load("nobody") is None
+    backend.close()
+
+
+# The point of this test is a fork while a thread is in a transaction.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_child_forked_during_a_transaction_leaves_it_to_the_parent(tmp_path: Path) -> None:
+    # A transaction larger than the page cache spills its pages into the WAL before
+    # COMMIT. A child that closed the connection it inherited in that transaction
+    # would roll it back there, wiping those frames from the WAL index the processes
+    # share: once the parent committed, the file would be malformed.
+    path = tmp_path / "state.db"
+    backend = SqliteBackend(path)
+    began, forked = threading.Event(), threading.Event()
+
+    def big_transaction() -> None:
+        with backend._transaction() as db:
+            db.execute("PRAGMA cache_size = 10")  # pages; the default holds about 2 MB
+            db.executemany(
+                "INSERT INTO chatstate_users (user_id, doc, version, size) VALUES (?, ?, 1, 2)",
+                [(f"u{n}", '{"pad":"' + "x" * 2000 + '"}') for n in range(300)],
+            )
+            began.set()
+            assert forked.wait(30)
+
+    thread = threading.Thread(target=big_transaction)
+    thread.start()
+    try:
+        assert began.wait(30)
+        _run_forked(_read_and_close, backend)
+    finally:
+        forked.set()
+        thread.join()
+    with contextlib.closing(sqlite3.connect(path)) as raw:
+        assert raw.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert raw.execute("SELECT count(*) FROM chatstate_users").fetchone() == (300,)
+    assert backend.load("u299") is not None
+    backend.close()
 
 
 # -- the state machine of tests/test_state_machine.py, on a file -------------------------

@@ -15,6 +15,7 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, Final, Literal
 
@@ -99,7 +100,15 @@ _CANTOPEN: Final = 14  # SQLITE_CANTOPEN
 # Threads of one process queue on a lock per file rather than in SQLite's busy
 # handler, whose sleeps grow to 100 ms; other processes still meet busy_timeout.
 _FILE_LOCKS: dict[str, threading.Lock] = {}
-_FILE_LOCKS_GUARD = threading.Lock()
+_FILE_LOCKS_GUARD = threading.Lock()  # also guards _OPEN
+
+# The backends not yet closed, and the process their connections belong to: a forked
+# child closes what each inherited before it opens a connection (_leave_parent_connections).
+_OPEN: weakref.WeakSet[SqliteBackend] = weakref.WeakSet()
+_OPEN_PID = os.getpid()
+# What a forked child inherited in the middle of a transaction: never closed, so kept
+# from the garbage collector (which would close it).
+_LEFT_OPEN: list[sqlite3.Connection] = []
 
 
 def _reset_file_locks() -> None:
@@ -115,10 +124,39 @@ if hasattr(os, "register_at_fork"):
 
 def _file_lock(path: str) -> threading.Lock:
     with _FILE_LOCKS_GUARD:
-        lock = _FILE_LOCKS.get(path)
-        if lock is None:
-            lock = _FILE_LOCKS[path] = threading.Lock()
-        return lock
+        return _FILE_LOCKS.setdefault(path, threading.Lock())
+
+
+def _leave_parent_connections() -> None:
+    """In a forked child: close the connections every backend inherited, then start over.
+
+    A child must never use its parent's connections, and must close them before it
+    opens one of its own on the same file. SQLite keeps one record of its POSIX locks
+    per file and process, and the child inherits that record, not the locks: while an
+    inherited connection is open, a new one in the child counts on the parent's locks
+    and takes none, so the parent's last connection to close can checkpoint and delete
+    the WAL file under the child (whose writes then go to a deleted file). Closing one
+    between transactions releases only the child's own (absent) locks. One that a
+    thread of the parent had in a transaction at the fork stays open: closing it rolls
+    back, which wipes the parent's uncommitted frames from the WAL index they share,
+    and the file is malformed once the parent commits. (A fork with threads running is
+    unsafe anyway; Python 3.12 and later warn of it.) Run once per child, when a
+    backend is first used or closed there; never left to the garbage collector, which
+    closes whatever it collects (Python 3.13 says so with a ResourceWarning).
+    """
+    global _OPEN_PID  # noqa: PLW0603 - module state, changed in a forked child only
+    pid = os.getpid()
+    with _FILE_LOCKS_GUARD:  # held throughout: a first use in another thread waits
+        if pid == _OPEN_PID:
+            return  # another thread of the child was first
+        for backend in [b for b in _OPEN if b._pid != pid]:  # noqa: SLF001 - same module
+            for conn in backend._forget_parent(pid):  # noqa: SLF001
+                if conn.in_transaction:
+                    _LEFT_OPEN.append(conn)
+                    continue
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+        _OPEN_PID = pid
 
 
 def _dumps(value: Any) -> str:
@@ -266,8 +304,15 @@ class SqliteBackend:
         self._guard = threading.Lock()
         self._closed = False
         self._pid = os.getpid()
-        self._write_lock = _file_lock(os.path.realpath(self.path))
-        self._init_schema()
+        self._lock_key = os.path.realpath(self.path)
+        self._write_lock = _file_lock(self._lock_key)
+        with _FILE_LOCKS_GUARD:
+            _OPEN.add(self)
+        try:
+            self._init_schema()
+        except BaseException:
+            self.close()  # not a database, or a newer one: its connection closed too
+            raise
 
     def __repr__(self) -> str:
         return f"<SqliteBackend {self.path!r}>"
@@ -293,25 +338,39 @@ class SqliteBackend:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is not None and self._pid == os.getpid():
             return conn
-        if self._closed:
-            raise UsageError(f"{self!r} is closed")
-        if self._pid != os.getpid():
-            # A forked child must not use (or close) its parent's connections, nor
-            # wait on a lock some thread of the parent held at the fork.
-            self._guard = threading.Lock()
-            self._conns = {}
-            self._local = threading.local()
-            self._write_lock = _file_lock(os.path.realpath(self.path))
-            self._pid = os.getpid()
+        if os.getpid() != _OPEN_PID:  # a forked child, even if this backend was made in it
+            _leave_parent_connections()
+        self._check_open()
         with _mapped(self.path):
             conn = self._connect()
         with self._guard:
+            if self._closed:  # close() ran meanwhile and cannot see this one: close it here
+                conn.close()
+                raise UsageError(f"{self!r} is closed")
             # Close the connections of threads that have ended (an executor's, say).
             for thread in [t for t in self._conns if not t.is_alive()]:
                 self._conns.pop(thread).close()
             self._conns[threading.current_thread()] = conn
         self._local.conn = conn
         return conn
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise UsageError(f"{self!r} is closed")
+
+    def _forget_parent(self, pid: int) -> list[sqlite3.Connection]:
+        """Start over in forked child ``pid``; return the parent's connections, to close.
+
+        Called with ``_FILE_LOCKS_GUARD`` held, by :func:`_leave_parent_connections`
+        only. The locks are new: a thread of the parent may have held one at the fork.
+        """
+        inherited = list(self._conns.values())
+        self._guard = threading.Lock()
+        self._conns = {}
+        self._local = threading.local()
+        self._write_lock = _FILE_LOCKS.setdefault(self._lock_key, threading.Lock())
+        self._pid = pid
+        return inherited
 
     def _init_schema(self) -> None:
         conn = self._conn()
@@ -352,13 +411,19 @@ class SqliteBackend:
         return int(self._clock() * 1000)
 
     def close(self) -> None:
-        """Close every connection this backend opened; it cannot be used afterwards."""
+        """Close every connection this backend opened; it cannot be used afterwards.
+
+        In a forked child, this closes the connections inherited from the parent
+        (as the first use there does), which leaves the parent's own open.
+        """
+        if os.getpid() != _OPEN_PID:
+            _leave_parent_connections()
         with self._guard:
             self._closed = True
             conns, self._conns = self._conns, {}
             self._local = threading.local()
-        if self._pid != os.getpid():
-            return  # a forked child leaves its parent's connections alone
+        with _FILE_LOCKS_GUARD:
+            _OPEN.discard(self)
         for conn in conns.values():
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
@@ -493,16 +558,19 @@ class SqliteBackend:
 
     @staticmethod
     def _purge(db: sqlite3.Connection, now: int) -> int:
+        # Named parameters, bound from a mapping: ":now" from a sequence is deprecated
+        # from Python 3.12 on (a ProgrammingError from 3.14), and 3.12.0 to 3.12.3 say
+        # the same of "?1" (CPython gh-117995).
         removed = 0
         for statement in (
-            "DELETE FROM chatstate_users WHERE expires_at <= ?1",
+            "DELETE FROM chatstate_users WHERE expires_at <= :now",
             (
-                "DELETE FROM chatstate_ops WHERE expires_at <= ?1 "
-                "AND (lease_expires_at IS NULL OR lease_expires_at <= ?1)"
+                "DELETE FROM chatstate_ops WHERE expires_at <= :now "
+                "AND (lease_expires_at IS NULL OR lease_expires_at <= :now)"
             ),
-            "DELETE FROM chatstate_locks WHERE expires_at <= ?1",
+            "DELETE FROM chatstate_locks WHERE expires_at <= :now",
         ):
-            removed += db.execute(statement, (now,)).rowcount
+            removed += db.execute(statement, {"now": now}).rowcount
         return removed
 
     def purge(self) -> int:
@@ -535,9 +603,9 @@ class SqliteBackend:
                 removed.append("document")
             db.execute("DELETE FROM chatstate_users WHERE user_id = ?", (user_id,))
             row = db.execute(
-                "SELECT expires_at > ?1 AND records != '{}', lease_expires_at > ?1 "
-                "FROM chatstate_ops WHERE user_id = ?2",
-                (now, user_id),
+                "SELECT expires_at > :now AND records != '{}', lease_expires_at > :now "
+                "FROM chatstate_ops WHERE user_id = :user_id",
+                {"now": now, "user_id": user_id},
             ).fetchone()
             db.execute("DELETE FROM chatstate_ops WHERE user_id = ?", (user_id,))
             if row is not None and row[0]:
