@@ -17,6 +17,7 @@ import sys
 import textwrap
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -236,3 +237,30 @@ def test_a_refresh_lock_whose_holder_was_killed_frees_within_one_lease(
         client.close()
         svc.close()
     assert waited <= LEASE + 0.5
+
+
+def test_a_slow_live_sqlite_holder_keeps_the_lock_past_its_lease(tmp_path: Path) -> None:
+    """On SQLite too, a block that runs three leases long holds the lock throughout."""
+    from chatstate.state import SqliteBackend
+
+    holder = SqliteBackend(tmp_path / "locks.db")
+    other = SqliteBackend(tmp_path / "locks.db")
+    refused = 0
+    try:
+        with holder.lock("ana", "jwt-refresh", lease=LEASE, wait=1):
+            until = time.monotonic() + 3 * LEASE
+            while time.monotonic() < until:
+                with (
+                    pytest.raises(LockTimeoutError),
+                    other.lock("ana", "jwt-refresh", lease=LEASE, wait=0),
+                ):
+                    pass
+                refused += 1
+                time.sleep(0.05)
+        with other.lock("ana", "jwt-refresh", lease=LEASE, wait=0):  # released at the end
+            pass
+        assert holder.renew_lock("ana", "gone", "no-such-token", LEASE) is False
+    finally:
+        holder.close()
+        other.close()
+    assert refused > 10

@@ -1,4 +1,4 @@
-"""Heartbeats: a held claim's lease renewed while its holder lives.
+"""Heartbeats: a held claim's (or lock's) lease renewed while its holder lives.
 
 A claim's lease says how long a user stays held after the holder's process
 died. Kept short (5 s by default), it would also lapse under a handler that
@@ -63,7 +63,7 @@ class _AsyncBeat:
         try:
             held = await self._renew()
         except Exception:  # a store hiccup: the next beat tries again
-            log.warning("could not renew a claim's lease; trying again", exc_info=True)
+            log.warning("could not renew a lease; trying again", exc_info=True)
             held = True
         if held and not self._stopped:
             self._handle = self._loop.call_later(self._interval, self._fire)
@@ -156,7 +156,7 @@ class _ThreadBeat:
         try:
             held = self._renew()
         except Exception:  # a store hiccup: the next beat tries again
-            log.warning("could not renew a claim's lease; trying again", exc_info=True)
+            log.warning("could not renew a lease; trying again", exc_info=True)
             held = True
         self.due = time.monotonic() + self._interval
         return held and not self.stopped

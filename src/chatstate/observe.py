@@ -104,7 +104,8 @@ class RetryScheduled:
             ``resolve`` (a write of unknown outcome re-sent with its op id),
             ``noscript`` (a script re-sent whole after SCRIPT FLUSH),
             ``migration`` (a schema migration lost its race to another write) or
-            ``redis`` (redis-py's own retries of the commands left to it).
+            ``redis`` (a command whose connection broke, sent again: redis-py's
+            own retries and chatstate's re-sends of reads, deadline and lock commands).
         attempt: The attempt that failed, counted from 1.
         delay: Seconds until the next attempt.
         elapsed: Seconds since the first failure of this loop.

@@ -673,6 +673,20 @@ class SqliteBackend:
             )
             return True
 
+    def renew_lock(self, user_id: str, name: str, token: str, lease: float) -> bool:
+        """Extend the lock held under ``token`` to ``lease`` from now; False if it is not held.
+
+        A lapsed lock is never taken back (another holder may have run).
+        """
+        with self._transaction() as db:
+            now = self._now_ms()
+            renewed = db.execute(
+                "UPDATE chatstate_locks SET expires_at = ? "
+                "WHERE user_id = ? AND name = ? AND token = ? AND expires_at > ?",
+                (now + max(1, int(lease * 1000)), user_id, name, token, now),
+            )
+            return renewed.rowcount == 1
+
     def unlock(self, user_id: str, name: str, token: str) -> bool:
         """Release the lock held under ``token``; False if it was no longer ours (lapsed)."""
         with self._transaction() as db:
@@ -696,8 +710,9 @@ class SqliteBackend:
         """Hold the user's lock ``name`` across threads and processes on this file.
 
         A row in the locks table with a lease: it is taken when free or lapsed,
-        polled for until ``wait`` runs out (on the monotonic clock), and lapses
-        by itself ``lease`` seconds after it was taken if its holder dies.
+        polled for until ``wait`` runs out (on the monotonic clock), renewed every
+        third of ``lease`` while the block runs, and lapses by itself ``lease``
+        seconds after the last renewal if its holder dies.
 
         Raises:
             LockTimeoutError: the lock was not free within ``wait`` seconds.
@@ -786,6 +801,10 @@ class AsyncSqliteBackend:
     async def unlock(self, user_id: str, name: str, token: str) -> bool:
         """See :meth:`SqliteBackend.unlock`."""
         return await asyncio.to_thread(self.store.unlock, user_id, name, token)
+
+    async def renew_lock(self, user_id: str, name: str, token: str, lease: float) -> bool:
+        """See :meth:`SqliteBackend.renew_lock`."""
+        return await asyncio.to_thread(self.store.renew_lock, user_id, name, token, lease)
 
     def lock(
         self, user_id: str, name: str, *, lease: float, wait: float
