@@ -552,18 +552,32 @@ class _RouterCore(Generic[DepsT]):
         claim = await self._claim_message(state, message)
         if claim.duplicate:
             return []
+        return await self._run(state, message, claim, keep=False)
+
+    async def _run(
+        self, state: _StateLike, message: Message, claim: Any, *, keep: bool
+    ) -> list[Screen]:
+        """Plan the claimed message, stage its step, commit; ``keep``: with its replies, held.
+
+        Returns the replies; ``[]`` when a handler that took over a lapsed claim
+        answered the message already.
+        """
         try:
             doc = claim.data
             ctx = self._context(message, doc, claim)
             now = message.timestamp if message.timestamp is not None else self.clock()
             plan = await self._plan(ctx, doc, message, now)
             replies = await self._settle(ctx, doc, plan, now, claim)
-            outcome = await claim.commit()
+            keep = keep and bool(replies)
+            if keep:
+                key: str = claim._core.op_key  # noqa: SLF001 - the message's key in the store
+                await self._stage_outbox(state, claim, doc=doc, key=key, replies=replies, now=now)
+            outcome = await claim.commit(keep=True) if keep else await claim.commit()
         except BaseException:
             await claim.release()
             raise
         if outcome.status == "duplicate":
-            return []  # a handler that took over a lapsed claim answered already
+            return []
         if plan.outcome is not None:
             observe.notify_flow_step(plan.flow_name, plan.step_name, plan.outcome)
         return replies
@@ -589,22 +603,7 @@ class _RouterCore(Generic[DepsT]):
             if key not in self._outbox(claim.data):
                 return _Opened(user_id, [], None, [], self.outbox_field)  # sent and acknowledged
             return await self._stored(state, user_id, [key])
-        try:
-            doc = claim.data
-            ctx = self._context(message, doc, claim)
-            now = message.timestamp if message.timestamp is not None else self.clock()
-            plan = await self._plan(ctx, doc, message, now)
-            replies = await self._settle(ctx, doc, plan, now, claim)
-            if replies:
-                await self._stage_outbox(state, claim, doc=doc, key=key, replies=replies, now=now)
-            outcome = await claim.commit(keep=bool(replies))
-        except BaseException:
-            await claim.release()
-            raise
-        if outcome.status == "duplicate":
-            return _Opened(user_id, [], None, [], self.outbox_field)
-        if plan.outcome is not None:
-            observe.notify_flow_step(plan.flow_name, plan.step_name, plan.outcome)
+        replies = await self._run(state, message, claim, keep=True)
         held = claim if replies and claim.open else None
         return _Opened(user_id, replies, held, [key], self.outbox_field)
 
