@@ -11,7 +11,9 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -196,3 +198,31 @@ def start_cluster(kind: str, primaries: int = 3) -> Cluster:
             with contextlib.suppress(Exception):
                 node.cleanup()
         raise
+
+
+@contextlib.contextmanager
+def monitored(server: Server) -> Iterator[list[str]]:
+    """Every command ``server`` runs while the block runs, as MONITOR prints it (filled at exit)."""
+    seen: list[str] = []
+    ready = threading.Event()
+    end = f"end-of-monitor-{time.monotonic_ns()}"
+
+    def watch() -> None:
+        with redis.Redis.from_url(server.url).monitor() as monitor:
+            ready.set()
+            while True:
+                command = monitor.next_command()["command"]
+                if end in command:
+                    return
+                seen.append(command)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    if not ready.wait(10):
+        raise RuntimeError("MONITOR did not start")
+    time.sleep(0.2)  # MONITOR is registered once its reply is read; give it a moment
+    try:
+        yield seen
+    finally:
+        server.client().echo(end)
+        watcher.join(10)

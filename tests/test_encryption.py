@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import jwt
 import pytest
-import redis
 
 import servers
 from chatstate import (
@@ -281,29 +279,12 @@ def test_token_never_reaches_redis_in_plaintext(tmp_path: Path, server_kind: str
         svc = StateService(RedisBackend.from_url(server.url, namespace="enc"), RULES)
         user = CachedUser("+34600111222", svc)
         first, second = _token(), _token()
-        seen: list[str] = []
-        ready = threading.Event()
-
-        def watch() -> None:
-            with redis.Redis.from_url(server.url).monitor() as monitor:
-                ready.set()
-                while True:
-                    command = monitor.next_command()["command"]
-                    seen.append(command)
-                    if "end-of-test" in command:
-                        return
-
-        watcher = threading.Thread(target=watch)
-        watcher.start()
-        assert ready.wait(10)
-        time.sleep(0.2)  # MONITOR is registered once its reply is read; give it a moment
-        set_jwt_token(user, first)  # the login
-        expired = _token(lifetime=-10)
-        user.state.set_preserved("jwt_token", expired)
-        assert get_valid_token(user, lambda _old: second) == second  # the refresh
-        svc.update(user.user_id, {"profile": {"pin": "2468"}})
-        admin.echo("end-of-test")
-        watcher.join(10)
+        with servers.monitored(server) as seen:
+            set_jwt_token(user, first)  # the login
+            expired = _token(lifetime=-10)
+            user.state.set_preserved("jwt_token", expired)
+            assert get_valid_token(user, lambda _old: second) == second  # the refresh
+            svc.update(user.user_id, {"profile": {"pin": "2468"}})
         assert seen
         assert any("EVALSHA" in line for line in seen)
         text = "\n".join(seen)

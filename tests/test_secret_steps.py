@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 import time
 from base64 import urlsafe_b64encode
 from pathlib import Path
@@ -112,40 +111,25 @@ def test_a_pin_over_two_steps_leaves_no_trace(tmp_path: Path, server_kind: str) 
         admin = server.client()
         admin.config_set("slowlog-log-slower-than", 0)
         admin.config_set("slowlog-max-len", 10_000)
-        seen: list[str] = []
-        ready = threading.Event()
-
-        def watch() -> None:
-            with redis.Redis.from_url(server.url).monitor() as monitor:
-                ready.set()
-                while True:
-                    command = monitor.next_command()["command"]
-                    seen.append(command)
-                    if "end-of-test" in command:
-                        return
-
-        watcher = threading.Thread(target=watch)
-        watcher.start()
-        assert ready.wait(10)
-        time.sleep(0.2)  # MONITOR is registered once its reply is read
-        user = "34600111222"
-        first = StateService(
-            RedisBackend.from_url(server.url, namespace="pin"),
-            _rules(FieldEncryption({"a": KEY_A})),
-        )
-        bot = Router(first, main_menu=MENU)
-        assert bot.handle(Message(user, text="pin", message_id="w1"))
-        with bot.deliver(Message(user, text=PIN, message_id="w2")) as delivery:
-            assert [getattr(s, "body", "") for s in delivery.replies] == ["Type it again."]
-        # A rotation between the two steps: another process with the newer key.
-        rotated = FieldEncryption({"a": KEY_A, "b": KEY_B}, current="b")
-        second = StateService(RedisBackend.from_url(server.url, namespace="pin"), _rules(rotated))
-        bot2 = Router(second, main_menu=MENU)
-        with bot2.deliver(Message(user, text=PIN, message_id="w3")) as delivery:
-            assert [getattr(s, "body", "") for s in delivery.replies] == ["Your PIN is set."]
-        assert second.get(user)["pin"] == PIN  # read back in plaintext
-        admin.echo("end-of-test")
-        watcher.join(10)
+        with servers.monitored(server) as seen:
+            user = "34600111222"
+            first = StateService(
+                RedisBackend.from_url(server.url, namespace="pin"),
+                _rules(FieldEncryption({"a": KEY_A})),
+            )
+            bot = Router(first, main_menu=MENU)
+            assert bot.handle(Message(user, text="pin", message_id="w1"))
+            with bot.deliver(Message(user, text=PIN, message_id="w2")) as delivery:
+                assert [getattr(s, "body", "") for s in delivery.replies] == ["Type it again."]
+            # A rotation between the two steps: another process with the newer key.
+            rotated = FieldEncryption({"a": KEY_A, "b": KEY_B}, current="b")
+            second = StateService(
+                RedisBackend.from_url(server.url, namespace="pin"), _rules(rotated)
+            )
+            bot2 = Router(second, main_menu=MENU)
+            with bot2.deliver(Message(user, text=PIN, message_id="w3")) as delivery:
+                assert [getattr(s, "body", "") for s in delivery.replies] == ["Your PIN is set."]
+            assert second.get(user)["pin"] == PIN  # read back in plaintext
         assert any("EVALSHA" in line for line in seen)
         everything = _what_the_server_holds(server, admin, seen)
         assert PIN not in everything
