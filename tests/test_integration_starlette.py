@@ -178,3 +178,31 @@ def test_options_that_need_a_url_are_refused_with_a_callable() -> None:
     """namespace= with a callable is a mistake caught when the lifespan is made."""
     with pytest.raises(UsageError, match="URL"):
         chatstate_lifespan(AsyncStateService, namespace="x")
+
+
+def test_a_service_you_made_is_served_and_left_open() -> None:
+    """chatstate_lifespan(service) serves your own service and does not close it at shutdown."""
+    from chatstate.integrations.starlette import STATE_KEY, chatstate_lifespan
+
+    mine = AsyncStateService()
+    closed: list[bool] = []
+    original = mine.aclose
+
+    async def aclose() -> None:
+        closed.append(True)
+        await original()
+
+    mine.aclose = aclose  # type: ignore[method-assign]
+
+    async def main() -> None:
+        async with chatstate_lifespan(mine)(None) as state:
+            assert state[STATE_KEY] is mine
+            await state[STATE_KEY].update("ana", {"n": 1})
+        assert closed == []
+        assert await mine.get("ana") == {"n": 1}
+
+    asyncio.run(main())
+    with pytest.raises(UsageError, match="URL, a service"):
+        chatstate_lifespan(42)  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="namespace and ttl"):
+        chatstate_lifespan(mine, ttl=5)

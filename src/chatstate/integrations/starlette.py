@@ -39,8 +39,35 @@ AnyService: TypeAlias = AsyncStateService | StateService
 Lifespan: TypeAlias = Callable[[Any], AbstractAsyncContextManager[dict[str, Any]]]
 
 
+def _opener(
+    service: object, namespace: str | None, ttl: float | timedelta | None
+) -> tuple[AnyService | None, Callable[[], AnyService]]:
+    """The caller's own service (or None), and how the lifespan gets the service it serves."""
+    if isinstance(service, AsyncStateService | StateService):
+        given: AnyService | None = service
+    else:
+        given = None
+    if (given is not None or callable(service)) and (namespace is not None or ttl is not None):
+        raise UsageError("namespace and ttl go with a URL; set them on your service instead")
+    if given is not None:
+        mine = given
+        return given, lambda: mine
+    if callable(service):
+        return None, service  # it makes a service: checked at start-up
+    if service is None:
+        return None, lambda: AsyncStateService(ttl=ttl)
+    if not isinstance(service, str):
+        raise UsageError(
+            "chatstate_lifespan takes a URL, a service, a function that makes one, or None; "
+            f"not {type(service).__name__}"
+        )
+    url = service
+    options: dict[str, Any] = {} if namespace is None else {"namespace": namespace}
+    return None, lambda: AsyncStateService(AsyncRedisBackend.from_url(url, **options), ttl=ttl)
+
+
 def chatstate_lifespan(
-    service: str | Callable[[], AnyService] | None = None,
+    service: str | AnyService | Callable[[], AnyService] | None = None,
     *,
     namespace: str | None = None,
     ttl: float | timedelta | None = None,
@@ -60,8 +87,10 @@ def chatstate_lifespan(
     Args:
         service: A Redis or Valkey URL (an :class:`~chatstate.AsyncStateService`
             over :class:`~chatstate.AsyncRedisBackend` is made from it), a
-            callable that makes the service (either twin), or ``None`` for
-            an :class:`~chatstate.AsyncStateService` in memory.
+            callable that makes the service (either twin), a service you
+            made (either twin: it stays yours, the lifespan does not close
+            it), or ``None`` for an :class:`~chatstate.AsyncStateService` in
+            memory.
         namespace: With a URL: the prefix of every Redis key.
         ttl: With a URL or ``None``: forget a user's document this long after
             its last write.
@@ -74,18 +103,10 @@ def chatstate_lifespan(
         What ``Starlette(lifespan=...)`` and ``FastAPI(lifespan=...)`` take.
 
     Raises:
-        UsageError: ``namespace`` or ``ttl`` was given with a callable.
+        UsageError: ``namespace`` or ``ttl`` was given with a callable or a
+            service, or ``service`` is none of the above.
     """
-    if callable(service) and (namespace is not None or ttl is not None):
-        raise UsageError("namespace and ttl go with a URL; set them in your callable instead")
-
-    def open_service() -> AnyService:
-        if callable(service):
-            return service()
-        if service is None:
-            return AsyncStateService(ttl=ttl)
-        options: dict[str, Any] = {} if namespace is None else {"namespace": namespace}
-        return AsyncStateService(AsyncRedisBackend.from_url(service, **options), ttl=ttl)
+    given, open_service = _opener(service, namespace, ttl)
 
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[dict[str, Any]]:  # noqa: ARG001 - ASGI hands it
@@ -99,7 +120,9 @@ def chatstate_lifespan(
                 state.update(await extra if inspect.isawaitable(extra) else extra)
             yield state
         finally:
-            if isinstance(opened, AsyncStateService):
+            if opened is given:
+                pass  # the caller's service: the caller closes it
+            elif isinstance(opened, AsyncStateService):
                 await opened.aclose()
             else:
                 await run_in_threadpool(opened.close)
