@@ -222,3 +222,41 @@ def test_screens_survive_the_store() -> None:
     ]
     for screen in screens:
         assert screen_from_json(screen_to_json(screen)) == screen
+
+
+def test_an_abandoned_delivery_cannot_be_acknowledged() -> None:
+    """ack() after abandon() is a UsageError (the replies stay stored); ack() before start too."""
+    router, svc = _sync_router()
+    with pytest.raises(UsageError, match="not started"):
+        router.deliver(_msg("signup", "m0")).ack()
+    delivery = router.deliver(_msg("signup", "m1")).start()
+    delivery.abandon()
+    with pytest.raises(UsageError, match="abandoned"):
+        delivery.ack()
+    assert list(svc.get("ann")["outbox"])  # still stored for the redelivery
+    again = router.deliver(_msg("signup", "m1")).start()
+    again.ack()
+    again.ack()  # twice: nothing more
+    assert again.acknowledged
+    assert svc.get("ann")["outbox"] == {}
+
+
+def test_listing_undelivered_replies_holds_no_user() -> None:
+    """undelivered() claims nobody: a user's next message runs at once; entering claims."""
+    svc = StateService(MemoryBackend())
+    router = Router(svc, main_menu=MENU, clock=lambda: T0, wait=0.01)
+    with pytest.raises(SendError), router.deliver(_msg("signup", "m1")):
+        raise SendError
+    (listed,) = router.undelivered(now=T0 + 31)
+    with router.deliver(_msg("hi", "m2")) as next_message:  # not busy: nothing is held
+        assert next_message.replies
+    with listed as delivery:  # the stored replies are still there: sent now
+        assert _texts(delivery.replies) == ["Your name?"]
+    assert router.undelivered(now=T0 + 100) == []
+
+
+def test_a_messages_repr_hides_what_was_typed() -> None:
+    """A Message's repr shows the text's length, never the text (it may be a PIN)."""
+    shown = repr(Message("ann", text="483917", message_id="w1"))
+    assert "483917" not in shown
+    assert "<6 characters>" in shown

@@ -34,12 +34,27 @@ log = logging.getLogger("chatstate.flow")
 class _DeliveryBase:
     """What both twins share: the message, the replies, the state of the delivery."""
 
-    def __init__(self, user_id: str, message: Message | None, opened: _Opened | None) -> None:
+    def __init__(
+        self, user_id: str, message: Message | None, opened: _Opened | None, keys: list[str]
+    ) -> None:
         self.user_id = user_id
         self.message = message
         self._opened = opened
+        self._keys = keys  # a sweep's outbox entries (no message)
         self._done = False
         self._acked = False
+        self._abandoned = False
+
+    def _check_ack(self) -> bool:
+        """True when there is something to acknowledge; refuses a delivery in the wrong state."""
+        if self._opened is None:
+            raise UsageError("the delivery has not started: use it as a context manager")
+        if self._abandoned:
+            raise UsageError(
+                "this delivery was abandoned: its replies stay stored for the redelivery "
+                "(acknowledge without abandoning, once they were sent)"
+            )
+        return not self._done
 
     @property
     def replies(self) -> list[Screen]:
@@ -93,33 +108,47 @@ class AsyncDelivery(_DeliveryBase):
         user_id: str,
         message: Message | None,
         opened: _Opened | None = None,
+        *,
+        keys: list[str] | None = None,
     ) -> None:
-        super().__init__(user_id, message, opened)
+        super().__init__(user_id, message, opened, keys or [])
         self._router = router
 
     async def start(self) -> Self:
-        """Handle the message, if not yet done; entering the ``async with`` block calls it."""
+        """Handle the message (or claim the swept user), once; entering the block calls it."""
         if self._opened is None:
-            assert self.message is not None
-            self._opened = await self._router.open_with(self._router.service, self.message)
+            service = self._router.service
+            if self.message is None:
+                self._opened = await self._router.stored_with(service, self.user_id, self._keys)
+            else:
+                self._opened = await self._router.open_with(service, self.message)
         return self
 
     async def ack(self) -> None:
         """Store that the replies were sent: they are dropped and the user is let go.
 
-        Call it once the platform accepted every reply. Acknowledging twice does
-        nothing.
+        Call it once the platform accepted every reply (for a webhook that
+        answers in its HTTP response: after the response was sent).
+        Acknowledging twice does nothing.
+
+        Raises:
+            UsageError: the delivery has not started, or was abandoned.
         """
-        if self._done or self._opened is None:
+        if not self._check_ack():
             return
         self._done = self._acked = True
+        assert self._opened is not None
         await _settle(self._opened, ack=True)
 
     async def abandon(self) -> None:
-        """Let the user go and keep the replies stored: they were not (all) sent."""
+        """Let the user go and keep the replies stored: they were not (all) sent.
+
+        The redelivered message (or :meth:`AsyncRouter.undelivered`) returns
+        them again. Abandoning after an acknowledgement does nothing.
+        """
         if self._done or self._opened is None:
             return
-        self._done = True
+        self._done = self._abandoned = True
         await _settle(self._opened, ack=False)
 
     async def __aenter__(self) -> Self:
@@ -132,7 +161,8 @@ class AsyncDelivery(_DeliveryBase):
         tb: TracebackType | None,
     ) -> None:
         if exc is None:
-            await self.ack()
+            if not self._abandoned:
+                await self.ack()
             return
         try:
             await self.abandon()
@@ -151,26 +181,32 @@ class Delivery(_DeliveryBase):
         user_id: str,
         message: Message | None,
         opened: _Opened | None = None,
+        *,
+        keys: list[str] | None = None,
     ) -> None:
-        super().__init__(user_id, message, opened)
+        super().__init__(user_id, message, opened, keys or [])
         self._router = router
 
     def start(self) -> Self:
-        """Handle the message, if not yet done; entering the ``with`` block calls it."""
+        """See :meth:`AsyncDelivery.start`."""
         from chatstate.flow._router import run_sync  # noqa: PLC0415 - the router imports this module
 
         if self._opened is None:
-            assert self.message is not None
-            self._opened = run_sync(self._router.open_with(self._router._state, self.message))  # noqa: SLF001 - the router's own async face
+            state = self._router._state  # noqa: SLF001 - the router's own async face
+            if self.message is None:
+                self._opened = run_sync(self._router.stored_with(state, self.user_id, self._keys))
+            else:
+                self._opened = run_sync(self._router.open_with(state, self.message))
         return self
 
     def ack(self) -> None:
         """See :meth:`AsyncDelivery.ack`."""
         from chatstate.flow._router import run_sync  # noqa: PLC0415
 
-        if self._done or self._opened is None:
+        if not self._check_ack():
             return
         self._done = self._acked = True
+        assert self._opened is not None
         run_sync(_settle(self._opened, ack=True))
 
     def abandon(self) -> None:
@@ -179,7 +215,7 @@ class Delivery(_DeliveryBase):
 
         if self._done or self._opened is None:
             return
-        self._done = True
+        self._done = self._abandoned = True
         run_sync(_settle(self._opened, ack=False))
 
     def __enter__(self) -> Self:
@@ -192,7 +228,8 @@ class Delivery(_DeliveryBase):
         tb: TracebackType | None,
     ) -> None:
         if exc is None:
-            self.ack()
+            if not self._abandoned:
+                self.ack()
             return
         try:
             self.abandon()

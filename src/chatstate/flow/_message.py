@@ -43,6 +43,11 @@ KINDS: Final[frozenset[str]] = frozenset(MessageKind.__args__)  # type: ignore[a
 MEDIA_KINDS: Final = frozenset({"image", "audio", "video", "document", "sticker"})
 
 
+def _hidden(text: str | None) -> str:
+    """What a Message's repr shows of its text: never the text (it may be a PIN)."""
+    return "None" if text is None else f"<{len(text)} characters>"
+
+
 def _texts(items: Iterable[str]) -> tuple[str, ...]:
     return tuple(items)
 
@@ -243,10 +248,13 @@ class Message:
         status: The report of a ``"status"`` message.
         sender_name: The sender's profile name, when the platform gives one.
         raw: The platform's own object, untouched (not compared, not shown).
+
+    Its repr shows the text's length, never the text: what a user types may be
+    a PIN, and messages end up in logs.
     """
 
     user_id: str
-    text: str | None = None
+    text: str | None = attrs.field(default=None, repr=_hidden)
     reply_id: str | None = None
     message_id: str | None = None
     timestamp: float | None = None

@@ -255,6 +255,8 @@ class _ClaimLike(Protocol):
 class _StateLike(Protocol):
     manager: Any
 
+    async def get(self, user_id: str) -> dict[str, Any]: ...
+
     async def claim(
         self,
         user_id: str,
@@ -602,7 +604,7 @@ class _RouterCore(Generic[DepsT]):
         if claim.duplicate:
             if key not in self._outbox(claim.data):
                 return _Opened(user_id, [], None, [], self.outbox_field)  # sent and acknowledged
-            return await self._stored(state, user_id, [key])
+            return await self.stored_with(state, user_id, [key])
         replies = await self._run(state, message, claim, keep=True)
         held = claim if replies and claim.open else None
         return _Opened(user_id, replies, held, [key], self.outbox_field)
@@ -650,8 +652,12 @@ class _RouterCore(Generic[DepsT]):
         if self.resend_after_ms is not None:
             await self._schedule(claim.user_id, now_ms + self.resend_after_ms)
 
-    async def _stored(self, state: _StateLike, user_id: str, keys: list[str]) -> _Opened:
-        """The stored replies under ``keys``, once their holder let go; nothing if acknowledged."""
+    async def stored_with(self, state: _StateLike, user_id: str, keys: list[str]) -> _Opened:
+        """The stored replies under ``keys``, once their holder let go; nothing if acknowledged.
+
+        The user is claimed (waiting up to ``wait``) and stays claimed until the
+        delivery is acknowledged or abandoned.
+        """
         claim = await state.claim(
             user_id, None, purpose=ROUTER_PURPOSE, lease=self.lease, wait=self.wait
         )
@@ -670,8 +676,11 @@ class _RouterCore(Generic[DepsT]):
 
     async def undelivered_with(
         self, state: _StateLike, now: float | None, limit: int
-    ) -> list[_Opened]:
-        """Stored replies not acknowledged within ``resend_after``, each user's claimed."""
+    ) -> list[tuple[str, list[str]]]:
+        """Users with replies stored and unacknowledged past ``resend_after``, and their keys.
+
+        Nothing is claimed here: each delivery claims its user when it starts.
+        """
         if self.resend_after_ms is None:
             raise UsageError("undelivered() needs resend_after (the router was built without)")
         if not self._indexed():
@@ -680,30 +689,14 @@ class _RouterCore(Generic[DepsT]):
                 "(schedule, unschedule, due): unacknowledged replies cannot be listed"
             )
         now_ms = _ms(self.clock() if now is None else now)
-        found: list[_Opened] = []
+        found: list[tuple[str, list[str]]] = []
         for user_id, _at_ms in await _call(self._backend.due, now_ms, limit):
-            try:
-                claim = await state.claim(
-                    user_id, None, purpose=DEADLINE_PURPOSE, lease=self.lease, wait=0
-                )
-            except UserBusyError:
-                continue  # handling a message: its own delivery goes first
-            try:
-                box = self._outbox(claim.data)
-                due = sorted(
-                    (k for k, e in box.items() if _entry_at(e) + self.resend_after_ms <= now_ms),
-                    key=lambda k: _entry_at(box[k]),
-                )
-                replies = [screen_from_json(r) for k in due for r in _entry_replies(box[k])]
-                if not due:
-                    # A flow's deadline (due() fires it and moves the entry), or an
-                    # entry that is early: the index is left as it is.
-                    await claim.release()
-                    continue
-            except BaseException:
-                await claim.release()
-                raise
-            found.append(_Opened(user_id, replies, claim, due, self.outbox_field, resent=True))
+            box = self._outbox(await state.get(user_id))
+            due = [k for k, e in box.items() if _entry_at(e) + self.resend_after_ms <= now_ms]
+            if due:
+                found.append((user_id, due))
+            # else a flow's deadline (due() fires it and moves the entry), or an entry
+            # that is early: the index is left as it is.
         return found
 
     def _outbox_wake(self, doc: Mapping[str, Any]) -> int | None:
@@ -1095,15 +1088,15 @@ class Router(_RouterCore[DepsT]):
 
         For platforms that never redeliver a message (a poller that confirmed
         its offset): call it every few seconds, send each delivery's replies in
-        a ``with`` block, which acknowledges them. Each user's delivery holds
-        the user until then. See :meth:`AsyncRouter.undelivered`.
+        a ``with`` block, which acknowledges them. Entering the block claims
+        the user (holding them until it ends). See :meth:`AsyncRouter.undelivered`.
 
         Raises:
             UsageError: the backend keeps no deadline index, or ``resend_after`` is None.
         """
         _check_limit(limit)
         found = run_sync(self.undelivered_with(self._state, now, limit))
-        return [Delivery(self, o.user_id, None, o) for o in found]
+        return [Delivery(self, user_id, None, keys=keys) for user_id, keys in found]
 
     def due(self, now: float | None = None, *, limit: int = 100) -> list[tuple[str, list[Screen]]]:
         """Fire due reminders and timeouts; return ``(user_id, replies)`` to send.
@@ -1174,12 +1167,15 @@ class AsyncRouter(_RouterCore[DepsT]):
         A platform that redelivers an unanswered message (a webhook) gets them
         back through the redelivery. For one that never does (a Telegram
         poller that confirmed its offset), call this every few seconds, or let
-        :meth:`run_due` do it; each delivery holds its user until its ``async
-        with`` block ends::
+        :meth:`run_due` do it. Nothing is claimed by the listing: entering a
+        delivery's ``async with`` block claims its user (waiting up to ``wait``)
+        and reads the replies still unacknowledged then (none, if another
+        process sent them meanwhile); leaving it acknowledges them::
 
             for delivery in await router.undelivered():
                 async with delivery:
-                    await send(delivery.user_id, delivery.replies)
+                    if delivery.replies:  # none: another process sent them meanwhile
+                        await send(delivery.user_id, delivery.replies)
 
         Uses the backend's deadline index (memory, SQLite and Redis keep one).
 
@@ -1192,7 +1188,7 @@ class AsyncRouter(_RouterCore[DepsT]):
         """
         _check_limit(limit)
         found = await self.undelivered_with(self.service, now, limit)
-        return [AsyncDelivery(self, o.user_id, None, o) for o in found]
+        return [AsyncDelivery(self, user_id, None, keys=keys) for user_id, keys in found]
 
     async def due(
         self, now: float | None = None, *, limit: int = 100
@@ -1249,7 +1245,8 @@ class AsyncRouter(_RouterCore[DepsT]):
         for delivery in found:
             try:
                 async with delivery:
-                    await send(delivery.user_id, delivery.replies)
+                    if delivery.replies:  # none: another process sent them meanwhile
+                        await send(delivery.user_id, delivery.replies)
             except asyncio.CancelledError:
                 raise
             except Exception:

@@ -852,6 +852,7 @@ class BackendContract:
         other = await svc.claim("u", "next", wait=0)  # free: the renewal took nothing
         assert not other.duplicate
         await other.release()
+        assert await other.renew() is False  # released: nothing to renew, nothing taken
         with pytest.raises(ClaimLostError):
             await claim.commit()
 

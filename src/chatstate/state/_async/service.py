@@ -466,13 +466,16 @@ class AsyncClaim(_ClaimBase):
         dies, never while it works.
 
         Returns:
-            True; False when the lease had lapsed (another handler may hold the
-            user now: what this one commits will be refused as ``lost``).
+            True; False when the claim is no longer held: its lease lapsed
+            (another handler may hold the user now: what this one commits will
+            be refused as ``lost``), or it was committed or released, or it is
+            a duplicate. A renewal never takes a claim back.
 
         Raises:
-            UsageError: the claim is a duplicate, or was committed or released.
             BackendError: the store failed (the lease is as it was).
         """
+        if self._core.state != "open":
+            return False
         outcome = await self._service.manager.renew(self._core, lease or self._core.lease)
         return outcome.status == "claimed"
 
