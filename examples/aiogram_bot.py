@@ -1,18 +1,31 @@
 """An aiogram 3 form bot whose FSM lives in chatstate (Redis or Valkey).
 
-    BOT_TOKEN=123:abc REDIS_URL=redis://localhost:6379/0 python examples/aiogram_bot.py
+    TELEGRAM_TOKEN=123:abc REDIS_URL=redis://localhost:6379/0 python examples/aiogram_bot.py
+
+Configured by the environment:
+
+- ``TELEGRAM_TOKEN``: the bot's token (``BOT_TOKEN`` is read too).
+- ``TELEGRAM_API_URL``: the Bot API server, without the ``/bot<token>`` part
+  (``https://api.telegram.org`` when unset; a local ``telegram-bot-api`` server,
+  say ``http://localhost:8081``).
+- ``REDIS_URL``: where state and data live (``redis://localhost:6379/0``).
+- ``CHATSTATE_NAMESPACE``: the prefix of the bot's Redis keys (``form-bot``).
 
 Run it in as many processes as you like: state and data are shared, each chat's
 updates run one at a time, and an update Telegram delivers twice is handled once.
-The handlers are plain aiogram; only the storage line is chatstate's.
+A process killed mid-update holds its chat for at most 5 s. The handlers are
+plain aiogram; only the storage lines are chatstate's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Mapping
 
 from aiogram import Bot, Dispatcher, Router
+from aiogram.client.session.aiohttp import AiohttpSession
+from aiogram.client.telegram import TelegramAPIServer
 from aiogram.filters import Command
 from aiogram.fsm.context import FSMContext
 from aiogram.fsm.state import State, StatesGroup
@@ -57,12 +70,26 @@ def build_dispatcher(storage: ChatstateStorage) -> Dispatcher:
     return dp
 
 
-async def main() -> None:
-    storage = ChatstateStorage.from_url(
-        os.environ.get("REDIS_URL", "redis://localhost:6379/0"), namespace="form-bot"
+def build_bot(environ: Mapping[str, str] = os.environ) -> Bot:
+    """The bot the environment names: its token and, if set, its Bot API server."""
+    token = environ.get("TELEGRAM_TOKEN") or environ["BOT_TOKEN"]
+    api_url = environ.get("TELEGRAM_API_URL")
+    if not api_url:
+        return Bot(token)
+    return Bot(token, session=AiohttpSession(api=TelegramAPIServer.from_base(api_url)))
+
+
+def build_storage(environ: Mapping[str, str] = os.environ) -> ChatstateStorage:
+    """The storage on the Redis the environment names."""
+    return ChatstateStorage.from_url(
+        environ.get("REDIS_URL", "redis://localhost:6379/0"),
+        namespace=environ.get("CHATSTATE_NAMESPACE", "form-bot"),
     )
-    dp = build_dispatcher(storage)
-    await dp.start_polling(Bot(os.environ["BOT_TOKEN"]))
+
+
+async def main() -> None:
+    dp = build_dispatcher(build_storage())
+    await dp.start_polling(build_bot())
 
 
 if __name__ == "__main__":

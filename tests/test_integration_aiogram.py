@@ -11,9 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import enum
 import itertools
 import multiprocessing
+import os
+import select
+import signal
+import subprocess
 import sys
+import textwrap
+import time
 import unicodedata
 import uuid
 from collections.abc import Callable
@@ -369,18 +376,98 @@ def test_layout_is_one_document_per_key() -> None:
 
 
 def test_non_json_data_is_refused_before_anything_is_stored() -> None:
-    """A tuple or a non-str key raises SerializationError and leaves the data as it was."""
+    """A set, a datetime or a non-str key raises SerializationError; the data stays as it was."""
 
     async def main() -> None:
         storage = ChatstateStorage(AsyncStateService())
         await storage.set_data(KEY, {"a": 1})
         with pytest.raises(SerializationError):
-            await storage.update_data(KEY, {"b": 2, "c": (1, 2)})
+            await storage.update_data(KEY, {"b": 2, "c": (1, {2})})
+        with pytest.raises(SerializationError):
+            await storage.update_data(KEY, {"b": 2, "c": [_now()]})
         with pytest.raises(SerializationError):
             await storage.set_data(KEY, {1: "x"})
+        with pytest.raises(SerializationError):
+            await storage.set_data(KEY, {Step.NAME: "x"})  # an int key, as the enum's value
         assert await storage.get_data(KEY) == {"a": 1}
 
     asyncio.run(main())
+
+
+class Step(enum.IntEnum):
+    NAME = 1
+    AGE = 2
+
+
+class Color(enum.StrEnum):
+    RED = "red"
+
+
+class Mode(str, enum.Enum):  # noqa: UP042 - the older spelling, still common
+    FAST = "fast"
+
+
+class Plain(enum.Enum):
+    ONE = (1, "one")
+
+
+# What aiogram's RedisStorage stores (json.dumps): enum members as values, tuples as lists.
+FRAMEWORK_VALUES: dict[str, Any] = {
+    "step": Step.AGE,
+    "color": Color.RED,
+    "mode": Mode.FAST,
+    "pair": (1, 2),
+    "nested": {"t": ((1,), [Step.NAME]), Color.RED: "a str enum key"},
+}
+AS_STORED: dict[str, Any] = {
+    "step": 2,
+    "color": "red",
+    "mode": "fast",
+    "pair": [1, 2],
+    "nested": {"t": [[1], [1]], "red": "a str enum key"},
+}
+
+
+def test_enum_members_and_tuples_are_stored_as_their_json() -> None:
+    """update_data, set_data and set_state take enum members and tuples, stored as JSON values."""
+
+    async def main() -> None:
+        storage = ChatstateStorage(AsyncStateService())
+        ctx = FSMContext(storage, KEY)
+        returned = await ctx.update_data(FRAMEWORK_VALUES, plain=Plain.ONE)
+        assert returned == await ctx.get_data() == {**AS_STORED, "plain": [1, "one"]}
+        assert returned["step"] == Step.AGE  # an IntEnum member equals its value
+        await ctx.set_data({"again": (Mode.FAST,)})
+        assert await ctx.get_data() == {"again": ["fast"]}
+        await ctx.set_state(Color.RED)
+        assert await ctx.get_state() == "red"
+        doc = await storage.service.get(storage.user_id(KEY))
+        assert doc == {"state": "red", "data": {"again": ["fast"]}}
+
+    asyncio.run(main())
+
+
+@pytest.mark.redis
+def test_enums_and_tuples_read_back_as_aiogram_redis_storage_reads_them(
+    redis_url: str, namespace: str
+) -> None:
+    """The values RedisStorage accepts come back from ours exactly as from RedisStorage."""
+
+    async def main() -> tuple[dict[str, Any], dict[str, Any]]:
+        theirs = RedisStorage(
+            Redis.from_url(redis_url), key_builder=DefaultKeyBuilder(prefix=namespace)
+        )
+        ours = ChatstateStorage.from_url(redis_url, namespace=namespace)
+        got = []
+        for storage in (theirs, ours):
+            await FSMContext(storage, KEY).update_data(FRAMEWORK_VALUES)
+            got.append(await storage.get_data(KEY))
+        await theirs.redis.aclose()
+        await ours.close()
+        return got[0], got[1]
+
+    from_theirs, from_ours = asyncio.run(main())
+    assert from_theirs == from_ours == AS_STORED
 
 
 def test_returned_data_is_a_private_copy() -> None:
@@ -605,6 +692,155 @@ def test_isolation_refuses_a_backend_without_locks() -> None:
         ChatstateEventIsolation(AsyncStateService(), wait=0)
 
 
+@pytest.mark.redis
+def test_isolation_and_dedupe_hold_5_s_leases_by_default(redis_url: str, namespace: str) -> None:
+    """A handler's key lock and update claim lapse 5 s after their holder stops renewing them."""
+
+    async def main() -> list[int]:
+        backend = AsyncRedisBackend.from_url(redis_url, namespace=namespace)
+        service = AsyncStateService(backend)
+        client = Redis.from_url(redis_url)
+        router, seen = Router(), []
+
+        @router.message()
+        async def look(message: Message, bot: Bot) -> None:
+            key = StorageKey(bot_id=bot.id, chat_id=message.chat.id, user_id=7)
+            lock = f"{backend.keys(storage.user_id(key))[0]}:lock:aiogram"
+            claim = backend.keys(f"aiogram-update:{bot.id}:update:{message.message_id}")[2]
+            seen.extend([await client.pttl(lock), await client.pttl(claim)])
+
+        dp, bot, _ = build_dispatcher(service, router, dedupe=True)
+        storage = dp.storage
+        assert isinstance(storage, ChatstateStorage)
+        await dp.feed_update(bot, message_update(40, "hi"))
+        await client.aclose()
+        await service.aclose()
+        return seen
+
+    lock_ttl, claim_ttl = asyncio.run(main())
+    assert 4000 < lock_ttl <= 5000
+    assert 4000 < claim_ttl <= 5000
+
+
+@pytest.mark.redis
+def test_a_slow_handler_keeps_its_key_and_its_update_past_the_lease(
+    redis_url: str, namespace: str
+) -> None:
+    """With a 0.5 s lease, a 2 s handler keeps both: its copy waits, then runs nothing."""
+
+    async def main() -> tuple[list[int], int]:
+        calls, started = [], asyncio.Event()
+
+        async def slow(message: Message) -> None:
+            calls.append(message.message_id)
+            started.set()
+            await asyncio.sleep(2.0)
+            await message.answer("done")
+
+        def dispatcher() -> tuple[Dispatcher, Bot, RecordingSession, AsyncStateService]:
+            svc = AsyncStateService(AsyncRedisBackend.from_url(redis_url, namespace=namespace))
+            storage = ChatstateStorage(svc)
+            dp = Dispatcher(storage=storage, events_isolation=storage.create_isolation(lease=0.5))
+            dp.update.outer_middleware(ChatstateDedupeMiddleware(svc, lease=0.5, wait=10))
+            dp.message.register(slow)
+            session = RecordingSession()
+            return dp, Bot(BOT_TOKEN, session=session), session, svc
+
+        dp_a, bot_a, sent_a, svc_a = dispatcher()
+        dp_b, bot_b, sent_b, svc_b = dispatcher()
+        update = message_update(41, "hi")
+        first = asyncio.create_task(dp_a.feed_update(bot_a, update))
+        await started.wait()
+        await dp_b.feed_update(bot_b, update)  # a copy: waits past four leases, then skips
+        await first
+        for svc in (svc_a, svc_b):
+            await svc.aclose()
+        return calls, len(sent_a.texts) + len(sent_b.texts)
+
+    calls, replies = asyncio.run(main())
+    assert calls == [41]
+    assert replies == 1
+
+
+CRASHING_BOT = textwrap.dedent(
+    """
+    import asyncio, sys
+    from aiogram import Bot, Dispatcher, Router
+    from aiogram.types import Chat, Message, Update, User
+    from datetime import datetime, UTC
+    from chatstate import AsyncRedisBackend, AsyncStateService
+    from chatstate.integrations.aiogram import ChatstateDedupeMiddleware, ChatstateStorage
+
+    url, namespace = sys.argv[1], sys.argv[2]
+    router = Router()
+
+    @router.message()
+    async def hang(message: Message) -> None:
+        print("handling", flush=True)
+        await asyncio.sleep(3600)  # killed here
+
+    async def main() -> None:
+        svc = AsyncStateService(AsyncRedisBackend.from_url(url, namespace=namespace))
+        storage = ChatstateStorage(svc)
+        dp = Dispatcher(storage=storage, events_isolation=storage.create_isolation())
+        dp.update.outer_middleware(ChatstateDedupeMiddleware(svc))
+        dp.include_router(router)
+        user = User(id=7, is_bot=False, first_name="Ana")
+        message = Message(
+            message_id=50, date=datetime.now(UTC), chat=Chat(id=7, type="private"),
+            from_user=user, text="hi",
+        )
+        await dp.feed_update(Bot("42:TEST-TOKEN"), Update(update_id=50, message=message))
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.redis
+def test_a_killed_handler_frees_its_update_and_key_within_one_lease(
+    redis_url: str, namespace: str
+) -> None:
+    """A kill -9 mid-handler: the survivor handles the redelivered update and the next one in ~5 s.
+
+    Before, the key's lock had a 60 s lease: the survivor's events waited for it
+    (and a redelivery gave up after the dedupe wait, dropped).
+    """
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CRASHING_BOT, redis_url, namespace],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        assert ready, "the bot never started its handler"
+        assert proc.stdout.readline().strip() == "handling"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        killed = time.monotonic()
+
+        async def survivor() -> tuple[list[str], list[float]]:
+            svc = AsyncStateService(AsyncRedisBackend.from_url(redis_url, namespace=namespace))
+            dp, bot, session = build_dispatcher(svc, form_router(), dedupe=True)
+            handled = []
+            for update in (message_update(50, "/start"), message_update(51, "Ana")):
+                await dp.feed_update(bot, update)
+                handled.append(time.monotonic() - killed)
+            await svc.aclose()
+            return session.texts, handled
+
+        texts, handled = asyncio.run(survivor())
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert texts == ["What is your name?", "How old are you?"]
+    assert handled[-1] < 5.0 + 2.5, handled  # one lease, and some room for a loaded machine
+
+
 # -- a real Dispatcher ------------------------------------------------------------------------
 
 
@@ -652,6 +888,38 @@ def test_example_bot_runs_its_form() -> None:
         "How old are you?",
         "Nice to meet you, Ana (33).",
     ]
+
+
+def test_example_bot_is_configured_by_the_environment(redis_url: str, namespace: str) -> None:
+    """examples/aiogram_bot.py takes its token, Bot API server and Redis from the environment."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+    from aiogram_bot import build_bot, build_storage
+
+    env = {
+        "TELEGRAM_TOKEN": BOT_TOKEN,
+        "TELEGRAM_API_URL": "http://127.0.0.1:8081/",
+        "REDIS_URL": redis_url,
+        "CHATSTATE_NAMESPACE": namespace,
+    }
+    bot = build_bot(env)
+    assert bot.token == BOT_TOKEN
+    assert (
+        bot.session.api.api_url(BOT_TOKEN, "getMe") == f"http://127.0.0.1:8081/bot{BOT_TOKEN}/getMe"
+    )
+    default = build_bot({"BOT_TOKEN": BOT_TOKEN}).session.api
+    assert default.api_url(BOT_TOKEN, "getMe") == f"https://api.telegram.org/bot{BOT_TOKEN}/getMe"
+
+    async def main() -> dict[str, Any]:
+        storage = build_storage(env)
+        await storage.update_data(KEY, {"seen": True})
+        await storage.close()
+        await bot.session.close()
+        svc = AsyncStateService(AsyncRedisBackend.from_url(redis_url, namespace=namespace))
+        stored = await svc.get(ChatstateKeyBuilder().build(KEY))
+        await svc.aclose()
+        return stored
+
+    assert asyncio.run(main()) == {"data": {"seen": True}}
 
 
 def test_dedupe_keys() -> None:

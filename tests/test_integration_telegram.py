@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import enum
 import itertools
 import json
 import sys
@@ -32,14 +33,24 @@ from telegram.ext import (
     PicklePersistence,
     filters,
 )
+from telegram.ext._utils.types import CDCData
 from telegram.request import BaseRequest, RequestData
 
-from chatstate import AsyncMemoryBackend, AsyncRedisBackend, AsyncStateService, SerializationError
+from chatstate import (
+    AsyncMemoryBackend,
+    AsyncRedisBackend,
+    AsyncStateService,
+    ConfigurationError,
+    LockTimeoutError,
+    SerializationError,
+    UsageError,
+)
 from chatstate.integrations.telegram import (
     ChatstateApplication,
     ChatstatePersistence,
     apply_changes,
     changes_between,
+    dedupe_key,
 )
 from strategies import documents
 
@@ -92,10 +103,10 @@ class RecordingRequest(BaseRequest):
 _update_ids = itertools.count(1)
 
 
-def message(app: Application, text: str, user: int = ANA) -> Update:
-    """A private-chat text message from ``user``, as Telegram sends it."""
+def payload(text: str, user: int = ANA) -> dict[str, Any]:
+    """A private-chat text message from ``user``, as the JSON Telegram sends."""
     entities = [{"type": "bot_command", "offset": 0, "length": len(text)}]
-    data = {
+    return {
         "update_id": next(_update_ids),
         "message": {
             "message_id": next(_update_ids),
@@ -106,12 +117,26 @@ def message(app: Application, text: str, user: int = ANA) -> Update:
             **({"entities": entities} if text.startswith("/") else {}),
         },
     }
-    return Update.de_json(data, app.bot)
+
+
+def message(app: Application, text: str, user: int = ANA) -> Update:
+    """A private-chat text message from ``user``, as ``app``'s bot receives it."""
+    return Update.de_json(payload(text, user), app.bot)
+
+
+def copy_for(app: Application, data: dict[str, Any]) -> Update:
+    """One delivery of the update ``data`` to ``app`` (each process parses its own)."""
+    return Update.de_json(copy.deepcopy(data), app.bot)
 
 
 async def start(update: Update, context: ContextTypes.DEFAULT_TYPE) -> int:
     context.user_data["visits"] = context.user_data.get("visits", 0) + 1
     await update.message.reply_text("What is your name?")
+    gate = context.application.bot_data.get("gate")  # a test holds this handler here
+    if gate is not None:
+        entered, go_on = gate
+        entered.set()
+        await go_on.wait()
     return NAME
 
 
@@ -135,7 +160,10 @@ async def remember(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
 
 
 def build_app(
-    persistence: BasePersistence, *, app_class: type[Application] = Application
+    persistence: BasePersistence,
+    *,
+    app_class: type[Application] = Application,
+    **options: Any,
 ) -> tuple[Application, RecordingRequest]:
     request = RecordingRequest()
     app = (
@@ -145,7 +173,7 @@ def build_app(
         .get_updates_request(RecordingRequest())
         .updater(None)
         .persistence(persistence)
-        .application_class(app_class)
+        .application_class(app_class, kwargs=options)
         .build()
     )
     text = filters.TEXT & ~filters.COMMAND
@@ -283,6 +311,202 @@ class _OnEveryBackend:
         assert during == {f"[{ANA},{ANA}]": NAME, f"[{BEA},{BEA}]": AGE}
         assert after == {f"[{ANA},{ANA}]": NAME}
 
+    def test_a_copy_of_an_update_is_handled_once(self) -> None:
+        """The same update given to two Applications, one after and side by side, runs once."""
+
+        async def main() -> tuple[list[str], list[str], dict[str, Any]]:
+            a, sent_a = build_app(self.persistence(), app_class=ChatstateApplication)
+            b, sent_b = build_app(self.persistence(), app_class=ChatstateApplication)
+            async with a, b:
+                start = payload("/start")
+                await asyncio.gather(
+                    a.process_update(copy_for(a, start)), b.process_update(copy_for(b, start))
+                )
+                await a.process_update(copy_for(a, start))
+                name = payload("Ana")
+                await b.process_update(copy_for(b, name))
+                await a.process_update(copy_for(a, name))
+            svc = self.make_service()
+            user = await svc.get(f"ptb:user:{ANA}")
+            await svc.aclose()
+            return sent_a.texts, sent_b.texts, user
+
+        texts_a, texts_b, user = asyncio.run(main())
+        assert sorted(texts_a + texts_b) == ["How old are you?", "What is your name?"]
+        assert user == {"visits": 1, "name": "Ana"}
+
+    @pytest.mark.parametrize("fixed", [True, False])
+    def test_a_slow_copy_of_start_does_not_reset_the_form(self, fixed: bool) -> None:
+        """The issue's lost form: a copy of /start still running when the user answers.
+
+        B's copy of /start is held inside its handler while A handles /start
+        and the name. With the defaults, A's copy waits for B's and is then a
+        duplicate, and the name waits for the user; the form ends "Ana is 33".
+        The control (``dedupe_by=None, isolate=False``, python-telegram-bot as
+        it comes) runs both copies: B's finishes last, sets the form back to
+        the name, and the age is stored as the name.
+        """
+
+        async def main() -> tuple[list[str], dict[str, Any]]:
+            options = {} if fixed else {"dedupe_by": None, "isolate": False}
+            a, sent_a = build_app(self.persistence(), app_class=ChatstateApplication, **options)
+            b, sent_b = build_app(self.persistence(), app_class=ChatstateApplication, **options)
+            entered, go_on = asyncio.Event(), asyncio.Event()
+            start = payload("/start")
+            async with a, b:
+                b.bot_data["gate"] = (entered, go_on)
+                slow_copy = asyncio.create_task(b.process_update(copy_for(b, start)))
+                await entered.wait()
+                b.bot_data.pop("gate")
+                answers = [copy_for(a, start), message(a, "Ana")]
+                if fixed:  # A waits for B: let B go on whenever
+                    both = asyncio.gather(*(a.process_update(u) for u in answers))
+                    go_on.set()
+                    await asyncio.gather(slow_copy, both)
+                else:  # A runs first; then B's copy finishes
+                    for update in answers:
+                        await a.process_update(update)
+                    go_on.set()
+                    await slow_copy
+                await a.process_update(message(a, "33"))
+            svc = self.make_service()
+            user = await svc.get(f"ptb:user:{ANA}")
+            await svc.aclose()
+            return sent_b.texts + sent_a.texts, user
+
+        texts, user = asyncio.run(main())
+        if fixed:
+            assert texts == ["What is your name?", "How old are you?", "Ana is 33"]
+            assert user == {"visits": 1, "name": "Ana"}
+        else:
+            assert texts.count("What is your name?") == 2
+            assert "Ana is 33" not in texts
+            assert user["name"] == "33"
+
+    @pytest.mark.parametrize("isolate", [True, False])
+    def test_one_users_updates_run_one_at_a_time(self, isolate: bool) -> None:
+        """Two updates of one user on two Applications never overlap (False: the control)."""
+
+        async def main() -> list[str]:
+            events: list[str] = []
+            both_in = asyncio.Barrier(2)
+
+            async def slow(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+                text = update.message.text
+                events.append(f"enter {text}")
+                if not isolate:
+                    async with asyncio.timeout(30):
+                        await both_in.wait()  # only when both run at once
+                for _ in range(20):
+                    await asyncio.sleep(0)
+                events.append(f"leave {text}")
+
+            apps = []
+            for _ in range(2):
+                app, _ = build_app(
+                    self.persistence(), app_class=ChatstateApplication, isolate=isolate
+                )
+                app.add_handler(MessageHandler(filters.Regex("^slow"), slow), group=-1)
+                apps.append(app)
+            a, b = apps
+            async with a, b:
+                await asyncio.gather(
+                    a.process_update(message(a, "slow 1")), b.process_update(message(b, "slow 2"))
+                )
+            return events
+
+        events = asyncio.run(main())
+        assert len(events) == 4
+        overlapped = events[0].startswith("enter") and events[1].startswith("enter")
+        assert overlapped is not isolate, events
+
+    def test_enum_states_and_tuples_survive_a_restart(self) -> None:
+        """IntEnum and plain Enum states, enum and tuple values: stored as JSON, read back."""
+
+        async def main() -> tuple[list[str], dict[str, Any], dict[str, Any]]:
+            texts = []
+            for step in (["/start", "Ana"], ["33"]):
+                app, sent = build_enum_app(self.persistence())
+                async with app:
+                    for text in step:
+                        await app.process_update(message(app, text))
+                texts += sent.texts
+            svc = self.make_service()
+            user = await svc.get(f"ptb:user:{ANA}")
+            conversations = await svc.get("ptb:conversation:enum-form")
+            await svc.aclose()
+            return texts, user, conversations
+
+        texts, user, conversations = asyncio.run(main())
+        assert texts == ["What is your name?", "How old are you?", "Ana is 33 (plain, 1)"]
+        assert user == {"name": "Ana", "tag": ["Ana", 1], "level": 1, "mode": "plain"}
+        assert conversations == {}
+
+
+class Level(enum.IntEnum):
+    NAME = 0
+    AGE = 1
+
+
+class Ask(enum.Enum):
+    """Plain Enum states: equal to no stored value, so they must come back as themselves."""
+
+    NAME = "name"
+    AGE = "age"
+
+
+def build_enum_app(persistence: ChatstatePersistence) -> tuple[Application, RecordingRequest]:
+    """A form whose states are plain Enum members and whose data holds enums and tuples."""
+    request = RecordingRequest()
+    app = (
+        ApplicationBuilder()
+        .token(TOKEN)
+        .request(request)
+        .get_updates_request(RecordingRequest())
+        .updater(None)
+        .persistence(persistence)
+        .application_class(ChatstateApplication)
+        .build()
+    )
+
+    async def start(update: Update, context: ContextTypes.DEFAULT_TYPE) -> Ask:
+        await update.message.reply_text("What is your name?")
+        return Ask.NAME
+
+    async def got_name(update: Update, context: ContextTypes.DEFAULT_TYPE) -> Ask:
+        name = update.message.text
+        context.user_data.update(name=name, tag=(name, Level.AGE), level=Level.AGE, mode=Mode.PLAIN)
+        await update.message.reply_text("How old are you?")
+        return Ask.AGE
+
+    async def got_age(update: Update, context: ContextTypes.DEFAULT_TYPE) -> int:
+        data = context.user_data
+        assert data["level"] == Level.AGE  # the value, equal to the member
+        assert data["mode"] == Mode.PLAIN
+        await update.message.reply_text(
+            f"{data['name']} is {update.message.text} ({data['mode']}, {data['tag'][1]})"
+        )
+        return ConversationHandler.END
+
+    text = filters.TEXT & ~filters.COMMAND
+    app.add_handler(
+        ConversationHandler(
+            entry_points=[CommandHandler("start", start)],
+            states={
+                Ask.NAME: [MessageHandler(text, got_name)],
+                Ask.AGE: [MessageHandler(text, got_age)],
+            },
+            fallbacks=[],
+            name="enum-form",
+            persistent=True,
+        )
+    )
+    return app, request
+
+
+class Mode(enum.StrEnum):
+    PLAIN = "plain"
+
 
 class TestOnMemory(_OnEveryBackend):
     @pytest.fixture(autouse=True)
@@ -332,8 +556,239 @@ def test_example_bot_runs_its_form_across_a_restart() -> None:
     assert asyncio.run(main()) == [
         "What is your name?",
         "How old are you?",
-        "Nice to meet you, Ana.",
+        "Nice to meet you, Ana (33).",
     ]
+
+
+def test_example_bot_is_configured_by_the_environment(redis_url: str, namespace: str) -> None:
+    """examples/ptb_bot.py takes its token, Bot API server and Redis from the environment."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+    from ptb_bot import build_application
+
+    env = {
+        "TELEGRAM_TOKEN": TOKEN,
+        "TELEGRAM_API_URL": "http://127.0.0.1:8081/",
+        "REDIS_URL": redis_url,
+        "CHATSTATE_NAMESPACE": namespace,
+    }
+    app = build_application(env)
+    assert isinstance(app, ChatstateApplication)
+    assert app.bot.base_url == f"http://127.0.0.1:8081/bot{TOKEN}"
+    assert app.bot.base_file_url == f"http://127.0.0.1:8081/file/bot{TOKEN}"
+    assert (
+        build_application({"BOT_TOKEN": TOKEN, "REDIS_URL": redis_url}).bot.base_url
+        == f"https://api.telegram.org/bot{TOKEN}"
+    )
+
+    async def main() -> dict[str, Any]:
+        persistence = app.persistence
+        assert isinstance(persistence, ChatstatePersistence)
+        await persistence.update_bot_data({"seen": True})
+        await persistence.flush()
+        svc = AsyncStateService(AsyncRedisBackend.from_url(redis_url, namespace=namespace))
+        stored = await svc.get("ptb:bot")
+        await svc.aclose()
+        return stored
+
+    assert asyncio.run(main()) == {"seen": True}
+
+
+def test_a_failed_update_is_handled_again_by_its_copy() -> None:
+    """When a handler raises, the error handlers run and a copy of the update runs it again."""
+
+    async def main() -> tuple[list[str], list[str], list[str]]:
+        attempts: list[str] = []
+        errors: list[str] = []
+
+        async def flaky(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+            attempts.append(update.message.text)
+            if len(attempts) == 1:
+                raise RuntimeError("boom")
+            await update.message.reply_text("ok")
+
+        async def on_error(update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
+            errors.append(str(context.error))
+
+        app, sent = build_app(
+            ChatstatePersistence(AsyncStateService()), app_class=ChatstateApplication
+        )
+        app.add_handler(MessageHandler(filters.Regex("^flaky"), flaky), group=-1)
+        app.add_error_handler(on_error)
+        update = payload("flaky")
+        async with app:
+            for _ in range(3):
+                await app.process_update(copy_for(app, update))
+        return attempts, errors, sent.texts
+
+    attempts, errors, texts = asyncio.run(main())
+    assert attempts == ["flaky", "flaky"]
+    assert errors == ["boom"]
+    assert texts == ["ok"]
+
+
+def test_store_errors_reach_the_error_handlers() -> None:
+    """A user busy past isolation_wait: LockTimeoutError to the error handlers, no raise.
+
+    The update is not handled and not remembered, so a later copy is handled.
+    """
+
+    async def main() -> tuple[list[type[BaseException]], list[str], list[str]]:
+        svc = AsyncStateService()
+        app, sent = build_app(
+            ChatstatePersistence(svc), app_class=ChatstateApplication, isolation_wait=0.05
+        )
+        errors: list[type[BaseException]] = []
+        texts_while_busy: list[str] = []
+
+        async def on_error(update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
+            errors.append(type(context.error))
+
+        app.add_error_handler(on_error)
+        start = payload("/start")
+        backend: Any = svc.manager.backend
+        async with app:
+            async with backend.lock(f"ptb:user:{ANA}", "telegram", lease=5, wait=1):
+                await app.process_update(copy_for(app, start))  # must not raise
+                texts_while_busy += sent.texts
+            await app.process_update(copy_for(app, start))
+        return errors, texts_while_busy, sent.texts
+
+    errors, while_busy, texts = asyncio.run(main())
+    assert errors == [LockTimeoutError]
+    assert while_busy == []
+    assert texts == ["What is your name?"]
+
+
+def test_application_options_are_checked() -> None:
+    """Bad options and a backend with no lock() are refused when the Application is built."""
+
+    class NoLocks:
+        async def load(self, user_id: str) -> None:
+            return None
+
+        async def apply(self, user_id: str, write: Any) -> Any:
+            raise NotImplementedError
+
+        async def aclose(self) -> None:
+            pass
+
+    memory = ChatstatePersistence(AsyncStateService())
+    with pytest.raises(ConfigurationError, match="dedupe_by"):
+        build_app(memory, app_class=ChatstateApplication, dedupe_by="chat_id")
+    for option in ("lease", "dedupe_wait", "isolation_wait"):
+        with pytest.raises(ConfigurationError, match="positive"):
+            build_app(memory, app_class=ChatstateApplication, **{option: 0})
+    no_locks = ChatstatePersistence(AsyncStateService(NoLocks()))
+    with pytest.raises(UsageError, match="lock"):
+        build_app(no_locks, app_class=ChatstateApplication)
+    app, _ = build_app(no_locks, app_class=ChatstateApplication, isolate=False)
+    assert app.isolate is False
+
+
+def test_dedupe_keys_are_the_aiogram_integrations() -> None:
+    """dedupe_key gives each update the key the aiogram integration gives it."""
+    from aiogram.types import Update as AiogramUpdate
+
+    from chatstate.integrations import aiogram as aiogram_integration
+
+    chat = {"id": -100, "type": "supergroup", "title": "G"}
+    updates = [
+        {"update_id": 1, "message": {"message_id": 5, "date": 1700000000, "chat": chat}},
+        {
+            "update_id": 2,
+            "edited_message": {
+                "message_id": 5,
+                "date": 1700000000,
+                "edit_date": 1700000100,
+                "chat": chat,
+            },
+        },
+        {
+            "update_id": 3,
+            "business_message": {
+                "message_id": 6,
+                "date": 1700000000,
+                "chat": chat,
+                "business_connection_id": "b:1/2",
+            },
+        },
+        {
+            "update_id": 4,
+            "callback_query": {
+                "id": "q1",
+                "from": {"id": 7, "is_bot": False, "first_name": "A"},
+                "chat_instance": "c",
+            },
+        },
+        {
+            "update_id": 5,
+            "inline_query": {
+                "id": "i1",
+                "from": {"id": 7, "is_bot": False, "first_name": "A"},
+                "query": "",
+                "offset": "",
+            },
+        },
+        {"update_id": 6},  # a kind neither tells apart: the update id
+    ]
+    for data in updates:
+        ours = Update.de_json(copy.deepcopy(data), None)
+        theirs = AiogramUpdate.model_validate(copy.deepcopy(data))
+        for by in ("update_id", "message_id"):
+            assert dedupe_key(ours, by) == aiogram_integration.dedupe_key(theirs, by), (data, by)
+    assert dedupe_key(Update.de_json(updates[1], None), "message_id") == (
+        "edited_message:-100:5:e1700000100"
+    )
+
+
+def test_a_tuple_written_is_not_replayed_over_a_newer_value() -> None:
+    """Data written with a tuple and an enum member, then changed elsewhere: a refresh takes it.
+
+    The tuple is stored as a list, so it is not a change of this process's own
+    to apply again over the other writer's value.
+    """
+
+    async def main() -> tuple[dict[str, Any], dict[str, Any]]:
+        svc = AsyncStateService()
+        ours = ChatstatePersistence(svc)
+        data: dict[str, Any] = {"pair": (1, 2), "level": Level.AGE}
+        await ours.update_user_data(ANA, data)
+        await svc.assign(f"ptb:user:{ANA}", {"pair": [3, 4], "level": 0})  # another process
+        await ours.refresh_user_data(ANA, data)  # data still holds the tuple and the member
+        await ours.update_user_data(ANA, data)
+        return data, await svc.get(f"ptb:user:{ANA}")
+
+    assert asyncio.run(main()) == ({"pair": [3, 4], "level": 0}, {"pair": [3, 4], "level": 0})
+
+
+def test_callback_data_with_tuples_and_enums_is_stored_as_json() -> None:
+    """Arbitrary callback data (tuples, enum members) is kept as JSON lists and values."""
+
+    async def main() -> CDCData | None:
+        svc = AsyncStateService()
+        cache = ([("uuid-1", 1700000000.5, {"btn": (Level.AGE, "x")})], {"q": "uuid-1"})
+        await ChatstatePersistence(svc).update_callback_data(cache)
+        return await ChatstatePersistence(svc).get_callback_data()
+
+    assert asyncio.run(main()) == ([("uuid-1", 1700000000.5, {"btn": [1, "x"]})], {"q": "uuid-1"})
+
+
+def test_register_states_brings_back_the_handlers_own_states() -> None:
+    """A stored state equal as JSON to a registered one comes back as that object."""
+
+    async def main() -> dict[Any, object]:
+        svc = AsyncStateService()
+        writer = ChatstatePersistence(svc)
+        await writer.update_conversation("form", (1, 1), Ask.AGE)
+        await writer.update_conversation("form", (2, 2), Level.AGE)
+        await writer.update_conversation("form", (3, 3), "unknown")
+        reader = ChatstatePersistence(svc)
+        reader.register_states("form", [Ask.NAME, Ask.AGE, {1, 2}])  # a set: never stored
+        return dict(await reader.get_conversations("form"))
+
+    states = asyncio.run(main())
+    assert states == {(1, 1): Ask.AGE, (2, 2): 1, (3, 3): "unknown"}
+    assert states[(1, 1)] is Ask.AGE
 
 
 # -- PTB's own persistence: the lost keys we fix ---------------------------------------------

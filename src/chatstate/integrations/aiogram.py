@@ -13,6 +13,8 @@ Each :class:`~aiogram.fsm.storage.base.StorageKey` is one chatstate document
 ``{"state": ..., "data": {...}}`` (one Cluster slot), so
 :meth:`ChatstateStorage.update_data` is a single atomic write where aiogram's
 own storages read, merge in Python and write back (and lose concurrent updates).
+Values are stored as JSON, as aiogram's ``RedisStorage`` stores them: enum
+members as their values, tuples as lists (and read back so).
 
 Needs ``pip install 'chatstate[aiogram]'``.
 """
@@ -23,6 +25,7 @@ import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from datetime import timedelta
+from enum import Enum
 from typing import Any, Literal, Self, cast, overload
 from urllib.parse import quote
 
@@ -64,6 +67,8 @@ DATA_FIELD = "data"
 
 LOCK_NAME = "aiogram"
 DEDUPE_PURPOSE = "aiogram"
+DEFAULT_LEASE = 5.0
+"""Seconds a claim or lock outlives a holder that died (renewed while it lives), as the core's."""
 
 _PartType = Literal["data", "state", "lock"]
 _MESSAGE_EVENTS = frozenset(
@@ -167,9 +172,12 @@ class ChatstateStorage(BaseStorage):
     old one), ``set_data({})`` empties the data, ``set_data`` refuses a
     non-dict with :class:`~aiogram.exceptions.DataNotDictLikeError`. What
     differs: ``update_data`` is one atomic write, so concurrent updates of one
-    key from many tasks or processes all land; values must be JSON
-    (:class:`~chatstate.SerializationError` otherwise, before anything is
-    stored); the service's ``ttl`` expires a key's state and data together.
+    key from many tasks or processes all land; values are stored as JSON, as
+    ``RedisStorage`` stores them: an enum member as its value, a tuple as a
+    list, and they are read back so (an ``IntEnum`` or ``StrEnum`` member
+    equals its value; a plain ``Enum`` member does not); anything else that is
+    not JSON raises :class:`~chatstate.SerializationError` before anything is
+    stored; the service's ``ttl`` expires a key's state and data together.
 
     Args:
         service: Where the documents live. Closed by :meth:`close` only if
@@ -223,7 +231,7 @@ class ChatstateStorage(BaseStorage):
         return self.key_builder.build(key)
 
     def create_isolation(
-        self, *, lease: float | timedelta = 60.0, wait: float | timedelta = 60.0
+        self, *, lease: float | timedelta = DEFAULT_LEASE, wait: float | timedelta = 60.0
     ) -> ChatstateEventIsolation:
         """An event isolation over the same service and key builder.
 
@@ -237,7 +245,7 @@ class ChatstateStorage(BaseStorage):
 
     async def set_state(self, key: StorageKey, state: StateType = None) -> None:
         """Set the key's state (``None`` clears it)."""
-        value = state.state if isinstance(state, State) else state
+        value = state.state if isinstance(state, State) else _plain(state)
         if value is None:
             await self.service.update(self.user_id(key), {STATE_FIELD: None})
         else:
@@ -253,13 +261,14 @@ class ChatstateStorage(BaseStorage):
 
         Raises:
             DataNotDictLikeError: ``data`` is not a dict (as in aiogram's storages).
-            SerializationError: ``data`` is not JSON; nothing was stored.
+            SerializationError: ``data`` is not JSON (enum members and tuples
+                are: see the class); nothing was stored.
         """
         if not isinstance(data, dict):
             msg = f"Data must be a dict or dict-like object, got {type(data).__name__}"
             raise DataNotDictLikeError(msg)
         if data:
-            await self.service.assign(self.user_id(key), {DATA_FIELD: data})
+            await self.service.assign(self.user_id(key), {DATA_FIELD: _plain(data)})
         else:
             await self.service.update(self.user_id(key), {DATA_FIELD: None})
 
@@ -287,13 +296,14 @@ class ChatstateStorage(BaseStorage):
         other's keys.
 
         Returns:
-            The key's whole data after the write.
+            The key's whole data after the write, as stored (an enum member as
+            its value, a tuple as a list).
 
         Raises:
-            SerializationError: a key is not a str or a value is not JSON;
-                nothing was stored.
+            SerializationError: a key is not a str or a value is not JSON
+                (enum members and tuples are: see the class); nothing was stored.
         """
-        items = dict(data)
+        items = _plain(dict(data))
         if not items:
             return await self.get_data(key)
         doc = await self.service.assign(
@@ -313,6 +323,38 @@ def _data_of(doc: JSONObject) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def _plain(value: Any, depth: int = 0) -> Any:
+    """``value`` as ``json.dumps`` writes it: enum members as their values, tuples as lists.
+
+    Dict keys that are enum members become their values too. Anything else is
+    left for the store to take or refuse (so a set still raises
+    :class:`~chatstate.SerializationError`). Kept the same as its twin in
+    :mod:`chatstate.integrations.telegram` (neither may import the other's
+    framework).
+
+    Examples:
+        >>> import enum
+        >>> class Step(enum.IntEnum):
+        ...     NAME = 1
+        >>> _plain({"step": Step.NAME, "pair": (1, (2, 3)), Step.NAME.name: {4}})
+        {'step': 1, 'pair': [1, [2, 3]], 'NAME': {4}}
+    """
+    if depth > _PLAIN_DEPTH:  # deeper than any store accepts: left for it to refuse
+        return value
+    if isinstance(value, Enum):
+        return _plain(value.value, depth + 1)
+    if isinstance(value, dict):
+        return {
+            (k.value if isinstance(k, Enum) else k): _plain(v, depth + 1) for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [_plain(v, depth + 1) for v in value]
+    return value
+
+
+_PLAIN_DEPTH = 256
+
+
 class ChatstateEventIsolation(BaseEventIsolation):
     """Handles the events of one storage key one at a time, across processes.
 
@@ -325,7 +367,11 @@ class ChatstateEventIsolation(BaseEventIsolation):
     Args:
         service: The service whose backend holds the locks.
         key_builder: See :class:`ChatstateStorage`.
-        lease: The lock lapses this long after it was taken if its holder dies.
+        lease: How long the key stays locked after its holder's process died:
+            the lock is renewed every third of its lease while the event runs
+            (on Redis and SQLite; the memory backend's locks live and die with
+            the process), so a slow handler keeps it and a killed one frees it
+            within one lease (5 s by default, as the core's claims).
         wait: How long an event waits for the key before
             :class:`~chatstate.LockTimeoutError`.
 
@@ -338,7 +384,7 @@ class ChatstateEventIsolation(BaseEventIsolation):
         service: AsyncStateService,
         *,
         key_builder: KeyBuilder | None = None,
-        lease: float | timedelta = 60.0,
+        lease: float | timedelta = DEFAULT_LEASE,
         wait: float | timedelta = 60.0,
     ) -> None:
         backend = service.manager.backend
@@ -419,7 +465,7 @@ class ChatstateDedupeMiddleware(BaseMiddleware):
     handled runs nothing and sends nothing (the dispatcher sees it as
     unhandled); one that arrives while the first is being handled waits for it
     (up to ``wait``), then runs nothing if it succeeded. When a handler raises,
-    or its process dies (after ``lease``), a redelivery is handled again.
+    or its process dies (within ``lease``), a redelivery is handled again.
     Update ids are remembered for the service's ``dedupe_window`` (10 minutes
     by default).
 
@@ -427,8 +473,10 @@ class ChatstateDedupeMiddleware(BaseMiddleware):
         service: Where the claims live (shared by every process of the bot).
         by: ``"update_id"`` or ``"message_id"`` (see :func:`dedupe_key`).
         prefix: The start of the user ids of the claim records.
-        lease: A claim lapses this long after it was taken if its process
-            dies; a redelivery after that is handled again.
+        lease: How long an update stays claimed after its process died: the
+            claim is renewed every third of its lease while the handlers run,
+            so a slow handler keeps it and a redelivery after a crash is
+            handled within one lease (5 s by default, as the core's claims).
         wait: Passed to :meth:`~chatstate.AsyncStateService.claim`.
     """
 
@@ -438,7 +486,7 @@ class ChatstateDedupeMiddleware(BaseMiddleware):
         *,
         by: Literal["update_id", "message_id"] = "update_id",
         prefix: str = "aiogram-update",
-        lease: float | timedelta = 60.0,
+        lease: float | timedelta = DEFAULT_LEASE,
         wait: float | timedelta = 10.0,
     ) -> None:
         if by not in {"update_id", "message_id"}:

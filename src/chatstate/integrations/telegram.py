@@ -14,28 +14,49 @@ persistent conversation handlers stay as they are::
     )
 
 User, chat and bot data live in chatstate documents as JSON (nothing is
-pickled); a write sends only what changed since this process last synced the
-document, so two processes never overwrite each other's keys; before each
-update the data is reloaded from the store, keeping the changes this process
-has not written yet. Each persistent conversation is one document with one
-field per conversation key.
+pickled: enum members are stored as their values, tuples as lists); a write
+sends only what changed since this process last synced the document, so two
+processes never overwrite each other's keys; before each update the data is
+reloaded from the store, keeping the changes this process has not written yet.
+Each persistent conversation is one document with one field per conversation
+key.
+
+:class:`ChatstateApplication` handles each update once across the processes
+of a bot (a copy delivered to two of them, or delivered again, runs nothing)
+and one user's updates one at a time, with the same claims and locks as the
+aiogram integration: each held with a 5 s lease renewed while the update runs,
+so a process killed mid-update holds nothing for longer than that.
 
 Needs ``pip install 'chatstate[telegram]'``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import itertools
 import json
-from collections.abc import Mapping, MutableMapping
+import logging
+from collections.abc import AsyncIterator, Iterable, Mapping, MutableMapping
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Final, Self, TypeAlias
+from enum import Enum
+from typing import Any, Final, Literal, Self, TypeAlias
 from urllib.parse import quote
 
-from telegram.ext import Application, BasePersistence, PersistenceInput
+from telegram import CallbackQuery, InlineQuery, Message, Update
+from telegram.ext import (
+    Application,
+    BaseHandler,
+    BasePersistence,
+    ConversationHandler,
+    PersistenceInput,
+)
 from telegram.ext._handlers.conversationhandler import PendingState
 from telegram.ext._utils.trackingdict import TrackingDict
 from telegram.ext._utils.types import CDCData, ConversationDict, ConversationKey
 
+from chatstate.exceptions import ChatstateError, ConfigurationError, UsageError
 from chatstate.state import AsyncRedisBackend, AsyncStateService
 from chatstate.typing import JSONObject
 
@@ -45,7 +66,24 @@ __all__ = [
     "ChatstatePersistence",
     "apply_changes",
     "changes_between",
+    "dedupe_key",
 ]
+
+log = logging.getLogger("chatstate.integrations.telegram")
+
+LOCK_NAME = "telegram"
+DEDUPE_PURPOSE = "telegram"
+DEFAULT_LEASE = 5.0
+"""Seconds a claim or lock outlives a holder that died (renewed while it lives), as the core's."""
+
+_MESSAGE_KINDS = (
+    "message",
+    "edited_message",
+    "channel_post",
+    "edited_channel_post",
+    "business_message",
+    "edited_business_message",
+)
 
 Data: TypeAlias = dict[Any, Any]
 Path: TypeAlias = tuple[str, ...]
@@ -74,10 +112,14 @@ class ChatstatePersistence(BasePersistence[Data, Data, Data]):
 
     What differs from ``PicklePersistence``:
 
-    - Values must be JSON with str keys: a write of anything else raises
-      :class:`~chatstate.SerializationError` (python-telegram-bot hands it to
-      your error handlers) and stores nothing. Conversation states must be
-      JSON too (ints and strs are).
+    - Values are stored as JSON with str keys. An enum member is stored as
+      its value and a tuple as a list, and they are read back so (an
+      ``IntEnum`` or ``StrEnum`` member equals its value, a plain ``Enum``
+      member does not); a conversation state comes back as the handler's own
+      state object when :meth:`register_states` was told the handler's states
+      (:class:`ChatstateApplication` tells it). A write of anything else (a
+      set, a datetime, an int key) raises :class:`~chatstate.SerializationError`
+      (python-telegram-bot hands it to your error handlers) and stores nothing.
     - ``update_*_data`` writes the difference between the data and what this
       process last read or wrote, as one atomic write, so concurrent writers
       keep each other's keys (the same key: the last write wins).
@@ -113,6 +155,8 @@ class ChatstatePersistence(BasePersistence[Data, Data, Data]):
         self._close_service = close_service
         # What each document held when this process last read or wrote it.
         self._synced: dict[str, JSONObject] = {}
+        # Conversation name -> the JSON text of each known state -> that state.
+        self._states: dict[str, dict[str, object]] = {}
 
     @classmethod
     def from_url(
@@ -163,6 +207,24 @@ class ChatstatePersistence(BasePersistence[Data, Data, Data]):
         """The id of the document holding one conversation handler's states."""
         return f"{self.prefix}:conversation:{quote(name, safe='')}"
 
+    def dedupe_doc(self, bot_id: int, key: str) -> str:
+        """The id of the record whose claim handles one update once (see :func:`dedupe_key`)."""
+        return f"{self.prefix}:dedupe:{bot_id}:{key}"
+
+    def register_states(self, name: str, states: Iterable[object]) -> None:
+        """Tell the persistence the states of the conversation handler ``name``.
+
+        A stored state that is one of them as JSON (an enum member's value)
+        is read back as that very object, so a handler whose states are plain
+        ``Enum`` members finds them again. :class:`ChatstateApplication` calls
+        it for each named persistent conversation handler before loading them.
+        """
+        known = self._states.setdefault(name, {})
+        for state in states:
+            text = _state_text(state)
+            if text is not None:
+                known.setdefault(text, state)
+
     # -- loading ---------------------------------------------------------------------
 
     async def get_user_data(self) -> dict[int, Data]:
@@ -188,7 +250,11 @@ class ChatstatePersistence(BasePersistence[Data, Data, Data]):
     async def get_conversations(self, name: str) -> ConversationDict:
         """Return the stored states of the conversation handler ``name``."""
         doc = await self._load(self.conversation_doc(name))
-        return {_decode_key(key): state for key, state in doc.items()}
+        known = self._states.get(name, {})
+        return {
+            _decode_key(key): known.get(_state_text(state) or "", state)
+            for key, state in doc.items()
+        }
 
     async def _load(self, doc_id: str) -> JSONObject:
         data = await self.service.get(doc_id)
@@ -212,7 +278,7 @@ class ChatstatePersistence(BasePersistence[Data, Data, Data]):
     async def update_callback_data(self, data: CDCData) -> None:
         """Store the callback data cache (only when it changed)."""
         buttons, queries = data
-        doc = {"buttons": [[u, t, d] for u, t, d in buttons], "queries": dict(queries)}
+        doc = _plain({"buttons": [[u, t, d] for u, t, d in buttons], "queries": dict(queries)})
         if _same(doc, self._synced.get(self.callback_doc)):
             return
         await self.service.assign(self.callback_doc, doc)
@@ -221,12 +287,15 @@ class ChatstatePersistence(BasePersistence[Data, Data, Data]):
     async def update_conversation(
         self, name: str, key: ConversationKey, new_state: object | None
     ) -> None:
-        """Store one conversation's state (``None`` removes it), leaving the others alone."""
+        """Store one conversation's state (``None`` removes it), leaving the others alone.
+
+        An enum member is stored as its value, a tuple as a list.
+        """
         field = _encode_key(key)
         if new_state is None:
             await self.service.update(self.conversation_doc(name), {field: None})
         else:
-            await self.service.assign(self.conversation_doc(name), {field: new_state})
+            await self.service.assign(self.conversation_doc(name), {field: _plain(new_state)})
 
     async def drop_user_data(self, user_id: int) -> None:
         """Delete one user's data."""
@@ -241,6 +310,7 @@ class ChatstatePersistence(BasePersistence[Data, Data, Data]):
         self._synced[doc_id] = {}
 
     async def _write(self, doc_id: str, data: Mapping[Any, Any]) -> None:
+        data = _plain(dict(data))  # compared and stored as it will be read back
         base = self._synced.get(doc_id, {})
         changes = changes_between(base, data)
         if not changes:
@@ -253,7 +323,7 @@ class ChatstatePersistence(BasePersistence[Data, Data, Data]):
         else:
             # Removals and exact values (JSON null among them) in one atomic step.
             await self.service.transaction(doc_id, lambda doc: apply_changes(doc, changes))
-        self._synced[doc_id] = _copy(dict(data))
+        self._synced[doc_id] = _copy(data)
 
     # -- refreshing ------------------------------------------------------------------
 
@@ -270,7 +340,8 @@ class ChatstatePersistence(BasePersistence[Data, Data, Data]):
         await self._refresh(self.bot_doc, bot_data)
 
     async def _refresh(self, doc_id: str, target: MutableMapping[Any, Any]) -> None:
-        pending = changes_between(self._synced.get(doc_id, {}), target)
+        # Compared as stored, so a tuple this process wrote is not a change of its own.
+        pending = changes_between(self._synced.get(doc_id, {}), _plain(dict(target)))
         stored = await self.service.get(doc_id)
         self._synced[doc_id] = _copy(stored)
         fresh = apply_changes(stored, pending)
@@ -325,30 +396,254 @@ def _sync_states(
         states.update(fresh)
 
 
-class ChatstateApplication(Application[Any, Any, Any, Any, Any, Any]):
-    """An ``Application`` that keeps several processes of one bot in step.
+@dataclass
+class _Processing:
+    """The update a task is processing, and whether it failed (see ``process_error``)."""
 
-    With a :class:`ChatstatePersistence`, before each update it reloads the
-    persistent conversation states from the store (python-telegram-bot reads
-    them only at start-up, so another process's moves would go unseen), and
-    after each update it writes what changed at once instead of on the next
-    periodic run. Use it with ``ApplicationBuilder().application_class(
-    ChatstateApplication)``; with any other persistence it is a plain
-    ``Application``.
+    update: object
+    writing: bool = False
+    failed: bool = False
+
+
+_processing: contextvars.ContextVar[_Processing | None] = contextvars.ContextVar(
+    "chatstate_telegram_processing", default=None
+)
+
+
+class ChatstateApplication(Application[Any, Any, Any, Any, Any, Any]):
+    """An ``Application`` that lets several processes serve one bot as one.
+
+    With a :class:`ChatstatePersistence`, each update is handled so:
+
+    1. **Once.** The update takes a chatstate claim on a record of its own
+       (:meth:`ChatstatePersistence.dedupe_doc`, keyed by :func:`dedupe_key`).
+       A copy that arrives after it was handled, in this process or another,
+       runs no handler and sends nothing; a copy that arrives while it is being
+       handled waits for it (up to ``dedupe_wait``), then does nothing. When a
+       handler raises (or the update's data cannot be written), the claim is
+       released, so a redelivery is handled again.
+    2. **One at a time per user.** The handlers run holding the backend's lock
+       of the user's document (the chat's when the update has no user), so
+       one user's updates never overlap, across processes; each finds the
+       conversation and data the previous one wrote.
+    3. **Fresh, then written.** Before the handlers, the persistent
+       conversation states are reloaded from the store (python-telegram-bot
+       reads them only at start-up); after them, what the update changed is
+       written at once instead of on the next periodic run.
+
+    The claim and the lock are renewed every third of ``lease`` while the
+    update runs, so a slow handler keeps them and a process killed mid-update
+    frees its update and its user within one lease (5 s by default): a copy of
+    the update waiting in another process is then handled there.
+
+    An error of the store (a copy that waited longer than ``dedupe_wait``, a
+    user busy for longer than ``isolation_wait``, an unreachable server) goes
+    to the error handlers, as a handler's would, and the update is not handled
+    here. Handlers with ``block=False`` run after the claim and the lock are
+    let go.
+
+    Build it with ``ApplicationBuilder().application_class(ChatstateApplication)``,
+    options as ``application_class(ChatstateApplication, kwargs={...})``. With
+    any other persistence it is a plain ``Application``.
+
+    Args:
+        dedupe_by: ``"update_id"``, ``"message_id"`` (see :func:`dedupe_key`),
+            or ``None`` to handle every copy of an update.
+        isolate: Run one user's updates one at a time (``False``: as they come).
+        lease: How long an update's claim and a user's lock outlive a
+            process that died.
+        dedupe_wait: How long a copy of an update waits for the copy being
+            handled before :class:`~chatstate.UserBusyError`.
+        isolation_wait: How long an update waits for the user's previous one
+            before :class:`~chatstate.LockTimeoutError`.
+        **kwargs: Passed to ``Application`` (the builder passes them).
+
+    Raises:
+        ConfigurationError: an option is out of range.
+        UsageError: ``isolate`` over a backend that has no ``lock()``.
     """
 
+    def __init__(
+        self,
+        *,
+        dedupe_by: Literal["update_id", "message_id"] | None = "update_id",
+        isolate: bool = True,
+        lease: float | timedelta = DEFAULT_LEASE,
+        dedupe_wait: float | timedelta = 10.0,
+        isolation_wait: float | timedelta = 60.0,
+        **kwargs: Any,
+    ) -> None:
+        if dedupe_by not in {"update_id", "message_id", None}:
+            raise ConfigurationError(
+                f"dedupe_by must be 'update_id', 'message_id' or None, not {dedupe_by!r}"
+            )
+        persistence = kwargs.get("persistence")
+        if isolate and isinstance(persistence, ChatstatePersistence):
+            backend = persistence.service.manager.backend
+            if not callable(getattr(backend, "lock", None)):
+                raise UsageError(
+                    f"{type(backend).__name__} has no lock(): it cannot isolate updates "
+                    "(pass isolate=False)"
+                )
+        seconds = _seconds(lease), _seconds(dedupe_wait), _seconds(isolation_wait)
+        super().__init__(**kwargs)
+        self.dedupe_by = dedupe_by
+        self.isolate = isolate
+        self.lease, self.dedupe_wait, self.isolation_wait = seconds
+
+    async def initialize(self) -> None:
+        """Tell the persistence each conversation handler's states, then initialize."""
+        persistence = self.persistence
+        if isinstance(persistence, ChatstatePersistence):
+            for handler in itertools.chain.from_iterable(self.handlers.values()):
+                _register_states(persistence, handler)
+        await super().initialize()
+
     async def process_update(self, update: object) -> None:
-        """Refresh conversations, process ``update``, then write what it changed."""
+        """Process ``update`` once across processes, one update of its user at a time."""
         persistence = self.persistence
         if not isinstance(persistence, ChatstatePersistence):
             await super().process_update(update)
             return
+        self._check_initialized()
+        processing = _Processing(update)
+        token = _processing.set(processing)
+        try:
+            await self._process_once(persistence, update, processing)
+        except ChatstateError as exc:
+            error = exc
+        else:
+            return
+        finally:
+            _processing.reset(token)
+        # As a handler's error: to the error handlers (raised, it would end
+        # python-telegram-bot's update loop); the update was not handled here.
+        await self.process_error(update=update, error=error)
+
+    async def _process_once(
+        self, persistence: ChatstatePersistence, update: object, processing: _Processing
+    ) -> None:
+        if self.dedupe_by is None or not isinstance(update, Update):
+            async with self._isolated(persistence, update):
+                await self._process_and_write(persistence, update, processing)
+            return
+        key = dedupe_key(update, self.dedupe_by)
+        claim = await persistence.service.claim(
+            persistence.dedupe_doc(self.bot.id, key),
+            key,
+            purpose=DEDUPE_PURPOSE,
+            lease=self.lease,
+            wait=self.dedupe_wait,
+        )
+        async with claim:  # leaving it commits; an exception releases
+            if claim.duplicate:
+                log.info("update %s was handled already; skipping it", key)
+                return
+            async with self._isolated(persistence, update):
+                await self._process_and_write(persistence, update, processing)
+            if processing.failed:
+                await claim.release()  # a redelivery is handled again
+
+    async def _process_and_write(
+        self, persistence: ChatstatePersistence, update: object, processing: _Processing
+    ) -> None:
         # python-telegram-bot keeps these only privately; they are the very dicts
         # its ConversationHandlers read (name -> states).
-        conversations = self._conversation_handler_conversations
-        await persistence.refresh_conversations(conversations)
+        await persistence.refresh_conversations(self._conversation_handler_conversations)
         await super().process_update(update)
+        processing.writing = True
         await self.update_persistence()
+
+    @contextlib.asynccontextmanager
+    async def _isolated(
+        self, persistence: ChatstatePersistence, update: object
+    ) -> AsyncIterator[None]:
+        doc = _isolation_doc(persistence, update) if self.isolate else None
+        if doc is None:
+            yield
+            return
+        manager = persistence.service.manager
+        backend: Any = manager.backend
+        lock = backend.lock(
+            manager.user_id(doc), LOCK_NAME, lease=self.lease, wait=self.isolation_wait
+        )
+        async with lock:
+            yield
+
+    async def process_error(
+        self,
+        update: object | None,
+        error: Exception,
+        job: Any = None,
+        coroutine: Any = None,
+    ) -> bool:
+        """Note a failure of the update being processed, then run the error handlers."""
+        processing = _processing.get()
+        if processing is not None and (
+            update is processing.update or (update is None and processing.writing)
+        ):
+            processing.failed = True
+        return await super().process_error(update, error, job, coroutine)
+
+
+def _isolation_doc(persistence: ChatstatePersistence, update: object) -> str | None:
+    """The document whose lock orders ``update``: its user's, else its chat's, else none."""
+    if not isinstance(update, Update):
+        return None
+    if update.effective_user is not None:
+        return persistence.user_doc(update.effective_user.id)
+    if update.effective_chat is not None:
+        return persistence.chat_doc(update.effective_chat.id)
+    return None
+
+
+def _register_states(
+    persistence: ChatstatePersistence, handler: BaseHandler[Any, Any, Any]
+) -> None:
+    if not isinstance(handler, ConversationHandler):
+        return
+    if handler.persistent and handler.name:
+        persistence.register_states(handler.name, handler.states)
+    for child in itertools.chain(handler.entry_points, handler.fallbacks, *handler.states.values()):
+        _register_states(persistence, child)
+
+
+def dedupe_key(update: Update, by: Literal["update_id", "message_id"] = "update_id") -> str:
+    """What identifies ``update`` for :class:`ChatstateApplication`'s dedupe.
+
+    The same keys as :func:`chatstate.integrations.aiogram.dedupe_key`:
+    ``"update_id"`` uses Telegram's update id. ``"message_id"`` uses the
+    message for updates that carry one (chat id, message id, the kind of
+    update and, for an edit, its date, so an edit is not a duplicate of the
+    message it edits), the query id for callback and inline queries, and the
+    update id for anything else.
+
+    Examples:
+        >>> dedupe_key(Update(update_id=5))
+        'update:5'
+    """
+    if by == "message_id":
+        for kind in _MESSAGE_KINDS:
+            event = getattr(update, kind, None)
+            if isinstance(event, Message):
+                key = f"{kind}:{event.chat.id}:{event.message_id}"
+                if event.business_connection_id is not None:
+                    key += ":b" + quote(event.business_connection_id, safe="")
+                if event.edit_date is not None:
+                    key += f":e{int(event.edit_date.timestamp())}"
+                return key
+        if isinstance(update.callback_query, CallbackQuery):
+            return f"callback_query:{update.callback_query.id}"
+        if isinstance(update.inline_query, InlineQuery):
+            return f"inline_query:{update.inline_query.id}"
+    return f"update:{update.update_id}"
+
+
+def _seconds(value: float | timedelta) -> float:
+    seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    if not seconds > 0:
+        raise ConfigurationError(f"a duration must be positive, got {value!r}")
+    return seconds
 
 
 def changes_between(old: Mapping[Any, Any], new: Mapping[Any, Any]) -> list[Change]:
@@ -416,6 +711,46 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, list | tuple):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     return bool(a == b)
+
+
+def _plain(value: Any, depth: int = 0) -> Any:
+    """``value`` as ``json.dumps`` writes it: enum members as their values, tuples as lists.
+
+    Dict keys that are enum members become their values too. Anything else is
+    left for the store to take or refuse (so a set still raises
+    :class:`~chatstate.SerializationError`). Kept the same as its twin in
+    :mod:`chatstate.integrations.aiogram` (neither may import the other's
+    framework).
+
+    Examples:
+        >>> import enum
+        >>> class Step(enum.IntEnum):
+        ...     NAME = 1
+        >>> _plain({"step": Step.NAME, "pair": (1, (2, 3)), Step.NAME.name: {4}})
+        {'step': 1, 'pair': [1, [2, 3]], 'NAME': {4}}
+    """
+    if depth > _PLAIN_DEPTH:  # deeper than any store accepts: left for it to refuse
+        return value
+    if isinstance(value, Enum):
+        return _plain(value.value, depth + 1)
+    if isinstance(value, dict):
+        return {
+            (k.value if isinstance(k, Enum) else k): _plain(v, depth + 1) for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [_plain(v, depth + 1) for v in value]
+    return value
+
+
+_PLAIN_DEPTH = 256
+
+
+def _state_text(state: object) -> str | None:
+    """A conversation state as the JSON text it is stored as (``None``: not JSON)."""
+    try:
+        return json.dumps(_plain(state), sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError):
+        return None
 
 
 def _copy(value: Any) -> Any:
