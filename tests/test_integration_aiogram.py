@@ -726,7 +726,7 @@ def test_isolation_and_dedupe_hold_5_s_leases_by_default(redis_url: str, namespa
 def test_a_slow_handler_keeps_its_key_and_its_update_past_the_lease(
     redis_url: str, namespace: str
 ) -> None:
-    """With a 0.5 s lease, a 2 s handler keeps both: its copy waits, then runs nothing."""
+    """With a 1 s lease, a 3 s handler keeps both: its copy waits, then runs nothing."""
 
     async def main() -> tuple[list[int], int]:
         calls, started = [], asyncio.Event()
@@ -734,14 +734,14 @@ def test_a_slow_handler_keeps_its_key_and_its_update_past_the_lease(
         async def slow(message: Message) -> None:
             calls.append(message.message_id)
             started.set()
-            await asyncio.sleep(2.0)
+            await asyncio.sleep(3.0)
             await message.answer("done")
 
         def dispatcher() -> tuple[Dispatcher, Bot, RecordingSession, AsyncStateService]:
             svc = AsyncStateService(AsyncRedisBackend.from_url(redis_url, namespace=namespace))
             storage = ChatstateStorage(svc)
-            dp = Dispatcher(storage=storage, events_isolation=storage.create_isolation(lease=0.5))
-            dp.update.outer_middleware(ChatstateDedupeMiddleware(svc, lease=0.5, wait=10))
+            dp = Dispatcher(storage=storage, events_isolation=storage.create_isolation(lease=1.0))
+            dp.update.outer_middleware(ChatstateDedupeMiddleware(svc, lease=1.0, wait=10))
             dp.message.register(slow)
             session = RecordingSession()
             return dp, Bot(BOT_TOKEN, session=session), session, svc
