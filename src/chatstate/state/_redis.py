@@ -360,6 +360,12 @@ class AsyncRedisBackend(AsyncRedisIO):
                 (reply,) = await pipe.execute(raise_on_error=False)
             except rex.MaxConnectionsError as exc:
                 raise NotSent(str(exc)) from exc
+            if isinstance(reply, rex.ConnectionError):
+                # The node's idle connections were likely closed with this one (a
+                # server restart, CLIENT KILL): drop them, so that the retry gets a
+                # new one (redis-py 7's cluster pipeline hands them out unchecked).
+                node = self.client.get_node_from_key(route)
+                await node.disconnect_free_connections()
             if isinstance(reply, BaseException):
                 raise reply
             return reply
