@@ -65,7 +65,7 @@ from chatstate.state._sync.redis_retry import PolicyRetry
 __all__ = ["DEFAULT_NAMESPACE", "LOCK_NAMES", "default_client_options", "map_redis_errors"]
 
 DEFAULT_NAMESPACE: Final = "chatstate"
-LOCK_NAMES: Final = ("jwt-refresh", "aiogram")
+LOCK_NAMES: Final = ("jwt-refresh", "aiogram", "telegram")
 """The lock names chatstate itself takes (token refresh, aiogram's event isolation)."""
 
 # Deletes a user's keys (one hash slot) in one atomic step and says which existed.
