@@ -145,3 +145,27 @@ def test_a_pin_over_two_steps_leaves_no_trace(tmp_path: Path, server_kind: str) 
         admin.close()
     finally:
         server.cleanup()
+
+
+@pytest.mark.redis
+def test_the_cli_and_exports_show_no_pin_of_a_running_flow(
+    redis_url: str, namespace: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Mid-flow (the PIN stored in flow.data), `chatstate state`, `export` and export() hide it."""
+    from chatstate.__main__ import main
+
+    svc = StateService(
+        RedisBackend.from_url(redis_url, namespace=namespace),
+        _rules(FieldEncryption({"a": KEY_A})),
+    )
+    bot = Router(svc, main_menu=MENU)
+    bot.handle(Message("u", text="pin", message_id="w1"))
+    bot.handle(Message("u", text=PIN, message_id="w2"))  # stored, the confirmation pending
+    assert svc.manager.load("u").data["flow"]["data"]["new_pin"] == PIN  # there, decrypted
+    assert PIN not in json.dumps(svc.export("u"))
+    assert main(["state", "u", "--redis", redis_url, "--namespace", namespace]) == 0
+    assert main(["export", "u", "--redis", redis_url, "--namespace", namespace]) == 0
+    out = capsys.readouterr().out
+    assert "new_pin" in out
+    assert PIN not in out
+    svc.close()
