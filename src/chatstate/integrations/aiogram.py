@@ -25,7 +25,6 @@ import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from datetime import timedelta
-from enum import Enum
 from typing import Any, Literal, Self, cast, overload
 from urllib.parse import quote
 
@@ -44,6 +43,7 @@ from aiogram.fsm.storage.base import (
 from aiogram.types import Message, TelegramObject, Update
 from aiogram.types.update import UpdateTypeLookupError
 
+from chatstate._plain import plain as _plain
 from chatstate.exceptions import ConfigurationError, UsageError
 from chatstate.state import AsyncRedisBackend, AsyncStateService
 from chatstate.typing import JSONObject
@@ -321,38 +321,6 @@ def _data_of(doc: JSONObject) -> dict[str, Any]:
     """The data field of a document the caller owns (a private copy already)."""
     data = doc.get(DATA_FIELD)
     return data if isinstance(data, dict) else {}
-
-
-def _plain(value: Any, depth: int = 0) -> Any:
-    """``value`` as ``json.dumps`` writes it: enum members as their values, tuples as lists.
-
-    Dict keys that are enum members become their values too. Anything else is
-    left for the store to take or refuse (so a set still raises
-    :class:`~chatstate.SerializationError`). Kept the same as its twin in
-    :mod:`chatstate.integrations.telegram` (neither may import the other's
-    framework).
-
-    Examples:
-        >>> import enum
-        >>> class Step(enum.IntEnum):
-        ...     NAME = 1
-        >>> _plain({"step": Step.NAME, "pair": (1, (2, 3)), Step.NAME.name: {4}})
-        {'step': 1, 'pair': [1, [2, 3]], 'NAME': {4}}
-    """
-    if depth > _PLAIN_DEPTH:  # deeper than any store accepts: left for it to refuse
-        return value
-    if isinstance(value, Enum):
-        return _plain(value.value, depth + 1)
-    if isinstance(value, dict):
-        return {
-            (k.value if isinstance(k, Enum) else k): _plain(v, depth + 1) for k, v in value.items()
-        }
-    if isinstance(value, list | tuple):
-        return [_plain(v, depth + 1) for v in value]
-    return value
-
-
-_PLAIN_DEPTH = 256
 
 
 class ChatstateEventIsolation(BaseEventIsolation):

@@ -40,7 +40,6 @@ import logging
 from collections.abc import AsyncIterator, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 from datetime import timedelta
-from enum import Enum
 from typing import Any, Final, Literal, Self, TypeAlias
 from urllib.parse import quote
 
@@ -56,6 +55,7 @@ from telegram.ext._handlers.conversationhandler import PendingState
 from telegram.ext._utils.trackingdict import TrackingDict
 from telegram.ext._utils.types import CDCData, ConversationDict, ConversationKey
 
+from chatstate._plain import plain as _plain
 from chatstate.exceptions import ChatstateError, ConfigurationError, UsageError
 from chatstate.state import AsyncRedisBackend, AsyncStateService
 from chatstate.typing import JSONObject
@@ -711,38 +711,6 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, list | tuple):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     return bool(a == b)
-
-
-def _plain(value: Any, depth: int = 0) -> Any:
-    """``value`` as ``json.dumps`` writes it: enum members as their values, tuples as lists.
-
-    Dict keys that are enum members become their values too. Anything else is
-    left for the store to take or refuse (so a set still raises
-    :class:`~chatstate.SerializationError`). Kept the same as its twin in
-    :mod:`chatstate.integrations.aiogram` (neither may import the other's
-    framework).
-
-    Examples:
-        >>> import enum
-        >>> class Step(enum.IntEnum):
-        ...     NAME = 1
-        >>> _plain({"step": Step.NAME, "pair": (1, (2, 3)), Step.NAME.name: {4}})
-        {'step': 1, 'pair': [1, [2, 3]], 'NAME': {4}}
-    """
-    if depth > _PLAIN_DEPTH:  # deeper than any store accepts: left for it to refuse
-        return value
-    if isinstance(value, Enum):
-        return _plain(value.value, depth + 1)
-    if isinstance(value, dict):
-        return {
-            (k.value if isinstance(k, Enum) else k): _plain(v, depth + 1) for k, v in value.items()
-        }
-    if isinstance(value, list | tuple):
-        return [_plain(v, depth + 1) for v in value]
-    return value
-
-
-_PLAIN_DEPTH = 256
 
 
 def _state_text(state: object) -> str | None:
