@@ -2,7 +2,9 @@
 
 import pytest
 
-from chatstate import AsyncMemoryBackend, MemoryBackend
+from chatstate import AsyncMemoryBackend, MemoryBackend, StateService
+from chatstate.exceptions import ConfigurationError
+from chatstate.state import Listing, Outcome, Snapshot, Write
 from chatstate.testing import BackendContract
 
 
@@ -30,3 +32,27 @@ class TestMemoryBackend(BackendContract):
 
     async def advance(self, seconds: float) -> None:
         self.clock.now += seconds
+
+
+class _LoadAndApplyOnly:
+    """A backend of one's own with the three required methods and no capability."""
+
+    def __init__(self) -> None:
+        self.store = MemoryBackend()
+
+    def load(self, user_id: str) -> Snapshot | None:
+        return self.store.load(user_id)
+
+    def apply(self, user_id: str, write: Write) -> Outcome:
+        return self.store.apply(user_id, write)
+
+    def close(self) -> None:
+        pass
+
+
+def test_users_over_a_backend_that_cannot_list_says_so() -> None:
+    svc = StateService(_LoadAndApplyOnly())
+    svc.update("ann", {"a": 1})
+    assert not isinstance(svc.manager.backend, Listing)
+    with pytest.raises(ConfigurationError, match="cannot list its users"):
+        list(svc.users())

@@ -2,7 +2,9 @@
 
 import pytest
 
-from chatstate.state._redis import AsyncRedisBackend, RedisBackend
+from chatstate import StateService
+from chatstate.exceptions import ConfigurationError
+from chatstate.state import AsyncRedisBackend, RedisBackend
 from chatstate.testing import BackendContract
 
 pytestmark = pytest.mark.redis
@@ -66,6 +68,8 @@ class TestRedisPythonParser(BackendContract):
 class TestRedisPseudonymousKeys(BackendContract):
     """The contract with key_secret: keys carry an HMAC of the user id, never the id."""
 
+    listing = False  # the keys do not turn back into user ids
+
     @pytest.fixture(autouse=True)
     def _store(self, redis_url: str, namespace: str) -> None:
         self.url = redis_url
@@ -76,6 +80,16 @@ class TestRedisPseudonymousKeys(BackendContract):
 
     def make_async_backend(self) -> AsyncRedisBackend:
         return AsyncRedisBackend.from_url(self.url, namespace=self.namespace, key_secret=SECRET)
+
+    def test_users_is_refused_with_a_reason(self) -> None:
+        backend = self.make_backend()
+        try:
+            svc = StateService(backend)
+            svc.update("ann", {"a": 1})
+            with pytest.raises(ConfigurationError, match="key_secret cannot list users"):
+                list(svc.users())
+        finally:
+            backend.close()
 
 
 SECRET = "a key secret of the bot, 32 bytes"

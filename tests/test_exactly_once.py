@@ -360,7 +360,7 @@ def test_a_client_bug_is_not_disguised_as_an_unknown_outcome() -> None:
 ACL_COMMANDS = (
     "+evalsha +eval +script|load +hgetall +ping "
     "+hmget +hget +hset +hdel +hincrby +exists +type +del +pexpire +pttl +get +set "
-    "+zadd +zrem +zrangebyscore"
+    "+zadd +zrem +zrangebyscore +scan"
 )
 
 

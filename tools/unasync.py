@@ -34,6 +34,7 @@ SUBS: list[tuple[str, str]] = [
     (r"Async([A-Z][A-Za-z0-9_]*)", r"\1"),
     (r"async def", "def"),
     (r"async with", "with"),
+    (r"async for", "for"),
     (r"await ", ""),
     (r"__aenter__", "__enter__"),
     (r"__aexit__", "__exit__"),

@@ -57,6 +57,7 @@ from chatstate.state import (
     MAX_SCHEMA,
     AsyncRedisBackend,
     AsyncStateService,
+    KeyScheme,
     RedisBackend,
     StateData,
     StateManager,
@@ -65,8 +66,6 @@ from chatstate.state import (
 from chatstate.state._backend import Snapshot, Write
 from chatstate.state._lua import APPLY_SCRIPT, LOAD_SCRIPT
 from chatstate.state._redis import (
-    _check_namespace,
-    _keys,
     _TagCore,
     default_client_options,
     map_redis_errors,
@@ -80,14 +79,13 @@ EXPORT_FORMAT: Final = 1
 ACL_COMMANDS: Final = (
     "evalsha", "eval", "script|load", "hgetall", "ping", "hmget", "hget", "hset", "hdel",
     "hincrby", "exists", "type", "del", "pexpire", "pttl", "get", "set",
-    "zadd", "zrem", "zrangebyscore",
+    "zadd", "zrem", "zrangebyscore", "scan",
 )  # fmt: skip
 """The commands the library runs (docs/backends.md, "The ACL chatstate needs")."""
 
 _REDACTED: Final = re.compile(r"^<secret( sha256:[0-9a-f]{12})?>$")
 _URL_PASSWORD: Final = re.compile(r"((?:rediss?|unix|valkeys?)://[^:@/\s]*:)([^@\s]+)@")
 _SLOTS: Final = 16384
-_HASHED_TAG: Final = re.compile(r"#[a-z2-7]{32}")
 _SCAN_COUNT: Final = 1000
 
 
@@ -180,7 +178,7 @@ def _check_url(args: argparse.Namespace) -> str:
     if not args.redis:
         raise CommandLineError(f"{args.command} needs --redis URL (or CHATSTATE_REDIS_URL)")
     try:
-        _check_namespace(args.namespace)
+        KeyScheme(args.namespace)
     except ConfigurationError as exc:
         raise CommandLineError(str(exc)) from None
     return str(args.redis)
@@ -248,36 +246,17 @@ def _glob_escape(text: str) -> str:
 # -- keys ----------------------------------------------------------------------------
 
 
-def parse_key(key: str, namespace: str) -> tuple[str, str] | None:  # noqa: PLR0911 - a rule each
+def parse_key(key: str, namespace: str) -> tuple[str, str] | None:
     """What a key of ``namespace`` holds and whose it is: ``("doc", user_id)``, ...
 
-    The kinds are ``doc``, ``ops``, ``claim`` and ``lock``; ``None`` for a key
-    chatstate did not build (a foreign key, or a user id that does not decode).
+    The kinds are ``doc``, ``ops``, ``claim`` and ``lock``; in place of the user
+    id, the hash tag of a key built with a key secret; ``None`` for a key
+    chatstate did not build (see :class:`~chatstate.state.KeyScheme`).
     """
-    prefix = namespace + ":{"
-    if not key.startswith(prefix):
+    parsed = KeyScheme(namespace).parse(key)
+    if parsed is None:
         return None
-    rest = key[len(prefix) :]
-    end = rest.find("}")
-    if end <= 0:
-        return None
-    encoded, tail = rest[:end], rest[end + 1 :]
-    if tail.startswith(":lock:"):
-        kind = "lock"
-    else:
-        kinds = {"": "doc", ":ops": "ops", ":claim": "claim"}
-        if tail not in kinds:
-            return None
-        kind = kinds[tail]
-    if encoded.startswith("#"):  # a backend with key_secret: the tag is a keyed hash
-        return (kind, encoded) if _HASHED_TAG.fullmatch(encoded) else None
-    try:
-        user_id = unquote(encoded, errors="strict")
-    except UnicodeDecodeError:
-        return None
-    if _keys(namespace, user_id)[0] != f"{prefix}{encoded}}}":
-        return None
-    return kind, user_id
+    return parsed.kind, parsed.user_id if parsed.user_id is not None else parsed.tag
 
 
 def _scan(
@@ -723,15 +702,13 @@ def cmd_stats(args: argparse.Namespace, console: Console) -> int:
         ops_keys: dict[int, tuple[Any, list[str]]] = {}
         sample: dict[int, tuple[Any, list[str]]] = {}
         sampled = 0
-        for node, key, (kind, user_id) in _scan(client, args, console, ":{*"):
+        for node, key, (kind, _user) in _scan(client, args, console, ":{*"):
             counts[kind] += 1
             if kind == "ops":
                 ops_keys.setdefault(id(node), (node, []))[1].append(key)
             elif kind == "doc" and sampled < args.sample:
                 sampled += 1
-                sample.setdefault(id(node), (node, []))[1].extend(
-                    _keys(args.namespace, user_id)[:2]
-                )
+                sample.setdefault(id(node), (node, []))[1].extend([key, key + ":ops"])
         remembered, recorded = _read_op_logs(ops_keys, counts["ops"], console)
         sizes = _memory_usage(sample)
     doc_bytes, ops_bytes = sizes[0::2], sizes[1::2]
@@ -857,6 +834,7 @@ def _dry_runs(namespace: str) -> list[tuple[str, tuple[str, ...]]]:
         "zadd": ("ZADD", index, "LT", "1", "u"),
         "zrem": ("ZREM", index, "u"),
         "zrangebyscore": ("ZRANGEBYSCORE", index, "-inf", "1", "WITHSCORES", "LIMIT", "0", "1"),
+        "scan": ("SCAN", "0", "MATCH", key, "COUNT", "1"),
     }
     return [(name, arguments[name]) for name in ACL_COMMANDS]
 
@@ -1141,7 +1119,7 @@ async def _bench_async(
 def _bench_cleanup(args: argparse.Namespace, users: list[str]) -> None:
     with _client(args) as client, map_redis_errors("DEL"):
         for user in users:
-            client.delete(*_keys(args.namespace, user))
+            client.delete(*KeyScheme(args.namespace).keys(user))
 
 
 # -- the parser ----------------------------------------------------------------------

@@ -22,6 +22,7 @@ from chatstate.state._backend import (
     Acquire,
     AsyncBackend,
     AsyncDeadlineIndex,
+    AsyncListing,
     AsyncLocking,
     Backend,
     DeadlineIndex,
@@ -30,6 +31,7 @@ from chatstate.state._backend import (
     Edits,
     Increment,
     Lease,
+    Listing,
     Locking,
     Operation,
     OpLog,
@@ -50,6 +52,7 @@ from chatstate.state._backend import (
 from chatstate.state._codec import stored_size
 from chatstate.state._crypto import FieldEncryption, secret_paths
 from chatstate.state._memory import AsyncMemoryBackend, MemoryBackend
+from chatstate.state._redis_keys import KeyScheme, ParsedKey
 from chatstate.state._rules import (
     MAX_SCHEMA,
     Edit,
@@ -77,6 +80,7 @@ __all__ = [
     "AsyncCachedUser",
     "AsyncClaim",
     "AsyncDeadlineIndex",
+    "AsyncListing",
     "AsyncLocking",
     "AsyncMemoryBackend",
     "AsyncRedisBackend",
@@ -94,13 +98,16 @@ __all__ = [
     "Edits",
     "FieldEncryption",
     "Increment",
+    "KeyScheme",
     "Lease",
+    "Listing",
     "Locking",
     "MemoryBackend",
     "OpLog",
     "OpRecord",
     "Operation",
     "Outcome",
+    "ParsedKey",
     "RedisBackend",
     "Release",
     "Renew",

@@ -20,7 +20,7 @@ import contextlib
 import marshal
 import os
 from base64 import urlsafe_b64encode
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any, Final, Literal, Protocol, TypeAlias, get_args, runtime_checkable
 
 import attrs
@@ -52,6 +52,7 @@ __all__ = [
     "Acquire",
     "AsyncBackend",
     "AsyncDeadlineIndex",
+    "AsyncListing",
     "AsyncLocking",
     "Backend",
     "DeadlineIndex",
@@ -60,6 +61,7 @@ __all__ = [
     "Edits",
     "Increment",
     "Lease",
+    "Listing",
     "Locking",
     "OpLog",
     "OpRecord",
@@ -961,6 +963,45 @@ class AsyncLocking(Protocol):
     ) -> contextlib.AbstractAsyncContextManager[None]:
         """See :meth:`Locking.lock` (used with ``async with``)."""
         ...
+
+
+# -- listing users ------------------------------------------------------------------
+
+
+@runtime_checkable
+class Listing(Protocol):
+    """What a backend adds to list the users it holds a document for (optional).
+
+    :meth:`StateService.users <chatstate.StateService.users>`, the command line
+    and framework start-up loads (python-telegram-bot's ``get_user_data``) use
+    it; over a backend without it they raise
+    :class:`~chatstate.exceptions.ConfigurationError`.
+    """
+
+    def users(self, prefix: str = "") -> Iterator[str]:
+        """Every user id with a live document that starts with ``prefix``, as a lazy iterator.
+
+        A user stored for the whole iteration is yielded at least once (a
+        backend that scans may yield one twice); one written or removed while
+        it runs may or may not be. Nothing is held between steps.
+        """
+        ...
+
+
+@runtime_checkable
+class AsyncListing(Protocol):
+    """The asyncio twin of :class:`Listing`."""
+
+    def users(self, prefix: str = "") -> AsyncIterator[str]:
+        """See :meth:`Listing.users` (used with ``async for``)."""
+        ...
+
+
+def check_prefix(prefix: object) -> str:
+    """Return ``prefix`` if it is a str (the start of user ids to list)."""
+    if not isinstance(prefix, str):
+        raise UsageError(f"prefix must be a str, not {prefix!r}")
+    return prefix
 
 
 # -- the deadline index ----------------------------------------------------------

@@ -22,6 +22,7 @@ from chatstate.state._backend import (
     apply_write,
     check_deadline,
     check_limit,
+    check_prefix,
     clone,
 )
 from chatstate.typing import JSONObject
@@ -168,6 +169,23 @@ class MemoryBackend:
         with self._locks.hold((user_id, name), wait, name):
             yield
 
+    def users(self, prefix: str = "") -> Iterator[str]:
+        """Every user id with a live document starting with ``prefix``, in code-point order.
+
+        The ids are read at the first step, under the lock, and yielded after.
+        """
+        check_prefix(prefix)
+        with self._lock:
+            now = self._clock()
+            found = sorted(
+                uid
+                for uid, user in self._users.items()
+                if user.root is not None
+                and uid.startswith(prefix)
+                and (user.expires_at is None or user.expires_at > now)
+            )
+        yield from found
+
     def erase(self, user_id: str) -> list[str]:
         """Remove everything kept for the user; return what there was.
 
@@ -273,6 +291,11 @@ class AsyncMemoryBackend:
 
     async def aclose(self) -> None:
         """Nothing to release; present for the :class:`AsyncBackend` protocol."""
+
+    async def users(self, prefix: str = "") -> AsyncIterator[str]:
+        """See :meth:`MemoryBackend.users`."""
+        for user_id in self.store.users(prefix):
+            yield user_id
 
     async def erase(self, user_id: str) -> list[str]:
         """See :meth:`MemoryBackend.erase`."""

@@ -30,8 +30,6 @@ from chatstate.state._pipeline import AsyncConnections, AutoPipeline, Connection
 from chatstate.state._redis_core import DEFAULT_NAMESPACE, _check_client_options
 
 # What chatstate.__main__ reads from this module (the storage layout, the client defaults).
-from chatstate.state._redis_core import _check_namespace as _check_namespace  # noqa: PLC0414
-from chatstate.state._redis_core import _keys as _keys  # noqa: PLC0414
 from chatstate.state._redis_core import _TagCore as _TagCore  # noqa: PLC0414
 from chatstate.state._redis_core import (
     default_client_options as default_client_options,  # noqa: PLC0414
@@ -187,6 +185,19 @@ class RedisBackend(RedisIO):
         :data:`~chatstate.state.ERASED_PARTS`.
         """
         return self._erase(user_id)
+
+    def users(self, prefix: str = "") -> Iterator[str]:
+        """Every user id with a document starting with ``prefix`` (``SCAN``, never ``KEYS``).
+
+        Scans every primary of a Cluster. As Redis's ``SCAN`` does, a user
+        stored for the whole scan is yielded at least once (rarely twice); one
+        written or removed meanwhile may or may not be.
+
+        Raises:
+            ConfigurationError: the backend has a ``key_secret``: keys hold
+                keyed hashes, which do not turn back into user ids.
+        """
+        return self._users(prefix)
 
     def schedule(self, user_id: str, at_ms: int, *, earlier_only: bool = True) -> None:
         """Index the user's next flow deadline (see :class:`~chatstate.state.DeadlineIndex`).
@@ -382,6 +393,10 @@ class AsyncRedisBackend(AsyncRedisIO):
     async def erase(self, user_id: str) -> list[str]:
         """See :meth:`RedisBackend.erase`."""
         return await self._erase(user_id)
+
+    def users(self, prefix: str = "") -> AsyncIterator[str]:
+        """See :meth:`RedisBackend.users` (used with ``async for``)."""
+        return self._users(prefix)
 
     async def schedule(self, user_id: str, at_ms: int, *, earlier_only: bool = True) -> None:
         """See :meth:`RedisBackend.schedule`."""

@@ -9,16 +9,10 @@ it by ``tools/unasync.py``); ``_redis`` adds what truly differs.
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import functools
-import hashlib
-import hmac
 import math
-import zlib
 from collections.abc import Iterator
 from typing import Any, Final
-from urllib.parse import quote
 
 import attrs
 import redis.exceptions as rex
@@ -53,6 +47,7 @@ from chatstate.state._backend import (
     Snapshot,
     Write,
     check_deadline,
+    check_prefix,
     corrupt,
     counter_not_integer,
     counter_overflow,
@@ -60,6 +55,7 @@ from chatstate.state._backend import (
 from chatstate.state._codec import unflatten_columns, unflatten_parts
 from chatstate.state._lua import APPLY_SCRIPT, LOAD_SCRIPT, write_args
 from chatstate.state._pipeline import NotSent
+from chatstate.state._redis_keys import KeyScheme
 from chatstate.state._sync.redis_retry import PolicyRetry
 
 __all__ = ["DEFAULT_NAMESPACE", "LOCK_NAMES", "default_client_options", "map_redis_errors"]
@@ -106,15 +102,6 @@ if not held then
 end
 return 0
 """
-_SAFE_ID_CHARS: Final = "@+"  # plus quote()'s own: letters, digits and "_.-~"
-
-
-def _check_namespace(namespace: object) -> str:
-    if not isinstance(namespace, str) or not namespace:
-        raise ConfigurationError("namespace must be a non-empty str")
-    if any(c in namespace for c in "{}") or not namespace.isprintable():
-        raise ConfigurationError("namespace must be printable and hold no '{' or '}'")
-    return namespace
 
 
 def _safe_location(client: Any) -> str:
@@ -179,20 +166,6 @@ def _text(raw: Any) -> str:
     raise TypeError(f"a script replied with a {type(raw).__name__}")
 
 
-@functools.lru_cache(maxsize=16384)
-def _keys(namespace: str, user_id: str) -> tuple[str, str, str]:
-    base = f"{namespace}:{{{quote(user_id, safe=_SAFE_ID_CHARS)}}}"
-    return base, base + ":ops", base + ":claim"
-
-
-@functools.lru_cache(maxsize=16384)
-def _hashed_keys(namespace: str, secret: bytes, user_id: str) -> tuple[str, str, str]:
-    digest = hmac.new(secret, user_id.encode("utf-8", "surrogatepass"), hashlib.sha256).digest()
-    tag = "#" + base64.b32encode(digest[:20]).decode("ascii").lower()
-    base = f"{namespace}:{{{tag}}}"
-    return base, base + ":ops", base + ":claim"
-
-
 def _check_client_options(options: dict[str, Any]) -> None:
     """The connection options chatstate reads itself, checked before redis-py sees them."""
     cluster = options.get("cluster", False)
@@ -231,23 +204,15 @@ def _stored_schema(fields: list[str], values: list[Any], key: str) -> int:
 
 
 class _RedisCore:
-    """The pure half of the Redis backends: keys and replies."""
+    """The pure half of the Redis backends: keys (by their :class:`KeyScheme`) and replies."""
 
     def __init__(self, namespace: str, key_secret: bytes | None = None) -> None:
-        self.namespace = _check_namespace(namespace)
-        self._secret = key_secret
+        self.scheme = KeyScheme(namespace, key_secret)
+        self.namespace = self.scheme.namespace
 
     def keys(self, user_id: str) -> list[str]:
-        """A user's document, operation-log and claim keys: one hash slot.
-
-        The user id is percent-encoded (so distinct ids give distinct keys and no
-        id can open or close a hash tag) and the encoded id is the hash tag. With
-        a key secret the tag is ``#`` and an HMAC-SHA256 of the id instead (160
-        bits in base32), so no user id appears in a key name.
-        """
-        if self._secret is not None:
-            return list(_hashed_keys(self.namespace, self._secret, user_id))
-        return list(_keys(self.namespace, user_id))
+        """A user's document, operation-log and claim keys (see :class:`KeyScheme`)."""
+        return list(self.scheme.keys(user_id))
 
     @staticmethod
     def hash_snapshot(parts: list[str], key: str) -> Snapshot | None:
@@ -416,8 +381,7 @@ class _TagCore(_RedisCore):
     """
 
     def keys(self, user_id: str) -> list[str]:
-        base = f"{self.namespace}:{{{user_id}}}"
-        return [base, base + ":ops", base + ":claim"]
+        return list(self.scheme.tag_keys(user_id))
 
 
 @attrs.frozen
@@ -747,8 +711,18 @@ class _RedisBackendBase:
         """An EVALSHA command as the EVAL of its script's text."""
         return ("EVAL", self._scripts[args[1]], *args[2:])
 
+    def _users_pattern(self, prefix: str) -> str:
+        """The ``SCAN MATCH`` pattern of documents of ids starting with ``prefix``."""
+        check_prefix(prefix)
+        if self._core.scheme.pseudonymous:
+            raise ConfigurationError(
+                f"{type(self).__name__} with a key_secret cannot list users: its keys hold "
+                "keyed hashes of the user ids, which do not turn back into ids"
+            )
+        return self._core.scheme.pattern(prefix)
+
     def _lock_key(self, user_id: str, name: str) -> str:
-        return f"{self._core.keys(user_id)[0]}:lock:{name}"
+        return f"{self._core.keys(user_id)[0]}:lock:{name}"  # by tag, for _TagCore too
 
     def _lock_args(self, key: str, action: str, token: str, lease: float) -> tuple[Any, ...]:
         lease_ms = max(1, math.ceil(lease * 1000))
@@ -772,11 +746,10 @@ class _RedisBackendBase:
         return [self._deadline_key(n) for n in range(self.deadline_shards)]
 
     def _deadline_key(self, shard: int) -> str:
-        return f"{self._core.namespace}:deadlines:{{{shard}}}"
+        return self._core.scheme.deadline(shard)
 
     def _deadline_shard_key(self, user_id: str) -> str:
-        digest = zlib.crc32(user_id.encode("utf-8", "surrogatepass"))
-        return self._deadline_key(digest % self.deadline_shards)
+        return self._core.scheme.deadline_shard(user_id, self.deadline_shards)
 
     def _no_index(self) -> UsageError:
         return UsageError(

@@ -11,8 +11,8 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Final, Literal, TypeVar, cast
 
 from chatstate._redact import redact
-from chatstate.exceptions import UsageError
-from chatstate.state._backend import Document, Outcome, Snapshot
+from chatstate.exceptions import ConfigurationError, UsageError
+from chatstate.state._backend import Document, Listing, Outcome, Snapshot
 from chatstate.state._manager import _ClaimCore
 from chatstate.state._rules import StateData
 from chatstate.typing import JSONObject, Path
@@ -54,6 +54,16 @@ def _eraser(backend: object) -> Callable[[str], Any]:
             "delete(user_id, force=True) removes the document only"
         )
     return cast("Callable[[str], Any]", erase)
+
+
+def _lister(backend: object) -> Callable[[str], Any]:
+    """The backend's ``users`` (the :class:`~chatstate.state.Listing` capability)."""
+    if not isinstance(backend, Listing):  # AsyncListing has the same shape
+        raise ConfigurationError(
+            f"{type(backend).__name__} cannot list its users (it is not a Listing backend); "
+            "the memory, SQLite and Redis backends can"
+        )
+    return backend.users
 
 
 def _counter_value(doc: JSONObject, path: Path) -> int:

@@ -16,7 +16,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Final, Literal
 
 from chatstate.exceptions import (
@@ -43,6 +43,7 @@ from chatstate.state._backend import (
     apply_write,
     check_deadline,
     check_limit,
+    check_prefix,
 )
 from chatstate.state._sync.leases import hold_lease_sync
 from chatstate.typing import JSONObject
@@ -584,6 +585,34 @@ class SqliteBackend:
 
     # -- erasure -----------------------------------------------------------------
 
+    def users(self, prefix: str = "", *, batch: int = 500) -> Iterator[str]:
+        """Every user id with a live document starting with ``prefix``, in byte order.
+
+        Read ``batch`` ids at a time, each page in a statement of its own after
+        the last id of the one before, so no read stays open between steps.
+        """
+        check_prefix(prefix)
+        batch = check_limit(batch)
+        after: str | None = None
+        while True:
+            now = self._now_ms()
+            with _mapped(self.path):
+                rows = (
+                    self._conn()
+                    .execute(
+                        "SELECT user_id FROM chatstate_users WHERE user_id >= ? "
+                        "AND (? IS NULL OR user_id > ?) AND substr(user_id, 1, ?) = ? "
+                        "AND (expires_at IS NULL OR expires_at > ?) ORDER BY user_id LIMIT ?",
+                        (prefix, after, after, len(prefix), prefix, now, batch),
+                    )
+                    .fetchall()
+                )
+            for (user_id,) in rows:
+                yield str(user_id)
+            if len(rows) < batch:
+                return
+            after = str(rows[-1][0])
+
     def erase(self, user_id: str) -> list[str]:
         """Remove everything kept for the user, in one transaction; return what there was.
 
@@ -759,6 +788,16 @@ class AsyncSqliteBackend:
         """Close the store if this backend opened it."""
         if self._owned:
             await asyncio.to_thread(self.store.close)
+
+    async def users(self, prefix: str = "", *, batch: int = 500) -> AsyncIterator[str]:
+        """See :meth:`SqliteBackend.users` (each page read in a worker thread)."""
+        pages = self.store.users(prefix, batch=batch)
+        done = object()
+        while True:
+            user_id = await asyncio.to_thread(next, pages, done)
+            if user_id is done:
+                return
+            yield str(user_id)
 
     async def erase(self, user_id: str) -> list[str]:
         """See :meth:`SqliteBackend.erase`."""

@@ -7,7 +7,7 @@ over both twins.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -110,6 +110,11 @@ class SyncServiceAsAsync:
     async def export(self, user_id: str, *, include_secrets: bool = False) -> JSONObject:
         """Call :meth:`StateService.export`."""
         return self.service.export(user_id, include_secrets=include_secrets)
+
+    async def users(self, prefix: str = "") -> AsyncIterator[str]:
+        """Iterate over :meth:`StateService.users`."""
+        for user_id in self.service.users(prefix):
+            yield user_id
 
     async def erase(self, user_id: str) -> list[str]:
         """Call :meth:`StateService.erase`."""

@@ -13,7 +13,7 @@ import inspect
 import threading
 import unicodedata
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import attrs
 import pytest
@@ -119,6 +119,8 @@ class BackendContract:
     """Whether the backend keeps the optional deadline index (schedule, unschedule, due)."""
     stores_schema: bool = True
     """Whether the backend stores schema versions (``stores_schema = True``, ``Write.schema``)."""
+    listing: bool = True
+    """Whether the backend lists its users (``users(prefix)``: a ``Listing`` backend)."""
 
     def make_backend(self) -> Backend:
         """Return a new sync backend over this test's store (empty when the test starts)."""
@@ -259,6 +261,42 @@ class BackendContract:
         with pytest.raises(ClaimLostError):
             await _maybe(claim.commit())
         assert await svc.get("ana") == {}
+
+    # -- listing users (optional) ------------------------------------------------
+
+    async def _users(self, svc: ServiceTwin, prefix: str = "") -> list[str]:
+        if not self.listing:
+            pytest.skip("this backend cannot list its users")
+        return [user_id async for user_id in svc.users(prefix)]
+
+    @_twin_test
+    async def test_users_lists_live_documents_by_prefix(self, svc: ServiceTwin) -> None:
+        odd = ["ana", "anna", "an", "bob", "x*y", "x[1]", "xay", "a b/\u00e9", "a%20b", "{t}"]
+        for user_id in odd:
+            await svc.update(user_id, {"n": 1})
+        await svc.update_once("gone", {"n": 1}, op_id="m1")
+        await svc.delete("gone")  # its op ids stay; its document does not
+        assert sorted(await self._users(svc)) == sorted(odd)
+        assert sorted(await self._users(svc, "an")) == ["an", "ana", "anna"]
+        assert sorted(await self._users(svc, "x*")) == ["x*y"]
+        assert sorted(await self._users(svc, "x[")) == ["x[1]"]
+        assert sorted(await self._users(svc, "a ")) == ["a b/\u00e9"]
+        assert sorted(await self._users(svc, "a%")) == ["a%20b"]
+        assert sorted(await self._users(svc, "{")) == ["{t}"]
+        assert await self._users(svc, "anna!") == []
+        assert await self._users(svc, "gone") == []
+        with pytest.raises(UsageError, match="prefix"):
+            await self._users(svc, cast("str", 7))
+
+    @_twin_test
+    async def test_users_lists_every_user_of_a_large_store_once(self, svc: ServiceTwin) -> None:
+        everyone = {f"u{n:05d}" for n in range(1_234)}
+        for user_id in everyone:
+            await svc.update(user_id, {"n": 1})
+        listed = await self._users(svc)
+        assert set(listed) == everyone
+        assert len(listed) == len(everyone), "a user was listed twice on a store nobody wrote"
+        assert len(await self._users(svc, "u001")) == 100
 
     # -- the deadline index (optional) -------------------------------------------
 
@@ -969,6 +1007,22 @@ class BackendContract:
                 assert await svc.get("u") == {"a": 1, "b": 2}
                 await self.advance(0.4)
                 assert await svc.snapshot("u") == Snapshot({}, 0)
+            finally:
+                await svc.aclose()
+
+        asyncio.run(main())
+
+    def test_users_leaves_out_expired_documents(self, twin: str) -> None:
+        """An expired document's user is not listed, though its op ids are remembered."""
+
+        async def main() -> None:
+            svc = self.open_service(twin, ttl=0.6)
+            try:
+                await svc.update_once("old", {"a": 1}, op_id="m1")
+                await self.advance(0.4)
+                await svc.update("new", {"a": 1})
+                await self.advance(0.4)
+                assert await self._users(svc) == ["new"]
             finally:
                 await svc.aclose()
 

@@ -40,6 +40,8 @@ from chatstate.state._redis_core import (
 
 __all__ = ["AsyncRedisIO"]
 
+_SCAN_COUNT = 1000
+
 
 class AsyncRedisIO(_RedisBackendBase):
     """The commands of a Redis backend, over the ``_execute`` its subclass sends them with.
@@ -146,6 +148,16 @@ class AsyncRedisIO(_RedisBackendBase):
             index = self._deadline_shard_key(user_id)
             zrem = await self._send(index, ("ZREM", index, user_id))
         return self._erased(raw, zrem)
+
+    async def _users(self, prefix: str) -> AsyncIterator[str]:
+        """Every user id with a document starting with ``prefix``: SCAN of every primary."""
+        scheme = self._core.scheme
+        pattern = self._users_pattern(prefix)
+        with map_redis_errors("SCAN"):
+            async for raw in self.client.scan_iter(match=pattern, count=_SCAN_COUNT):
+                parsed = scheme.parse(raw)
+                if parsed is not None and parsed.kind == "doc" and parsed.user_id is not None:
+                    yield parsed.user_id
 
     async def _schedule(self, user_id: str, at_ms: int, *, earlier_only: bool) -> None:
         if not self.deadline_shards:

@@ -9,7 +9,7 @@ This module is the one body of both twins: ``_sync/service.py`` (``StateService`
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import timedelta
 from types import TracebackType
 from typing import Any, Self
@@ -18,7 +18,7 @@ from chatstate._actions import failing
 from chatstate._heartbeat import Beat, heartbeat_sync
 from chatstate._retry import RetryPolicy
 from chatstate.exceptions import UsageError
-from chatstate.state._backend import Backend, Document, Outcome, Snapshot
+from chatstate.state._backend import Backend, Document, Outcome, Snapshot, check_prefix
 from chatstate.state._manager import (
     ASSIGN,
     DEFAULT_DEDUPE,
@@ -42,6 +42,7 @@ from chatstate.state._service import (
     _counter_value,
     _eraser,
     _export,
+    _lister,
     cached_state_sync,
 )
 from chatstate.state._sync.manager import StateManager
@@ -277,6 +278,34 @@ class StateService:
         """
         uid = self.manager.user_id(user_id)
         return _export(uid, self.snapshot(uid), self.manager.rules, include_secrets)
+
+    def users(self, prefix: str = "") -> Iterator[str]:
+        """Every user id with a stored document that starts with ``prefix``, lazily.
+
+        For operator jobs: a broadcast, a migration, a framework's start-up
+        load. A user stored for the whole iteration is listed at least once
+        (Redis's ``SCAN`` may list one twice); a user written or erased
+        meanwhile may or may not be. Memory and SQLite list in id order, Redis
+        in no order. The asyncio twin is used with ``for``.
+
+        Examples:
+            With the sync twin:
+
+            >>> from chatstate import StateService
+            >>> svc = StateService()
+            >>> for user in ("ann", "bob", "anna"):
+            ...     _ = svc.update(user, {"seen": 1})
+            >>> sorted(svc.users(prefix="ann"))
+            ['ann', 'anna']
+
+        Raises:
+            ConfigurationError: the backend cannot list its users (a backend
+                of your own without ``users``, or Redis with a ``key_secret``),
+                on the first step.
+        """
+        check_prefix(prefix)
+        for user_id in _lister(self.manager.backend)(prefix):
+            yield user_id
 
     def erase(self, user_id: str) -> list[str]:
         """Remove everything chatstate keeps for the user; return what was there.
