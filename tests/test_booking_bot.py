@@ -12,25 +12,17 @@ import pytest
 from chatstate import RedisBackend, StateService
 from chatstate.flow import Media, Message, render_text
 from chatstate.testing import Conversation
+from fakes import FakeClock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 from booking_bot import RULES, Clinic, build_router
 
 TODAY = dt.date(2030, 1, 10)
-START = 1_900_000_000.0
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = START
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def _bot(service: StateService | None = None) -> tuple[Any, Clock, Clinic]:
-    clock = Clock()
+def _bot(service: StateService | None = None) -> tuple[Any, FakeClock, Clinic]:
+    clock = FakeClock()
     clinic = Clinic(today=TODAY)
     router = build_router(service or StateService(rules=RULES), clinic, clock=clock)
     return router, clock, clinic

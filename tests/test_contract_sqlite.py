@@ -33,24 +33,15 @@ from chatstate.exceptions import (
 from chatstate.state import AsyncStateService, StateService, stored_size
 from chatstate.state._sqlite import AsyncSqliteBackend, SqliteBackend
 from chatstate.testing import BackendContract
+from fakes import FakeClock
 from strategies import canonical
 from test_state_machine import RULES, ServiceModel
-
-
-class FakeClock:
-    """A wall clock that only moves when told to."""
-
-    def __init__(self) -> None:
-        self.now = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class TestSqliteBackend(BackendContract):
     @pytest.fixture(autouse=True)
     def _store(self, tmp_path: Path) -> None:
-        self.clock = FakeClock()
+        self.clock = FakeClock(1_700_000_000.0)
         self.path = tmp_path / "state.db"
 
     def make_backend(self) -> SqliteBackend:
@@ -148,7 +139,7 @@ def test_data_survives_closing_and_reopening_the_file(tmp_path: Path) -> None:
 
 def test_two_backends_on_one_file_exclude_each_others_locks(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
-    clock = FakeClock()
+    clock = FakeClock(1_700_000_000.0)
     a, b = SqliteBackend(path, clock=clock), SqliteBackend(path, clock=clock)
     try:
         with a.lock("ana", "refresh", lease=30, wait=1):
@@ -214,7 +205,7 @@ def test_an_async_backend_over_a_shared_store_leaves_it_open(tmp_path: Path) -> 
 
 
 def test_expired_rows_are_purged(tmp_path: Path) -> None:
-    clock = FakeClock()
+    clock = FakeClock(1_700_000_000.0)
     backend = SqliteBackend(tmp_path / "state.db", clock=clock, purge_every=60)
     svc = StateService(backend, ttl=10, dedupe_window=10)
     svc.update_once("ana", {"a": 1}, op_id="m1")
@@ -305,7 +296,7 @@ class StrictBindingConnection(sqlite3.Connection):
 def test_erase_and_purge_bind_named_parameters_from_a_mapping(
     tmp_path: Path, opened: list[sqlite3.Connection]
 ) -> None:
-    clock = FakeClock()
+    clock = FakeClock(1_700_000_000.0)
     backend = SqliteBackend(tmp_path / "state.db", clock=clock, purge_every=60)
     with StateService(backend, ttl=10) as svc:
         svc.update_once("ana", {"a": 1}, op_id="m1")

@@ -19,8 +19,7 @@ from chatstate import (
 from chatstate.flow import AsyncRouter, Flow, Menu, MenuItem, Message, Router, Step, render_text
 from chatstate.state import AsyncMemoryBackend, MemoryBackend
 from chatstate.testing import AsyncConversation, Conversation
-
-START = 1_900_000_000.0
+from fakes import FakeClock
 
 
 class Quiz(Flow):
@@ -48,24 +47,16 @@ MENU = Menu(
 )
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = START
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def _texts(fired: list[tuple[str, list[Any]]]) -> list[tuple[str, list[str]]]:
     return sorted((user, [render_text(s) for s in replies]) for user, replies in fired)
 
 
-def _message(user: str, text: str, clock: Clock, n: int) -> Message:
+def _message(user: str, text: str, clock: FakeClock, n: int) -> Message:
     return Message(user, text=text, message_id=f"{user}-{n}", timestamp=clock.now)
 
 
 def test_a_reminder_then_a_timeout_each_fire_once() -> None:
-    clock = Clock()
+    clock = FakeClock()
     router = Router(StateService(), main_menu=MENU, clock=clock)
     chat = Conversation(router, "ana")
     chat.send("quiz")
@@ -88,7 +79,7 @@ def test_a_reminder_then_a_timeout_each_fire_once() -> None:
 
 
 def test_an_answer_moves_the_deadline_and_an_early_entry_fires_nothing() -> None:
-    clock = Clock()
+    clock = FakeClock()
     router = Router(StateService(), main_menu=MENU, clock=clock)
     chat = Conversation(router, "ana")
     chat.send("quiz")
@@ -102,7 +93,7 @@ def test_an_answer_moves_the_deadline_and_an_early_entry_fires_nothing() -> None
 
 
 def test_hooks_replace_the_default_replies_and_may_stage_changes() -> None:
-    clock = Clock()
+    clock = FakeClock()
     router = Router(StateService(), main_menu=MENU, clock=clock)
     chat = Conversation(router, "bo")
     chat.send("polite")
@@ -114,7 +105,7 @@ def test_hooks_replace_the_default_replies_and_may_stage_changes() -> None:
 
 
 def test_a_finished_flow_leaves_nothing_to_fire() -> None:
-    clock = Clock()
+    clock = FakeClock()
     router = Router(StateService(), main_menu=MENU, clock=clock)
     chat = Conversation(router, "ana")
     chat.send("quiz")
@@ -144,7 +135,7 @@ def test_due_refuses_a_bad_limit_and_a_backend_without_an_index() -> None:
 
     with pytest.raises(UsageError, match="cannot erase"):
         StateService(Plain()).erase("ana")
-    clock = Clock()
+    clock = FakeClock()
     plain = Router(StateService(Plain()), main_menu=MENU, clock=clock)
     plain.handle(_message("ana", "quiz", clock, 1))  # no index: the flow still works
     with pytest.raises(UsageError, match="keeps no deadline index"):
@@ -155,7 +146,7 @@ def test_due_refuses_a_bad_limit_and_a_backend_without_an_index() -> None:
 
 
 def test_a_user_busy_with_a_message_is_skipped_and_fires_later() -> None:
-    clock = Clock()
+    clock = FakeClock()
     service = StateService()
     router = Router(service, main_menu=MENU, clock=clock)
     Conversation(router, "ana").send("quiz")
@@ -186,7 +177,7 @@ def _fire_everywhere(routers: list[Router], users: int) -> list[tuple[str, list[
 
 
 def _race(make_service: Any, users: int = 30) -> None:
-    clock = Clock()
+    clock = FakeClock()
     services = [make_service() for _ in range(3)]
     routers = [Router(s, main_menu=MENU, clock=clock) for s in services]
     try:
@@ -266,7 +257,7 @@ def _run_due(kind: str, redis_url: str, namespace: str) -> None:
     """Two workers, a send that fails once (logged, the loop goes on), then cancel."""
 
     async def main() -> None:
-        clock = Clock()
+        clock = FakeClock()
         services = _async_services(kind, redis_url, namespace)
         routers = [AsyncRouter(s, main_menu=MENU, clock=clock) for s in services]
         for n in range(6):
@@ -322,7 +313,7 @@ def test_a_hook_taking_only_ctx_is_refused_when_the_flow_is_defined() -> None:
 
 
 def test_a_late_collection_sends_the_timeout_not_a_reminder_for_a_dead_flow() -> None:
-    clock = Clock()
+    clock = FakeClock()
     router = Router(StateService(), main_menu=MENU, clock=clock)
     Conversation(router, "ana").send("quiz")
     clock.now += 31 * 60  # due() was not called for half an hour
