@@ -1,41 +1,9 @@
-"""Tests that kill the mutants mutmut found alive in ``chatstate.state._rules``.
+"""The merge rules at their edges: refusals, exact limits, size bookkeeping, no aliasing.
 
 Each test asserts behaviour a caller can see: what is refused (and the ``path``
 the error names), limits at their exact boundaries, the size bookkeeping, that
 stored data never aliases the caller's, ``diff`` round-tripping through ``merge``.
-Run ``make mutation`` to see the score.
-
-Surviving mutants judged equivalent (they cannot change behaviour); mutmut 3.8.1
-names, ``x_`` prefix and ``__mutmut_`` dropped (``mutmut show`` prints each one):
-
-- Error message wording only (``"XX...XX"`` and case-changed literals; the tests
-  check what a message names, the path, type and limit, not its wording):
-  ``StateData.__attrs_post_init__`` 22, ``_check_guarded`` 18 19, ``assign_edits`` 20,
-  ``increment_path`` 13, ``_check_not_preserved`` 15 16, ``check_replacement`` 15 16,
-  ``_check_int_text`` 8 9 10, ``check_json`` 77 78 79.
-- ``_check_text`` 3: ``encode("UTF-8")`` for ``encode("utf-8")``; codec names ignore case.
-- ``__attrs_post_init__`` 27: ``range(len(p))`` adds the empty path to the preserved
-  ancestors, and no patch key ever makes the empty path.
-- Checks that only run more or less often on values that pass either way:
-  ``compile`` 1 (every patch copied with ``dict()`` first), ``_compile_object`` 14
-  (every key through ``_check_key``), 25 (``guarded or ...``: an empty set holds
-  nothing), 72 73 (ints and floats also through ``check_json``, which accepts them),
-  92 93 94 and ``check_json`` 15 16 17 (the big-int bound moved by one or dropped:
-  ``10**600`` has 601 digits, far under Python's 4300-digit limit, so ``str()``
-  succeeds), ``_compile_object`` 97 98 (``check_json`` of a float or big int never
-  reads the depth).
-- ``_exact_edits`` 26, ``_leaf_edits`` 13: ``copy_json(value) if ... or True``; copying
-  a scalar returns it unchanged.
-- ``_drop_nones`` 1 4 (no recursion): a nested ``None`` left in a replaced object
-  compiles to a delete of a key the freshly made object does not have; same document.
-- ``_apply`` 18 23 24 71 72, ``apply_edits_shared`` 11: copy-on-write bookkeeping;
-  the mutants only copy objects this call made once more (never recording them as
-  fresh, or copying fresh ones again; the top-level copy is never anyone's child).
-  Same result, the caller's document still untouched: only slower.
-- ``assign_edits`` 8 (``len(values) >= max_entries``): every value makes at least two
-  edits, so that many values is refused by the edit count anyway, same error type.
-- ``diff`` 8 10 (``old.get(key, None)``): ``value`` is never ``None`` there, so a missing
-  key still compares unequal.
+``tests/test_rules.py`` holds the rules' main cases and properties.
 """
 
 from __future__ import annotations

@@ -1,34 +1,8 @@
-"""The router core's routing order, flow commands and deadlines, one rule per test.
+"""The router's rules, one per test: routing order, flow commands, deadlines.
 
-Written against the mutants mutmut found alive in ``chatstate.flow._router``
-(``make mutation``): which rule wins for a message (greeting, active flow, menu
-item, default), what each flow command stores and reports to observers, and the
-exact edges of reminders and timeouts.
-
-Surviving mutants judged equivalent (they cannot change behaviour); mutmut 3.8.1
-names, ``xǁ_RouterCoreǁ`` prefix and ``__mutmut_`` dropped (``mutmut show`` prints each):
-
-- ``_plan`` 4 5, ``_continue`` 18: the word of a non-text message (its caption, or
-  ``"XXXX"``). ``_plan`` reads it only behind ``message.is_text``; in ``_continue``
-  ``"xxxx"`` matches no command word (only a flow declaring it one would differ).
-- ``_plan`` 11 16: a greeting with no active flow plans ``None`` instead of ``KEEP``;
-  the flow field is absent then, and both write nothing.
-- ``_plan`` 101 103: ``authenticated=None`` or left out is the default ``False``.
-- ``_continue`` 59, ``_expire`` 28, ``_fire`` 117 (``ctx.step or "XXXX"``) and
-  ``_fire`` 152 (``plan.outcome or "XXXX"``): the left side is never empty there.
-- ``_next_deadline`` 30 (``remind <= timeout``): ``Flow`` refuses a reminder that is
-  not before its timeout, so ``at + reminder`` is always under ``at + timeout + 1 ms``.
-- ``_due_event`` 10: with ``and``, only a ``"timeout"`` event goes on, and it comes
-  back unchanged; an unknown flow already has no event. 24: a reminder event
-  implies a valid ``at``, so the ``_at`` default is never used.
-- ``_fire`` 6 (``wait=None``): the manager treats a falsy wait as no wait, like 0.
-- ``_fire`` 118 (no following deadline after a reminder: unschedule): ``_settle``
-  indexes the reminded flow's next deadline (its timeout) right after.
-- ``due_with`` 4 5 6 7 14: error message wording ("XX...XX", case).
-
-Not analysed: the survivors in the rest of ``_router.py`` (the option checks of
-``__init__``, ``Menu``/``MenuItem``, ``home``/``_home``/``_index``, ``run_due``,
-``run_sync``, ``_replies``, ``_schedule``); they show in ``mutmut results``.
+Which rule wins for a message (greeting, active flow, menu item, default), what
+each flow command stores and reports to observers, and the exact edges of
+reminders and timeouts (``Router.due``).
 """
 
 from __future__ import annotations
@@ -52,8 +26,7 @@ from chatstate.flow import (
 from chatstate.flow._message import Media
 from chatstate.flow._router import DEADLINE_PURPOSE, ROUTER_PURPOSE
 from chatstate.testing import Conversation
-
-START = 1_900_000_000.0
+from fakes import START, Fake, FakeClock
 
 
 def _number(answer: str) -> int:
@@ -103,14 +76,6 @@ MENU = Menu(
 )
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = START
-
-    def __call__(self) -> float:
-        return self.now
-
-
 class Steps(observe.Observer):
     def __init__(self) -> None:
         self.seen: list[tuple[str, str, str]] = []
@@ -126,8 +91,8 @@ def steps():
     observe.remove_observer(recorder)
 
 
-def _router(clock: Clock | None = None, **options: Any) -> Router:
-    return Router(StateService(), main_menu=MENU, clock=clock or Clock(), **options)
+def _router(clock: FakeClock | None = None, **options: Any) -> Router:
+    return Router(StateService(), main_menu=MENU, clock=clock or FakeClock(), **options)
 
 
 def _chat(router: Router | None = None) -> Conversation:
@@ -188,7 +153,7 @@ def test_a_submenu_item_shows_the_submenu() -> None:
 
 
 def test_idle_exactly_the_timeout_is_not_expired_at_the_next_message() -> None:
-    clock = Clock()
+    clock = FakeClock()
     chat = _chat(_router(clock))
     chat.send_message(Message("ana", text="order", message_id="1", timestamp=START))
     late = START + 30 * 60
@@ -296,7 +261,7 @@ def test_back_to_a_step_whose_answer_is_missing() -> None:
 
 
 def test_an_invalid_answer_restarts_the_idle_clock_and_clears_the_reminder() -> None:
-    clock = Clock()
+    clock = FakeClock()
     router = _router(clock)
     chat = _chat(router)
     chat.send_message(Message("ana", text="order", message_id="1", timestamp=START))
@@ -313,7 +278,7 @@ def test_an_invalid_answer_restarts_the_idle_clock_and_clears_the_reminder() -> 
 
 
 def test_an_answer_clears_the_reminder() -> None:
-    clock = Clock()
+    clock = FakeClock()
     router = _router(clock)
     chat = _chat(router)
     chat.send("order")
@@ -431,7 +396,7 @@ DEADLINE_MENU = Menu(
 )
 
 
-def _deadline_router(clock: Clock) -> Router:
+def _deadline_router(clock: FakeClock) -> Router:
     return Router(StateService(), main_menu=DEADLINE_MENU, clock=clock)
 
 
@@ -448,7 +413,7 @@ def _ms(seconds: float) -> int:
 
 
 def test_a_reminder_without_a_timeout_fires_once_and_leaves_nothing_due() -> None:
-    clock = Clock()
+    clock = FakeClock()
     router = _deadline_router(clock)
     _start(router, "ana", "nudge")
     clock.now = START + 5 * 60
@@ -460,7 +425,7 @@ def test_a_reminder_without_a_timeout_fires_once_and_leaves_nothing_due() -> Non
 
 def test_a_late_collection_exactly_at_the_timeout_sends_the_timeout() -> None:
     """Collected at the first timed-out millisecond, with the reminder never sent."""
-    router = _deadline_router(Clock())
+    router = _deadline_router(FakeClock())
     _start(router, "ana", "order")
     fired = router.due(now=START + 30 * 60 + 0.001)
     texts = [render_text(s) for _, r in fired for s in r]
@@ -469,7 +434,7 @@ def test_a_late_collection_exactly_at_the_timeout_sends_the_timeout() -> None:
 
 
 def test_a_flow_without_a_time_has_no_deadline_and_its_entry_is_dropped() -> None:
-    router = _deadline_router(Clock())
+    router = _deadline_router(FakeClock())
     router.service.update("ana", {"flow": {"name": "order", "step": "item", "at": "never"}})
     router.service.manager.backend.schedule("ana", _ms(START), earlier_only=False)
     assert router.due(now=START + 3600) == []
@@ -477,7 +442,7 @@ def test_a_flow_without_a_time_has_no_deadline_and_its_entry_is_dropped() -> Non
 
 
 def test_an_early_entry_is_moved_to_the_real_deadline() -> None:
-    router = _deadline_router(Clock())
+    router = _deadline_router(FakeClock())
     _start(router, "ana", "order")
     backend = router.service.manager.backend
     backend.schedule("ana", _ms(START + 60), earlier_only=True)
@@ -486,7 +451,7 @@ def test_an_early_entry_is_moved_to_the_real_deadline() -> None:
 
 
 def test_a_fired_deadline_claims_its_own_op_id() -> None:
-    clock = Clock()
+    clock = FakeClock()
     router = _deadline_router(clock)
     _start(router, "ana", "order")
     router.due(now=START + 5 * 60)
@@ -496,7 +461,7 @@ def test_a_fired_deadline_claims_its_own_op_id() -> None:
 
 def test_a_reminder_hook_sees_the_data_the_deadline_and_the_time(steps: Steps) -> None:
     Watched.seen.clear()
-    router = _deadline_router(Clock())
+    router = _deadline_router(FakeClock())
     _start(router, "ana", "watched")
     router.service.update("ana", {"flow": {"data": {"k": 1}}})
     now = START + 5 * 60 + 1
@@ -516,7 +481,7 @@ def test_a_reminder_hook_sees_the_data_the_deadline_and_the_time(steps: Steps) -
 def test_due_skips_a_busy_user_at_once_and_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
     import time
 
-    router = _deadline_router(Clock())
+    router = _deadline_router(FakeClock())
     _start(router, "ana", "order")
     _start(router, "bo", "order")
     claim = router.service.claim("ana", "in-flight", lease=30)
@@ -532,7 +497,7 @@ def test_due_skips_a_busy_user_at_once_and_goes_on(monkeypatch: pytest.MonkeyPat
 def test_a_failing_user_is_logged_stays_due_and_the_others_fire(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    router = _deadline_router(Clock())
+    router = _deadline_router(FakeClock())
     _start(router, "ana", "watched")
     _start(router, "bo", "watched")
     router.service.update("ana", {"flow": {"data": {"fail": True}}})
@@ -545,7 +510,7 @@ def test_a_failing_user_is_logged_stays_due_and_the_others_fire(
 
 
 def test_due_checks_limit_and_now_at_their_edges() -> None:
-    router = _deadline_router(Clock())
+    router = _deadline_router(FakeClock())
     _start(router, "ana", "order")
     _start(router, "bo", "order")
     for bad in ("3", 1.5, True, 0):
@@ -560,7 +525,7 @@ def test_due_checks_limit_and_now_at_their_edges() -> None:
 
 
 def test_a_deadline_commit_found_duplicate_sends_nothing() -> None:
-    router = _deadline_router(Clock())
+    router = _deadline_router(FakeClock())
     state = _State("duplicate")
     flow = {"name": "order", "step": "item", "data": {}, "history": [], "attempts": 0}
     original = _Claim.__init__
@@ -626,19 +591,13 @@ def test_a_user_busy_elsewhere_waits_only_the_routers_wait(monkeypatch: pytest.M
 
     router = _router(wait=0.05)
     claim = router.service.claim("ana", "in-flight", lease=30)
-    naps: list[float] = []
-    now = [0.0]
-
-    def sleep(seconds: float) -> None:  # a fake clock: no real time passes
-        naps.append(seconds)
-        now[0] += seconds
-
-    monkeypatch.setattr(time, "sleep", sleep)  # the default policies look them up late
-    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    fake = Fake()  # no real time passes
+    monkeypatch.setattr(time, "sleep", fake.sleep)  # the default policies look them up late
+    monkeypatch.setattr(time, "monotonic", fake.clock)
     with pytest.raises(UserBusyError):
         router.handle(Message("ana", text="help", message_id="m1"))
     monkeypatch.undo()
-    assert sum(naps) <= 0.05, naps  # it waited the router's wait, not the default 10 s
+    assert sum(fake.naps) <= 0.05, fake.naps  # it waited the router's wait, not the default 10 s
     claim.release()
 
 
@@ -647,7 +606,7 @@ def test_a_message_id_reused_for_other_content_is_refused() -> None:
     from chatstate import OpIdReusedError, StateData
 
     service = StateService(rules=StateData(digest_key="a deployment secret!"))
-    router = Router(service, main_menu=MENU, clock=Clock())
+    router = Router(service, main_menu=MENU, clock=FakeClock())
     router.handle(Message("ana", text="help", message_id="m1"))
     with pytest.raises(OpIdReusedError):
         router.handle(Message("ana", text="order", message_id="m1"))
@@ -656,7 +615,7 @@ def test_a_message_id_reused_for_other_content_is_refused() -> None:
 def test_without_a_digest_key_the_content_of_a_message_is_not_kept() -> None:
     """No digest_key: the op log holds no digest of what was typed (the id's copy is silent)."""
     service = StateService()
-    router = Router(service, main_menu=MENU, clock=Clock())
+    router = Router(service, main_menu=MENU, clock=FakeClock())
     router.handle(Message("ana", text="help", message_id="m1"))
     records = service.manager.backend._users["ana"].log.records
     assert [r.digest for r in records.values()] == [""]
@@ -714,7 +673,7 @@ def test_the_routers_lease_bounds_a_message_and_a_deadline() -> None:
         only = Step("Slow?")
 
     menu = Menu("M", [MenuItem("slow", "Slow", flow=Slow)])
-    router = Router(service, main_menu=menu, lease=0.05, clock=Clock())
+    router = Router(service, main_menu=menu, lease=0.05, clock=FakeClock())
     router.handle(Message("ana", text="slow", message_id="m2", timestamp=START))
     assert router.due(now=START + 5 * 60)
     assert leases == [0.05, 0.05]

@@ -1,37 +1,9 @@
 """The writes the state manager builds: op keys, nonces, digests and claims, at their edges.
 
-Written against the mutants mutmut found alive in ``chatstate.state._manager``
-(``make mutation``). The op key, nonce and digest of a write are a stored format:
-every process of a deployment (and every backend, the Redis scripts included)
-must derive the same key and digest from the same request, so these tests pin
-their exact values, not only their consistency within one process.
-
-Surviving mutants judged equivalent (they cannot change behaviour); mutmut 3.8.1
-names, ``x_`` / ``xǁClassǁ`` prefix and ``__mutmut_`` dropped (``mutmut show`` prints each):
-
-- ``write`` 28 30 31 32: the ``surrogatepass`` handler and codec name of the op key
-  material. An op id must be printable and a lone surrogate is not, so encoding never
-  fails; codec names ignore case. Likewise ``digest_text`` 11, ``_b64`` 4 (case).
-- ``acquire_write`` 5 10 12 (``digest_request`` true, ``None`` or left out): the
-  request digest of an ``Acquire`` is ``""``, the same as no digest.
-- ``request_digest`` 26 (``"XXXX"`` for other operations): never used. ``Replace``
-  has no op id, ``Acquire`` asks for no request digest, commit and release reuse
-  the claim's digest.
-- ``_ClaimCore.__init__`` 18 19, ``settle_commit`` 1 2 3: a closed claim's state
-  becomes another value than ``"done"``; only ``!= "open"`` is ever tested.
-- ``to_ms`` 4 5: the cached call made with the wrong arguments raises ``TypeError``,
-  which falls back to the uncached conversion: same value, same errors.
-- ``user_id`` 12: ``encode("UTF-8")``; codec names ignore case.
-- Error message wording ("XX...XX", case, ``None``): ``user_id`` 7 14,
-  ``settle_commit`` 7 8 9 10 11, ``_open`` 5, ``StateManager.__init__`` 15 16 17.
-
-Not analysed (outside the op-id and claim scope of this file; they show in
-``mutmut results``): ``observed`` (the observer wrapper), ``_outcome``, ``to_ms`` /
-``_to_ms``, ``_attempts``, ``backoff``, ``busy``, ``busy_delay``, ``conflict``,
-``document``. ``StateManager.claim``/``commit``/``release``/
-``transaction`` and their async twins are not mutated at all: mutmut 3.8.1 skips
-decorated functions (they carry ``@observed``); the tests here pin the writes they
-send instead.
+The op key, nonce and digest of a write are a stored format: every process of a
+deployment (and every backend, the Redis scripts included) must derive the same
+key and digest from the same request, so these tests pin their exact values, not
+only their consistency within one process.
 """
 
 from __future__ import annotations

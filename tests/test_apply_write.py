@@ -1,29 +1,8 @@
 """The op-id rules of ``apply_write`` and ``OpLog``, one rule per test, at their edges.
 
-Written against the mutants mutmut found alive in ``chatstate.state._backend``
-(``make mutation``); the contract suite covers the same rules through a backend,
-these pin them down where a backend could not tell (equal timestamps, the exact
-trim point, what is remembered with which version).
-
-Surviving mutants judged equivalent (they cannot change behaviour); mutmut 3.8.1
-names, ``x_`` prefix and ``__mutmut_`` dropped (``mutmut show`` prints each one):
-
-- ``apply_write`` 1, ``_apply_document`` 1 (``shared=True`` by default): the shared
-  mode copies what it edits instead of editing in place; same outcome and data. The
-  unshared mode only *permits* in-place changes ("pass a copy you own").
-- ``_as_found`` 8: the document found is always handed out as a private copy; equal.
-- ``apply_write`` 25 31 (``size`` ``None``/1 in a result whose data is ``UNCHANGED``):
-  a backend reads ``size`` only when it stores ``data`` (``_memory.py``, docs/backends.md).
-- ``apply_write`` 149, ``apply_operation`` 5, ``_apply_document`` 31 35 64 67: the
-  document is measured whole instead of counting the change on top of a given
-  ``current_size``; same size whenever that size is the stored size, as documented.
-- ``apply_write`` 180 183, ``_as_found`` 2 5: ``Snapshot(None, 0)`` / ``Snapshot({})``
-  are ``Snapshot({}, 0)`` (the defaults, which a test pins).
-- ``increment_in_place`` 16: once a parent is missing, the ``get`` result is unused.
-- ``_mask`` 9 19: ``node`` is always a dict there (only dict children are walked into).
-- ``apply_write`` 44, ``check_deadline`` 15: error message wording ("XX...XX").
-- ``DeadlineIndex.schedule`` / ``due`` and their async twins, 1 each: default values
-  in Protocol stubs, whose bodies never run; implementations declare their own.
+The contract suite covers the same rules through a backend; these pin them down
+where a backend could not tell: equal timestamps, the exact trim point, what is
+remembered with which version, claims taken, renewed, completed and released.
 """
 
 from __future__ import annotations
