@@ -532,8 +532,8 @@ def test_a_write_lost_then_not_resent_is_unknown_and_says_only_that(
 
 def test_each_failure_says_one_thing() -> None:
     """Not sent: BackendUnavailable 'nothing was sent'; sent and lost: 'may or may not'."""
-    from chatstate.state._pipeline import NotSent
-    from chatstate.state._redis_core import translate
+    from chatstate.state.redis._core import translate
+    from chatstate.state.redis._pipeline import NotSent
 
     write = StateManager(MemoryBackend()).update_write({"a": 1}, "m1")
     refused = NotSent("Error 111 connecting to 127.0.0.1:1. Connection refused.")

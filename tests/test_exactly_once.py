@@ -332,7 +332,7 @@ def test_busy_after_an_unknown_outcome_stays_unknown() -> None:
 
     from chatstate.state import StateManager
     from chatstate.state._memory import MemoryBackend
-    from chatstate.state._redis import map_redis_errors
+    from chatstate.state.redis._backends import map_redis_errors
 
     write = StateManager(MemoryBackend()).update_write({"a": 1}, "m1")
     for error in (ResponseError("BUSY Redis is busy running a script"), BusyLoadingError("x")):
@@ -346,7 +346,7 @@ def test_a_client_bug_is_not_disguised_as_an_unknown_outcome() -> None:
     """AttributeError, TypeError and RuntimeError from the client pass through as they are."""
     from chatstate.state import StateManager
     from chatstate.state._memory import MemoryBackend
-    from chatstate.state._redis import map_redis_errors
+    from chatstate.state.redis._backends import map_redis_errors
 
     write = StateManager(MemoryBackend()).update_write({"a": 1}, "m1")
     for error in (AttributeError("x"), TypeError("y"), RuntimeError("z")):

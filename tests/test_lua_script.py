@@ -17,7 +17,7 @@ import redis
 
 from chatstate import CorruptStateError, RedisBackend, StateData, StateService
 from chatstate.state._backend import OPS_TRIM_AT, REMEMBERED_OPS, Edits, Increment, Write
-from chatstate.state._lua import APPLY_SCRIPT, LOAD_SCRIPT, write_args
+from chatstate.state.redis._lua import APPLY_SCRIPT, LOAD_SCRIPT, write_args
 
 pytestmark = pytest.mark.redis
 

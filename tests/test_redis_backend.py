@@ -32,7 +32,7 @@ from chatstate import (
     StoreFullError,
     UsageError,
 )
-from chatstate.state._lua import APPLY_SCRIPT
+from chatstate.state.redis._lua import APPLY_SCRIPT
 from conftest import register_secret
 from proxy import ReplyDroppingProxy
 

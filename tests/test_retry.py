@@ -27,9 +27,9 @@ from chatstate._retry import (
 )
 from chatstate.exceptions import ConfigurationError
 from chatstate.observe import Observer, add_observer, remove_observer
-from chatstate.state._async.redis_retry import AsyncPolicyRetry
-from chatstate.state._redis_retry import PolicyBackoff
-from chatstate.state._sync.redis_retry import PolicyRetry
+from chatstate.state.redis._async.retry import AsyncPolicyRetry
+from chatstate.state.redis._retry import PolicyBackoff
+from chatstate.state.redis._sync.retry import PolicyRetry
 from fakes import Fake
 
 

@@ -24,7 +24,7 @@ from chatstate.observe import (
     add_observer,
     remove_observer,
 )
-from chatstate.state._sync.redis_retry import PolicyRetry
+from chatstate.state.redis._sync.retry import PolicyRetry
 from fakes import Fake
 from proxy import ReplyDroppingProxy
 

@@ -51,7 +51,7 @@ SUBS: list[tuple[str, str]] = [
     # redis-py's asyncio modules mirror its sync ones: redis.asyncio.retry -> redis.retry.
     (r"redis\.asyncio\.(\w+)", r"redis.\1"),
     # The generated module imports the generated twins of its neighbours.
-    (r"chatstate\.(\w+)\._async\.", r"chatstate.\1._sync."),
+    (r"chatstate\.([\w.]+?)\._async\.", r"chatstate.\1._sync."),
 ]
 COMPILED = [(re.compile(rf"\b{pattern}\b"), repl) for pattern, repl in SUBS]
 

@@ -55,18 +55,19 @@ from chatstate.exceptions import ChatstateError, ConfigurationError, SchemaVersi
 from chatstate.flow import Flow
 from chatstate.state import (
     MAX_SCHEMA,
-    AsyncRedisBackend,
     AsyncStateService,
-    KeyScheme,
-    RedisBackend,
+    Snapshot,
     StateData,
     StateManager,
     StateService,
+    Write,
 )
-from chatstate.state._backend import Snapshot, Write
-from chatstate.state._lua import APPLY_SCRIPT, LOAD_SCRIPT
-from chatstate.state._redis import (
-    _TagCore,
+from chatstate.state.redis import (
+    APPLY_SCRIPT,
+    LOAD_SCRIPT,
+    AsyncRedisBackend,
+    KeyScheme,
+    RedisBackend,
     default_client_options,
     map_redis_errors,
 )
@@ -601,16 +602,15 @@ def cmd_migrate(args: argparse.Namespace, console: Console) -> int:
         raise CommandLineError("--batch must be at least 1")
     rules = _load_schema_rules(args.rules)
     url = _check_url(args)
-    try:
-        backend = RedisBackend.from_url(url, namespace=args.namespace, cluster=args.cluster)
-    except (ValueError, TypeError) as exc:
-        raise CommandLineError(f"not a usable Redis URL: {exc}") from exc
     # Users are addressed by the hash tag of their keys (an encoded id is at most
     # three characters for each of the id's), so pseudonymous keys migrate too;
     # except with encryption, whose ciphertexts are bound to the real user id.
     by_tag = rules.encryption is None
-    if by_tag:
-        backend._core = _TagCore(args.namespace)  # noqa: SLF001 - the CLI's own backend
+    keys = KeyScheme(args.namespace, by_tag=by_tag)
+    try:
+        backend = RedisBackend.from_url(url, keys=keys, cluster=args.cluster)
+    except (ValueError, TypeError) as exc:
+        raise CommandLineError(f"not a usable Redis URL: {exc}") from exc
     limit = max(rules.max_user_id_length * 3, 64)
     svc = StateService(backend, attrs.evolve(rules, max_user_id_length=limit))
     manager = svc.manager

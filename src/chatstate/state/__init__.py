@@ -1,7 +1,8 @@
 """Per-user state: merge rules, services, the manager and the backends.
 
-The Redis backends are imported on first use (``chatstate.state.RedisBackend``),
-so that a bot on the memory backend never loads redis-py.
+The Redis backends (the :mod:`chatstate.state.redis` package) are imported on
+first use (``chatstate.state.RedisBackend``), so that a bot on the memory
+backend never loads redis-py.
 """
 
 from typing import TYPE_CHECKING, Any
@@ -52,7 +53,6 @@ from chatstate.state._backend import (
 from chatstate.state._codec import stored_size
 from chatstate.state._crypto import FieldEncryption, secret_paths
 from chatstate.state._memory import AsyncMemoryBackend, MemoryBackend
-from chatstate.state._redis_keys import KeyScheme, ParsedKey
 from chatstate.state._rules import (
     MAX_SCHEMA,
     Edit,
@@ -134,17 +134,17 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from chatstate.state._redis import AsyncRedisBackend, RedisBackend
+    from chatstate.state.redis import AsyncRedisBackend, KeyScheme, ParsedKey, RedisBackend
 
-_LAZY = frozenset({"RedisBackend", "AsyncRedisBackend"})
+_LAZY = frozenset({"RedisBackend", "AsyncRedisBackend", "KeyScheme", "ParsedKey"})
 
 
 def __getattr__(name: str) -> Any:
     """Import the Redis backends (and redis-py) when they are first asked for."""
     if name in _LAZY:
-        from chatstate.state import _redis  # noqa: PLC0415 - redis-py loads on demand
+        from chatstate.state import redis  # noqa: PLC0415 - redis-py loads on demand
 
-        value = getattr(_redis, name)
+        value = getattr(redis, name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'chatstate.state' has no attribute {name!r}")

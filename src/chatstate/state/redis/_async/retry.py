@@ -2,7 +2,7 @@
 
 The one body of the pair: ``tools/unasync.py`` writes ``PolicyRetry`` (for
 redis-py's sync client) from it. What they share without I/O (the backoff, the
-nesting guard, which errors never retry) is in ``chatstate.state._redis_retry``.
+nesting guard, which errors never retry) is in ``chatstate.state.redis._retry``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any, Self
 import redis.asyncio.retry as redis_retry
 
 from chatstate._retry import REDIS_CLIENT, Retrying, RetryPolicy
-from chatstate.state._redis_retry import RETRYING, PolicyBackoff, begin, retries, retryable
+from chatstate.state.redis._retry import RETRYING, PolicyBackoff, begin, retries, retryable
 
 __all__ = ["AsyncPolicyRetry"]
 

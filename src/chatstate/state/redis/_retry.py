@@ -3,7 +3,7 @@
 redis-py retries what chatstate leaves to it (connecting, ``ping``, the sync
 Cluster's routing) with its own loop, backoff and ``time.sleep``; chatstate's
 own commands are retried under the same policy by ``AsyncRedisIO._send``. ``PolicyRetry`` and
-``AsyncPolicyRetry`` (one body in ``_async/redis_retry.py``, the sync twin
+``AsyncPolicyRetry`` (one body in ``_async/retry.py``, the sync twin
 generated) keep
 redis-py's contract (``call_with_retry``, ``get_retries``, ``fail`` called once
 per failure, so that it reconnects) but take the delays, the budget, the sleeps

@@ -1,9 +1,9 @@
-# Generated from src/chatstate/state/_async/redis_retry.py by tools/unasync.py: do not edit.
+# Generated from src/chatstate/state/redis/_async/retry.py by tools/unasync.py: do not edit.
 """redis-py's ``Retry``, driven by a :class:`~chatstate._retry.RetryPolicy`.
 
 The one body of the pair: ``tools/unasync.py`` writes ``PolicyRetry`` (for
 redis-py's sync client) from it. What they share without I/O (the backoff, the
-nesting guard, which errors never retry) is in ``chatstate.state._redis_retry``.
+nesting guard, which errors never retry) is in ``chatstate.state.redis._retry``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, Self
 import redis.retry as redis_retry
 
 from chatstate._retry import REDIS_CLIENT, Retrying, RetryPolicy
-from chatstate.state._redis_retry import RETRYING, PolicyBackoff, begin, retries, retryable
+from chatstate.state.redis._retry import RETRYING, PolicyBackoff, begin, retries, retryable
 
 __all__ = ["PolicyRetry"]
 

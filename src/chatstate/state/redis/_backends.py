@@ -1,8 +1,8 @@
 """Redis and Valkey backends: every write is one EVALSHA of one Lua script.
 
-:class:`_RedisCore` (in ``_redis_core``) holds what is not I/O (keys, argument
-packing, reply decoding, error mapping); the commands both twins send are
-written once in ``_async/redis.py``, the sync ones generated from it by
+``_core`` holds what is not I/O (argument packing, reply decoding, error
+mapping) and ``_keys`` the key scheme; the commands both twins send are
+written once in ``_async/io.py``, the sync ones generated from it by
 ``tools/unasync.py``. :class:`RedisBackend` and :class:`AsyncRedisBackend`
 add what truly differs: construction, how a command is sent, closing. On a
 standalone server (or one Sentinel manages) they send commands on pooled
@@ -24,18 +24,18 @@ import redis.exceptions as rex
 
 from chatstate._retry import RetryPolicy
 from chatstate.exceptions import ConfigurationError
-from chatstate.state._async.redis import AsyncRedisIO
 from chatstate.state._backend import Outcome, Snapshot, Write
-from chatstate.state._pipeline import AsyncConnections, AutoPipeline, Connections, NotSent
-from chatstate.state._redis_core import DEFAULT_NAMESPACE, _check_client_options
+from chatstate.state.redis._async.io import AsyncRedisIO
+from chatstate.state.redis._core import DEFAULT_NAMESPACE, _check_client_options
 
 # What chatstate.__main__ reads from this module (the storage layout, the client defaults).
-from chatstate.state._redis_core import _TagCore as _TagCore  # noqa: PLC0414
-from chatstate.state._redis_core import (
+from chatstate.state.redis._core import (
     default_client_options as default_client_options,  # noqa: PLC0414
 )
-from chatstate.state._redis_core import map_redis_errors as map_redis_errors  # noqa: PLC0414
-from chatstate.state._sync.redis import RedisIO
+from chatstate.state.redis._core import map_redis_errors as map_redis_errors  # noqa: PLC0414
+from chatstate.state.redis._keys import KeyScheme
+from chatstate.state.redis._pipeline import AsyncConnections, AutoPipeline, Connections, NotSent
+from chatstate.state.redis._sync.io import RedisIO
 
 __all__ = ["AsyncRedisBackend", "RedisBackend"]
 
@@ -67,6 +67,9 @@ class RedisBackend(RedisIO):
         key_secret: A secret of at least 16 bytes: keys then carry an
             HMAC-SHA256 of the user id instead of the id (a phone number never
             appears in a key name). Keep it: another secret names other keys.
+        keys: The key scheme, instead of ``namespace`` and ``key_secret``:
+            a :class:`~chatstate.state.redis.KeyScheme` (the command line
+            passes one with ``by_tag=True`` to address users by their keys).
     """
 
     client: Any  # redis.Redis or redis.cluster.RedisCluster (redis-py's stubs are partial)
@@ -80,6 +83,7 @@ class RedisBackend(RedisIO):
         resolve_retry: RetryPolicy | None = None,
         deadline_shards: int = 16,
         key_secret: str | bytes | None = None,
+        keys: KeyScheme | None = None,
         _owns_client: bool = False,
     ) -> None:
         super().__init__(
@@ -89,6 +93,7 @@ class RedisBackend(RedisIO):
             resolve_retry=resolve_retry,
             deadline_shards=deadline_shards,
             key_secret=key_secret,
+            keys=keys,
             _owns_client=_owns_client,
         )
         limits = None if self._cluster else self._pool_limits(client)
@@ -119,6 +124,7 @@ class RedisBackend(RedisIO):
         resolve_retry = options.pop("resolve_retry", None)
         deadline_shards = options.pop("deadline_shards", 16)
         key_secret = options.pop("key_secret", None)
+        keys = options.pop("keys", None)
         kwargs = cls._client_kwargs(options, asynchronous=False)
         client: Any
         if cluster:
@@ -142,6 +148,7 @@ class RedisBackend(RedisIO):
             resolve_retry=resolve_retry,
             deadline_shards=deadline_shards,
             key_secret=key_secret,
+            keys=keys,
             _owns_client=True,
         )
 
@@ -277,6 +284,7 @@ class AsyncRedisBackend(AsyncRedisIO):
         lanes: How many batches may be in flight at once (one connection each).
         deadline_shards: See :class:`RedisBackend`.
         key_secret: See :class:`RedisBackend`.
+        keys: See :class:`RedisBackend`.
     """
 
     client: Any  # redis.asyncio.Redis or its RedisCluster (redis-py's stubs are partial)
@@ -292,6 +300,7 @@ class AsyncRedisBackend(AsyncRedisIO):
         lanes: int = 4,
         deadline_shards: int = 16,
         key_secret: str | bytes | None = None,
+        keys: KeyScheme | None = None,
         _owns_client: bool = False,
     ) -> None:
         super().__init__(
@@ -301,6 +310,7 @@ class AsyncRedisBackend(AsyncRedisIO):
             resolve_retry=resolve_retry,
             deadline_shards=deadline_shards,
             key_secret=key_secret,
+            keys=keys,
             _owns_client=_owns_client,
         )
         if type(lanes) is not int or lanes < 1:
@@ -334,6 +344,7 @@ class AsyncRedisBackend(AsyncRedisIO):
                 "lanes",
                 "deadline_shards",
                 "key_secret",
+                "keys",
             )
             if name in options
         }

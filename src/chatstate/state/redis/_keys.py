@@ -49,6 +49,17 @@ def check_namespace(namespace: object) -> str:
     return namespace
 
 
+def check_secret(secret: object) -> bytes | None:
+    """Return a key secret as bytes (a str is UTF-8 encoded); at least 16 bytes."""
+    if secret is None:
+        return None
+    if isinstance(secret, str):
+        secret = secret.encode("utf-8")
+    if not isinstance(secret, bytes) or len(secret) < 16:
+        raise ConfigurationError("key_secret must be at least 16 bytes (a str or bytes)")
+    return secret
+
+
 def glob_escape(text: str) -> str:
     """``text`` as a literal in a Redis glob pattern (``SCAN MATCH``)."""
     return re.sub(r"([*?\[\]\\])", r"\\\1", text)
@@ -87,9 +98,17 @@ class ParsedKey:
 class KeyScheme:
     """The keys of one namespace: built from user ids, and parsed back.
 
+    Pass one to a backend as ``keys=`` (instead of ``namespace`` and
+    ``key_secret``), or use it in your own tools to find and read keys.
+
     Args:
         namespace: The prefix of every key (printable, no ``{`` or ``}``).
-        secret: With a key secret, tags are keyed hashes of the user ids.
+        secret: A key secret (at least 16 bytes; a str is UTF-8 encoded): tags
+            are then keyed hashes of the user ids. Never shown in a repr.
+        by_tag: The ids a backend is given are hash tags, as :meth:`parse`
+            reads them from keys found by a scan, not user ids: so a tool can
+            address every user, pseudonymous keys included, without their ids
+            (``chatstate migrate`` does).
 
     >>> scheme = KeyScheme("chatstate")
     >>> scheme.keys("ann")
@@ -99,19 +118,23 @@ class KeyScheme:
     """
 
     namespace: str = attrs.field(converter=check_namespace)
-    secret: bytes | None = None
+    secret: bytes | None = attrs.field(default=None, converter=check_secret)
+    by_tag: bool = attrs.field(default=False, kw_only=True)
 
-    def __repr__(self) -> str:
+    def __repr__(self) -> str:  # never the secret
         hashed = ", hashed" if self.secret is not None else ""
-        return f"KeyScheme({self.namespace!r}{hashed})"
+        tagged = ", by_tag=True" if self.by_tag else ""
+        return f"KeyScheme({self.namespace!r}{hashed}{tagged})"
 
     @property
     def pseudonymous(self) -> bool:
-        """True when tags are keyed hashes: keys never name a user, nor list one."""
-        return self.secret is not None
+        """True when keys do not turn back into user ids (a key secret, or ``by_tag``)."""
+        return self.secret is not None or self.by_tag
 
     def tag(self, user_id: str) -> str:
         """The hash tag of a user's keys (for an already checked user id)."""
+        if self.by_tag:
+            return user_id
         if self.secret is not None:
             return _hashed(self.secret, user_id)
         return _encoded(user_id)
@@ -144,7 +167,7 @@ class KeyScheme:
         ``kind=None`` matches every key of the users. A prefix needs readable
         tags: with a key secret only ``""`` is allowed.
         """
-        if prefix and self.secret is not None:
+        if prefix and self.pseudonymous:
             raise ConfigurationError("keys hold keyed hashes of user ids: no prefix can match")
         start = f"{glob_escape(self.namespace)}:{{{_encoded(prefix) if prefix else ''}"
         if kind is None:

@@ -1,11 +1,11 @@
-# Generated from src/chatstate/state/_async/redis.py by tools/unasync.py: do not edit.
+# Generated from src/chatstate/state/redis/_async/io.py by tools/unasync.py: do not edit.
 """The Redis backends' I/O that both twins share: one body for each command.
 
-This module is the one body of both twins: ``_sync/redis.py`` (``RedisIO``,
+This module is the one body of both twins: ``_sync/io.py`` (``RedisIO``,
 under :class:`~chatstate.state.RedisBackend`) is generated from it by
 ``tools/unasync.py``. Edit this one, then ``make unasync``. What truly differs
 (how a command is sent, automatic pipelining, construction, closing) is written
-by hand in ``state/_redis.py``; the deadline shards are read concurrently in the
+by hand in ``_backends.py``; the deadline shards are read concurrently in the
 asyncio twin only, by the ``gathered_*`` pair in ``chatstate/_twins.py``.
 """
 
@@ -29,7 +29,8 @@ from chatstate.state._backend import (
     check_limit,
     new_op_id,
 )
-from chatstate.state._redis_core import (
+from chatstate.state._sync.leases import hold_lease_sync
+from chatstate.state.redis._core import (
     _ERASE_SCRIPT,
     TRANSLATED,
     _RedisBackendBase,
@@ -37,7 +38,6 @@ from chatstate.state._redis_core import (
     translate,
     translation,
 )
-from chatstate.state._sync.leases import hold_lease_sync
 
 __all__ = ["RedisIO"]
 
@@ -118,16 +118,16 @@ class RedisIO(_RedisBackendBase):
                     raise error from exc
 
     def _load(self, user_id: str) -> Snapshot | None:
-        key = self._core.keys(user_id)[0]
+        key = self.key_scheme.keys(user_id)[0]
         if self._plain_reads:
             raw = self._send(key, ("HGETALL", key))
-            return self._core.parse_hgetall(raw, key)
+            return self._replies.parse_hgetall(raw, key)
         echo = new_op_id()
         raw = self._send(key, self._load_args(key, echo), script=True)
-        return self._core.parse_load(raw, key, echo)
+        return self._replies.parse_load(raw, key, echo)
 
     def _apply(self, user_id: str, write: Write) -> Outcome:
-        keys = self._core.keys(user_id)
+        keys = self.key_scheme.keys(user_id)
         raw = self._send(
             keys[0],
             self._apply_args(write, keys, fresh=True),
@@ -135,7 +135,7 @@ class RedisIO(_RedisBackendBase):
             write=write,
             again=functools.partial(self._apply_args, write, keys, fresh=False),
         )
-        return self._core.parse_apply(raw, write, keys[0])
+        return self._replies.parse_apply(raw, write, keys[0])
 
     def _erase(self, user_id: str) -> list[str]:
         # Deleting twice deletes the same: a re-send after a lost reply is safe,
@@ -150,7 +150,7 @@ class RedisIO(_RedisBackendBase):
 
     def _users(self, prefix: str) -> Iterator[str]:
         """Every user id with a document starting with ``prefix``: SCAN of every primary."""
-        scheme = self._core.scheme
+        scheme = self.key_scheme
         pattern = self._users_pattern(prefix)
         with map_redis_errors("SCAN"):
             for raw in self.client.scan_iter(match=pattern, count=_SCAN_COUNT):

@@ -1,17 +1,19 @@
-"""The pure half of the Redis backends: keys, arguments, replies, error mapping.
+"""The pure half of the Redis backends: arguments, replies, error mapping.
 
-:class:`_RedisCore` holds what is not I/O (keys, argument packing, reply
-decoding) and :class:`_RedisBackendBase` what the two backends share
-(construction, scripts, the deadline index's keys, repr). The I/O that the two
-twins share is written once in ``_async/redis.py`` (the sync one generated from
-it by ``tools/unasync.py``); ``_redis`` adds what truly differs.
+:class:`_Replies` decodes what the server answers, :class:`_RedisBackendBase`
+holds what the two backends share (construction, scripts, the deadline
+index's keys, repr), and the error table maps redis-py's errors to chatstate's.
+Keys are built and parsed by :class:`~chatstate.state.redis.KeyScheme`
+(``_keys.py``). The I/O that the two twins share is written once in
+``_async/io.py`` (the sync one generated from it by ``tools/unasync.py``);
+``_backends.py`` adds what truly differs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Final
 
 import attrs
@@ -33,7 +35,6 @@ from chatstate.exceptions import (
     StoreFullError,
     UsageError,
 )
-from chatstate.state._async.redis_retry import AsyncPolicyRetry
 from chatstate.state._backend import (
     ERASED_PARTS,
     SCHEMA_REFUSALS,
@@ -53,10 +54,11 @@ from chatstate.state._backend import (
     counter_overflow,
 )
 from chatstate.state._codec import unflatten_columns, unflatten_parts
-from chatstate.state._lua import APPLY_SCRIPT, LOAD_SCRIPT, write_args
-from chatstate.state._pipeline import NotSent
-from chatstate.state._redis_keys import KeyScheme
-from chatstate.state._sync.redis_retry import PolicyRetry
+from chatstate.state.redis._async.retry import AsyncPolicyRetry
+from chatstate.state.redis._keys import KeyScheme
+from chatstate.state.redis._lua import APPLY_SCRIPT, LOAD_SCRIPT, write_args
+from chatstate.state.redis._pipeline import NotSent
+from chatstate.state.redis._sync.retry import PolicyRetry
 
 __all__ = ["DEFAULT_NAMESPACE", "LOCK_NAMES", "default_client_options", "map_redis_errors"]
 
@@ -182,16 +184,6 @@ def _check_client_options(options: dict[str, Any]) -> None:
             raise ConfigurationError(f"{name} must be positive seconds or None, not {value!r}")
 
 
-def _check_key_secret(secret: object) -> bytes | None:
-    if secret is None:
-        return None
-    if isinstance(secret, str):
-        secret = secret.encode("utf-8")
-    if not isinstance(secret, bytes) or len(secret) < 16:
-        raise ConfigurationError("key_secret must be at least 16 bytes (a str or bytes)")
-    return secret
-
-
 def _stored_schema(fields: list[str], values: list[Any], key: str) -> int:
     """The schema version in a document hash's ``#m`` field (1 when it has none)."""
     if "#m" not in fields:
@@ -203,16 +195,8 @@ def _stored_schema(fields: list[str], values: list[Any], key: str) -> int:
     return int(raw)
 
 
-class _RedisCore:
-    """The pure half of the Redis backends: keys (by their :class:`KeyScheme`) and replies."""
-
-    def __init__(self, namespace: str, key_secret: bytes | None = None) -> None:
-        self.scheme = KeyScheme(namespace, key_secret)
-        self.namespace = self.scheme.namespace
-
-    def keys(self, user_id: str) -> list[str]:
-        """A user's document, operation-log and claim keys (see :class:`KeyScheme`)."""
-        return list(self.scheme.keys(user_id))
+class _Replies:
+    """The pure half of the Redis backends: what a script's or command's reply means."""
 
     @staticmethod
     def hash_snapshot(parts: list[str], key: str) -> Snapshot | None:
@@ -371,17 +355,6 @@ class _RedisCore:
     def _corrupt(text: str) -> CorruptStateError:
         _, key, why = [*text.split("\n", 2), "", ""][:3]
         return corrupt(key, why)
-
-
-class _TagCore(_RedisCore):
-    """A core addressed by hash tag (the encoded id or keyed hash) instead of the user id.
-
-    For operator tools that find users by their keys (``chatstate migrate``), which
-    cannot turn a pseudonymous key back into its user id and need not.
-    """
-
-    def keys(self, user_id: str) -> list[str]:
-        return list(self.scheme.tag_keys(user_id))
 
 
 @attrs.frozen
@@ -616,6 +589,7 @@ class _RedisBackendBase:
         resolve_retry: RetryPolicy | None = None,
         deadline_shards: int = 16,
         key_secret: str | bytes | None = None,
+        keys: KeyScheme | None = None,
         _owns_client: bool = False,
     ) -> None:
         if type(deadline_shards) is not int or not 0 <= deadline_shards <= 1024:
@@ -625,7 +599,16 @@ class _RedisBackendBase:
             raise ConfigurationError("resolve_attempts must be a whole number")
         if resolve_attempts < 0:
             raise ConfigurationError("resolve_attempts must not be negative")
-        self._core = _RedisCore(namespace, _check_key_secret(key_secret))
+        if keys is None:
+            keys = KeyScheme(namespace, key_secret)
+        elif not isinstance(keys, KeyScheme):
+            raise ConfigurationError(f"keys must be a KeyScheme, not {keys!r}")
+        elif namespace != DEFAULT_NAMESPACE or key_secret is not None:
+            raise ConfigurationError(
+                "give the namespace and key_secret in keys=KeyScheme(...), not beside it"
+            )
+        self.key_scheme = keys
+        self._replies = _Replies()
         self.client = client
         self.resolve_attempts = resolve_attempts
         if resolve_retry is None:
@@ -673,7 +656,7 @@ class _RedisBackendBase:
 
     def describe(self) -> dict[str, Any]:
         """What observers may say of this backend (OpenTelemetry's database attributes)."""
-        out: dict[str, Any] = {"db.system.name": "redis", "db.namespace": self._core.namespace}
+        out: dict[str, Any] = {"db.system.name": "redis", "db.namespace": self.key_scheme.namespace}
         try:
             kwargs = self.client.connection_pool.connection_kwargs
         except AttributeError:
@@ -686,13 +669,13 @@ class _RedisBackendBase:
 
     def __repr__(self) -> str:
         location = _safe_location(self.client)
-        return f"<{type(self).__name__} {location} namespace={self._core.namespace!r}>"
+        return f"<{type(self).__name__} {location} namespace={self.key_scheme.namespace!r}>"
 
     def keys(self, user_id: str) -> list[str]:
         """The Redis keys of a user's data (for an already checked user id)."""
-        return self._core.keys(user_id)
+        return list(self.key_scheme.keys(user_id))
 
-    def _apply_args(self, write: Write, keys: list[str], *, fresh: bool) -> tuple[Any, ...]:
+    def _apply_args(self, write: Write, keys: Sequence[str], *, fresh: bool) -> tuple[Any, ...]:
         # A first send may skip the op-log lookup only where nothing re-sends
         # behind our back (redis-py's cluster client retries on its own).
         fresh = (
@@ -714,22 +697,22 @@ class _RedisBackendBase:
     def _users_pattern(self, prefix: str) -> str:
         """The ``SCAN MATCH`` pattern of documents of ids starting with ``prefix``."""
         check_prefix(prefix)
-        if self._core.scheme.pseudonymous:
+        if self.key_scheme.pseudonymous:
             raise ConfigurationError(
                 f"{type(self).__name__} with a key_secret cannot list users: its keys hold "
                 "keyed hashes of the user ids, which do not turn back into ids"
             )
-        return self._core.scheme.pattern(prefix)
+        return self.key_scheme.pattern(prefix)
 
     def _lock_key(self, user_id: str, name: str) -> str:
-        return f"{self._core.keys(user_id)[0]}:lock:{name}"  # by tag, for _TagCore too
+        return self.key_scheme.lock(user_id, name)
 
     def _lock_args(self, key: str, action: str, token: str, lease: float) -> tuple[Any, ...]:
         lease_ms = max(1, math.ceil(lease * 1000))
         return ("EVALSHA", self._lock_sha, 1, key, action, token, lease_ms)
 
     def _erase_keys(self, user_id: str) -> list[str]:
-        keys = self._core.keys(user_id)
+        keys = self.key_scheme.keys(user_id)
         return [*keys, *(f"{keys[0]}:lock:{name}" for name in LOCK_NAMES)]
 
     @staticmethod
@@ -746,10 +729,10 @@ class _RedisBackendBase:
         return [self._deadline_key(n) for n in range(self.deadline_shards)]
 
     def _deadline_key(self, shard: int) -> str:
-        return self._core.scheme.deadline(shard)
+        return self.key_scheme.deadline(shard)
 
     def _deadline_shard_key(self, user_id: str) -> str:
-        return self._core.scheme.deadline_shard(user_id, self.deadline_shards)
+        return self.key_scheme.deadline_shard(user_id, self.deadline_shards)
 
     def _no_index(self) -> UsageError:
         return UsageError(
