@@ -39,6 +39,7 @@ from telegram.request import BaseRequest, RequestData
 from chatstate import (
     AsyncMemoryBackend,
     AsyncRedisBackend,
+    AsyncSqliteBackend,
     AsyncStateService,
     ConfigurationError,
     LockTimeoutError,
@@ -52,6 +53,7 @@ from chatstate.integrations.telegram import (
     changes_between,
     dedupe_key,
 )
+from conftest import register_secret
 from strategies import documents
 
 TOKEN = "42:TEST-TOKEN"
@@ -442,6 +444,73 @@ class _OnEveryBackend:
         assert user == {"name": "Ana", "tag": ["Ana", 1], "level": 1, "mode": "plain"}
         assert conversations == {}
 
+    def test_start_up_loads_every_stored_user_and_chat(self) -> None:
+        """Application.initialize loads each stored user's and chat's data, and no one else's."""
+
+        async def main() -> tuple[dict[int, Any], dict[int, Any]]:
+            writer, other_bot = self.persistence(), self.persistence(prefix="ptb2")
+            await writer.update_user_data(ANA, {"lang": "es"})
+            await writer.update_user_data(BEA, {"plan": "pro", "tags": ["a"]})
+            await writer.update_chat_data(-100, {"title": "Group"})
+            await writer.service.update("ptb:user:not-a-number", {"x": 1})
+            await other_bot.update_user_data(99, {"x": 1})
+            await writer.flush()
+            await other_bot.flush()
+            app, _ = build_app(self.persistence(), app_class=ChatstateApplication)
+            async with app:
+                return dict(app.user_data), dict(app.chat_data)
+
+        users, chats = asyncio.run(main())
+        assert users == {ANA: {"lang": "es"}, BEA: {"plan": "pro", "tags": ["a"]}}
+        assert chats == {-100: {"title": "Group"}}
+
+    def test_migrate_chat_data_moves_a_chat_no_update_loaded(self) -> None:
+        """migrate_chat_data moves a chat stored before start-up that had no update here."""
+
+        async def main() -> tuple[Any, Any]:
+            writer = self.persistence()
+            await writer.update_chat_data(-100, {"plan": "pro"})
+            await writer.flush()
+            app, _ = build_app(self.persistence())
+            async with app:
+                app.migrate_chat_data(old_chat_id=-100, new_chat_id=-100123)
+                await app.update_persistence()
+            reader = self.persistence()
+            try:
+                return await reader.get_chat_data(), await reader.service.get("ptb:chat:-100")
+            finally:
+                await reader.flush()
+
+        chats, old = asyncio.run(main())
+        assert chats == {-100123: {"plan": "pro"}}
+        assert old == {}
+
+    def test_a_migration_message_moves_a_chat_written_after_start_up(self) -> None:
+        """The group's migration message moves the chat data another process wrote meanwhile."""
+
+        async def migrate(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+            context.application.migrate_chat_data(message=update.message)
+
+        async def main() -> dict[int, Any]:
+            app, _ = build_app(self.persistence(), app_class=ChatstateApplication)
+            app.add_handler(MessageHandler(filters.StatusUpdate.MIGRATE, migrate))
+            async with app:
+                writer = self.persistence()  # another process, after this one started
+                await writer.update_chat_data(-100, {"plan": "pro"})
+                await writer.flush()
+                data = payload("", user=ANA)
+                del data["message"]["text"]
+                data["message"]["chat"] = {"id": -100, "type": "group", "title": "G"}
+                data["message"]["migrate_to_chat_id"] = -100123
+                await app.process_update(Update.de_json(data, app.bot))
+            reader = self.persistence()
+            try:
+                return await reader.get_chat_data()
+            finally:
+                await reader.flush()
+
+        assert asyncio.run(main()) == {-100123: {"plan": "pro"}}
+
 
 class Level(enum.IntEnum):
     NAME = 0
@@ -517,6 +586,15 @@ class TestOnMemory(_OnEveryBackend):
         return AsyncStateService(self.store)
 
 
+class TestOnSqlite(_OnEveryBackend):
+    @pytest.fixture(autouse=True)
+    def _store(self, tmp_path: Path) -> None:
+        self.path = tmp_path / "state.db"
+
+    def make_service(self) -> AsyncStateService:
+        return AsyncStateService(AsyncSqliteBackend(self.path))
+
+
 @pytest.mark.redis
 class TestOnRedis(_OnEveryBackend):
     @pytest.fixture(autouse=True)
@@ -525,6 +603,34 @@ class TestOnRedis(_OnEveryBackend):
 
     def make_service(self) -> AsyncStateService:
         return AsyncStateService(AsyncRedisBackend.from_url(self.url, namespace=self.namespace))
+
+    def test_a_store_that_cannot_list_loads_each_user_with_their_first_update(self) -> None:
+        """Redis with a key_secret cannot list: start-up loads no one, the first update does."""
+        secret = register_secret("ptb-listing-key-secret-0123456789")
+
+        def service() -> AsyncStateService:
+            backend = AsyncRedisBackend.from_url(
+                self.url, namespace=self.namespace, key_secret=secret
+            )
+            return AsyncStateService(backend)
+
+        async def main() -> tuple[dict[int, Any], dict[int, Any], list[str]]:
+            writer = ChatstatePersistence(service(), close_service=True)
+            await writer.update_user_data(ANA, {"visits": 4})
+            await writer.flush()
+            app, sent = build_app(
+                ChatstatePersistence(service(), close_service=True),
+                app_class=ChatstateApplication,
+            )
+            async with app:
+                at_start = dict(app.user_data)
+                await app.process_update(message(app, "/start"))
+                return at_start, dict(app.user_data), sent.texts
+
+        at_start, after, texts = asyncio.run(main())
+        assert at_start == {}
+        assert after == {ANA: {"visits": 5}}
+        assert texts == ["What is your name?"]
 
 
 def test_example_bot_runs_its_form_across_a_restart() -> None:

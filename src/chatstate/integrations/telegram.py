@@ -32,6 +32,7 @@ Needs ``pip install 'chatstate[telegram]'``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import itertools
@@ -75,6 +76,9 @@ LOCK_NAME = "telegram"
 DEDUPE_PURPOSE = "telegram"
 DEFAULT_LEASE = 5.0
 """Seconds a claim or lock outlives a holder that died (renewed while it lives), as the core's."""
+
+_LOAD_BATCH = 256
+"""Documents read at once by the start-up load."""
 
 _MESSAGE_KINDS = (
     "message",
@@ -125,10 +129,12 @@ class ChatstatePersistence(BasePersistence[Data, Data, Data]):
       keep each other's keys (the same key: the last write wins).
     - ``refresh_*_data`` (called before each update) reloads the document
       and re-applies this process's unwritten changes on top.
-    - ``get_user_data`` and ``get_chat_data`` return ``{}``: each user's and
-      chat's data is loaded when its first update arrives, so start-up does
-      not read every user (``application.user_data`` holds the users this
-      process has seen).
+    - ``get_user_data`` and ``get_chat_data`` read every stored user's and
+      chat's document at start-up (as ``PicklePersistence`` loads its file),
+      so ``application.user_data`` and ``migrate_chat_data`` see them. Over a
+      backend that cannot list (Redis with a ``key_secret``) they return
+      ``{}`` and each user's and chat's data is loaded when its first update
+      arrives.
 
     Args:
         service: Where the documents live; closed by :meth:`flush` only if
@@ -139,6 +145,9 @@ class ChatstatePersistence(BasePersistence[Data, Data, Data]):
             writes. :class:`ChatstateApplication` also writes after each update.
         close_service: Close ``service`` when the application shuts down.
     """
+
+    # As python-telegram-bot's own persistences (its test suite checks the slots).
+    __slots__ = ("_close_service", "_states", "_synced", "prefix", "service")
 
     def __init__(
         self,
@@ -228,12 +237,35 @@ class ChatstatePersistence(BasePersistence[Data, Data, Data]):
     # -- loading ---------------------------------------------------------------------
 
     async def get_user_data(self) -> dict[int, Data]:
-        """Return ``{}``: each user's data is loaded by :meth:`refresh_user_data`."""
-        return {}
+        """Return every stored user's data by user id (python-telegram-bot's start-up load).
+
+        Over a backend that cannot list its documents (Redis with a
+        ``key_secret``, a backend without ``users()``) it returns ``{}`` and
+        each user's data is loaded by :meth:`refresh_user_data` when their
+        first update arrives.
+        """
+        return await self._load_all(f"{self.prefix}:user:")
 
     async def get_chat_data(self) -> dict[int, Data]:
-        """Return ``{}``: each chat's data is loaded by :meth:`refresh_chat_data`."""
-        return {}
+        """Return every stored chat's data by chat id (as :meth:`get_user_data`)."""
+        return await self._load_all(f"{self.prefix}:chat:")
+
+    async def _load_all(self, prefix: str) -> dict[int, Data]:
+        ids: dict[int, str] = {}
+        try:
+            async for doc_id in self.service.users(prefix=prefix):
+                with contextlib.suppress(ValueError):  # not one of ours: "<prefix>:user:x"
+                    ids.setdefault(int(doc_id.removeprefix(prefix)), doc_id)
+        except ConfigurationError as exc:
+            log.info("%s: loading each user and chat with their first update instead", exc)
+            return {}
+        out: dict[int, Data] = {}
+        items = list(ids.items())
+        for start in range(0, len(items), _LOAD_BATCH):  # concurrent reads: pipelined on Redis
+            batch = items[start : start + _LOAD_BATCH]
+            docs = await asyncio.gather(*(self._load(doc_id) for _, doc_id in batch))
+            out.update((key, doc) for (key, _), doc in zip(batch, docs, strict=True) if doc)
+        return out
 
     async def get_bot_data(self) -> Data:
         """Return the stored bot data (``{}`` when there is none)."""
