@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import Awaitable, Iterable
-from typing import TypeVar
+from collections.abc import Awaitable, Coroutine, Iterable
+from typing import Any, TypeVar
+
+from chatstate.exceptions import UsageError
 
 __all__ = [
     "gathered_async",
@@ -20,6 +22,7 @@ __all__ = [
     "monotonic_sync",
     "resolved_async",
     "resolved_sync",
+    "run_sync",
 ]
 
 T = TypeVar("T")
@@ -67,3 +70,20 @@ def gathered_sync(calls: Iterable[T]) -> list[T]:
     to fail stops the rest, as a plain loop would.
     """
     return list(calls)
+
+
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine that never suspends to its end, without an event loop.
+
+    The sync ``Router`` runs the router's one asyncio body so: over a sync
+    service nothing in it awaits anything that suspends.
+    """
+    try:
+        coro.send(None)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+    coro.close()
+    raise UsageError(
+        "something async (a validator, prompt, hook or handler returning an awaitable) "
+        "ran under the sync Router: use AsyncRouter"
+    )

@@ -19,6 +19,7 @@ import logging
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
+from chatstate._twins import run_sync
 from chatstate.exceptions import ClaimLostError, UsageError
 from chatstate.flow._screens import Screen
 
@@ -189,8 +190,6 @@ class Delivery(_DeliveryBase):
 
     def start(self) -> Self:
         """See :meth:`AsyncDelivery.start`."""
-        from chatstate.flow._router import run_sync  # noqa: PLC0415 - the router imports this module
-
         if self._opened is None:
             state = self._router._state  # noqa: SLF001 - the router's own async face
             if self.message is None:
@@ -201,8 +200,6 @@ class Delivery(_DeliveryBase):
 
     def ack(self) -> None:
         """See :meth:`AsyncDelivery.ack`."""
-        from chatstate.flow._router import run_sync  # noqa: PLC0415
-
         if not self._check_ack():
             return
         self._done = self._acked = True
@@ -211,8 +208,6 @@ class Delivery(_DeliveryBase):
 
     def abandon(self) -> None:
         """See :meth:`AsyncDelivery.abandon`."""
-        from chatstate.flow._router import run_sync  # noqa: PLC0415
-
         if self._done or self._opened is None:
             return
         self._done = self._abandoned = True

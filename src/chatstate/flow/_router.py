@@ -18,7 +18,7 @@ import inspect
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import timedelta
 from typing import Any, Final, Generic, Protocol, TypeVar
 
@@ -27,6 +27,7 @@ from typing_extensions import TypeVar as TypeVarD
 
 from chatstate import observe
 from chatstate._durations import to_ms
+from chatstate._twins import run_sync
 from chatstate.exceptions import FlowError, InvalidScreenError, UsageError, UserBusyError
 from chatstate.flow._context import Catalogues, Context, Translations, is_async
 from chatstate.flow._delivery import AsyncDelivery, Delivery
@@ -267,19 +268,6 @@ class _StateLike(Protocol):
         lease: float | timedelta = ...,
         wait: float | timedelta = ...,
     ) -> _ClaimLike: ...
-
-
-def run_sync(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine that never suspends to its end, without an event loop."""
-    try:
-        coro.send(None)
-    except StopIteration as stop:
-        return stop.value  # type: ignore[no-any-return]
-    coro.close()
-    raise UsageError(
-        "something async (a validator, prompt, hook or handler returning an awaitable) "
-        "ran under the sync Router: use AsyncRouter"
-    )
 
 
 async def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

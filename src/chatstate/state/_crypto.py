@@ -45,7 +45,7 @@ import json
 import os
 import re
 import unicodedata
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, Final, NoReturn
 
 from chatstate.exceptions import (
@@ -56,7 +56,14 @@ from chatstate.exceptions import (
     ValidationError,
 )
 from chatstate.state._codec import encode_value
-from chatstate.state._rules import _MISSING, _drop_nones, _lookup, format_path, parse_path
+from chatstate.state._paths import (
+    MISSING,
+    drop_nones,
+    format_path,
+    lookup,
+    parse_path,
+    secret_paths,
+)
 from chatstate.typing import JSON, JSONObject, Path
 
 __all__ = [
@@ -98,26 +105,6 @@ def key_id_of(value: object) -> str | None:
     if match is None or match[1] != str(VERSION) or not _KEY_ID.fullmatch(match[2]):
         return None
     return match[2]
-
-
-def secret_paths(specs: Iterable[str | Iterable[str]] | str) -> frozenset[Path]:
-    """Parse secret field paths (``"jwt_token"``, ``"profile.pin"``, tuples) and check them.
-
-    Raises:
-        ConfigurationError: a path is empty, or one path lies inside another (a
-            secret field is encrypted whole, so a secret inside it is meaningless).
-    """
-    if isinstance(specs, str):
-        specs = [specs]
-    paths = frozenset(parse_path(s) for s in specs)
-    for outer in paths:
-        for inner in paths:
-            if outer != inner and inner[: len(outer)] == outer:
-                raise ConfigurationError(
-                    f"secret field {format_path(inner)} lies inside secret field "
-                    f"{format_path(outer)}, which is already encrypted as a whole"
-                )
-    return paths
 
 
 def _aesgcm_class() -> Any:
@@ -492,7 +479,7 @@ class FieldEncryption:
 
         def seal(path: Path, value: Any) -> str:
             # What a replaced field would store: an object patch merged into nothing.
-            return self.encrypt(user_id, path, _drop_nones(value) if type(value) is dict else value)
+            return self.encrypt(user_id, path, drop_nones(value) if type(value) is dict else value)
 
         return self._transform(dict(patch), (), secret, seal)
 
@@ -547,8 +534,8 @@ class FieldEncryption:
         :meth:`reencrypt_document` then raises for it.
         """
         for path in secret:
-            value = _lookup(doc, path)
-            if value is _MISSING or value is None:
+            value = lookup(doc, path)
+            if value is MISSING or value is None:
                 continue
             if key_id_of(value) != self._current:
                 return True

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 from functools import lru_cache
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
+from typing import Any, Final, Literal, TypeAlias
 
 import attrs
 
@@ -30,10 +30,16 @@ from chatstate.exceptions import (
     StateTooLargeError,
 )
 from chatstate.state._codec import encode_key, subtree_size, utf8_len, value_size
+from chatstate.state._crypto import FieldEncryption
+from chatstate.state._paths import (
+    MISSING,
+    drop_nones,
+    format_path,
+    lookup,
+    parse_path,
+    secret_paths,
+)
 from chatstate.typing import JSONObject, Path
-
-if TYPE_CHECKING:
-    from chatstate.state._crypto import FieldEncryption
 
 __all__ = [
     "DELETE",
@@ -63,35 +69,6 @@ MAX_SCHEMA: Final = 999_999_999
 """The highest schema version (nine digits: every backend stores it exactly)."""
 
 
-def format_path(path: Path | tuple[str | int, ...]) -> str:
-    """Render a path for messages: ``$.cart[2].name``, keys quoted when needed."""
-    out = ["$"]
-    for part in path:
-        if isinstance(part, int):
-            out.append(f"[{part}]")
-        elif part.isidentifier():
-            out.append(f".{part}")
-        else:
-            out.append(f"[{part!r}]")
-    return "".join(out)
-
-
-def parse_path(spec: object) -> Path:
-    """A field path from a dotted str (``"auth.jwt"``) or a sequence of keys.
-
-    Raises:
-        ConfigurationError: the path is empty or holds an empty or non-str key.
-    """
-    parts: list[object] = []
-    if isinstance(spec, str):
-        parts.extend(spec.split("."))
-    elif isinstance(spec, Iterable):
-        parts.extend(spec)
-    if not parts or not all(isinstance(k, str) and k for k in parts):
-        raise ConfigurationError(f"a field path must be non-empty keys, got {spec!r}")
-    return tuple(str(k) for k in parts)
-
-
 def _to_paths(specs: Iterable[str | Iterable[str]]) -> frozenset[Path]:
     if isinstance(specs, str):
         specs = [specs]
@@ -111,8 +88,6 @@ def _to_migrations(value: object) -> Mapping[int, Migration]:
 
 
 def _to_secret_paths(specs: Iterable[str | Iterable[str]]) -> frozenset[Path]:
-    from chatstate.state._crypto import secret_paths  # noqa: PLC0415 - a cycle
-
     return secret_paths(specs)
 
 
@@ -256,13 +231,10 @@ class StateData:
                 raise ConfigurationError(f"migration {n} is not callable: {fn!r}")
 
     def _check_secret(self) -> None:
-        if self.encryption is not None:
-            from chatstate.state._crypto import FieldEncryption  # noqa: PLC0415 - a cycle
-
-            if not isinstance(self.encryption, FieldEncryption):
-                raise ConfigurationError(
-                    f"encryption must be a FieldEncryption, not {type(self.encryption).__name__}"
-                )
+        if self.encryption is not None and not isinstance(self.encryption, FieldEncryption):
+            raise ConfigurationError(
+                f"encryption must be a FieldEncryption, not {type(self.encryption).__name__}"
+            )
         for s in self.secret:
             for p in self.preserved:
                 if len(p) > len(s) and p[: len(s)] == s:
@@ -337,7 +309,7 @@ class StateData:
                 if here in self._whole:
                     edits.append((DELETE, here, None))
                     edits.append((MAKE_OBJECT, here, None))
-                    self._compile_object(_drop_nones(value), here, depth + 1, edits)
+                    self._compile_object(drop_nones(value), here, depth + 1, edits)
                 else:
                     edits.append((MAKE_OBJECT, here, None))
                     self._compile_object(value, here, depth + 1, edits)
@@ -480,24 +452,12 @@ class StateData:
             PreservedFieldError: a preserved field differs between ``old`` and ``new``.
         """
         for path in self.preserved:
-            if not same_json(_lookup(old, path), _lookup(new, path)):
+            if not same_json(lookup(old, path), lookup(new, path)):
                 raise PreservedFieldError(
                     f"{format_path(path)} is preserved; a transaction cannot change "
                     "it (use set_preserved())",
                     path=format_path(path),
                 )
-
-
-_MISSING: Final = object()
-
-
-def _lookup(doc: JSONObject, path: Path) -> Any:
-    node: Any = doc
-    for key in path:
-        if type(node) is not dict or key not in node:
-            return _MISSING
-        node = node[key]
-    return node
 
 
 def same_json(a: Any, b: Any) -> bool:
@@ -526,10 +486,6 @@ def copy_json(value: Any) -> Any:
 @lru_cache(maxsize=8192)
 def _path_len(path: Path) -> int:
     return sum(utf8_len(encode_key(k)) for k in path)
-
-
-def _drop_nones(obj: JSONObject) -> JSONObject:
-    return {k: (_drop_nones(v) if type(v) is dict else v) for k, v in obj.items() if v is not None}
 
 
 def _leaf_edits(obj: JSONObject, path: Path) -> list[Edit]:
@@ -666,12 +622,12 @@ def _apply(  # noqa: C901, PLR0912 - one walk, with or without copying on write
             # Only a delete can name a path whose parent is missing: nothing to do.
             continue
         last = path[-1]
-        old = parent.get(last, _MISSING)
+        old = parent.get(last, MISSING)
         if kind == MAKE_OBJECT and type(old) is dict:
             continue
         if size is not None:
             path_len = _path_len(path)
-            if old is not _MISSING:
+            if old is not MISSING:
                 total -= _node_size(old, path_len)
             if kind == MAKE_OBJECT:
                 total += path_len + 2
@@ -699,8 +655,8 @@ def keep_preserved(doc: JSONObject, preserved: Iterable[Path]) -> JSONObject:
     """The document a reset leaves: only the preserved fields, with their parents."""
     out: JSONObject = {}
     for path in sorted(preserved):
-        value = _lookup(doc, path)
-        if value is _MISSING:
+        value = lookup(doc, path)
+        if value is MISSING:
             continue
         node = out
         for key in path[:-1]:
@@ -729,7 +685,7 @@ def diff(old: JSONObject, new: JSONObject) -> JSONObject:
     for key, value in new.items():
         if value is None:
             continue
-        before = old.get(key, _MISSING)
+        before = old.get(key, MISSING)
         if type(before) is type(value) and before == value:
             continue
         if type(value) is dict and type(before) is dict:

@@ -26,15 +26,13 @@ import attrs
 from chatstate.exceptions import DecryptionError, SecretFieldError
 from chatstate.state._backend import Edits, Increment, Operation, Replace, Snapshot, Write
 from chatstate.state._crypto import is_encrypted, key_id_of
+from chatstate.state._paths import MISSING, format_path, lookup
 from chatstate.state._rules import (
-    _MISSING,
     DELETE,
     MAKE_OBJECT,
     SET,
     Edit,
-    _lookup,
     apply_edits,
-    format_path,
 )
 
 if TYPE_CHECKING:
@@ -95,13 +93,13 @@ def seal_edits(
                     "in place; a secret field is written whole",
                     path=format_path(path),
                 )
-        value = _lookup(apply_edits({}, [out[i] for i in related]), path)
+        value = lookup(apply_edits({}, [out[i] for i in related]), path)
         last = related[-1]
         sealed: list[Edit] = []
         for i, edit in enumerate(out):
             if i not in folded or (edit[0] == DELETE and edit[1] == path):
                 sealed.append(edit)
-            if i == last and value is not _MISSING:
+            if i == last and value is not MISSING:
                 token = None if value is None else _encrypt(cipher, user_id, path, value)
                 sealed.append((SET, path, token))
         out = sealed
@@ -124,7 +122,7 @@ def seal_document(
 
     def change(path: Path, value: Any) -> Any:
         if previous is not None:
-            old = _lookup(previous, path)
+            old = lookup(previous, path)
             if key_id_of(old) == cipher.current:
                 try:
                     same = _text(cipher.decrypt(user_id, path, old)) == _text(value)
