@@ -18,7 +18,8 @@ import redis.cluster
 
 import servers
 from chatstate import RedisBackend, StateData, StateService
-from chatstate.__main__ import acl_rule, main, parse_key
+from chatstate.cli import main
+from chatstate.cli._commands.doctor import acl_rule
 from chatstate.auth import fingerprint
 from conftest import register_secret
 
@@ -311,18 +312,6 @@ def test_erase_removes_the_op_ids_too(
 
 
 # -- users and stats -----------------------------------------------------------------
-
-
-def test_parse_key_reads_back_what_the_backend_builds() -> None:
-    """Document, op-log, claim and lock keys decode to their user; foreign keys to None."""
-    for user_id in ("ana", "+34 600", "ünï {x}", "a:ops", "x}y", "line\nbreak", "50%"):
-        doc, ops, claim = RedisBackend(redis.Redis(), namespace="ns").keys(user_id)
-        assert parse_key(doc, "ns") == ("doc", user_id)
-        assert parse_key(ops, "ns") == ("ops", user_id)
-        assert parse_key(claim, "ns") == ("claim", user_id)
-        assert parse_key(doc + ":lock:jwt", "ns") == ("lock", user_id)
-    for foreign in ("ns:{a", "ns:{}", "ns:{a}:other", "nsx:{a}", "ns:{%ZZ}", "ns:{a b}", "other"):
-        assert parse_key(foreign, "ns") is None
 
 
 @pytest.mark.redis

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from chatstate import RedisBackend, StateData, StateService
-from chatstate.__main__ import main
+from chatstate.cli import main
 
 pytestmark = pytest.mark.redis
 
