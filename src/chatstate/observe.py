@@ -32,11 +32,12 @@ import logging
 import threading
 from collections.abc import Mapping
 from time import perf_counter
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Protocol, TypeVar, runtime_checkable
 
 import attrs
 
 __all__ = [
+    "Describing",
     "LoggingObserver",
     "Observer",
     "OperationFinished",
@@ -234,15 +235,32 @@ _watching: contextvars.ContextVar[Watch | None] = contextvars.ContextVar(
 _RETURNED: Final = {"transaction": "applied", "release": "released"}
 
 
+@runtime_checkable
+class Describing(Protocol):
+    """What a backend adds to name itself to observers (optional, the same on both twins).
+
+    Without it, events name the backend by its class and carry no attributes.
+    The memory, SQLite and Redis backends have it.
+    """
+
+    kind: str
+    """A short name: ``memory``, ``sqlite``, ``redis``."""
+
+    def describe(self) -> dict[str, Any]:
+        """Attributes for traces (OpenTelemetry's ``db.*`` and ``server.*``); never secrets."""
+        ...
+
+
 class Watch:
     """One operation's observation: made when observers exist, ended once."""
 
     __slots__ = ("_backend", "_context", "_start", "_tokens", "attempts", "operation")
 
     def __init__(self, operation: str, backend: Any) -> None:
-        kind = str(getattr(backend, "kind", type(backend).__name__))
-        describe = getattr(backend, "describe", None)
-        attributes = _safely(describe) if callable(describe) else None
+        if isinstance(backend, Describing):
+            kind, attributes = str(backend.kind), _safely(backend.describe)
+        else:
+            kind, attributes = type(backend).__name__, None
         event = OperationStarted(operation, kind, attributes or {})
         self.operation = operation
         self._backend = kind

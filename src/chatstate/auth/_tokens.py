@@ -24,7 +24,7 @@ from chatstate.exceptions import (
     TokenError,
     TokenRefreshError,
 )
-from chatstate.state import AsyncCachedUser, CachedUser
+from chatstate.state import AsyncCachedUser, AsyncLocking, CachedUser, Locking
 
 __all__ = ["get_jwt_token"]
 
@@ -97,7 +97,7 @@ _warned: set[str] = set()
 
 
 def _backend_lock(backend: object) -> Any:
-    lock = getattr(backend, "lock", None)
+    lock = backend.lock if isinstance(backend, Locking | AsyncLocking) else None
     if lock is None:
         name = type(backend).__name__
         if name not in _warned:

@@ -46,7 +46,9 @@ from chatstate.flow._screens import (
     translate_screen,
 )
 from chatstate.state import (
+    AsyncDeadlineIndex,
     AsyncStateService,
+    DeadlineIndex,
     Outcome,
     StateData,
     StateService,
@@ -904,7 +906,7 @@ class _RouterCore(Generic[DepsT]):
         return self.service.manager.backend
 
     def _indexed(self) -> bool:
-        return callable(getattr(self._backend, "schedule", None))
+        return isinstance(self._backend, DeadlineIndex | AsyncDeadlineIndex)
 
     async def _schedule(self, user_id: str, at_ms: int, *, exact: bool = False) -> None:
         if self._indexed():

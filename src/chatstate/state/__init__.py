@@ -21,19 +21,11 @@ from chatstate.state._backend import (
     REMEMBERED_OPS,
     UNCHANGED,
     Acquire,
-    AsyncBackend,
-    AsyncDeadlineIndex,
-    AsyncListing,
-    AsyncLocking,
-    Backend,
-    DeadlineIndex,
     Delete,
     Document,
     Edits,
     Increment,
     Lease,
-    Listing,
-    Locking,
     Operation,
     OpLog,
     OpRecord,
@@ -53,6 +45,16 @@ from chatstate.state._backend import (
 from chatstate.state._codec import stored_size
 from chatstate.state._crypto import FieldEncryption, secret_paths
 from chatstate.state._memory import AsyncMemoryBackend, MemoryBackend
+from chatstate.state._protocols import (
+    AsyncBackend,
+    AsyncDeadlineIndex,
+    AsyncListing,
+    AsyncLocking,
+    Backend,
+    DeadlineIndex,
+    Listing,
+    Locking,
+)
 from chatstate.state._rules import (
     MAX_SCHEMA,
     Edit,

@@ -16,12 +16,11 @@ Both follow this module's rules, and the contract suite in
 
 from __future__ import annotations
 
-import contextlib
 import marshal
 import os
 from base64 import urlsafe_b64encode
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from typing import Any, Final, Literal, Protocol, TypeAlias, get_args, runtime_checkable
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Final, Literal, TypeAlias, get_args
 
 import attrs
 
@@ -50,19 +49,11 @@ __all__ = [
     "OPS_TRIM_AT",
     "REMEMBERED_OPS",
     "Acquire",
-    "AsyncBackend",
-    "AsyncDeadlineIndex",
-    "AsyncListing",
-    "AsyncLocking",
-    "Backend",
-    "DeadlineIndex",
     "Delete",
     "Document",
     "Edits",
     "Increment",
     "Lease",
-    "Listing",
-    "Locking",
     "OpLog",
     "OpRecord",
     "Operation",
@@ -78,6 +69,7 @@ __all__ = [
     "apply_write",
     "check_deadline",
     "check_limit",
+    "check_prefix",
 ]
 
 ERASED_PARTS: Final = ("document", "operations", "claim", "lock", "deadline")
@@ -883,172 +875,11 @@ def corrupt(key: str, why: str) -> CorruptStateError:
     return CorruptStateError(f"{why} (key {key!r}); nothing was written", key=key)
 
 
-# -- protocols -----------------------------------------------------------------
-
-
-@runtime_checkable
-class Backend(Protocol):
-    """A synchronous store of one document and one operation log per user id."""
-
-    def load(self, user_id: str) -> Snapshot | None:
-        """Return the user's document, or ``None``. Never creates anything."""
-        ...
-
-    def apply(self, user_id: str, write: Write) -> Outcome:
-        """Apply ``write`` atomically (see :func:`apply_write` for the rules).
-
-        Raises:
-            StateTooLargeError: the result would exceed ``write.max_bytes``;
-                nothing was written.
-            OpIdReusedError: the operation key came back with another digest.
-            CounterError: an increment met a non-integer or overflowed.
-            CorruptStateError: the stored data is not a document; nothing was written.
-            BackendError: the store failed.
-        """
-        ...
-
-    def close(self) -> None:
-        """Release what the backend owns. Clients passed in by the caller stay open."""
-        ...
-
-
-@runtime_checkable
-class AsyncBackend(Protocol):
-    """The asyncio twin of :class:`Backend`."""
-
-    async def load(self, user_id: str) -> Snapshot | None:
-        """Return the user's document, or ``None``. Never creates anything."""
-        ...
-
-    async def apply(self, user_id: str, write: Write) -> Outcome:
-        """Apply ``write`` atomically (see :meth:`Backend.apply`)."""
-        ...
-
-    async def aclose(self) -> None:
-        """Release what the backend owns. Clients passed in by the caller stay open."""
-        ...
-
-
-# -- per-user locks ---------------------------------------------------------------
-
-
-@runtime_checkable
-class Locking(Protocol):
-    """What a backend adds to hold a named per-user lock across processes (optional).
-
-    The single-flight token refresh (:mod:`chatstate.auth`) and aiogram's event
-    isolation use it; over a backend without it they fall back to a lock of
-    this process (and log a warning once).
-    """
-
-    def lock(
-        self, user_id: str, name: str, *, lease: float, wait: float
-    ) -> contextlib.AbstractContextManager[None]:
-        """Hold the user's lock ``name`` for a block.
-
-        Raises:
-            LockTimeoutError: it was not free within ``wait`` seconds.
-            LockLostError: the ``lease`` ran out while held (another holder
-                may have run meanwhile); raised when the block ends.
-        """
-        ...
-
-
-@runtime_checkable
-class AsyncLocking(Protocol):
-    """The asyncio twin of :class:`Locking`."""
-
-    def lock(
-        self, user_id: str, name: str, *, lease: float, wait: float
-    ) -> contextlib.AbstractAsyncContextManager[None]:
-        """See :meth:`Locking.lock` (used with ``async with``)."""
-        ...
-
-
-# -- listing users ------------------------------------------------------------------
-
-
-@runtime_checkable
-class Listing(Protocol):
-    """What a backend adds to list the users it holds a document for (optional).
-
-    :meth:`StateService.users <chatstate.StateService.users>`, the command line
-    and framework start-up loads (python-telegram-bot's ``get_user_data``) use
-    it; over a backend without it they raise
-    :class:`~chatstate.exceptions.ConfigurationError`.
-    """
-
-    def users(self, prefix: str = "") -> Iterator[str]:
-        """Every user id with a live document that starts with ``prefix``, as a lazy iterator.
-
-        A user stored for the whole iteration is yielded at least once (a
-        backend that scans may yield one twice); one written or removed while
-        it runs may or may not be. Nothing is held between steps.
-        """
-        ...
-
-
-@runtime_checkable
-class AsyncListing(Protocol):
-    """The asyncio twin of :class:`Listing`."""
-
-    def users(self, prefix: str = "") -> AsyncIterator[str]:
-        """See :meth:`Listing.users` (used with ``async for``)."""
-        ...
-
-
 def check_prefix(prefix: object) -> str:
     """Return ``prefix`` if it is a str (the start of user ids to list)."""
     if not isinstance(prefix, str):
         raise UsageError(f"prefix must be a str, not {prefix!r}")
     return prefix
-
-
-# -- the deadline index ----------------------------------------------------------
-
-
-@runtime_checkable
-class DeadlineIndex(Protocol):
-    """What a backend adds to keep flow deadlines (reminders, timeouts) in the store.
-
-    Optional: a :class:`~chatstate.flow.Router` over a backend with these three
-    methods can fire due reminders and timeouts with ``due()``; over one
-    without, a flow's timeout still applies at the user's next message. One
-    entry per user; times are milliseconds on the router's clock.
-    """
-
-    def schedule(self, user_id: str, at_ms: int, *, earlier_only: bool = True) -> None:
-        """Set the user's entry to ``at_ms``; with ``earlier_only``, never move it later."""
-        ...
-
-    def unschedule(self, user_id: str) -> None:
-        """Remove the user's entry, if any."""
-        ...
-
-    def due(self, now_ms: int, limit: int = 100) -> list[tuple[str, int]]:
-        """Up to ``limit`` ``(user_id, at_ms)`` entries with ``at_ms <= now_ms``, earliest first.
-
-        Nothing is removed: an entry stays until it is rescheduled or removed,
-        so a deadline whose handling failed comes due again.
-        """
-        ...
-
-
-@runtime_checkable
-class AsyncDeadlineIndex(Protocol):
-    """The asyncio twin of :class:`DeadlineIndex`."""
-
-    async def schedule(self, user_id: str, at_ms: int, *, earlier_only: bool = True) -> None:
-        """See :meth:`DeadlineIndex.schedule`."""
-        ...
-
-    async def unschedule(self, user_id: str) -> None:
-        """See :meth:`DeadlineIndex.unschedule`."""
-        ...
-
-    async def due(self, now_ms: int, limit: int = 100) -> list[tuple[str, int]]:
-        """See :meth:`DeadlineIndex.due`."""
-        ...
 
 
 def check_deadline(at_ms: object) -> int:

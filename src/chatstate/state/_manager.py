@@ -58,6 +58,7 @@ from chatstate.state._backend import (
     counter_overflow,
 )
 from chatstate.state._codec import encode_path, encode_value
+from chatstate.state._protocols import AsyncBackend, Backend, stores_schema
 from chatstate.state._rules import SET, Edit, StateData, copy_json, parse_path
 from chatstate.state._sealing import mask, reveal, seal
 from chatstate.typing import JSONObject, Path
@@ -148,7 +149,7 @@ def operation_name(operation: str | None, args: tuple[Any, ...]) -> str:
 
 def check_backend_async(backend: object) -> None:
     """Refuse a backend whose ``apply`` is not a coroutine function (the sync twin's)."""
-    if not inspect.iscoroutinefunction(getattr(backend, "apply", None)):
+    if not isinstance(backend, AsyncBackend) or not inspect.iscoroutinefunction(backend.apply):
         raise UsageError(
             f"{type(backend).__name__} is synchronous: use StateManager or StateService"
         )
@@ -156,10 +157,9 @@ def check_backend_async(backend: object) -> None:
 
 def check_backend_sync(backend: object) -> None:
     """Refuse a non-backend, or one whose ``apply`` is a coroutine function (the async twin's)."""
-    apply = getattr(backend, "apply", None)
-    if not callable(apply):
+    if not isinstance(backend, Backend):
         raise UsageError(f"{type(backend).__name__} is not a chatstate backend")
-    if inspect.iscoroutinefunction(apply):
+    if inspect.iscoroutinefunction(backend.apply):
         raise UsageError(
             f"{type(backend).__name__} is asynchronous: use AsyncStateManager or AsyncStateService"
         )
@@ -195,7 +195,7 @@ class _ManagerCore:
             raise ConfigurationError(f"rules must be a StateData, not {type(rules).__name__}")
         self.rules = rules if rules is not None else StateData()
         self.schema = self.rules.schema_version
-        if self.schema is not None and getattr(backend, "stores_schema", False) is not True:
+        if self.schema is not None and not stores_schema(backend):
             raise ConfigurationError(
                 f"{type(backend).__name__} does not store schema versions (it has no "
                 "stores_schema = True), so StateData(schema_version=...) cannot be used "
@@ -205,7 +205,7 @@ class _ManagerCore:
         # documents stored before schemas), so that it never writes into a document a
         # newer release has migrated, on every backend that stores schemas.
         self.write_schema = self.schema
-        if self.schema is None and getattr(backend, "stores_schema", False) is True:
+        if self.schema is None and stores_schema(backend):
             self.write_schema = 1
         self.ttl_ms = to_ms(ttl, "ttl")
         dedupe_ms = to_ms(dedupe_window, "dedupe_window")

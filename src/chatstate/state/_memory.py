@@ -7,6 +7,7 @@ import heapq
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import attrs
 
@@ -81,6 +82,10 @@ class MemoryBackend:
 
     kind = "memory"
     stores_schema = True
+
+    def describe(self) -> dict[str, Any]:
+        """Nothing for traces: no database is called (:class:`~chatstate.observe.Describing`)."""
+        return {}
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
@@ -273,6 +278,10 @@ class AsyncMemoryBackend:
 
     kind = "memory"
     stores_schema = True
+
+    def describe(self) -> dict[str, Any]:
+        """Nothing for traces: no database is called (:class:`~chatstate.observe.Describing`)."""
+        return {}
 
     def __init__(self, store: MemoryBackend | None = None) -> None:
         self.store = store if store is not None else MemoryBackend()

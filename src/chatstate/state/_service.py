@@ -8,12 +8,13 @@ are the one body of both twins; ``StateService`` and the rest of the sync twin
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Final, Literal, TypeVar, cast
+from typing import Any, Final, Literal, TypeVar
 
 from chatstate._redact import redact
 from chatstate.exceptions import ConfigurationError, UsageError
-from chatstate.state._backend import Document, Listing, Outcome, Snapshot
+from chatstate.state._backend import Document, Outcome, Snapshot
 from chatstate.state._manager import _ClaimCore
+from chatstate.state._protocols import Erasing, Listing
 from chatstate.state._rules import StateData
 from chatstate.typing import JSONObject, Path
 
@@ -47,13 +48,13 @@ def _export(
 
 
 def _eraser(backend: object) -> Callable[[str], Any]:
-    erase = getattr(backend, "erase", None)
-    if not callable(erase):
+    """The backend's ``erase`` (the :class:`~chatstate.state.Erasing` capability)."""
+    if not isinstance(backend, Erasing):  # AsyncErasing has the same shape
         raise UsageError(
-            f"{type(backend).__name__} cannot erase a user (it has no erase method); "
+            f"{type(backend).__name__} cannot erase a user (it is not an Erasing backend); "
             "delete(user_id, force=True) removes the document only"
         )
-    return cast("Callable[[str], Any]", erase)
+    return backend.erase
 
 
 def _lister(backend: object) -> Callable[[str], Any]:

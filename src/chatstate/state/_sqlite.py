@@ -265,6 +265,10 @@ class SqliteBackend:
     kind = "sqlite"
     stores_schema = True
 
+    def describe(self) -> dict[str, Any]:
+        """What traces may say of it: ``db.system.name`` (never the file's path)."""
+        return {"db.system.name": "sqlite"}
+
     def __init__(
         self,
         path: str | os.PathLike[str],
@@ -764,6 +768,10 @@ class AsyncSqliteBackend:
 
     kind = "sqlite"
     stores_schema = True
+
+    def describe(self) -> dict[str, Any]:
+        """What traces may say of it: ``db.system.name`` (never the file's path)."""
+        return {"db.system.name": "sqlite"}
 
     def __init__(self, store: str | os.PathLike[str] | SqliteBackend, **options: Any) -> None:
         if isinstance(store, SqliteBackend):

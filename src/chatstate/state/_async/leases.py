@@ -18,7 +18,7 @@ import contextlib
 import logging
 import secrets
 from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from chatstate._heartbeat import heartbeat_async
 from chatstate._twins import monotonic_async
@@ -32,11 +32,8 @@ log = logging.getLogger("chatstate.state")
 class AsyncLeaseStore(Protocol):
     """A store that takes and gives back leased locks, one attempt at a time.
 
-    It may also renew them: ``async renew_lock(user_id, name, token, lease) ->
-    bool`` extends the lock held under ``token`` to ``lease`` seconds from now,
-    and answers False, changing nothing, when it is no longer held under that
-    token (it is never taken back). Without it a lock lapses ``lease`` after it
-    was taken, however long its holder works.
+    It may also renew them (:class:`AsyncRenewing`). Without that a lock lapses
+    ``lease`` after it was taken, however long its holder works.
     """
 
     async def try_lock(self, user_id: str, name: str, token: str, lease: float) -> bool:
@@ -45,6 +42,19 @@ class AsyncLeaseStore(Protocol):
 
     async def unlock(self, user_id: str, name: str, token: str) -> bool:
         """Release the lock held under ``token``; False if it was no longer ours (lapsed)."""
+        ...
+
+
+@runtime_checkable
+class AsyncRenewing(Protocol):
+    """A lease store that also renews the locks it holds."""
+
+    async def renew_lock(self, user_id: str, name: str, token: str, lease: float) -> bool:
+        """Extend the lock held under ``token`` to ``lease`` seconds from now.
+
+        False, changing nothing, when it is no longer held under that token (it
+        is never taken back).
+        """
         ...
 
 
@@ -97,7 +107,7 @@ async def hold_lease_async(
             raise LockTimeoutError(f"another holder kept the {name!r} lock for {wait} s")
         await asyncio.sleep(min(pause, left))
         pause = min(pause * 2, 0.05)
-    renew = getattr(store, "renew_lock", None)
+    renew = store.renew_lock if isinstance(store, AsyncRenewing) else None
     held = AsyncHeldLease(renew, user_id, name, token, lease)
     beat = None if renew is None else heartbeat_async(held, AsyncHeldLease.beat, lease / 3)
     failed = False

@@ -18,7 +18,7 @@ from chatstate._durations import to_ms
 from chatstate._retry import RetryPolicy
 from chatstate._twins import resolved_async
 from chatstate.exceptions import OutcomeUnknown, StateError, StateTooLargeError
-from chatstate.state._backend import SCHEMA_REFUSALS, AsyncBackend, Outcome, Snapshot, Write
+from chatstate.state._backend import SCHEMA_REFUSALS, Outcome, Snapshot, Write
 from chatstate.state._manager import (
     CLAIM,
     COMMIT,
@@ -33,6 +33,7 @@ from chatstate.state._manager import (
     operation_name,
     outcome_name,
 )
+from chatstate.state._protocols import AsyncBackend
 from chatstate.state._rules import StateData, copy_json
 
 __all__ = ["AsyncStateManager"]

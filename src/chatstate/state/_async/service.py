@@ -18,7 +18,7 @@ from chatstate._heartbeat import Beat, heartbeat_async
 from chatstate._retry import RetryPolicy
 from chatstate.exceptions import UsageError
 from chatstate.state._async.manager import AsyncStateManager
-from chatstate.state._backend import AsyncBackend, Document, Outcome, Snapshot, check_prefix
+from chatstate.state._backend import Document, Outcome, Snapshot, check_prefix
 from chatstate.state._manager import (
     ASSIGN,
     DEFAULT_DEDUPE,
@@ -33,6 +33,7 @@ from chatstate.state._manager import (
     _ClaimCore,
 )
 from chatstate.state._memory import AsyncMemoryBackend
+from chatstate.state._protocols import AsyncBackend, AsyncPinging
 from chatstate.state._rules import StateData
 from chatstate.state._service import (
     CLAIM_PURPOSE,
@@ -413,8 +414,8 @@ class AsyncStateService:
         Raises:
             BackendUnavailable: the backend cannot be reached.
         """
-        ping = getattr(self.manager.backend, "ping", None)
-        return float(await ping()) if ping is not None else 0.0
+        backend = self.manager.backend
+        return float(await backend.ping()) if isinstance(backend, AsyncPinging) else 0.0
 
     async def aclose(self) -> None:
         """Close the backend (a client the caller passed in stays open)."""

@@ -19,7 +19,7 @@ import logging
 import secrets
 import time
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from chatstate._heartbeat import heartbeat_sync
 from chatstate._twins import monotonic_sync
@@ -33,11 +33,8 @@ log = logging.getLogger("chatstate.state")
 class LeaseStore(Protocol):
     """A store that takes and gives back leased locks, one attempt at a time.
 
-    It may also renew them: ``async renew_lock(user_id, name, token, lease) ->
-    bool`` extends the lock held under ``token`` to ``lease`` seconds from now,
-    and answers False, changing nothing, when it is no longer held under that
-    token (it is never taken back). Without it a lock lapses ``lease`` after it
-    was taken, however long its holder works.
+    It may also renew them (:class:`Renewing`). Without that a lock lapses
+    ``lease`` after it was taken, however long its holder works.
     """
 
     def try_lock(self, user_id: str, name: str, token: str, lease: float) -> bool:
@@ -46,6 +43,19 @@ class LeaseStore(Protocol):
 
     def unlock(self, user_id: str, name: str, token: str) -> bool:
         """Release the lock held under ``token``; False if it was no longer ours (lapsed)."""
+        ...
+
+
+@runtime_checkable
+class Renewing(Protocol):
+    """A lease store that also renews the locks it holds."""
+
+    def renew_lock(self, user_id: str, name: str, token: str, lease: float) -> bool:
+        """Extend the lock held under ``token`` to ``lease`` seconds from now.
+
+        False, changing nothing, when it is no longer held under that token (it
+        is never taken back).
+        """
         ...
 
 
@@ -98,7 +108,7 @@ def hold_lease_sync(
             raise LockTimeoutError(f"another holder kept the {name!r} lock for {wait} s")
         time.sleep(min(pause, left))
         pause = min(pause * 2, 0.05)
-    renew = getattr(store, "renew_lock", None)
+    renew = store.renew_lock if isinstance(store, Renewing) else None
     held = HeldLease(renew, user_id, name, token, lease)
     beat = None if renew is None else heartbeat_sync(held, HeldLease.beat, lease / 3)
     failed = False

@@ -19,7 +19,7 @@ from chatstate._durations import to_ms
 from chatstate._retry import RetryPolicy
 from chatstate._twins import resolved_sync
 from chatstate.exceptions import OutcomeUnknown, StateError, StateTooLargeError
-from chatstate.state._backend import SCHEMA_REFUSALS, Backend, Outcome, Snapshot, Write
+from chatstate.state._backend import SCHEMA_REFUSALS, Outcome, Snapshot, Write
 from chatstate.state._manager import (
     CLAIM,
     COMMIT,
@@ -34,6 +34,7 @@ from chatstate.state._manager import (
     operation_name,
     outcome_name,
 )
+from chatstate.state._protocols import Backend
 from chatstate.state._rules import StateData, copy_json
 
 __all__ = ["StateManager"]

@@ -18,7 +18,7 @@ from chatstate._actions import failing
 from chatstate._heartbeat import Beat, heartbeat_sync
 from chatstate._retry import RetryPolicy
 from chatstate.exceptions import UsageError
-from chatstate.state._backend import Backend, Document, Outcome, Snapshot, check_prefix
+from chatstate.state._backend import Document, Outcome, Snapshot, check_prefix
 from chatstate.state._manager import (
     ASSIGN,
     DEFAULT_DEDUPE,
@@ -33,6 +33,7 @@ from chatstate.state._manager import (
     _ClaimCore,
 )
 from chatstate.state._memory import MemoryBackend
+from chatstate.state._protocols import Backend, Pinging
 from chatstate.state._rules import StateData
 from chatstate.state._service import (
     CLAIM_PURPOSE,
@@ -414,8 +415,8 @@ class StateService:
         Raises:
             BackendUnavailable: the backend cannot be reached.
         """
-        ping = getattr(self.manager.backend, "ping", None)
-        return float(ping()) if ping is not None else 0.0
+        backend = self.manager.backend
+        return float(backend.ping()) if isinstance(backend, Pinging) else 0.0
 
     def close(self) -> None:
         """Close the backend (a client the caller passed in stays open)."""
