@@ -154,12 +154,15 @@ def form_router(calls: list[str] | None = None) -> Router:
 
 
 def build_dispatcher(
-    service: AsyncStateService, *routers: Router, dedupe: bool = False
+    service: AsyncStateService, *routers: Router, dedupe: bool | str = False
 ) -> tuple[Dispatcher, Bot, RecordingSession]:
+    """A dispatcher on ``service``; ``dedupe``: True (``setup``) or ``"outer"`` (the old line)."""
     storage = ChatstateStorage(service)
     dp = Dispatcher(storage=storage, events_isolation=storage.create_isolation())
-    if dedupe:
+    if dedupe == "outer":
         dp.update.outer_middleware(ChatstateDedupeMiddleware(service))
+    elif dedupe:
+        ChatstateDedupeMiddleware(service).setup(dp)
     for router in routers:
         dp.include_router(router)
     session = RecordingSession()
@@ -693,8 +696,14 @@ def test_isolation_refuses_a_backend_without_locks() -> None:
 
 
 @pytest.mark.redis
-def test_isolation_and_dedupe_hold_5_s_leases_by_default(redis_url: str, namespace: str) -> None:
-    """A handler's key lock and update claim lapse 5 s after their holder stops renewing them."""
+@pytest.mark.parametrize("dedupe", [True, "outer"])
+def test_isolation_and_dedupe_hold_5_s_leases_by_default(
+    redis_url: str, namespace: str, dedupe: bool | str
+) -> None:
+    """A handler's key claim (and update claim) lapse 5 s after their holder stops renewing them.
+
+    With ``setup()`` the key's claim is the update's too: no record of its own.
+    """
 
     async def main() -> list[int]:
         backend = AsyncRedisBackend.from_url(redis_url, namespace=namespace)
@@ -705,11 +714,11 @@ def test_isolation_and_dedupe_hold_5_s_leases_by_default(redis_url: str, namespa
         @router.message()
         async def look(message: Message, bot: Bot) -> None:
             key = StorageKey(bot_id=bot.id, chat_id=message.chat.id, user_id=7)
-            lock = f"{backend.keys(storage.user_id(key))[0]}:lock:aiogram"
-            claim = backend.keys(f"aiogram-update:{bot.id}:update:{message.message_id}")[2]
-            seen.extend([await client.pttl(lock), await client.pttl(claim)])
+            held = backend.keys(storage.user_id(key))[2]
+            record = backend.keys(f"aiogram-update:{bot.id}:update:{message.message_id}")[2]
+            seen.extend([await client.pttl(held), await client.pttl(record)])
 
-        dp, bot, _ = build_dispatcher(service, router, dedupe=True)
+        dp, bot, _ = build_dispatcher(service, router, dedupe=dedupe)
         storage = dp.storage
         assert isinstance(storage, ChatstateStorage)
         await dp.feed_update(bot, message_update(40, "hi"))
@@ -717,9 +726,12 @@ def test_isolation_and_dedupe_hold_5_s_leases_by_default(redis_url: str, namespa
         await service.aclose()
         return seen
 
-    lock_ttl, claim_ttl = asyncio.run(main())
-    assert 4000 < lock_ttl <= 5000
-    assert 4000 < claim_ttl <= 5000
+    key_ttl, record_ttl = asyncio.run(main())
+    assert 4000 < key_ttl <= 5000
+    if dedupe == "outer":
+        assert 4000 < record_ttl <= 5000
+    else:
+        assert record_ttl == -2  # no such key: the key's claim deduped the update
 
 
 @pytest.mark.redis
@@ -741,7 +753,7 @@ def test_a_slow_handler_keeps_its_key_and_its_update_past_the_lease(
             svc = AsyncStateService(AsyncRedisBackend.from_url(redis_url, namespace=namespace))
             storage = ChatstateStorage(svc)
             dp = Dispatcher(storage=storage, events_isolation=storage.create_isolation(lease=1.0))
-            dp.update.outer_middleware(ChatstateDedupeMiddleware(svc, lease=1.0, wait=10))
+            ChatstateDedupeMiddleware(svc, lease=1.0, wait=10).setup(dp)
             dp.message.register(slow)
             session = RecordingSession()
             return dp, Bot(BOT_TOKEN, session=session), session, svc
@@ -783,7 +795,7 @@ CRASHING_BOT = textwrap.dedent(
         svc = AsyncStateService(AsyncRedisBackend.from_url(url, namespace=namespace))
         storage = ChatstateStorage(svc)
         dp = Dispatcher(storage=storage, events_isolation=storage.create_isolation())
-        dp.update.outer_middleware(ChatstateDedupeMiddleware(svc))
+        ChatstateDedupeMiddleware(svc).setup(dp)
         dp.include_router(router)
         user = User(id=7, is_bot=False, first_name="Ana")
         message = Message(
@@ -955,7 +967,7 @@ def test_message_id_mode_drops_the_same_message_in_a_new_update() -> None:
         svc = AsyncStateService()
         storage = ChatstateStorage(svc)
         dp = Dispatcher(storage=storage)
-        dp.update.outer_middleware(ChatstateDedupeMiddleware(svc, by="message_id"))
+        ChatstateDedupeMiddleware(svc, by="message_id").setup(dp)  # no isolation: its own claims
         dp.include_router(form_router())
         session = RecordingSession()
         bot = Bot(BOT_TOKEN, session=session)
@@ -1061,14 +1073,19 @@ class _OnEveryBackend:
         assert second == ["Ana is 33"]
         assert left == {}
 
-    def test_redelivered_update_is_handled_once(self) -> None:
-        """The same update fed again (also concurrently, also to a second dispatcher) sends nothing."""
+    @pytest.mark.parametrize("dedupe", [True, "outer"])
+    def test_redelivered_update_is_handled_once(self, dedupe: bool | str) -> None:
+        """The same update fed again (also concurrently, also to a second dispatcher) sends nothing.
+
+        With ``setup()`` (the key's claim dedupes) and with the old
+        ``outer_middleware`` line (a record of its own, inside the lock).
+        """
 
         async def main() -> tuple[list[str], list[str], list[str]]:
             calls: list[str] = []
             svc_a, svc_b = self.make_service(), self.make_service()
-            dp_a, bot_a, session_a = build_dispatcher(svc_a, form_router(calls), dedupe=True)
-            dp_b, bot_b, session_b = build_dispatcher(svc_b, form_router(calls), dedupe=True)
+            dp_a, bot_a, session_a = build_dispatcher(svc_a, form_router(calls), dedupe=dedupe)
+            dp_b, bot_b, session_b = build_dispatcher(svc_b, form_router(calls), dedupe=dedupe)
             start = message_update(10, "/start")
             await asyncio.gather(dp_a.feed_update(bot_a, start), dp_a.feed_update(bot_a, start))
             await dp_b.feed_update(bot_b, start)

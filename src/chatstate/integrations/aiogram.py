@@ -7,7 +7,7 @@ they are::
 
     storage = ChatstateStorage.from_url("redis://localhost:6379/0")
     dp = Dispatcher(storage=storage, events_isolation=storage.create_isolation())
-    dp.update.outer_middleware(ChatstateDedupeMiddleware(storage.service))
+    ChatstateDedupeMiddleware(storage.service).setup(dp)
 
 Each :class:`~aiogram.fsm.storage.base.StorageKey` is one chatstate document
 ``{"state": ..., "data": {...}}`` (one Cluster slot), so
@@ -15,6 +15,17 @@ Each :class:`~aiogram.fsm.storage.base.StorageKey` is one chatstate document
 own storages read, merge in Python and write back (and lose concurrent updates).
 Values are stored as JSON, as aiogram's ``RedisStorage`` stores them: enum
 members as their values, tuples as lists (and read back so).
+
+Under the event isolation an update owns its key, so it is handled as one
+step: the isolation takes a chatstate claim on the key's document (with the
+dedupe middleware set up, for the update's id: claim, dedupe and read in one
+script), the handlers read that snapshot and their writes to the key are
+staged on it (each call sees the ones before), and when they return, one
+atomic write stores them, remembers the update and releases the key. If the
+handlers raise, or the process dies, nothing of the update's writes to its key
+lands and the update is not remembered: a redelivery runs against the state
+as it was before. Writes to other keys, and writes outside the isolation, go
+straight to the store as before.
 
 Needs ``pip install 'chatstate[aiogram]'``.
 """
@@ -24,8 +35,9 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from datetime import timedelta
-from typing import Any, Literal, Self, cast, overload
+from typing import TYPE_CHECKING, Any, Literal, Self, cast, overload
 from urllib.parse import quote
 
 from aiogram.dispatcher.event.bases import UNHANDLED
@@ -44,9 +56,19 @@ from aiogram.types import Message, TelegramObject, Update
 from aiogram.types.update import UpdateTypeLookupError
 
 from chatstate._plain import plain as _plain
-from chatstate.exceptions import ConfigurationError, UsageError
-from chatstate.state import AsyncRedisBackend, AsyncStateService
+from chatstate.exceptions import (
+    ClaimLostError,
+    ConfigurationError,
+    LockLostError,
+    LockTimeoutError,
+    UsageError,
+    UserBusyError,
+)
+from chatstate.state import AsyncClaim, AsyncRedisBackend, AsyncStateService
 from chatstate.typing import JSONObject
+
+if TYPE_CHECKING:
+    from aiogram import Dispatcher
 
 __all__ = [
     "DATA_FIELD",
@@ -243,16 +265,29 @@ class ChatstateStorage(BaseStorage):
             self.service, key_builder=self.key_builder, lease=lease, wait=wait
         )
 
+    def _held(self, key: StorageKey) -> _KeySession | None:
+        """The open isolation session of ``key`` in this context, if there is one."""
+        sessions = _SESSIONS.get()
+        if not sessions:
+            return None
+        return _find(sessions, self.service, self.service.manager.user_id(self.user_id(key)))
+
     async def set_state(self, key: StorageKey, state: StateType = None) -> None:
         """Set the key's state (``None`` clears it)."""
         value = state.state if isinstance(state, State) else _plain(state)
-        if value is None:
+        session = self._held(key)
+        if session is not None:
+            session.set_state(value)
+        elif value is None:
             await self.service.update(self.user_id(key), {STATE_FIELD: None})
         else:
             await self.service.assign(self.user_id(key), {STATE_FIELD: value})
 
     async def get_state(self, key: StorageKey) -> str | None:
         """Return the key's state, ``None`` when it has none."""
+        session = self._held(key)
+        if session is not None:
+            return cast("str | None", session.state)
         doc = await self.service.get(self.user_id(key))
         return cast("str | None", doc.get(STATE_FIELD))
 
@@ -267,13 +302,19 @@ class ChatstateStorage(BaseStorage):
         if not isinstance(data, dict):
             msg = f"Data must be a dict or dict-like object, got {type(data).__name__}"
             raise DataNotDictLikeError(msg)
-        if data:
+        session = self._held(key)
+        if session is not None:
+            session.set_data(_plain(data))
+        elif data:
             await self.service.assign(self.user_id(key), {DATA_FIELD: _plain(data)})
         else:
             await self.service.update(self.user_id(key), {DATA_FIELD: None})
 
     async def get_data(self, key: StorageKey) -> dict[str, Any]:
         """Return a copy of the key's data (``{}`` when it has none)."""
+        session = self._held(key)
+        if session is not None:
+            return cast("dict[str, Any]", _copy(session.data))
         return _data_of(await self.service.get(self.user_id(key)))
 
     @overload
@@ -286,6 +327,9 @@ class ChatstateStorage(BaseStorage):
         self, storage_key: StorageKey, dict_key: str, default: Any | None = None
     ) -> Any | None:
         """Return one value of the key's data, or ``default``."""
+        session = self._held(storage_key)
+        if session is not None:
+            return _copy(session.data.get(dict_key, default))
         return (await self.get_data(storage_key)).get(dict_key, default)
 
     async def update_data(self, key: StorageKey, data: Mapping[str, Any]) -> dict[str, Any]:
@@ -293,7 +337,8 @@ class ChatstateStorage(BaseStorage):
 
         As ``dict.update``: other keys stay, a ``None`` value is stored, a dict
         value replaces the old one whole. Concurrent calls never lose each
-        other's keys.
+        other's keys. Under the key's event isolation the write is staged and
+        stored with the update's other writes when its handlers return.
 
         Returns:
             The key's whole data after the write, as stored (an enum member as
@@ -304,6 +349,11 @@ class ChatstateStorage(BaseStorage):
                 (enum members and tuples are: see the class); nothing was stored.
         """
         items = _plain(dict(data))
+        session = self._held(key)
+        if session is not None:
+            if items:
+                session.update_data(items)
+            return cast("dict[str, Any]", _copy(session.data))
         if not items:
             return await self.get_data(key)
         doc = await self.service.assign(
@@ -323,17 +373,145 @@ def _data_of(doc: JSONObject) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def _copy(value: Any) -> Any:
+    """A private copy of a JSON value (dicts and lists copied, scalars shared)."""
+    if type(value) is dict:
+        return {k: _copy(v) for k, v in value.items()}
+    if type(value) is list:
+        return [_copy(v) for v in value]
+    return value
+
+
+class _KeySession:
+    """One storage key held by the isolation for one event: its claim and its document.
+
+    ``state`` and ``data`` are the document as the event's handlers see it: the
+    claim's snapshot with their writes so far. Each write is staged on the
+    claim first (so a value that is not JSON is refused before anything
+    changes) and then applied here. :meth:`finish` stores them all in the
+    claim's one commit.
+    """
+
+    __slots__ = ("after", "backend", "claim", "data", "state", "user_id")
+
+    def __init__(self, service: AsyncStateService, claim: AsyncClaim) -> None:
+        doc = claim.data  # the claim's own copy, which nothing else reads
+        state = doc.get(STATE_FIELD)
+        data = doc.get(DATA_FIELD)
+        self.backend = service.manager.backend
+        self.user_id = claim.user_id
+        self.claim = claim
+        self.state: Any = state
+        self.data: dict[str, Any] = data if isinstance(data, dict) else {}
+        self.after: list[AsyncClaim] = []  # dedupe claims committed once this one is
+
+    @property
+    def open(self) -> bool:
+        return self.claim.open
+
+    def set_state(self, value: Any) -> None:
+        if value is None:
+            self.claim.update({STATE_FIELD: None})
+        else:
+            self.claim.assign({STATE_FIELD: value})
+        self.state = value
+
+    def set_data(self, data: dict[str, Any]) -> None:
+        if data:
+            self.claim.assign({DATA_FIELD: data})
+        else:
+            self.claim.update({DATA_FIELD: None})
+        self.data = data  # fresh from _plain: nobody else holds it
+
+    def update_data(self, items: dict[str, Any]) -> None:
+        self.claim.assign({(DATA_FIELD, name): value for name, value in items.items()})
+        self.data.update(items)  # fresh from _plain
+
+    async def finish(self, exc: BaseException | None) -> None:
+        """Commit (``exc`` is None) or give up the key, then settle the claims that wait on it.
+
+        Raises:
+            LockLostError: the lease ran out and another event took the key:
+                nothing of this one was written.
+        """
+        claim, after = self.claim, self.after
+        if exc is not None:
+            await _release_quietly(claim, *after)
+            return
+        try:
+            await claim.commit()
+        except ClaimLostError as lost:
+            await _release_quietly(*after)
+            raise LockLostError(
+                "the key's lease ran out while its event was handled and another event "
+                "took it over; nothing of this event was written"
+            ) from lost
+        except BaseException:
+            await _release_quietly(claim, *after)
+            raise
+        for waiting in after:
+            await waiting.commit()
+
+
+async def _release_quietly(*claims: AsyncClaim) -> None:
+    """Give claims up; a failure only delays them (they lapse after their lease)."""
+    for claim in claims:
+        if not claim.open:
+            continue
+        try:
+            await claim.release()
+        except Exception:
+            log.warning("could not release the claim on %r", claim.user_id, exc_info=True)
+
+
+_SESSIONS: ContextVar[tuple[_KeySession, ...]] = ContextVar("chatstate_aiogram_keys", default=())
+"""The keys the isolation holds in this context (a task and the tasks it starts)."""
+
+
+def _find(
+    sessions: tuple[_KeySession, ...], service: AsyncStateService, user_id: str
+) -> _KeySession | None:
+    backend = service.manager.backend
+    for session in reversed(sessions):
+        if session.user_id == user_id and session.backend is backend and session.open:
+            return session
+    return None
+
+
+class _PendingUpdate:
+    """An update the dedupe middleware passes to the isolation's lock (see ``setup``)."""
+
+    __slots__ = ("backend", "op_id", "taken")
+
+    def __init__(self, backend: object, op_id: str) -> None:
+        self.backend = backend
+        self.op_id = op_id
+        self.taken = False  # by a lock (the fused path) or by the middleware's own claim
+
+
+_PENDING: ContextVar[_PendingUpdate | None] = ContextVar("chatstate_aiogram_update", default=None)
+
+
+class _DuplicateUpdate(Exception):  # noqa: N818 - a signal between our two middlewares, not an error
+    """Raised by the lock when its claim finds the update handled; caught by the middleware."""
+
+
 class ChatstateEventIsolation(BaseEventIsolation):
-    """Handles the events of one storage key one at a time, across processes.
+    """Handles the events of one storage key one at a time, across processes, each as one step.
 
     aiogram holds :meth:`lock` around each handler (``Dispatcher(...,
     events_isolation=...)``), so a handler that reads its data, decides and
-    writes acts as one step. The lock is the backend's per-user lock, in the
-    same hash slot as the key's document; on the memory backend it serialises
-    the tasks of one process.
+    writes acts as one step. The lock is a chatstate claim on the key's
+    document, taken together with a read of it; while it is held, the
+    storage's calls on that key (from the event's handlers) read that snapshot
+    and stage their writes on it, and the end of the block stores them in one
+    atomic write that also releases the key (and, with
+    :meth:`ChatstateDedupeMiddleware.setup`, remembers the update). An event
+    whose handlers raise, or whose process dies, writes nothing to its key.
+    On the memory backend it serialises the tasks of one process.
 
     Args:
-        service: The service whose backend holds the locks.
+        service: The service whose backend holds the documents and claims.
         key_builder: See :class:`ChatstateStorage`.
         lease: How long the key stays locked after its holder's process died:
             the lock is renewed every third of its lease while the event runs
@@ -365,16 +543,40 @@ class ChatstateEventIsolation(BaseEventIsolation):
 
     @asynccontextmanager
     async def lock(self, key: StorageKey) -> AsyncGenerator[None, None]:
-        """Hold the key's lock for the block.
+        """Hold the key for the block; store the block's writes to it when it ends.
 
         Raises:
             LockTimeoutError: another event held the key for longer than ``wait``.
-            LockLostError: the lease ran out while the block ran.
+            LockLostError: the lease ran out while the block ran; nothing of
+                the block's writes to the key was stored.
         """
-        user_id = self.service.manager.user_id(self.key_builder.build(key))
-        backend: Any = self.service.manager.backend
-        async with backend.lock(user_id, LOCK_NAME, lease=self.lease, wait=self.wait):
+        service = self.service
+        user_id = service.manager.user_id(self.key_builder.build(key))
+        pending = _PENDING.get()
+        op_id = None
+        if pending is not None and not pending.taken and pending.backend is service.manager.backend:
+            pending.taken = True
+            op_id = pending.op_id
+        try:
+            claim = await service.claim(
+                user_id, op_id, purpose=DEDUPE_PURPOSE, lease=self.lease, wait=self.wait
+            )
+        except UserBusyError as busy:
+            raise LockTimeoutError(
+                f"another event held the key for longer than {self.wait:g} s"
+            ) from busy
+        if claim.duplicate:
+            raise _DuplicateUpdate(op_id)
+        session = _KeySession(service, claim)
+        token = _SESSIONS.set((*_SESSIONS.get(), session))
+        try:
             yield
+        except BaseException as exc:
+            _SESSIONS.reset(token)
+            await session.finish(exc)
+            raise
+        _SESSIONS.reset(token)
+        await session.finish(None)
 
     async def close(self) -> None:
         """Nothing to release: the locks live in the store."""
@@ -426,16 +628,25 @@ def _timestamp(value: Any) -> int:
 class ChatstateDedupeMiddleware(BaseMiddleware):
     """Handles each Telegram update once, even when Telegram delivers it again.
 
-    Register it on the dispatcher's updates: ``dp.update.outer_middleware(
-    ChatstateDedupeMiddleware(service))``. Each update takes a chatstate claim
-    (its own purpose, so its ids never meet yours) on a record of its own;
-    the handlers run only for the first delivery. A redelivery after it was
-    handled runs nothing and sends nothing (the dispatcher sees it as
-    unhandled); one that arrives while the first is being handled waits for it
-    (up to ``wait``), then runs nothing if it succeeded. When a handler raises,
-    or its process dies (within ``lease``), a redelivery is handled again.
-    Update ids are remembered for the service's ``dedupe_window`` (10 minutes
-    by default).
+    Set it up on the dispatcher with :meth:`setup` (``ChatstateDedupeMiddleware(
+    storage.service).setup(dp)``). The handlers run only for the first
+    delivery of an update. A redelivery after it was handled runs nothing and
+    sends nothing (the dispatcher sees it as unhandled); one that arrives while
+    the first is being handled waits for it, then runs nothing if it succeeded.
+    When a handler raises, or its process dies (within ``lease``), a
+    redelivery is handled again. Update ids are remembered for the service's
+    ``dedupe_window`` (10 minutes by default).
+
+    With :meth:`setup` and a :class:`ChatstateEventIsolation` on the same
+    backend, an update that has an FSM key is remembered in its key's
+    document: the isolation's claim takes the key, checks the update and reads
+    the document in one script, and the commit that stores the update's writes
+    also remembers it, so an update is remembered exactly when its writes
+    land. Any other update (no FSM key, another isolation, or the middleware
+    registered with ``dp.update.outer_middleware(...)``, which runs it inside
+    the isolation's lock) takes a chatstate claim of its own (its own
+    purpose, so its ids never meet yours) on a record of its own; inside the
+    lock that claim is committed right after the key's write.
 
     Args:
         service: Where the claims live (shared by every process of the bot).
@@ -445,7 +656,10 @@ class ChatstateDedupeMiddleware(BaseMiddleware):
             claim is renewed every third of its lease while the handlers run,
             so a slow handler keeps it and a redelivery after a crash is
             handled within one lease (5 s by default, as the core's claims).
-        wait: Passed to :meth:`~chatstate.AsyncStateService.claim`.
+            An update deduped by the isolation has the isolation's lease.
+        wait: Passed to :meth:`~chatstate.AsyncStateService.claim` (an update
+            deduped by the isolation waits for its key up to the isolation's
+            ``wait``).
     """
 
     def __init__(
@@ -465,6 +679,56 @@ class ChatstateDedupeMiddleware(BaseMiddleware):
         self.lease = lease
         self.wait = wait
 
+    def setup(self, dispatcher: Dispatcher) -> Self:
+        """Register the middleware on ``dispatcher``'s updates, around and inside its FSM.
+
+        Its first half runs before aiogram's FSM middleware, so the event
+        isolation's lock can take the update's id together with the key;
+        its second half (this object) runs after it, for updates the lock
+        did not take. Middlewares registered on ``dispatcher.update`` before
+        this call stay where they were.
+
+        Returns:
+            This middleware.
+        """
+        manager = dispatcher.update.outer_middleware
+        middlewares = list(manager)
+        at = (
+            middlewares.index(dispatcher.fsm) if dispatcher.fsm in middlewares else len(middlewares)
+        )
+        for middleware in middlewares[at:]:
+            manager.unregister(middleware)
+        manager.register(self._before_fsm)
+        for middleware in middlewares[at:]:
+            manager.register(middleware)
+        manager.register(self)
+        return self
+
+    def _op_id(self, update: Update, data: dict[str, Any]) -> tuple[str, int]:
+        bot = data.get("bot")
+        return dedupe_key(update, self.by), (bot.id if bot is not None else 0)
+
+    async def _before_fsm(
+        self,
+        handler: Callable[[TelegramObject, dict[str, Any]], Awaitable[Any]],
+        event: TelegramObject,
+        data: dict[str, Any],
+    ) -> Any:
+        """Offer the update's id to the isolation's lock; skip the update if it finds it handled."""
+        if not isinstance(event, Update):
+            return await handler(event, data)
+        op_id, bot_id = self._op_id(event, data)
+        # Update ids are per bot, and key builders may leave the bot id out.
+        pending = _PendingUpdate(self.service.manager.backend, f"{bot_id}:{op_id}")
+        token = _PENDING.set(pending)
+        try:
+            return await handler(event, data)
+        except _DuplicateUpdate:
+            log.info("update %s was handled already; skipping it", op_id)
+            return UNHANDLED
+        finally:
+            _PENDING.reset(token)
+
     async def __call__(
         self,
         handler: Callable[[TelegramObject, dict[str, Any]], Awaitable[Any]],
@@ -474,9 +738,12 @@ class ChatstateDedupeMiddleware(BaseMiddleware):
         """Run ``handler`` unless the update was handled (or is being handled) already."""
         if not isinstance(event, Update):
             return await handler(event, data)
-        op_id = dedupe_key(event, self.by)
-        bot = data.get("bot")
-        bot_id = bot.id if bot is not None else 0
+        pending = _PENDING.get()
+        if pending is not None:
+            if pending.taken:  # the key's lock deduped it, or a middleware of ours is in
+                return await handler(event, data)
+            pending.taken = True  # no lock of a handler takes it now
+        op_id, bot_id = self._op_id(event, data)
         claim = await self.service.claim(
             f"{self.prefix}:{bot_id}:{op_id}",
             op_id,
@@ -484,8 +751,18 @@ class ChatstateDedupeMiddleware(BaseMiddleware):
             lease=self.lease,
             wait=self.wait,
         )
-        async with claim:
-            if claim.duplicate:
-                log.info("update %s was handled already; skipping it", op_id)
-                return UNHANDLED
-            return await handler(event, data)
+        if claim.duplicate:
+            log.info("update %s was handled already; skipping it", op_id)
+            return UNHANDLED
+        try:
+            result = await handler(event, data)
+        except BaseException:
+            await _release_quietly(claim)
+            raise
+        sessions = _SESSIONS.get()
+        held = next((s for s in reversed(sessions) if s.open), None)
+        if held is not None:
+            held.after.append(claim)  # remembered once the key's writes are stored
+        else:
+            await claim.commit()
+        return result
