@@ -20,6 +20,7 @@ from chatstate import (
     StateService,
     UsageError,
 )
+from chatstate.exceptions import ConfigurationError
 from chatstate.flow import (
     DONE,
     AsyncRouter,
@@ -493,9 +494,9 @@ def test_router_construction_catches_mistakes() -> None:
         AsyncRouter(StateService(), main_menu=MAIN)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="greting"):
         Router(StateService(), main_menu=MAIN, greting=["yo"])  # type: ignore[call-arg]
-    with pytest.raises(UsageError, match="greetings takes a collection"):
+    with pytest.raises(ConfigurationError, match="greetings takes a collection"):
         Router(StateService(), main_menu=MAIN, greetings="hi")
-    with pytest.raises(UsageError, match="flows= takes Flow subclasses"):
+    with pytest.raises(ConfigurationError, match="flows= takes Flow subclasses"):
         Router(StateService(), main_menu=MAIN, flows=[object])  # type: ignore[list-item]
     with pytest.raises(InvalidScreenError, match="WhatsApp allows 10"):
         Menu("M", [MenuItem(str(i), f"Item {i}", handler=_whoami) for i in range(11)])

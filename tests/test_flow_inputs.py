@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from chatstate import AsyncStateService, InvalidMessageError, StateService, UsageError
+from chatstate.exceptions import ConfigurationError
 from chatstate.flow import AsyncRouter, Flow, Menu, MenuItem, Message, Router, Step, render_text
 
 
@@ -177,11 +178,11 @@ def test_router_and_menu_arguments_are_checked() -> None:
 
     svc = StateService()
     menu = Menu("M", [MenuItem("go", "Go", flow=Two)])
-    with pytest.raises(UsageError, match="greetings"):
+    with pytest.raises(ConfigurationError, match="greetings"):
         Router(svc, main_menu=menu, greetings=5)  # type: ignore[arg-type]
-    with pytest.raises(UsageError, match="flows="):
+    with pytest.raises(ConfigurationError, match="flows="):
         Router(svc, main_menu=menu, flows=Two)  # type: ignore[arg-type]
-    with pytest.raises(UsageError, match="MenuItem"):
+    with pytest.raises(ConfigurationError, match="MenuItem"):
         Menu("M", MenuItem("go", "Go", flow=Two))  # type: ignore[arg-type]
     with pytest.raises(InvalidScreenError, match="case"):
         Menu("M", [MenuItem("a", "Same", flow=Two), MenuItem("b", "same", flow=Two)])

@@ -21,7 +21,7 @@ import redis
 
 import servers
 from chatstate import FieldEncryption, RedisBackend, StateData, StateService
-from chatstate.exceptions import UsageError
+from chatstate.exceptions import ConfigurationError
 from chatstate.flow import DONE, Flow, Invalid, Menu, MenuItem, Message, Router, Step
 from conftest import register_secret
 
@@ -62,10 +62,10 @@ def _rules(ring: FieldEncryption) -> StateData:
 
 def test_a_secret_step_needs_an_encrypted_field() -> None:
     """Router refuses Step(secret=True) unless the rules encrypt its answer's path."""
-    with pytest.raises(UsageError, match=r"flow\.data\.new_pin"):
+    with pytest.raises(ConfigurationError, match=r"flow\.data\.new_pin"):
         Router(StateService(), main_menu=MENU)
     ring = FieldEncryption({"a": KEY_A})
-    with pytest.raises(UsageError, match=r"flow\.data\.again"):
+    with pytest.raises(ConfigurationError, match=r"flow\.data\.again"):
         Router(StateService(rules=StateData(encryption=ring, secret=SECRET)), main_menu=MENU)
     Router(StateService(rules=_rules(ring)), main_menu=MENU)  # every path declared: fine
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol
 from typing_extensions import TypeVar
 
 from chatstate._actions import SET_TOKEN, failing
-from chatstate.exceptions import UsageError
+from chatstate.exceptions import ConfigurationError, UsageError
 from chatstate.flow._message import Message
 from chatstate.state import Document, Snapshot, parse_path
 from chatstate.typing import JSONObject
@@ -61,7 +61,9 @@ class Catalogues:
 
     def __init__(self, translations: Translations | None, default_language: str) -> None:
         if not isinstance(default_language, str) or not default_language:  # type: ignore[redundant-expr]  # callers may be untyped
-            raise UsageError("default_language must be a non-empty language code such as 'en'")
+            raise ConfigurationError(
+                "default_language must be a non-empty language code such as 'en'"
+            )
         self.default = default_language
         self._source = translations
         self.languages: frozenset[str] | None = None  # None: any code (a function decides)
@@ -73,13 +75,13 @@ class Catalogues:
                 if not isinstance(code, str) or not (  # type: ignore[redundant-expr]  # callers may be untyped
                     isinstance(catalogue, Mapping) or callable(getattr(catalogue, "gettext", None))
                 ):
-                    raise UsageError(
+                    raise ConfigurationError(
                         "translations maps a language code to a mapping of texts "
                         f"or a gettext translations object; {code!r} does not"
                     )
             self.languages = frozenset(translations) | {default_language}
         elif not callable(translations):
-            raise UsageError(
+            raise ConfigurationError(
                 "translations must be a mapping of language codes or a function (text, language)"
             )
 

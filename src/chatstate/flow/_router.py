@@ -28,7 +28,13 @@ from typing_extensions import TypeVar as TypeVarD
 from chatstate import observe
 from chatstate._durations import to_ms
 from chatstate._twins import run_sync
-from chatstate.exceptions import FlowError, InvalidScreenError, UsageError, UserBusyError
+from chatstate.exceptions import (
+    ConfigurationError,
+    FlowError,
+    InvalidScreenError,
+    UsageError,
+    UserBusyError,
+)
 from chatstate.flow._context import Catalogues, Context, Translations, is_async
 from chatstate.flow._delivery import AsyncDelivery, Delivery
 from chatstate.flow._flow import DONE, Flow, Replies, Step
@@ -130,11 +136,11 @@ class MenuItem:
 
 def _menu_items(items: Any) -> tuple[MenuItem, ...]:
     if isinstance(items, MenuItem) or not isinstance(items, Iterable):
-        raise UsageError(f"Menu(body, items) takes a list of MenuItem, not {items!r}")
+        raise ConfigurationError(f"Menu(body, items) takes a list of MenuItem, not {items!r}")
     found: tuple[MenuItem, ...] = tuple(items)
     for item in found:
         if not isinstance(item, MenuItem):
-            raise UsageError(f"Menu items must be MenuItem objects, not {item!r}")
+            raise ConfigurationError(f"Menu items must be MenuItem objects, not {item!r}")
     return found
 
 
@@ -342,22 +348,22 @@ class _RouterCore(Generic[DepsT]):
         if not isinstance(main_menu, Menu) or not (  # type: ignore[redundant-expr]  # callers may be untyped
             auth_menu is None or isinstance(auth_menu, Menu)
         ):
-            raise UsageError("main_menu and auth_menu take Menu objects")
+            raise ConfigurationError("main_menu and auth_menu take Menu objects")
         self.main_menu = main_menu
         self.auth_menu = auth_menu or main_menu
         self.deps = deps
         if isinstance(greetings, str) or not isinstance(greetings, Iterable):
-            raise UsageError(f"greetings takes a collection of words, not {greetings!r}")
+            raise ConfigurationError(f"greetings takes a collection of words, not {greetings!r}")
         greetings = tuple(greetings)
         if not all(isinstance(g, str) for g in greetings):
-            raise UsageError("greetings takes words (str)")
+            raise ConfigurationError("greetings takes words (str)")
         self.greetings = frozenset(g.casefold() for g in greetings)
         field = token_field if token_field is not None else self.rules.token_field
         if not isinstance(field, str) or not field:
-            raise UsageError("token_field must be a field name")
+            raise ConfigurationError("token_field must be a field name")
         self.token_field = field
         if is_authenticated is not None and not callable(is_authenticated):
-            raise UsageError("is_authenticated takes a function of the state document")
+            raise ConfigurationError("is_authenticated takes a function of the state document")
         self._is_authenticated = is_authenticated or (lambda doc: bool(doc.get(field)))
         for name, value in (
             ("flow_field", flow_field),
@@ -365,11 +371,11 @@ class _RouterCore(Generic[DepsT]):
             ("outbox_field", outbox_field),
         ):
             if not isinstance(value, str) or not value:  # type: ignore[redundant-expr]  # callers may be untyped
-                raise UsageError(f"{name} must be a top-level field name")
+                raise ConfigurationError(f"{name} must be a top-level field name")
         if flow_field in (language_field, field):
-            raise UsageError("flow_field must differ from language_field and token_field")
+            raise ConfigurationError("flow_field must differ from language_field and token_field")
         if outbox_field in (flow_field, language_field, field):
-            raise UsageError(
+            raise ConfigurationError(
                 "outbox_field must differ from flow_field, language_field and token_field"
             )
         self.outbox_field = outbox_field
@@ -386,7 +392,7 @@ class _RouterCore(Generic[DepsT]):
             Text(text)  # checks the text is a non-empty str within WhatsApp's limit
             setattr(self, name, text)
         if not callable(clock):
-            raise UsageError("clock takes a function returning Unix seconds")
+            raise ConfigurationError("clock takes a function returning Unix seconds")
         self.clock = clock
         to_ms(lease, "lease")
         to_ms(wait, "wait")
@@ -399,13 +405,15 @@ class _RouterCore(Generic[DepsT]):
             every.extend(menu.walk())
         self.items = tuple(dict.fromkeys(every))
         if isinstance(flows, type) or not isinstance(flows, Iterable):
-            raise UsageError(f"flows= takes a list of Flow subclasses, not {flows!r}")
+            raise ConfigurationError(f"flows= takes a list of Flow subclasses, not {flows!r}")
         for flow_cls in [i.flow for i in self.items if i.flow is not None] + list(flows):
             if (
                 not (isinstance(flow_cls, type) and issubclass(flow_cls, Flow))  # type: ignore[redundant-expr]  # callers may be untyped
                 or not flow_cls.steps
             ):
-                raise UsageError(f"flows= takes Flow subclasses with steps, not {flow_cls!r}")
+                raise ConfigurationError(
+                    f"flows= takes Flow subclasses with steps, not {flow_cls!r}"
+                )
             other = self.flows.setdefault(flow_cls.name, flow_cls)
             if other is not flow_cls:
                 raise FlowError(f"two flows are named {flow_cls.name!r}")
@@ -452,7 +460,7 @@ class _RouterCore(Generic[DepsT]):
                         missing.append(".".join(path))
         if missing:
             listed = ", ".join(repr(p) for p in sorted(set(missing)))
-            raise UsageError(
+            raise ConfigurationError(
                 "a secret step's answer must be stored encrypted: build the service's rules "
                 f"with StateData(encryption=FieldEncryption(...), secret=[..., {listed}])"
             )
