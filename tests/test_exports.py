@@ -50,6 +50,7 @@ def test_top_level_exports_every_public_name() -> None:
         "testing",
         "integrations",
         "observe",
+        "cli",
     }
     assert exported - modules == set(chatstate.__all__) - {"__version__"}
 
