@@ -76,7 +76,7 @@ def test_metric_names_follow_prometheus_conventions(registry: CollectorRegistry)
         "# TYPE chatstate_operations_total counter",
         "# TYPE chatstate_operation_duration_seconds histogram",
         "# TYPE chatstate_operation_errors_total counter",
-        "# TYPE chatstate_transaction_retries_total counter",
+        "# TYPE chatstate_retries_total counter",
         "# TYPE chatstate_flow_steps_total counter",
         "# TYPE chatstate_token_refreshes_total counter",
         'chatstate_operation_duration_seconds_bucket{le="0.0001",operation="update"}',
@@ -131,7 +131,7 @@ def test_redis_operations_retries_and_errors_are_counted(
     ops = "chatstate_operations_total"
     assert value(registry, ops, operation="update", outcome="applied") == 2
     assert value(registry, ops, operation="transaction", outcome="applied") == 1
-    assert value(registry, "chatstate_transaction_retries_total", operation="transaction") == 1
+    assert value(registry, "chatstate_retries_total", operation="transaction") == 1
     errors = "chatstate_operation_errors_total"
     assert value(registry, errors, operation="get", error="CorruptStateError") == 1
     assert not any(v in {"u", "broken"} for v in label_values(registry))

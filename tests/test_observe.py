@@ -31,6 +31,7 @@ from chatstate.observe import (
     Observer,
     OperationFinished,
     OperationStarted,
+    RetryScheduled,
     add_observer,
     notify_flow_step,
     observers,
@@ -61,8 +62,8 @@ class Recorder(Observer):
         with self._lock:
             self.finished.append(event)
 
-    def transaction_retry(self, operation: str, attempt: int) -> None:
-        self.retries.append((operation, attempt))
+    def retry_scheduled(self, event: RetryScheduled) -> None:
+        self.retries.append((event.operation, event.attempt))
 
     def flow_step(self, flow: str, step: str, outcome: str) -> None:
         self.steps.append((flow, step, outcome))
@@ -282,20 +283,25 @@ def test_logged_backend_failures_never_show_the_password(
     with pytest.raises(BackendUnavailable):
         svc.get("u")
     svc.close()
-    failed = [r for r in caplog.records if r.name == "chatstate.operations"]
+    logged = [r for r in caplog.records if r.name == "chatstate.operations"]
+    failed = [r for r in logged if hasattr(r, "error")]
     assert [r.error for r in failed] == ["BackendUnavailable"]  # type: ignore[attr-defined]
+    retries = [r for r in logged if not hasattr(r, "error")]
+    assert retries, "the reconnects were not logged"
+    assert all(r.reason == "ConnectionError" for r in retries)  # type: ignore[attr-defined]
+    assert not any(password in r.getMessage() for r in logged)
 
 
 def test_logging_observer_logs_retries_steps_and_refreshes(
     logging_observer: LoggingObserver, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Retries, flow steps and token refreshes each get a record with their fields."""
-    logging_observer.transaction_retry("transaction", 1)
+    logging_observer.retry_scheduled(RetryScheduled("transaction", 1, 0.05, 0.0, "conflict"))
     notify_flow_step("signup", "ask_name", "answered")
     logging_observer.token_refresh("reused")
     records = [r for r in caplog.records if r.name == "chatstate.operations"]
     assert [r.getMessage() for r in records] == [
-        "chatstate transaction retries after attempt 1",
+        "chatstate transaction retries after attempt 1 (conflict) in 0.050 s",
         "chatstate flow signup step ask_name answered",
         "chatstate token refresh reused",
     ]

@@ -278,14 +278,14 @@ def test_no_hook_reports_nothing() -> None:
 
 
 def test_the_default_hook_tells_chatstate_observers() -> None:
-    """By default every retry reaches ``Observer.transaction_retry`` (operation, attempt)."""
+    """By default every retry reaches ``Observer.retry_scheduled`` (operation, attempt)."""
 
     class Seen(Observer):
         def __init__(self) -> None:
             self.retries: list[tuple[str, int]] = []
 
-        def transaction_retry(self, operation: str, attempt: int) -> None:
-            self.retries.append((operation, attempt))
+        def retry_scheduled(self, event: RetryScheduled) -> None:
+            self.retries.append((event.operation, event.attempt))
 
     assert RetryPolicy().on_retry is report_to_observers
     seen = add_observer(Seen())

@@ -114,21 +114,17 @@ def test_a_claim_without_wait_never_sleeps() -> None:
 class Seen(Observer):
     def __init__(self) -> None:
         self.events: list[RetryScheduled] = []
-        self.legacy: list[tuple[str, int]] = []
         self.finished: list[OperationFinished] = []
 
     def retry_scheduled(self, event: RetryScheduled) -> None:
         self.events.append(event)
-
-    def transaction_retry(self, operation: str, attempt: int) -> None:
-        self.legacy.append((operation, attempt))
 
     def operation_finished(self, event: OperationFinished, token: Any) -> None:
         self.finished.append(event)
 
 
 def test_observers_hear_of_claim_retries_and_count_them_as_attempts() -> None:
-    """A busy claim's retries reach retry_scheduled and transaction_retry; attempts counts them."""
+    """A busy claim's retries reach retry_scheduled; attempts counts them."""
     fake = Fake()
     svc = StateService(
         claim_retry=RetryPolicy(
@@ -147,7 +143,6 @@ def test_observers_hear_of_claim_retries_and_count_them_as_attempts() -> None:
         ("claim", 1, None),
         ("claim", 2, None),
     ]
-    assert seen.legacy == [("claim", 1), ("claim", 2)]
     (claim,) = [e for e in seen.finished if e.operation == "claim"]
     assert (claim.outcome, claim.attempts) == ("error", 3)
 

@@ -148,9 +148,6 @@ class Observer:
     def token_refresh(self, outcome: str) -> None:
         """A token refresh ended: ``refreshed``, ``reused`` (another process had), or ``failed``."""
 
-    def transaction_retry(self, operation: str, attempt: int) -> None:
-        """A compare-and-set transaction (or a busy claim) is about to try again."""
-
     def retry_scheduled(self, event: RetryScheduled) -> None:
         """Any retry loop is about to try again (see :class:`RetryScheduled`)."""
 
@@ -205,7 +202,7 @@ def notify_token_refresh(outcome: str) -> None:
 
 
 def notify_retry(event: RetryScheduled) -> None:
-    """Tell every observer a loop retries (``transaction_retry`` too for transactions and claims).
+    """Tell every observer a loop retries.
 
     The retry counts toward the watched operation's ``attempts`` only when it is
     that operation's own loop: a write re-sent inside a transaction is not
@@ -214,15 +211,8 @@ def notify_retry(event: RetryScheduled) -> None:
     watch = _watching.get()
     if watch is not None and watch.operation == event.operation:
         watch.attempts += 1
-    legacy = event.operation in _OPERATION_LOOPS
     for observer in _observers:
         _safely(observer.retry_scheduled, event)
-        if legacy:
-            _safely(observer.transaction_retry, event.operation, event.attempt)
-
-
-# The loops that retry a whole operation (the others retry one command inside one).
-_OPERATION_LOOPS: Final = frozenset({"transaction", "claim"})
 
 
 # The operation being watched on this thread or task, so that a retry is counted
@@ -380,13 +370,19 @@ class LoggingObserver(Observer):
                 extra={"operation": "token_refresh", "outcome": outcome},
             )
 
-    def transaction_retry(self, operation: str, attempt: int) -> None:
-        """Log a retry."""
+    def retry_scheduled(self, event: RetryScheduled) -> None:
+        """Log a retry: the loop, the attempt that failed, why (a label) and the delay."""
         if self.logger.isEnabledFor(self.level):
             self.logger.log(
                 self.level,
-                "chatstate %s retries after attempt %d",
-                operation,
-                attempt,
-                extra={"operation": operation, "attempts": attempt},
+                "chatstate %s retries after attempt %d (%s) in %.3f s",
+                event.operation,
+                event.attempt,
+                event.reason,
+                event.delay,
+                extra={
+                    "operation": event.operation,
+                    "attempts": event.attempt,
+                    "reason": event.reason,
+                },
             )

@@ -23,7 +23,9 @@ The metrics (``namespace`` replaces the ``chatstate`` prefix):
 - ``chatstate_operation_duration_seconds{operation}``: a histogram of their durations.
 - ``chatstate_operation_errors_total{operation,error}``: operations that raised,
   by error class.
-- ``chatstate_transaction_retries_total{operation}``: compare-and-set retries.
+- ``chatstate_retries_total{operation}``: retries of every loop, by loop (``transaction``,
+  ``claim``, ``resolve``, ``noscript``, ``migration``, ``redis``; see
+  :class:`~chatstate.observe.RetryScheduled`).
 - ``chatstate_flow_steps_total{flow,step,outcome}``: messages the router handled.
 - ``chatstate_token_refreshes_total{outcome}``: token refreshes.
 
@@ -39,7 +41,7 @@ from typing import Any, Final
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 
-from chatstate.observe import Observer, OperationFinished
+from chatstate.observe import Observer, OperationFinished, RetryScheduled
 
 __all__ = ["DURATION_BUCKETS", "PrometheusObserver"]
 
@@ -92,8 +94,8 @@ class PrometheusObserver(Observer):
             registry=registry,
         )
         self.retries = Counter(
-            "transaction_retries",
-            "Compare-and-set transactions that lost a race and ran again.",
+            "retries",
+            "Retries of every loop, by loop (transaction, claim, resolve, noscript, ...).",
             ["operation"],
             namespace=namespace,
             registry=registry,
@@ -129,9 +131,9 @@ class PrometheusObserver(Observer):
         if event.error is not None:
             self._child(self.errors, event.operation, event.error).inc()
 
-    def transaction_retry(self, operation: str, attempt: int) -> None:  # noqa: ARG002
-        """Count a retry."""
-        self._child(self.retries, operation).inc()
+    def retry_scheduled(self, event: RetryScheduled) -> None:
+        """Count a retry of any loop."""
+        self._child(self.retries, event.operation).inc()
 
     def flow_step(self, flow: str, step: str, outcome: str) -> None:
         """Count a flow step."""
