@@ -44,7 +44,6 @@ from chatstate import (
     ConfigurationError,
     LockTimeoutError,
     SerializationError,
-    UsageError,
 )
 from chatstate.integrations.telegram import (
     ChatstateApplication,
@@ -751,9 +750,9 @@ def test_store_errors_reach_the_error_handlers() -> None:
 
         app.add_error_handler(on_error)
         start = payload("/start")
-        backend: Any = svc.manager.backend
         async with app:
-            async with backend.lock(f"ptb:user:{ANA}", "telegram", lease=5, wait=1):
+            # Another process handling an update of the same user.
+            async with await svc.claim(f"ptb:user:{ANA}", "update:elsewhere", purpose="telegram"):
                 await app.process_update(copy_for(app, start))  # must not raise
                 texts_while_busy += sent.texts
             await app.process_update(copy_for(app, start))
@@ -766,28 +765,14 @@ def test_store_errors_reach_the_error_handlers() -> None:
 
 
 def test_application_options_are_checked() -> None:
-    """Bad options and a backend with no lock() are refused when the Application is built."""
-
-    class NoLocks:
-        async def load(self, user_id: str) -> None:
-            return None
-
-        async def apply(self, user_id: str, write: Any) -> Any:
-            raise NotImplementedError
-
-        async def aclose(self) -> None:
-            pass
-
+    """Bad options are refused when the Application is built."""
     memory = ChatstatePersistence(AsyncStateService())
     with pytest.raises(ConfigurationError, match="dedupe_by"):
         build_app(memory, app_class=ChatstateApplication, dedupe_by="chat_id")
     for option in ("lease", "dedupe_wait", "isolation_wait"):
         with pytest.raises(ConfigurationError, match="positive"):
             build_app(memory, app_class=ChatstateApplication, **{option: 0})
-    no_locks = ChatstatePersistence(AsyncStateService(NoLocks()))
-    with pytest.raises(UsageError, match="lock"):
-        build_app(no_locks, app_class=ChatstateApplication)
-    app, _ = build_app(no_locks, app_class=ChatstateApplication, isolate=False)
+    app, _ = build_app(memory, app_class=ChatstateApplication, isolate=False)
     assert app.isolate is False
 
 

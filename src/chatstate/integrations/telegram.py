@@ -35,11 +35,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import itertools
 import json
 import logging
-from collections.abc import AsyncIterator, Iterable, Mapping, MutableMapping
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import (
+    Callable,
+    Coroutine,
+    Iterable,
+    Mapping,
+    MutableMapping,
+)
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Final, Literal, Self, TypeAlias
 from urllib.parse import quote
@@ -57,8 +65,13 @@ from telegram.ext._utils.trackingdict import TrackingDict
 from telegram.ext._utils.types import CDCData, ConversationDict, ConversationKey
 
 from chatstate._plain import plain as _plain
-from chatstate.exceptions import ChatstateError, ConfigurationError, UsageError
-from chatstate.state import AsyncRedisBackend, AsyncStateService
+from chatstate.exceptions import (
+    ChatstateError,
+    ConfigurationError,
+    LockTimeoutError,
+    UserBusyError,
+)
+from chatstate.state import AsyncClaim, AsyncRedisBackend, AsyncStateService
 from chatstate.typing import JSONObject
 
 __all__ = [
@@ -72,7 +85,6 @@ __all__ = [
 
 log = logging.getLogger("chatstate.integrations.telegram")
 
-LOCK_NAME = "telegram"
 DEDUPE_PURPOSE = "telegram"
 DEFAULT_LEASE = 5.0
 """Seconds a claim or lock outlives a holder that died (renewed while it lives), as the core's."""
@@ -147,7 +159,7 @@ class ChatstatePersistence(BasePersistence[Data, Data, Data]):
     """
 
     # As python-telegram-bot's own persistences (its test suite checks the slots).
-    __slots__ = ("_close_service", "_states", "_synced", "prefix", "service")
+    __slots__ = ("_close_service", "_conversations", "_states", "_synced", "prefix", "service")
 
     def __init__(
         self,
@@ -166,6 +178,8 @@ class ChatstatePersistence(BasePersistence[Data, Data, Data]):
         self._synced: dict[str, JSONObject] = {}
         # Conversation name -> the JSON text of each known state -> that state.
         self._states: dict[str, dict[str, object]] = {}
+        # Conversation name -> each key's state as this process last read or wrote it.
+        self._conversations: dict[str, dict[str, Any]] = {}
 
     @classmethod
     def from_url(
@@ -282,6 +296,7 @@ class ChatstatePersistence(BasePersistence[Data, Data, Data]):
     async def get_conversations(self, name: str) -> ConversationDict:
         """Return the stored states of the conversation handler ``name``."""
         doc = await self._load(self.conversation_doc(name))
+        self._conversations[name] = _copy(doc)
         known = self._states.get(name, {})
         return {
             _decode_key(key): known.get(_state_text(state) or "", state)
@@ -324,10 +339,18 @@ class ChatstatePersistence(BasePersistence[Data, Data, Data]):
         An enum member is stored as its value, a tuple as a list.
         """
         field = _encode_key(key)
-        if new_state is None:
+        value = None if new_state is None else _plain(new_state)
+        synced = self._conversations.get(name)
+        if synced is not None and _same(value, synced.get(field)):
+            return  # as stored when this process last looked: nothing to write
+        if synced is None:
+            synced = {}  # not read yet: only this key is known once it is written
+        if value is None:
             await self.service.update(self.conversation_doc(name), {field: None})
+            synced.pop(field, None)
         else:
-            await self.service.assign(self.conversation_doc(name), {field: _plain(new_state)})
+            await self.service.assign(self.conversation_doc(name), {field: value})
+            synced[field] = _copy(value)
 
     async def drop_user_data(self, user_id: int) -> None:
         """Delete one user's data."""
@@ -374,11 +397,23 @@ class ChatstatePersistence(BasePersistence[Data, Data, Data]):
     async def _refresh(self, doc_id: str, target: MutableMapping[Any, Any]) -> None:
         # Compared as stored, so a tuple this process wrote is not a change of its own.
         pending = changes_between(self._synced.get(doc_id, {}), _plain(dict(target)))
-        stored = await self.service.get(doc_id)
+        read = _read_ahead.get()
+        stored = read.pop(doc_id) if read and doc_id in read else await self.service.get(doc_id)
         self._synced[doc_id] = _copy(stored)
         fresh = apply_changes(stored, pending)
         target.clear()
         target.update(fresh)
+
+    async def read_ahead(self, doc_ids: Iterable[str]) -> dict[str, JSONObject]:
+        """Read several documents at once (one round trip on Redis: they are pipelined).
+
+        :class:`ChatstateApplication` reads an update's user, chat and bot
+        documents so before its handlers run; ``refresh_*_data`` then use them
+        instead of reading each on its own.
+        """
+        ids = list(dict.fromkeys(doc_ids))
+        docs = await asyncio.gather(*(self.service.get(doc_id) for doc_id in ids))
+        return dict(zip(ids, docs, strict=True))
 
     async def refresh_conversations(
         self, conversations: Mapping[str, MutableMapping[ConversationKey, object]]
@@ -395,6 +430,32 @@ class ChatstatePersistence(BasePersistence[Data, Data, Data]):
         for name, states in conversations.items():
             stored = await self.get_conversations(name)
             _sync_states(states, stored)
+
+    async def refresh_conversation_keys(
+        self,
+        conversations: Mapping[str, MutableMapping[ConversationKey, object]],
+        keys: Mapping[str, ConversationKey],
+    ) -> None:
+        """Reload one key's state in each named conversation (an update's own), in one round trip.
+
+        As :meth:`refresh_conversations`, for the keys an update will read:
+        what :class:`ChatstateApplication` does before each update, so that the
+        cost does not grow with the number of live conversations.
+
+        Args:
+            conversations: Conversation handler name to its states.
+            keys: Conversation handler name to the key to reload.
+        """
+        names = [name for name in keys if name in conversations]
+        docs = await asyncio.gather(*(self.service.get(self.conversation_doc(n)) for n in names))
+        for name, doc in zip(names, docs, strict=True):
+            self._conversations[name] = doc  # a fresh dict of our own
+            key = keys[name]
+            value = doc.get(_encode_key(key))
+            state = None
+            if value is not None:
+                state = self._states.get(name, {}).get(_state_text(value) or "", value)
+            _sync_key(conversations[name], key, state)
 
     async def flush(self) -> None:
         """Close the service if this persistence owns it (every write is already stored)."""
@@ -428,6 +489,34 @@ def _sync_states(
         states.update(fresh)
 
 
+# Documents read ahead for the update this task processes (see ChatstatePersistence.read_ahead).
+_read_ahead: contextvars.ContextVar[dict[str, JSONObject] | None] = contextvars.ContextVar(
+    "chatstate_telegram_read_ahead", default=None
+)
+
+
+def _sync_key(
+    states: MutableMapping[ConversationKey, object], key: ConversationKey, stored: object | None
+) -> None:
+    """Set one key of ``states`` to its stored state (``None``: none), unless ours is pending."""
+    if isinstance(states.get(key), PendingState):
+        return
+    if isinstance(states, TrackingDict):
+        accessed = states.pop_accessed_keys()
+        for other in accessed:
+            states.mark_as_accessed(other)
+        if key in accessed:
+            return  # a change of ours not written yet
+        if stored is None:
+            states.data.pop(key, None)  # not a change of ours: nothing to write back
+        else:
+            states.update_no_track({key: stored})
+    elif stored is None:
+        states.pop(key, None)
+    else:
+        states[key] = stored
+
+
 @dataclass
 class _Processing:
     """The update a task is processing, and whether it failed (see ``process_error``)."""
@@ -435,6 +524,9 @@ class _Processing:
     update: object
     writing: bool = False
     failed: bool = False
+    # The claimed document (the user's, else the chat's) and its claim, and what is staged.
+    claimed: tuple[str, AsyncClaim] | None = None
+    staged: dict[str, JSONObject] = field(default_factory=dict)
 
 
 _processing: contextvars.ContextVar[_Processing | None] = contextvars.ContextVar(
@@ -447,32 +539,38 @@ class ChatstateApplication(Application[Any, Any, Any, Any, Any, Any]):
 
     With a :class:`ChatstatePersistence`, each update is handled so:
 
-    1. **Once.** The update takes a chatstate claim on a record of its own
-       (:meth:`ChatstatePersistence.dedupe_doc`, keyed by :func:`dedupe_key`).
-       A copy that arrives after it was handled, in this process or another,
-       runs no handler and sends nothing; a copy that arrives while it is being
-       handled waits for it (up to ``dedupe_wait``), then does nothing. When a
-       handler raises (or the update's data cannot be written), the claim is
-       released, so a redelivery is handled again.
-    2. **One at a time per user.** The handlers run holding the backend's lock
-       of the user's document (the chat's when the update has no user), so
-       one user's updates never overlap, across processes; each finds the
-       conversation and data the previous one wrote.
-    3. **Fresh, then written.** Before the handlers, the persistent
-       conversation states are reloaded from the store (python-telegram-bot
-       reads them only at start-up); after them, what the update changed is
-       written at once instead of on the next periodic run.
+    1. **Once, one at a time per user.** The update takes one chatstate claim
+       on its user's document (the chat's when it has no user) with its
+       :func:`dedupe_key` as the op id: the claim reads the document, holds
+       the user so that one user's updates never overlap across processes,
+       and remembers the key when it commits. A copy that arrives after the
+       update was handled, in this process or another, runs no handler and
+       sends nothing; a copy that arrives while it is being handled waits for
+       it, then does nothing. When a handler raises (or the update's data
+       cannot be written), the claim is released, so a redelivery is handled
+       again. An update with neither user nor chat takes its claim on a
+       record of its own (:meth:`ChatstatePersistence.dedupe_doc`).
+    2. **Fresh.** Before the handlers, the update's chat and bot data and
+       its persistent conversation states are read, in one round trip
+       (python-telegram-bot reads conversations only at start-up).
+    3. **Written before the next.** After the handlers, the conversation
+       states, chat and bot data the update changed are written in one round
+       trip; then the user's data is written with the claim's commit, in the
+       same atomic write that remembers the update and lets the user go. No
+       write waits for another update's (python-telegram-bot's own
+       ``update_persistence`` takes one lock for the whole application).
 
-    The claim and the lock are renewed every third of ``lease`` while the
-    update runs, so a slow handler keeps them and a process killed mid-update
-    frees its update and its user within one lease (5 s by default): a copy of
-    the update waiting in another process is then handled there.
+    The claim is renewed every third of ``lease`` while the update runs, so
+    a slow handler keeps it and a process killed mid-update frees its update
+    and its user within one lease (5 s by default): a copy of the update
+    waiting in another process is then handled there. Nothing a killed
+    handler changed is stored (writes start when the handlers are done).
 
-    An error of the store (a copy that waited longer than ``dedupe_wait``, a
-    user busy for longer than ``isolation_wait``, an unreachable server) goes
-    to the error handlers, as a handler's would, and the update is not handled
-    here. Handlers with ``block=False`` run after the claim and the lock are
-    let go.
+    An error of the store (a user busy for longer than ``isolation_wait``,
+    an unreachable server) goes to the error handlers, as a handler's would,
+    and the update is not handled here. Handlers with ``block=False`` run
+    after the claim is let go; drops and chat migrations are written by
+    python-telegram-bot's own ``update_persistence``.
 
     Build it with ``ApplicationBuilder().application_class(ChatstateApplication)``,
     options as ``application_class(ChatstateApplication, kwargs={...})``. With
@@ -482,17 +580,15 @@ class ChatstateApplication(Application[Any, Any, Any, Any, Any, Any]):
         dedupe_by: ``"update_id"``, ``"message_id"`` (see :func:`dedupe_key`),
             or ``None`` to handle every copy of an update.
         isolate: Run one user's updates one at a time (``False``: as they come).
-        lease: How long an update's claim and a user's lock outlive a
-            process that died.
-        dedupe_wait: How long a copy of an update waits for the copy being
-            handled before :class:`~chatstate.UserBusyError`.
-        isolation_wait: How long an update waits for the user's previous one
-            before :class:`~chatstate.LockTimeoutError`.
+        lease: How long an update's claim outlives a process that died.
+        dedupe_wait: With ``isolate=False``, how long a copy of an update waits
+            for the copy being handled before :class:`~chatstate.UserBusyError`.
+        isolation_wait: How long an update (or a copy of it) waits for the
+            user's previous one before :class:`~chatstate.LockTimeoutError`.
         **kwargs: Passed to ``Application`` (the builder passes them).
 
     Raises:
         ConfigurationError: an option is out of range.
-        UsageError: ``isolate`` over a backend that has no ``lock()``.
     """
 
     def __init__(
@@ -509,26 +605,23 @@ class ChatstateApplication(Application[Any, Any, Any, Any, Any, Any]):
             raise ConfigurationError(
                 f"dedupe_by must be 'update_id', 'message_id' or None, not {dedupe_by!r}"
             )
-        persistence = kwargs.get("persistence")
-        if isolate and isinstance(persistence, ChatstatePersistence):
-            backend = persistence.service.manager.backend
-            if not callable(getattr(backend, "lock", None)):
-                raise UsageError(
-                    f"{type(backend).__name__} has no lock(): it cannot isolate updates "
-                    "(pass isolate=False)"
-                )
         seconds = _seconds(lease), _seconds(dedupe_wait), _seconds(isolation_wait)
         super().__init__(**kwargs)
         self.dedupe_by = dedupe_by
         self.isolate = isolate
         self.lease, self.dedupe_wait, self.isolation_wait = seconds
+        self._persistent: list[tuple[str, ConversationHandler[Any]]] = []
+        # The users and chats of the updates being processed (each one's data is theirs to write).
+        self._busy_users: Counter[int | None] = Counter()
+        self._busy_chats: Counter[int | None] = Counter()
 
     async def initialize(self) -> None:
         """Tell the persistence each conversation handler's states, then initialize."""
         persistence = self.persistence
         if isinstance(persistence, ChatstatePersistence):
+            self._persistent = []
             for handler in itertools.chain.from_iterable(self.handlers.values()):
-                _register_states(persistence, handler)
+                _register_states(persistence, handler, self._persistent)
         await super().initialize()
 
     async def process_update(self, update: object) -> None:
@@ -555,52 +648,157 @@ class ChatstateApplication(Application[Any, Any, Any, Any, Any, Any]):
     async def _process_once(
         self, persistence: ChatstatePersistence, update: object, processing: _Processing
     ) -> None:
-        if self.dedupe_by is None or not isinstance(update, Update):
-            async with self._isolated(persistence, update):
-                await self._process_and_write(persistence, update, processing)
+        key = None
+        if self.dedupe_by is not None and isinstance(update, Update):
+            key = dedupe_key(update, self.dedupe_by)
+        doc = _isolation_doc(persistence, update) if self.isolate else None
+        if doc is None and key is None:
+            await self._process_and_write(persistence, update, processing)
             return
-        key = dedupe_key(update, self.dedupe_by)
-        claim = await persistence.service.claim(
-            persistence.dedupe_doc(self.bot.id, key),
-            key,
-            purpose=DEDUPE_PURPOSE,
-            lease=self.lease,
-            wait=self.dedupe_wait,
-        )
-        async with claim:  # leaving it commits; an exception releases
+        service = persistence.service
+        if doc is None:
+            assert key is not None
+            claim = await service.claim(
+                persistence.dedupe_doc(self.bot.id, key),
+                key,
+                purpose=DEDUPE_PURPOSE,
+                lease=self.lease,
+                wait=self.dedupe_wait,
+            )
+        else:
+            # One claim on the user's document: the update once (its key is remembered in
+            # the document's log), the user's updates one at a time, and the document read.
+            try:
+                claim = await service.claim(
+                    doc, key, purpose=DEDUPE_PURPOSE, lease=self.lease, wait=self.isolation_wait
+                )
+            except UserBusyError as busy:
+                raise LockTimeoutError(
+                    f"another update of this user ran for longer than {self.isolation_wait:g} s"
+                ) from busy
+            processing.claimed = (doc, claim)
+        async with claim:  # an exception releases it
             if claim.duplicate:
                 log.info("update %s was handled already; skipping it", key)
                 return
-            async with self._isolated(persistence, update):
-                await self._process_and_write(persistence, update, processing)
+            await self._process_and_write(persistence, update, processing)
             if processing.failed:
                 await claim.release()  # a redelivery is handled again
+                return
+            # The claimed document's changes, the update's key and the release: one write.
+            await claim.commit()
+            persistence._synced.update(processing.staged)  # noqa: SLF001 - its own module
 
     async def _process_and_write(
         self, persistence: ChatstatePersistence, update: object, processing: _Processing
     ) -> None:
-        # python-telegram-bot keeps these only privately; they are the very dicts
-        # its ConversationHandlers read (name -> states).
-        await persistence.refresh_conversations(self._conversation_handler_conversations)
-        await super().process_update(update)
-        processing.writing = True
-        await self.update_persistence()
+        user, chat = _ids(update)
+        self._busy_users[user] += 1
+        self._busy_chats[chat] += 1
+        try:
+            docs = _data_docs(persistence, user, chat)
+            claimed = processing.claimed
+            if claimed is not None:  # read with the claim
+                docs = [doc for doc in docs if doc != claimed[0]]
+            # The update's documents and conversations in one round trip. python-telegram-bot
+            # keeps the conversations only privately: the very dicts its handlers read.
+            read, _ = await asyncio.gather(
+                persistence.read_ahead(docs),
+                persistence.refresh_conversation_keys(
+                    self._conversation_handler_conversations, self._keys(update)
+                ),
+            )
+            if claimed is not None:
+                read[claimed[0]] = claimed[1].data
+            token = _read_ahead.set(read)
+            try:
+                await super().process_update(update)
+            finally:
+                _read_ahead.reset(token)
+            processing.writing = True
+            await self._write_update(persistence, update, user, chat, processing)
+        finally:
+            _discard(self._busy_users, user)
+            _discard(self._busy_chats, chat)
 
-    @contextlib.asynccontextmanager
-    async def _isolated(
-        self, persistence: ChatstatePersistence, update: object
-    ) -> AsyncIterator[None]:
-        doc = _isolation_doc(persistence, update) if self.isolate else None
-        if doc is None:
-            yield
+    def _keys(self, update: object) -> dict[str, ConversationKey]:
+        """Each persistent conversation handler's key for ``update`` (where it has one)."""
+        keys: dict[str, ConversationKey] = {}
+        if isinstance(update, Update):
+            for name, handler in self._persistent:
+                with contextlib.suppress(Exception):  # not an update this handler keys
+                    keys.setdefault(name, handler._get_key(update))  # noqa: SLF001 - its own key
+        return keys
+
+    async def _write_update(
+        self,
+        persistence: ChatstatePersistence,
+        update: object,
+        user: int | None,
+        chat: int | None,
+        processing: _Processing,
+    ) -> None:
+        """Write what ``update`` changed, in one round trip, without python-telegram-bot's lock.
+
+        ``update_persistence()`` would write every update's data under one lock
+        for the whole application (one update's writes at a time). This writes
+        the update's user, chat and conversation states, the bot and callback
+        data, and what handlers marked for users and chats no update is
+        processing; drops and migrations take python-telegram-bot's own run.
+        """
+        if (
+            self._user_ids_to_be_deleted_in_persistence
+            or self._chat_ids_to_be_deleted_in_persistence
+        ):
+            await self.update_persistence()
             return
-        manager = persistence.service.manager
-        backend: Any = manager.backend
-        lock = backend.lock(
-            manager.user_id(doc), LOCK_NAME, lease=self.lease, wait=self.isolation_wait
-        )
-        async with lock:
-            yield
+        store = persistence.store_data
+        writes: list[_Write] = []
+        if store.callback_data and getattr(self.bot, "callback_data_cache", None) is not None:
+            cache = self.bot.callback_data_cache.persistence_data
+            writes.append((persistence.update_callback_data(cache), _nothing))
+        if store.bot_data:
+            writes.append((persistence.update_bot_data(self.bot_data), _nothing))
+        if store.user_data:
+            writes += _marked_writes(
+                self._user_ids_to_be_updated_in_persistence,
+                self.user_data,
+                _staging(
+                    persistence, persistence.user_doc, persistence.update_user_data, processing
+                ),
+                user,
+                self._busy_users,
+            )
+        if store.chat_data:
+            writes += _marked_writes(
+                self._chat_ids_to_be_updated_in_persistence,
+                self.chat_data,
+                _staging(
+                    persistence, persistence.chat_doc, persistence.update_chat_data, processing
+                ),
+                chat,
+                self._busy_chats,
+            )
+        if isinstance(update, Update):
+            writes += [
+                write
+                for name, handler in self._persistent
+                if (
+                    write := _conversation_write(
+                        persistence,
+                        name,
+                        handler,
+                        self._conversation_handler_conversations.get(name),
+                        update,
+                    )
+                )
+                is not None
+            ]
+        results = await asyncio.gather(*(w for w, _ in writes), return_exceptions=True)
+        for (_, undo), result in zip(writes, results, strict=True):
+            if isinstance(result, Exception):
+                undo()  # python-telegram-bot's next run tries again
+                await self.process_error(update=None, error=result)
 
     async def process_error(
         self,
@@ -630,14 +828,125 @@ def _isolation_doc(persistence: ChatstatePersistence, update: object) -> str | N
 
 
 def _register_states(
-    persistence: ChatstatePersistence, handler: BaseHandler[Any, Any, Any]
+    persistence: ChatstatePersistence,
+    handler: BaseHandler[Any, Any, Any],
+    found: list[tuple[str, ConversationHandler[Any]]],
 ) -> None:
     if not isinstance(handler, ConversationHandler):
         return
     if handler.persistent and handler.name:
         persistence.register_states(handler.name, handler.states)
+        found.append((handler.name, handler))
     for child in itertools.chain(handler.entry_points, handler.fallbacks, *handler.states.values()):
-        _register_states(persistence, child)
+        _register_states(persistence, child, found)
+
+
+_Write: TypeAlias = tuple[Coroutine[Any, Any, None], Callable[[], None]]
+_DataWrite: TypeAlias = Callable[[int, Data], Coroutine[Any, Any, None]]
+
+
+def _staging(
+    persistence: ChatstatePersistence,
+    doc_of: Callable[[int], str],
+    write: _DataWrite,
+    processing: _Processing,
+) -> _DataWrite:
+    """``write``, except for the claimed document: its changes are staged on the claim."""
+    claimed = processing.claimed
+    if claimed is None:
+        return write
+    doc_id, claim = claimed
+
+    async def stage_or_write(key: int, data: Data) -> None:
+        if doc_of(key) != doc_id:
+            await write(key, data)
+            return
+        plain = _plain(dict(data))
+        changes = changes_between(persistence._synced.get(doc_id, {}), plain)  # noqa: SLF001
+        sets = {path: value for path, value in changes if value is not DELETE}
+        if sets:
+            claim.assign(sets)
+        if len(sets) < len(changes):
+            claim.update(_deletion_patch([c for c in changes if c[1] is DELETE]))
+        processing.staged[doc_id] = _copy(plain)
+
+    return stage_or_write
+
+
+"""A write, and how to undo taking its mark when it fails."""
+
+
+def _marked_writes(
+    marked: set[int],
+    data: Mapping[int, Data],
+    write: _DataWrite,
+    own: int | None,
+    busy: Counter[int | None],
+) -> list[_Write]:
+    """Writes of the marked users' (or chats') data: this update's, and no other update's."""
+    writes: list[_Write] = []
+    for key in [k for k in marked if k == own or not busy[k]]:
+        marked.discard(key)
+        value = data.get(key)
+        if value is not None:
+            writes.append((write(key, value), functools.partial(marked.add, key)))
+    return writes
+
+
+def _conversation_write(
+    persistence: ChatstatePersistence,
+    name: str,
+    handler: ConversationHandler[Any],
+    states: TrackingDict[ConversationKey, object] | None,
+    update: Update,
+) -> _Write | None:
+    """The write of ``update``'s conversation state in one handler, if it changed it."""
+    if states is None:
+        return None
+    try:
+        key = handler._get_key(update)  # noqa: SLF001 - the key the handler itself uses
+    except Exception:  # noqa: BLE001 - not an update this handler keys (python-telegram-bot's run writes it)
+        return None
+    accessed = states.pop_accessed_keys()
+    for other in accessed - {key}:  # other updates' states: theirs to write
+        states.mark_as_accessed(other)
+    if key not in accessed:
+        return None
+    state = states.get(key)
+    if isinstance(state, PendingState):  # a block=False handler: python-telegram-bot's run
+        states.mark_as_accessed(key)
+        return None
+    undo = functools.partial(states.mark_as_accessed, key)
+    return persistence.update_conversation(name, key, state), undo
+
+
+def _ids(update: object) -> tuple[int | None, int | None]:
+    """The user and the chat of ``update`` (``None`` when it has none)."""
+    if not isinstance(update, Update):
+        return None, None
+    user, chat = update.effective_user, update.effective_chat
+    return (user.id if user else None), (chat.id if chat else None)
+
+
+def _data_docs(persistence: ChatstatePersistence, user: int | None, chat: int | None) -> list[str]:
+    """The documents ``refresh_data`` will read for an update of ``user`` in ``chat``."""
+    store = persistence.store_data
+    docs = [persistence.bot_doc] if store.bot_data else []
+    if store.chat_data and chat is not None:
+        docs.append(persistence.chat_doc(chat))
+    if store.user_data and user is not None:
+        docs.append(persistence.user_doc(user))
+    return docs
+
+
+def _discard(counter: Counter[int | None], key: int | None) -> None:
+    counter[key] -= 1
+    if counter[key] <= 0:
+        del counter[key]
+
+
+def _nothing() -> None:
+    pass
 
 
 def dedupe_key(update: Update, by: Literal["update_id", "message_id"] = "update_id") -> str:
