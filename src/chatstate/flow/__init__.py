@@ -33,17 +33,20 @@ from chatstate.flow._screens import (
     render_whatsapp,
     translate_screen,
 )
+from chatstate.flow._sending import BroadcastProgress, DeliveryMode, RateLimit
 from chatstate.flow._whatsapp import parse_webhook
 
 __all__ = [
     "DONE",
     "AsyncDelivery",
     "AsyncRouter",
+    "BroadcastProgress",
     "Button",
     "Buttons",
     "Contact",
     "Context",
     "Delivery",
+    "DeliveryMode",
     "Flow",
     "Invalid",
     "ListScreen",
@@ -53,6 +56,7 @@ __all__ = [
     "MenuItem",
     "Message",
     "MessageKind",
+    "RateLimit",
     "Reaction",
     "Router",
     "Row",

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Iterator, Mapping
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, Protocol
 
 from typing_extensions import TypeVar
@@ -27,6 +28,8 @@ from typing_extensions import TypeVar
 from chatstate._actions import SET_TOKEN, failing
 from chatstate.exceptions import ConfigurationError, UsageError
 from chatstate.flow._message import Message
+from chatstate.flow._scheduled import scheduled_entry
+from chatstate.flow._sending import check_key
 from chatstate.state import Document, Snapshot, parse_path
 from chatstate.typing import JSONObject
 
@@ -182,7 +185,7 @@ class Context(Generic[DepsT]):
     Change, all in the one atomic write that ends the step (nothing is written
     if the handling fails): :meth:`update`, :meth:`assign`,
     :meth:`set_preserved`, :meth:`log_in`, :meth:`log_out`,
-    :meth:`set_language`, :meth:`start`.
+    :meth:`set_language`, :meth:`start`, :meth:`schedule`, :meth:`cancel_scheduled`.
     """
 
     __slots__ = (
@@ -193,8 +196,10 @@ class Context(Generic[DepsT]):
         "_next_flow",
         "_protected",
         "_rules",
+        "_scheduled_field",
         "_staging",
         "_translate",
+        "_wakes",
         "authenticated",
         "data",
         "deps",
@@ -217,6 +222,7 @@ class Context(Generic[DepsT]):
         flows: Mapping[str, type[Flow]],
         protected: str,
         language_field: str,
+        scheduled_field: str = "scheduled",
         flow: str | None = None,
         step: str | None = None,
         data: dict[str, Any] | None = None,
@@ -241,6 +247,8 @@ class Context(Generic[DepsT]):
         self._protected = protected
         self._language_field = language_field
         self._next_flow: type[Flow] | None = None
+        self._scheduled_field = scheduled_field
+        self._wakes: list[int] = []
         self.language = catalogues.pick(state.get(language_field))
         """The user's language code (the stored one, else the router's default)."""
         self._translate = catalogues.translator(self.language)
@@ -288,6 +296,11 @@ class Context(Generic[DepsT]):
     def _guard(self, keys: Any) -> None:
         for key in keys:
             path = parse_path(key) if isinstance(key, str | tuple) else (key,)
+            if path and path[0] == self._scheduled_field:
+                raise UsageError(
+                    f"the field {self._scheduled_field!r} is the router's own: "
+                    "use ctx.schedule() and ctx.cancel_scheduled()"
+                )
             if path and path[0] == self._protected:
                 raise UsageError(
                     f"the field {self._protected!r} is the router's own: "
@@ -361,6 +374,33 @@ class Context(Generic[DepsT]):
             )
         self._stage()
         self._next_flow = known
+
+    def schedule(
+        self,
+        key: str,
+        at: float | datetime,
+        replies: Any = None,
+        *,
+        start: type[Flow] | str | None = None,
+    ) -> None:
+        """Stage a message to the user at ``at``; the same ``key`` again moves or replaces it.
+
+        See :meth:`Router.schedule <chatstate.flow.Router.schedule>` (the same
+        arguments); here it is written with this step, or not at all.
+
+        Raises:
+            UsageError: a bad key, time, reply or flow.
+        """
+        entry = scheduled_entry(key, at, replies, start, self._flows)
+        self._stage().update({self._scheduled_field: {key: entry}})
+        self._wakes.append(entry[0])
+
+    def cancel_scheduled(self, key: str) -> None:
+        """Stage the removal of the scheduled message ``key`` (nothing if there is none)."""
+        check_key(key, "key")
+        stored = self._doc.get(self._scheduled_field)
+        if isinstance(stored, dict) and key in stored:
+            self._stage().update({self._scheduled_field: {key: None}})
 
 
 Turn = Context

@@ -14,12 +14,15 @@ handed to the sync router are refused when it is built.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import math
+import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from datetime import timedelta
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import datetime, timedelta
 from typing import Any, Final, Generic, Protocol, TypeVar
 
 import attrs
@@ -29,6 +32,7 @@ from chatstate import observe
 from chatstate._durations import to_ms
 from chatstate._twins import run_sync
 from chatstate.exceptions import (
+    ClaimLostError,
     ConfigurationError,
     FlowError,
     InvalidScreenError,
@@ -39,6 +43,7 @@ from chatstate.flow._context import Catalogues, Context, Translations, is_async
 from chatstate.flow._delivery import AsyncDelivery, Delivery
 from chatstate.flow._flow import DONE, Flow, Replies, Step
 from chatstate.flow._message import Message
+from chatstate.flow._scheduled import due_scheduled, scheduled_entry, screens_of, stored_scheduled
 from chatstate.flow._screens import (
     Button,
     Buttons,
@@ -50,6 +55,17 @@ from chatstate.flow._screens import (
     screen_from_json,
     screen_to_json,
     translate_screen,
+)
+from chatstate.flow._sending import (
+    BroadcastProgress,
+    DeliveryMode,
+    RateLimit,
+    check_key,
+    check_sending,
+    event_key,
+    identity,
+    rate_limit,
+    takes_identity,
 )
 from chatstate.state import (
     AsyncDeadlineIndex,
@@ -66,6 +82,7 @@ __all__ = ["AsyncRouter", "Menu", "MenuItem", "Router"]
 
 DEFAULT_LEASE: Final = timedelta(seconds=5)
 DEFAULT_RESEND_AFTER: Final = timedelta(seconds=30)
+DEFAULT_CONCURRENCY: Final = 16
 
 log = logging.getLogger("chatstate.flow")
 
@@ -77,6 +94,7 @@ DEFAULT_GREETINGS: Final = frozenset({"hi", "hello", "hey", "hola", "start", "/s
 EXPIRED_TEXT: Final = "That conversation timed out; let's start again."
 LOGIN_FIRST_TEXT: Final = "Please log in first."
 REMINDER_TEXT: Final = "Are you still there?"
+KEPT_BROADCASTS: Final = 32  # broadcast ids remembered per user (the oldest are dropped)
 
 Handler = Callable[[Context[Any]], "Replies | Awaitable[Replies]"]
 
@@ -190,7 +208,7 @@ class Menu:
 
 def _check_run_due(send: object, interval: object, limit: object) -> None:
     if not callable(send):
-        raise UsageError("run_due takes send(user_id, replies), an async function")
+        raise UsageError("run_due takes send(user_id, replies), a function")
     if (
         isinstance(interval, bool)
         or not isinstance(interval, int | float)
@@ -236,6 +254,27 @@ class _Opened:
     keys: list[str]  # the outbox entries the acknowledgement drops
     field: str  # the outbox field
     resent: bool = False
+
+
+@attrs.define
+class _Parcel:
+    """Replies to send under one identity; ``stored``: kept in the outbox under ``key``."""
+
+    key: str
+    replies: list[Screen]
+    stored: bool = False
+
+
+@attrs.define
+class _Fired:
+    """What one due index entry gave: parcels to send, and the claim until acknowledged."""
+
+    user_id: str
+    parcels: list[_Parcel]
+    claim: Any
+
+
+_Deliver = Callable[[str, list[Screen], str], Awaitable[None]]
 
 
 class _ClaimLike(Protocol):
@@ -341,6 +380,8 @@ class _RouterCore(Generic[DepsT]):
         wait: float | timedelta = timedelta(seconds=10),
         outbox_field: str = "outbox",
         resend_after: float | timedelta | None = DEFAULT_RESEND_AFTER,
+        scheduled_field: str = "scheduled",
+        broadcast_field: str = "broadcasts",
     ) -> None:
         self._check_service(service)
         self.service = service
@@ -369,6 +410,8 @@ class _RouterCore(Generic[DepsT]):
             ("flow_field", flow_field),
             ("language_field", language_field),
             ("outbox_field", outbox_field),
+            ("scheduled_field", scheduled_field),
+            ("broadcast_field", broadcast_field),
         ):
             if not isinstance(value, str) or not value:  # type: ignore[redundant-expr]  # callers may be untyped
                 raise ConfigurationError(f"{name} must be a top-level field name")
@@ -378,7 +421,15 @@ class _RouterCore(Generic[DepsT]):
             raise ConfigurationError(
                 "outbox_field must differ from flow_field, language_field and token_field"
             )
+        own = (flow_field, language_field, field, outbox_field, scheduled_field, broadcast_field)
+        if len(set(own)) != len(own):
+            raise ConfigurationError(
+                "flow_field, language_field, token_field, outbox_field, scheduled_field and "
+                "broadcast_field must be six different fields"
+            )
         self.outbox_field = outbox_field
+        self.scheduled_field = scheduled_field
+        self.broadcast_field = broadcast_field
         self.resend_after_ms = None if resend_after is None else to_ms(resend_after, "resend_after")
         self.flow_field = flow_field
         self.language_field = language_field
@@ -529,6 +580,7 @@ class _RouterCore(Generic[DepsT]):
             flows=self.flows,
             protected=self.flow_field,
             language_field=self.language_field,
+            scheduled_field=self.scheduled_field,
         )
 
     # -- one message -------------------------------------------------------------
@@ -705,18 +757,27 @@ class _RouterCore(Generic[DepsT]):
         return min(times) + self.resend_after_ms if times else None
 
     async def _reschedule(
-        self, user_id: str, doc: Mapping[str, Any], now_ms: int, flow_at: int | None = None
+        self,
+        user_id: str,
+        doc: Mapping[str, Any],
+        now_ms: int,
+        flow_at: int | None = None,
+        fired: Iterable[str] = (),
     ) -> None:
-        """Index the user's next wake-up: the flow's deadline or a resend, whichever is first.
+        """Index the user's next wake-up: the flow's deadline, a scheduled message or a resend.
 
         A resend that is due already is put off by ``resend_after`` (``due()``
         leaves it to :meth:`undelivered`, and must not find it again at once).
+        ``fired``: scheduled messages this round removes.
         """
         wake = self._outbox_wake(doc)
         if wake is not None and wake <= now_ms:
             assert self.resend_after_ms is not None
             wake = now_ms + self.resend_after_ms
-        times = [t for t in (wake, flow_at) if t is not None]
+        gone = set(fired)
+        later = [e[0] for k, e in stored_scheduled(doc, self.scheduled_field).items()
+                 if k not in gone]  # fmt: skip
+        times = [t for t in (wake, flow_at, *later) if t is not None]
         if times:
             await self._schedule(user_id, min(times), exact=True)
         else:
@@ -728,6 +789,9 @@ class _RouterCore(Generic[DepsT]):
         """Apply ``ctx.start()``, stage the flow's new state, index its next deadline."""
         replies = plan.replies
         final = plan.flow
+        wakes = ctx._wakes  # noqa: SLF001 - the router reads what the context staged
+        if wakes:
+            await self._schedule(ctx.user_id, min(wakes))
         started = ctx._next_flow  # noqa: SLF001 - the router reads what the context staged
         if started is not None:
             final, screen = await self._begin(started, ctx, now)
@@ -927,85 +991,375 @@ class _RouterCore(Generic[DepsT]):
     async def due_with(
         self, state: _StateLike, now: float | None, limit: int
     ) -> list[tuple[str, list[Screen]]]:
-        """Fire every due reminder and timeout, each exactly once across processes."""
+        """Fire every due reminder, timeout and scheduled message, each once across processes."""
+        self._check_indexed()
+        _check_limit(limit)
+        now = self._now(now)
+        entries = await _call(self._backend.due, _ms(now), limit)
+        fired: list[tuple[str, list[Screen]]] = []
+        for user_id, at_ms in entries:
+            try:
+                got = await self._fire_due(
+                    state, user_id, int(at_ms), now, keep=False, resend=False
+                )
+            except UserBusyError:
+                continue  # handling a message of theirs; it stays due
+            except Exception:
+                log.exception("a due reminder or timeout of user %r failed; it stays due", user_id)
+                continue
+            fired.extend((user_id, p.replies) for p in got.parcels if p.replies)
+        return fired
+
+    def _check_indexed(self) -> None:
         if not self._indexed():
             raise UsageError(
                 f"{type(self._backend).__name__} keeps no deadline index "
                 "(schedule, unschedule, due); "
                 "timeouts still apply at the user's next message"
             )
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:  # type: ignore[redundant-expr]  # callers may be untyped
-            raise UsageError("limit must be a positive int")
+
+    def _now(self, now: object) -> float:
         if now is not None and (
-            isinstance(now, bool) or not isinstance(now, int | float) or not 0 <= now < 1e11  # type: ignore[redundant-expr]  # callers may be untyped
+            isinstance(now, bool) or not isinstance(now, int | float) or not 0 <= now < 1e11
         ):
             raise UsageError(f"now must be Unix seconds (a finite number), not {now!r}")
-        now = self.clock() if now is None else now
-        entries = await _call(self._backend.due, _ms(now), limit)
-        fired: list[tuple[str, list[Screen]]] = []
-        for user_id, at_ms in entries:
-            try:
-                replies = await self._fire(state, user_id, int(at_ms), now)
-            except UserBusyError:
-                continue  # handling a message of theirs, which moves the deadline anyway
-            except Exception:
-                log.exception("a due reminder or timeout of user %r failed; it stays due", user_id)
-                continue
-            if replies:
-                fired.append((user_id, replies))
-        return fired
+        return self.clock() if now is None else float(now)
+
+    def _stale_outbox(self, doc: Mapping[str, Any], now_ms: int) -> list[_Parcel]:
+        """Stored replies unacknowledged for ``resend_after``, oldest first."""
+        if self.resend_after_ms is None:
+            return []
+        box = self._outbox(doc)
+        keys = [k for k, e in box.items() if _entry_at(e) + self.resend_after_ms <= now_ms]
+        keys.sort(key=lambda k: _entry_at(box[k]))
+        parcels = [
+            _Parcel(k, [screen_from_json(r) for r in _entry_replies(box[k])], stored=True)
+            for k in keys
+        ]
+        return [p for p in parcels if p.replies] + [
+            _Parcel(p.key, [], stored=True) for p in parcels if not p.replies
+        ]
 
     async def _fire(self, state: _StateLike, user_id: str, at_ms: int, now: float) -> list[Screen]:
+        """Fire what is due for the user at most once; the replies to send."""
+        fired = await self._fire_due(state, user_id, at_ms, now, keep=False, resend=False)
+        return [r for p in fired.parcels for r in p.replies]
+
+    async def _fire_due(  # noqa: C901, PLR0912, PLR0915 - one branch per kind of deadline
+        self,
+        state: _StateLike,
+        user_id: str,
+        at_ms: int,
+        now: float,
+        *,
+        keep: bool,
+        resend: bool,
+    ) -> _Fired:
+        """Under the user's claim: fire what is due, and collect replies to resend.
+
+        ``keep``: the new replies are committed into the outbox and the claim is
+        held until :meth:`_close_fired` acknowledges them (at least once);
+        otherwise they are committed as sent (at most once). ``resend``: replies
+        stored longer than ``resend_after`` come back too, to send and
+        acknowledge. An entry whose user has nothing due (no document any more:
+        expired or erased) is moved to their next deadline or removed.
+        """
+        now_ms = _ms(now)
         claim = await state.claim(
             user_id, f"deadline-{at_ms}", purpose=DEADLINE_PURPOSE, lease=self.lease, wait=0
         )
-        if claim.duplicate:
-            return []
+        if claim.duplicate:  # fired by another process: look again at what is due now
+            claim = await state.claim(
+                user_id, None, purpose=DEADLINE_PURPOSE, lease=self.lease, wait=0
+            )
         try:
             doc = claim.data
+            resends = self._stale_outbox(doc, now_ms) if resend else []
             active = doc.get(self.flow_field)
             flow_cls = self.flows.get(str(active.get("name"))) if isinstance(active, dict) else None
-            event = self._due_event(active, _ms(now))
-            if flow_cls is None or event is None or not isinstance(active, dict):
-                await self._reschedule(user_id, doc, _ms(now))
-                await claim.release()
-                return []
-            kind, when = event
-            if when > _ms(now):  # the index was early: the flow moved on since
-                await self._reschedule(user_id, doc, _ms(now), when)
-                await claim.release()
-                return []
-            message = Message(user_id, message_id=f"deadline-{when}", timestamp=now)
-            ctx = self._context(message, doc, claim)
-            ctx.flow, ctx.step = flow_cls.name, str(active.get("step"))
-            ctx.data = dict(active.get("data") or {})
-            flow = flow_cls(ctx)
-            plan: _Plan
-            if kind == "timeout":
-                plan = await self._expire(flow_cls, ctx)
-                await self._reschedule(user_id, doc, _ms(now))
-            else:
-                replies = await _replies(await flow.run_hook("on_reminder", ctx))
-                if not replies:
-                    step = flow_cls.steps.get(ctx.step)
-                    replies = [Text(ctx.t(self.reminder_text))]
-                    if step is not None:
-                        replies.append(await step.render(ctx))
-                reminded = {**active, "reminded": True}
-                plan = _Plan(reminded, replies, "reminded", flow_cls.name, ctx.step or "")
-                following = self._next_deadline(reminded)
-                await self._reschedule(
-                    user_id, doc, _ms(now), None if following is None else following[1]
+            event = self._due_event(active, now_ms) if flow_cls is not None else None
+            if event is not None and event[1] > now_ms:
+                event = None  # the index was early: the flow moved on since
+            sched = due_scheduled(doc, self.scheduled_field, now_ms)
+            if event is None and not sched:
+                following = (
+                    self._next_deadline(active)
+                    if flow_cls is not None and isinstance(active, dict)
+                    else None
                 )
-            replies = await self._settle(ctx, doc, plan, now, claim)
-            outcome = await claim.commit()
+                await self._reschedule(user_id, doc, now_ms, following and following[1])
+                if not resends:
+                    await claim.release()
+                    return _Fired(user_id, [], None)
+                return _Fired(user_id, resends, claim)
+            events = [f"{key}@{at}" for key, at, _s, _f in sched]
+            message_id = f"scheduled-{sched[0][0]}-{sched[0][1]}" if sched else ""
+            if event is not None:
+                events.append(f"{event[0]}-{event[1]}")
+                message_id = f"deadline-{event[1]}"
+            message = Message(user_id, message_id=message_id, timestamp=now)
+            ctx = self._context(message, doc, claim)
+            replies: list[Screen] = [s for _k, _a, screens, _f in sched for s in screens]
+            starts = [self.flows[f] for _k, _a, _s, f in sched if f in self.flows]
+            if sched:
+                claim.update({self.scheduled_field: dict.fromkeys(k for k, *_ in sched)})
+            plan = _Plan(KEEP, [])
+            following_at: int | None = None
+            if isinstance(active, dict) and flow_cls is not None:
+                ctx.flow, ctx.step = flow_cls.name, str(active.get("step"))
+                ctx.data = dict(active.get("data") or {})
+                if event is None:
+                    nxt = self._next_deadline(active)
+                    following_at = None if nxt is None else nxt[1]
+                elif event[0] == "timeout":
+                    plan = await self._expire(flow_cls, ctx)
+                else:
+                    flow = flow_cls(ctx)
+                    got = await _replies(await flow.run_hook("on_reminder", ctx))
+                    if not got:
+                        step = flow_cls.steps.get(ctx.step)
+                        got = [Text(ctx.t(self.reminder_text))]
+                        if step is not None:
+                            got.append(await step.render(ctx))
+                    reminded = {**active, "reminded": True}
+                    plan = _Plan(reminded, got, "reminded", flow_cls.name, ctx.step or "")
+                    nxt = self._next_deadline(reminded)
+                    following_at = None if nxt is None else nxt[1]
+            await self._reschedule(user_id, doc, now_ms, following_at, fired=[k for k, *_ in sched])
+            if starts and ctx._next_flow is None:  # noqa: SLF001 - the router's own staging
+                ctx._next_flow = starts[-1]  # noqa: SLF001
+            plan.replies = [*replies, *plan.replies]
+            sent = await self._settle(ctx, doc, plan, now, claim)
+            key = event_key(events)
+            stored = keep and bool(sent)
+            if stored:
+                await self._stage_outbox(state, claim, doc=doc, key=key, replies=sent, now=now)
+            hold = stored or bool(resends)
+            outcome = await claim.commit(keep=True) if hold else await claim.commit()
         except BaseException:
-            await claim.release()
+            with contextlib.suppress(Exception):
+                await claim.release()
+            with contextlib.suppress(Exception):
+                await self._schedule(user_id, at_ms)  # it stays due
             raise
         if outcome.status == "duplicate":
+            return _Fired(user_id, [], None)  # a handler that took over a lapsed claim did it
+        if plan.outcome is not None:
+            observe.notify_flow_step(plan.flow_name, plan.step_name, plan.outcome)
+        parcels = [*resends, _Parcel(key, sent, stored=stored)] if sent else resends
+        return _Fired(user_id, parcels, claim if hold else None)
+
+    async def _close_fired(self, fired: _Fired, sent: list[str]) -> None:
+        """Acknowledge the stored replies that were sent; the rest stay for a resend."""
+        claim = fired.claim
+        if claim is None:
+            return
+        fired.claim = None
+        if not sent:
+            await claim.release()
+            return
+        claim.update({self.outbox_field: dict.fromkeys(sent)})
+        try:
+            await claim.commit()
+        except ClaimLostError:
+            log.warning("user %r was taken over before the acknowledgement", fired.user_id)
+
+    async def due_one(  # noqa: C901 - each failure has its own handling
+        self, state: _StateLike, user_id: str, at_ms: int, deliver: _Deliver, *, keep: bool
+    ) -> bool:
+        """One index entry of :meth:`run_due`: fire, send each parcel, acknowledge.
+
+        Returns False when the entry could not be handled now (busy, failed).
+        """
+        resend = self.resend_after_ms is not None
+        try:
+            fired = await self._fire_due(
+                state, user_id, at_ms, self.clock(), keep=keep, resend=resend
+            )
+        except UserBusyError:
+            return False
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("a due reminder or timeout of user %r failed; it stays due", user_id)
+            return False
+        sent: list[str] = []
+        ok = True
+        try:
+            for parcel in fired.parcels:
+                if parcel.replies:
+                    await deliver(user_id, parcel.replies, identity(user_id, parcel.key))
+                if parcel.stored:
+                    sent.append(parcel.key)
+        except asyncio.CancelledError:
+            await self._close_fired(fired, sent)
+            raise
+        except Exception:
+            ok = False
+            log.exception("sending due replies to user %r failed", user_id)
+        try:
+            await self._close_fired(fired, sent)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("acknowledging the replies sent to user %r failed", user_id)
+        return ok
+
+    async def broadcast_one(
+        self,
+        state: _StateLike,
+        broadcast_id: str,
+        user_id: str,
+        screens: list[Screen],
+        deliver: _Deliver,
+    ) -> str:
+        """One user of a broadcast: ``"sent"``, ``"skipped"`` (had it) or ``"failed"``."""
+        key = f"broadcast:{broadcast_id}"
+        claim = await state.claim(
+            user_id, None, purpose=ROUTER_PURPOSE, lease=self.lease, wait=self.wait
+        )
+        try:
+            doc = claim.data
+            seen = doc.get(self.broadcast_field)
+            seen = seen if isinstance(seen, dict) else {}
+            box = self._outbox(doc)
+            if broadcast_id in seen:
+                if key not in box:
+                    await claim.release()
+                    return "skipped"
+                replies = [screen_from_json(r) for r in _entry_replies(box[key])]
+            else:
+                now = self.clock()
+                patch: dict[str, Any] = {broadcast_id: _ms(now)}
+                oldest = sorted(seen, key=lambda b: _entry_at([seen[b]]))
+                for old in oldest[: max(0, len(seen) + 1 - KEPT_BROADCASTS)]:
+                    patch[old] = None
+                claim.update({self.broadcast_field: patch})
+                replies = screens
+                await self._stage_outbox(state, claim, doc=doc, key=key, replies=replies, now=now)
+                await claim.commit(keep=True)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await claim.release()
+            raise
+        fired = _Fired(user_id, [], claim)
+        try:
+            await deliver(user_id, replies, identity(user_id, key))
+        except asyncio.CancelledError:
+            await self._close_fired(fired, [])
+            raise
+        except Exception:
+            log.exception("broadcast %r: sending to user %r failed", broadcast_id, user_id)
+            await self._close_fired(fired, [])
+            return "failed"
+        await self._close_fired(fired, [key])
+        return "sent"
+
+    # -- scheduled messages --------------------------------------------------------
+
+    async def schedule_with(  # noqa: PLR0917 - the public method's arguments, in order
+        self,
+        state: _StateLike,
+        user_id: str,
+        key: str,
+        at: float | datetime,
+        replies: Any,
+        start: type[Flow] | str | None,
+    ) -> None:
+        """Store (or move) the scheduled message ``key`` under the user's claim, and index it."""
+        self._check_indexed()
+        if not isinstance(user_id, str) or not user_id:  # type: ignore[redundant-expr]  # callers may be untyped
+            raise UsageError("schedule() takes a user id (a non-empty str)")
+        entry = scheduled_entry(key, at, replies, start, self.flows)
+        claim = await state.claim(
+            user_id, None, purpose=ROUTER_PURPOSE, lease=self.lease, wait=self.wait
+        )
+        try:
+            claim.update({self.scheduled_field: {key: entry}})
+            await self._schedule(user_id, entry[0])
+            await claim.commit()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await claim.release()
+            raise
+
+    async def cancel_with(self, state: _StateLike, user_id: str, key: str) -> bool:
+        """Remove the scheduled message ``key``; False when there was none."""
+        check_key(key, "a scheduled message's key")
+        claim = await state.claim(
+            user_id, None, purpose=ROUTER_PURPOSE, lease=self.lease, wait=self.wait
+        )
+        try:
+            if key not in stored_scheduled(claim.data, self.scheduled_field):
+                await claim.release()
+                return False
+            claim.update({self.scheduled_field: {key: None}})
+            await claim.commit()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await claim.release()
+            raise
+        return True  # the index entry, if it was this one's, fires nothing and moves on
+
+    async def scheduled_with(self, state: _StateLike, user_id: str) -> dict[str, float]:
+        """The user's scheduled messages: key to Unix seconds."""
+        found = stored_scheduled(await state.get(user_id), self.scheduled_field)
+        return {k: e[0] / 1000 for k, e in sorted(found.items(), key=lambda i: i[1][0])}
+
+    # -- sending at scale (run_due, broadcast) ---------------------------------------
+
+    def _sending_options(  # noqa: PLR0917 - run_due's options, checked in one place
+        self,
+        send: object,
+        interval: object,
+        limit: object,
+        concurrency: object,
+        rate: object,
+        delivery: object,
+    ) -> tuple[bool, RateLimit | None, bool]:
+        """Check ``run_due``'s arguments; return (send takes identity, rate limit, keep)."""
+        _check_run_due(send, interval, limit)
+        check_sending(concurrency, delivery)
+        limiter = rate_limit(rate)
+        self._check_indexed()
+        if delivery == "at-least-once" and self.resend_after_ms is None:
+            raise UsageError(
+                "delivery='at-least-once' resends what a killed process left unacknowledged "
+                "after resend_after: build the router with resend_after"
+            )
+        assert callable(send)
+        return takes_identity(send), limiter, delivery == "at-least-once"
+
+    def _broadcast_options(
+        self, broadcast_id: object, replies: object, send: object, concurrency: object, rate: object
+    ) -> tuple[list[Screen], bool, RateLimit | None]:
+        check_key(broadcast_id, "a broadcast id")
+        screens = [screen_from_json(s) for s in screens_of(replies)]
+        if not screens:
+            raise UsageError("a broadcast needs replies to send")
+        if not callable(send):
+            raise UsageError("broadcast takes send(user_id, replies), a function")
+        check_sending(concurrency, "at-least-once")
+        return screens, takes_identity(send), rate_limit(rate)
+
+    async def fresh_due(self, exclude: set[str], limit: int) -> list[tuple[str, int]]:
+        """Due index entries of users not in ``exclude`` (``[]`` if the store failed; logged)."""
+        try:
+            entries = await _call(self._backend.due, _ms(self.clock()), limit + len(exclude))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("collecting due deadlines failed; trying again")
             return []
-        observe.notify_flow_step(plan.flow_name, plan.step_name, plan.outcome or "")
-        return replies
+        return [(u, int(a)) for u, a in entries if u not in exclude][:limit]
+
+
+def _resting(resting: dict[str, float]) -> set[str]:
+    """Users whose last due handling failed less than an interval ago (pruned as it reads)."""
+    now = time.monotonic()
+    for user_id in [u for u, until in resting.items() if until <= now]:
+        del resting[user_id]
+    return set(resting)
 
 
 class Router(_RouterCore[DepsT]):
@@ -1108,6 +1462,201 @@ class Router(_RouterCore[DepsT]):
         """
         return run_sync(self.due_with(self._state, now, limit))
 
+    def schedule(
+        self,
+        user_id: str,
+        key: str,
+        at: float | datetime,
+        replies: Any = None,
+        *,
+        start: type[Flow] | str | None = None,
+    ) -> None:
+        """Send ``replies`` to the user at ``at`` (and start the flow ``start``), once.
+
+        Independent of flows: it is stored in the user's document (under
+        ``scheduled_field``), so it survives restarts and goes with
+        ``erase()``, and indexed in the backend's deadline index;
+        :meth:`due` and :meth:`run_due` fire it once across processes, under
+        the user's claim, removing it in the write that records its replies.
+        Scheduling ``key`` again moves it (or replaces what it says). Inside a
+        step or hook, ``ctx.schedule(...)`` does the same in that step's write.
+
+        Args:
+            user_id: Whose message.
+            key: Your name for it (at most 200 characters), to move or cancel it.
+            at: An aware :class:`~datetime.datetime`, or Unix seconds (on the
+                router's clock). A time in the past fires at the next round.
+            replies: A text, a screen, or a list of them (sent as they are: not
+                translated).
+            start: A flow (known to the router) to start when it fires; its
+                first prompt follows the replies. An active flow is replaced.
+
+        Raises:
+            UsageError: a bad argument, or a backend without a deadline index.
+            UserBusyError: a message of the user was still being handled after ``wait``.
+        """
+        run_sync(self.schedule_with(self._state, user_id, key, at, replies, start))
+
+    def cancel_scheduled(self, user_id: str, key: str) -> bool:
+        """Cancel the user's scheduled message ``key``; False when there was none (or it fired)."""
+        return run_sync(self.cancel_with(self._state, user_id, key))
+
+    def scheduled(self, user_id: str) -> dict[str, float]:
+        """The user's scheduled messages, earliest first: key to Unix seconds."""
+        return run_sync(self.scheduled_with(self._state, user_id))
+
+    def run_due(  # noqa: C901 - the thread pool's loop and its stop
+        self,
+        send: Callable[..., Any],
+        *,
+        interval: float = 1.0,
+        limit: int = 100,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        rate: float | RateLimit | None = None,
+        delivery: DeliveryMode = "at-most-once",
+        stop: threading.Event | None = None,
+    ) -> None:
+        """Fire due reminders, timeouts and scheduled messages and resend, until ``stop`` is set.
+
+        The sync twin of :meth:`AsyncRouter.run_due` (the same options), on
+        ``concurrency`` threads: ``send(user_id, replies)`` (with
+        ``identity=...`` when it has that parameter) is called from those
+        threads. Blocks the calling thread; set ``stop`` (a
+        :class:`threading.Event`) to end it after the sends in flight.
+
+        Raises:
+            UsageError: a bad argument, an async ``send``, or no deadline index.
+        """
+        keyed, limiter, keep = self._sending_options(
+            send, interval, limit, concurrency, rate, delivery
+        )
+        if is_async(send):
+            raise UsageError("the sync Router's run_due takes a sync send; use AsyncRouter")
+        if stop is not None and not isinstance(stop, threading.Event):
+            raise UsageError("stop takes a threading.Event")
+        stop = stop or threading.Event()
+        deliver = _sync_deliver(send, keyed, limiter)
+        slots = threading.BoundedSemaphore(concurrency)
+        lock = threading.Lock()
+        busy: set[str] = set()
+        resting: dict[str, float] = {}
+
+        def one(user_id: str, at_ms: int) -> None:
+            ok = False
+            try:
+                ok = run_sync(self.due_one(self._state, user_id, at_ms, deliver, keep=keep))
+            except Exception:
+                log.exception("a due deadline of user %r failed", user_id)
+            finally:
+                with lock:
+                    busy.discard(user_id)
+                    if not ok:
+                        resting[user_id] = time.monotonic() + interval
+                slots.release()
+
+        with ThreadPoolExecutor(concurrency, thread_name_prefix="chatstate-due") as pool:
+            while not stop.is_set():
+                with lock:
+                    exclude = busy | _resting(resting)
+                fresh = run_sync(self.fresh_due(exclude, limit))
+                for user_id, at_ms in fresh:
+                    while not slots.acquire(timeout=0.05):
+                        if stop.is_set():
+                            return
+                    with lock:
+                        busy.add(user_id)
+                    pool.submit(one, user_id, at_ms)
+                if len(fresh) < limit:
+                    stop.wait(interval)
+
+    def broadcast(
+        self,
+        broadcast_id: str,
+        replies: Any,
+        send: Callable[..., Any],
+        *,
+        users: Iterable[str] | None = None,
+        prefix: str = "",
+        concurrency: int = DEFAULT_CONCURRENCY,
+        rate: float | RateLimit | None = None,
+        on_progress: Callable[[BroadcastProgress], Any] | None = None,
+    ) -> BroadcastProgress:
+        """Send ``replies`` to every user once; see :meth:`AsyncRouter.broadcast`.
+
+        Sends on ``concurrency`` threads; ``on_progress`` is called from them,
+        one at a time.
+        """
+        screens, keyed, limiter = self._broadcast_options(
+            broadcast_id, replies, send, concurrency, rate
+        )
+        if is_async(send) or (on_progress is not None and is_async(on_progress)):
+            raise UsageError("the sync Router's broadcast takes sync functions; use AsyncRouter")
+        source: Iterable[str] = self.service.users(prefix) if users is None else _user_ids(users)
+        deliver = _sync_deliver(send, keyed, limiter)
+        progress = BroadcastProgress(broadcast_id)
+        lock = threading.Lock()
+        slots = threading.BoundedSemaphore(concurrency)
+
+        def one(user_id: str) -> None:
+            try:
+                outcome = run_sync(
+                    self.broadcast_one(self._state, broadcast_id, user_id, screens, deliver)
+                )
+            except Exception:
+                log.exception("broadcast %r: user %r failed", broadcast_id, user_id)
+                outcome = "failed"
+            finally:
+                slots.release()
+            with lock:
+                setattr(progress, outcome, getattr(progress, outcome) + 1)
+                if on_progress is not None:
+                    on_progress(progress)
+
+        futures: list[Future[None]] = []
+        with ThreadPoolExecutor(concurrency, thread_name_prefix="chatstate-broadcast") as pool:
+            seen: set[str] = set()
+            for user_id in source:
+                if user_id in seen:
+                    continue
+                seen.add(user_id)
+                with lock:
+                    progress.total += 1
+                slots.acquire()
+                futures.append(pool.submit(one, user_id))
+        for future in futures:
+            future.result()  # an on_progress error surfaces here
+        progress.done = True
+        return progress
+
+
+def _user_ids(users: object) -> Iterable[str]:
+    if isinstance(users, str) or not isinstance(users, Iterable):
+        raise UsageError(f"users takes a collection of user ids, not {users!r}")
+    return users
+
+
+def _sync_deliver(send: Callable[..., Any], keyed: bool, limiter: RateLimit | None) -> _Deliver:
+    async def deliver(user_id: str, replies: list[Screen], ident: str) -> None:
+        if limiter is not None:
+            limiter.acquire_sync(len(replies))
+        if keyed:
+            send(user_id, replies, identity=ident)
+        else:
+            send(user_id, replies)
+
+    return deliver
+
+
+def _async_deliver(send: Callable[..., Any], keyed: bool, limiter: RateLimit | None) -> _Deliver:
+    async def deliver(user_id: str, replies: list[Screen], ident: str) -> None:
+        if limiter is not None:
+            await limiter.acquire(len(replies))
+        result = send(user_id, replies, identity=ident) if keyed else send(user_id, replies)
+        if inspect.isawaitable(result):
+            await result
+
+    return deliver
+
 
 def _check_limit(limit: object) -> None:
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
@@ -1194,58 +1743,197 @@ class AsyncRouter(_RouterCore[DepsT]):
         """See :meth:`Router.due`."""
         return await self.due_with(self.service, now, limit)
 
+    async def schedule(
+        self,
+        user_id: str,
+        key: str,
+        at: float | datetime,
+        replies: Any = None,
+        *,
+        start: type[Flow] | str | None = None,
+    ) -> None:
+        """See :meth:`Router.schedule`."""
+        await self.schedule_with(self.service, user_id, key, at, replies, start)
+
+    async def cancel_scheduled(self, user_id: str, key: str) -> bool:
+        """See :meth:`Router.cancel_scheduled`."""
+        return await self.cancel_with(self.service, user_id, key)
+
+    async def scheduled(self, user_id: str) -> dict[str, float]:
+        """See :meth:`Router.scheduled`."""
+        return await self.scheduled_with(self.service, user_id)
+
     async def run_due(
         self,
-        send: Callable[[str, list[Screen]], Awaitable[Any]],
+        send: Callable[..., Any],
         *,
         interval: float = 1.0,
         limit: int = 100,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        rate: float | RateLimit | None = None,
+        delivery: DeliveryMode = "at-most-once",
     ) -> None:
-        """Fire due reminders and timeouts forever, handing each user's replies to ``send``.
+        """Fire due reminders, timeouts and scheduled messages forever, and resend what is owed.
 
-        Run it as a task beside your web server (cancel it to stop). A failing
-        ``send`` or a failing round is logged and the loop goes on; a reply
-        whose ``send`` fails is not retried (the flow has moved on).
+        Run it as a task beside your web server (cancel it to stop: sends in
+        flight are cancelled too). Each round reads up to ``limit`` due index
+        entries and hands each to one of ``concurrency`` workers, which claims
+        the user, fires what is due, calls ``await send(user_id, replies)``
+        (``send(user_id, replies, identity=...)`` when ``send`` has a parameter
+        named ``identity``), paced by ``rate``, and resends replies left
+        unacknowledged for ``resend_after`` (by a crash, or a failed send).
+
+        Args:
+            send: Your platform call (sync or async). The identity is
+                ``"<user id>:<key>"``, the same for every resend of the same
+                replies: pass it as the platform's idempotency key.
+            interval: Seconds between rounds when nothing more is due.
+            limit: Index entries read per round (1 or more).
+            concurrency: Sends in flight at once (1 to 10,000).
+            rate: Messages (screens) a second for this process, a number or a
+                shared :class:`RateLimit`; ``None``: no limit. Telegram allows a
+                bot about 30, the WhatsApp Cloud API 80 per number by default.
+            delivery: ``"at-most-once"``: fired replies are committed as sent,
+                then sent; a process killed (or a ``send`` failing) loses them.
+                ``"at-least-once"``: committed into the outbox first and
+                acknowledged once ``send`` returned; a killed process's or a
+                failed send's replies are resent after ``resend_after`` with the
+                same identity (needs ``resend_after``).
+
+        Raises:
+            UsageError: a bad argument, or a backend without a deadline index.
         """
-        _check_run_due(send, interval, limit)
-        while True:
-            if self.resend_after_ms is not None and self._indexed():
-                await self._resend_undelivered(send, limit)
-            try:
-                fired = await self.due(limit=limit)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("collecting due deadlines failed; trying again")
-                await asyncio.sleep(interval)  # never spin on a failing store
-                continue
-            for user_id, replies in fired:
-                try:
-                    await send(user_id, replies)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    log.exception("sending a reminder or timeout to user %r failed", user_id)
-            if len(fired) < limit:
-                await asyncio.sleep(interval)
+        keyed, limiter, keep = self._sending_options(
+            send, interval, limit, concurrency, rate, delivery
+        )
+        deliver = _async_deliver(send, keyed, limiter)
+        slots = asyncio.Semaphore(concurrency)
+        busy: set[str] = set()
+        resting: dict[str, float] = {}
+        tasks: set[asyncio.Task[None]] = set()
 
-    async def _resend_undelivered(
-        self, send: Callable[[str, list[Screen]], Awaitable[Any]], limit: int
-    ) -> None:
-        """One round of :meth:`run_due`'s resends: each acknowledged once ``send`` returned."""
-        try:
-            found = await self.undelivered(limit=limit)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("collecting unacknowledged replies failed; trying again")
-            return
-        for delivery in found:
+        async def one(user_id: str, at_ms: int) -> None:
+            ok = False
             try:
-                async with delivery:
-                    if delivery.replies:  # none: another process sent them meanwhile
-                        await send(delivery.user_id, delivery.replies)
+                ok = await self.due_one(self.service, user_id, at_ms, deliver, keep=keep)
+            finally:
+                busy.discard(user_id)
+                if not ok:
+                    resting[user_id] = time.monotonic() + interval
+                slots.release()
+
+        try:
+            while True:
+                fresh = await self.fresh_due(busy | _resting(resting), limit)
+                for user_id, at_ms in fresh:
+                    await slots.acquire()
+                    busy.add(user_id)
+                    task = asyncio.create_task(one(user_id, at_ms))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                if len(fresh) < limit:
+                    await asyncio.sleep(interval)
+        finally:
+            for task in list(tasks):
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def broadcast(  # noqa: C901 - a sync or async source of user ids
+        self,
+        broadcast_id: str,
+        replies: Any,
+        send: Callable[..., Any],
+        *,
+        users: Iterable[str] | AsyncIterable[str] | None = None,
+        prefix: str = "",
+        concurrency: int = DEFAULT_CONCURRENCY,
+        rate: float | RateLimit | None = None,
+        on_progress: Callable[[BroadcastProgress], Any] | None = None,
+    ) -> BroadcastProgress:
+        """Send ``replies`` to each user once, rate-limited, resumable after a crash.
+
+        Each user is claimed (waiting up to ``wait``); the broadcast id is
+        recorded in their document (``broadcast_field``, the last 32 ids) with
+        the replies in their outbox, in one write; then ``send`` is called and
+        the replies acknowledged. Calling it again with the same id resumes: a
+        user who had it is skipped, one whose send did not finish (a killed
+        process, a failed send) gets the stored replies again with the same
+        identity (``"<user id>:broadcast:<id>"``); ``run_due`` resends those
+        too after ``resend_after``. Nobody gets it twice except a user whose
+        send the platform accepted just before the process died (the identity
+        lets the platform drop that repeat).
+
+        Args:
+            broadcast_id: Names the broadcast (at most 200 characters).
+            replies: A text, a screen, or a list of them (not translated).
+            send: As for :meth:`run_due` (sync or async; ``identity=`` if it takes it).
+            users: The user ids; by default every user the backend lists
+                (:meth:`AsyncStateService.users <chatstate.AsyncStateService.users>`).
+            prefix: With ``users`` omitted: only ids starting with it.
+            concurrency: Users handled at once (1 to 10,000).
+            rate: Messages a second, or a shared :class:`RateLimit` (``None``: no limit).
+            on_progress: Called (awaited if async) with the
+                :class:`BroadcastProgress` after each user.
+
+        Returns:
+            The counts: ``sent``, ``skipped``, ``failed``, ``total``.
+
+        Raises:
+            UsageError: a bad argument.
+            ConfigurationError: ``users`` omitted over a backend that cannot list users.
+        """
+        screens, keyed, limiter = self._broadcast_options(
+            broadcast_id, replies, send, concurrency, rate
+        )
+        source: Iterable[str] | AsyncIterable[str] = (
+            self.service.users(prefix) if users is None else users
+        )
+        if not isinstance(source, AsyncIterable):
+            source = _user_ids(source)
+        deliver = _async_deliver(send, keyed, limiter)
+        progress = BroadcastProgress(broadcast_id)
+        slots = asyncio.Semaphore(concurrency)
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def one(user_id: str) -> None:
+            try:
+                outcome = await self.broadcast_one(
+                    self.service, broadcast_id, user_id, screens, deliver
+                )
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.exception("resending stored replies to user %r failed", delivery.user_id)
+                log.exception("broadcast %r: user %r failed", broadcast_id, user_id)
+                outcome = "failed"
+            finally:
+                slots.release()
+            setattr(progress, outcome, getattr(progress, outcome) + 1)
+            if on_progress is not None:
+                await _call(on_progress, progress)
+
+        seen: set[str] = set()
+
+        async def start(user_id: str) -> None:
+            if user_id in seen:
+                return
+            seen.add(user_id)
+            progress.total += 1
+            await slots.acquire()
+            task = asyncio.create_task(one(user_id))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        try:
+            if isinstance(source, AsyncIterable):
+                async for user_id in source:
+                    await start(user_id)
+            else:
+                for user_id in source:
+                    await start(user_id)
+            await asyncio.gather(*tasks)
+        finally:
+            for task in list(tasks):
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        progress.done = True
+        return progress

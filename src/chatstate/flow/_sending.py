@@ -1,0 +1,182 @@
+"""Sending many messages: a rate limit, the send callable's identity, broadcast progress.
+
+Pure helpers, no store access: :class:`RateLimit` paces sends (a bot's
+platform caps them: Telegram about 30 messages a second, WhatsApp Cloud API 80
+a second per sending number by default), :func:`send_call` calls the caller's
+``send`` with the identity when it takes one, :class:`BroadcastProgress` counts.
+
+An identity is ``<user id>:<key>``, where the key is stored with the replies
+(the outbox entry's key), so a resend of the same replies has the same identity:
+pass it to the platform as an idempotency key where it takes one, or keep a
+short record of identities sent to drop a repeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import inspect
+import math
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Final, Literal
+
+import attrs
+
+from chatstate.exceptions import ConfigurationError, UsageError
+
+__all__ = ["BroadcastProgress", "DeliveryMode", "RateLimit"]
+
+DeliveryMode = Literal["at-most-once", "at-least-once"]
+"""How :meth:`AsyncRouter.run_due` sends: see "Sending at scale" in the flows guide."""
+
+DELIVERY_MODES: Final = ("at-most-once", "at-least-once")
+MAX_RATE: Final = 100_000.0
+MAX_CONCURRENCY: Final = 10_000
+MAX_KEY: Final = 200
+
+
+class RateLimit:
+    """At most ``per_second`` messages a second, evenly spaced, for every send that shares it.
+
+    One ``send`` of three screens takes three messages. Pass the same object as
+    ``rate=`` to :meth:`~chatstate.flow.AsyncRouter.run_due` and
+    :meth:`~chatstate.flow.AsyncRouter.broadcast` so that reminders and a
+    broadcast share the bot's budget. It paces this process only: with two
+    processes sending for one bot, give each half the platform's rate.
+
+    Args:
+        per_second: Messages a second (more than 0, at most 100,000), e.g. 30
+            for a Telegram bot, 80 for a WhatsApp Cloud API number.
+
+    Raises:
+        ConfigurationError: ``per_second`` is not a positive number within the limit.
+    """
+
+    def __init__(self, per_second: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+        if (
+            isinstance(per_second, bool)
+            or not isinstance(per_second, int | float)  # type: ignore[redundant-expr]  # callers may be untyped
+            or not 0 < per_second <= MAX_RATE
+        ):
+            raise ConfigurationError(
+                f"a rate is messages a second, more than 0 and at most {MAX_RATE:,.0f}, "
+                f"not {per_second!r}"
+            )
+        self.per_second = float(per_second)
+        self._clock = clock
+        self._next = -math.inf
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"RateLimit({self.per_second:g})"
+
+    def reserve(self, messages: int = 1) -> float:
+        """Book ``messages`` sends; return how many seconds to wait before making them."""
+        with self._lock:
+            now = self._clock()
+            start = max(now, self._next)
+            self._next = start + max(messages, 1) / self.per_second
+            return start - now
+
+    async def acquire(self, messages: int = 1) -> None:
+        """Wait (asyncio) until ``messages`` sends fit in the rate."""
+        delay = self.reserve(messages)
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    def acquire_sync(self, messages: int = 1) -> None:
+        """Wait (blocking the thread) until ``messages`` sends fit in the rate."""
+        delay = self.reserve(messages)
+        if delay > 0:
+            time.sleep(delay)
+
+
+def rate_limit(rate: object) -> RateLimit | None:
+    """``rate=`` as a :class:`RateLimit` (a number builds one; ``None``: no limit)."""
+    if rate is None or isinstance(rate, RateLimit):
+        return rate
+    try:
+        return RateLimit(rate)  # type: ignore[arg-type]  # checked there
+    except ConfigurationError as exc:
+        raise UsageError(f"rate takes messages a second or a RateLimit: {exc}") from None
+
+
+def check_sending(concurrency: object, delivery: object) -> None:
+    """Refuse a bad ``concurrency`` or ``delivery`` argument (``UsageError``)."""
+    if (
+        isinstance(concurrency, bool)
+        or not isinstance(concurrency, int)
+        or not 1 <= concurrency <= MAX_CONCURRENCY
+    ):
+        raise UsageError(
+            f"concurrency must be an int from 1 to {MAX_CONCURRENCY:,}, not {concurrency!r}"
+        )
+    if delivery not in DELIVERY_MODES:
+        raise UsageError(f"delivery must be 'at-most-once' or 'at-least-once', not {delivery!r}")
+
+
+def check_key(key: object, what: str) -> str:
+    """A scheduled message's key or a broadcast id: a non-empty str of at most 200 characters."""
+    if not isinstance(key, str) or not key or len(key) > MAX_KEY:
+        raise UsageError(f"{what} must be a non-empty str of at most {MAX_KEY} characters")
+    return key
+
+
+def identity(user_id: str, key: str) -> str:
+    """The identity a send gets: the user and the stored replies' key."""
+    return f"{user_id}:{key}"
+
+
+def event_key(events: list[str]) -> str:
+    """One key for the events a due round fired together (short, and the same every time)."""
+    joined = "+".join(sorted(events))
+    if len(joined) <= MAX_KEY:
+        return f"due:{joined}"
+    return "due:" + hashlib.sha256(joined.encode()).hexdigest()[:32]
+
+
+def takes_identity(send: Callable[..., Any]) -> bool:
+    """Whether ``send`` has a parameter named ``identity`` (or ``**kwargs``)."""
+    try:
+        parameters = inspect.signature(send).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    for p in parameters:
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            return True
+        if p.name == "identity" and p.kind in (
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            inspect.Parameter.KEYWORD_ONLY,
+        ):
+            return True
+    return False
+
+
+@attrs.define
+class BroadcastProgress:
+    """How far a broadcast got; :meth:`~chatstate.flow.AsyncRouter.broadcast` returns it.
+
+    Attributes:
+        broadcast_id: The broadcast.
+        total: Users seen so far (all of them once ``done``).
+        sent: Users whose ``send`` succeeded in this run (a resumed user counts here).
+        skipped: Users who had it already (sent by an earlier run).
+        failed: Users whose ``send`` failed, or who stayed busy longer than the
+            router's ``wait``: run the broadcast again to retry them (their
+            replies stay stored; ``run_due`` resends them too).
+        done: Every user was handled.
+    """
+
+    broadcast_id: str
+    total: int = 0
+    sent: int = 0
+    skipped: int = 0
+    failed: int = 0
+    done: bool = False
+
+    @property
+    def handled(self) -> int:
+        """``sent + skipped + failed``."""
+        return self.sent + self.skipped + self.failed
