@@ -7,7 +7,9 @@ Nothing here ever touches a server the suite did not start itself.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -226,3 +228,136 @@ def monitored(server: Server) -> Iterator[list[str]]:
     finally:
         server.client().echo(end)
         watcher.join(10)
+
+
+# -- PostgreSQL ----------------------------------------------------------------------------
+#
+# A throwaway cluster per call: initdb into a temp dir, postgres on a random loopback port
+# (never 5432), a Unix socket in the same dir, thrown away by cleanup(). The binaries come
+# from PATH (initdb, pg_ctl) or else from the pgserver wheel; with neither the helper raises,
+# so the tests that need a server fail instead of skipping.
+
+POSTGRES_USER = "chatstate"
+
+
+def find_postgres_bin() -> Path | None:
+    """The directory holding initdb and pg_ctl: PATH first, then the pgserver wheel."""
+    initdb = shutil.which("initdb")
+    if initdb is not None and shutil.which("pg_ctl") is not None:
+        return Path(initdb).resolve().parent
+    try:
+        import pgserver  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    found = Path(pgserver.__file__).parent / "pginstall" / "bin"
+    return found if (found / "initdb").exists() else None
+
+
+def _as_server_user() -> list[str]:
+    """The prefix that runs a PostgreSQL binary: as nobody when the suite runs as root.
+
+    initdb and postgres refuse to run as root.
+    """
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        raise FileNotFoundError("running as root needs setpriv to start PostgreSQL as nobody")
+    return [setpriv, "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"]
+
+
+@dataclass
+class Postgres:
+    """One throwaway PostgreSQL server (``dsn`` for clients, ``restart``/``kill`` for faults)."""
+
+    bindir: Path
+    directory: Path
+    port: int = 0
+
+    @property
+    def data(self) -> Path:
+        return self.directory / "data"
+
+    @property
+    def dsn(self) -> str:
+        return f"postgresql://{POSTGRES_USER}@127.0.0.1:{self.port}/postgres"
+
+    def _pg_ctl(self, *args: str) -> None:
+        subprocess.run(
+            [*_as_server_user(), str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l",
+             str(self.directory / "server.log"), *args],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    def initdb(self) -> None:
+        subprocess.run(
+            [*_as_server_user(), str(self.bindir / "initdb"), "-D", str(self.data), "-U", POSTGRES_USER,
+             "-A", "trust", "-E", "UTF8", "--no-locale", "--no-sync"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        with (self.data / "postgresql.conf").open("a") as conf:
+            conf.write(
+                f"port = {self.port}\nlisten_addresses = '127.0.0.1'\n"
+                f"unix_socket_directories = '{self.directory}'\n"
+                "max_connections = 200\nshared_buffers = 64MB\n"
+                "fsync = on\nsynchronous_commit = on\n"
+            )
+
+    def start(self) -> None:
+        self._pg_ctl("-w", "-t", "30", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        if (self.data / "postmaster.pid").exists():
+            self._pg_ctl("-w", "-t", "30", "-m", mode, "stop")
+
+    def restart(self) -> None:
+        self._pg_ctl("-w", "-t", "30", "-m", "fast", "restart")
+
+    def kill(self) -> None:
+        """SIGKILL of the postmaster (its backends die with it): no shutdown checkpoint."""
+        pid = int((self.data / "postmaster.pid").read_text().split()[0])
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the children go once they see the postmaster gone
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        with socket.socket() as s:  # wait until no backend holds the port or shared memory
+            while time.monotonic() < deadline and s.connect_ex(("127.0.0.1", self.port)) == 0:
+                time.sleep(0.05)
+
+    def cleanup(self) -> None:
+        with contextlib.suppress(Exception):
+            self.stop("immediate")
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def start_postgres() -> Postgres:
+    """A fresh PostgreSQL on a random loopback port, its user ``chatstate`` trusted."""
+    bindir = find_postgres_bin()
+    if bindir is None:
+        raise FileNotFoundError(
+            "no PostgreSQL server: install one with initdb and pg_ctl on PATH, "
+            "or pip install pgserver"
+        )
+    for _attempt in range(3):
+        server = Postgres(bindir, Path(tempfile.mkdtemp(prefix="chatstate-pg-")))
+        if os.geteuid() == 0:
+            shutil.chown(server.directory, "nobody", "nogroup")
+        server.port = free_port()
+        while server.port == 5432:
+            server.port = free_port()
+        try:
+            server.initdb()
+            server.start()
+        except subprocess.CalledProcessError:
+            server.cleanup()
+            continue
+        return server
+    raise RuntimeError("could not start a PostgreSQL server")

@@ -41,6 +41,7 @@ SUBS: list[tuple[str, str]] = [
     # The public functions and methods whose asyncio twin is named with an "a" prefix.
     (r"a(close|set_jwt_token|clear_jwt_token|get_valid_token)", r"\1"),
     (r"asynccontextmanager", "contextmanager"),
+    (r"AbstractAsyncContextManager", "AbstractContextManager"),
     (r"import asyncio", "import time"),
     (r"asyncio\.sleep", "time.sleep"),
     # RetryPolicy's Retrying sleeps with asyncio.sleep in aretry(), time.sleep in retry().

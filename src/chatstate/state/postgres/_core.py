@@ -1,0 +1,712 @@
+r"""What both PostgreSQL twins share, with no I/O: tables, statements, rows, the error table.
+
+One row per user in ``<prefix>_users`` holds the document *and* the operation
+log, so that a write changes both with one statement. Beside it, ``rev``: a
+random 63-bit revision that every change of the row replaces. A backend keeps
+the rows it last read or wrote in a small cache; a write is computed by
+:func:`~chatstate.state.backend.apply_write` on the cached row and stored with
+one ``UPDATE ... WHERE rev = <cached rev>``: one round trip, atomic, and applied
+only to exactly the row it was computed from. When the row changed meanwhile
+(another process wrote), nothing is written and the write is made again under
+``SELECT ... FOR UPDATE`` in a transaction (two round trips, pipelined), which
+refreshes the cache. Because ``rev`` is random and never reused, a row deleted
+and made again never matches a stale cache entry.
+
+The document column is ``json``, not ``jsonb``: ``jsonb`` stores numbers as
+``numeric`` (``-0.0`` comes back as ``0.0``, ``1e16`` as the integer
+``10000000000000000``) and refuses ``"\u0000"``, while chatstate promises every
+JSON value back exactly as written. ``doc::jsonb`` works in queries.
+"""
+
+# ruff: noqa: S608 - every name in the SQL is checked by _IDENTIFIER and quoted; values are bound
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import secrets
+from collections import OrderedDict
+from collections.abc import Callable
+from threading import Lock
+from typing import Any, Final
+
+import attrs
+import psycopg
+import psycopg_pool
+
+from chatstate.exceptions import (
+    BackendAuthenticationError,
+    BackendError,
+    BackendPermissionError,
+    BackendUnavailable,
+    ConfigurationError,
+    CorruptStateError,
+    OutcomeUnknown,
+    StateError,
+    StoreBusyError,
+    StoreFullError,
+)
+from chatstate.state._backend import (
+    UNCHANGED,
+    Acquire,
+    Delete,
+    Lease,
+    OpLog,
+    OpRecord,
+    Outcome,
+    Release,
+    Snapshot,
+    Write,
+    apply_write,
+)
+from chatstate.typing import JSONObject
+
+__all__ = [
+    "DEFAULT_PREFIX",
+    "DEFAULT_SCHEMA",
+    "SCHEMA_VERSION",
+    "Row",
+    "RowCache",
+    "Tables",
+    "install_sql",
+    "translate",
+]
+
+SCHEMA_VERSION: Final = 1
+"""The version of the tables this chatstate reads and writes (``<prefix>_meta``)."""
+DEFAULT_SCHEMA: Final = "public"
+DEFAULT_PREFIX: Final = "chatstate"
+
+_IDENTIFIER: Final = re.compile(r"[a-z_][a-z0-9_]{0,39}")
+
+# The columns of a user's row, in the order every statement reads and writes them.
+_COLUMNS: Final = (
+    "rev",
+    "doc",
+    "version",
+    "size",
+    "schema",
+    "expires_at",
+    "ops",
+    "ops_seq",
+    "ops_expires_at",
+    "lease_nonce",
+    "lease_expires_at",
+    "lease_op_key",
+)
+
+
+def _identifier(what: str, value: object) -> str:
+    if not isinstance(value, str) or not _IDENTIFIER.fullmatch(value):
+        raise ConfigurationError(
+            f"{what} must be a lowercase SQL name (a-z, 0-9, _; at most 40), not {value!r}"
+        )
+    return value
+
+
+@attrs.frozen
+class Tables:
+    """The tables of one bot (a schema and a table prefix), and every statement on them.
+
+    Args:
+        schema: The PostgreSQL schema the tables live in.
+        prefix: The start of every table's name.
+
+    Raises:
+        ConfigurationError: a name is not a plain lowercase SQL name.
+    """
+
+    schema: str = attrs.field(default=DEFAULT_SCHEMA)
+    prefix: str = attrs.field(default=DEFAULT_PREFIX)
+
+    def __attrs_post_init__(self) -> None:
+        _identifier("schema", self.schema)
+        _identifier("table_prefix", self.prefix)
+
+    def name(self, table: str) -> str:
+        """The qualified name of one table (``"public"."chatstate_users"``)."""
+        return f'"{self.schema}"."{self.prefix}_{table}"'
+
+    @property
+    def users(self) -> str:
+        """One row per user: the document and the operation log."""
+        return self.name("users")
+
+    @property
+    def locks(self) -> str:
+        """One row per held lock."""
+        return self.name("locks")
+
+    @property
+    def deadlines(self) -> str:
+        """The deadline index: one row per user with a deadline."""
+        return self.name("deadlines")
+
+    @property
+    def meta(self) -> str:
+        """The version of the tables."""
+        return self.name("meta")
+
+    def install(self) -> list[str]:
+        """The statements that create the tables (each ``IF NOT EXISTS``), in order."""
+        return [
+            f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"',
+            # Times are milliseconds of the backends' clock. doc is NULL while only the
+            # operation log is kept (after a delete, or once the document expired).
+            f"""CREATE TABLE IF NOT EXISTS {self.users} (
+                user_id text COLLATE "C" PRIMARY KEY,
+                rev bigint NOT NULL,
+                doc json,
+                version bigint NOT NULL DEFAULT 0,
+                size bigint NOT NULL DEFAULT 0,
+                schema integer NOT NULL DEFAULT 1,
+                expires_at bigint,
+                ops json NOT NULL DEFAULT '{{}}',
+                ops_seq bigint NOT NULL DEFAULT 0,
+                ops_expires_at bigint NOT NULL DEFAULT 0,
+                lease_nonce text,
+                lease_expires_at bigint,
+                lease_op_key text
+            )""",
+            f"""CREATE TABLE IF NOT EXISTS {self.locks} (
+                user_id text COLLATE "C" NOT NULL,
+                name text COLLATE "C" NOT NULL,
+                token text NOT NULL,
+                expires_at bigint NOT NULL,
+                PRIMARY KEY (user_id, name)
+            )""",
+            f"""CREATE TABLE IF NOT EXISTS {self.deadlines} (
+                user_id text COLLATE "C" PRIMARY KEY,
+                at_ms bigint NOT NULL
+            )""",
+            (
+                f'CREATE INDEX IF NOT EXISTS "{self.prefix}_deadlines_at" '
+                f"ON {self.deadlines} (at_ms, user_id)"
+            ),
+            f"""CREATE TABLE IF NOT EXISTS {self.meta} (
+                name text PRIMARY KEY,
+                value bigint NOT NULL
+            )""",
+            (
+                f"INSERT INTO {self.meta} (name, value) VALUES ('schema', {SCHEMA_VERSION}) "
+                "ON CONFLICT (name) DO NOTHING"
+            ),
+        ]
+
+    @property
+    def install_lock(self) -> str:
+        """Serialises concurrent installs (``CREATE ... IF NOT EXISTS`` races otherwise)."""
+        key = f"chatstate install {self.schema}.{self.prefix}"
+        return f"SELECT pg_advisory_xact_lock(hashtext('{key}'))"
+
+    @property
+    def schema_exists(self) -> str:
+        """Whether the schema exists (``CREATE SCHEMA`` checks rights even when it does)."""
+        return "SELECT 1 FROM pg_namespace WHERE nspname = %s"
+
+    @property
+    def version(self) -> str:
+        """The tables' version."""
+        return f"SELECT value FROM {self.meta} WHERE name = 'schema'"
+
+    # -- a user's row ----------------------------------------------------------------
+
+    @property
+    def select(self) -> str:
+        """A user's row (``doc`` and ``ops`` as text: decoded by chatstate, exactly)."""
+        return f"SELECT {_SELECTED} FROM {self.users} WHERE user_id = %s"
+
+    @property
+    def select_for_update(self) -> str:
+        """A user's row, locked until the transaction ends."""
+        return self.select + " FOR UPDATE"
+
+    @property
+    def placeholder(self) -> str:
+        """An empty row to lock when the user has none (it never outlives the transaction)."""
+        return f"INSERT INTO {self.users} (user_id, rev) VALUES (%s, 0) ON CONFLICT DO NOTHING"
+
+    @property
+    def insert(self) -> str:
+        """A new row, unless another writer made one first (then no row is inserted)."""
+        names = ", ".join(_COLUMNS)
+        marks = ", ".join(["%s"] * len(_COLUMNS))
+        return (
+            f"INSERT INTO {self.users} (user_id, {names}) VALUES (%s, {marks}) "
+            "ON CONFLICT DO NOTHING"
+        )
+
+    @property
+    def update(self) -> str:
+        """Store a row, only if it is still the revision the write was computed from."""
+        sets = ", ".join(f"{c} = %s" for c in _COLUMNS)
+        return f"UPDATE {self.users} SET {sets} WHERE user_id = %s AND rev = %s"
+
+    @property
+    def delete(self) -> str:
+        """Remove a row, only if it is still the revision the write was computed from."""
+        return f"DELETE FROM {self.users} WHERE user_id = %s AND rev = %s"
+
+    @property
+    def revision(self) -> str:
+        """The row's revision (a write that changes nothing checks its row is current)."""
+        return f"SELECT rev FROM {self.users} WHERE user_id = %s"
+
+    def users_page(self, *, after: bool, bounded: bool) -> str:
+        """One page of live user ids from a prefix, in byte order."""
+        where = ["user_id >= %(start)s", "starts_with(user_id, %(prefix)s)"]
+        if after:
+            where.append("user_id > %(after)s")
+        if bounded:
+            where.append("user_id < %(end)s")
+        where += ["doc IS NOT NULL", "(expires_at IS NULL OR expires_at > %(now)s)"]
+        return (
+            f"SELECT user_id FROM {self.users} WHERE {' AND '.join(where)} "
+            "ORDER BY user_id LIMIT %(batch)s"
+        )
+
+    @property
+    def erase(self) -> str:
+        """Everything of one user removed in one statement; says which parts were live."""
+        return f"""WITH
+            u AS (DELETE FROM {self.users} WHERE user_id = %(user_id)s RETURNING
+                doc IS NOT NULL AND (expires_at IS NULL OR expires_at > %(now)s) AS doc,
+                ops_expires_at > %(now)s AND ops::text <> '{{}}' AS ops,
+                coalesce(lease_expires_at > %(now)s, false) AS claim),
+            l AS (DELETE FROM {self.locks} WHERE user_id = %(user_id)s
+                RETURNING expires_at > %(now)s AS live),
+            d AS (DELETE FROM {self.deadlines} WHERE user_id = %(user_id)s RETURNING 1)
+            SELECT coalesce((SELECT doc FROM u), false), coalesce((SELECT ops FROM u), false),
+                coalesce((SELECT claim FROM u), false), coalesce((SELECT bool_or(live) FROM l),
+                false), EXISTS (SELECT FROM d)"""
+
+    @property
+    def purge(self) -> str:
+        """Delete what has expired everywhere; count the rows."""
+        return f"""WITH
+            u AS (DELETE FROM {self.users} WHERE (doc IS NULL OR expires_at <= %(now)s)
+                AND ops_expires_at <= %(now)s
+                AND (lease_expires_at IS NULL OR lease_expires_at <= %(now)s) RETURNING 1),
+            l AS (DELETE FROM {self.locks} WHERE expires_at <= %(now)s RETURNING 1)
+            SELECT (SELECT count(*) FROM u) + (SELECT count(*) FROM l)"""
+
+    # -- locks and deadlines -----------------------------------------------------------
+
+    @property
+    def try_lock(self) -> str:
+        """Take a lock that is free or lapsed (one row inserted or updated: taken)."""
+        return (
+            f"INSERT INTO {self.locks} AS l (user_id, name, token, expires_at) "
+            "VALUES (%s, %s, %s, %s) ON CONFLICT (user_id, name) DO UPDATE "
+            "SET token = excluded.token, expires_at = excluded.expires_at "
+            "WHERE l.expires_at <= %s"
+        )
+
+    @property
+    def renew_lock(self) -> str:
+        """Extend a lock still held under its token."""
+        return (
+            f"UPDATE {self.locks} SET expires_at = %s "
+            "WHERE user_id = %s AND name = %s AND token = %s AND expires_at > %s"
+        )
+
+    @property
+    def unlock(self) -> str:
+        """Release a lock; says whether it was still live."""
+        return (
+            f"DELETE FROM {self.locks} WHERE user_id = %s AND name = %s AND token = %s "
+            "RETURNING expires_at > %s"
+        )
+
+    def schedule(self, *, earlier_only: bool) -> str:
+        """Set a user's deadline (with ``earlier_only``, never later than it is)."""
+        sql = (
+            f"INSERT INTO {self.deadlines} AS d (user_id, at_ms) VALUES (%s, %s) "
+            "ON CONFLICT (user_id) DO UPDATE SET at_ms = excluded.at_ms"
+        )
+        return sql + " WHERE excluded.at_ms < d.at_ms" if earlier_only else sql
+
+    @property
+    def unschedule(self) -> str:
+        """Remove a user's deadline."""
+        return f"DELETE FROM {self.deadlines} WHERE user_id = %s"
+
+    @property
+    def due(self) -> str:
+        """The due deadlines, earliest first: a plain MVCC read, which waits on no lock."""
+        return (
+            f"SELECT user_id, at_ms FROM {self.deadlines} WHERE at_ms <= %s "
+            "ORDER BY at_ms, user_id LIMIT %s"
+        )
+
+
+_SELECTED: Final = ", ".join(f"{c}::text" if c in ("doc", "ops") else c for c in _COLUMNS)
+
+
+def install_sql(schema: str = DEFAULT_SCHEMA, table_prefix: str = DEFAULT_PREFIX) -> str:
+    """The SQL that creates chatstate's tables, for a DBA to run by hand.
+
+    The backend runs the same statements on first use (``create=True``) or in
+    :meth:`~chatstate.state.postgres.PostgresBackend.install`.
+
+    Args:
+        schema: The schema the tables live in.
+        table_prefix: The start of every table's name.
+
+    Returns:
+        The statements, each ending with ``;``.
+    """
+    tables = Tables(schema, table_prefix)
+    return "".join(f"{statement};\n" for statement in tables.install())
+
+
+# -- rows ------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Row:
+    """A user's row as stored (``rev`` is ``None`` when there is none)."""
+
+    rev: int | None = None
+    doc: str | None = None
+    version: int = 0
+    size: int = 0
+    schema: int = 1
+    expires_at: int | None = None
+    ops: str = "{}"
+    ops_seq: int = 0
+    ops_expires_at: int = 0
+    lease_nonce: str | None = None
+    lease_expires_at: int | None = None
+    lease_op_key: str | None = None
+
+    @classmethod
+    def read(cls, found: tuple[Any, ...] | None) -> Row:
+        """The row a ``SELECT`` of :data:`_SELECTED` returned (``None``: no row)."""
+        return NO_ROW if found is None else cls(*found)
+
+    def values(self) -> tuple[Any, ...]:
+        """The columns after ``rev``'s, in statement order."""
+        return attrs.astuple(self, recurse=False)[1:]
+
+
+NO_ROW: Final = Row()
+
+
+def _dumps(value: Any) -> str:
+    # Python's json writes ints exactly and floats by repr, which reads back bit for bit.
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def _corrupt(user_id: str, why: str) -> CorruptStateError:
+    return CorruptStateError(f"{why} (user {user_id!r}); nothing was written", key=user_id)
+
+
+def _decode_doc(user_id: str, text: str) -> JSONObject:
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        doc = None
+    if type(doc) is not dict:
+        raise _corrupt(user_id, "the stored document is not a JSON object")
+    return doc
+
+
+def live_snapshot(user_id: str, row: Row, now: int) -> tuple[Snapshot | None, int | None]:
+    """The row's document if it is live (decoded when read), and its expiry."""
+    if row.doc is None or (row.expires_at is not None and row.expires_at <= now):
+        return None, None
+    text = row.doc
+    return Snapshot.lazy(
+        row.version, lambda: _decode_doc(user_id, text), row.schema
+    ), row.expires_at
+
+
+def _decode_log(user_id: str, row: Row, now: int) -> OpLog:
+    log = OpLog()
+    try:
+        if row.ops_expires_at > now:
+            raw = json.loads(row.ops)
+            if type(raw) is not dict:
+                raise _corrupt(user_id, "the stored operation log is unreadable")
+            log.records = {
+                key: OpRecord(int(r[0]), int(r[1]), str(r[2]), str(r[3])) for key, r in raw.items()
+            }
+            log.seq = row.ops_seq
+        if row.lease_expires_at is not None and row.lease_expires_at > now:
+            log.lease = Lease(str(row.lease_nonce), row.lease_expires_at, str(row.lease_op_key))
+    except (ValueError, TypeError, IndexError, KeyError) as exc:
+        raise _corrupt(user_id, "the stored operation log is unreadable") from exc
+    return log
+
+
+def plan(  # noqa: C901 - one branch per part of the row
+    user_id: str, row: Row, write: Write, now: int
+) -> tuple[Outcome, Row | object | None]:
+    """What ``write`` does to ``row`` at ``now``: the outcome and the row to store.
+
+    The row is :data:`UNCHANGED` when nothing changes, ``None`` when the row goes
+    (no live document, no operation ids, no claim), else the new row with a new
+    random ``rev``.
+    """
+    current, expires_at = live_snapshot(user_id, row, now)
+    try:
+        log = _decode_log(user_id, row, now)
+    except CorruptStateError:
+        op = write.operation
+        if not (isinstance(op, Delete) and op.force):
+            raise
+        log = OpLog()  # a forced delete replaces a corrupt log
+    result = apply_write(current, log, write, now, row.size if current is not None else None)
+    if result.data is UNCHANGED and not result.log_changed:
+        return result.outcome, UNCHANGED
+    if result.data is UNCHANGED:
+        doc: str | None = row.doc if current is not None else None
+        version, size, schema = (row.version, row.size, row.schema) if doc else (0, 0, 1)
+    elif result.data is None:
+        doc, version, size, schema, expires_at = None, 0, 0, 1, None
+    else:
+        doc, version, size = _dumps(result.data), result.outcome.version, result.size
+        schema = result.schema
+        if write.ttl_ms is not None:
+            expires_at = now + write.ttl_ms
+    if doc is None:
+        expires_at = None
+    claim: tuple[str | None, int | None, str | None] = (None, None, None)
+    if result.log_changed:
+        ops_expires_at = row.ops_expires_at if row.ops_expires_at > now else 0
+        if not isinstance(write.operation, Acquire | Release):
+            # As on Redis: recorded ids live dedupe_ms after the last one; a claim
+            # lives by its own lease and keeps nothing else alive.
+            ops_expires_at = now + write.dedupe_ms
+        records = {k: [r.seq, r.version, r.nonce, r.digest] for k, r in log.records.items()}
+        ops, seq = (_dumps(records), log.seq) if records else ("{}", 0)
+        lease = log.lease
+        claim = (
+            (None, None, None) if lease is None else (lease.nonce, lease.expires_ms, lease.op_key)
+        )
+    else:
+        ops, seq, ops_expires_at = row.ops, row.ops_seq, row.ops_expires_at
+        claim = (row.lease_nonce, row.lease_expires_at, row.lease_op_key)
+    if doc is None and ops == "{}" and (claim[1] is None or claim[1] <= now):
+        return result.outcome, None
+    new = Row(new_rev(), doc, version, size, schema, expires_at, ops, seq, ops_expires_at, *claim)
+    return result.outcome, new
+
+
+def new_rev() -> int:
+    """A fresh random revision (63 bits: a bigint)."""
+    return secrets.randbits(63) | 1  # never 0: the rev of a placeholder row
+
+
+class RowCache:
+    """The rows a backend last read or wrote, least recently used dropped first.
+
+    Thread-safe (a short lock, never held across I/O). A stale entry costs one
+    failed ``UPDATE ... WHERE rev = ...``, never a wrong write.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._rows: OrderedDict[str, Row] = OrderedDict()
+        self._lock = Lock()
+
+    def get(self, user_id: str) -> Row | None:
+        """The cached row (``NO_ROW`` when the user had none), or ``None`` if not cached."""
+        with self._lock:
+            row = self._rows.get(user_id)
+            if row is not None:
+                self._rows.move_to_end(user_id)
+            return row
+
+    def put(self, user_id: str, row: Row) -> None:
+        """Remember ``row`` as the user's current one."""
+        if self._size <= 0:
+            return
+        with self._lock:
+            self._rows[user_id] = row
+            self._rows.move_to_end(user_id)
+            while len(self._rows) > self._size:
+                self._rows.popitem(last=False)
+
+    def drop(self, user_id: str) -> None:
+        """Forget the user's row."""
+        with self._lock:
+            self._rows.pop(user_id, None)
+
+    def clear(self) -> None:
+        """Forget every row."""
+        with self._lock:
+            self._rows.clear()
+
+
+# -- errors ----------------------------------------------------------------------------
+
+
+@attrs.frozen
+class _Translation:
+    """One row of the error table: which driver errors, and what chatstate says of them.
+
+    ``sent``: the connection broke after a statement may have reached the server,
+    so a write may have been applied (it is re-sent; failing that, it is
+    :class:`~chatstate.OutcomeUnknown`), and a read may be sent again.
+    """
+
+    types: tuple[type[BaseException], ...]
+    error: type[StateError]
+    why: str
+    sqlstate: str = ""
+    then: str = ""
+    sent: bool = False
+
+
+_RIGHTS: Final = "the database user lacks a right chatstate needs (docs/postgres.md, Rights)"
+
+# The first row that matches wins: sqlstate classes first, then driver types.
+_TRANSLATIONS: Final = (
+    _Translation(
+        (psycopg_pool.PoolTimeout, psycopg_pool.TooManyRequests),
+        BackendUnavailable,
+        "no connection within pool_timeout (the server is down, refuses the credentials, "
+        "or every connection is in use)",
+        then="nothing was sent",
+    ),
+    _Translation((psycopg.Error,), BackendAuthenticationError, "the server refused the "
+                 "credentials ({detail})", sqlstate="28"),
+    _Translation((psycopg.Error,), BackendPermissionError, _RIGHTS + ": {detail}",
+                 sqlstate="42501"),
+    _Translation((psycopg.Error,), BackendError, "chatstate's tables are missing ({detail})",
+                 sqlstate="42P01", then="create them with install() or create=True"),
+    _Translation((psycopg.Error,), StoreFullError, "the server is out of disk or memory "
+                 "({detail})", sqlstate="531", then="nothing was written"),
+    _Translation((psycopg.Error,), StoreFullError, "the server is out of memory ({detail})",
+                 sqlstate="532", then="nothing was written"),
+    _Translation((psycopg.Error,), BackendUnavailable, "the server has no connection slot left "
+                 "({detail})", sqlstate="53300", then="nothing was sent"),
+    _Translation((psycopg.Error,), StoreBusyError, "the statement was cancelled or timed out "
+                 "({detail})", sqlstate="57014", then="nothing was written"),
+    _Translation((psycopg.Error,), StoreBusyError, "a lock was not available ({detail})",
+                 sqlstate="55P03", then="nothing was written"),
+    _Translation((psycopg.Error,), StoreBusyError, "the transaction was rolled back "
+                 "({detail})", sqlstate="40", then="nothing was written"),
+    _Translation((psycopg.Error,), BackendUnavailable, "the server is a read-only standby "
+                 "(a failover in progress?)", sqlstate="25006", then="nothing was written"),
+    _Translation((psycopg.Error,), BackendUnavailable, "the server is shutting down or "
+                 "starting ({detail})", sqlstate="57P", sent=True),
+    _Translation((psycopg.Error,), BackendUnavailable, "the connection failed ({detail})",
+                 sqlstate="08", sent=True),
+    _Translation((psycopg.OperationalError,), BackendUnavailable, "cannot reach the server "
+                 "({detail})", sent=True),
+    _Translation((psycopg.Error,), BackendError, "the server answered with an error: {detail}"),
+    _Translation((psycopg_pool.PoolClosed,), BackendError, "the connection pool is closed"),
+)  # fmt: skip
+
+TRANSLATED: Final = (psycopg.Error, psycopg_pool.PoolTimeout, psycopg_pool.PoolClosed)
+"""The errors :func:`translate` knows; any other (a bug) passes through."""
+
+_PASSWORDS: Final = (
+    re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE),
+    re.compile(r"(postgres(?:ql)?://[^:@/\s]*:)([^@\s]+)(@)"),
+)
+
+
+def scrub(text: str) -> str:
+    """``text`` with any password in a connection string replaced by ``***``."""
+    text = _PASSWORDS[0].sub(r"\1***", text)
+    return _PASSWORDS[1].sub(r"\1***\3", text)
+
+
+def translation(exc: BaseException) -> _Translation:
+    """The row of the error table that says what ``exc`` (one of ``TRANSLATED``) means."""
+    state = getattr(exc, "sqlstate", None) or ""
+    for row in _TRANSLATIONS:
+        if isinstance(exc, row.types) and (not row.sqlstate or state.startswith(row.sqlstate)):
+            return row
+    raise TypeError(f"chatstate does not translate {type(exc).__name__}")  # pragma: no cover
+
+
+def _detail(exc: BaseException) -> str:
+    text = scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def translate(
+    exc: BaseException, what: str, write: Write | None = None, *, unknown: bool = False
+) -> StateError:
+    """The chatstate error for a driver error, for both twins.
+
+    Args:
+        exc: One of :data:`TRANSLATED`.
+        what: What was being done (``"apply to 'ana'"``).
+        write: The write, when ``exc`` ended one.
+        unknown: An earlier attempt of ``write`` may have been applied.
+    """
+    row = translation(exc)
+    why = row.why.format(detail=_detail(exc))
+    if write is not None and (row.sent or unknown):
+        return OutcomeUnknown(
+            f"Failed to {what}: {why}; the write may or may not have been applied: calling "
+            "again with the same op_id is safe",
+            op_id=write.op_id or write.op_key,
+        )
+    text = f"{why}; {row.then}" if row.then else why
+    return row.error(f"Failed to {what}: {text}")
+
+
+def may_resend(exc: BaseException) -> bool:
+    """True when the connection broke: the statement may be sent again on another one."""
+    return translation(exc).sent
+
+
+def describe_conninfo(conninfo: str) -> dict[str, Any]:
+    """``server.address``, ``server.port`` and ``db.namespace`` of a connection string."""
+    try:
+        params = psycopg.conninfo.conninfo_to_dict(conninfo)
+    except psycopg.Error:
+        return {}
+    out: dict[str, Any] = {}
+    if params.get("host"):
+        out["server.address"] = str(params["host"])
+    if params.get("port"):
+        with contextlib.suppress(ValueError):
+            out["server.port"] = int(str(params["port"]))
+    if params.get("dbname"):
+        out["db.namespace"] = str(params["dbname"])
+    return out
+
+
+def check_options(
+    *,
+    max_connections: object,
+    pool_timeout: object,
+    connect_timeout: object,
+    cache_size: object,
+    purge_every: object,
+    resolve_attempts: object,
+    clock: object,
+) -> None:
+    """Raise :class:`ConfigurationError` for an option out of range."""
+    for name, value in (("max_connections", max_connections), ("cache_size", cache_size),
+                        ("resolve_attempts", resolve_attempts)):  # fmt: skip
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigurationError(f"{name} must be a whole number >= 0, not {value!r}")
+    if max_connections == 0:
+        raise ConfigurationError("max_connections must be at least 1")
+    for name, value in (("pool_timeout", pool_timeout), ("connect_timeout", connect_timeout),
+                        ("purge_every", purge_every)):  # fmt: skip
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise ConfigurationError(f"{name} must be a number of seconds > 0, not {value!r}")
+    if not callable(clock):
+        raise ConfigurationError("clock must be a function returning Unix seconds")
+
+
+def schema_error(found: int) -> BackendError:
+    """The error for tables written by a newer chatstate."""
+    return BackendError(
+        f"chatstate's PostgreSQL tables were made by a newer chatstate (version {found}, "
+        f"this one reads {SCHEMA_VERSION}); nothing was written"
+    )
+
+
+Clock = Callable[[], float]

@@ -1,0 +1,1 @@
+"""The sync PostgreSQL backend, generated from ``../_async`` by ``tools/unasync.py``."""
