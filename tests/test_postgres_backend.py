@@ -1,0 +1,291 @@
+"""What only a real PostgreSQL shows: processes on one user, a restart, options, rights, secrets.
+
+The contract suite itself is in test_contract_postgres.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+import servers
+from chatstate.exceptions import (
+    BackendError,
+    BackendPermissionError,
+    BackendUnavailable,
+    ConfigurationError,
+    OutcomeUnknown,
+)
+from chatstate.state import StateService
+from chatstate.state.postgres import AsyncPostgresBackend, PostgresBackend, install_sql
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[servers.Postgres]:
+    """One throwaway PostgreSQL server for the module."""
+    server = servers.start_postgres()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+# -- several processes on one user -------------------------------------------------------
+
+PROCESSES = 4
+ROUNDS = 50
+INCREMENTS_PER_ROUND = 4  # 200 per process
+
+_barrier: Any = None
+
+
+def _init_worker(barrier: Any) -> None:
+    global _barrier  # noqa: PLW0603 - a pool hands a barrier over only through its initializer
+    _barrier = barrier
+
+
+def _worker(dsn: str, index: int) -> list[str]:
+    """Per round: 4 increments and one update_once whose op id another process also sends."""
+    applied = []
+    with StateService(PostgresBackend(dsn, table_prefix="procs")) as svc:
+        for round_ in range(ROUNDS):
+            _barrier.wait()
+            op_id = f"op-{round_ + index % 2}"  # processes 1 and 3 run one round ahead
+            for _ in range(INCREMENTS_PER_ROUND // 2):
+                svc.increment("hot", "hits")
+            out = svc.update_once("hot", {"seen": {op_id: True}}, op_id=op_id)
+            if out.applied:
+                applied.append(op_id)
+            for _ in range(INCREMENTS_PER_ROUND // 2):
+                svc.increment("hot", "hits")
+    return applied
+
+
+def test_four_processes_count_exactly_and_apply_each_op_id_once(
+    postgres: servers.Postgres,
+) -> None:
+    """4 processes writing one user: the exact total, each op id applied by exactly one."""
+    PostgresBackend(postgres.dsn, table_prefix="procs").install()
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(PROCESSES)
+    with ctx.Pool(PROCESSES, initializer=_init_worker, initargs=(barrier,)) as pool:
+        results = pool.starmap(_worker, [(postgres.dsn, i) for i in range(PROCESSES)], chunksize=1)
+    applied = [op for ops in results for op in ops]
+    expected_ids = {f"op-{n}" for n in range(ROUNDS + 1)}
+    assert sorted(applied) == sorted(expected_ids), "an op id applied twice or never"
+    with StateService(PostgresBackend(postgres.dsn, table_prefix="procs")) as svc:
+        doc = svc.get("hot")
+        assert doc["hits"] == PROCESSES * ROUNDS * INCREMENTS_PER_ROUND
+        assert set(doc["seen"]) == expected_ids
+        writes = PROCESSES * ROUNDS * INCREMENTS_PER_ROUND + len(expected_ids)
+        assert svc.snapshot("hot").version == writes
+
+
+# -- a server restart ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["restart", "kill"])
+def test_no_acknowledged_write_is_lost_across_a_restart(
+    postgres: servers.Postgres, how: str
+) -> None:
+    """Writes go on while the server restarts or its postmaster is killed: none acknowledged is lost.
+
+    A write whose outcome is unknown is sent again with its op id once the server
+    is back, and then counts exactly once.
+    """
+    prefix = f"restart_{how}"
+    acknowledged: list[str] = []
+    unknown: list[str] = []
+    stop = threading.Event()
+
+    def write() -> None:
+        with StateService(
+            PostgresBackend(postgres.dsn, table_prefix=prefix, pool_timeout=1)
+        ) as svc:
+            n = 0
+            while not stop.is_set():
+                op_id = f"w{n}"
+                n += 1
+                try:
+                    svc.update_once("ana", {"seen": {op_id: True}}, op_id=op_id)
+                except OutcomeUnknown:
+                    unknown.append(op_id)
+                except BackendUnavailable:
+                    continue  # nothing was sent: this op id is simply not used
+                else:
+                    acknowledged.append(op_id)
+
+    PostgresBackend(postgres.dsn, table_prefix=prefix).install()
+    writers = [threading.Thread(target=write) for _ in range(3)]
+    for thread in writers:
+        thread.start()
+    try:
+        while len(acknowledged) < 50:  # noqa: PLR2004 - some load first
+            stop.wait(0.01)
+        if how == "restart":
+            postgres.restart()
+        else:
+            postgres.kill()
+            postgres.start()
+        before = len(acknowledged)
+        while len(acknowledged) < before + 50:  # noqa: PLR2004 - and after
+            stop.wait(0.01)
+    finally:
+        stop.set()
+        for thread in writers:
+            thread.join(60)
+    with StateService(PostgresBackend(postgres.dsn, table_prefix=prefix)) as svc:
+        for op_id in unknown:  # settle them: each applies once, whatever the first send did
+            svc.update_once("ana", {"seen": {op_id: True}}, op_id=op_id)
+        seen = set(svc.get("ana")["seen"])
+        assert set(acknowledged) <= seen, "an acknowledged write was lost"
+        assert seen == set(acknowledged) | set(unknown)
+        assert svc.snapshot("ana").version == len(seen)
+
+
+# -- tables, options, rights, secrets --------------------------------------------------------
+
+
+def test_the_tables_live_in_the_chosen_schema_and_prefix(postgres: servers.Postgres) -> None:
+    """schema= and table_prefix= place the tables; install_sql() prints what install() runs."""
+    with StateService(PostgresBackend(postgres.dsn, schema="bots", table_prefix="shop")) as svc:
+        svc.update("ana", {"a": 1})
+    with psycopg.connect(postgres.dsn) as conn:
+        doc = conn.execute("SELECT doc::jsonb FROM bots.shop_users WHERE user_id = 'ana'")
+        assert doc.fetchone() == ({"a": 1},)
+    assert 'CREATE TABLE IF NOT EXISTS "bots"."shop_users"' in install_sql("bots", "shop")
+
+
+def test_create_false_refuses_missing_tables(postgres: servers.Postgres) -> None:
+    """With create=False, missing tables are a BackendError that says how to make them."""
+    with (
+        StateService(PostgresBackend(postgres.dsn, table_prefix="absent", create=False)) as svc,
+        pytest.raises(BackendError, match="install"),
+    ):
+        svc.get("ana")
+
+
+def test_tables_of_a_newer_chatstate_are_refused(postgres: servers.Postgres) -> None:
+    """A schema version above this chatstate's is refused before anything is written."""
+    PostgresBackend(postgres.dsn, table_prefix="newer").install()
+    with psycopg.connect(postgres.dsn, autocommit=True) as conn:
+        conn.execute("UPDATE public.newer_meta SET value = 99")
+    with (
+        StateService(PostgresBackend(postgres.dsn, table_prefix="newer")) as svc,
+        pytest.raises(BackendError, match="newer chatstate"),
+    ):
+        svc.update("ana", {"a": 1})
+
+
+def test_a_user_with_table_rights_only_works_and_one_without_gets_permission_error(
+    postgres: servers.Postgres,
+) -> None:
+    """SELECT/INSERT/UPDATE/DELETE on the tables are enough; less is BackendPermissionError."""
+    PostgresBackend(postgres.dsn, table_prefix="rights").install()
+    with psycopg.connect(postgres.dsn, autocommit=True) as conn:
+        conn.execute("DROP ROLE IF EXISTS bot")
+        conn.execute("DROP ROLE IF EXISTS reader")
+        conn.execute("CREATE ROLE bot LOGIN")
+        conn.execute("CREATE ROLE reader LOGIN")
+        for table in ("users", "locks", "deadlines", "meta"):
+            conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON rights_{table} TO bot")
+            conn.execute(f"GRANT SELECT ON rights_{table} TO reader")
+    bot = postgres.dsn.replace("chatstate@", "bot@")
+    with StateService(PostgresBackend(bot, table_prefix="rights", create=False)) as svc:
+        svc.update_once("ana", {"a": 1}, op_id="m1")
+        assert svc.erase("ana") == ["document", "operations"]
+    reader = postgres.dsn.replace("chatstate@", "reader@")
+    with StateService(PostgresBackend(reader, table_prefix="rights", create=False)) as svc:
+        assert svc.get("ana") == {}
+        with pytest.raises(BackendPermissionError) as info:
+            svc.update("ana", {"a": 1})
+        assert isinstance(info.value.__cause__, psycopg.errors.InsufficientPrivilege)
+
+
+def test_bad_options_are_configuration_errors() -> None:
+    """Out-of-range options and names that are not plain SQL names fail at construction."""
+    dsn = "postgresql://x@127.0.0.1:1/db"
+    for options in (
+        {"schema": "Bad-Name"},
+        {"table_prefix": 'x"; DROP TABLE y; --'},
+        {"max_connections": 0},
+        {"pool_timeout": 0},
+        {"cache_size": -1},
+        {"purge_every": 0},
+        {"resolve_attempts": True},
+        {"clock": 5},
+    ):
+        with pytest.raises(ConfigurationError):
+            PostgresBackend(dsn, **options)  # type: ignore[arg-type]
+
+
+def test_the_password_is_never_shown() -> None:
+    """A DSN's password appears in no repr, description or error."""
+    dsn = "postgresql://bot:hunter2secret@127.0.0.1:1/db?connect_timeout=1"
+    backend = PostgresBackend(dsn, pool_timeout=0.5)
+    assert "hunter2secret" not in repr(backend)
+    assert "hunter2secret" not in str(backend.describe())
+    assert backend.describe()["db.system.name"] == "postgresql"
+    with pytest.raises(BackendUnavailable) as info:
+        StateService(backend).get("ana")
+    assert "hunter2secret" not in str(info.value)
+    backend.close()
+
+
+def test_an_unreachable_server_is_backend_unavailable_and_a_write_says_nothing_was_sent() -> None:
+    """No connection at all: BackendUnavailable (not OutcomeUnknown), for reads and writes."""
+    backend = PostgresBackend("postgresql://x@127.0.0.1:1/db", pool_timeout=0.5)
+    with StateService(backend) as svc, pytest.raises(BackendUnavailable) as info:
+        svc.update("ana", {"a": 1})
+    assert not isinstance(info.value, OutcomeUnknown)
+    assert "nothing was sent" in str(info.value)
+
+
+def test_a_pool_you_pass_stays_yours_and_needs_no_autocommit(postgres: servers.Postgres) -> None:
+    """A psycopg_pool pool is used as it is (autocommit restored) and never closed by chatstate."""
+    from psycopg_pool import AsyncConnectionPool, ConnectionPool  # noqa: PLC0415
+
+    with ConnectionPool(postgres.dsn, min_size=1, max_size=2) as pool:
+        with StateService(PostgresBackend(pool, table_prefix="mine")) as svc:
+            svc.update("ana", {"a": 1})
+            with pool.connection() as conn:
+                assert not conn.autocommit
+        assert not pool.closed
+
+    async def main() -> None:
+        async with AsyncConnectionPool(postgres.dsn, min_size=1, max_size=2, open=False) as pool:
+            backend = AsyncPostgresBackend(pool, table_prefix="mine")
+            assert await backend.load("ana") is not None
+            await backend.aclose()
+            assert not pool.closed
+
+    asyncio.run(main())
+
+
+def test_writes_are_one_round_trip_on_a_cached_row(postgres: servers.Postgres) -> None:
+    """After the first, each write of a user is one statement: an UPDATE, nothing before it."""
+    backend = PostgresBackend(postgres.dsn, table_prefix="trips")
+    svc = StateService(backend)
+    svc.update("ana", {"n": 0})
+    sent: list[str] = []
+    real = psycopg.Connection.execute
+
+    def execute(self: psycopg.Connection[Any], query: Any, *args: Any, **kw: Any) -> Any:
+        sent.append(str(query).split()[0])
+        return real(self, query, *args, **kw)
+
+    psycopg.Connection.execute = execute  # type: ignore[method-assign]
+    try:
+        for n in range(5):
+            svc.update("ana", {"n": n})
+            svc.increment("ana", "hits")
+    finally:
+        psycopg.Connection.execute = real  # type: ignore[method-assign]
+    assert sent == ["UPDATE"] * 10
+    svc.close()
