@@ -4,8 +4,11 @@ A guest registers (language, name); a registered user books an appointment
 (service from a list, day, a free time from the clinic's calendar, an optional
 photo of the insurance card, confirmation), lists their appointments, or
 switches language. A booking left idle gets one reminder after ten minutes
-and ends after an hour, delivered by ``router.due()`` without waiting for the
-user. The clinic is a fake in-process API that books once per idempotency key.
+and ends after an hour, and every appointment gets a reminder 24 hours before
+it (a scheduled message, stored with the booking in the same write), all
+delivered by ``router.due()`` (or ``run_due``) without waiting for the user.
+The clinic is a fake in-process API that books once per idempotency key; its
+times are in ``CLINIC_TZ``.
 
 ``build_router(service, clinic)`` wires it over any :class:`~chatstate.StateService`.
 """
@@ -13,6 +16,7 @@ user. The clinic is a fake in-process API that books once per idempotency key.
 from __future__ import annotations
 
 import datetime as dt
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -37,6 +41,8 @@ from chatstate.flow import (
 RULES = StateData(preserved=["profile", "language"])
 SERVICES = {"checkup": "Check-up", "cleaning": "Cleaning", "whitening": "Whitening"}
 HOURS = ("09:00", "10:00", "11:00", "12:00", "16:00", "17:00")
+CLINIC_TZ = dt.UTC
+REMIND_BEFORE = timedelta(hours=24)
 
 SPANISH = {
     # menus
@@ -75,6 +81,9 @@ SPANISH = {
     "Booked: {service} on {day} at {time}.": "Reservado: {service} el {day} a las {time}.",
     "Sorry, {time} was just taken. Pick another time.": (
         "Lo siento, las {time} se acaban de ocupar. Elige otra hora."
+    ),
+    "Reminder: {service} tomorrow, {day}, at {time}.": (
+        "Recordatorio: {service} mañana, {day}, a las {time}."
     ),
     "You have no appointments.": "No tienes citas.",
     "Your appointments:": "Tus citas:",
@@ -243,12 +252,29 @@ class Book(Flow):
             return ctx.t("Sorry, {time} was just taken. Pick another time.", time=data["time"])
         appointments = list(ctx.state.get("appointments") or [])
         ctx.update({"appointments": [*appointments, booking]})
+        _remind(booking, ctx)
         return ctx.t(
             "Booked: {service} on {day} at {time}.",
             service=ctx.t(SERVICES[booking["service"]]),
             day=booking["day"],
             time=booking["time"],
         )
+
+
+def _remind(booking: dict[str, str], ctx: Ctx) -> None:
+    """Schedule a reminder 24 h before the appointment (none if that is past already)."""
+    starts = dt.datetime.fromisoformat(f"{booking['day']}T{booking['time']}")
+    remind_at = starts.replace(tzinfo=CLINIC_TZ) - REMIND_BEFORE
+    now = ctx.message.timestamp if ctx.message.timestamp is not None else time.time()
+    if remind_at.timestamp() <= now:
+        return
+    text = ctx.t(
+        "Reminder: {service} tomorrow, {day}, at {time}.",
+        service=ctx.t(SERVICES[booking["service"]]),
+        day=booking["day"],
+        time=booking["time"],
+    )
+    ctx.schedule(f"appointment-{booking['day']}-{booking['time']}", remind_at, text)
 
 
 # -- handlers and the router ------------------------------------------------------------------
@@ -296,4 +322,13 @@ def build_router(
     )
 
 
-__all__ = ["RULES", "SPANISH", "Book", "Clinic", "Register", "build_router"]
+__all__ = [
+    "CLINIC_TZ",
+    "REMIND_BEFORE",
+    "RULES",
+    "SPANISH",
+    "Book",
+    "Clinic",
+    "Register",
+    "build_router",
+]

@@ -158,3 +158,40 @@ def test_reminders_and_timeouts_fire_once_on_redis(redis_url: str, namespace: st
         _reminders(service)
     finally:
         service.close()
+
+
+def _appointment_reminder(service: StateService) -> None:
+    clock = FakeClock(dt.datetime(2030, 1, 10, 8, 0, tzinfo=dt.UTC).timestamp())
+    router = build_router(service, Clinic(today=TODAY), clock=clock)
+    chat = Conversation(router, "34655555555")
+    _register(chat, "es", "Eva")
+    assert _book(chat, "2030-01-12", "10:00") == ["Reservado: Revisión el 2030-01-12 a las 10:00."]
+    assert router.scheduled("34655555555") == {
+        "appointment-2030-01-12-10:00": dt.datetime(2030, 1, 11, 10, 0, tzinfo=dt.UTC).timestamp()
+    }
+    clock.now = dt.datetime(2030, 1, 11, 9, 59, tzinfo=dt.UTC).timestamp()
+    assert _due(router) == []
+    clock.now += 60
+    restarted = build_router(service, Clinic(today=TODAY), clock=clock)  # survives a restart
+    assert _due(restarted) == [
+        ("34655555555", ["Recordatorio: Revisión mañana, 2030-01-12, a las 10:00."])
+    ]
+    assert _due(router) == _due(restarted) == []  # once
+    assert router.scheduled("34655555555") == {}
+
+
+def test_each_appointment_is_reminded_24_hours_before_on_memory() -> None:
+    """Booking schedules a reminder 24 h before the appointment, in the user's language."""
+    _appointment_reminder(StateService(rules=RULES))
+
+
+@pytest.mark.redis
+def test_each_appointment_is_reminded_24_hours_before_on_redis(
+    redis_url: str, namespace: str
+) -> None:
+    """The same on Redis: the reminder is in the document, its time in the index."""
+    service = StateService(RedisBackend.from_url(redis_url, namespace=namespace), RULES)
+    try:
+        _appointment_reminder(service)
+    finally:
+        service.close()
