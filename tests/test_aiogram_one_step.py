@@ -350,3 +350,46 @@ class TestOnRedis(_OnEveryBackend):
 
     def services(self) -> AsyncStateService:
         return AsyncStateService(AsyncRedisBackend.from_url(self.url, namespace=self.namespace))
+
+
+@pytest.mark.redis
+def test_closing_the_storage_lets_running_updates_store_their_writes(
+    redis_url: str, namespace: str
+) -> None:
+    """When aiogram closes the storage as polling stops, a running update stores its writes first.
+
+    Without the wait its commit would meet a closed backend: the reply sent,
+    the state never stored.
+    """
+
+    async def main() -> tuple[bool, dict[str, Any]]:
+        svc = AsyncStateService(AsyncRedisBackend.from_url(redis_url, namespace=namespace))
+        storage = ChatstateStorage(svc, close_service=True)
+        router, entered, gate = Router(), asyncio.Event(), asyncio.Event()
+
+        @router.message()
+        async def slow(message: Message, state: FSMContext) -> None:
+            await state.update_data(seen=True)
+            entered.set()
+            await gate.wait()
+            await message.answer("done")
+
+        dp = Dispatcher(storage=storage, events_isolation=storage.create_isolation())
+        ChatstateDedupeMiddleware(svc).setup(dp)
+        dp.include_router(router)
+        _, bot, _ = build_dispatcher(AsyncStateService(), Router())
+        handling = asyncio.create_task(dp.feed_update(bot, message_update(7, "hi")))
+        await entered.wait()
+        closing = asyncio.create_task(storage.close())
+        await asyncio.sleep(0.2)
+        waited = not closing.done()
+        gate.set()
+        await asyncio.gather(handling, closing)
+        other = AsyncStateService(AsyncRedisBackend.from_url(redis_url, namespace=namespace))
+        stored = await other.get(ChatstateStorage(other).user_id(_key(bot)))
+        await other.aclose()
+        return waited, stored
+
+    waited, stored = asyncio.run(main())
+    assert waited
+    assert stored == {"data": {"seen": True}}

@@ -778,6 +778,7 @@ CRASHING_BOT = textwrap.dedent(
     """
     import asyncio, sys
     from aiogram import Bot, Dispatcher, Router
+    from aiogram.fsm.context import FSMContext
     from aiogram.types import Chat, Message, Update, User
     from datetime import datetime, UTC
     from chatstate import AsyncRedisBackend, AsyncStateService
@@ -787,7 +788,9 @@ CRASHING_BOT = textwrap.dedent(
     router = Router()
 
     @router.message()
-    async def hang(message: Message) -> None:
+    async def hang(message: Message, state: FSMContext) -> None:
+        await state.update_data(name="half way")
+        await state.set_state("Form:age")
         print("handling", flush=True)
         await asyncio.sleep(3600)  # killed here
 
@@ -813,10 +816,12 @@ CRASHING_BOT = textwrap.dedent(
 def test_a_killed_handler_frees_its_update_and_key_within_one_lease(
     redis_url: str, namespace: str
 ) -> None:
-    """A kill -9 mid-handler: the survivor handles the redelivered update and the next one in ~5 s.
+    """A kill -9 mid-handler: nothing it wrote lands; the survivor reruns the update in ~5 s.
 
-    Before, the key's lock had a 60 s lease: the survivor's events waited for it
-    (and a redelivery gave up after the dedupe wait, dropped).
+    The killed handler had set data and state: none of it is stored, so the
+    redelivered update runs against the state as it was. Before, the key's lock
+    had a 60 s lease: the survivor's events waited for it (and a redelivery
+    gave up after the dedupe wait, dropped).
     """
     proc = subprocess.Popen(
         [sys.executable, "-c", CRASHING_BOT, redis_url, namespace],
@@ -835,6 +840,8 @@ def test_a_killed_handler_frees_its_update_and_key_within_one_lease(
         async def survivor() -> tuple[list[str], list[float]]:
             svc = AsyncStateService(AsyncRedisBackend.from_url(redis_url, namespace=namespace))
             dp, bot, session = build_dispatcher(svc, form_router(), dedupe=True)
+            key = StorageKey(bot_id=bot.id, chat_id=7, user_id=7)
+            assert await svc.get(ChatstateKeyBuilder().build(key)) == {}  # nothing landed
             handled = []
             for update in (message_update(50, "/start"), message_update(51, "Ana")):
                 await dp.feed_update(bot, update)

@@ -32,7 +32,9 @@ Needs ``pip install 'chatstate[aiogram]'``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
@@ -207,6 +209,7 @@ class ChatstateStorage(BaseStorage):
         key_builder: Turns a storage key into a chatstate user id; a
             :class:`ChatstateKeyBuilder` when omitted.
         close_service: Close ``service`` when aiogram closes the storage.
+        close_wait: How long :meth:`close` lets running events finish.
     """
 
     def __init__(
@@ -215,10 +218,12 @@ class ChatstateStorage(BaseStorage):
         *,
         key_builder: KeyBuilder | None = None,
         close_service: bool = False,
+        close_wait: float = 10.0,
     ) -> None:
         self.service = service
         self.key_builder = key_builder if key_builder is not None else ChatstateKeyBuilder()
         self._close_service = close_service
+        self.close_wait = close_wait
 
     @classmethod
     def from_url(
@@ -362,9 +367,21 @@ class ChatstateStorage(BaseStorage):
         return _data_of(doc.to_dict())
 
     async def close(self) -> None:
-        """Close the service if this storage owns it (see ``close_service``)."""
-        if self._close_service:
-            await self.service.aclose()
+        """Close the service if this storage owns it (see ``close_service``).
+
+        aiogram closes the storage when polling stops, while the last updates
+        may still be running: events that hold a key of this service (see
+        :class:`ChatstateEventIsolation`) get up to ``close_wait`` seconds to
+        finish and store their writes first.
+        """
+        if not self._close_service:
+            return
+        backend = self.service.manager.backend
+        running = [s.done for s in list(_LIVE) if s.backend is backend and not s.done.done()]
+        if running:
+            log.info("letting %d running update(s) finish before closing", len(running))
+            await asyncio.wait(running, timeout=self.close_wait)
+        await self.service.aclose()
 
 
 def _data_of(doc: JSONObject) -> dict[str, Any]:
@@ -392,7 +409,7 @@ class _KeySession:
     claim's one commit.
     """
 
-    __slots__ = ("after", "backend", "claim", "data", "state", "user_id")
+    __slots__ = ("__weakref__", "after", "backend", "claim", "data", "done", "state", "user_id")
 
     def __init__(self, service: AsyncStateService, claim: AsyncClaim) -> None:
         doc = claim.data  # the claim's own copy, which nothing else reads
@@ -404,6 +421,8 @@ class _KeySession:
         self.state: Any = state
         self.data: dict[str, Any] = data if isinstance(data, dict) else {}
         self.after: list[AsyncClaim] = []  # dedupe claims committed once this one is
+        self.done = asyncio.get_running_loop().create_future()
+        _LIVE.add(self)
 
     @property
     def open(self) -> bool:
@@ -434,6 +453,13 @@ class _KeySession:
             LockLostError: the lease ran out and another event took the key:
                 nothing of this one was written.
         """
+        try:
+            await self._finish(exc)
+        finally:
+            if not self.done.done():
+                self.done.set_result(None)
+
+    async def _finish(self, exc: BaseException | None) -> None:
         claim, after = self.claim, self.after
         if exc is not None:
             await _release_quietly(claim, *after)
@@ -463,6 +489,9 @@ async def _release_quietly(*claims: AsyncClaim) -> None:
         except Exception:
             log.warning("could not release the claim on %r", claim.user_id, exc_info=True)
 
+
+_LIVE: weakref.WeakSet[_KeySession] = weakref.WeakSet()
+"""Every key held now, so that closing a storage lets their events finish first."""
 
 _SESSIONS: ContextVar[tuple[_KeySession, ...]] = ContextVar("chatstate_aiogram_keys", default=())
 """The keys the isolation holds in this context (a task and the tasks it starts)."""
