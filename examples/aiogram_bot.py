@@ -13,8 +13,10 @@ Configured by the environment:
 
 Run it in as many processes as you like: state and data are shared, each chat's
 updates run one at a time, and an update Telegram delivers twice is handled once.
-A process killed mid-update holds its chat for at most 5 s. The handlers are
-plain aiogram; only the storage lines are chatstate's.
+Each update's writes land together when its handler returns, or not at all: a
+process killed mid-update leaves its chat as it was and holds it for at most
+5 s, then the update's redelivery runs again. The handlers are plain aiogram;
+only the storage lines are chatstate's.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ async def start(message: Message, state: FSMContext) -> None:
 
 @router.message(Form.name)
 async def got_name(message: Message, state: FSMContext) -> None:
-    await state.update_data(name=message.text)  # one atomic write
+    await state.update_data(name=message.text)  # stored with the state when it returns
     await state.set_state(Form.age)
     await message.answer("How old are you?")
 
@@ -65,7 +67,7 @@ async def got_age(message: Message, state: FSMContext) -> None:
 def build_dispatcher(storage: ChatstateStorage) -> Dispatcher:
     """The bot's dispatcher over ``storage``, with isolation and dedupe."""
     dp = Dispatcher(storage=storage, events_isolation=storage.create_isolation())
-    dp.update.outer_middleware(ChatstateDedupeMiddleware(storage.service))
+    ChatstateDedupeMiddleware(storage.service).setup(dp)
     dp.include_router(router)
     return dp
 
