@@ -292,25 +292,54 @@ class _OnEveryBackend:
         assert stored == {"mine": True, "theirs": 1, "again": True}
 
     def test_conversations_are_stored_per_key(self) -> None:
-        """Each conversation key is one field of the handler's document; END removes it."""
+        """Each conversation key is a document of its own, marked by its update; END removes it."""
 
-        async def main() -> list[dict[str, Any]]:
-            app, _ = build_app(self.persistence(), app_class=ChatstateApplication)
+        async def main() -> list[Any]:
+            persistence = self.persistence()
+            app, _ = build_app(persistence, app_class=ChatstateApplication)
             svc = self.make_service()
-            seen = []
+            ana = persistence.conversation_key_doc("form", (ANA, ANA))
+            bea = persistence.conversation_key_doc("form", (BEA, BEA))
+            seen: list[Any] = []
             async with app:
                 await app.process_update(message(app, "/start"))
                 await app.process_update(message(app, "/start", user=BEA))
-                await app.process_update(message(app, "Bea", user=BEA))
-                seen.append(await svc.get("ptb:conversation:form"))
+                bea_name = message(app, "Bea", user=BEA)
+                await app.process_update(bea_name)
+                seen += [await svc.get(ana), await svc.get(bea), f"update:{bea_name.update_id}"]
                 await app.process_update(message(app, "40", user=BEA))
-                seen.append(await svc.get("ptb:conversation:form"))
+                seen += [await svc.get(bea), await svc.get("ptb:conversation:form")]
             await svc.aclose()
             return seen
 
-        during, after = asyncio.run(main())
-        assert during == {f"[{ANA},{ANA}]": NAME, f"[{BEA},{BEA}]": AGE}
-        assert after == {f"[{ANA},{ANA}]": NAME}
+        ana, bea, bea_update, bea_after, legacy = asyncio.run(main())
+        assert bea == {"state": AGE, "update": bea_update, "before": NAME}
+        assert ana["state"] == NAME
+        assert "state" not in bea_after
+        assert bea_after["before"] == AGE
+        assert legacy == {}
+        assert ana["update"] != bea_update
+
+    def test_conversations_in_the_old_layout_are_read_and_moved(self) -> None:
+        """A state stored by an earlier release (one document per handler) continues, then moves."""
+
+        async def main() -> tuple[list[str], list[Any]]:
+            svc = self.make_service()
+            await svc.assign("ptb:conversation:form", {f"[{ANA},{ANA}]": AGE, "[9,9]": NAME})
+            await svc.update(f"ptb:user:{ANA}", {"name": "Ana"})
+            persistence = self.persistence()
+            app, sent = build_app(persistence, app_class=ChatstateApplication)
+            async with app:
+                await app.process_update(message(app, "33"))
+            key_doc = persistence.conversation_key_doc("form", (ANA, ANA))
+            stored = [await svc.get("ptb:conversation:form"), await svc.get(key_doc)]
+            await svc.aclose()
+            return sent.texts, stored
+
+        texts, (legacy, moved) = asyncio.run(main())
+        assert texts == ["Ana is 33"]
+        assert legacy == {"[9,9]": NAME}
+        assert "state" not in moved  # moved to its own document, and ended
 
     def test_a_copy_of_an_update_is_handled_once(self) -> None:
         """The same update given to two Applications, one after and side by side, runs once."""
@@ -434,14 +463,15 @@ class _OnEveryBackend:
                 texts += sent.texts
             svc = self.make_service()
             user = await svc.get(f"ptb:user:{ANA}")
-            conversations = await svc.get("ptb:conversation:enum-form")
+            persistence = self.persistence()
+            conversation = await svc.get(persistence.conversation_key_doc("enum-form", (ANA, ANA)))
             await svc.aclose()
-            return texts, user, conversations
+            return texts, user, conversation
 
-        texts, user, conversations = asyncio.run(main())
+        texts, user, conversation = asyncio.run(main())
         assert texts == ["What is your name?", "How old are you?", "Ana is 33 (plain, 1)"]
         assert user == {"name": "Ana", "tag": ["Ana", 1], "level": 1, "mode": "plain"}
-        assert conversations == {}
+        assert "state" not in conversation  # ended
 
     def test_start_up_loads_every_stored_user_and_chat(self) -> None:
         """Application.initialize loads each stored user's and chat's data, and no one else's."""

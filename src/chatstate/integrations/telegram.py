@@ -50,7 +50,7 @@ from collections.abc import (
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Final, Literal, Self, TypeAlias
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from telegram import CallbackQuery, InlineQuery, Message, Update
 from telegram.ext import (
@@ -122,9 +122,15 @@ class ChatstatePersistence(BasePersistence[Data, Data, Data]):
     Documents (ids under ``prefix``): ``<prefix>:user:<id>`` and
     ``<prefix>:chat:<id>`` hold one user's and one chat's data as they are,
     ``<prefix>:bot`` the bot data, ``<prefix>:callback_data`` the callback
-    data cache, and ``<prefix>:conversation:<name>`` one field per
-    conversation key (its JSON text, ``"[chat_id,user_id]"``) holding the
-    state.
+    data cache, and ``<prefix>:conversation:<name>:<key>`` one conversation's
+    state (``{"state": 1}``; the key is its JSON text, ``[chat_id,user_id]``,
+    URL-quoted). :class:`ChatstateApplication` adds to it the update that
+    wrote it and the state before (``"update"``, ``"before"``), so that a
+    redelivery of an update whose process died half way through its writes
+    runs from where it started. Releases before this one kept all of a
+    handler's states in one document, ``<prefix>:conversation:<name>``: it
+    is still read, and each state moves to its own document when next
+    written.
 
     What differs from ``PicklePersistence``:
 
@@ -159,7 +165,15 @@ class ChatstatePersistence(BasePersistence[Data, Data, Data]):
     """
 
     # As python-telegram-bot's own persistences (its test suite checks the slots).
-    __slots__ = ("_close_service", "_conversations", "_states", "_synced", "prefix", "service")
+    __slots__ = (
+        "_close_service",
+        "_conversations",
+        "_legacy",
+        "_states",
+        "_synced",
+        "prefix",
+        "service",
+    )
 
     def __init__(
         self,
@@ -178,8 +192,11 @@ class ChatstatePersistence(BasePersistence[Data, Data, Data]):
         self._synced: dict[str, JSONObject] = {}
         # Conversation name -> the JSON text of each known state -> that state.
         self._states: dict[str, dict[str, object]] = {}
-        # Conversation name -> each key's state as this process last read or wrote it.
+        # Conversation name -> each key's state as this process last read or wrote it
+        # (JSON, None: no conversation).
         self._conversations: dict[str, dict[str, Any]] = {}
+        # Conversation name -> the states still in the old one-document layout.
+        self._legacy: dict[str, dict[str, Any]] = {}
 
     @classmethod
     def from_url(
@@ -227,8 +244,17 @@ class ChatstatePersistence(BasePersistence[Data, Data, Data]):
         return f"{self.prefix}:callback_data"
 
     def conversation_doc(self, name: str) -> str:
-        """The id of the document holding one conversation handler's states."""
+        """The id of the document that held all of one handler's states before this release.
+
+        Read at start-up; each state moves to :meth:`conversation_key_doc` when
+        it is next written. The ids of the new documents start with this id
+        and a colon.
+        """
         return f"{self.prefix}:conversation:{quote(name, safe='')}"
+
+    def conversation_key_doc(self, name: str, key: ConversationKey) -> str:
+        """The id of the document holding one conversation's state."""
+        return _key_doc(self.prefix, name, _encode_key(key))
 
     def dedupe_doc(self, bot_id: int, key: str) -> str:
         """The id of the record whose claim handles one update once (see :func:`dedupe_key`)."""
@@ -294,14 +320,39 @@ class ChatstatePersistence(BasePersistence[Data, Data, Data]):
         return buttons, dict(doc.get("queries", {}))
 
     async def get_conversations(self, name: str) -> ConversationDict:
-        """Return the stored states of the conversation handler ``name``."""
-        doc = await self._load(self.conversation_doc(name))
-        self._conversations[name] = _copy(doc)
-        known = self._states.get(name, {})
+        """Return the stored states of the conversation handler ``name``.
+
+        Over a backend that cannot list its documents (Redis with a
+        ``key_secret``) only the states of the old one-document layout are
+        found; :class:`ChatstateApplication` reads each conversation's own
+        document before its updates, so it still finds them all.
+        """
+        legacy_id = self.conversation_doc(name)
+        legacy = await self.service.get(legacy_id)
+        self._legacy[name] = dict(legacy)
+        values: dict[str, Any] = dict(legacy)
+        prefix = legacy_id + ":"
+        try:
+            doc_ids = [doc_id async for doc_id in self.service.users(prefix=prefix)]
+        except ConfigurationError as exc:
+            log.info("%s: each conversation is read before its updates instead", exc)
+            doc_ids = []
+        for start in range(0, len(doc_ids), _LOAD_BATCH):
+            batch = doc_ids[start : start + _LOAD_BATCH]
+            docs = await asyncio.gather(*(self.service.get(doc_id) for doc_id in batch))
+            for doc_id, doc in zip(batch, docs, strict=True):
+                if doc:  # the document of a key wins over the old layout's field
+                    values[unquote(doc_id.removeprefix(prefix))] = doc.get("state")
+        self._conversations[name] = values
         return {
-            _decode_key(key): known.get(_state_text(state) or "", state)
-            for key, state in doc.items()
+            _decode_key(field): self._state(name, value)
+            for field, value in values.items()
+            if value is not None
         }
+
+    def _state(self, name: str, value: Any) -> object:
+        """A stored state as the handler's own state object, when it was registered."""
+        return self._states.get(name, {}).get(_state_text(value) or "", value)
 
     async def _load(self, doc_id: str) -> JSONObject:
         data = await self.service.get(doc_id)
@@ -338,19 +389,37 @@ class ChatstatePersistence(BasePersistence[Data, Data, Data]):
 
         An enum member is stored as its value, a tuple as a list.
         """
+        await self._write_conversation(name, key, new_state)
+
+    async def _write_conversation(
+        self,
+        name: str,
+        key: ConversationKey,
+        new_state: object | None,
+        *,
+        update: str | None = None,
+        before: Any = None,
+    ) -> None:
+        """Store a state; with ``update``, mark it as that update's (``before``: what it found)."""
         field = _encode_key(key)
         value = None if new_state is None else _plain(new_state)
-        synced = self._conversations.get(name)
-        if synced is not None and _same(value, synced.get(field)):
+        known = self._conversations.get(name, {})
+        if field in known and _same(value, known[field]):
             return  # as stored when this process last looked: nothing to write
-        if synced is None:
-            synced = {}  # not read yet: only this key is known once it is written
-        if value is None:
-            await self.service.update(self.conversation_doc(name), {field: None})
-            synced.pop(field, None)
+        doc_id = self.conversation_key_doc(name, key)
+        writes: list[Coroutine[Any, Any, object]] = []
+        if update is None and value is None:
+            writes.append(self.service.delete(doc_id))
         else:
-            await self.service.assign(self.conversation_doc(name), {field: value})
-            synced[field] = _copy(value)
+            writes.append(
+                self.service.update(doc_id, {"state": value, "update": update, "before": before})
+            )
+        legacy = self._legacy.get(name, {})
+        if field in legacy:  # moved to its own document
+            writes.append(self.service.update(self.conversation_doc(name), {field: None}))
+        await asyncio.gather(*writes)
+        legacy.pop(field, None)
+        self._conversations.setdefault(name, {})[field] = value
 
     async def drop_user_data(self, user_id: int) -> None:
         """Delete one user's data."""
@@ -435,7 +504,9 @@ class ChatstatePersistence(BasePersistence[Data, Data, Data]):
         self,
         conversations: Mapping[str, MutableMapping[ConversationKey, object]],
         keys: Mapping[str, ConversationKey],
-    ) -> None:
+        *,
+        update: str | None = None,
+    ) -> dict[str, Any]:
         """Reload one key's state in each named conversation (an update's own), in one round trip.
 
         As :meth:`refresh_conversations`, for the keys an update will read:
@@ -445,17 +516,43 @@ class ChatstatePersistence(BasePersistence[Data, Data, Data]):
         Args:
             conversations: Conversation handler name to its states.
             keys: Conversation handler name to the key to reload.
+            update: The update about to run (its dedupe key): a state that
+                update wrote before its process died is read as the state it
+                found, so that it runs again from there.
+
+        Returns:
+            Each name's state as stored (JSON, ``None``: no conversation).
         """
-        names = [name for name in keys if name in conversations]
-        docs = await asyncio.gather(*(self.service.get(self.conversation_doc(n)) for n in names))
-        for name, doc in zip(names, docs, strict=True):
-            self._conversations[name] = doc  # a fresh dict of our own
+        doc_ids = {name: self.conversation_key_doc(name, keys[name]) for name in keys}
+        read = await self.read_ahead(doc_ids.values())
+        return self._found_conversations(conversations, keys, doc_ids, read, update)
+
+    def _found_conversations(
+        self,
+        conversations: Mapping[str, MutableMapping[ConversationKey, object]],
+        keys: Mapping[str, ConversationKey],
+        doc_ids: Mapping[str, str],
+        read: Mapping[str, JSONObject],
+        update: str | None,
+    ) -> dict[str, Any]:
+        """Sync each key from its document as read (see :meth:`refresh_conversation_keys`)."""
+        found: dict[str, Any] = {}
+        for name, doc_id in doc_ids.items():
+            if name not in conversations:
+                continue
+            doc = read[doc_id]
             key = keys[name]
-            value = doc.get(_encode_key(key))
-            state = None
-            if value is not None:
-                state = self._states.get(name, {}).get(_state_text(value) or "", value)
-            _sync_key(conversations[name], key, state)
+            field = _encode_key(key)
+            if not doc:
+                value = self._legacy.get(name, {}).get(field)
+            elif update is not None and doc.get("update") == update:
+                value = doc.get("before")  # that update's own write, from a run that died
+            else:
+                value = doc.get("state")
+            self._conversations.setdefault(name, {})[field] = value
+            found[name] = value
+            _sync_key(conversations[name], key, None if value is None else self._state(name, value))
+        return found
 
     async def flush(self) -> None:
         """Close the service if this persistence owns it (every write is already stored)."""
@@ -526,7 +623,11 @@ class _Processing:
     failed: bool = False
     # The claimed document (the user's, else the chat's) and its claim, and what is staged.
     claimed: tuple[str, AsyncClaim] | None = None
+    key: str | None = None  # its dedupe key, when it has a claim on its user's document
     staged: dict[str, JSONObject] = field(default_factory=dict)
+    # Each persistent conversation's key for the update, and its state (JSON) as found.
+    keys: dict[str, ConversationKey] = field(default_factory=dict)
+    before: dict[str, Any] = field(default_factory=dict)
 
 
 _processing: contextvars.ContextVar[_Processing | None] = contextvars.ContextVar(
@@ -677,6 +778,7 @@ class ChatstateApplication(Application[Any, Any, Any, Any, Any, Any]):
                     f"another update of this user ran for longer than {self.isolation_wait:g} s"
                 ) from busy
             processing.claimed = (doc, claim)
+            processing.key = key
         async with claim:  # an exception releases it
             if claim.duplicate:
                 log.info("update %s was handled already; skipping it", key)
@@ -702,11 +804,11 @@ class ChatstateApplication(Application[Any, Any, Any, Any, Any, Any]):
                 docs = [doc for doc in docs if doc != claimed[0]]
             # The update's documents and conversations in one round trip. python-telegram-bot
             # keeps the conversations only privately: the very dicts its handlers read.
-            read, _ = await asyncio.gather(
-                persistence.read_ahead(docs),
-                persistence.refresh_conversation_keys(
-                    self._conversation_handler_conversations, self._keys(update)
-                ),
+            keys = processing.keys = self._keys(update)
+            key_docs = {name: persistence.conversation_key_doc(name, keys[name]) for name in keys}
+            read = await persistence.read_ahead([*docs, *key_docs.values()])
+            processing.before = persistence._found_conversations(  # noqa: SLF001 - its own module
+                self._conversation_handler_conversations, keys, key_docs, read, processing.key
             )
             if claimed is not None:
                 read[claimed[0]] = claimed[1].data
@@ -716,7 +818,7 @@ class ChatstateApplication(Application[Any, Any, Any, Any, Any, Any]):
             finally:
                 _read_ahead.reset(token)
             processing.writing = True
-            await self._write_update(persistence, update, user, chat, processing)
+            await self._write_update(persistence, user, chat, processing)
         finally:
             _discard(self._busy_users, user)
             _discard(self._busy_chats, chat)
@@ -733,12 +835,11 @@ class ChatstateApplication(Application[Any, Any, Any, Any, Any, Any]):
     async def _write_update(
         self,
         persistence: ChatstatePersistence,
-        update: object,
         user: int | None,
         chat: int | None,
         processing: _Processing,
     ) -> None:
-        """Write what ``update`` changed, in one round trip, without python-telegram-bot's lock.
+        """Write what the update changed, in one round trip, without python-telegram-bot's lock.
 
         ``update_persistence()`` would write every update's data under one lock
         for the whole application (one update's writes at a time). This writes
@@ -779,21 +880,15 @@ class ChatstateApplication(Application[Any, Any, Any, Any, Any, Any]):
                 chat,
                 self._busy_chats,
             )
-        if isinstance(update, Update):
-            writes += [
-                write
-                for name, handler in self._persistent
-                if (
-                    write := _conversation_write(
-                        persistence,
-                        name,
-                        handler,
-                        self._conversation_handler_conversations.get(name),
-                        update,
-                    )
-                )
-                is not None
-            ]
+        conversations = self._conversation_handler_conversations
+        writes += [
+            write
+            for name in processing.keys
+            if (
+                write := _conversation_write(persistence, name, conversations.get(name), processing)
+            )
+            is not None
+        ]
         results = await asyncio.gather(*(w for w, _ in writes), return_exceptions=True)
         for (_, undo), result in zip(writes, results, strict=True):
             if isinstance(result, Exception):
@@ -896,17 +991,16 @@ def _marked_writes(
 def _conversation_write(
     persistence: ChatstatePersistence,
     name: str,
-    handler: ConversationHandler[Any],
     states: TrackingDict[ConversationKey, object] | None,
-    update: Update,
+    processing: _Processing,
 ) -> _Write | None:
-    """The write of ``update``'s conversation state in one handler, if it changed it."""
+    """The write of the update's state in one conversation handler, if it changed it.
+
+    Handlers that do not key the update are left to python-telegram-bot's run.
+    """
     if states is None:
         return None
-    try:
-        key = handler._get_key(update)  # noqa: SLF001 - the key the handler itself uses
-    except Exception:  # noqa: BLE001 - not an update this handler keys (python-telegram-bot's run writes it)
-        return None
+    key = processing.keys[name]
     accessed = states.pop_accessed_keys()
     for other in accessed - {key}:  # other updates' states: theirs to write
         states.mark_as_accessed(other)
@@ -917,7 +1011,11 @@ def _conversation_write(
         states.mark_as_accessed(key)
         return None
     undo = functools.partial(states.mark_as_accessed, key)
-    return persistence.update_conversation(name, key, state), undo
+    # Marked as this update's (with the state it found) while the update is not committed.
+    write = persistence._write_conversation(  # noqa: SLF001 - its own module
+        name, key, state, update=processing.key, before=processing.before.get(name)
+    )
+    return write, undo
 
 
 def _ids(update: object) -> tuple[int | None, int | None]:
@@ -1070,7 +1168,14 @@ def _copy(value: Any) -> Any:
     return value
 
 
+@functools.lru_cache(maxsize=4096)
+def _key_doc(prefix: str, name: str, field: str) -> str:
+    return f"{prefix}:conversation:{quote(name, safe='')}:{quote(field, safe=',-')}"
+
+
 def _encode_key(key: ConversationKey) -> str:
+    if all(type(part) is int for part in key):  # the usual key: as json.dumps writes it, faster
+        return f"[{','.join(map(str, key))}]"
     return json.dumps(list(key), separators=(",", ":"))
 
 

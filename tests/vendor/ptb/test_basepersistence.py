@@ -230,6 +230,8 @@ class TrackingPersistence(ChatstatePersistence):
 
         async def replace(p):
             for name in names:
+                for key in await p.get_conversations(name):
+                    await p.update_conversation(name, key, None)
                 await p.service.delete(p.conversation_doc(name))
             for name, states in value.items():
                 for key, state in states.items():
