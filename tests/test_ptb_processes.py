@@ -40,16 +40,39 @@ LEASE = 5.0  # ChatstateApplication's default
 
 WORKER = textwrap.dedent(
     """
-    import asyncio, enum, itertools, json, os, sys, time
+    import asyncio, enum, itertools, json, os, signal, sys, time
     from telegram import Update
     from telegram.ext import (
         ApplicationBuilder, CommandHandler, ConversationHandler, MessageHandler, filters,
     )
     from telegram.request import BaseRequest
-    from chatstate import AsyncRedisBackend, AsyncStateService
+    from chatstate import AsyncClaim, AsyncRedisBackend, AsyncStateService
     from chatstate.integrations.telegram import ChatstateApplication, ChatstatePersistence
 
-    url, namespace, hang = sys.argv[1], sys.argv[2], sys.argv[3] == "hang"
+    # mode: "-" runs normally; the others concern user 7's name update:
+    # "hang" hangs in its handler, "half" hangs there after changing user_data,
+    # "die-in-send" is killed (SIGKILL, by itself) while its reply is being sent,
+    # "die-before-commit" once its conversation state is written, before its commit.
+    url, namespace, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+    hang = mode == "hang"
+    DOOMED = 7
+    dying = False
+
+
+    def die():
+        emit(dying=os.getpid())
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+    if mode == "die-before-commit":
+        commit = AsyncClaim.commit
+
+        async def commit_or_die(self, **kwargs):
+            if dying and self.user_id == f"ptb:user:{DOOMED}":
+                die()
+            return await commit(self, **kwargs)
+
+        AsyncClaim.commit = commit_or_die
 
 
     def emit(**event):
@@ -82,6 +105,8 @@ WORKER = textwrap.dedent(
                 result = {"id": 42, "is_bot": True, "first_name": "Form", "username": "form_bot"}
             elif endpoint == "sendMessage":
                 chat = int(params["chat_id"])
+                if dying and mode == "die-in-send":
+                    die()  # the reply never confirmed: as if lost on the way
                 emit(sent=params["text"], chat=chat)
                 result = {
                     "message_id": next(self.ids), "date": int(time.time()),
@@ -98,10 +123,16 @@ WORKER = textwrap.dedent(
 
 
     async def got_name(update, context):
+        global dying
         emit(ran="name", update=update.update_id, user=update.effective_user.id)
         if hang:
             await asyncio.sleep(3600)  # killed in here
         context.user_data["name"] = update.message.text
+        if update.effective_user.id == DOOMED:
+            dying = mode.startswith("die")
+            if mode == "half":
+                emit(half=update.update_id)
+                await asyncio.sleep(3600)  # killed in here, its change to user_data made
         await update.message.reply_text("How old are you?")
         return Form.AGE
 
@@ -172,14 +203,16 @@ class Worker:
         self.reader = asyncio.create_task(self._read())
 
     @classmethod
-    async def start(cls, name: str, url: str, namespace: str, *, hang: bool = False) -> Worker:
+    async def start(
+        cls, name: str, url: str, namespace: str, *, hang: bool = False, mode: str = "-"
+    ) -> Worker:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-c",
             WORKER,
             url,
             namespace,
-            "hang" if hang else "-",
+            "hang" if hang else mode,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )
@@ -360,3 +393,115 @@ def test_a_process_killed_mid_handler_leaves_the_update_to_the_other(
     assert answered < LEASE + 2.5, answered
     stored = asyncio.run(_stored_users(redis_url, namespace, range(user, user + 1)))
     assert stored == {user: {"name": f"User {user}", "age": 20 + user}}
+
+
+async def _stored(url: str, namespace: str, user: int) -> tuple[Any, Any]:
+    """The user's data and the form conversation's document for the user, as stored."""
+    svc = AsyncStateService(AsyncRedisBackend.from_url(url, namespace=namespace))
+    try:
+        return (
+            await svc.get(f"ptb:user:{user}"),
+            await svc.get(f"ptb:conversation:form:%5B{user},{user}%5D"),
+        )
+    finally:
+        await svc.aclose()
+
+
+def _crash_and_take_over(url: str, namespace: str, mode: str) -> tuple[list[dict[str, Any]], Any]:
+    """User 7's name update crashes process a (``mode``); its copy and the age go to b.
+
+    Meanwhile user 8 is served by a too, so a writes for others while 7's update is
+    in flight. Returns every event, and what the store held right after the crash.
+    """
+    user, other = 7, 8
+
+    async def main() -> tuple[list[dict[str, Any]], Any]:
+        a, b = await asyncio.gather(
+            Worker.start("a", url, namespace, mode=mode), Worker.start("b", url, namespace)
+        )
+        try:
+            start, name, age = (
+                _text(200 + i, user, _answer(s, user)) for i, s in enumerate(ROUNDS)
+            )
+            other_start = _text(300, other, "/start")
+            a.deliver(start)
+            await a.wait_for(lambda e: e.get("done") == start["update_id"])
+            a.deliver(name)
+            if mode == "half":
+                await a.wait_for(lambda e: e.get("half") == name["update_id"])
+                a.deliver(other_start)  # handled and written while 7's handler hangs
+                await a.wait_for(lambda e: e.get("done") == other_start["update_id"])
+                os.kill(a.proc.pid, signal.SIGKILL)
+            await a.proc.wait()  # killed by the test, or by itself
+            after_crash = await _stored(url, namespace, user)
+            b.deliver(name)  # the redelivery of the update a did not finish
+            await b.wait_for(lambda e: e.get("done") == name["update_id"])
+            b.deliver(age)
+            await b.wait_for(lambda e: e.get("done") == age["update_id"])
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                a.proc.kill()
+            await asyncio.gather(a.stop(), b.stop())
+        return sorted(a.events + b.events, key=lambda e: e["at"]), after_crash
+
+    return asyncio.run(main())
+
+
+def test_a_killed_handlers_half_done_change_never_lands(redis_url: str, namespace: str) -> None:
+    """A kill -9 of a handler that changed user_data while the process wrote others' data.
+
+    Nothing of the killed update is stored (its user's data and conversation are
+    as the previous update left them); the redelivery runs it once from there, and
+    every reply is sent once.
+    """
+    events, (data, conversation) = _crash_and_take_over(redis_url, namespace, "half")
+    assert not [e for e in events if "error" in e]
+    assert data == {}
+    assert conversation.get("state") == 0  # Form.NAME, as /start left it
+    assert [e["sent"] for e in events if e.get("chat") == 7] == _expected_replies(7)
+    assert [e["sent"] for e in events if e.get("chat") == 8] == ["What is your name?"]
+    assert asyncio.run(_stored(redis_url, namespace, 7))[0] == {"name": "User 7", "age": 27}
+
+
+def test_replies_not_confirmed_before_a_crash_are_sent_by_the_redelivery(
+    redis_url: str, namespace: str
+) -> None:
+    """A process killed while its reply is on the way: nothing is stored, the copy replies once."""
+    events, (data, conversation) = _crash_and_take_over(redis_url, namespace, "die-in-send")
+    assert not [e for e in events if "error" in e]
+    assert [e["worker"] for e in events if "dying" in e] == ["a"]
+    assert data == {}
+    assert conversation.get("state") == 0
+    assert [e["sent"] for e in events if e.get("chat") == 7] == _expected_replies(7)
+    assert [(e["worker"], e["ran"]) for e in events if "ran" in e] == [
+        ("a", "start"),
+        ("a", "name"),
+        ("b", "name"),
+        ("b", "age"),
+    ]
+
+
+def test_a_crash_between_an_updates_writes_and_its_commit(redis_url: str, namespace: str) -> None:
+    """Killed after writing the conversation state, before the commit: the copy runs from before.
+
+    The redelivery finds the state marked as its own update's and runs the name
+    handler again, not the age handler with the name as the age. Its reply, sent
+    and confirmed before the crash, is sent again (replies are at least once in
+    this window).
+    """
+    events, (data, conversation) = _crash_and_take_over(redis_url, namespace, "die-before-commit")
+    assert not [e for e in events if "error" in e]
+    assert [e["worker"] for e in events if "dying" in e] == ["a"]
+    assert data == {}  # the user's data is written with the commit: not at all
+    assert conversation["state"] == 1  # Form.AGE: written ...
+    assert conversation["before"] == 0  # ... marked as the name update's, from Form.NAME
+    ran = [(e["worker"], e["ran"]) for e in events if "ran" in e]
+    assert ran == [("a", "start"), ("a", "name"), ("b", "name"), ("b", "age")]
+    replies = [e["sent"] for e in events if e.get("chat") == 7]
+    assert replies == [
+        "What is your name?",
+        "How old are you?",
+        "How old are you?",
+        "Nice to meet you, User 7 (27).",
+    ]
+    assert asyncio.run(_stored(redis_url, namespace, 7))[0] == {"name": "User 7", "age": 27}
