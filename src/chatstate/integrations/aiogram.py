@@ -275,6 +275,10 @@ class ChatstateStorage(BaseStorage):
         sessions = _SESSIONS.get()
         if not sessions:
             return None
+        backend = self.service.manager.backend
+        for session in reversed(sessions):  # the common case: the key the lock was taken for
+            if session.key == key and session.builder is self.key_builder:
+                return session if session.backend is backend and session.open else None
         return _find(sessions, self.service, self.service.manager.user_id(self.user_id(key)))
 
     async def set_state(self, key: StorageKey, state: StateType = None) -> None:
@@ -409,13 +413,27 @@ class _KeySession:
     claim's one commit.
     """
 
-    __slots__ = ("__weakref__", "after", "backend", "claim", "data", "done", "state", "user_id")
+    __slots__ = (
+        "__weakref__",
+        "after",
+        "backend",
+        "builder",
+        "claim",
+        "data",
+        "done",
+        "key",
+        "state",
+        "user_id",
+    )
 
-    def __init__(self, service: AsyncStateService, claim: AsyncClaim) -> None:
+    def __init__(
+        self, service: AsyncStateService, claim: AsyncClaim, key: StorageKey, builder: KeyBuilder
+    ) -> None:
         doc = claim.data  # the claim's own copy, which nothing else reads
         state = doc.get(STATE_FIELD)
         data = doc.get(DATA_FIELD)
         self.backend = service.manager.backend
+        self.key, self.builder = key, builder  # claim.user_id is builder.build(key)
         self.user_id = claim.user_id
         self.claim = claim
         self.state: Any = state
@@ -596,7 +614,7 @@ class ChatstateEventIsolation(BaseEventIsolation):
             ) from busy
         if claim.duplicate:
             raise _DuplicateUpdate(op_id)
-        session = _KeySession(service, claim)
+        session = _KeySession(service, claim, key, self.key_builder)
         token = _SESSIONS.set((*_SESSIONS.get(), session))
         try:
             yield
