@@ -18,14 +18,16 @@ pickled: enum members are stored as their values, tuples as lists); a write
 sends only what changed since this process last synced the document, so two
 processes never overwrite each other's keys; before each update the data is
 reloaded from the store, keeping the changes this process has not written yet.
-Each persistent conversation is one document with one field per conversation
-key.
+Each conversation's state (one key of a persistent conversation handler) is a
+document of its own.
 
 :class:`ChatstateApplication` handles each update once across the processes
 of a bot (a copy delivered to two of them, or delivered again, runs nothing)
-and one user's updates one at a time, with the same claims and locks as the
-aiogram integration: each held with a 5 s lease renewed while the update runs,
-so a process killed mid-update holds nothing for longer than that.
+and one user's updates one at a time, with one claim on the user's document,
+as the aiogram integration: held with a 5 s lease renewed while the update
+runs, so a process killed mid-update holds nothing for longer than that, and
+committed with the user's data, so an update's changes are stored with it or
+not at all.
 
 Needs ``pip install 'chatstate[telegram]'``.
 """
