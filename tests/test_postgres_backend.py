@@ -91,7 +91,7 @@ def test_four_processes_count_exactly_and_apply_each_op_id_once(
 
 
 @pytest.mark.parametrize("how", ["restart", "kill"])
-def test_no_acknowledged_write_is_lost_across_a_restart(
+def test_no_acknowledged_write_is_lost_across_a_restart(  # noqa: C901 - writers, fault, check
     postgres: servers.Postgres, how: str
 ) -> None:
     """Writes go on while the server restarts or its postmaster is killed: none acknowledged is lost.
@@ -126,7 +126,7 @@ def test_no_acknowledged_write_is_lost_across_a_restart(
     for thread in writers:
         thread.start()
     try:
-        while len(acknowledged) < 50:  # noqa: PLR2004 - some load first
+        while len(acknowledged) < 50:
             stop.wait(0.01)
         if how == "restart":
             postgres.restart()
@@ -134,7 +134,7 @@ def test_no_acknowledged_write_is_lost_across_a_restart(
             postgres.kill()
             postgres.start()
         before = len(acknowledged)
-        while len(acknowledged) < before + 50:  # noqa: PLR2004 - and after
+        while len(acknowledged) < before + 50:
             stop.wait(0.01)
     finally:
         stop.set()
@@ -249,7 +249,7 @@ def test_an_unreachable_server_is_backend_unavailable_and_a_write_says_nothing_w
 
 def test_a_pool_you_pass_stays_yours_and_needs_no_autocommit(postgres: servers.Postgres) -> None:
     """A psycopg_pool pool is used as it is (autocommit restored) and never closed by chatstate."""
-    from psycopg_pool import AsyncConnectionPool, ConnectionPool  # noqa: PLC0415
+    from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
     with ConnectionPool(postgres.dsn, min_size=1, max_size=2) as pool:
         with StateService(PostgresBackend(pool, table_prefix="mine")) as svc:

@@ -1,8 +1,8 @@
-"""The backend a command works on: ``--redis URL`` or ``--sqlite PATH``, chosen and opened.
+"""The backend a command works on: ``--redis URL``, ``--sqlite PATH`` or ``--postgres DSN``.
 
 Exactly one backend: an option on the command line wins over the environment
-(``CHATSTATE_REDIS_URL``, ``CHATSTATE_SQLITE_PATH``); with neither option, exactly
-one of the two variables must be set. Choosing connects to nothing: a store
+(``CHATSTATE_REDIS_URL``, ``CHATSTATE_SQLITE_PATH``, ``CHATSTATE_POSTGRES_DSN``);
+with no option, exactly one of the variables must be set. Choosing connects to nothing: a store
 opens the backend when a command asks it for a service, a listing or a client.
 
 A :class:`Store` gives the commands that work on any backend what they need
@@ -42,12 +42,16 @@ __all__ = [
     "ANY_BACKEND",
     "KEY_SECRET_ENV",
     "NAMESPACE_ENV",
+    "POSTGRES_DSN_ENV",
+    "POSTGRES_PREFIX_ENV",
+    "POSTGRES_SCHEMA_ENV",
     "REDIS_ONLY",
     "REDIS_URL_ENV",
     "SCAN_COUNT",
     "SQLITE_PATH_ENV",
     "BackendKind",
     "Listed",
+    "PostgresStore",
     "RedisStore",
     "SqliteStore",
     "Store",
@@ -58,13 +62,16 @@ __all__ = [
 
 REDIS_URL_ENV: Final = "CHATSTATE_REDIS_URL"
 SQLITE_PATH_ENV: Final = "CHATSTATE_SQLITE_PATH"
+POSTGRES_DSN_ENV: Final = "CHATSTATE_POSTGRES_DSN"
+POSTGRES_SCHEMA_ENV: Final = "CHATSTATE_POSTGRES_SCHEMA"
+POSTGRES_PREFIX_ENV: Final = "CHATSTATE_POSTGRES_TABLE_PREFIX"
 NAMESPACE_ENV: Final = "CHATSTATE_NAMESPACE"
 KEY_SECRET_ENV: Final = "CHATSTATE_KEY_SECRET"  # noqa: S105 - a variable's name
 SCAN_COUNT: Final = 1000
 """Keys asked of each ``SCAN`` call."""
 
-BackendKind = Literal["redis", "sqlite"]
-ANY_BACKEND: Final[tuple[BackendKind, ...]] = ("redis", "sqlite")
+BackendKind = Literal["redis", "sqlite", "postgres"]
+ANY_BACKEND: Final[tuple[BackendKind, ...]] = ("redis", "sqlite", "postgres")
 REDIS_ONLY: Final[tuple[BackendKind, ...]] = ("redis",)
 
 
@@ -298,24 +305,106 @@ class SqliteStore(Store):
             raise CommandLineError(str(exc)) from exc
 
 
+_CHOICES: Final = "--redis URL, --sqlite PATH or --postgres DSN"
+_OPTION: Final = {"redis": "--redis URL", "sqlite": "--sqlite PATH", "postgres": "--postgres DSN"}
+_HOW_MANY: Final = {2: "both", 3: "all three"}
+
+
+@attrs.define
+class PostgresStore(Store):
+    """A PostgreSQL database, as a bot's ``PostgresBackend`` opens it (tables never made here)."""
+
+    kind: ClassVar[BackendKind] = "postgres"
+
+    dsn: str = attrs.field(repr=False)
+    schema: str = "public"
+    table_prefix: str = "chatstate"
+
+    @property
+    def where(self) -> str:
+        """See :attr:`Store.where`."""
+        return f"PostgreSQL tables {self.schema}.{self.table_prefix}_*"
+
+    @property
+    def name(self) -> str:
+        """See :attr:`Store.name`."""
+        return repr(f"{self.schema}.{self.table_prefix}")
+
+    def service(
+        self,
+        rules: StateData | None = None,
+        *,
+        create: bool = False,
+    ) -> StateService:
+        """See :meth:`Store.service`: ``import`` may make the tables, nothing else does."""
+        return StateService(self._backend(create=create), rules)
+
+    def listing_service(
+        self,
+        rules: StateData,
+        *,
+        by_tag: bool,  # noqa: ARG002 - the tables keep the ids themselves
+    ) -> StateService:
+        """See :meth:`Store.listing_service` (the tables keep the ids themselves)."""
+        return self.service(rules)
+
+    def listed(
+        self,
+        console: Console,
+        *,
+        batch: int = SCAN_COUNT,
+    ) -> Iterator[Listed]:
+        """See :meth:`Store.listed`: ``users()``, in byte order of the ids."""
+        count = 0
+        backend = self._backend(create=False)
+        try:
+            for user_id in backend.users(batch=batch):
+                count += 1
+                console.progress(f"listed {count} users")
+                yield Listed(user_id, user_id, user_id)
+        finally:
+            backend.close()
+            console.progress(f"listed {count} users from {self.where}", final=True)
+
+    def _backend(self, *, create: bool) -> Any:
+        try:
+            from chatstate.state.postgres import PostgresBackend  # noqa: PLC0415 - psycopg on demand
+        except ImportError as exc:
+            raise CommandLineError(str(exc)) from exc
+        try:
+            return PostgresBackend(
+                self.dsn, schema=self.schema, table_prefix=self.table_prefix, create=create
+            )
+        except ConfigurationError as exc:
+            raise CommandLineError(str(exc)) from exc
+
+
 def _named(args: argparse.Namespace, env: Any) -> tuple[BackendKind, str] | None:
     """The backend the options name, else the one the environment names; None: neither."""
-    if args.redis and args.sqlite:
-        raise CommandLineError("give one backend: --redis URL or --sqlite PATH, not both")
-    if args.redis:
-        return "redis", str(args.redis)
-    if args.sqlite:
-        return "sqlite", str(args.sqlite)
-    url, path = env.get(REDIS_URL_ENV), env.get(SQLITE_PATH_ENV)
-    if url and path:
-        raise CommandLineError(
-            f"{REDIS_URL_ENV} and {SQLITE_PATH_ENV} are both set: choose one with "
-            "--redis URL or --sqlite PATH"
-        )
-    if url:
-        return "redis", str(url)
-    if path:
-        return "sqlite", str(path)
+    options: tuple[tuple[BackendKind, Any], ...] = (
+        ("redis", args.redis),
+        ("sqlite", args.sqlite),
+        ("postgres", getattr(args, "postgres", None)),
+    )
+    given = [(kind, str(value)) for kind, value in options if value]
+    if len(given) > 1:
+        which = " or ".join(_OPTION[kind] for kind, _ in given)
+        raise CommandLineError(f"give one backend: {which}, not {_HOW_MANY[len(given)]}")
+    if given:
+        return given[0]
+    names: tuple[tuple[BackendKind, str], ...] = (
+        ("redis", REDIS_URL_ENV),
+        ("sqlite", SQLITE_PATH_ENV),
+        ("postgres", POSTGRES_DSN_ENV),
+    )
+    variables = [(kind, name, str(env.get(name))) for kind, name in names if env.get(name)]
+    if len(variables) > 1:
+        both = " and ".join(name for _, name, _ in variables)
+        how = "both" if len(variables) == 2 else "all"
+        raise CommandLineError(f"{both} are {how} set: choose one with {_CHOICES}")
+    if variables:
+        kind, _, value = variables[0]
+        return kind, value
     return None
 
 
@@ -340,15 +429,27 @@ def choose_store(
         if "sqlite" not in backends:
             raise CommandLineError(f"{command} needs --redis URL (or {REDIS_URL_ENV})")
         raise CommandLineError(
-            f"{command} needs a backend: --redis URL or --sqlite PATH "
-            f"(or {REDIS_URL_ENV} or {SQLITE_PATH_ENV})"
+            f"{command} needs a backend: {_CHOICES} "
+            f"(or {REDIS_URL_ENV}, {SQLITE_PATH_ENV} or {POSTGRES_DSN_ENV})"
         )
     kind, target = named
     if kind not in backends:
+        other = "a SQLite file" if kind == "sqlite" else "a PostgreSQL database"
         raise CommandLineError(
-            f"{command} works on Redis only: give --redis URL (or {REDIS_URL_ENV}), "
-            "not a SQLite file"
+            f"{command} works on Redis only: give --redis URL (or {REDIS_URL_ENV}), not {other}"
         )
+    if kind == "postgres":
+        if args.namespace is not None or args.cluster:
+            raise CommandLineError(
+                "--namespace and --cluster are Redis options: use --schema and --table-prefix"
+            )
+        return PostgresStore(
+            target,
+            getattr(args, "schema", None) or env.get(POSTGRES_SCHEMA_ENV) or "public",
+            getattr(args, "table_prefix", None) or env.get(POSTGRES_PREFIX_ENV) or "chatstate",
+        )
+    if getattr(args, "schema", None) or getattr(args, "table_prefix", None):
+        raise CommandLineError("--schema and --table-prefix are PostgreSQL options")
     if kind == "sqlite":
         if args.namespace is not None or args.cluster:
             raise CommandLineError(

@@ -9,6 +9,9 @@ from typing import Any, NoReturn
 from chatstate import __version__
 from chatstate.cli._backends import (
     NAMESPACE_ENV,
+    POSTGRES_DSN_ENV,
+    POSTGRES_PREFIX_ENV,
+    POSTGRES_SCHEMA_ENV,
     REDIS_URL_ENV,
     SQLITE_PATH_ENV,
 )
@@ -17,7 +20,7 @@ from chatstate.cli._console import scrub_url_passwords
 
 __all__ = ["build_parser"]
 
-_BACKEND_NAMES = {"redis": "Redis", "sqlite": "SQLite"}
+_BACKEND_NAMES = {"redis": "Redis", "sqlite": "SQLite", "postgres": "PostgreSQL"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,6 +48,11 @@ def _backend_options() -> _Parser:
         metavar="PATH",
         help=f"the bot's SQLite file (default: ${SQLITE_PATH_ENV})",
     )
+    group.add_argument(
+        "--postgres",
+        metavar="DSN",
+        help=f"postgresql:// URL or key=value DSN (default: ${POSTGRES_DSN_ENV})",
+    )
     group = options.add_argument_group("Redis")
     group.add_argument(
         "--namespace",
@@ -52,6 +60,17 @@ def _backend_options() -> _Parser:
         help=f"the bot's key namespace (default: ${NAMESPACE_ENV} or 'chatstate')",
     )
     group.add_argument("--cluster", action="store_true", help="the URL is a Redis Cluster node")
+    group = options.add_argument_group("PostgreSQL")
+    group.add_argument(
+        "--schema",
+        metavar="NAME",
+        help=f"the schema of the bot's tables (default: ${POSTGRES_SCHEMA_ENV} or 'public')",
+    )
+    group.add_argument(
+        "--table-prefix",
+        metavar="PREFIX",
+        help=f"the start of the tables' names (default: ${POSTGRES_PREFIX_ENV} or 'chatstate')",
+    )
     group = options.add_argument_group("output")
     group.add_argument(
         "--progress",
