@@ -633,6 +633,28 @@ class TestOnRedis(_OnEveryBackend):
     def make_service(self) -> AsyncStateService:
         return AsyncStateService(AsyncRedisBackend.from_url(self.url, namespace=self.namespace))
 
+    def test_a_store_that_cannot_list_keeps_conversations_across_a_restart(self) -> None:
+        """Redis with a key_secret: a plain Application finds its conversations after a restart."""
+        secret = register_secret("ptb-listing-key-secret-0123456789")
+
+        def persistence() -> ChatstatePersistence:
+            backend = AsyncRedisBackend.from_url(
+                self.url, namespace=self.namespace, key_secret=secret
+            )
+            return ChatstatePersistence(AsyncStateService(backend), close_service=True)
+
+        async def main() -> list[str]:
+            texts = []
+            for step in (["/start", "Ana"], ["33"]):
+                app, sent = build_app(persistence())
+                async with app:
+                    for text in step:
+                        await app.process_update(message(app, text))
+                texts += sent.texts
+            return texts
+
+        assert asyncio.run(main()) == ["What is your name?", "How old are you?", "Ana is 33"]
+
     def test_a_store_that_cannot_list_loads_each_user_with_their_first_update(self) -> None:
         """Redis with a key_secret cannot list: start-up loads no one, the first update does."""
         secret = register_secret("ptb-listing-key-secret-0123456789")

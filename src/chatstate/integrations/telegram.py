@@ -132,7 +132,9 @@ class ChatstatePersistence(BasePersistence[Data, Data, Data]):
     runs from where it started. Releases before this one kept all of a
     handler's states in one document, ``<prefix>:conversation:<name>``: it
     is still read, and each state moves to its own document when next
-    written.
+    written. Over a service that cannot list its documents (Redis with a
+    ``key_secret``) that document also keeps every state, so that start-up
+    finds them.
 
     What differs from ``PicklePersistence``:
 
@@ -171,6 +173,7 @@ class ChatstatePersistence(BasePersistence[Data, Data, Data]):
         "_close_service",
         "_conversations",
         "_legacy",
+        "_lists",
         "_states",
         "_synced",
         "prefix",
@@ -199,6 +202,9 @@ class ChatstatePersistence(BasePersistence[Data, Data, Data]):
         self._conversations: dict[str, dict[str, Any]] = {}
         # Conversation name -> the states still in the old one-document layout.
         self._legacy: dict[str, dict[str, Any]] = {}
+        # False once the service could not list documents: the old layout's document
+        # then stays the index of the states, so that start-up finds them.
+        self._lists = True
 
     @classmethod
     def from_url(
@@ -337,7 +343,8 @@ class ChatstatePersistence(BasePersistence[Data, Data, Data]):
         try:
             doc_ids = [doc_id async for doc_id in self.service.users(prefix=prefix)]
         except ConfigurationError as exc:
-            log.info("%s: each conversation is read before its updates instead", exc)
+            log.info("%s: conversation states are listed in %s too", exc, legacy_id)
+            self._lists = False
             doc_ids = []
         for start in range(0, len(doc_ids), _LOAD_BATCH):
             batch = doc_ids[start : start + _LOAD_BATCH]
@@ -416,11 +423,19 @@ class ChatstatePersistence(BasePersistence[Data, Data, Data]):
             writes.append(
                 self.service.update(doc_id, {"state": value, "update": update, "before": before})
             )
-        legacy = self._legacy.get(name, {})
-        if field in legacy:  # moved to its own document
+        legacy = self._legacy.setdefault(name, {})
+        if not self._lists:  # the index start-up reads, as the states' own documents cannot be
+            if value is None:
+                writes.append(self.service.update(self.conversation_doc(name), {field: None}))
+            else:
+                writes.append(self.service.assign(self.conversation_doc(name), {field: value}))
+        elif field in legacy:  # moved to its own document
             writes.append(self.service.update(self.conversation_doc(name), {field: None}))
         await asyncio.gather(*writes)
-        legacy.pop(field, None)
+        if self._lists or value is None:
+            legacy.pop(field, None)
+        else:
+            legacy[field] = value
         self._conversations.setdefault(name, {})[field] = value
 
     async def drop_user_data(self, user_id: int) -> None:
