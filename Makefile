@@ -129,8 +129,8 @@ mindeps:
 # rules (_rules.py), the op-id handling (_backend.py), the manager's writes and claims
 # (_manager.py) and the router core (flow/_router.py) against the fast, server-free
 # tests. Not part of `make test` or CI: about 9 minutes on 2 cores. `mutmut results`
-# lists only survivors, explained at the top of tests/test_{rules,backend,manager,router}
-# _mutants.py (equivalent, or in _manager.py outside the op-id scope: not analysed).
+# lists only survivors, each explained in docs/contributing.md ("Mutation testing":
+# equivalent, or outside the op-id and claim scope: not analysed).
 # Results are kept in mutants/ (rm -rf it after changing [tool.mutmut]); `mutmut show
 # NAME` prints one.
 MUTMUT_CHILDREN ?= 2

@@ -6,22 +6,13 @@ from chatstate import AsyncMemoryBackend, MemoryBackend, StateService
 from chatstate.exceptions import ConfigurationError
 from chatstate.state import Listing, Outcome, Snapshot, Write
 from chatstate.testing import BackendContract
-
-
-class FakeClock:
-    """A monotonic clock that only moves when told to."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from fakes import FakeClock
 
 
 class TestMemoryBackend(BackendContract):
     @pytest.fixture(autouse=True)
     def _store(self) -> None:
-        self.clock = FakeClock()
+        self.clock = FakeClock(1000.0)
         self.store = MemoryBackend(clock=self.clock)
 
     def make_backend(self) -> MemoryBackend:

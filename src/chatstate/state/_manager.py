@@ -157,12 +157,12 @@ def check_backend_async(backend: object) -> None:
 
 def check_backend_sync(backend: object) -> None:
     """Refuse a non-backend, or one whose ``apply`` is a coroutine function (the async twin's)."""
-    if not isinstance(backend, Backend):
-        raise UsageError(f"{type(backend).__name__} is not a chatstate backend")
-    if inspect.iscoroutinefunction(backend.apply):
+    if isinstance(backend, Backend | AsyncBackend) and inspect.iscoroutinefunction(backend.apply):
         raise UsageError(
             f"{type(backend).__name__} is asynchronous: use AsyncStateManager or AsyncStateService"
         )
+    if not isinstance(backend, Backend):
+        raise UsageError(f"{type(backend).__name__} is not a chatstate backend")
 
 
 def _attempts(value: object, name: str = "max_attempts") -> int:
