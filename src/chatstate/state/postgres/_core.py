@@ -76,7 +76,9 @@ __all__ = [
 SCHEMA_VERSION: Final = 1
 """The version of the tables this chatstate reads and writes (``<prefix>_meta``)."""
 DEFAULT_SCHEMA: Final = "public"
+"""The schema the tables live in unless ``schema=`` says otherwise."""
 DEFAULT_PREFIX: Final = "chatstate"
+"""The start of the tables' names unless ``table_prefix=`` says otherwise."""
 
 _IDENTIFIER: Final = re.compile(r"[a-z_][a-z0-9_]{0,39}")
 
