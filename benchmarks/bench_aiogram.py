@@ -17,7 +17,9 @@ one after the other, as polling with ``handle_as_tasks`` runs them. Setups:
 
 The setups take turns over ``--rounds`` rounds (fresh users each round), so the
 machine's noise falls on all alike; msgs/s is the median of the rounds, the ratio
-the median of the per-round ratios against aiogram's safe setup. Redis commands
+the median of the per-round ratios against aiogram's safe setup. The client CPU
+per message (this process's, median of the rounds; its ratio is safe / setup)
+moves less than msgs/s when other work shares the machine. Redis commands
 and server time per message are ``INFO commandstats`` deltas (commands that
 scripts run included; ``EVALSHA`` is what the client sent as scripts).
 
@@ -140,6 +142,7 @@ class RecordingSession(BaseSession):
     def __init__(self) -> None:
         super().__init__()
         self.replies: list[tuple[int, int, str]] = []  # (chat, update id, text)
+        self.cpu = 0.0  # seconds of this process's CPU the run took
         self._ids = itertools.count(1)
 
     async def make_request(
@@ -207,7 +210,7 @@ def build(setup: str, url: str, prefix: str) -> tuple[Dispatcher, Callable[[], A
 async def run(
     setup: str, url: str, users: range, *, ids: itertools.count[int], duplicates: float, seed: int
 ) -> tuple[float, RecordingSession]:
-    """Feed every user's six messages (users at once); return the seconds it took."""
+    """Feed every user's six messages (users at once); return the seconds it took, the replies."""
     dp, close = build(setup, url, f"b{seed}")
     session = RecordingSession()
     bot = Bot(TOKEN, session=session)
@@ -232,10 +235,11 @@ async def run(
             else:
                 await feed(update)
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(user_task(u) for u in users))
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     await close()
+    session.cpu = cpu
     return elapsed, session
 
 
@@ -270,9 +274,10 @@ def wrong(session: RecordingSession, users: range) -> tuple[int, int]:
 
 def throughput(
     client: redis.Redis, url: str, users: int, rounds: int, ids: itertools.count[int]
-) -> tuple[dict[str, list[float]], dict[str, Counter[str]], int]:
-    """Rates per round and commandstats deltas of every setup, the setups taking turns."""
+) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, Counter[str]], int]:
+    """Rates and CPU per message per round, commandstats deltas; the setups taking turns."""
     rates: defaultdict[str, list[float]] = defaultdict(list)
+    cpus: defaultdict[str, list[float]] = defaultdict(list)
     stats: defaultdict[str, Counter[str]] = defaultdict(Counter)
     base = 0
     for round_ in range(rounds + 1):  # round 0 warms up (scripts loaded, imports done)
@@ -287,14 +292,23 @@ def throughput(
             assert wrong(session, block) == (0, 0), setup
             if round_:
                 rates[setup].append(users * STEPS / elapsed)
+                cpus[setup].append(session.cpu / (users * STEPS) * 1e6)
                 stats[setup] += delta(after, before)
         client.flushall()
-    return rates, stats, base
+    return rates, cpus, stats, base
 
 
-def report(rates: dict[str, list[float]], stats: dict[str, Counter[str]], users: int) -> None:
+def report(
+    rates: dict[str, list[float]],
+    cpus: dict[str, list[float]],
+    stats: dict[str, Counter[str]],
+    users: int,
+) -> None:
     safe = rates[SAFE]
-    head = f"{'msgs/s':>8} {'vs safe':>8} {'cmds/msg':>9} {'EVALSHA':>8} {'µs/msg':>7}"
+    head = (
+        f"{'msgs/s':>8} {'vs safe':>8} {'cmds/msg':>9} {'EVALSHA':>8} {'server µs':>10} "
+        f"{'client CPU µs':>14} {'vs safe':>8}"
+    )
     print(f"{'setup':<50} {head}")
     for setup in SETUPS:
         n = users * STEPS * len(rates[setup])
@@ -302,9 +316,12 @@ def report(rates: dict[str, list[float]], stats: dict[str, Counter[str]], users:
         usec = sum(v for k, v in stats[setup].items() if k.startswith("usec:"))
         evalsha = stats[setup]["calls:evalsha"] + stats[setup]["calls:eval"]
         ratio = statistics.median(r / s for r, s in zip(rates[setup], safe, strict=True))
+        cpu = statistics.median(cpus[setup])
+        cpu_ratio = statistics.median(s / c for c, s in zip(cpus[setup], cpus[SAFE], strict=True))
         print(
             f"{setup:<50} {statistics.median(rates[setup]):>8,.0f} {ratio:>7.2f}x "
-            f"{calls / n:>9.1f} {evalsha / n:>8.1f} {usec / n:>7.1f}"
+            f"{calls / n:>9.1f} {evalsha / n:>8.1f} {usec / n:>10.1f} {cpu:>14,.0f} "
+            f"{cpu_ratio:>7.2f}x"
         )
     print("\nper-round msgs/s:")
     for setup in SETUPS:
@@ -345,8 +362,8 @@ def main() -> None:
     try:
         version = client.info("server")["redis_version"]
         print(f"Redis {version}, {args.users} users x {STEPS} messages, {args.rounds} rounds\n")
-        rates, stats, base = throughput(client, server.url, args.users, args.rounds, ids)
-        report(rates, stats, args.users)
+        rates, cpus, stats, base = throughput(client, server.url, args.users, args.rounds, ids)
+        report(rates, cpus, stats, args.users)
         duplicates_pass(client, server.url, args.users, share=args.duplicates, ids=ids, base=base)
     finally:
         client.close()
