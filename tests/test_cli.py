@@ -81,8 +81,9 @@ def test_exactly_one_backend_is_chosen(
     code, _, err = cli(capsys, "users")
     assert code == 2
     assert err == (
-        "chatstate users: error: users needs a backend: --redis URL or --sqlite PATH "
-        "(or CHATSTATE_REDIS_URL or CHATSTATE_SQLITE_PATH)\n"
+        "chatstate users: error: users needs a backend: --redis URL, --sqlite PATH or "
+        "--postgres DSN (or CHATSTATE_REDIS_URL, CHATSTATE_SQLITE_PATH or "
+        "CHATSTATE_POSTGRES_DSN)\n"
     )
     code, _, err = cli(capsys, "users", "--sqlite", str(path), "--redis", "redis://127.0.0.1:1")
     assert code == 2

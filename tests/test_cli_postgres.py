@@ -17,6 +17,8 @@ from chatstate import StateService
 from chatstate.cli import main
 from chatstate.state.postgres import PostgresBackend
 
+pytestmark = pytest.mark.postgres
+
 _prefixes = itertools.count()
 
 

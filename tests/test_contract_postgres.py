@@ -17,6 +17,8 @@ from chatstate.state.postgres import AsyncPostgresBackend, PostgresBackend
 from chatstate.testing import BackendContract
 from fakes import FakeClock
 
+pytestmark = pytest.mark.postgres
+
 _prefixes = itertools.count()
 
 

@@ -25,6 +25,8 @@ from chatstate.exceptions import (
 from chatstate.state import StateService
 from chatstate.state.postgres import AsyncPostgresBackend, PostgresBackend, install_sql
 
+pytestmark = pytest.mark.postgres
+
 
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[servers.Postgres]:

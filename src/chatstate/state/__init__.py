@@ -1,8 +1,9 @@
 """Per-user state: merge rules, services, the manager and the backends.
 
-The Redis backends (the :mod:`chatstate.state.redis` package) are imported on
-first use (``chatstate.state.RedisBackend``), so that a bot on the memory
-backend never loads redis-py.
+The Redis backends (the :mod:`chatstate.state.redis` package) and the
+PostgreSQL backends (:mod:`chatstate.state.postgres`) are imported on first use
+(``chatstate.state.RedisBackend``, ``chatstate.state.PostgresBackend``), so that
+a bot on the memory backend never loads redis-py or psycopg.
 """
 
 from typing import TYPE_CHECKING, Any
@@ -85,6 +86,7 @@ __all__ = [
     "AsyncListing",
     "AsyncLocking",
     "AsyncMemoryBackend",
+    "AsyncPostgresBackend",
     "AsyncRedisBackend",
     "AsyncSqliteBackend",
     "AsyncStateManager",
@@ -110,6 +112,7 @@ __all__ = [
     "Operation",
     "Outcome",
     "ParsedKey",
+    "PostgresBackend",
     "RedisBackend",
     "Release",
     "Renew",
@@ -136,13 +139,21 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from chatstate.state.postgres import AsyncPostgresBackend, PostgresBackend
     from chatstate.state.redis import AsyncRedisBackend, KeyScheme, ParsedKey, RedisBackend
 
 _LAZY = frozenset({"RedisBackend", "AsyncRedisBackend", "KeyScheme", "ParsedKey"})
+_LAZY_POSTGRES = frozenset({"PostgresBackend", "AsyncPostgresBackend"})
 
 
 def __getattr__(name: str) -> Any:
-    """Import the Redis backends (and redis-py) when they are first asked for."""
+    """Import the Redis or PostgreSQL backends (redis-py, psycopg) when first asked for."""
+    if name in _LAZY_POSTGRES:
+        from chatstate.state import postgres  # noqa: PLC0415 - psycopg loads on demand
+
+        value = getattr(postgres, name)
+        globals()[name] = value
+        return value
     if name in _LAZY:
         from chatstate.state import redis  # noqa: PLC0415 - redis-py loads on demand
 
@@ -153,4 +164,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+    return sorted({*globals(), *_LAZY, *_LAZY_POSTGRES})
