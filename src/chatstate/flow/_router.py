@@ -1125,7 +1125,12 @@ class _RouterCore(Generic[DepsT]):
                     plan = _Plan(reminded, got, "reminded", flow_cls.name, ctx.step or "")
                     nxt = self._next_deadline(reminded)
                     following_at = None if nxt is None else nxt[1]
-            await self._reschedule(user_id, doc, now_ms, following_at, fired=[k for k, *_ in sched])
+            # Held (at least once, or resends): the index moves after the commit, under the
+            # claim, so a process killed in between leaves it early, never late.
+            held = keep or bool(resends)
+            if not held:
+                fired_keys = [k for k, *_ in sched]
+                await self._reschedule(user_id, doc, now_ms, following_at, fired=fired_keys)
             if starts and ctx._next_flow is None:  # noqa: SLF001 - the router's own staging
                 ctx._next_flow = starts[-1]  # noqa: SLF001
             plan.replies = [*replies, *plan.replies]
@@ -1135,7 +1140,14 @@ class _RouterCore(Generic[DepsT]):
             if stored:
                 await self._stage_outbox(state, claim, doc=doc, key=key, replies=sent, now=now)
             hold = stored or bool(resends)
-            outcome = await claim.commit(keep=True) if hold else await claim.commit()
+            if held:
+                outcome = await claim.commit(keep=True)
+                if outcome.status != "duplicate":
+                    await self._reschedule_after(state, user_id, outcome, now_ms)
+                if not hold:
+                    await claim.release()
+            else:
+                outcome = await claim.commit()
         except BaseException:
             with contextlib.suppress(Exception):
                 await claim.release()
@@ -1148,6 +1160,16 @@ class _RouterCore(Generic[DepsT]):
             observe.notify_flow_step(plan.flow_name, plan.step_name, plan.outcome)
         parcels = [*resends, _Parcel(key, sent, stored=stored)] if sent else resends
         return _Fired(user_id, parcels, claim if hold else None)
+
+    async def _reschedule_after(
+        self, state: _StateLike, user_id: str, outcome: Outcome, now_ms: int
+    ) -> None:
+        """Index the user's next wake-up from the document just committed (still claimed)."""
+        del outcome  # a backend may answer a write without the document (Redis does)
+        doc = await state.get(user_id)
+        active = doc.get(self.flow_field)
+        following = self._next_deadline(active) if isinstance(active, dict) else None
+        await self._reschedule(user_id, doc, now_ms, following and following[1])
 
     async def _close_fired(self, fired: _Fired, sent: list[str]) -> None:
         """Acknowledge the stored replies that were sent; the rest stay for a resend."""
