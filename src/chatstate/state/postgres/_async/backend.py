@@ -384,22 +384,34 @@ class AsyncPostgresBackend:
     ) -> Outcome:
         """Read the row under ``FOR UPDATE``, plan, store: two pipelined round trips."""
         stored: Row | None = None
-        async with conn.pipeline(), conn.transaction():
-            await conn.execute(self.tables.placeholder, (user_id,))
-            cur = await conn.execute(self.tables.select_for_update, (user_id,))
-            row = Row.read(await cur.fetchone())
-            outcome, new = plan(user_id, row, write, self._now_ms())
-            if new is UNCHANGED:
-                # Nothing to store; the placeholder, if it is ours, goes with the rollback.
-                stored = row if row.rev else NO_ROW
-                raise psycopg.Rollback
-            if new is None:
-                await conn.execute(self.tables.delete, (user_id, row.rev))
-                stored = NO_ROW
-            else:
-                assert isinstance(new, Row)
-                await conn.execute(self.tables.update, (new.rev, *new.values(), user_id, row.rev))
-                stored = new
+        outcome: Outcome | None = None
+        try:
+            async with conn.pipeline(), conn.transaction():
+                await conn.execute(self.tables.placeholder, (user_id,))
+                cur = await conn.execute(self.tables.select_for_update, (user_id,))
+                row = Row.read(await cur.fetchone())
+                outcome, new = plan(user_id, row, write, self._now_ms())
+                if new is UNCHANGED:
+                    # Nothing to store; the placeholder, if it is ours, goes with the rollback.
+                    stored = row if row.rev else NO_ROW
+                    raise psycopg.Rollback  # noqa: TRY301 - psycopg's way to roll back a block
+                if new is None:
+                    await conn.execute(self.tables.delete, (user_id, row.rev))
+                    stored = NO_ROW
+                else:
+                    assert isinstance(new, Row)
+                    await conn.execute(
+                        self.tables.update, (new.rev, *new.values(), user_id, row.rev)
+                    )
+                    stored = new
+        except psycopg.Rollback:
+            # It escapes only when the rollback itself failed: the connection broke, and
+            # the server rolls the unfinished transaction back. Nothing was to be stored,
+            # and the outcome was decided under the row lock; the connection is not trusted
+            # for the cache.
+            assert outcome is not None
+            return outcome
+        assert outcome is not None
         if stored is not None:
             self._cache.put(user_id, stored)
         return outcome
