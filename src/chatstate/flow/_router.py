@@ -1412,6 +1412,10 @@ class Router(_RouterCore[DepsT]):
         clock: Unix seconds, for messages without a timestamp and for :meth:`due`.
         lease: A message's claim lapses after this long if its handler dies.
         wait: How long a message waits while another message of the user is handled.
+        outbox_field: The top-level field where :meth:`deliver` keeps replies.
+        resend_after: Replies unacknowledged this long are resent (``None``: never).
+        scheduled_field: The top-level field holding scheduled messages.
+        broadcast_field: The top-level field recording the broadcasts a user got.
 
     Raises:
         UsageError: the service is an :class:`~chatstate.AsyncStateService`, an
