@@ -66,6 +66,7 @@ BOT_TOKEN = "42:TEST-TOKEN"
 KEY = StorageKey(bot_id=42, chat_id=-100, user_id=7)
 TASKS = 50
 PROCESSES = 4
+HANG_GUARD = 600  # seconds: a guard against a hang, never a pace
 ROUNDS = 25
 
 
@@ -603,7 +604,10 @@ def test_four_processes_update_data_lose_nothing(redis_url: str, namespace: str,
     loses at least the other 3 processes' last keys whatever the timing.
     """
     ctx = multiprocessing.get_context("spawn")
-    barrier = ctx.Barrier(PROCESSES, timeout=60)
+    # The timeouts only keep a dead process from hanging the run: a spawned process
+    # importing aiogram on a loaded machine can take most of a minute to reach the
+    # barrier (60 s failed once so), and the barrier decides the interleaving, not time.
+    barrier = ctx.Barrier(PROCESSES, timeout=HANG_GUARD)
     procs = [
         ctx.Process(target=_process_worker, args=(kind, redis_url, namespace, p, barrier))
         for p in range(PROCESSES)
@@ -611,7 +615,7 @@ def test_four_processes_update_data_lose_nothing(redis_url: str, namespace: str,
     for p in procs:
         p.start()
     for p in procs:
-        p.join(120)
+        p.join(HANG_GUARD)
         assert p.exitcode == 0
 
     async def read() -> int:
@@ -648,7 +652,7 @@ def test_four_processes_of_fifty_tasks_lose_nothing(redis_url: str, namespace: s
     for p in procs:
         p.start()
     for p in procs:
-        p.join(120)
+        p.join(HANG_GUARD)
         assert p.exitcode == 0
 
     async def read() -> dict[str, Any]:
