@@ -680,21 +680,45 @@ def test_isolation_lets_other_keys_run_alongside() -> None:
     asyncio.run(main())
 
 
-def test_isolation_refuses_a_backend_without_locks() -> None:
-    """A backend with no lock() is refused when the isolation is made, not when it is used."""
+def test_isolation_needs_no_backend_locks() -> None:
+    """A backend with only load/apply (no lock()) isolates too: the lock is a claim, a write."""
 
     class NoLocks:
-        async def load(self, user_id: str) -> None:
-            return None
+        def __init__(self) -> None:
+            self.store = AsyncMemoryBackend()
+
+        async def load(self, user_id: str) -> Any:
+            return await self.store.load(user_id)
 
         async def apply(self, user_id: str, write: Any) -> Any:
-            raise NotImplementedError
+            return await self.store.apply(user_id, write)
 
         async def aclose(self) -> None:
             pass
 
-    with pytest.raises(chatstate.UsageError, match="lock"):
-        ChatstateEventIsolation(AsyncStateService(NoLocks()))
+    async def main() -> list[str]:
+        isolation = ChatstateEventIsolation(AsyncStateService(NoLocks()), wait=5)
+        order: list[str] = []
+        first_in = asyncio.Event()
+
+        async def first() -> None:
+            async with isolation.lock(KEY):
+                order.append("first in")
+                first_in.set()
+                await asyncio.sleep(0)  # the second is waiting meanwhile, not running
+                await asyncio.sleep(0)
+                order.append("first out")
+
+        async def second() -> None:
+            await first_in.wait()
+            async with isolation.lock(KEY):
+                order.append("second in")
+
+        await asyncio.gather(first(), second())
+        await isolation.close()
+        return order
+
+    assert asyncio.run(main()) == ["first in", "first out", "second in"]
     with pytest.raises(ConfigurationError):
         ChatstateEventIsolation(AsyncStateService(), wait=0)
 

@@ -85,8 +85,10 @@ def test_no_private_name_is_borrowed_across_rooms() -> None:
 @pytest.mark.parametrize("start", sorted(_modules()))
 @pytest.mark.parametrize("late", [False, True], ids=["loading", "late-imports-too"])
 def test_no_import_circle(start: str, late: bool) -> None:
-    """No module imports itself back: through the imports run when it is loaded, nor
-    through the late ones inside functions (which only hide a circle)."""
+    """No module imports itself back, through the imports run when it is loaded.
+
+    Nor through the late ones inside functions, which only hide a circle.
+    """
     trees = _modules()
     edges = {
         name: {
@@ -113,3 +115,28 @@ def test_no_import_circle(start: str, late: bool) -> None:
                 path.pop()
 
     visit(start)
+
+
+CAPABILITIES = frozenset(
+    {
+        "load", "apply", "close", "aclose", "users", "lock", "erase", "ping", "describe",
+        "schedule", "unschedule", "due", "renew_lock", "try_lock", "unlock", "purge",
+        "stores_schema", "kind",
+    }
+)  # fmt: skip
+
+
+def test_no_capability_is_found_by_name() -> None:
+    """A backend's capabilities are protocols checked with isinstance, never getattr/hasattr."""
+    found = [
+        f"{name}:{node.lineno} {node.func.id}(..., {node.args[1].value!r})"
+        for name, tree in _modules().items()
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id in {"getattr", "hasattr"}
+        and len(node.args) >= 2
+        and isinstance(node.args[1], ast.Constant)
+        and node.args[1].value in CAPABILITIES
+    ]
+    assert not found, found

@@ -63,7 +63,6 @@ from chatstate.exceptions import (
     ConfigurationError,
     LockLostError,
     LockTimeoutError,
-    UsageError,
     UserBusyError,
 )
 from chatstate.state import AsyncClaim, AsyncRedisBackend, AsyncStateService
@@ -568,8 +567,8 @@ class ChatstateEventIsolation(BaseEventIsolation):
         wait: How long an event waits for the key before
             :class:`~chatstate.LockTimeoutError`.
 
-    Raises:
-        UsageError: the service's backend has no ``lock``.
+    Any backend isolates events: a claim is a write, which every backend
+    applies (no :class:`~chatstate.state.backend.Locking` is needed).
     """
 
     def __init__(
@@ -580,9 +579,6 @@ class ChatstateEventIsolation(BaseEventIsolation):
         lease: float | timedelta = DEFAULT_LEASE,
         wait: float | timedelta = 60.0,
     ) -> None:
-        backend = service.manager.backend
-        if not callable(getattr(backend, "lock", None)):
-            raise UsageError(f"{type(backend).__name__} has no lock(): it cannot isolate events")
         self.service = service
         self.key_builder = key_builder if key_builder is not None else ChatstateKeyBuilder()
         self.lease = _seconds(lease)
