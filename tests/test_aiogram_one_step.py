@@ -20,13 +20,8 @@ from aiogram.fsm.storage.base import StorageKey
 from aiogram.types import ErrorEvent, Message, Poll, PollOption, Update
 from redis.asyncio import Redis
 
-from chatstate import (
-    AsyncMemoryBackend,
-    AsyncRedisBackend,
-    AsyncStateService,
-    LockTimeoutError,
-    SerializationError,
-)
+from chatstate import AsyncMemoryBackend, AsyncRedisBackend, AsyncStateService
+from chatstate.exceptions import LockTimeoutError, SerializationError
 from chatstate.integrations.aiogram import (
     ChatstateDedupeMiddleware,
     ChatstateEventIsolation,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from chatstate import (
+from chatstate.exceptions import (
     CorruptStateError,
     CounterError,
     OpIdReusedError,

@@ -24,17 +24,10 @@ from chatstate import (
     AsyncRedisBackend,
     AsyncStateService,
     CachedUser,
-    ExpiredTokenError,
-    ImmatureTokenError,
-    InvalidTokenError,
-    LockLostError,
     MemoryBackend,
-    PreservedFieldError,
     RedisBackend,
     StateData,
-    StateError,
     StateService,
-    TokenRefreshError,
 )
 from chatstate.auth import (
     ApiClient,
@@ -49,7 +42,17 @@ from chatstate.auth import (
     read_token,
     set_jwt_token,
 )
-from chatstate.exceptions import RedactedError, UsageError
+from chatstate.exceptions import (
+    ExpiredTokenError,
+    ImmatureTokenError,
+    InvalidTokenError,
+    LockLostError,
+    PreservedFieldError,
+    RedactedError,
+    StateError,
+    TokenRefreshError,
+    UsageError,
+)
 from conftest import register_secret
 from strategies import patches
 

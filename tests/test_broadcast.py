@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from chatstate import AsyncStateService, StateService, UsageError
+from chatstate import AsyncStateService, StateService
+from chatstate.exceptions import UsageError
 from chatstate.flow import AsyncRouter, BroadcastProgress, Menu, MenuItem, Router, render_text
 from chatstate.state import AsyncMemoryBackend, MemoryBackend
 from fakes import FakeClock

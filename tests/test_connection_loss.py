@@ -23,15 +23,8 @@ import redis.exceptions as rex
 from redis.cluster import RedisCluster
 
 import servers
-from chatstate import (
-    AsyncRedisBackend,
-    AsyncStateService,
-    BackendUnavailable,
-    OutcomeUnknown,
-    RedisBackend,
-    RetryPolicy,
-    StateService,
-)
+from chatstate import AsyncRedisBackend, AsyncStateService, RedisBackend, RetryPolicy, StateService
+from chatstate.exceptions import BackendUnavailable, OutcomeUnknown
 from chatstate.state import StateManager
 from chatstate.state._memory import MemoryBackend
 from proxy import ReplyDroppingProxy

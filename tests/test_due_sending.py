@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from chatstate import AsyncStateService, ConfigurationError, StateService, UsageError
+from chatstate import AsyncStateService, StateService
+from chatstate.exceptions import ConfigurationError, UsageError
 from chatstate.flow import AsyncRouter, Menu, MenuItem, RateLimit, Router, render_text
 from chatstate.state import AsyncMemoryBackend, MemoryBackend
 from fakes import START, FakeClock

@@ -20,17 +20,15 @@ from chatstate import (
     AsyncMemoryBackend,
     AsyncStateService,
     CachedUser,
-    DecryptionError,
     FieldEncryption,
     MemoryBackend,
     RedisBackend,
-    SecretFieldError,
     StateData,
     StateService,
 )
 from chatstate.__main__ import main
 from chatstate.auth import get_valid_token, set_jwt_token
-from chatstate.exceptions import ConfigurationError
+from chatstate.exceptions import ConfigurationError, DecryptionError, SecretFieldError
 from conftest import register_secret
 
 KEY_A = FieldEncryption.generate_key()

@@ -14,17 +14,13 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 import servers
-from chatstate import (
-    AsyncRedisBackend,
-    AsyncStateService,
+from chatstate import AsyncRedisBackend, AsyncStateService, RedisBackend, StateData, StateService
+from chatstate.exceptions import (
     BackendAuthenticationError,
     BackendPermissionError,
     BackendUnavailable,
     CorruptStateError,
     OutcomeUnknown,
-    RedisBackend,
-    StateData,
-    StateService,
     StateTooLargeError,
     StoreBusyError,
 )

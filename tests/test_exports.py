@@ -64,10 +64,10 @@ def test_version_comes_from_metadata() -> None:
 
 def test_errors_subclass_the_builtins_they_resemble() -> None:
     """Validation errors are ValueErrors; unavailability is a ConnectionError."""
-    assert issubclass(chatstate.SerializationError, ValueError)
-    assert issubclass(chatstate.BackendUnavailable, ConnectionError)
-    assert issubclass(chatstate.OutcomeUnknown, chatstate.BackendUnavailable)
-    assert issubclass(chatstate.StateError, chatstate.ChatstateError)
+    assert issubclass(chatstate.exceptions.SerializationError, ValueError)
+    assert issubclass(chatstate.exceptions.BackendUnavailable, ConnectionError)
+    assert issubclass(chatstate.exceptions.OutcomeUnknown, chatstate.exceptions.BackendUnavailable)
+    assert issubclass(chatstate.exceptions.StateError, chatstate.ChatstateError)
 
 
 def test_redis_py_loads_only_with_a_redis_backend() -> None:
@@ -85,3 +85,15 @@ def test_redis_py_loads_only_with_a_redis_backend() -> None:
         "assert 'redis' in sys.modules and 'RedisBackend' in dir(chatstate)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_moved_names_still_resolve_with_a_warning_that_says_where() -> None:
+    """An error or manager name the top level exported before resolves, deprecated."""
+    with pytest.warns(DeprecationWarning, match=r"import it from chatstate\.exceptions"):
+        moved = chatstate.UsageError  # type: ignore[attr-defined]
+    assert moved is chatstate.exceptions.UsageError
+    with pytest.warns(DeprecationWarning, match=r"import it from chatstate\.state"):
+        assert chatstate.StateManager is chatstate.state.StateManager  # type: ignore[attr-defined]
+    assert len(chatstate.__all__) <= 25, "the top level keeps the everyday names only"
+    with pytest.raises(AttributeError):
+        chatstate.NoSuchThing  # type: ignore[attr-defined]  # noqa: B018

@@ -17,14 +17,12 @@ from hypothesis import strategies as st
 from chatstate import (
     AsyncMemoryBackend,
     AsyncStateService,
-    InvalidFlowDefinition,
-    InvalidScreenError,
     MemoryBackend,
     RedisBackend,
     StateData,
     StateService,
-    UsageError,
 )
+from chatstate.exceptions import InvalidFlowDefinition, InvalidScreenError, UsageError
 from chatstate.flow import (
     DONE,
     AsyncRouter,

@@ -11,16 +11,14 @@ from typing import Any
 import jwt
 import pytest
 
-from chatstate import (
-    AsyncStateService,
+from chatstate import AsyncStateService, StateData, StateService
+from chatstate.exceptions import (
+    ConfigurationError,
     InvalidFlowDefinition,
     InvalidMessageError,
     InvalidScreenError,
-    StateData,
-    StateService,
     UsageError,
 )
-from chatstate.exceptions import ConfigurationError
 from chatstate.flow import (
     DONE,
     AsyncRouter,

@@ -9,13 +9,8 @@ from typing import Any
 
 import pytest
 
-from chatstate import (
-    AsyncRedisBackend,
-    AsyncStateService,
-    RedisBackend,
-    StateService,
-    UsageError,
-)
+from chatstate import AsyncRedisBackend, AsyncStateService, RedisBackend, StateService
+from chatstate.exceptions import UsageError
 from chatstate.flow import AsyncRouter, Flow, Menu, MenuItem, Message, Router, Step, render_text
 from chatstate.state import AsyncMemoryBackend, MemoryBackend
 from chatstate.testing import AsyncConversation, Conversation

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from chatstate import AsyncStateService, InvalidMessageError, StateService, UsageError
-from chatstate.exceptions import ConfigurationError
+from chatstate import AsyncStateService, StateService
+from chatstate.exceptions import ConfigurationError, InvalidMessageError, UsageError
 from chatstate.flow import AsyncRouter, Flow, Menu, MenuItem, Message, Router, Step, render_text
 
 
@@ -110,7 +110,7 @@ def test_run_due_sleeps_after_a_failing_round(monkeypatch: pytest.MonkeyPatch) -
             raise asyncio.CancelledError
         await real_sleep(0)
 
-    monkeypatch.setattr(router, "due", failing_due)
+    monkeypatch.setattr(router.service.manager.backend, "due", failing_due)  # the index read
     monkeypatch.setattr(asyncio, "sleep", sleep)
 
     async def send(user_id: str, replies: list[Any]) -> None:
@@ -142,14 +142,14 @@ def test_run_due_sleeps_after_a_failing_round(monkeypatch: pytest.MonkeyPatch) -
 def test_wrong_step_arguments_fail_when_the_step_is_made(
     kwargs: dict[str, Any], match: str
 ) -> None:
-    from chatstate import InvalidFlowDefinition
+    from chatstate.exceptions import InvalidFlowDefinition
 
     with pytest.raises(InvalidFlowDefinition, match=match):
         Step(**kwargs)
 
 
 def test_wrong_flow_attributes_fail_when_the_class_is_made() -> None:
-    from chatstate import InvalidFlowDefinition
+    from chatstate.exceptions import InvalidFlowDefinition
 
     for attrs_, match in [
         ({"cancel_words": "cancel"}, "set of words"),
@@ -174,7 +174,7 @@ def test_command_words_are_matched_whatever_their_case() -> None:
 
 
 def test_router_and_menu_arguments_are_checked() -> None:
-    from chatstate import InvalidScreenError
+    from chatstate.exceptions import InvalidScreenError
 
     svc = StateService()
     menu = Menu("M", [MenuItem("go", "Go", flow=Two)])
@@ -209,7 +209,8 @@ def test_conversations_refuse_the_wrong_twin_and_another_user() -> None:
     [{"max_connections": 0}, {"max_connections": "x"}, {"pool_timeout": -1}, {"cluster": "yes"}],
 )
 def test_from_url_checks_the_connection_options(kwargs: dict[str, Any]) -> None:
-    from chatstate import AsyncRedisBackend, ConfigurationError, RedisBackend
+    from chatstate import AsyncRedisBackend, RedisBackend
+    from chatstate.exceptions import ConfigurationError
 
     with pytest.raises(ConfigurationError):
         RedisBackend.from_url("redis://127.0.0.1:1/0", **kwargs)

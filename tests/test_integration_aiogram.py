@@ -46,13 +46,8 @@ from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 import chatstate
-from chatstate import (
-    AsyncMemoryBackend,
-    AsyncRedisBackend,
-    AsyncStateService,
-    ConfigurationError,
-    SerializationError,
-)
+from chatstate import AsyncMemoryBackend, AsyncRedisBackend, AsyncStateService
+from chatstate.exceptions import ConfigurationError, SerializationError
 from chatstate.integrations.aiogram import (
     ChatstateDedupeMiddleware,
     ChatstateEventIsolation,

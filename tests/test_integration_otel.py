@@ -19,13 +19,12 @@ from opentelemetry.trace import SpanKind, StatusCode
 from chatstate import (
     AsyncRedisBackend,
     AsyncStateService,
-    CorruptStateError,
     MemoryBackend,
-    PreservedFieldError,
     RedisBackend,
     StateData,
     StateService,
 )
+from chatstate.exceptions import CorruptStateError, PreservedFieldError
 from chatstate.integrations.otel import OTelObserver, probe_system
 from chatstate.observe import add_observer, remove_observer
 

@@ -12,17 +12,9 @@ import pytest
 import redis
 from prometheus_client import CollectorRegistry, generate_latest
 
-from chatstate import (
-    AsyncRedisBackend,
-    AsyncStateService,
-    CorruptStateError,
-    PreservedFieldError,
-    RedisBackend,
-    StateData,
-    StateService,
-    TokenRefreshError,
-)
+from chatstate import AsyncRedisBackend, AsyncStateService, RedisBackend, StateData, StateService
 from chatstate.auth import get_valid_token
+from chatstate.exceptions import CorruptStateError, PreservedFieldError, TokenRefreshError
 from chatstate.integrations.prometheus import PrometheusObserver
 from chatstate.observe import add_observer, notify_flow_step, remove_observer
 from conftest import register_secret

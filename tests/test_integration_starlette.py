@@ -21,7 +21,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 import servers
-from chatstate import AsyncRedisBackend, AsyncStateService, MemoryBackend, StateService, UsageError
+from chatstate import AsyncRedisBackend, AsyncStateService, MemoryBackend, StateService
+from chatstate.exceptions import UsageError
 from chatstate.integrations.starlette import (
     STATE_KEY,
     chatstate_lifespan,

@@ -36,15 +36,8 @@ from telegram.ext import (
 from telegram.ext._utils.types import CDCData
 from telegram.request import BaseRequest, RequestData
 
-from chatstate import (
-    AsyncMemoryBackend,
-    AsyncRedisBackend,
-    AsyncSqliteBackend,
-    AsyncStateService,
-    ConfigurationError,
-    LockTimeoutError,
-    SerializationError,
-)
+from chatstate import AsyncMemoryBackend, AsyncRedisBackend, AsyncSqliteBackend, AsyncStateService
+from chatstate.exceptions import ConfigurationError, LockTimeoutError, SerializationError
 from chatstate.integrations.telegram import (
     ChatstateApplication,
     ChatstatePersistence,

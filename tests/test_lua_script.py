@@ -15,7 +15,8 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from chatstate import CorruptStateError, RedisBackend, StateData, StateService
+from chatstate import RedisBackend, StateData, StateService
+from chatstate.exceptions import CorruptStateError
 from chatstate.state._backend import OPS_TRIM_AT, REMEMBERED_OPS, Edits, Increment, Write
 from chatstate.state.redis._lua import APPLY_SCRIPT, LOAD_SCRIPT, write_args
 

@@ -14,19 +14,16 @@ from datetime import timedelta
 
 import pytest
 
-from chatstate import (
-    AsyncMemoryBackend,
+from chatstate import AsyncMemoryBackend, MemoryBackend, StateData, StateService
+from chatstate._durations import _to_ms, to_ms
+from chatstate.exceptions import (
     ConfigurationError,
     InvalidOpIdError,
     InvalidUserIdError,
-    MemoryBackend,
     OpIdReusedError,
     PreservedFieldError,
-    StateData,
-    StateService,
     UsageError,
 )
-from chatstate._durations import _to_ms, to_ms
 from chatstate.state import AsyncStateManager, StateManager
 from chatstate.state._backend import Acquire, Delete, Release, Reset, new_op_id
 from chatstate.state._manager import digest_text

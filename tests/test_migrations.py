@@ -22,15 +22,17 @@ from chatstate import (
     AsyncMemoryBackend,
     AsyncRedisBackend,
     AsyncStateService,
-    BackendUnavailable,
-    ConfigurationError,
     MemoryBackend,
-    MigrationError,
     RedisBackend,
-    SchemaVersionError,
     SqliteBackend,
     StateData,
     StateService,
+)
+from chatstate.exceptions import (
+    BackendUnavailable,
+    ConfigurationError,
+    MigrationError,
+    SchemaVersionError,
     StateTooLargeError,
 )
 from chatstate.state import Replace

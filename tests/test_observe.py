@@ -16,16 +16,14 @@ import pytest
 from chatstate import (
     AsyncMemoryBackend,
     AsyncStateService,
-    BackendUnavailable,
     MemoryBackend,
-    PreservedFieldError,
     RedisBackend,
     StateData,
     StateService,
-    UsageError,
 )
 from chatstate import observe as observe_module
 from chatstate.auth import get_valid_token
+from chatstate.exceptions import BackendUnavailable, PreservedFieldError, UsageError
 from chatstate.observe import (
     LoggingObserver,
     Observer,

@@ -215,7 +215,7 @@ def test_kill_and_aof_restart_lose_no_acknowledged_async_update(
     server_kind: str, pipelining: bool
 ) -> None:
     """SIGKILL mid-load with appendfsync always: every update a task saw acknowledged is there."""
-    from chatstate import BackendUnavailable, StoreBusyError
+    from chatstate.exceptions import BackendUnavailable, StoreBusyError
 
     server = servers.start_server(server_kind, "--appendonly", "yes", "--appendfsync", "always")
     acked: dict[str, set[int]] = {f"u{i}": set() for i in range(20)}

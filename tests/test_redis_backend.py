@@ -15,19 +15,15 @@ from hypothesis import strategies as st
 from redis.cluster import key_slot
 
 import servers
-from chatstate import (
-    AsyncRedisBackend,
-    AsyncStateService,
+from chatstate import AsyncRedisBackend, AsyncStateService, RedisBackend, StateData, StateService
+from chatstate.exceptions import (
     BackendAuthenticationError,
     BackendUnavailable,
     ConfigurationError,
     CorruptStateError,
     LockLostError,
     OutcomeUnknown,
-    RedisBackend,
-    StateData,
     StateError,
-    StateService,
     StoreBusyError,
     StoreFullError,
     UsageError,

@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 import redis
 
-from chatstate import AsyncRedisBackend, AsyncStateService, RedisBackend, StateService, merge
+from chatstate import AsyncRedisBackend, AsyncStateService, RedisBackend, StateService
+from chatstate.state import merge
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 

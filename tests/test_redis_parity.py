@@ -16,15 +16,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from chatstate import (
-    ChatstateError,
-    MemoryBackend,
-    RedisBackend,
-    StateData,
-    StateError,
-    StateService,
-    StateTooLargeError,
-)
+from chatstate import ChatstateError, MemoryBackend, RedisBackend, StateData, StateService
+from chatstate.exceptions import StateError, StateTooLargeError
 from chatstate.state import (
     Acquire,
     Delete,

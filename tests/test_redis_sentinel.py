@@ -12,13 +12,8 @@ import redis
 from redis.sentinel import Sentinel
 
 import servers
-from chatstate import (
-    AsyncRedisBackend,
-    AsyncStateService,
-    BackendUnavailable,
-    RedisBackend,
-    StateService,
-)
+from chatstate import AsyncRedisBackend, AsyncStateService, RedisBackend, StateService
+from chatstate.exceptions import BackendUnavailable
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 

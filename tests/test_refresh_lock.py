@@ -28,12 +28,12 @@ from chatstate import (
     AsyncRedisBackend,
     AsyncStateService,
     CachedUser,
-    LockTimeoutError,
     RedisBackend,
     StateData,
     StateService,
 )
 from chatstate.auth import aget_valid_token, get_valid_token
+from chatstate.exceptions import LockTimeoutError
 from chatstate.state import AsyncCachedUser
 from conftest import register_secret
 

@@ -7,14 +7,11 @@ from typing import Any
 
 import pytest
 
-from chatstate import (
-    AsyncStateService,
+from chatstate import AsyncStateService, RedisBackend, RetryPolicy, StateService
+from chatstate.exceptions import (
     BackendUnavailable,
     ConfigurationError,
     ConflictError,
-    RedisBackend,
-    RetryPolicy,
-    StateService,
     UserBusyError,
 )
 from chatstate.observe import (

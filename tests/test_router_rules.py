@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from chatstate import StateService, UsageError, observe
+from chatstate import StateService, observe
+from chatstate.exceptions import UsageError
 from chatstate.flow import (
     Flow,
     Menu,
@@ -587,7 +588,7 @@ def test_the_menu_screens_follow_the_login_and_the_language() -> None:
 def test_a_user_busy_elsewhere_waits_only_the_routers_wait(monkeypatch: pytest.MonkeyPatch) -> None:
     import time
 
-    from chatstate import UserBusyError
+    from chatstate.exceptions import UserBusyError
 
     router = _router(wait=0.05)
     claim = router.service.claim("ana", "in-flight", lease=30)
@@ -603,7 +604,8 @@ def test_a_user_busy_elsewhere_waits_only_the_routers_wait(monkeypatch: pytest.M
 
 def test_a_message_id_reused_for_other_content_is_refused() -> None:
     """With a digest_key, an id that comes back with other content is refused."""
-    from chatstate import OpIdReusedError, StateData
+    from chatstate import StateData
+    from chatstate.exceptions import OpIdReusedError
 
     service = StateService(rules=StateData(digest_key="a deployment secret!"))
     router = Router(service, main_menu=MENU, clock=FakeClock())
@@ -646,7 +648,7 @@ def _took_over(service: StateService, user: str) -> bool:
     """Whether another handler can take the user's claim now (after a short sleep)."""
     import time
 
-    from chatstate import UserBusyError
+    from chatstate.exceptions import UserBusyError
 
     time.sleep(0.1)
     try:

@@ -9,8 +9,9 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from chatstate import PreservedFieldError, SerializationError, StateData, merge
-from chatstate.state import stored_size
+from chatstate import StateData
+from chatstate.exceptions import PreservedFieldError, SerializationError
+from chatstate.state import merge, stored_size
 from chatstate.state._codec import (
     decode_path,
     encode_path,
@@ -238,7 +239,8 @@ def test_corrupt_flat_forms_are_refused(parts: list[str]) -> None:
 
 def test_time_options_are_bounded() -> None:
     """Ttl and dedupe_window beyond ten years are refused (Lua would print them as 1e+14)."""
-    from chatstate import ConfigurationError, StateService
+    from chatstate import StateService
+    from chatstate.exceptions import ConfigurationError
 
     with pytest.raises(ConfigurationError):
         StateService(ttl=20 * 365 * 86400)

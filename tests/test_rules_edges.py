@@ -14,15 +14,14 @@ from types import MappingProxyType
 import pytest
 from hypothesis import given
 
-from chatstate import (
+from chatstate import StateData
+from chatstate.exceptions import (
     ConfigurationError,
     PreservedFieldError,
     SerializationError,
-    StateData,
     StateTooLargeError,
-    merge,
 )
-from chatstate.state import stored_size
+from chatstate.state import merge, stored_size
 from chatstate.state._rules import (
     DELETE,
     SET,

@@ -12,13 +12,8 @@ from typing import Any
 import pytest
 
 import servers
-from chatstate import (
-    AsyncStateService,
-    ConfigurationError,
-    RedisBackend,
-    StateService,
-    UsageError,
-)
+from chatstate import AsyncStateService, RedisBackend, StateService
+from chatstate.exceptions import ConfigurationError, UsageError
 from chatstate.flow import AsyncRouter, Flow, Menu, MenuItem, Message, Router, Step, render_text
 from chatstate.state import AsyncMemoryBackend, MemoryBackend, SqliteBackend
 from fakes import START, FakeClock

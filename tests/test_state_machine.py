@@ -6,7 +6,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from chatstate import PreservedFieldError, StateData, StateService, StateTooLargeError
+from chatstate import StateData, StateService
+from chatstate.exceptions import PreservedFieldError, StateTooLargeError
 from chatstate.state import stored_size
 from strategies import canonical, patches, rfc7396
 

@@ -1,62 +1,29 @@
-"""chatstate: per-user conversation state and flows for chat bots, correct under concurrency."""
+"""chatstate: per-user conversation state and flows for chat bots, correct under concurrency.
 
+The top level holds what a bot uses every day: the services, the rules, the
+backends, the claim and cached-user handles, and the root of the error tree.
+Everything else lives in its module: :mod:`chatstate.exceptions` (every error),
+:mod:`chatstate.state` (the manager and the merge helpers),
+:mod:`chatstate.state.backend` (for backend authors), :mod:`chatstate.flow`,
+:mod:`chatstate.auth`, :mod:`chatstate.observe`, :mod:`chatstate.testing` and
+:mod:`chatstate.integrations`.
+"""
+
+import warnings as _warnings
 from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
 from importlib.metadata import version as _version
 from typing import TYPE_CHECKING as _TYPE_CHECKING
 from typing import Any as _Any
 
+from chatstate import exceptions, state
 from chatstate._retry import RetryPolicy
-from chatstate.exceptions import (
-    BackendAuthenticationError,
-    BackendError,
-    BackendPermissionError,
-    BackendUnavailable,
-    ChatstateError,
-    ClaimLostError,
-    ConfigurationError,
-    ConflictError,
-    CorruptStateError,
-    CounterError,
-    DecryptionError,
-    ExpiredTokenError,
-    FlowError,
-    ImmatureTokenError,
-    InvalidFlowDefinition,
-    InvalidMessageError,
-    InvalidOpIdError,
-    InvalidScreenError,
-    InvalidTokenError,
-    InvalidUserIdError,
-    LockError,
-    LockLostError,
-    LockTimeoutError,
-    MigrationError,
-    OpIdReusedError,
-    OutcomeUnknown,
-    PreservedFieldError,
-    SchemaVersionError,
-    SecretFieldError,
-    SerializationError,
-    StateError,
-    StateTooLargeError,
-    StoreBusyError,
-    StoreFullError,
-    TokenError,
-    TokenRefreshError,
-    UsageError,
-    UserBusyError,
-    ValidationError,
-)
+from chatstate.exceptions import ChatstateError
 from chatstate.state import (
-    REMEMBERED_OPS,
-    AsyncBackend,
     AsyncCachedUser,
     AsyncClaim,
     AsyncMemoryBackend,
     AsyncSqliteBackend,
-    AsyncStateManager,
     AsyncStateService,
-    Backend,
     CachedUser,
     Claim,
     Document,
@@ -66,9 +33,7 @@ from chatstate.state import (
     Snapshot,
     SqliteBackend,
     StateData,
-    StateManager,
     StateService,
-    merge,
 )
 
 if _TYPE_CHECKING:
@@ -80,83 +45,60 @@ except _PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0+unknown"
 
 __all__ = [
-    "REMEMBERED_OPS",
-    "AsyncBackend",
     "AsyncCachedUser",
     "AsyncClaim",
     "AsyncMemoryBackend",
     "AsyncRedisBackend",
     "AsyncSqliteBackend",
-    "AsyncStateManager",
     "AsyncStateService",
-    "Backend",
-    "BackendAuthenticationError",
-    "BackendError",
-    "BackendPermissionError",
-    "BackendUnavailable",
     "CachedUser",
     "ChatstateError",
     "Claim",
-    "ClaimLostError",
-    "ConfigurationError",
-    "ConflictError",
-    "CorruptStateError",
-    "CounterError",
-    "DecryptionError",
     "Document",
-    "ExpiredTokenError",
     "FieldEncryption",
-    "FlowError",
-    "ImmatureTokenError",
-    "InvalidFlowDefinition",
-    "InvalidMessageError",
-    "InvalidOpIdError",
-    "InvalidScreenError",
-    "InvalidTokenError",
-    "InvalidUserIdError",
-    "LockError",
-    "LockLostError",
-    "LockTimeoutError",
     "MemoryBackend",
-    "MigrationError",
-    "OpIdReusedError",
     "Outcome",
-    "OutcomeUnknown",
-    "PreservedFieldError",
     "RedisBackend",
     "RetryPolicy",
-    "SchemaVersionError",
-    "SecretFieldError",
-    "SerializationError",
     "Snapshot",
     "SqliteBackend",
     "StateData",
-    "StateError",
-    "StateManager",
     "StateService",
-    "StateTooLargeError",
-    "StoreBusyError",
-    "StoreFullError",
-    "TokenError",
-    "TokenRefreshError",
-    "UsageError",
-    "UserBusyError",
-    "ValidationError",
     "__version__",
-    "merge",
 ]
+
+_LAZY = frozenset({"RedisBackend", "AsyncRedisBackend"})
+# Names the top level exported before 0.2; each now lives in the module named here.
+_MOVED = {
+    **{name: "chatstate.exceptions" for name in exceptions.__all__ if name != "ChatstateError"},
+    **dict.fromkeys(
+        ("REMEMBERED_OPS", "AsyncBackend", "Backend", "AsyncStateManager", "StateManager", "merge"),
+        "chatstate.state",
+    ),
+}
 
 
 def __getattr__(name: str) -> _Any:
-    """``RedisBackend`` and ``AsyncRedisBackend`` import redis-py on first use."""
-    if name in {"RedisBackend", "AsyncRedisBackend"}:
-        from chatstate import state  # noqa: PLC0415
+    """The Redis backends (importing redis-py on first use), and the moved names.
 
+    A name that moved (an error, the manager, the protocols) still resolves, with
+    a ``DeprecationWarning`` that says where it lives now.
+    """
+    if name in _LAZY:  # chatstate.state imports redis-py on first use
         value = getattr(state, name)
         globals()[name] = value
         return value
+    home = _MOVED.get(name)
+    if home is not None:
+        _warnings.warn(
+            f"chatstate.{name} moved: import it from {home} "
+            f"(the top level keeps the everyday names only; see the changelog)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(exceptions if home == "chatstate.exceptions" else state, name)
     raise AttributeError(f"module 'chatstate' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), "RedisBackend", "AsyncRedisBackend"})
+    return sorted({*globals(), *_LAZY})

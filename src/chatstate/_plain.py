@@ -22,7 +22,7 @@ def plain(value: Any, depth: int = 0) -> Any:
 
     Dict keys that are enum members become their values too. Anything else is
     left for the store to take or refuse (so a set still raises
-    :class:`~chatstate.SerializationError`).
+    :class:`~chatstate.exceptions.SerializationError`).
 
     Examples:
         >>> import enum

@@ -199,7 +199,7 @@ class ChatstateStorage(BaseStorage):
     ``RedisStorage`` stores them: an enum member as its value, a tuple as a
     list, and they are read back so (an ``IntEnum`` or ``StrEnum`` member
     equals its value; a plain ``Enum`` member does not); anything else that is
-    not JSON raises :class:`~chatstate.SerializationError` before anything is
+    not JSON raises :class:`~chatstate.exceptions.SerializationError` before anything is
     stored; the service's ``ttl`` expires a key's state and data together.
 
     Args:
@@ -565,7 +565,7 @@ class ChatstateEventIsolation(BaseEventIsolation):
             the process), so a slow handler keeps it and a killed one frees it
             within one lease (5 s by default, as the core's claims).
         wait: How long an event waits for the key before
-            :class:`~chatstate.LockTimeoutError`.
+            :class:`~chatstate.exceptions.LockTimeoutError`.
 
     Any backend isolates events: a claim is a write, which every backend
     applies (no :class:`~chatstate.state.backend.Locking` is needed).

@@ -144,7 +144,7 @@ class ChatstatePersistence(BasePersistence[Data, Data, Data]):
       member does not); a conversation state comes back as the handler's own
       state object when :meth:`register_states` was told the handler's states
       (:class:`ChatstateApplication` tells it). A write of anything else (a
-      set, a datetime, an int key) raises :class:`~chatstate.SerializationError`
+      set, a datetime, an int key) raises :class:`~chatstate.exceptions.SerializationError`
       (python-telegram-bot hands it to your error handlers) and stores nothing.
     - ``update_*_data`` writes the difference between the data and what this
       process last read or wrote, as one atomic write, so concurrent writers
@@ -700,9 +700,9 @@ class ChatstateApplication(Application[Any, Any, Any, Any, Any, Any]):
         isolate: Run one user's updates one at a time (``False``: as they come).
         lease: How long an update's claim outlives a process that died.
         dedupe_wait: With ``isolate=False``, how long a copy of an update waits
-            for the copy being handled before :class:`~chatstate.UserBusyError`.
+            for the copy being handled before :class:`~chatstate.exceptions.UserBusyError`.
         isolation_wait: How long an update (or a copy of it) waits for the
-            user's previous one before :class:`~chatstate.LockTimeoutError`.
+            user's previous one before :class:`~chatstate.exceptions.LockTimeoutError`.
         **kwargs: Passed to ``Application`` (the builder passes them).
 
     Raises:

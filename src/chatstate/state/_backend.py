@@ -106,7 +106,7 @@ class Snapshot:
     every write. ``data`` belongs to the caller: changing it changes nothing
     stored. A backend may hand over a snapshot whose data is decoded only when
     ``data`` is first read (a decoding failure then raises
-    :class:`~chatstate.CorruptStateError` from ``data``).
+    :class:`~chatstate.exceptions.CorruptStateError` from ``data``).
 
     Args:
         data: The document.
@@ -348,7 +348,7 @@ class Write:
             write that finds its own key *and* nonce recorded was applied by an
             earlier attempt of the same call and answers ``"applied"``.
         digest: A digest of the request (``""``: none). The same key with
-            another digest is refused (:class:`~chatstate.OpIdReusedError`).
+            another digest is refused (:class:`~chatstate.exceptions.OpIdReusedError`).
         ttl_ms: If set, the document expires this many milliseconds after the write.
         max_bytes: The largest stored size the result may have
             (:func:`chatstate.state.stored_size`).

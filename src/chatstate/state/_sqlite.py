@@ -248,7 +248,7 @@ class SqliteBackend:
             claims and lock leases follow it, so every process on the file must
             share it (the default, :func:`time.time`); tests pass a fake one.
         busy_timeout: How long a write waits for another process's
-            transaction before :class:`~chatstate.StoreBusyError` (seconds).
+            transaction before :class:`~chatstate.exceptions.StoreBusyError` (seconds).
         synchronous: SQLite's ``synchronous`` setting. ``"NORMAL"`` (the
             default) survives any crash of the process; a power loss may roll
             back the last writes (whole transactions, never half of one).

@@ -176,7 +176,7 @@ class AsyncStateService:
                 outcome is ``"conflict"`` with the current document.
             fingerprint: What identifies the request behind ``op_id`` (by
                 default the patch itself). The same ``op_id`` with another
-                fingerprint raises :class:`~chatstate.OpIdReusedError`. Pass the
+                fingerprint raises :class:`~chatstate.exceptions.OpIdReusedError`. Pass the
                 message's text when the patch is computed from state that may
                 have moved on (a redelivery then still counts as a duplicate).
 
@@ -385,7 +385,7 @@ class AsyncStateService:
             op_id: The message id (``None``: a claim with no dedupe).
             fingerprint: Identifies the message's content (see
                 :meth:`update_once`); a different one with the same ``op_id``
-                raises :class:`~chatstate.OpIdReusedError`.
+                raises :class:`~chatstate.exceptions.OpIdReusedError`.
             purpose: The namespace of ``op_id`` (the router uses its own, so
                 your ids and its never collide).
             lease: How long the user stays held after the holder's process
@@ -393,7 +393,7 @@ class AsyncStateService:
                 open (``heartbeat``), and lapses one lease after the last
                 renewal.
             wait: How long to wait while another message of the user is being
-                handled before :class:`~chatstate.UserBusyError`.
+                handled before :class:`~chatstate.exceptions.UserBusyError`.
             heartbeat: Renew the lease while the claim is open (from the event
                 loop; the sync twin from one thread per process). ``False``: the
                 claim lapses ``lease`` after it was taken, however long its

@@ -552,7 +552,7 @@ class _Translation:
 
     ``sent``: the connection broke after a statement may have reached the server,
     so a write may have been applied (it is re-sent; failing that, it is
-    :class:`~chatstate.OutcomeUnknown`), and a read may be sent again.
+    :class:`~chatstate.exceptions.OutcomeUnknown`), and a read may be sent again.
     """
 
     types: tuple[type[BaseException], ...]

@@ -93,13 +93,13 @@ class PostgresBackend:
         table_prefix: The start of the tables' names (``<prefix>_users``, ...),
             so several bots can share a schema.
         create: Make the tables on first use if they are missing; with
-            ``False`` a missing table is a :class:`~chatstate.BackendError`.
+            ``False`` a missing table is a :class:`~chatstate.exceptions.BackendError`.
         clock: Wall-clock seconds since the epoch. TTLs, the dedupe window,
             claims and lock leases follow it, so every process must share it
             (the default, :func:`time.time`, with NTP); tests pass a fake one.
         max_connections: The most connections the backend's own pool opens.
         pool_timeout: How long a call waits for a connection (seconds) before
-            :class:`~chatstate.BackendUnavailable`.
+            :class:`~chatstate.exceptions.BackendUnavailable`.
         connect_timeout: How long opening a connection may take (seconds).
         prepared_statements: Let psycopg prepare the statements it runs often
             (its ``prepare_threshold`` of 5). ``False`` for PgBouncer in
@@ -108,7 +108,7 @@ class PostgresBackend:
             one round trip (``0``: none; every write then takes two).
         resolve_attempts: How often a write whose connection broke is sent
             again (with its op id and nonce) before
-            :class:`~chatstate.OutcomeUnknown`.
+            :class:`~chatstate.exceptions.OutcomeUnknown`.
         purge_every: How often (seconds on ``clock``) a write also deletes the
             rows that expired; :meth:`purge` does it on demand.
 
