@@ -28,6 +28,7 @@ The tree::
     │   ├── BackendError                      the store failed
     │   │   ├── BackendUnavailable (ConnectionError)   unreachable; retrying may help
     │   │   │   └── OutcomeUnknown            a write was sent; whether it applied is unknown
+    │   │   │       └── NotDurableError       it applied on the primary, not confirmed durable
     │   │   ├── BackendAuthenticationError (PermissionError)   refused credentials
     │   │   │   └── BackendPermissionError    the ACL user lacks a command the library needs
     │   │   ├── StoreFullError                the store is out of memory
@@ -45,8 +46,11 @@ The tree::
 Guarantees: a :class:`ValidationError` (and every error below :class:`StateError`
 except :class:`OutcomeUnknown`) means nothing was written. :class:`OutcomeUnknown`
 means a write was sent and may have applied; calling again with the same
-``op_id`` is safe. Each message starts with what failed (``"Failed to update
-state"``, ...) followed by why. Messages and attributes never carry the value of
+``op_id`` is safe. Its subclass :class:`NotDurableError` means the write applied
+on the primary but the replicas or the AOF did not confirm it in time (a
+failover may still lose it); calling again with the same ``op_id`` is safe too.
+Each message starts with what failed (``"Failed to update state"``, ...)
+followed by why. Messages and attributes never carry the value of
 a field, a token or a password: they name paths and keys instead.
 
 Errors Python itself raises for programming mistakes inside *your* callables (a
@@ -81,6 +85,7 @@ __all__ = [
     "LockLostError",
     "LockTimeoutError",
     "MigrationError",
+    "NotDurableError",
     "OpIdReusedError",
     "OutcomeUnknown",
     "PreservedFieldError",
@@ -410,6 +415,42 @@ class OutcomeUnknown(BackendUnavailable):
     def __init__(self, detail: str, *, op_id: str, action: str | None = None) -> None:
         self.op_id = op_id
         super().__init__(detail, action=action)
+
+
+class NotDurableError(OutcomeUnknown):
+    """A write applied on the primary, but is not confirmed durable (Redis ``durability=``).
+
+    The primary ran it (never "nothing was written"), but within the timeout
+    fewer replicas acknowledged it, or the AOF fsync was not confirmed, than
+    the backend's ``durability`` asks: a failover now may still lose it. It is
+    an :class:`OutcomeUnknown` because that is what it is after a failover, and
+    every handler of one does the right thing: calling again with the same
+    ``op_id`` is safe (the store answers ``"duplicate"`` or ``"applied"`` and
+    waits again), and a claim's commit stays open to be settled.
+
+    Attributes:
+        op_id: The operation id the write carried; ``""`` for a write that has
+            none (the deadline index, a lock, an erase: each safe to repeat).
+        replicas: How many replicas acknowledged it (with ``aof``: fsynced it to
+            their AOF); -1 when the server gave no count (an error, below).
+        replicas_wanted: How many the backend's durability asks for.
+        aof: Whether the primary confirmed the AOF fsync; ``None`` when not asked.
+    """
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        op_id: str,
+        replicas: int,
+        replicas_wanted: int,
+        aof: bool | None,
+        action: str | None = None,
+    ) -> None:
+        self.replicas = replicas
+        self.replicas_wanted = replicas_wanted
+        self.aof = aof
+        super().__init__(detail, op_id=op_id, action=action)
 
 
 class BackendAuthenticationError(BackendError, PermissionError):

@@ -26,7 +26,7 @@ from chatstate._retry import RetryPolicy
 from chatstate.exceptions import ConfigurationError
 from chatstate.state._backend import Outcome, Snapshot, Write
 from chatstate.state.redis._async.io import AsyncRedisIO
-from chatstate.state.redis._core import DEFAULT_NAMESPACE, _check_client_options
+from chatstate.state.redis._core import DEFAULT_NAMESPACE, Durability, _check_client_options
 
 # What chatstate.__main__ reads from this module (the storage layout, the client defaults).
 from chatstate.state.redis._core import (
@@ -34,7 +34,13 @@ from chatstate.state.redis._core import (
 )
 from chatstate.state.redis._core import map_redis_errors as map_redis_errors  # noqa: PLC0414
 from chatstate.state.redis._keys import KeyScheme
-from chatstate.state.redis._pipeline import AsyncConnections, AutoPipeline, Connections, NotSent
+from chatstate.state.redis._pipeline import (
+    AsyncConnections,
+    AutoPipeline,
+    Connections,
+    NotSent,
+    Tail,
+)
 from chatstate.state.redis._sync.io import RedisIO
 
 __all__ = ["AsyncRedisBackend", "RedisBackend"]
@@ -70,6 +76,11 @@ class RedisBackend(RedisIO):
         keys: The key scheme, instead of ``namespace`` and ``key_secret``:
             a :class:`~chatstate.state.redis.KeyScheme` (the command line
             passes one with ``by_tag=True`` to address users by their keys).
+        durability: Wait after every write for replicas and/or the AOF fsync
+            (a :class:`~chatstate.state.redis.Durability`); a write not confirmed
+            in time raises :class:`~chatstate.exceptions.NotDurableError`.
+            ``None`` (the default) acknowledges a write once the primary ran it.
+            Not on a Cluster (``ConfigurationError``).
     """
 
     client: Any  # redis.Redis or redis.cluster.RedisCluster (redis-py's stubs are partial)
@@ -84,6 +95,7 @@ class RedisBackend(RedisIO):
         deadline_shards: int = 16,
         key_secret: str | bytes | None = None,
         keys: KeyScheme | None = None,
+        durability: Durability | None = None,
         _owns_client: bool = False,
     ) -> None:
         super().__init__(
@@ -94,6 +106,7 @@ class RedisBackend(RedisIO):
             deadline_shards=deadline_shards,
             key_secret=key_secret,
             keys=keys,
+            durability=durability,
             _owns_client=_owns_client,
         )
         limits = None if self._cluster else self._pool_limits(client)
@@ -114,8 +127,9 @@ class RedisBackend(RedisIO):
         (default: ``socket_timeout``) instead of failing, and a write that gets
         no connection at all raises ``BackendUnavailable`` (it was not sent). Pass
         ``cluster=True`` for a Redis Cluster, ``resolve_attempts`` to change
-        how often a write of unknown outcome is re-sent, and ``deadline_shards``
-        to change how many sorted sets hold the deadline index.
+        how often a write of unknown outcome is re-sent, ``deadline_shards``
+        to change how many sorted sets hold the deadline index, and
+        ``durability`` to wait for replicas or the AOF after every write.
         """
         options = dict(options)
         _check_client_options(options)
@@ -125,6 +139,7 @@ class RedisBackend(RedisIO):
         deadline_shards = options.pop("deadline_shards", 16)
         key_secret = options.pop("key_secret", None)
         keys = options.pop("keys", None)
+        durability = options.pop("durability", None)
         kwargs = cls._client_kwargs(options, asynchronous=False)
         client: Any
         if cluster:
@@ -149,11 +164,15 @@ class RedisBackend(RedisIO):
             deadline_shards=deadline_shards,
             key_secret=key_secret,
             keys=keys,
+            durability=durability,
             _owns_client=True,
         )
 
-    def _execute(self, route: str, args: tuple[Any, ...]) -> Any:
+    def _execute(self, route: str, args: tuple[Any, ...], tail: Tail = ()) -> Any:
         """Send one command; ``NotSent`` when no connection could be had.
+
+        A ``tail`` (the durability wait) follows it on the same connection, in
+        the same round trip; the reply is then ``(reply, the tail's replies)``.
 
         Connections are taken from the client's pool and kept in a small idle
         list of this backend's between commands (the pool's own bookkeeping
@@ -162,12 +181,12 @@ class RedisBackend(RedisIO):
         automatic pipeline needs the key to pick the batch.
         """
         del route
-        if self._conns is None:
+        if self._conns is None:  # a Cluster: never with a tail (no durability there)
             try:
                 return self.client.execute_command(*args)
             except rex.MaxConnectionsError as exc:
                 raise NotSent(str(exc)) from exc
-        return self._conns.execute(args)
+        return self._conns.execute(args, tail)
 
     def load(self, user_id: str) -> Snapshot | None:
         """Return the user's document, or ``None``."""
@@ -285,6 +304,9 @@ class AsyncRedisBackend(AsyncRedisIO):
         deadline_shards: See :class:`RedisBackend`.
         key_secret: See :class:`RedisBackend`.
         keys: See :class:`RedisBackend`.
+        durability: See :class:`RedisBackend`. With pipelining, a batch of
+            writes waits once, after the batch (the wait covers every earlier
+            write of its connection).
     """
 
     client: Any  # redis.asyncio.Redis or its RedisCluster (redis-py's stubs are partial)
@@ -301,6 +323,7 @@ class AsyncRedisBackend(AsyncRedisIO):
         deadline_shards: int = 16,
         key_secret: str | bytes | None = None,
         keys: KeyScheme | None = None,
+        durability: Durability | None = None,
         _owns_client: bool = False,
     ) -> None:
         super().__init__(
@@ -311,6 +334,7 @@ class AsyncRedisBackend(AsyncRedisIO):
             deadline_shards=deadline_shards,
             key_secret=key_secret,
             keys=keys,
+            durability=durability,
             _owns_client=_owns_client,
         )
         if type(lanes) is not int or lanes < 1:
@@ -345,6 +369,7 @@ class AsyncRedisBackend(AsyncRedisIO):
                 "deadline_shards",
                 "key_secret",
                 "keys",
+                "durability",
             )
             if name in options
         }
@@ -365,13 +390,17 @@ class AsyncRedisBackend(AsyncRedisIO):
             client = redis.asyncio.Redis(connection_pool=pool)
         return cls(client, namespace=namespace, _owns_client=True, **own)
 
-    async def _execute(self, route: str, args: tuple[Any, ...]) -> Any:
+    async def _execute(self, route: str, args: tuple[Any, ...], tail: Tail = ()) -> Any:
         """Send one command; with pipelining, batched with the other tasks' (by ``route``).
+
+        A ``tail`` follows it on the same connection (see :meth:`RedisBackend._execute`).
 
         Automatic pipelining exists only here: concurrent tasks issue commands at
         the same moment, where a thread of the sync twin waits for each reply.
         """
-        if self._pipe is not None:
+        if self._pipe is not None and not isinstance(self._pipe, _ClusterBatcher):
+            return await self._pipe.call(route, args, tail)
+        if self._pipe is not None:  # a Cluster: never with a tail (no durability there)
             return await self._pipe.call(route, args)
         if self._conns is None:
             # One command in a cluster pipeline: redis-py 8.1's async RedisCluster
@@ -391,7 +420,7 @@ class AsyncRedisBackend(AsyncRedisIO):
             if isinstance(reply, BaseException):
                 raise reply
             return reply
-        return await self._conns.execute(args)
+        return await self._conns.execute(args, tail)
 
     async def load(self, user_id: str) -> Snapshot | None:
         """Return the user's document, or ``None``."""

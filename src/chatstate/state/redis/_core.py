@@ -27,6 +27,7 @@ from chatstate.exceptions import (
     BackendUnavailable,
     ConfigurationError,
     CorruptStateError,
+    NotDurableError,
     OpIdReusedError,
     OutcomeUnknown,
     StateError,
@@ -60,7 +61,13 @@ from chatstate.state.redis._lua import APPLY_SCRIPT, LOAD_SCRIPT, write_args
 from chatstate.state.redis._pipeline import NotSent
 from chatstate.state.redis._sync.retry import PolicyRetry
 
-__all__ = ["DEFAULT_NAMESPACE", "LOCK_NAMES", "default_client_options", "map_redis_errors"]
+__all__ = [
+    "DEFAULT_NAMESPACE",
+    "LOCK_NAMES",
+    "Durability",
+    "default_client_options",
+    "map_redis_errors",
+]
 
 DEFAULT_NAMESPACE: Final = "chatstate"
 LOCK_NAMES: Final = ("jwt-refresh", "aiogram", "telegram")
@@ -104,6 +111,126 @@ if not held then
 end
 return 0
 """
+
+
+_MAX_WAIT: Final = 60.0
+
+DURABLE_STATUSES: Final = frozenset({"applied", "duplicate", "claimed", "released"})
+"""The statuses of a write that wrote, or confirms an earlier write: these must be durable."""
+
+
+def _check_replicas(_: Any, __: Any, value: Any) -> None:
+    if type(value) is not int or not 0 <= value <= 1000:
+        raise ConfigurationError(f"replicas must be a whole number from 0 to 1000, not {value!r}")
+
+
+def _check_aof(_: Any, __: Any, value: Any) -> None:
+    if type(value) is not bool:
+        raise ConfigurationError(f"aof must be True or False, not {value!r}")
+
+
+def _check_timeout(_: Any, __: Any, value: Any) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0.001 <= value <= _MAX_WAIT
+    ):
+        raise ConfigurationError(
+            f"timeout must be seconds from 0.001 to {_MAX_WAIT:g}, not {value!r}"
+        )
+
+
+@attrs.frozen
+class Durability:
+    """What a Redis write waits for before it is acknowledged (``durability=`` of the backends).
+
+    After every write (updates, claims and commits, op ids, the deadline index,
+    locks, erase) the backend sends, on the same connection and in the same
+    round trip, ``WAIT replicas timeout`` (or, with ``aof``, ``WAITAOF 1
+    replicas timeout``). A write that is not confirmed in time raises
+    :class:`~chatstate.exceptions.NotDurableError`: it landed on the primary,
+    and calling again with the same ``op_id`` is safe.
+
+    Args:
+        replicas: How many replicas must have received the write (0 to 1000;
+            default 1). With ``aof``, how many must have fsynced it to their own
+            append-only file (they need ``appendonly yes`` too).
+        aof: Also wait until the primary has fsynced the write to its
+            append-only file (``WAITAOF``: Redis 7.2+, Valkey 7.2+, with
+            ``appendonly yes``; checked at the first write, else
+            ``ConfigurationError``). Default False.
+        timeout: How long the server waits, in seconds (0.001 to 60; default
+            0.5). At most half the client's ``socket_timeout`` (checked when the
+            backend is built), so that a slow wait is never a lost reply.
+
+    Raises:
+        ConfigurationError: an option is out of range, or it waits for nothing
+            (``replicas=0`` without ``aof``).
+    """
+
+    replicas: int = attrs.field(default=1, validator=_check_replicas)
+    aof: bool = attrs.field(default=False, validator=_check_aof)
+    timeout: float = attrs.field(default=0.5, validator=_check_timeout)
+
+    def __attrs_post_init__(self) -> None:
+        if not self.replicas and not self.aof:
+            raise ConfigurationError(
+                "durability waits for nothing: give replicas >= 1 or aof=True "
+                "(or durability=None, the default, not to wait)"
+            )
+
+    @property
+    def command(self) -> tuple[Any, ...]:
+        """The command that waits: ``WAIT`` or ``WAITAOF``, with the timeout in milliseconds."""
+        ms = max(1, math.ceil(self.timeout * 1000))
+        if self.aof:
+            return ("WAITAOF", 1, self.replicas, ms)
+        return ("WAIT", self.replicas, ms)
+
+    def confirmed(self, reply: Any) -> tuple[int, bool | None]:
+        """What a ``WAIT``/``WAITAOF`` reply confirms: (replicas, AOF fsynced or None if not asked).
+
+        An error reply (or one of another shape) confirms nothing: (-1, False).
+        """
+        if isinstance(reply, BaseException):
+            return -1, (False if self.aof else None)
+        try:
+            if self.aof:
+                local, replicas = reply
+                return int(replicas), int(local) >= 1
+            return int(reply), None
+        except (TypeError, ValueError):
+            return -1, (False if self.aof else None)
+
+    def met(self, reply: Any) -> bool:
+        """True when the reply confirms everything asked."""
+        replicas, aof = self.confirmed(reply)
+        return replicas >= self.replicas and aof is not False
+
+    def not_durable(self, replies: Sequence[Any], key: str, op_id: str | None) -> NotDurableError:
+        """The error for a write whose wait (the last of ``replies``) fell short."""
+        reply = replies[-1]
+        replicas, aof = self.confirmed(reply)
+        errors = [r for r in replies if isinstance(r, BaseException)]
+        if errors:
+            got = f"the server refused to confirm it ({_kind(errors[0])})"
+        else:
+            parts = [f"{replicas} of {self.replicas} replicas acknowledged it"]
+            if self.aof:
+                parts[0] = f"{replicas} of {self.replicas} replicas fsynced it"
+                parts.append(
+                    "the primary's AOF fsync " + ("was" if aof else "was not") + " confirmed"
+                )
+            got = " and ".join(parts) + f" within {self.timeout:g} s"
+        return NotDurableError(
+            f"the write to {key!r} landed on the primary but is not confirmed durable: {got} "
+            f"({self.command[0]}); a failover now may lose it. Calling again with the same "
+            "op_id is safe: it is applied once, and waits again",
+            op_id=op_id or "",
+            replicas=replicas,
+            replicas_wanted=self.replicas,
+            aof=aof,
+        )
 
 
 def _safe_location(client: Any) -> str:
@@ -590,6 +717,7 @@ class _RedisBackendBase:
         deadline_shards: int = 16,
         key_secret: str | bytes | None = None,
         keys: KeyScheme | None = None,
+        durability: Durability | None = None,
         _owns_client: bool = False,
     ) -> None:
         if type(deadline_shards) is not int or not 0 <= deadline_shards <= 1024:
@@ -629,6 +757,37 @@ class _RedisBackendBase:
             self._lock_sha: LOCK_SCRIPT,
         }
         self._plain_reads = _hiredis(client)
+        self.durability = self._check_durability(durability, client)
+        # What follows every write when durability is on, on its connection: a
+        # PUBLISH (propagated to the replicas and so a write of this connection,
+        # even when the write itself changed nothing: a re-send answered from the
+        # op log), then the WAIT that covers every earlier write of the connection.
+        self._tail: tuple[tuple[Any, ...], ...] = ()
+        if self.durability is not None:
+            channel = f"{self.key_scheme.namespace}:durable"
+            self._tail = (("PUBLISH", channel, ""), self.durability.command)
+        self._durability_checked = self.durability is None or not self.durability.aof
+
+    def _check_durability(self, durability: Any, client: Any) -> Durability | None:
+        if durability is None:
+            return None
+        if not isinstance(durability, Durability):
+            raise ConfigurationError(
+                f"durability must be a Durability or None, not {type(durability).__name__}"
+            )
+        if self._cluster:
+            raise ConfigurationError(
+                "durability is not supported on a Redis Cluster yet: WAIT must follow the write "
+                "on its node's connection, which redis-py's cluster client does not let us pick"
+            )
+        socket_timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
+        if socket_timeout is not None and durability.timeout * 2 > socket_timeout:
+            raise ConfigurationError(
+                f"durability timeout {durability.timeout:g} s must be at most half the "
+                f"client's socket_timeout ({socket_timeout:g} s), or a slow wait would read "
+                "as a lost reply"
+            )
+        return durability
 
     @staticmethod
     def _pool_limits(client: Any) -> tuple[int, float | None]:
@@ -669,7 +828,24 @@ class _RedisBackendBase:
 
     def __repr__(self) -> str:
         location = _safe_location(self.client)
-        return f"<{type(self).__name__} {location} namespace={self.key_scheme.namespace!r}>"
+        durable = "" if self.durability is None else f" durability={self.durability!r}"
+        return (
+            f"<{type(self).__name__} {location} namespace={self.key_scheme.namespace!r}{durable}>"
+        )
+
+    def _confirm(self, replies: Sequence[Any] | None, key: str, op_id: str | None = None) -> None:
+        """Raise :class:`NotDurableError` if a write's wait (``replies``: its tail's) fell short."""
+        durability = self.durability
+        if durability is None or replies is None:
+            return
+        if any(isinstance(r, BaseException) for r in replies) or not durability.met(replies[-1]):
+            raise durability.not_durable(replies, key, op_id)
+
+    def _aof_refused(self, exc: BaseException) -> ConfigurationError:
+        return ConfigurationError(
+            "durability=Durability(aof=True) needs WAITAOF (Redis 7.2+, Valkey 7.2+) and "
+            f"appendonly yes on the primary; the server answered: {_short(exc)}"
+        )
 
     def keys(self, user_id: str) -> list[str]:
         """The Redis keys of a user's data (for an already checked user id)."""

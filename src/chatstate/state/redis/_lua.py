@@ -28,7 +28,7 @@ The logic mirrors :func:`chatstate.state.apply_write`; the parity tests run
 both on random operations and compare. The apply script is a set of local
 functions, each given its inputs as arguments (Lua builds every function anew on
 each run, and each captured variable adds to that), and a main body that runs the
-rules in ``apply_write``'s order. ``tests/test_lua_script.py`` calls the scripts
+rules in ``apply_write``'s order. ``tests/backends/test_lua_script.py`` calls the scripts
 directly, with hand-made arguments and stored data.
 """
 

@@ -18,6 +18,17 @@ reply and its own error.
   (:class:`NotSent`). A connection lost while sending or reading fails every
   command whose reply was not read; the callers send an idempotent command
   again, and settle a write with its operation key and nonce.
+- **A tail after a write.** A command may bring a tail (``WAIT``, for
+  ``durability=``) that must follow it on the same connection: ``WAIT`` counts
+  the replicas that acknowledged every earlier write *of its connection*. The
+  tail is sent in the same round trip, and its replies come back beside the
+  command's (an error reply among them as an exception object: the command
+  itself ran). In a batch one copy of each distinct tail goes after all the
+  batch's commands: it covers every write before it on the connection, so each
+  caller's own write is covered, and a batch of writes waits once, not once per
+  write. A caller with a tail is answered only once the tail's reply is read;
+  when the connection breaks before that, it gets the failure (its write may
+  have run: it is re-sent with its op key, and waits again).
 - **Connections the server closed.** An idle connection owes no reply, so one
   whose socket has anything to read (the end of the stream, a reset) was
   closed by the server while it waited (``CLIENT KILL``, a restart, its idle
@@ -117,13 +128,39 @@ def closed_by_server_async(conn: Any) -> bool:
     return sock is not None and _readable(sock)
 
 
+Tail = tuple[tuple[Any, ...], ...]
+"""Commands that must follow a command on its connection (``PUBLISH``, ``WAIT``), or ``()``."""
+
+_Item = tuple[tuple[Any, ...], Tail, asyncio.Future[Any]]
+
+
+def _read_tail(read: Callable[[], Any], tail: Tail) -> list[Any]:
+    """Read a tail's replies; error replies are kept as exception objects, not raised."""
+    replies: list[Any] = []
+    for _ in tail:
+        try:
+            replies.append(read())
+        except rex.ResponseError as exc:
+            replies.append(exc)
+    return replies
+
+
+async def _read_tail_async(read: Callable[[], Any], tail: Tail) -> list[Any]:
+    """The asyncio twin of :func:`_read_tail`."""
+    replies: list[Any] = []
+    for _ in tail:
+        try:
+            replies.append(await read())
+        except rex.ResponseError as exc:
+            replies.append(exc)
+    return replies
+
+
 class _Lane:
     __slots__ = ("busy", "conn", "queue", "solo", "task", "wake")
 
     def __init__(self) -> None:
-        self.queue: collections.deque[tuple[tuple[Any, ...], asyncio.Future[Any]]] = (
-            collections.deque()
-        )
+        self.queue: collections.deque[_Item] = collections.deque()
         self.wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.conn: Any = None
@@ -220,20 +257,26 @@ class Connections:
             with contextlib.suppress(Exception):
                 conn.disconnect()
 
-    def execute(self, args: tuple[Any, ...]) -> Any:
-        """Send one command and read its reply."""
+    def execute(self, args: tuple[Any, ...], tail: Tail = ()) -> Any:
+        """Send one command and read its reply; with a ``tail``, ``(reply, tail's replies)``.
+
+        An error reply to the command is raised (once the tail's replies are read).
+        """
         conn = self.acquire()
         try:
-            conn.send_packed_command([pack(args)])
-            reply = conn.read_response()
-        except rex.ResponseError:
-            self.release(conn)
-            raise
+            conn.send_packed_command([pack(args), *map(pack, tail)])
+            try:
+                reply = conn.read_response()
+            except rex.ResponseError as exc:
+                reply = exc
+            waited = _read_tail(conn.read_response, tail)
         except BaseException:
             self.discard(conn)
             raise
         self.release(conn)
-        return reply
+        if isinstance(reply, rex.ResponseError):
+            raise reply
+        return (reply, waited) if tail else reply
 
 
 @contextlib.contextmanager
@@ -336,20 +379,23 @@ class AsyncConnections:
             with contextlib.suppress(Exception):
                 await conn.disconnect()
 
-    async def execute(self, args: tuple[Any, ...]) -> Any:
-        """Send one command and read its reply (no pipelining)."""
+    async def execute(self, args: tuple[Any, ...], tail: Tail = ()) -> Any:
+        """See :meth:`Connections.execute` (no pipelining)."""
         conn = await self.acquire()
         try:
-            await conn.send_packed_command([pack(args)])
-            reply = await conn.read_response()
-        except rex.ResponseError:
-            self.release(conn)
-            raise
+            await conn.send_packed_command([pack(args), *map(pack, tail)])
+            try:
+                reply = await conn.read_response()
+            except rex.ResponseError as exc:
+                reply = exc
+            waited = await _read_tail_async(conn.read_response, tail)
         except BaseException:
             await self.discard(conn)
             raise
         self.release(conn)
-        return reply
+        if isinstance(reply, rex.ResponseError):
+            raise reply
+        return (reply, waited) if tail else reply
 
 
 class AutoPipeline:
@@ -369,8 +415,11 @@ class AutoPipeline:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
 
-    async def call(self, route: str, args: tuple[Any, ...]) -> Any:
+    async def call(self, route: str, args: tuple[Any, ...], tail: Tail = ()) -> Any:
         """Send ``args`` in the next batch of ``route``'s lane and return its reply.
+
+        With a ``tail``, return ``(reply, the tail's replies)`` (see the module's
+        docstring: a batch sends each distinct tail once, after its commands).
 
         When the lane is idle and has lately carried one command at a time, the
         caller sends its command itself, with no hop through the lane's task:
@@ -385,9 +434,9 @@ class AutoPipeline:
             self._loop = loop
         lane = self._lanes[hash(route) % self._size]
         if lane.solo and not lane.busy and not lane.queue:
-            return await self._inline(lane, args)
+            return await self._inline(lane, args, tail)
         future: asyncio.Future[Any] = loop.create_future()
-        lane.queue.append((args, future))
+        lane.queue.append((args, tail, future))
         self._kick(lane, loop)
         return await future
 
@@ -404,7 +453,7 @@ class AutoPipeline:
         else:
             lane.wake.set()
 
-    async def _inline(self, lane: _Lane, args: tuple[Any, ...]) -> Any:
+    async def _inline(self, lane: _Lane, args: tuple[Any, ...], tail: Tail) -> Any:
         lane.busy = True
         try:
             # The caller holds the connection alone while it uses it: a close meanwhile
@@ -416,10 +465,12 @@ class AutoPipeline:
             if conn is None:
                 conn = await self.pool.acquire()
             try:
-                await conn.send_packed_command([pack(args)])
+                await conn.send_packed_command([pack(args), *map(pack, tail)])
                 try:
                     async with asyncio.timeout(conn.socket_timeout or 30.0):
-                        reply = await _reader(conn)()
+                        read = _reader(conn)
+                        reply = await read()
+                        waited = await _read_tail_async(read, tail)
                 except TimeoutError:
                     raise rex.TimeoutError("Timeout reading from the server") from None
             except rex.ResponseError:
@@ -436,7 +487,7 @@ class AutoPipeline:
                 self._kick(lane, asyncio.get_running_loop())
         if isinstance(reply, rex.ResponseError):
             raise reply
-        return reply
+        return (reply, waited) if tail else reply
 
     async def aclose(self) -> None:
         """Stop the lanes' tasks and give their connections back; later calls are refused."""
@@ -469,15 +520,15 @@ class AutoPipeline:
             if conn is not None:
                 await self.pool.discard(conn)
             while lane.queue:
-                _, future = lane.queue.popleft()
+                _, _, future = lane.queue.popleft()
                 if not future.done():
                     future.set_exception(NotSent("the backend was closed"))
 
     async def _flush(self, lane: _Lane) -> None:
-        batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        batch: list[_Item] = []
         while lane.queue and len(batch) < self.max_batch:
             item = lane.queue.popleft()
-            if not item[1].done():  # a cancelled caller's command is never sent
+            if not item[2].done():  # a cancelled caller's command is never sent
                 batch.append(item)
         if not batch:
             return
@@ -489,7 +540,7 @@ class AutoPipeline:
             lane.busy = False
 
     async def _send_batch(  # noqa: C901, PLR0912 - one path per outcome
-        self, lane: _Lane, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]
+        self, lane: _Lane, batch: list[_Item]
     ) -> None:
         if lane.conn is not None and closed_by_server_async(lane.conn):
             conn, lane.conn = lane.conn, None
@@ -498,32 +549,42 @@ class AutoPipeline:
             try:
                 lane.conn = await self.pool.acquire()
             except BaseException as exc:  # refused, timed out, a handshake error, closed
-                for _, future in batch:
+                for _, _, future in batch:
                     if not future.done():
                         future.set_exception(_copy_error(exc))
                 if isinstance(exc, asyncio.CancelledError):
                     raise
                 return
         conn = lane.conn
-        done = 0
+        # Each distinct tail once, after every command of the batch (it covers them all).
+        tails = list(dict.fromkeys(tail for _, tail, _ in batch if tail))
+        held: list[tuple[Any, Tail, asyncio.Future[Any]]] = []
         try:
-            await conn.send_packed_command([pack(args) for args, _ in batch])
+            await conn.send_packed_command(
+                [pack(args) for args, _, _ in batch]
+                + [pack(command) for tail in tails for command in tail]
+            )
             read = _reader(conn)
             limit = (conn.socket_timeout or 30.0) * max(1.0, len(batch) / 64)
             try:
                 async with asyncio.timeout(limit):  # one deadline for the batch, not one per reply
-                    for _, future in batch:
+                    for _, tail, future in batch:
                         try:
                             reply: Any = await read()
                         except rex.ResponseError as exc:
                             reply = exc
-                        done += 1
                         if future.done():
                             continue
                         if isinstance(reply, BaseException):
                             future.set_exception(reply)
+                        elif tail:
+                            held.append((reply, tail, future))  # answered once its tail is
                         else:
                             future.set_result(reply)
+                    waited = {tail: await _read_tail_async(read, tail) for tail in tails}
+                    for reply, tail, future in held:
+                        if not future.done():
+                            future.set_result((reply, waited[tail]))
             except TimeoutError:
                 raise rex.TimeoutError("Timeout reading from the server") from None
             if getattr(conn, "health_check_interval", 0):
@@ -534,7 +595,7 @@ class AutoPipeline:
             # The connection is out of step: drop it; the rest get the failure.
             lane.conn = None
             await self.pool.discard(conn)
-            for _, future in batch[done:]:
+            for _, _, future in batch:  # every caller not answered yet
                 if not future.done():
                     future.set_exception(_copy_error(exc))
             if isinstance(exc, asyncio.CancelledError):

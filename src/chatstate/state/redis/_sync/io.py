@@ -21,6 +21,7 @@ import redis.exceptions as rex
 
 from chatstate._retry import Retrying
 from chatstate._twins import gathered_sync
+from chatstate.exceptions import BackendAuthenticationError, BackendError
 from chatstate.state._backend import (
     Outcome,
     Snapshot,
@@ -32,12 +33,14 @@ from chatstate.state._backend import (
 from chatstate.state._sync.leases import hold_lease_sync
 from chatstate.state.redis._core import (
     _ERASE_SCRIPT,
+    DURABLE_STATUSES,
     TRANSLATED,
     _RedisBackendBase,
     map_redis_errors,
     translate,
     translation,
 )
+from chatstate.state.redis._pipeline import Tail
 
 __all__ = ["RedisIO"]
 
@@ -51,21 +54,25 @@ class RedisIO(_RedisBackendBase):
     command goes through :meth:`_send`, the one place that retries.
     """
 
-    def _execute(self, route: str, args: tuple[Any, ...]) -> Any:
-        """Send one command (``route`` is the key that places it); ``NotSent`` if it was not."""
+    def _execute(self, route: str, args: tuple[Any, ...], tail: Tail = ()) -> Any:
+        """Send one command (``route`` is the key that places it); ``NotSent`` if it was not.
+
+        A ``tail`` follows it on the same connection; the reply is then
+        ``(reply, the tail's replies)``.
+        """
         raise NotImplementedError
 
-    def _script(self, route: str, args: tuple[Any, ...]) -> Any:
+    def _script(self, route: str, args: tuple[Any, ...], tail: Tail = ()) -> Any:
         """Run a script by its SHA; after NOSCRIPT (it did not run), send it whole with EVAL.
 
         EVAL runs the script and caches it again in one step, so a SCRIPT FLUSH
         between a reload and the next EVALSHA (redis-py's way) cannot fail a call.
         """
         try:
-            return self._execute(route, args)
+            return self._execute(route, args, tail)
         except rex.NoScriptError as exc:
             self.resolve_retry.report("noscript", exc)
-            return self._execute(route, self._eval_args(args))
+            return self._execute(route, self._eval_args(args), tail)
 
     def _send(
         self,
@@ -75,8 +82,12 @@ class RedisIO(_RedisBackendBase):
         script: bool = False,
         write: Write | None = None,
         again: Callable[[], tuple[Any, ...]] | None = None,
+        tail: Tail = (),
     ) -> Any:
         """Send one command, retried where that is safe; raise chatstate's errors.
+
+        A ``tail`` follows the command (and each re-send of it) on its
+        connection: see :meth:`_write`.
 
         A command whose connection broke (``CLIENT KILL``, a restart, a reset)
         may have run or not: it is sent again on a new connection under
@@ -97,8 +108,8 @@ class RedisIO(_RedisBackendBase):
         while True:
             try:
                 if script:
-                    return self._script(key, args)
-                return self._execute(key, args)
+                    return self._script(key, args, tail)
+                return self._execute(key, args, tail)
             except TRANSLATED as exc:
                 row = translation(exc)
                 if row.sent:
@@ -117,6 +128,49 @@ class RedisIO(_RedisBackendBase):
                 if retrying is None or not retrying.retry(error if retrying is resolving else exc):
                     raise error from exc
 
+    def _write(
+        self,
+        key: str,
+        args: tuple[Any, ...],
+        *,
+        script: bool = False,
+        write: Write | None = None,
+        again: Callable[[], tuple[Any, ...]] | None = None,
+    ) -> tuple[Any, list[Any] | None]:
+        """:meth:`_send` a write: ``(reply, its wait's replies)``; ``None`` without durability.
+
+        With the backend's ``durability`` the write is followed on its
+        connection, in the same round trip, by a ``PUBLISH`` (so the connection
+        has written, even where the write found its effect already in place)
+        and the ``WAIT``/``WAITAOF`` that covers every earlier write of the
+        connection. The caller checks the replies (``_confirm``) once it knows
+        the write did or confirmed something.
+        """
+        if not self._tail:
+            return self._send(key, args, script=script, write=write, again=again), None
+        if not self._durability_checked:
+            self._check_aof(key)
+        reply, waited = self._send(
+            key, args, script=script, write=write, again=again, tail=self._tail
+        )
+        return reply, waited
+
+    def _check_aof(self, key: str) -> None:
+        """Before the first write that waits for the AOF: does the server have WAITAOF, and AOF?
+
+        ``WAITAOF 1 0 1`` answers at once (or within 1 ms) where it can, and
+        refuses with an error where the server lacks the command or ``appendonly``.
+        """
+        try:
+            self._send(key, ("WAITAOF", 1, 0, 1))
+        except BackendAuthenticationError:
+            raise
+        except BackendError as exc:
+            if isinstance(exc.__cause__, rex.ResponseError):
+                raise self._aof_refused(exc.__cause__) from exc
+            raise
+        self._durability_checked = True
+
     def _load(self, user_id: str) -> Snapshot | None:
         key = self.key_scheme.keys(user_id)[0]
         if self._plain_reads:
@@ -128,24 +182,29 @@ class RedisIO(_RedisBackendBase):
 
     def _apply(self, user_id: str, write: Write) -> Outcome:
         keys = self.key_scheme.keys(user_id)
-        raw = self._send(
+        raw, waited = self._write(
             keys[0],
             self._apply_args(write, keys, fresh=True),
             script=True,
             write=write,
             again=functools.partial(self._apply_args, write, keys, fresh=False),
         )
-        return self._replies.parse_apply(raw, write, keys[0])
+        outcome = self._replies.parse_apply(raw, write, keys[0])  # a refusal wrote nothing
+        if outcome.status in DURABLE_STATUSES:
+            self._confirm(waited, keys[0], write.op_id or write.op_key)
+        return outcome
 
     def _erase(self, user_id: str) -> list[str]:
         # Deleting twice deletes the same: a re-send after a lost reply is safe,
         # though it can only report what the first attempt had left.
         keys = self._erase_keys(user_id)
-        raw = self._send(keys[0], ("EVAL", _ERASE_SCRIPT, len(keys), *keys))
+        raw, waited = self._write(keys[0], ("EVAL", _ERASE_SCRIPT, len(keys), *keys))
+        self._confirm(waited, keys[0])
         zrem = 0
         if self.deadline_shards:
             index = self._deadline_shard_key(user_id)
-            zrem = self._send(index, ("ZREM", index, user_id))
+            zrem, waited = self._write(index, ("ZREM", index, user_id))
+            self._confirm(waited, index)
         return self._erased(raw, zrem)
 
     def _users(self, prefix: str) -> Iterator[str]:
@@ -163,13 +222,16 @@ class RedisIO(_RedisBackendBase):
             check_deadline(at_ms)
             return
         args = self._schedule_args(user_id, at_ms, earlier_only)
-        self._send(args[1], args)  # ZADD of one score: the same however often
+        # ZADD of one score: the same however often
+        _, waited = self._write(args[1], args)
+        self._confirm(waited, args[1])
 
     def _unschedule(self, user_id: str) -> None:
         if not self.deadline_shards:
             return
         key = self._deadline_shard_key(user_id)
-        self._send(key, ("ZREM", key, user_id))
+        _, waited = self._write(key, ("ZREM", key, user_id))
+        self._confirm(waited, key)
 
     def _due(self, now_ms: int, limit: int) -> list[tuple[str, int]]:
         limit, now_ms = check_limit(limit), check_deadline(now_ms)
@@ -198,9 +260,11 @@ class RedisIO(_RedisBackendBase):
         if action == "release":
             # Re-sent after a lost reply, a release may find the lock gone by its own first send.
             again = functools.partial(self._lock_args, key, "released", token, lease)
-        reply = self._send(
+        reply, waited = self._write(
             key, self._lock_args(key, action, token, lease), script=True, again=again
         )
+        if reply:  # it took, renewed or let go of the lock: that must outlive a failover
+            self._confirm(waited, key)
         return bool(reply)
 
 
