@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -361,3 +361,213 @@ def start_postgres() -> Postgres:
             continue
         return server
     raise RuntimeError("could not start a PostgreSQL server")
+
+
+# -- Sentinel: a primary, replicas behind proxies, sentinels -----------------------------------
+
+
+class HoldingProxy:
+    """A loopback TCP proxy for a replica's link to its primary, which can hold the stream.
+
+    While ``holding``, what the primary sends is kept in the proxy instead of
+    forwarded (the replica's acknowledgements still flow back, reporting an
+    offset that no longer moves); :meth:`cut` closes every connection and
+    throws the held bytes away, as a network that lost them. The replica's own
+    socket buffers never see them: a replica paused by a signal would still
+    find them there on waking.
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        self.holding = threading.Event()
+        self.closing = False
+        self._socks: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def hold(self) -> None:
+        self.holding.set()
+
+    def cut(self) -> None:
+        """Close every connection; held bytes are lost. New ones are still accepted."""
+        with self._lock:
+            socks, self._socks = self._socks, []
+        _close_all(*socks)
+        self.holding.clear()
+
+    def close(self) -> None:
+        self.closing = True
+        with contextlib.suppress(OSError):
+            self.listener.close()
+        self.cut()
+
+    def _accept(self) -> None:
+        while not self.closing:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=2)
+                upstream.settimeout(None)
+            except OSError:
+                _close_all(client)
+                continue
+            with self._lock:
+                self._socks += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, holdable: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                if holdable and self.holding.is_set():
+                    continue  # held, then lost at cut()
+                dst.sendall(data)
+        _close_all(src, dst)
+
+
+def _close_all(*socks: socket.socket) -> None:
+    for s in socks:
+        with contextlib.suppress(OSError):
+            s.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            s.close()
+
+
+@dataclass
+class SentinelGroup:
+    """A primary, its replicas (each linked through a :class:`HoldingProxy`) and sentinels."""
+
+    kind: str
+    primary: Server
+    replicas: list[Server]
+    proxies: list[HoldingProxy]
+    sentinel_procs: list[subprocess.Popen[bytes]]
+    sentinel_ports: list[int]
+    directory: Path
+    name: str = "mymaster"
+
+    @property
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        return [("127.0.0.1", port) for port in self.sentinel_ports]
+
+    def master_port(self) -> int | None:
+        """The primary's port as a sentinel that answers names it, or None."""
+        for port in self.sentinel_ports:
+            try:
+                with redis.Redis(port=port, socket_timeout=1) as s:
+                    addr = s.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.name)
+            except redis.exceptions.RedisError:
+                continue
+            if addr:
+                return int(addr[1])
+        return None
+
+    def server(self, port: int) -> Server:
+        return next(s for s in [self.primary, *self.replicas] if s.port == port)
+
+    def hold_replication(self) -> None:
+        for proxy in self.proxies:
+            proxy.hold()
+
+    def cut_replication(self) -> None:
+        for proxy in self.proxies:
+            proxy.cut()
+
+    def cleanup(self) -> None:
+        for proc in self.sentinel_procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        for proxy in self.proxies:
+            proxy.close()
+        for server in [self.primary, *self.replicas]:
+            server.cleanup()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _wait_until(predicate: Callable[[], bool], what: str, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with contextlib.suppress(redis.exceptions.RedisError, OSError):
+            if predicate():
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+def start_sentinel_group(
+    kind: str, *, replicas: int = 2, sentinels: int = 3, quorum: int = 2
+) -> SentinelGroup:
+    """A primary, ``replicas`` replicas and ``sentinels`` sentinels, all on random loopback ports.
+
+    Each replica replicates through its own :class:`HoldingProxy`, so a test can
+    hold back what the primary sends them. The sentinels take the primary down
+    after 1 s of silence and agree on it with ``quorum`` votes. Returns once every
+    replica is in sync and every sentinel knows every replica and the other
+    sentinels.
+    """
+    binary = find_binary(kind)
+    if binary is None:
+        raise FileNotFoundError(f"no {kind} server binary on this machine")
+    directory = Path(tempfile.mkdtemp(prefix=f"chatstate-{kind}-sentinel-"))
+    primary = start_server(kind)
+    group = SentinelGroup(kind, primary, [], [], [], [], directory)
+    try:
+        for _ in range(replicas):
+            proxy = HoldingProxy(primary.port)
+            group.proxies.append(proxy)
+            group.replicas.append(
+                start_server(
+                    kind,
+                    "--replicaof",
+                    "127.0.0.1",
+                    str(proxy.port),
+                    "--replica-announce-ip",
+                    "127.0.0.1",
+                )
+            )
+        for replica in group.replicas:
+            _wait_until(
+                lambda r=replica: r.client().info("replication").get("master_link_status") == "up",
+                "a replica in sync",
+            )
+        for n in range(sentinels):
+            port = free_port()
+            conf = directory / f"sentinel-{n}.conf"
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {directory}\n"
+                f"sentinel monitor {group.name} 127.0.0.1 {primary.port} {quorum}\n"
+                f"sentinel down-after-milliseconds {group.name} 1000\n"
+                f"sentinel failover-timeout {group.name} 10000\n"
+                f"sentinel parallel-syncs {group.name} 2\n"
+            )
+            with (directory / f"sentinel-{n}.log").open("ab") as log:
+                group.sentinel_procs.append(
+                    subprocess.Popen(
+                        [binary, str(conf), "--sentinel"],
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL,
+                    )
+                )
+            group.sentinel_ports.append(port)
+
+        def known() -> bool:
+            for port in group.sentinel_ports:
+                with redis.Redis(port=port, socket_timeout=1) as s:
+                    fields = s.sentinel_master(group.name)  # parsed by redis-py
+                    if int(fields["num-slaves"]) < replicas:
+                        return False
+                    if int(fields["num-other-sentinels"]) < sentinels - 1:
+                        return False
+            return True
+
+        _wait_until(known, "the sentinels to know every replica and each other")
+    except BaseException:
+        group.cleanup()
+        raise
+    return group
