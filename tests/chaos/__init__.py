@@ -9,5 +9,5 @@
   (killed workers, killed connections, flushed scripts, a killed server).
 - :mod:`chaos.checker`: reads the history and the stored states and counts what went wrong.
 
-``tests/test_chaos.py`` runs a short round in ``make test``; ``tools/chaos.py`` runs long ones.
+``tests/bots/test_chaos.py`` runs a short round in ``make test``; ``tools/chaos.py`` runs long ones.
 """

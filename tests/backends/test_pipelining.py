@@ -262,7 +262,7 @@ def test_kill_and_aof_restart_lose_no_acknowledged_async_update(
 
 SHUTDOWN_SCRIPT = """
 import asyncio, sys
-sys.path.insert(0, "tests")
+sys.path[:0] = ["tests", "tests/flow"]
 from chatstate import AsyncRedisBackend, AsyncStateService
 from chatstate.flow import AsyncRouter
 import test_router_exactly_once as t
@@ -293,7 +293,7 @@ def test_asyncio_run_returns_when_a_task_fails_amid_pipelined_traffic(
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     done = subprocess.run(
         [sys.executable, "-c", SHUTDOWN_SCRIPT, redis_url, namespace],
         cwd=root,

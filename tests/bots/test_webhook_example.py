@@ -19,7 +19,7 @@ import uvicorn
 
 import servers
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 
 from credit_bot import RULES, build_router, seeded_bank
 from whatsapp_webhook import create_app

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from hypothesis import settings
 from hypothesis.stateful import invariant
+from test_state_machine import RULES, ServiceModel
 
 from chatstate.exceptions import (
     BackendError,
@@ -35,7 +36,6 @@ from chatstate.state._sqlite import AsyncSqliteBackend, SqliteBackend
 from chatstate.testing import BackendContract
 from fakes import FakeClock
 from strategies import canonical
-from test_state_machine import RULES, ServiceModel
 
 
 class TestSqliteBackend(BackendContract):
@@ -513,7 +513,7 @@ def test_a_child_forked_during_a_transaction_leaves_it_to_the_parent(tmp_path: P
     backend.close()
 
 
-# -- the state machine of tests/test_state_machine.py, on a file -------------------------
+# -- the state machine of tests/state/test_state_machine.py, on a file -------------------------
 
 
 class SqliteServiceModel(ServiceModel):

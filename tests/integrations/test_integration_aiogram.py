@@ -914,7 +914,7 @@ def test_a_failed_update_is_handled_again() -> None:
 
 def test_example_bot_runs_its_form() -> None:
     """examples/aiogram_bot.py answers a whole form, and a redelivered update only once."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
     from aiogram_bot import build_dispatcher as example_dispatcher
 
     async def main() -> list[str]:
@@ -934,7 +934,7 @@ def test_example_bot_runs_its_form() -> None:
 
 def test_example_bot_is_configured_by_the_environment(redis_url: str, namespace: str) -> None:
     """examples/aiogram_bot.py takes its token, Bot API server and Redis from the environment."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
     from aiogram_bot import build_bot, build_storage
 
     env = {

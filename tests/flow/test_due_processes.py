@@ -16,7 +16,7 @@ import pytest
 
 import servers
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_due.py"
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_due.py"
 
 
 def _run(backend: str, mode: str) -> dict[str, object]:

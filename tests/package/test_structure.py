@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-SRC = Path(__file__).resolve().parent.parent / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 ROOMS = ("state", "flow", "auth", "testing", "integrations")
 # No exceptions: the command line reads the Redis storage layout (the key scheme,
 # the scripts it checks) through chatstate.state.redis's public names.

@@ -14,7 +14,7 @@ from chatstate.flow import Media, Message, render_text
 from chatstate.testing import Conversation
 from fakes import FakeClock
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 
 from booking_bot import RULES, Clinic, build_router
 

@@ -679,7 +679,7 @@ class TestOnRedis(_OnEveryBackend):
 
 def test_example_bot_runs_its_form_across_a_restart() -> None:
     """examples/ptb_bot.py's conversation continues on a new Application over the same store."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
     from ptb_bot import add_handlers
 
     async def main() -> list[str]:
@@ -712,7 +712,7 @@ def test_example_bot_runs_its_form_across_a_restart() -> None:
 
 def test_example_bot_is_configured_by_the_environment(redis_url: str, namespace: str) -> None:
     """examples/ptb_bot.py takes its token, Bot API server and Redis from the environment."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
     from ptb_bot import build_application
 
     env = {

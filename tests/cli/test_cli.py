@@ -21,7 +21,7 @@ from chatstate.cli._commands import COMMANDS
 from chatstate.cli._parser import build_parser
 from conftest import register_secret
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 @pytest.fixture(autouse=True)

@@ -46,7 +46,7 @@ from aiohttp import web
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 log = logging.getLogger(__name__)
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 TOKEN = "42:TEST-TOKEN"
 USERS = 30
 LEASE = 5.0  # both integrations' default

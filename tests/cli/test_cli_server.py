@@ -17,7 +17,7 @@ from chatstate.cli import main
 from chatstate.cli._commands.doctor import acl_rule
 from conftest import register_secret
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 @pytest.fixture(autouse=True)

@@ -19,6 +19,12 @@ from aiogram.fsm.context import FSMContext
 from aiogram.fsm.storage.base import StorageKey
 from aiogram.types import ErrorEvent, Message, Poll, PollOption, Update
 from redis.asyncio import Redis
+from test_integration_aiogram import (
+    KEY,
+    build_dispatcher,
+    form_router,
+    message_update,
+)
 
 from chatstate import AsyncMemoryBackend, AsyncRedisBackend, AsyncStateService
 from chatstate.exceptions import LockTimeoutError, SerializationError
@@ -26,12 +32,6 @@ from chatstate.integrations.aiogram import (
     ChatstateDedupeMiddleware,
     ChatstateEventIsolation,
     ChatstateStorage,
-)
-from test_integration_aiogram import (
-    KEY,
-    build_dispatcher,
-    form_router,
-    message_update,
 )
 
 

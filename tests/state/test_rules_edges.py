@@ -3,7 +3,7 @@
 Each test asserts behaviour a caller can see: what is refused (and the ``path``
 the error names), limits at their exact boundaries, the size bookkeeping, that
 stored data never aliases the caller's, ``diff`` round-tripping through ``merge``.
-``tests/test_rules.py`` holds the rules' main cases and properties.
+``tests/state/test_rules.py`` holds the rules' main cases and properties.
 """
 
 from __future__ import annotations

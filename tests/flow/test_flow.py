@@ -45,7 +45,7 @@ from chatstate.flow import (
 )
 from chatstate.testing import AsyncConversation, Conversation
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
 RULES = StateData(preserved=["jwt_token"])
