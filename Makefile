@@ -78,7 +78,8 @@ wheel-check: $(VENV)/.test-installed
 	.wheel-venv/bin/python -c "import chatstate, pathlib; assert 'site-packages' in chatstate.__file__"
 	.wheel-venv/bin/python -c "import chatstate.testing, sys; assert 'pytest' not in sys.modules"
 	.wheel-venv/bin/python -m pip install --quiet \
-		"$$(ls dist/chatstate-*.whl)[aiogram,telegram,starlette,prometheus,otel]" pytest hypothesis
+		"$$(ls dist/chatstate-*.whl)[aiogram,telegram,starlette,prometheus,otel,postgres]" \
+		"psycopg[binary]" pytest hypothesis
 	.wheel-venv/bin/python -m pytest -q -p no:cacheprovider tests/state/test_contract_memory.py tests/package/test_exports.py
 
 bench: $(VENV)/.test-installed
