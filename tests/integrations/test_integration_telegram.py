@@ -15,6 +15,7 @@ import itertools
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -610,11 +611,17 @@ class TestOnMemory(_OnEveryBackend):
 
 class TestOnSqlite(_OnEveryBackend):
     @pytest.fixture(autouse=True)
-    def _store(self, tmp_path: Path) -> None:
+    def _store(self, tmp_path: Path) -> Iterator[None]:
         self.path = tmp_path / "state.db"
+        self.opened: list[AsyncSqliteBackend] = []
+        yield
+        for backend in self.opened:  # a "restarted" process's service is dropped, not closed
+            backend.store.close()
 
     def make_service(self) -> AsyncStateService:
-        return AsyncStateService(AsyncSqliteBackend(self.path))
+        backend = AsyncSqliteBackend(self.path)
+        self.opened.append(backend)
+        return AsyncStateService(backend)
 
 
 @pytest.mark.redis
