@@ -76,6 +76,20 @@ def _hashed(secret: bytes, user_id: str) -> str:
     return "#" + base64.b32encode(digest[:20]).decode("ascii").lower()
 
 
+@functools.lru_cache(maxsize=16384)
+def _user_keys(
+    namespace: str, secret: bytes | None, by_tag: bool, user_id: str
+) -> tuple[str, str, str]:
+    if by_tag:
+        tag = user_id
+    elif secret is not None:
+        tag = _hashed(secret, user_id)
+    else:
+        tag = _encoded(user_id)
+    base = f"{namespace}:{{{tag}}}"
+    return base, base + ":ops", base + ":claim"
+
+
 @attrs.frozen
 class ParsedKey:
     """A key read back: what it holds and whose it is.
@@ -140,8 +154,11 @@ class KeyScheme:
         return _encoded(user_id)
 
     def keys(self, user_id: str) -> tuple[str, str, str]:
-        """The user's document, operation-log and claim keys: one hash slot."""
-        return self.tag_keys(self.tag(user_id))
+        """The user's document, operation-log and claim keys: one hash slot.
+
+        Cached per user, as every read and write asks for them.
+        """
+        return _user_keys(self.namespace, self.secret, self.by_tag, user_id)
 
     def tag_keys(self, tag: str) -> tuple[str, str, str]:
         """The document, operation-log and claim keys of a hash tag (as found by a scan)."""
