@@ -2,7 +2,7 @@
 
     python benchmarks/bench_due.py [--backend redis|sqlite|both] [--reminders 10000]
         [--send-ms 50] [--rate 1000] [--concurrency 128] [--kill-at 0.3]
-        [--mode due|broadcast] [--json]
+        [--mode due|broadcast] [--hold-after K] [--json]
 
 Schedules ``--reminders`` messages (one per user) due now, on a throwaway
 redis-server (from PATH, on a random loopback port) or a SQLite file in a
@@ -18,6 +18,14 @@ against the bound ``reminders / rate + 2 s`` (``--rate`` is per process).
 ``--mode broadcast`` does the same for a broadcast: two processes run
 ``broadcast(...)`` over the same users, one is killed, the other finishes (and
 resumes what the killed one left).
+
+Both processes connect, then wait at a gate and start together. ``--hold-after K``
+makes the run a fixed sequence, for the test suite: the first process starts
+alone, and every send after its K-th logs its line and then never returns (a
+platform that took the message while the process never heard back); once it has
+``--concurrency`` sends held, the second process starts; once the second has
+sent (``due``; a broadcast waits on the held users' claims instead), the first
+is killed. Nothing then depends on which process is faster.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +85,12 @@ def setup(backend: str, target: str, n: int, mode: str) -> float:
     return now
 
 
-def worker(backend: str, target: str, log: str, options: dict[str, Any]) -> None:
-    """One process: run_due (or broadcast) until killed, logging every send."""
+def worker(backend: str, target: str, log: str, options: dict[str, Any], role: str) -> None:
+    """One process: run_due (or broadcast) until killed, logging every send.
+
+    It writes ``<log>.<role>.ready`` once connected and starts when ``<log>.go``
+    exists; the ``victim`` of a ``hold_after`` run holds its sends after that many.
+    """
 
     async def main() -> None:
         router = AsyncRouter(
@@ -87,13 +100,23 @@ def worker(backend: str, target: str, log: str, options: dict[str, Any]) -> None
             resend_after=RESEND_AFTER,
             wait=30,
         )
+        await router.service.ping()
         pid = os.getpid()
         out = open(log, "a", encoding="utf-8")  # noqa: ASYNC230, PTH123, SIM115 - for the whole run
+        hold = options["hold_after"] if role == "victim" else None
+        sent = 0
+        Path(f"{log}.{role}.ready").write_text(str(pid))  # noqa: ASYNC240 - once
+        while not Path(f"{log}.go").exists():  # noqa: ASYNC110, ASYNC240 - a file gate
+            await asyncio.sleep(0.01)
 
         async def send(_user_id: str, _replies: list[Any], identity: str) -> None:
+            nonlocal sent
             await asyncio.sleep(options["send_ms"] / 1000)
             out.write(f"{pid} {identity} {time.time():.4f}\n")
             out.flush()
+            sent += 1
+            if hold is not None and sent > hold:
+                await asyncio.Event().wait()  # taken by the platform, never confirmed
 
         if options["mode"] == "due":
             await router.run_due(
@@ -126,6 +149,30 @@ def _read(log: Path) -> list[tuple[int, str, float]]:
     return rows
 
 
+def _start(argv: list[str], log: Path, role: str) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen([*argv, role])  # noqa: S603 - our own script
+    ready = Path(f"{log}.{role}.ready")
+    while not ready.exists():
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"the {role} process exited with {proc.returncode} before it was ready"
+            )
+        time.sleep(0.01)
+    return proc
+
+
+def _wait_for(what: str, done: Callable[[], bool], procs: list[subprocess.Popen[bytes]]) -> None:
+    """Polls ``done``; fails at once if a process exits, or after 600 s (a hang guard)."""
+    limit = time.time() + 600
+    while not done():
+        if any(proc.poll() is not None for proc in procs) and not done():
+            codes = [proc.returncode for proc in procs]
+            raise RuntimeError(f"a worker exited ({codes}) while waiting for {what}")
+        if time.time() > limit:
+            raise RuntimeError(f"no progress: waiting for {what}")
+        time.sleep(0.02)
+
+
 def run(backend: str, target: str, options: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """Set up, run two workers, kill one, wait for every reminder; the figures."""
     n = options["reminders"]
@@ -133,22 +180,41 @@ def run(backend: str, target: str, options: dict[str, Any], workdir: Path) -> di
     log.write_text("")
     setup(backend, target, n, options["mode"])
     argv = [sys.executable, __file__, "worker", backend, target, str(log), json.dumps(options)]
-    start = time.time()
-    procs = [subprocess.Popen(argv) for _ in range(2)]  # noqa: S603 - our own script
-    killed = procs[0]
+    go = Path(f"{log}.go")
+    procs: list[subprocess.Popen[bytes]] = []
     try:
-        while len(rows := _read(log)) < options["kill_at"] * n or not any(
-            pid == killed.pid for pid, _, _ in rows
-        ):
-            if time.time() - start > 600:
-                raise RuntimeError("no progress")
-            time.sleep(0.02)
+        killed = _start(argv, log, "victim")
+        procs.append(killed)
+        if options["hold_after"] is None:
+            procs.append(_start(argv, log, "survivor"))
+            start = time.time()
+            go.write_text("")
+
+            def progressed() -> bool:
+                rows = _read(log)
+                return len(rows) >= options["kill_at"] * n and any(
+                    pid == killed.pid for pid, _, _ in rows
+                )
+
+            _wait_for("the first process to send its share", progressed, procs)
+        else:
+            start = time.time()
+            go.write_text("")
+            held = options["hold_after"] + min(options["concurrency"], n - options["hold_after"])
+            _wait_for("the first process to hold its sends", lambda: len(_read(log)) >= held, procs)
+            survivor = _start(argv, log, "survivor")
+            procs.append(survivor)
+            if options["mode"] == "due":  # run_due passes over busy users; broadcast waits for them
+                _wait_for(
+                    "the second process to send",
+                    lambda: any(pid == survivor.pid for pid, _, _ in _read(log)),
+                    procs,
+                )
         os.kill(killed.pid, signal.SIGKILL)
         killed.wait()
         killed_at = time.time()
-        deadline = time.time() + n / options["rate"] + 120
-        while len({i for _, i, _ in _read(log)}) < n and time.time() < deadline:
-            time.sleep(0.05)
+        survivors = procs[1:]
+        _wait_for("every reminder", lambda: len({i for _, i, _ in _read(log)}) >= n, survivors)
         time.sleep(LEASE + RESEND_AFTER + 1)  # room for a stray resend to show up
     finally:
         for proc in procs:
@@ -159,7 +225,19 @@ def run(backend: str, target: str, options: dict[str, Any], workdir: Path) -> di
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-    rows = _read(log)
+    return _figures(backend, options, _read(log), killed.pid, start, killed_at)
+
+
+def _figures(  # noqa: PLR0917 - one run's facts
+    backend: str,
+    options: dict[str, Any],
+    rows: list[tuple[int, str, float]],
+    killed_pid: int,
+    start: float,
+    killed_at: float,
+) -> dict[str, Any]:
+    """What the log says: every identity sent, which twice, by whom, and when."""
+    n = options["reminders"]
     first: dict[str, tuple[int, float]] = {}
     repeats: list[tuple[str, int]] = []
     for pid, identity, at in rows:
@@ -176,8 +254,8 @@ def run(backend: str, target: str, options: dict[str, Any], workdir: Path) -> di
         "sent": len(first),
         "all_sent": len(first) == n,
         "repeats": len(repeats),
-        "repeats_first_sent_by_killed": all(pid == killed.pid for _, pid in repeats),
-        "by_killed": sum(1 for pid, _ in first.values() if pid == killed.pid),
+        "repeats_first_sent_by_killed": all(pid == killed_pid for _, pid in repeats),
+        "by_killed": sum(1 for pid, _ in first.values() if pid == killed_pid),
         "killed_after_s": round(killed_at - start, 2),
         "last_sent_s": round(last, 2),
         "bound_s": round(n / options["rate"] + 2, 2),
@@ -191,7 +269,7 @@ def run(backend: str, target: str, options: dict[str, Any], workdir: Path) -> di
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "worker":
-        worker(sys.argv[2], sys.argv[3], sys.argv[4], json.loads(sys.argv[5]))
+        worker(sys.argv[2], sys.argv[3], sys.argv[4], json.loads(sys.argv[5]), sys.argv[6])
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=["redis", "sqlite", "both"], default="both")
@@ -201,6 +279,12 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=128)
     parser.add_argument("--kill-at", type=float, default=0.3)
     parser.add_argument("--mode", choices=["due", "broadcast"], default="due")
+    parser.add_argument(
+        "--hold-after",
+        type=int,
+        default=None,
+        help="a fixed sequence instead of --kill-at: the first process holds its sends after K",
+    )
     parser.add_argument("--json", action="store_true", help="one JSON line per backend")
     args = parser.parse_args()
     options = {
@@ -210,6 +294,7 @@ def main() -> None:
         "concurrency": args.concurrency,
         "kill_at": args.kill_at,
         "mode": args.mode,
+        "hold_after": args.hold_after,
     }
     backends = ["redis", "sqlite"] if args.backend == "both" else [args.backend]
     import servers
