@@ -7,6 +7,10 @@ remembered with which version, claims taken, renewed, completed and released.
 
 from __future__ import annotations
 
+import copy
+import json
+import pickle
+
 import pytest
 
 from chatstate.exceptions import (
@@ -517,3 +521,56 @@ def test_corrupt_names_the_key() -> None:
     assert isinstance(error, CorruptStateError)
     assert error.key == "user:1"
     assert str(error).endswith("not a hash (key 'user:1'); nothing was written")
+
+
+def test_a_document_is_a_read_only_dict_decoded_when_first_read() -> None:
+    loads = []
+
+    def load() -> dict[str, object]:
+        loads.append(1)
+        return {"a": {"b": [1]}, "c": "x"}
+
+    doc = Document(Snapshot.lazy(3, load))
+    assert isinstance(doc, dict)
+    assert doc.version == 3
+    assert not loads  # nothing decoded yet
+    assert json.dumps(doc) == '{"a": {"b": [1]}, "c": "x"}'  # the C encoder's first read
+    assert loads == [1]
+    assert json.dumps(doc, indent=None, sort_keys=True) == '{"a": {"b": [1]}, "c": "x"}'
+    assert json.dumps(Document(Snapshot.lazy(1, load)), indent=1).startswith("{\n")
+    assert dict(doc) == {**doc} == doc.copy() == {"a": {"b": [1]}, "c": "x"}
+    assert doc | {"d": 1} == {"a": {"b": [1]}, "c": "x", "d": 1}
+    assert {"d": 1} | doc == {"d": 1, "a": {"b": [1]}, "c": "x"}
+    assert list(doc.items()) == [("a", {"b": [1]}), ("c", "x")]
+    assert list(reversed(doc)) == ["c", "a"]
+    assert doc.get("missing", 5) == 5
+    for change in (
+        lambda: doc.__setitem__("c", "y"),
+        lambda: doc.__delitem__("c"),
+        lambda: doc.update(c="y"),
+        lambda: doc.pop("c"),
+        doc.popitem,
+        lambda: doc.setdefault("e", 1),
+        doc.clear,
+    ):
+        with pytest.raises(TypeError, match="read-only"):
+            change()
+    assert doc == {"a": {"b": [1]}, "c": "x"}
+    for copied in (copy.copy(doc), copy.deepcopy(doc), pickle.loads(pickle.dumps(doc))):  # noqa: S301
+        assert type(copied) is dict
+        assert copied == doc
+    deep = copy.deepcopy(doc)
+    deep["a"]["b"].append(2)
+    assert doc["a"]["b"] == [1]
+    assert json.dumps(Document(Snapshot({}, 1))) == "{}"
+
+
+def test_a_document_that_cannot_be_decoded_raises_when_read_and_stays_unread() -> None:
+    def load() -> dict[str, object]:
+        raise CorruptStateError("bad", key="k")
+
+    doc = Document(Snapshot.lazy(1, load))
+    with pytest.raises(CorruptStateError):
+        json.dumps(doc)
+    with pytest.raises(CorruptStateError):
+        len(doc)

@@ -19,8 +19,8 @@ from __future__ import annotations
 import marshal
 import os
 from base64 import urlsafe_b64encode
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Final, Literal, TypeAlias, get_args
+from collections.abc import Callable, ItemsView, Iterator, KeysView, ValuesView
+from typing import Any, Final, Literal, NoReturn, TypeAlias, get_args
 
 import attrs
 
@@ -167,56 +167,133 @@ class _Masked:
 _MASKED: Final = _Masked()
 
 
-class Document(Mapping[str, Any]):
-    """A document a write returns: a read-only mapping, decoded when first read.
+class _Pending:
+    """The one key a :class:`Document` holds until it is first read (see there)."""
 
-    It compares equal to a dict with the same content; ``dict(doc)`` or
-    :meth:`to_dict` give a plain, mutable copy (``json.dumps`` needs one). Its
-    ``repr`` hides the values of preserved and secret fields (tokens, PINs).
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<not decoded yet>"
+
+
+_PENDING: Final = _Pending()
+
+
+def _read_only(*_args: Any, **_kwargs: Any) -> NoReturn:
+    raise TypeError("a Document is read-only; to_dict() or dict(doc) gives a mutable copy")
+
+
+class Document(dict[str, Any]):
+    """A document a write returns: a read-only ``dict``, decoded when first read.
+
+    It is a ``dict``: ``json.dumps(doc)``, ``JSONResponse(doc)``, ``dict(doc)``,
+    ``{**doc}`` and ``==`` against a dict work as for the dict :meth:`get
+    <chatstate.StateService.get>` returns. It cannot be changed (``doc["k"] =
+    v``, ``update``, ``pop`` … raise ``TypeError``); :meth:`to_dict` gives a deep,
+    mutable copy. Its ``repr`` hides the values of preserved and secret fields
+    (tokens, PINs).
+
+    A write's document is decoded only when it is first read, so a caller that
+    ignores it pays nothing. Until then it holds one private placeholder key,
+    which C code that reads a dict's storage without calling its methods (such
+    as ``orjson``) refuses as a key that is not a string; read it once (``len(doc)``)
+    or pass ``doc.to_dict()`` to such code.
 
     Attributes:
         version: The version this document has.
     """
 
-    __slots__ = ("_preserved", "_snapshot")
+    __slots__ = ("_preserved", "_snapshot", "version")
 
     def __init__(self, snapshot: Snapshot, preserved: frozenset[Path] = frozenset()) -> None:
-        self._snapshot = snapshot
+        dict.__init__(self)
+        dict.__setitem__(self, _PENDING, None)  # type: ignore[misc]  # see the class docstring
+        self._snapshot: Snapshot | None = snapshot
         self._preserved = preserved
+        self.version = snapshot.version
 
-    @property
-    def version(self) -> int:
-        """The document's version."""
-        return self._snapshot.version
+    def _data(self) -> dict[str, Any]:
+        """Decodes the snapshot into this dict's own storage, once."""
+        snapshot = self._snapshot
+        if snapshot is not None:
+            data = snapshot.data  # may raise CorruptStateError; nothing changed then
+            dict.clear(self)
+            dict.update(self, data)
+            self._snapshot = None
+        return self
 
     def __getitem__(self, key: str) -> Any:
-        return self._snapshot.data[key]
+        return dict.__getitem__(self._data(), key)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._snapshot.data)
+        return dict.__iter__(self._data())
+
+    def __reversed__(self) -> Iterator[str]:
+        return dict.__reversed__(self._data())
 
     def __len__(self) -> int:
-        return len(self._snapshot.data)
+        return dict.__len__(self._data())
 
     def __contains__(self, key: object) -> bool:
-        return key in self._snapshot.data
+        return dict.__contains__(self._data(), key)
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Document):
-            return self._snapshot.data == other._snapshot.data
-        if isinstance(other, Mapping):
-            return self._snapshot.data == dict(other)
-        return NotImplemented
+            other = other._data()
+        return dict.__eq__(self._data(), other)
 
-    __hash__ = None  # type: ignore[assignment]
+    def __ne__(self, other: object) -> bool:
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+    __hash__ = None  # a dict's; stated for the linter
+
+    def __or__(self, other: Any) -> dict[str, Any]:  # type: ignore[override]  # a plain dict
+        if not isinstance(other, dict):
+            return NotImplemented
+        return dict(self._data()) | other
+
+    def __ror__(self, other: Any) -> dict[str, Any]:  # type: ignore[override]  # a plain dict
+        if not isinstance(other, dict):
+            return NotImplemented
+        return dict(other) | dict(self._data())
+
+    def keys(self) -> KeysView[str]:  # type: ignore[override]
+        return dict.keys(self._data())
+
+    def values(self) -> ValuesView[Any]:  # type: ignore[override]
+        return dict.values(self._data())
+
+    def items(self) -> ItemsView[str, Any]:  # type: ignore[override]
+        return dict.items(self._data())
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return dict.get(self._data(), key, default)
+
+    def copy(self) -> dict[str, Any]:
+        """A shallow copy, as a plain ``dict``."""
+        return dict(self._data())
 
     def to_dict(self) -> JSONObject:
         """A deep, mutable copy of the document."""
-        copy: JSONObject = _copy(self._snapshot.data)
+        copy: JSONObject = _copy(dict(self._data()))
         return copy
 
+    __setitem__ = __delitem__ = __ior__ = _read_only
+    update = pop = popitem = setdefault = clear = _read_only
+
+    def __reduce__(self) -> tuple[type[dict[str, Any]], tuple[dict[str, Any]]]:
+        # Pickled, copied and deep-copied as a plain dict: the copy is the caller's.
+        return (dict, (dict(self._data()),))
+
+    def __copy__(self) -> dict[str, Any]:
+        return dict(self._data())
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> dict[str, Any]:
+        return _copy(dict(self._data()))  # type: ignore[no-any-return]
+
     def __repr__(self) -> str:
-        return repr(_mask(self._snapshot.data, self._preserved))
+        return repr(_mask(dict(self._data()), self._preserved))
 
 
 def _copy(value: Any) -> Any:

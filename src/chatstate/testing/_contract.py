@@ -10,6 +10,7 @@ import asyncio
 import datetime as dt
 import decimal
 import inspect
+import json
 import threading
 import unicodedata
 from collections.abc import Callable, Coroutine
@@ -390,6 +391,20 @@ class BackendContract:
         got = await svc.update("u", {"e": {"h": None, "i": 1}, "a": {"b": None}})
         assert got == {"a": {"c": [3], "g": {}}, "e": {"i": 1}}
         assert await svc.get("u") == got
+
+    @_twin_test
+    async def test_a_writes_document_is_a_dict_json_takes(self, svc: ServiceTwin) -> None:
+        """``update()``'s document serializes as ``get()``'s does, and cannot be changed."""
+        patch = {"a": {"b": [1, 2.5, None, True]}, "s": "\u00e9\n", "n": -(2**63)}
+        for write in (lambda: svc.update("u", patch), lambda: svc.assign("u", {"z": 0})):
+            doc = await write()
+            assert isinstance(doc, dict)
+            assert json.dumps(doc, sort_keys=True) == json.dumps(await svc.get("u"), sort_keys=True)
+        doc = await svc.update("u", {"z": 1})
+        assert json.loads(json.dumps(doc)) == {**patch, "z": 1}  # the C encoder, never read before
+        with pytest.raises(TypeError, match="read-only"):
+            doc["z"] = 2
+        assert await svc.get("u") == {**patch, "z": 1}
 
     @_twin_test
     async def test_every_write_bumps_the_version_by_one(self, svc: ServiceTwin) -> None:

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 
 from chatstate.cli._backends import RedisStore, redis_store
@@ -64,10 +65,11 @@ def _bench_sync(
     results = []
     # No key secret: the keys are named by the ids, so that _cleanup finds them.
     with where.listing_service(StateData(), by_tag=False) as svc:
-        for name, call in (
+        calls: list[tuple[str, Callable[[int], object]]] = [
             ("updates", lambda i: svc.update(users[i % len(users)], {**patch, "n": i})),
             ("gets", lambda i: svc.get(users[i % len(users)])),
-        ):
+        ]
+        for name, call in calls:
             start = time.perf_counter()
             for i in range(args.count):
                 call(i)

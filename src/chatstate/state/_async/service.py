@@ -144,8 +144,8 @@ class AsyncStateService:
                 to learn which happened.
 
         Returns:
-            The new document: a read-only mapping, decoded only when you read it
-            (``dict(doc)`` gives a plain dict).
+            The new document: a read-only ``dict`` (``json.dumps`` takes it),
+            decoded only when you read it; ``doc.to_dict()`` gives a mutable copy.
 
         Raises:
             SerializationError: ``patch`` is not JSON; nothing was stored.
