@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +41,11 @@ from pywa_support import (
     notification,
     post,
     readable,
-    serve,
     sign,
     text_message,
 )
 from starlette.applications import Starlette
+from test_integration_starlette import serve  # uvicorn on loopback, lifespan on
 
 import servers
 from chatstate import AsyncStateService, MemoryBackend, SqliteBackend, StateService
@@ -58,7 +58,6 @@ from chatstate.flow import (
     ListScreen,
     Menu,
     MenuItem,
-    Message,
     Router,
     Row,
     Section,
@@ -144,20 +143,24 @@ CONVERSATION: list[dict[str, Any]] = [
 ]
 
 
-def _expected(messages: list[dict[str, Any]], user: str = ANA) -> list[dict[str, Any]]:
-    """The Cloud API payloads the credit bot's own router renders for the same messages."""
-    router = build_router(StateService(MemoryBackend(), RULES), seeded_bank())
-    out = []
+def _conversation(
+    bot: Bot, graph: FakeGraphApi, reference: Router[Any], messages: list[Any]
+) -> list[Any]:
+    """Post ``messages`` through pywa; check pywa sent what ``reference`` renders for them."""
+    for i, message in enumerate(messages):
+        assert _say(bot, f"wamid.{i}", message) == 200
+    expected = []
     for i, body in enumerate(messages):
-        (message,) = [
-            m for m in _parse(notification(f"ref.{i}", user, body)) if m.message_id == f"ref.{i}"
-        ]
-        out += [render_whatsapp(s, user) for s in router.handle(message)]
-    return out
-
-
-def _parse(body: bytes) -> list[Message]:
-    return parse_webhook(json.loads(body))
+        (message,) = parse_webhook(json.loads(notification(f"ref.{i}", ANA, body)))
+        expected += [render_whatsapp(s, ANA) for s in reference.handle(message)]
+    sent = graph.wait_for(len(expected), ANA)
+    time.sleep(0.1)  # a send too many would land by now
+    sent = graph.sent(ANA)
+    assert len(sent) == len(expected), [readable(s) for s in sent]
+    assert all(_same(s, e) for s, e in zip(sent, expected, strict=True)), [
+        readable(s) for s in sent
+    ]
+    return sent
 
 
 def _same(sent: dict[str, Any], rendered: dict[str, Any]) -> bool:
@@ -173,14 +176,8 @@ def test_the_credit_bot_conversation_through_pywas_webhook(
     credit_bot: Bot, graph: FakeGraphApi
 ) -> None:
     """Register, log in, transfer with a confirmation, balance: pywa sends what the router renders."""
-    for i, message in enumerate(CONVERSATION):
-        assert _say(credit_bot, f"wamid.{i}", message) == 200
-    expected = _expected(CONVERSATION)
-    sent = graph.wait_for(len(expected), ANA)
-    assert len(sent) == len(expected)
-    assert all(_same(s, e) for s, e in zip(sent, expected, strict=True)), [
-        readable(s) for s in sent
-    ]
+    reference = build_router(StateService(MemoryBackend(), RULES), seeded_bank())
+    sent = _conversation(credit_bot, graph, reference, CONVERSATION)
     assert [readable(s) for s in sent][-3:] == [
         "Send 25 credits to +34611111111? [Send, Change amount]",
         "Sent 25 credits to +34611111111. Your balance: 75.",
@@ -207,6 +204,14 @@ def test_a_redelivered_wamid_is_answered_once(credit_bot: Bot, graph: FakeGraphA
         "What is your name?",
     ]
     assert sent == graph.sent(ANA)
+
+
+def test_a_group_message_is_left_alone(credit_bot: Bot, graph: FakeGraphApi) -> None:
+    """A message in a group chat reaches pywa but not the router: no state, no reply."""
+    assert _say(credit_bot, "wamid.g", {**text_message("hi"), "group_id": "G.1"}) == 200
+    assert credit_bot.handlers.router.service.get(ANA) == {}
+    assert _say(credit_bot, "wamid.1", text_message("hi")) == 200
+    assert [readable(s) for s in graph.wait_for(1, ANA)] == [MENU_SENT]
 
 
 @pytest.mark.parametrize(
@@ -303,10 +308,21 @@ def _session(wa: Any, graph: FakeGraphApi) -> None:
     session.base_url = graph.url + session.base_url.path
 
 
-@pytest.fixture(params=["sync", "async"])
-def showcase(request: pytest.FixtureRequest, graph: FakeGraphApi) -> Iterator[Bot]:
-    """A bot of lists, buttons, media, a location and contacts, on pywa or pywa_async."""
-    app = Starlette()
+@contextlib.contextmanager
+def _served(kind: str, graph: FakeGraphApi, **router_options: Any) -> Iterator[Bot]:
+    """MENU's bot on pywa (``kind`` "sync") or pywa_async ("async"), served, resending every 0.2 s."""
+    handlers: Any = None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        if kind == "sync":
+            with handlers.resending(every=0.2):
+                yield
+        else:
+            async with handlers.resending(every=0.2):
+                yield
+
+    app = Starlette(lifespan=lifespan)
     options: dict[str, Any] = {
         "phone_id": PHONE_ID,
         "token": TOKEN,
@@ -315,13 +331,14 @@ def showcase(request: pytest.FixtureRequest, graph: FakeGraphApi) -> Iterator[Bo
         "verify_token": VERIFY,
         "app_secret": SECRET,
     }
-    handlers: Any
-    if request.param == "sync":
+    if kind == "sync":
         wa = WhatsApp(**options)
-        handlers = ChatstateHandlers(wa, Router(StateService(), main_menu=MENU))
+        router = Router(StateService(), main_menu=MENU, **router_options)
+        handlers = ChatstateHandlers(wa, router)
     else:
         wa = pywa_async.WhatsApp(**options)
-        handlers = AsyncChatstateHandlers(wa, AsyncRouter(AsyncStateService(), main_menu=MENU))
+        async_router = AsyncRouter(AsyncStateService(), main_menu=MENU, **router_options)
+        handlers = AsyncChatstateHandlers(wa, async_router)
     _session(wa, graph)
     handled = Handled()
     wa.add_handlers(RawUpdateHandler(handled))
@@ -329,26 +346,18 @@ def showcase(request: pytest.FixtureRequest, graph: FakeGraphApi) -> Iterator[Bo
         yield Bot(f"{base}/webhook", handlers, handled)
 
 
-def _reference(messages: list[dict[str, Any]], user: str = ANA) -> list[dict[str, Any]]:
-    router = Router(StateService(), main_menu=MENU)
-    out = []
-    for i, body in enumerate(messages):
-        (message,) = _parse(notification(f"ref.{i}", user, body))
-        out += [render_whatsapp(s, user) for s in router.handle(message)]
-    return out
+@pytest.fixture(params=["sync", "async"])
+def showcase(request: pytest.FixtureRequest, graph: FakeGraphApi) -> Iterator[Bot]:
+    """A bot of lists, buttons, media, a location and contacts, on pywa or pywa_async."""
+    with _served(request.param, graph) as bot:
+        yield bot
 
 
 def test_lists_buttons_media_location_and_contacts_through_pywa(
     showcase: Bot, graph: FakeGraphApi
 ) -> None:
     """Each kind of message reaches the flow; lists and buttons go out as the router renders them."""
-    for i, message in enumerate(SHOWCASE):
-        assert _say(showcase, f"wamid.{i}", message) == 200
-    expected = _reference(SHOWCASE)
-    sent = graph.wait_for(len(expected), ANA)
-    assert all(_same(s, e) for s, e in zip(sent, expected, strict=True)), [
-        readable(s) for s in sent
-    ]
+    sent = _conversation(showcase, graph, Router(StateService(), main_menu=MENU), SHOWCASE)
     menu, sizes, confirm = sent[0]["interactive"], sent[1]["interactive"], sent[2]["interactive"]
     assert menu["type"] == "list"
     assert "title" not in menu["action"]["sections"][0]  # a lone section goes untitled
@@ -531,3 +540,25 @@ def test_a_killed_bots_stored_replies_are_sent_without_a_redelivery(
     assert [readable(s) for s in sent] == [MENU_SENT, "What is your name?", "Choose a 4-digit PIN."]
     assert _stored(db)["outbox"] == {}
     assert took < 20  # the dead process's claim lapses within its 5 s lease
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_resending_in_the_lifespan_sends_what_a_failed_send_left(
+    graph: FakeGraphApi, kind: str
+) -> None:
+    """The Graph API fails once: resending() sends the stored reply after resend_after, once."""
+    with _served(kind, graph, resend_after=0.5) as bot:
+        graph.fail = 1
+        started = time.monotonic()
+        assert _say(bot, "wamid.1", text_message("hi")) == 200
+        assert graph.sent() == []
+        sent = graph.wait_for(1, ANA, timeout=10)
+        took = time.monotonic() - started
+        time.sleep(1)  # another round or two: nothing more
+        assert graph.sent(ANA) == sent
+        assert _say(bot, "wamid.2", list_message("hours", "Opening hours")) == 200
+        assert [readable(s) for s in graph.wait_for(2, ANA)] == [
+            "What do you need? [Report damage, Order, Opening hours, Help]",
+            "9 to 5.",
+        ]
+    assert took < 5  # resend_after 0.5 s, rounds of 0.2 s

@@ -99,12 +99,13 @@ Update: TypeAlias = PywaMessage | CallbackButton[Any] | CallbackSelection[Any]
 def to_message(update: Update) -> Message | None:
     """The chatstate message of a pywa update, as :func:`~chatstate.flow.parse_webhook` reads it.
 
-    ``None`` when the update's notification holds no message with its id
-    (nothing for the router).
+    ``None`` when the update's notification holds no message with its id,
+    and for a message in a group chat (the router keeps one person's state
+    and answers them directly): nothing for the router.
     """
     for message in parse_webhook(dict(update.raw)):
         if message.message_id == update.id:
-            return message
+            return None if message.raw.get("group_id") else message
     return None
 
 
