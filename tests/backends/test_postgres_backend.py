@@ -6,6 +6,7 @@ The contract suite itself is in test_contract_postgres.py.
 from __future__ import annotations
 
 import asyncio
+import json
 import multiprocessing
 import threading
 from collections.abc import Iterator
@@ -291,3 +292,35 @@ def test_writes_are_one_round_trip_on_a_cached_row(postgres: servers.Postgres) -
         psycopg.Connection.execute = real  # type: ignore[method-assign]
     assert sent == ["UPDATE"] * 10
     svc.close()
+
+
+def test_the_log_appended_to_reads_as_the_log_encoded_whole(postgres: servers.Postgres) -> None:
+    """A cached write appends its record to the stored text; that text is the whole encoding.
+
+    Over the trim (124 records back to 100), with repeated op ids, from a cached row and
+    from a fresh process's read, the stored log is exactly what encoding it whole gives,
+    and holds exactly the newest ids.
+    """
+    sent: list[str] = []
+    for round_ in range(3):
+        with StateService(PostgresBackend(postgres.dsn, table_prefix="appended")) as svc:
+            for i in range(60):
+                op_id = f"op-{round_}-{i}"
+                svc.update("ana", {"n": i}, op_id=op_id)
+                sent.append(op_id)
+                if i % 7 == 0:
+                    svc.update("ana", {"n": i}, op_id=op_id)  # a repeat records nothing
+                svc.update("ana", {"m": i})  # a write without an op id records its own key
+                sent.append("")
+    with psycopg.connect(postgres.dsn) as conn:
+        found = conn.execute("SELECT ops::text, ops_seq FROM appended_users").fetchone()
+    assert found is not None
+    text, seq = found
+    records = json.loads(text)
+    assert text == json.dumps(records, ensure_ascii=False, separators=(",", ":"))
+    assert seq == len(sent) == 360
+    seqs = [r[0] for r in records.values()]
+    assert seqs == sorted(seqs)
+    assert seqs[-1] == seq
+    assert 100 <= len(records) < 124
+    assert seqs == list(range(seq - len(records) + 1, seq + 1))  # the newest, none missing

@@ -396,7 +396,11 @@ class BackendContract:
     async def test_a_writes_document_is_a_dict_json_takes(self, svc: ServiceTwin) -> None:
         """``update()``'s document serializes as ``get()``'s does, and cannot be changed."""
         patch = {"a": {"b": [1, 2.5, None, True]}, "s": "\u00e9\n", "n": -(2**63)}
-        for write in (lambda: svc.update("u", patch), lambda: svc.assign("u", {"z": 0})):
+        writes: list[Callable[[], Coroutine[Any, Any, Any]]] = [
+            lambda: svc.update("u", patch),
+            lambda: svc.assign("u", {"z": 0}),
+        ]
+        for write in writes:
             doc = await write()
             assert isinstance(doc, dict)
             assert json.dumps(doc, sort_keys=True) == json.dumps(await svc.get("u"), sort_keys=True)

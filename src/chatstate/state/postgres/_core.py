@@ -382,6 +382,11 @@ class Row:
     lease_nonce: str | None = None
     lease_expires_at: int | None = None
     lease_op_key: str | None = None
+    decoded: tuple[dict[str, OpRecord], int] | None = attrs.field(
+        default=None, eq=False, repr=False
+    )
+    """``ops`` decoded (the records and the sequence), when this process wrote the row: the
+    next write on the cached row copies it instead of parsing the text (not stored)."""
 
     @classmethod
     def read(cls, found: tuple[Any, ...] | None) -> Row:
@@ -390,7 +395,19 @@ class Row:
 
     def values(self) -> tuple[Any, ...]:
         """The columns after ``rev``'s, in statement order."""
-        return attrs.astuple(self, recurse=False)[1:]
+        return (
+            self.doc,
+            self.version,
+            self.size,
+            self.schema,
+            self.expires_at,
+            self.ops,
+            self.ops_seq,
+            self.ops_expires_at,
+            self.lease_nonce,
+            self.lease_expires_at,
+            self.lease_op_key,
+        )
 
 
 NO_ROW: Final = Row()
@@ -428,7 +445,9 @@ def live_snapshot(user_id: str, row: Row, now: int) -> tuple[Snapshot | None, in
 def _decode_log(user_id: str, row: Row, now: int) -> OpLog:
     log = OpLog()
     try:
-        if row.ops_expires_at > now:
+        if row.ops_expires_at > now and row.decoded is not None:
+            log.records, log.seq = dict(row.decoded[0]), row.decoded[1]
+        elif row.ops_expires_at > now:
             raw = json.loads(row.ops)
             if type(raw) is not dict:
                 raise _corrupt(user_id, "the stored operation log is unreadable")
@@ -460,6 +479,9 @@ def plan(  # noqa: C901 - one branch per part of the row
         if not (isinstance(op, Delete) and op.force):
             raise
         log = OpLog()  # a forced delete replaces a corrupt log
+    # What the stored text holds, for appending one record to it instead of writing it anew.
+    before = len(log.records) if write.op_key not in log.records else -1
+    base = row.ops if row.ops_expires_at > now else "{}"
     result = apply_write(current, log, write, now, row.size if current is not None else None)
     if result.data is UNCHANGED and not result.log_changed:
         return result.outcome, UNCHANGED
@@ -482,8 +504,7 @@ def plan(  # noqa: C901 - one branch per part of the row
             # As on Redis: recorded ids live dedupe_ms after the last one; a claim
             # lives by its own lease and keeps nothing else alive.
             ops_expires_at = now + write.dedupe_ms
-        records = {k: [r.seq, r.version, r.nonce, r.digest] for k, r in log.records.items()}
-        ops, seq = (_dumps(records), log.seq) if records else ("{}", 0)
+        ops, seq = _encode_log(log, write.op_key, base, before)
         lease = log.lease
         claim = (
             (None, None, None) if lease is None else (lease.nonce, lease.expires_ms, lease.op_key)
@@ -493,8 +514,30 @@ def plan(  # noqa: C901 - one branch per part of the row
         claim = (row.lease_nonce, row.lease_expires_at, row.lease_op_key)
     if doc is None and ops == "{}" and (claim[1] is None or claim[1] <= now):
         return result.outcome, None
-    new = Row(new_rev(), doc, version, size, schema, expires_at, ops, seq, ops_expires_at, *claim)
+    decoded = (log.records, seq) if result.log_changed and log.records else None
+    new = Row(
+        new_rev(), doc, version, size, schema, expires_at, ops, seq, ops_expires_at, *claim, decoded
+    )
     return result.outcome, new
+
+
+def _encode_log(log: OpLog, op_key: str, base: str, before: int) -> tuple[str, int]:
+    """The log as stored text, and its sequence.
+
+    When the write only added its own record (``before`` records, none of them its
+    key, and no trim), the record is appended to ``base``, the text the log was
+    read from: the same text as encoding the whole log, without encoding the
+    other hundred records again.
+    """
+    records = log.records
+    if not records:
+        return "{}", 0
+    if before >= 0 and len(records) == before + 1 and op_key in records:
+        r = records[op_key]
+        entry = f"{_dumps(op_key)}:{_dumps([r.seq, r.version, r.nonce, r.digest])}}}"
+        return (f"{base[:-1]},{entry}" if before else f"{{{entry}"), log.seq
+    encoded = {k: [r.seq, r.version, r.nonce, r.digest] for k, r in records.items()}
+    return _dumps(encoded), log.seq
 
 
 def new_rev() -> int:
