@@ -198,6 +198,47 @@ class _OnEveryBackend:
     def persistence(self, **kwargs: Any) -> ChatstatePersistence:
         return ChatstatePersistence(self.make_service(), close_service=True, **kwargs)
 
+    def test_erase_user_removes_their_documents_and_conversations_only(self) -> None:
+        """Their data, private chat, conversations (new and old layout) go; others' stay."""
+
+        async def main() -> tuple[list[str], list[str], dict[str, Any], dict[str, Any]]:
+            ours = self.persistence()
+            group = -100
+            await ours.update_user_data(ANA, {"name": "Ana"})
+            await ours.update_user_data(BEA, {"name": "Bea"})
+            await ours.update_chat_data(ANA, {"private": True})
+            await ours.update_chat_data(group, {"members": 2})
+            await ours.update_bot_data({"users": 2})
+            for key in ((ANA, ANA), (group, ANA), (group, BEA), (BEA, BEA)):
+                await ours.update_conversation("form", key, 1)
+            await ours.service.update(  # the old layout: one document per handler
+                "ptb:conversation:old", {f"[{ANA},{ANA}]": 2, f"[{BEA},{BEA}]": 3}
+            )
+            erased = await ours.erase_user(ANA)
+            left = sorted([doc_id async for doc_id in ours.service.users("ptb:")])
+            old = await ours.service.get("ptb:conversation:old")
+            conversations = await ours.get_conversations("form")
+            await ours.flush()
+            return erased, left, old, conversations
+
+        erased, left, old, conversations = asyncio.run(main())
+        assert erased == [
+            f"ptb:chat:{ANA}",
+            f"ptb:conversation:form:%5B-100,{ANA}%5D",
+            f"ptb:conversation:form:%5B{ANA},{ANA}%5D",
+            f"ptb:user:{ANA}",
+        ]
+        assert left == [
+            "ptb:bot",
+            "ptb:chat:-100",
+            "ptb:conversation:form:%5B-100,8%5D",
+            "ptb:conversation:form:%5B8,8%5D",
+            "ptb:conversation:old",
+            f"ptb:user:{BEA}",
+        ]
+        assert old == {f"[{BEA},{BEA}]": 3}
+        assert conversations == {(-100, BEA): 1, (BEA, BEA): 1}
+
     def test_conversation_survives_a_restart(self) -> None:
         """A ConversationHandler started before a restart finishes after it, user_data and all."""
 
@@ -654,6 +695,22 @@ class TestOnRedis(_OnEveryBackend):
             return texts
 
         assert asyncio.run(main()) == ["What is your name?", "How old are you?", "Ana is 33"]
+
+    def test_erase_user_over_a_store_that_cannot_list_erases_nothing_and_says_why(self) -> None:
+        """Not every conversation of the user can be found: a ConfigurationError, nothing gone."""
+        secret = register_secret("ptb-listing-key-secret-0123456789")
+        backend = AsyncRedisBackend.from_url(self.url, namespace=self.namespace, key_secret=secret)
+
+        async def main() -> dict[str, Any]:
+            ours = ChatstatePersistence(AsyncStateService(backend), close_service=True)
+            await ours.update_user_data(ANA, {"name": "Ana"})
+            with pytest.raises(ConfigurationError, match="nothing was erased"):
+                await ours.erase_user(ANA)
+            data = await ours.service.get(f"ptb:user:{ANA}")
+            await ours.flush()
+            return data
+
+        assert asyncio.run(main()) == {"name": "Ana"}
 
     def test_a_store_that_cannot_list_loads_each_user_with_their_first_update(self) -> None:
         """Redis with a key_secret cannot list: start-up loads no one, the first update does."""

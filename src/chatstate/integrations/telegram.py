@@ -446,6 +446,77 @@ class ChatstatePersistence(BasePersistence[Data, Data, Data]):
         """Delete one chat's data."""
         await self._drop(self.chat_doc(chat_id))
 
+    async def erase_user(self, user_id: int) -> list[str]:
+        """Erase everything this persistence stores of one user (a data-protection erase).
+
+        Erased with :meth:`AsyncStateService.erase <chatstate.AsyncStateService.erase>`
+        (documents, operation ids, claims, deadlines): the user's document, the
+        data of their private chat (its id is the user's), and the state of
+        every conversation whose key holds the user's id (their private chat,
+        or them in a group); in a handler's old one-document layout their
+        fields are removed. Group chats' data and the bot data are left as
+        they are: what they hold of the user is yours to find.
+
+        python-telegram-bot keeps its own copies in memory: call
+        ``application.drop_user_data(user_id)`` and
+        ``application.drop_chat_data(user_id)`` too. A running
+        ``ConversationHandler`` keeps the user's state in memory until the
+        process restarts, and writes it again if the user writes again.
+
+        Args:
+            user_id: The Telegram user id.
+
+        Returns:
+            The ids of the documents that held something and were erased.
+
+        Raises:
+            ConfigurationError: the service cannot list its documents (Redis
+                with a ``key_secret``), so not every conversation state can be
+                found; nothing was erased.
+        """
+        erase, legacy = await self._documents_of(user_id)
+        conversations = f"{self.prefix}:conversation:"
+        for legacy_id in legacy:
+            fields = [f for f in await self.service.get(legacy_id) if _holds(f, user_id)]
+            if fields:
+                await self.service.update(legacy_id, dict.fromkeys(fields))
+                name = unquote(legacy_id.removeprefix(conversations))
+                for field in fields:
+                    self._legacy.get(name, {}).pop(field, None)
+                    self._conversations.get(name, {}).pop(field, None)
+        erased = []
+        for doc_id in erase:
+            if await self.service.erase(doc_id):
+                erased.append(doc_id)
+            self._synced.pop(doc_id, None)
+            name, _, field = doc_id.removeprefix(conversations).partition(":")
+            self._conversations.get(unquote(name), {}).pop(unquote(field), None)
+        return sorted(erased)
+
+    async def _documents_of(self, user_id: int) -> tuple[list[str], list[str]]:
+        """The documents to erase for a user, and the old-layout conversation documents."""
+        try:
+            doc_ids = [doc_id async for doc_id in self.service.users(prefix=f"{self.prefix}:")]
+        except ConfigurationError as exc:
+            raise ConfigurationError(
+                f"erase_user({user_id}) needs a service that lists its documents, to find "
+                f"every conversation state of the user: {exc}; nothing was erased"
+            ) from exc
+        own = {self.user_doc(user_id), self.chat_doc(user_id)}
+        conversations = f"{self.prefix}:conversation:"
+        erase: list[str] = []
+        legacy: list[str] = []
+        for doc_id in doc_ids:
+            if doc_id in own:
+                erase.append(doc_id)
+            elif doc_id.startswith(conversations):
+                _, colon, field = doc_id.removeprefix(conversations).partition(":")
+                if not colon:
+                    legacy.append(doc_id)
+                elif _holds(unquote(field), user_id):
+                    erase.append(doc_id)
+        return erase, legacy
+
     async def _drop(self, doc_id: str) -> None:
         await self.service.delete(doc_id)
         self._synced[doc_id] = {}
@@ -1198,3 +1269,12 @@ def _encode_key(key: ConversationKey) -> str:
 
 def _decode_key(text: str) -> ConversationKey:
     return tuple(json.loads(text))
+
+
+def _holds(field: str, user_id: int) -> bool:
+    """Whether a conversation key's JSON text holds ``user_id`` (an unreadable one: no)."""
+    try:
+        key = json.loads(field)
+    except ValueError:
+        return False
+    return isinstance(key, list) and any(type(part) is int and part == user_id for part in key)
