@@ -374,6 +374,19 @@ def test_layout_is_one_document_per_key() -> None:
     asyncio.run(main())
 
 
+def test_erase_user_refuses_a_key_builder_it_cannot_read_back() -> None:
+    """DefaultKeyBuilder's ids cannot be parsed: a ConfigurationError, nothing erased."""
+
+    async def main() -> dict[str, Any]:
+        storage = ChatstateStorage(AsyncStateService(), key_builder=DefaultKeyBuilder())
+        await storage.update_data(KEY, {"n": 1})
+        with pytest.raises(ConfigurationError, match="nothing was erased"):
+            await storage.erase_user(KEY.user_id)
+        return await storage.get_data(KEY)
+
+    assert asyncio.run(main()) == {"n": 1}
+
+
 def test_non_json_data_is_refused_before_anything_is_stored() -> None:
     """A set, a datetime or a non-str key raises SerializationError; the data stays as it was."""
 
@@ -1053,6 +1066,43 @@ class _OnEveryBackend:
     def make_service(self) -> AsyncStateService:
         """A new service over this test's store (the same store for every call)."""
         raise NotImplementedError
+
+    def test_erase_user_erases_their_keys_in_every_bot_and_thread_only(self) -> None:
+        """Keys with the user as user or chat go; another user's, in the same group, stay."""
+        ana, bea, group = 7, 8, -100
+        keys = {
+            "private": StorageKey(1, ana, ana),
+            "group": StorageKey(1, group, ana),
+            "other bot, thread": StorageKey(2, group, ana, thread_id=5),
+            "destiny": StorageKey(1, ana, ana, destiny="d"),
+            "bea in the group": StorageKey(1, group, bea),
+            "bea": StorageKey(1, bea, bea),
+            "ana's id as a bot": StorageKey(ana, bea, bea),
+        }
+
+        async def main() -> tuple[list[str], dict[str, dict[str, Any]]]:
+            storage = ChatstateStorage(self.make_service(), close_service=True)
+            for name, key in keys.items():
+                await storage.update_data(key, {"name": name})
+            erased = await storage.erase_user(ana)
+            left = {name: await storage.get_data(key) for name, key in keys.items()}
+            await storage.close()
+            return erased, left
+
+        erased, left = asyncio.run(main())
+        assert erased == sorted(
+            ChatstateKeyBuilder().build(keys[n])
+            for n in ("private", "group", "other bot, thread", "destiny")
+        )
+        assert left == {
+            "private": {},
+            "group": {},
+            "other bot, thread": {},
+            "destiny": {},
+            "bea in the group": {"name": "bea in the group"},
+            "bea": {"name": "bea"},
+            "ana's id as a bot": {"name": "ana's id as a bot"},
+        }
 
     def test_isolation_runs_one_event_of_a_key_at_a_time(self) -> None:
         """Two isolations (two 'processes') never let two events of one key overlap."""

@@ -369,6 +369,49 @@ class ChatstateStorage(BaseStorage):
         )
         return _data_of(doc.to_dict())
 
+    async def erase_user(self, user_id: int) -> list[str]:
+        """Erase every key of one user (a data-protection erase): their state and data.
+
+        Every document of this storage whose key has ``user_id`` as its user
+        or its chat (their private chat) is erased with
+        :meth:`AsyncStateService.erase <chatstate.AsyncStateService.erase>`
+        (document, operation ids, claims), in every bot, thread and destiny.
+        Group chats' keys of other users are left as they are.
+
+        Args:
+            user_id: The Telegram user id.
+
+        Returns:
+            The ids of the documents that held something and were erased.
+
+        Raises:
+            ConfigurationError: the key builder is not a
+                :class:`ChatstateKeyBuilder` (its ids cannot be read back), or
+                the service cannot list its documents (Redis with a
+                ``key_secret``); nothing was erased.
+        """
+        builder = self.key_builder
+        if not isinstance(builder, ChatstateKeyBuilder):
+            raise ConfigurationError(
+                f"erase_user() reads the ids of ChatstateKeyBuilder only, not of "
+                f"{type(builder).__name__}; nothing was erased"
+            )
+        start = builder.prefix + builder.separator
+        at = 2 if builder.with_bot_id else 1  # where the chat id is, then the user id
+        wanted = str(user_id)
+        try:
+            found = [
+                doc_id
+                async for doc_id in self.service.users(prefix=start)
+                if wanted in doc_id.removeprefix(start).split(builder.separator)[at - 1 : at + 1]
+            ]
+        except ConfigurationError as exc:
+            raise ConfigurationError(
+                f"erase_user({user_id}) needs a service that lists its documents: {exc}; "
+                "nothing was erased"
+            ) from exc
+        return sorted([doc_id for doc_id in found if await self.service.erase(doc_id)])
+
     async def close(self) -> None:
         """Close the service if this storage owns it (see ``close_service``).
 
