@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import importlib.util
 import logging
 import multiprocessing
 import threading
@@ -803,3 +804,67 @@ def test_async_an_update_delivered_to_two_bots_runs_once(async_services: AsyncFa
     calls, data = asyncio.run(main())
     assert calls == ["start:1", "name:Ana"]
     assert data == {"name": "Ana", "seen": True}
+
+
+def test_async_a_failed_update_runs_again_then_once(async_services: AsyncFactory) -> None:
+    """On AsyncTeleBot too, a handler that raised releases its update; a success is remembered."""
+
+    async def main() -> list[str]:
+        service, calls = async_services(), []
+        bot = AsyncTeleBot(TOKEN)
+        failures = [True]
+
+        @bot.message_handler(func=lambda m: True)
+        async def flaky(message: Any) -> None:
+            calls.append(message.text)
+            if failures.pop() if failures else False:
+                raise RuntimeError("the handler failed")
+
+        bot.setup_middleware(AsyncUpdateDedupeMiddleware(bot, service))
+        logging.getLogger("TeleBot").disabled = True  # telebot logs the handler's error
+        try:
+            for _ in range(3):
+                await bot.process_new_updates([update(1, "hi")])
+        finally:
+            logging.getLogger("TeleBot").disabled = False
+            await service.aclose()
+        return calls
+
+    assert asyncio.run(main()) == ["hi", "hi"]
+
+
+# -- examples/telebot_bot.py -----------------------------------------------------------------
+
+
+def _example() -> Any:
+    path = Path(__file__).resolve().parents[2] / "examples" / "telebot_bot.py"
+    spec = importlib.util.spec_from_file_location("telebot_bot_example", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_example_bot_talks_once_across_two_processes(sync_services: SyncFactory) -> None:
+    """examples/telebot_bot.py as two 'processes' on one store, every update delivered to both."""
+    example, bots = _example(), []
+    for _ in range(2):
+        bot = example.build_bot(TOKEN, ChatstateStateStorage(sync_services()))
+        bot.threaded = False
+        bot.worker_pool.close()
+        record = record_sends(bot)
+        bots.append((bot, record))
+    for update_id, text in enumerate(["/start", "Ana", "old", "30"], start=1):
+        for bot, _ in bots:
+            bot.process_new_updates([update(update_id, text)])
+    sent = [reply for _, record in bots for reply in record]
+    assert sorted(text for _, text in sent) == sorted(
+        [
+            "What is your name?",
+            "How old are you?",
+            "Please send your age as a number.",
+            "Ana is 30.",
+        ]
+    )
+    assert bots[0][0].get_state(7, 7) is None
