@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import pywa_async
 from pywa import WhatsApp
@@ -303,11 +304,6 @@ SHOWCASE: list[dict[str, Any]] = [
 ]
 
 
-def _session(wa: Any, graph: FakeGraphApi) -> None:
-    session = wa.api._session
-    session.base_url = graph.url + session.base_url.path
-
-
 @contextlib.contextmanager
 def _served(kind: str, graph: FakeGraphApi, **router_options: Any) -> Iterator[Bot]:
     """MENU's bot on pywa (``kind`` "sync") or pywa_async ("async"), served, resending every 0.2 s."""
@@ -331,6 +327,9 @@ def _served(kind: str, graph: FakeGraphApi, **router_options: Any) -> Iterator[B
         "verify_token": VERIFY,
         "app_secret": SECRET,
     }
+    # Our own session, pointed at the fake Graph API once pywa set its base URL (as the example).
+    session: Any = httpx.Client() if kind == "sync" else httpx.AsyncClient()
+    options["session"] = session
     if kind == "sync":
         wa = WhatsApp(**options)
         router = Router(StateService(), main_menu=MENU, **router_options)
@@ -339,7 +338,7 @@ def _served(kind: str, graph: FakeGraphApi, **router_options: Any) -> Iterator[B
         wa = pywa_async.WhatsApp(**options)
         async_router = AsyncRouter(AsyncStateService(), main_menu=MENU, **router_options)
         handlers = AsyncChatstateHandlers(wa, async_router)
-    _session(wa, graph)
+    session.base_url = graph.url + session.base_url.path
     handled = Handled()
     wa.add_handlers(RawUpdateHandler(handled))
     with serve(app) as base:

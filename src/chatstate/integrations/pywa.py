@@ -199,6 +199,11 @@ class ChatstateHandlers:
     Raises:
         UsageError: ``wa`` is a ``pywa_async`` client or ``router`` an
             ``AsyncRouter`` (use :class:`AsyncChatstateHandlers`).
+
+    Attributes:
+        wa: The client.
+        router: The bot.
+        handlers: The pywa handlers added to ``wa``.
     """
 
     def __init__(
