@@ -868,3 +868,40 @@ def test_the_example_bot_talks_once_across_two_processes(sync_services: SyncFact
         ]
     )
     assert bots[0][0].get_state(7, 7) is None
+
+
+# -- erase_user ------------------------------------------------------------------------------
+
+_USER_7 = [(7, 7, None, None, BOT_ID), (7, 7, None, 5, BOT_ID), (7, 7, "bc:x", None, 43)]
+_USER_7 += [(-100, 7, None, None, BOT_ID)]
+_OTHERS = [(8, 8, None, None, BOT_ID), (-100, 8, None, None, BOT_ID), (-100, 17, None, 7, None)]
+
+
+def test_erase_user_erases_every_key_of_the_user(sync_services: SyncFactory) -> None:
+    """erase_user(7): user 7's keys in every bot, thread, business connection and chat; no other."""
+    storage = ChatstateStateStorage(sync_services())
+    for key in _USER_7 + _OTHERS:
+        storage.set_state(key[0], key[1], "s", *key[2:])
+        storage.set_data(key[0], key[1], "name", "x", *key[2:])
+    erased = storage.erase_user(7)
+    assert erased == sorted(storage.user_id(*key) for key in _USER_7)
+    assert all(storage.get_state(*key[:2], *key[2:]) is None for key in _USER_7)
+    assert all(storage.get_data(*key[:2], *key[2:]) == {"name": "x"} for key in _OTHERS)
+    assert storage.erase_user(7) == []
+
+
+def test_async_erase_user_erases_every_key_of_the_user(async_services: AsyncFactory) -> None:
+    """The asyncio twin erases the same keys."""
+
+    async def main() -> tuple[list[str], list[str], list[Any]]:
+        storage = AsyncChatstateStateStorage(async_services(), close_service=True)
+        for key in _USER_7 + _OTHERS:
+            await storage.set_state(key[0], key[1], "s", *key[2:])
+        erased = await storage.erase_user(7)
+        left = [await storage.get_state(*key) for key in _USER_7 + _OTHERS]
+        await storage.close()
+        return erased, [storage.user_id(*key) for key in _USER_7], left
+
+    erased, expected, left = asyncio.run(main())
+    assert erased == sorted(expected)
+    assert left == [None] * len(_USER_7) + ["s"] * len(_OTHERS)

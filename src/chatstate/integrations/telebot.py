@@ -204,6 +204,21 @@ def _check_prefix(prefix: str | None) -> str:
     return prefix
 
 
+def _of_user(doc_id: str, separator: str, user_id: int) -> bool:
+    """Whether a key's user, or its chat (the user's private chat), is ``user_id``.
+
+    The chat and user ids are a key's last two parts, whatever comes before
+    them (a business connection id may hold the separator).
+    """
+    return str(user_id) in doc_id.rsplit(separator, 2)[-2:]
+
+
+def _cannot_list(user_id: int, exc: ConfigurationError) -> ConfigurationError:
+    return ConfigurationError(
+        f"erase_user({user_id}) needs a service that lists its documents: {exc}; nothing was erased"
+    )
+
+
 class _Keys:
     """The key of a telebot call, as telebot's own storages build it (``_get_key``)."""
 
@@ -438,6 +453,32 @@ class ChatstateStateStorage(_Keys, telebot_storage.StateStorageBase):
         """
         uid = self.user_id(chat_id, user_id, business_connection_id, message_thread_id, bot_id)
         return _DataBlock(self.service, uid)
+
+    def erase_user(self, user_id: int) -> list[str]:
+        """Erase every key of one user (a data-protection erase): their states and data.
+
+        Every document of this storage whose key has ``user_id`` as its user
+        or its chat (their private chat) is erased with
+        :meth:`StateService.erase <chatstate.StateService.erase>` (document,
+        operation ids, claims), in every bot, business connection and thread.
+        Group chats' keys of other users are left as they are.
+
+        Returns:
+            The ids of the documents that held something and were erased.
+
+        Raises:
+            ConfigurationError: the service cannot list its documents (Redis
+                with a ``key_secret``); nothing was erased.
+        """
+        try:
+            found = [
+                doc_id
+                for doc_id in self.service.users(prefix=self.prefix + self.separator)
+                if _of_user(doc_id, self.separator, user_id)
+            ]
+        except ConfigurationError as exc:
+            raise _cannot_list(user_id, exc) from exc
+        return sorted(doc_id for doc_id in found if self.service.erase(doc_id))
 
     def close(self) -> None:
         """Close the service if this storage owns it (see ``close_service``)."""
@@ -681,6 +722,23 @@ class AsyncChatstateStateStorage(_Keys, telebot_async_storage.StateStorageBase):
         """
         uid = self.user_id(chat_id, user_id, business_connection_id, message_thread_id, bot_id)
         return _AsyncDataBlock(self.service, uid)
+
+    async def erase_user(self, user_id: int) -> list[str]:
+        """Erase every key of one user; see :meth:`ChatstateStateStorage.erase_user`.
+
+        Raises:
+            ConfigurationError: the service cannot list its documents (Redis
+                with a ``key_secret``); nothing was erased.
+        """
+        try:
+            found = [
+                doc_id
+                async for doc_id in self.service.users(prefix=self.prefix + self.separator)
+                if _of_user(doc_id, self.separator, user_id)
+            ]
+        except ConfigurationError as exc:
+            raise _cannot_list(user_id, exc) from exc
+        return sorted([doc_id for doc_id in found if await self.service.erase(doc_id)])
 
     async def close(self) -> None:
         """Close the service if this storage owns it (see ``close_service``)."""
