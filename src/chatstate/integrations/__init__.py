@@ -7,6 +7,10 @@ needs its framework installed (an optional extra of chatstate):
   aiogram 3's FSM storage, event isolation and an update dedupe middleware.
 - :mod:`chatstate.integrations.telegram` (``pip install 'chatstate[telegram]'``):
   a python-telegram-bot 22 persistence.
+- :mod:`chatstate.integrations.pywa` (``pip install 'chatstate[pywa]'``): runs a
+  chatstate ``Router`` or ``AsyncRouter`` from pywa's WhatsApp handlers (sync and async).
+- :mod:`chatstate.integrations.telebot` (``pip install 'chatstate[telebot]'``):
+  pyTelegramBotAPI's state storage (sync and asyncio) and update dedupe middlewares.
 - :mod:`chatstate.integrations.starlette` (``pip install 'chatstate[starlette]'``):
   a lifespan that opens a state service and a dependency that hands it to
   Starlette and FastAPI endpoints.
