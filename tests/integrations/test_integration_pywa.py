@@ -9,6 +9,7 @@ the credit bot; the crash tests run it as a process and kill it with ``kill -9``
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -16,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -50,7 +52,7 @@ from test_integration_starlette import serve  # uvicorn on loopback, lifespan on
 
 import servers
 from chatstate import AsyncStateService, MemoryBackend, SqliteBackend, StateService
-from chatstate.exceptions import UsageError
+from chatstate.exceptions import ConfigurationError, UsageError
 from chatstate.flow import (
     AsyncRouter,
     Button,
@@ -561,3 +563,124 @@ def test_resending_in_the_lifespan_sends_what_a_failed_send_left(
             "9 to 5.",
         ]
     assert took < 5  # resend_after 0.5 s, rounds of 0.2 s
+
+
+class _Gate:
+    """A Graph API whose first send waits until released; every send recorded."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+        self.first_started = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if not self.sent:
+            self.first_started.set()
+            assert self.release.wait(60), "the test never released the first send"
+        self.sent.append(json.loads(request.content))
+        return httpx.Response(
+            200, json={"contacts": [{"input": "1", "wa_id": "1"}], "messages": [{"id": "w"}]}
+        )
+
+
+def test_a_message_waits_for_the_users_slow_earlier_one_instead_of_being_dropped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The first reply's send is held past the router's wait: the second message is retried.
+
+    pywa has answered Meta already, so a message given up on would be lost for good.
+    """
+    gate = _Gate()
+    wa = WhatsApp(
+        phone_id=PHONE_ID, token=TOKEN, session=httpx.Client(transport=httpx.MockTransport(gate))
+    )
+    handlers = ChatstateHandlers(wa, Router(StateService(), main_menu=MENU, wait=0.2))
+    retried = threading.Event()
+
+    class Seen(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "waits for the user's earlier one" in record.getMessage():
+                retried.set()
+
+    seen = Seen()
+    logging.getLogger("chatstate.integrations.pywa").addHandler(seen)
+    caplog.set_level(logging.INFO, "chatstate.integrations.pywa")
+    try:
+        first = threading.Thread(
+            target=wa.webhook_update_handler,
+            args=(notification("wamid.a", ANA, text_message("hi")),),
+        )
+        first.start()
+        assert gate.first_started.wait(30)
+        second = threading.Thread(
+            target=wa.webhook_update_handler,
+            args=(notification("wamid.b", ANA, text_message("hello")),),
+        )
+        second.start()
+        assert retried.wait(30), "the second message was not retried"
+        gate.release.set()
+        first.join(30)
+        second.join(30)
+    finally:
+        logging.getLogger("chatstate.integrations.pywa").removeHandler(seen)
+        gate.release.set()
+    assert len(gate.sent) == 2  # both messages answered, the first before the second
+    assert handlers.router.service.get(ANA) != {}
+
+
+def test_busy_wait_gives_up_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    """busy_wait=0: one try; the message is logged as not handled and UserBusyError raised."""
+    gate = _Gate()
+    wa = WhatsApp(
+        phone_id=PHONE_ID, token=TOKEN, session=httpx.Client(transport=httpx.MockTransport(gate))
+    )
+    ChatstateHandlers(wa, Router(StateService(), main_menu=MENU, wait=0.1), busy_wait=0)
+    first = threading.Thread(
+        target=wa.webhook_update_handler, args=(notification("wamid.a", ANA, text_message("hi")),)
+    )
+    first.start()
+    try:
+        assert gate.first_started.wait(30)
+        caplog.set_level(logging.INFO, "chatstate.integrations.pywa")
+        wa.webhook_update_handler(notification("wamid.b", ANA, text_message("hello")))
+    finally:
+        gate.release.set()
+        first.join(30)
+    assert "not handled: the user's earlier message was still being handled" in caplog.text
+    assert len(gate.sent) == 1  # the second message was given up on
+
+
+def test_bad_busy_wait_and_resending_options_are_refused() -> None:
+    """busy_wait out of range, resending(every<=0), resending without resend_after: refused."""
+    wa = WhatsApp(phone_id=PHONE_ID, token=TOKEN)
+    router = Router(StateService(), main_menu=MENU)
+    for bad in (-1, True, "5", 10**6):
+        with pytest.raises(ConfigurationError, match="busy_wait"):
+            ChatstateHandlers(wa, router, busy_wait=bad)  # type: ignore[arg-type]
+    handlers = ChatstateHandlers(wa, router)
+    for every in (0, -1, True):
+        with pytest.raises(ConfigurationError, match="every"), handlers.resending(every=every):
+            pass
+    bare = ChatstateHandlers(wa, Router(StateService(), main_menu=MENU, resend_after=None))
+    with pytest.raises(UsageError, match="resend_after"), bare.resending():
+        pass
+
+    async def main() -> None:
+        async_wa = pywa_async.WhatsApp(phone_id=PHONE_ID, token=TOKEN)
+        plain = AsyncRouter(AsyncStateService(), main_menu=MENU, resend_after=None)
+        ours = AsyncChatstateHandlers(async_wa, plain)
+        with pytest.raises(UsageError, match="resend_after"):
+            async with ours.resending():
+                pass
+        with pytest.raises(ConfigurationError, match="every"):
+            async with ours.resending(every=0):
+                pass
+
+    asyncio.run(main())
+
+
+def test_send_arguments_take_a_str_and_refuse_what_is_no_screen() -> None:
+    """A str is a Text; anything else that is no screen is a TypeError naming its type."""
+    assert send_arguments("hi") == send_arguments(Text("hi"))
+    with pytest.raises(TypeError, match="not int"):
+        send_arguments(5)  # type: ignore[arg-type]

@@ -42,6 +42,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, TypeAlias
 
@@ -65,12 +66,13 @@ from pywa.types.sent_update import SentMessage
 from pywa_async.client import WhatsApp as AsyncWhatsApp
 from pywa_async.types.sent_update import SentMessage as AsyncSentMessage
 
-from chatstate.exceptions import UsageError
+from chatstate.exceptions import ConfigurationError, UsageError, UserBusyError
 from chatstate.flow import (
     AsyncDelivery,
     AsyncRouter,
     Buttons,
     Delivery,
+    ListScreen,
     Message,
     Router,
     Screen,
@@ -79,6 +81,7 @@ from chatstate.flow import (
 )
 
 __all__ = [
+    "DEFAULT_BUSY_WAIT",
     "DEFAULT_PRIORITY",
     "AsyncChatstateHandlers",
     "ChatstateHandlers",
@@ -91,6 +94,11 @@ log = logging.getLogger("chatstate.integrations.pywa")
 
 DEFAULT_PRIORITY = -100
 """pywa handler priority of the router's handlers: your own pywa handlers (priority 0) go first."""
+
+DEFAULT_BUSY_WAIT = 120.0
+"""Seconds a message waits, in all, for the same user's message before it to be handled."""
+
+_RETRY_PAUSE = 0.1  # between two tries of a message whose user is busy
 
 Update: TypeAlias = PywaMessage | CallbackButton[Any] | CallbackSelection[Any]
 """The pywa updates the router takes."""
@@ -121,8 +129,10 @@ class _Section(Section):
         return section
 
 
-def send_arguments(screen: Screen) -> dict[str, Any]:
+def send_arguments(screen: Screen | str) -> dict[str, Any]:
     """The keyword arguments of pywa's ``send_message`` (without ``to``) that send ``screen``.
+
+    A str is sent as a :class:`~chatstate.flow.Text`.
 
     A screen is checked against WhatsApp's limits when it is built (three
     buttons, ten rows across at most ten sections, the title lengths), so
@@ -134,8 +144,14 @@ def send_arguments(screen: Screen) -> dict[str, Any]:
         >>> args["text"], [(b.title, b.callback_data) for b in args["buttons"]]
         ('Sure?', [('Yes', 'yes'), ('No', 'no')])
     """
+    if isinstance(screen, str):
+        screen = Text(screen)
     if isinstance(screen, Text):
         return {"text": screen.body, "preview_url": False}
+    if not isinstance(screen, Buttons | ListScreen):
+        raise TypeError(
+            f"a screen is a str, Text, Buttons or ListScreen, not {type(screen).__name__}"
+        )
     args: dict[str, Any] = {"text": screen.body, "header": screen.header, "footer": screen.footer}
     if isinstance(screen, Buttons):
         args["buttons"] = [Button(title=b.title, callback_data=b.id) for b in screen.buttons]
@@ -174,6 +190,39 @@ def _check_twin(wa: object, router: object, *, asynchronous: bool) -> None:
     )
 
 
+def _check_busy_wait(busy_wait: object) -> float:
+    if (
+        isinstance(busy_wait, bool)
+        or not isinstance(busy_wait, int | float)
+        or not 0 <= busy_wait <= 86_400
+    ):
+        raise ConfigurationError(f"busy_wait must be seconds from 0 to 86400, not {busy_wait!r}")
+    return float(busy_wait)
+
+
+def _check_resending(router: Router[Any] | AsyncRouter[Any], every: object) -> float:
+    if isinstance(every, bool) or not isinstance(every, int | float) or not 0 < every <= 3600:
+        raise ConfigurationError(f"every must be seconds above 0, at most 3600, not {every!r}")
+    if router.resend_after_ms is None:
+        raise UsageError("resending() needs a router with resend_after (it was built without)")
+    return float(every)
+
+
+def _busy(message: Message, deadline: float, exc: UserBusyError) -> None:
+    """After a try that found the user busy: re-raise once ``deadline`` passed, else log."""
+    if time.monotonic() >= deadline:
+        log.error(
+            "message %r of %r not handled: the user's earlier message was still being "
+            "handled after busy_wait",
+            message.message_id,
+            message.user_id,
+        )
+        raise exc
+    log.info(
+        "message %r of %r waits for the user's earlier one", message.message_id, message.user_id
+    )
+
+
 def _handlers(callback: Any, priority: int) -> tuple[Handler[Any], ...]:
     return (
         MessageHandler(callback, priority=priority),
@@ -191,25 +240,42 @@ class ChatstateHandlers:
     handler of yours with a higher priority whose filters match takes the
     update instead of the router.
 
+    A message whose user is still claimed by an earlier message (its
+    replies being sent to a slow Graph API) is tried again until
+    ``busy_wait`` has passed: pywa has answered Meta already, so a message
+    given up on is not delivered again.
+
     Args:
         wa: A ``pywa.WhatsApp`` client with a token (replies are sent with it).
         router: The bot.
         priority: The pywa priority of the handlers (see :data:`DEFAULT_PRIORITY`).
+        busy_wait: Seconds, in all, that a message waits for the same user's
+            earlier message (each try waits up to the router's ``wait``); then
+            the :class:`~chatstate.exceptions.UserBusyError` is logged and
+            raised to pywa, and the message is not handled.
 
     Raises:
         UsageError: ``wa`` is a ``pywa_async`` client or ``router`` an
             ``AsyncRouter`` (use :class:`AsyncChatstateHandlers`).
+        ConfigurationError: ``busy_wait`` is not 0 to 86,400 seconds.
 
     Attributes:
         wa: The client.
         router: The bot.
         handlers: The pywa handlers added to ``wa``.
+        busy_wait: See the argument.
     """
 
     def __init__(
-        self, wa: WhatsApp, router: Router[Any], *, priority: int = DEFAULT_PRIORITY
+        self,
+        wa: WhatsApp,
+        router: Router[Any],
+        *,
+        priority: int = DEFAULT_PRIORITY,
+        busy_wait: float = DEFAULT_BUSY_WAIT,
     ) -> None:
         _check_twin(wa, router, asynchronous=False)
+        self.busy_wait = _check_busy_wait(busy_wait)
         self.wa = wa
         self.router = router
         self.handlers = _handlers(self._on_update, priority)
@@ -229,8 +295,17 @@ class ChatstateHandlers:
 
     def _on_update(self, _wa: WhatsApp, update: Update) -> None:
         message = to_message(update)
-        if message is not None:
-            self.deliver(message)
+        if message is None:
+            return
+        deadline = time.monotonic() + self.busy_wait
+        while True:
+            try:
+                self.deliver(message)
+            except UserBusyError as exc:
+                _busy(message, deadline, exc)
+                time.sleep(_RETRY_PAUSE)
+            else:
+                return
 
     def deliver(self, message: Message) -> Delivery:
         """Handle ``message`` (once) and send its replies; acknowledged once all were sent.
@@ -255,6 +330,10 @@ class ChatstateHandlers:
         A user whose send fails again keeps them for the next call (logged,
         not raised).
 
+        Args:
+            now: The time to look from, in Unix seconds (``time.time()`` when ``None``).
+            limit: At most this many users in one call.
+
         Returns:
             How many replies were sent.
 
@@ -277,7 +356,14 @@ class ChatstateHandlers:
         """Run :meth:`resend_undelivered` every ``every`` seconds in a thread, while in the block.
 
         Use it in your server's lifespan. The thread stops when the block ends.
+        A round that fails (the store out of reach) is logged and the next
+        one tries again.
+
+        Raises:
+            ConfigurationError: ``every`` is not above 0 and at most 3,600 seconds.
+            UsageError: the router has no ``resend_after``.
         """
+        every = _check_resending(self.router, every)
         stop = threading.Event()
 
         def loop() -> None:
@@ -309,8 +395,10 @@ class AsyncChatstateHandlers:
         router: AsyncRouter[Any],
         *,
         priority: int = DEFAULT_PRIORITY,
+        busy_wait: float = DEFAULT_BUSY_WAIT,
     ) -> None:
         _check_twin(wa, router, asynchronous=True)
+        self.busy_wait = _check_busy_wait(busy_wait)
         self.wa = wa
         self.router = router
         self.handlers = _handlers(self._on_update, priority)
@@ -330,8 +418,17 @@ class AsyncChatstateHandlers:
 
     async def _on_update(self, _wa: AsyncWhatsApp, update: Update) -> None:
         message = to_message(update)
-        if message is not None:
-            await self.deliver(message)
+        if message is None:
+            return
+        deadline = time.monotonic() + self.busy_wait
+        while True:
+            try:
+                await self.deliver(message)
+            except UserBusyError as exc:
+                _busy(message, deadline, exc)
+                await asyncio.sleep(_RETRY_PAUSE)
+            else:
+                return
 
     async def deliver(self, message: Message) -> AsyncDelivery:
         """See :meth:`ChatstateHandlers.deliver`."""
@@ -356,7 +453,13 @@ class AsyncChatstateHandlers:
 
     @contextlib.asynccontextmanager
     async def resending(self, every: float = 5.0) -> AsyncIterator[asyncio.Task[None]]:
-        """Run :meth:`resend_undelivered` every ``every`` seconds in a task, while in the block."""
+        """Run :meth:`resend_undelivered` every ``every`` seconds in a task, while in the block.
+
+        Raises:
+            ConfigurationError: ``every`` is not above 0 and at most 3,600 seconds.
+            UsageError: the router has no ``resend_after``.
+        """
+        every = _check_resending(self.router, every)
 
         async def loop() -> None:
             while True:
