@@ -26,12 +26,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "src" / "chatstate"
 HEADER = "# Generated from {source} by tools/unasync.py: do not edit.\n"
+# The header on two lines when one would pass ruff's line-length (100, pyproject.toml).
+LONG_HEADER = "# Generated from {source}\n# by tools/unasync.py: do not edit.\n"
+LINE_LENGTH = 100
 
 # (pattern, replacement), applied in order to every line; a pattern matches whole words.
 SUBS: list[tuple[str, str]] = [
     # The asyncio twins of the project's classes (and of typing's AsyncIterator) drop
     # their prefix: AsyncStateManager -> StateManager, AsyncBackend -> Backend.
     (r"Async([A-Z][A-Za-z0-9_]*)", r"\1"),
+    # The same for a private class: _AsyncDataBlock -> _DataBlock (the telebot storages').
+    (r"_Async([A-Z][A-Za-z0-9_]*)", r"_\1"),
     (r"async def", "def"),
     (r"async with", "with"),
     (r"async for", "for"),
@@ -51,6 +56,10 @@ SUBS: list[tuple[str, str]] = [
     (r"(\w+)_async", r"\1_sync"),
     # redis-py's asyncio modules mirror its sync ones: redis.asyncio.retry -> redis.retry.
     (r"redis\.asyncio\.(\w+)", r"redis.\1"),
+    # pyTelegramBotAPI's asyncio modules mirror its sync ones, named with an "asyncio_"
+    # prefix: telebot.asyncio_storage -> telebot.storage, telebot.asyncio_handler_backends
+    # -> telebot.handler_backends (AsyncTeleBot -> TeleBot is the first rule's).
+    (r"telebot\.asyncio_(\w+)", r"telebot.\1"),
     # The generated module imports the generated twins of its neighbours.
     (r"chatstate\.([\w.]+?)\._async\.", r"chatstate.\1._sync."),
 ]
@@ -92,6 +101,8 @@ def generate(source: Path, target: Path, used: set[int]) -> str:
                 line = new
         lines.append(line)
     header = HEADER.format(source=source.relative_to(ROOT).as_posix())
+    if len(header) - 1 > LINE_LENGTH:
+        header = LONG_HEADER.format(source=source.relative_to(ROOT).as_posix())
     text = header + "".join(lines)
     text = _ruff_pipe(["check", "--select", "I", "--fix", "--quiet"], text, target)
     return _ruff_pipe(["format", "--quiet"], text, target)

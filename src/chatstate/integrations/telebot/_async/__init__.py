@@ -1,0 +1,1 @@
+"""The asyncio body of the telebot twins; ``../_sync`` is generated from it."""
