@@ -580,3 +580,15 @@ def test_deadline_shards_zero_keeps_no_index(redis_url: str, namespace: str) -> 
         assert list(backend.client.scan_iter(match=f"{namespace}:*")) == []
     finally:
         backend.close()
+
+
+@pytest.mark.parametrize("url", ["sqlite:///bot.db", "postgresql://u:hunter2@db/x", "localhost"])
+@pytest.mark.parametrize("cluster", [False, True])
+def test_a_url_that_is_not_redis_is_a_configuration_error_without_the_url(
+    url: str, cluster: bool
+) -> None:
+    """Both twins, standalone and Cluster: a typed error naming the schemes, never the password."""
+    for backend in (RedisBackend, AsyncRedisBackend):
+        with pytest.raises(ConfigurationError, match="not a Redis URL") as caught:
+            backend.from_url(url, cluster=cluster)
+        assert "hunter2" not in str(caught.value)

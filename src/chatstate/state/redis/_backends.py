@@ -46,6 +46,20 @@ from chatstate.state.redis._sync.io import RedisIO
 __all__ = ["AsyncRedisBackend", "RedisBackend"]
 
 
+@contextlib.contextmanager
+def _url_checked() -> Iterator[None]:
+    """redis-py's refusal of a URL (a ValueError) as a ConfigurationError.
+
+    Its message names the schemes it takes, never the URL (which may hold a password).
+    """
+    try:
+        yield
+    except ConfigurationError:
+        raise
+    except ValueError as exc:
+        raise ConfigurationError(f"not a Redis URL: {exc}") from None
+
+
 class RedisBackend(RedisIO):
     """Documents in Redis or Valkey (standalone, Sentinel-managed or Cluster).
 
@@ -130,6 +144,10 @@ class RedisBackend(RedisIO):
         how often a write of unknown outcome is re-sent, ``deadline_shards``
         to change how many sorted sets hold the deadline index, and
         ``durability`` to wait for replicas or the AOF after every write.
+
+        Raises:
+            ConfigurationError: ``url`` is not a Redis URL (the message names
+                the schemes, never the URL), or an option is out of range.
         """
         options = dict(options)
         _check_client_options(options)
@@ -147,14 +165,15 @@ class RedisBackend(RedisIO):
 
             kwargs.pop("health_check_interval", None)
             kwargs.pop("pool_timeout", None)
-            with map_redis_errors("cluster"):  # the sync client connects here
+            with _url_checked(), map_redis_errors("cluster"):  # the sync client connects here
                 client = Cluster.from_url(url, **kwargs)
         else:
             max_connections = kwargs.pop("max_connections", 50)
             timeout = kwargs.pop("pool_timeout", kwargs.get("socket_timeout"))
-            pool = redis.BlockingConnectionPool.from_url(
-                url, max_connections=max_connections, timeout=timeout, **kwargs
-            )
+            with _url_checked():
+                pool = redis.BlockingConnectionPool.from_url(
+                    url, max_connections=max_connections, timeout=timeout, **kwargs
+                )
             client = redis.Redis(connection_pool=pool)
         return cls(
             client,
@@ -380,13 +399,15 @@ class AsyncRedisBackend(AsyncRedisIO):
 
             kwargs.pop("health_check_interval", None)
             kwargs.pop("pool_timeout", None)
-            client = Cluster.from_url(url, **kwargs)
+            with _url_checked():
+                client = Cluster.from_url(url, **kwargs)
         else:
             max_connections = kwargs.pop("max_connections", 50)
             timeout = kwargs.pop("pool_timeout", kwargs.get("socket_timeout"))
-            pool = redis.asyncio.BlockingConnectionPool.from_url(
-                url, max_connections=max_connections, timeout=timeout, **kwargs
-            )
+            with _url_checked():
+                pool = redis.asyncio.BlockingConnectionPool.from_url(
+                    url, max_connections=max_connections, timeout=timeout, **kwargs
+                )
             client = redis.asyncio.Redis(connection_pool=pool)
         return cls(client, namespace=namespace, _owns_client=True, **own)
 
