@@ -905,3 +905,15 @@ def test_async_erase_user_erases_every_key_of_the_user(async_services: AsyncFact
     erased, expected, left = asyncio.run(main())
     assert erased == sorted(expected)
     assert left == [None] * len(_USER_7) + ["s"] * len(_OTHERS)
+
+
+def test_the_middleware_refuses_a_bad_bot_and_bad_update_types() -> None:
+    """A str or empty update_types, or something that is no bot: clear errors at once."""
+    bot = TeleBot(TOKEN, threaded=False, use_class_middlewares=True)
+    service = StateService()
+    with pytest.raises(ConfigurationError, match="must be a list"):
+        UpdateDedupeMiddleware(bot, service, update_types="message")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="empty"):
+        UpdateDedupeMiddleware(bot, service, update_types=[])
+    with pytest.raises(UsageError, match="not object"):
+        UpdateDedupeMiddleware(object(), service)

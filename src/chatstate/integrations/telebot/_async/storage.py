@@ -19,7 +19,7 @@ from typing import Any, Self
 from telebot.asyncio_handler_backends import BaseMiddleware, CancelUpdate
 from telebot.asyncio_storage import StateStorageBase
 
-from chatstate.exceptions import ConfigurationError
+from chatstate.exceptions import ConfigurationError, UsageError
 from chatstate.integrations.telebot._common import (
     _CLAIM,
     DATA_FIELD,
@@ -343,8 +343,10 @@ class AsyncUpdateDedupeMiddleware(BaseMiddleware):
 
     Raises:
         UsageError: ``service`` is of the other kind (asyncio for the sync
-            middleware, sync for the asyncio one); the error names the twin to use.
-        ConfigurationError: an update type has no id to tell copies apart.
+            middleware, sync for the asyncio one; the error names the twin to
+            use), or ``bot`` is not a bot with a token.
+        ConfigurationError: ``update_types`` is not a non-empty list of names,
+            or names a type that has no id to tell copies apart.
     """
 
     update_sensitive = False  # one pre_process for every type: update_key tells them apart
@@ -360,6 +362,18 @@ class AsyncUpdateDedupeMiddleware(BaseMiddleware):
         wait: float | timedelta = 10.0,
     ) -> None:
         _check_service_async(service, "AsyncUpdateDedupeMiddleware")
+        if not isinstance(getattr(bot, "bot_id", None), int):
+            raise UsageError(
+                f"bot must be the bot whose updates this guards (a TeleBot or AsyncTeleBot "
+                f"with a token), not {type(bot).__name__}"
+            )
+        names: object = update_types  # callers may be untyped: a str is a common slip
+        if isinstance(names, str) or not isinstance(names, list | tuple):
+            raise ConfigurationError(
+                f"update_types must be a list of update type names, not {update_types!r}"
+            )
+        if not update_types:
+            raise ConfigurationError("update_types is empty: the middleware would guard nothing")
         unknown = set(update_types) - set(DEDUPE_UPDATE_TYPES)
         if unknown:
             raise ConfigurationError(
