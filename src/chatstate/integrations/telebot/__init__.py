@@ -37,11 +37,9 @@ from chatstate.integrations.telebot._async.storage import (
 from chatstate.integrations.telebot._common import (
     DATA_FIELD,
     DEDUPE_UPDATE_TYPES,
+    DEFAULT_LEASE,
     STATE_FIELD,
     update_key,
-)
-from chatstate.integrations.telebot._common import (
-    DEFAULT_LEASE as DEFAULT_LEASE,  # shown in the reference: the middlewares' default lease
 )
 from chatstate.integrations.telebot._sync.storage import (
     ChatstateStateStorage,
@@ -51,6 +49,7 @@ from chatstate.integrations.telebot._sync.storage import (
 __all__ = [
     "DATA_FIELD",
     "DEDUPE_UPDATE_TYPES",
+    "DEFAULT_LEASE",
     "STATE_FIELD",
     "AsyncChatstateStateStorage",
     "AsyncUpdateDedupeMiddleware",
