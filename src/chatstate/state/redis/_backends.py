@@ -60,6 +60,57 @@ def _url_checked() -> Iterator[None]:
         raise ConfigurationError(f"not a Redis URL: {exc}") from None
 
 
+# The options from_url takes for chatstate itself (the rest go to redis-py); the asyncio
+# twin also takes pipelining and lanes.
+_OWN_OPTIONS = (
+    "resolve_attempts",
+    "resolve_retry",
+    "deadline_shards",
+    "key_secret",
+    "keys",
+    "durability",
+)
+
+
+def _owned_client(
+    url: str, options: dict[str, Any], own: tuple[str, ...], *, asynchronous: bool
+) -> tuple[Any, dict[str, Any]]:
+    """A client made from ``url`` and the options for redis-py; the backend's own options.
+
+    The pool is a blocking one of at most ``max_connections`` (50), which waits
+    ``pool_timeout`` (the socket timeout) for a free connection.
+    """
+    options = dict(options)
+    _check_client_options(options)
+    cluster = options.pop("cluster", False)
+    mine = {name: options.pop(name) for name in own if name in options}
+    kwargs = RedisIO._client_kwargs(options, asynchronous=asynchronous)  # noqa: SLF001 - shared
+    client: Any
+    if cluster:
+        if asynchronous:
+            from redis.asyncio.cluster import RedisCluster as AsyncCluster  # noqa: PLC0415
+
+            cluster_class: Any = AsyncCluster
+        else:
+            from redis.cluster import RedisCluster as SyncCluster  # noqa: PLC0415
+
+            cluster_class = SyncCluster
+        kwargs.pop("health_check_interval", None)
+        kwargs.pop("pool_timeout", None)
+        with _url_checked(), map_redis_errors("cluster"):  # the sync client connects here
+            client = cluster_class.from_url(url, **kwargs)
+        return client, mine
+    max_connections = kwargs.pop("max_connections", 50)
+    timeout = kwargs.pop("pool_timeout", kwargs.get("socket_timeout"))
+    pool_class: Any = (
+        redis.asyncio.BlockingConnectionPool if asynchronous else redis.BlockingConnectionPool
+    )
+    with _url_checked():
+        pool = pool_class.from_url(url, max_connections=max_connections, timeout=timeout, **kwargs)
+    client = (redis.asyncio.Redis if asynchronous else redis.Redis)(connection_pool=pool)
+    return client, mine
+
+
 class RedisBackend(RedisIO):
     """Documents in Redis or Valkey (standalone, Sentinel-managed or Cluster).
 
@@ -149,43 +200,8 @@ class RedisBackend(RedisIO):
             ConfigurationError: ``url`` is not a Redis URL (the message names
                 the schemes, never the URL), or an option is out of range.
         """
-        options = dict(options)
-        _check_client_options(options)
-        cluster = options.pop("cluster", False)
-        resolve_attempts = options.pop("resolve_attempts", 2)
-        resolve_retry = options.pop("resolve_retry", None)
-        deadline_shards = options.pop("deadline_shards", 16)
-        key_secret = options.pop("key_secret", None)
-        keys = options.pop("keys", None)
-        durability = options.pop("durability", None)
-        kwargs = cls._client_kwargs(options, asynchronous=False)
-        client: Any
-        if cluster:
-            from redis.cluster import RedisCluster as Cluster  # noqa: PLC0415
-
-            kwargs.pop("health_check_interval", None)
-            kwargs.pop("pool_timeout", None)
-            with _url_checked(), map_redis_errors("cluster"):  # the sync client connects here
-                client = Cluster.from_url(url, **kwargs)
-        else:
-            max_connections = kwargs.pop("max_connections", 50)
-            timeout = kwargs.pop("pool_timeout", kwargs.get("socket_timeout"))
-            with _url_checked():
-                pool = redis.BlockingConnectionPool.from_url(
-                    url, max_connections=max_connections, timeout=timeout, **kwargs
-                )
-            client = redis.Redis(connection_pool=pool)
-        return cls(
-            client,
-            namespace=namespace,
-            resolve_attempts=resolve_attempts,
-            resolve_retry=resolve_retry,
-            deadline_shards=deadline_shards,
-            key_secret=key_secret,
-            keys=keys,
-            durability=durability,
-            _owns_client=True,
-        )
+        client, own = _owned_client(url, options, _OWN_OPTIONS, asynchronous=False)
+        return cls(client, namespace=namespace, _owns_client=True, **own)
 
     def _execute(self, route: str, args: tuple[Any, ...], tail: Tail = ()) -> Any:
         """Send one command; ``NotSent`` when no connection could be had.
@@ -375,40 +391,8 @@ class AsyncRedisBackend(AsyncRedisIO):
     @classmethod
     def from_url(cls, url: str, *, namespace: str = DEFAULT_NAMESPACE, **options: Any) -> Self:
         """See :meth:`RedisBackend.from_url`; also takes ``pipelining`` and ``lanes``."""
-        options = dict(options)
-        _check_client_options(options)
-        cluster = options.pop("cluster", False)
-        own = {
-            name: options.pop(name)
-            for name in (
-                "resolve_attempts",
-                "resolve_retry",
-                "pipelining",
-                "lanes",
-                "deadline_shards",
-                "key_secret",
-                "keys",
-                "durability",
-            )
-            if name in options
-        }
-        kwargs = cls._client_kwargs(options, asynchronous=True)
-        client: Any
-        if cluster:
-            from redis.asyncio.cluster import RedisCluster as Cluster  # noqa: PLC0415
-
-            kwargs.pop("health_check_interval", None)
-            kwargs.pop("pool_timeout", None)
-            with _url_checked():
-                client = Cluster.from_url(url, **kwargs)
-        else:
-            max_connections = kwargs.pop("max_connections", 50)
-            timeout = kwargs.pop("pool_timeout", kwargs.get("socket_timeout"))
-            with _url_checked():
-                pool = redis.asyncio.BlockingConnectionPool.from_url(
-                    url, max_connections=max_connections, timeout=timeout, **kwargs
-                )
-            client = redis.asyncio.Redis(connection_pool=pool)
+        own_options = (*_OWN_OPTIONS, "pipelining", "lanes")
+        client, own = _owned_client(url, options, own_options, asynchronous=True)
         return cls(client, namespace=namespace, _owns_client=True, **own)
 
     async def _execute(self, route: str, args: tuple[Any, ...], tail: Tail = ()) -> Any:
