@@ -172,6 +172,12 @@ def test_unflatten_refuses_broken_layouts() -> None:
         unflatten({'"a"': "{bad"})
     with pytest.raises(ValueError):
         decode_path('"a"x"b"')
+    # An object stored whole where only the empty-object marker may be, with and without
+    # nested fields beside it (a flat document is built by a shorter path).
+    for broken in ({'"a"': '{"x":1}'}, {'"a"': '{"x":1}', '"b"': "{}", '"b""c"': "1"}):
+        with pytest.raises(ValueError, match="not the marker"):
+            unflatten(broken)
+    assert unflatten({'"a"': "{}", '"b"': "[1]", "#v": "3"}) == {"a": {}, "b": [1]}
 
 
 def test_preserved_rules() -> None:

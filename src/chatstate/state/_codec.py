@@ -183,7 +183,9 @@ def unflatten_columns(fields: list[str], values: str | bytes) -> JSONObject:
     if len(wrapped) != n or (n and (min(map(len, wrapped)) != 1 or max(map(len, wrapped)) != 1)):
         raise ValueError("a stored value is not one JSON value")
     decoded = [v[0] for v in wrapped]
-    steps = _plan(tuple(fields))
+    steps, flat = _plan(tuple(fields))
+    if flat is not None:  # every field top-level: no containers to build
+        return _flat_document(fields, decoded, flat)
     containers: list[JSONObject] = [{}]
     try:
         for at, parent, key, is_parent in steps:
@@ -201,13 +203,29 @@ def unflatten_columns(fields: list[str], values: str | bytes) -> JSONObject:
     return containers[0]
 
 
+def _flat_document(
+    fields: list[str], decoded: list[Any], flat: tuple[tuple[int, str], ...]
+) -> JSONObject:
+    """A document whose fields are all top-level, from its plan's ``(index, key)`` pairs."""
+    doc = {key: decoded[at] for at, key in flat}
+    for at, _ in flat:
+        value = decoded[at]
+        if type(value) is dict and value:
+            raise ValueError(f"entry {fields[at]!r} holds an object, not the marker")
+    return doc
+
+
 @lru_cache(maxsize=2048)
-def _plan(fields: tuple[str, ...]) -> tuple[tuple[int, int, str, bool], ...]:
+def _plan(
+    fields: tuple[str, ...],
+) -> tuple[tuple[tuple[int, int, str, bool], ...], tuple[tuple[int, str], ...] | None]:
     """How to build a document with these fields: parents first, each into its container.
 
     Documents of one bot have few shapes, so the parsing and checking of paths is
     done once per shape. A field with children gets a container slot (its value
-    must then be the object marker); an empty object is a marker with none.
+    must then be the object marker); an empty object is a marker with none. The
+    second part, for a document whose fields are all top-level, is each field's
+    index and key, in the same order: a dict built straight from it.
 
     Raises:
         ValueError: a field is not a path, or has no parent object.
@@ -232,7 +250,8 @@ def _plan(fields: tuple[str, ...]) -> tuple[tuple[int, int, str, bool], ...]:
         if is_parent:
             container_of[field] = len(container_of)
         steps.append((index[field], parent, key, is_parent))
-    return tuple(steps)
+    flat = None if parents else tuple((at, key) for at, _, key, _ in steps)
+    return tuple(steps), flat
 
 
 @lru_cache(maxsize=8192)
