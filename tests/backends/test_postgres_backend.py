@@ -6,7 +6,6 @@ The contract suite itself is in test_contract_postgres.py.
 from __future__ import annotations
 
 import asyncio
-import json
 import multiprocessing
 import threading
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from chatstate.exceptions import (
 )
 from chatstate.state import StateService
 from chatstate.state.postgres import AsyncPostgresBackend, PostgresBackend, install_sql
+from fakes import FakeClock
 
 pytestmark = pytest.mark.postgres
 
@@ -196,7 +196,7 @@ def test_a_user_with_table_rights_only_works_and_one_without_gets_permission_err
         conn.execute("DROP ROLE IF EXISTS reader")
         conn.execute("CREATE ROLE bot LOGIN")
         conn.execute("CREATE ROLE reader LOGIN")
-        for table in ("users", "locks", "deadlines", "meta"):
+        for table in ("users", "ops", "locks", "deadlines", "meta"):
             conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON rights_{table} TO bot")
             conn.execute(f"GRANT SELECT ON rights_{table} TO reader")
     bot = postgres.dsn.replace("chatstate@", "bot@")
@@ -272,7 +272,7 @@ def test_a_pool_you_pass_stays_yours_and_needs_no_autocommit(postgres: servers.P
 
 
 def test_writes_are_one_round_trip_on_a_cached_row(postgres: servers.Postgres) -> None:
-    """After the first, each write of a user is one statement: an UPDATE, nothing before it."""
+    """After the first, each write of a user is one statement, its UPDATE first, nothing before it."""
     backend = PostgresBackend(postgres.dsn, table_prefix="trips")
     svc = StateService(backend)
     svc.update("ana", {"n": 0})
@@ -280,7 +280,7 @@ def test_writes_are_one_round_trip_on_a_cached_row(postgres: servers.Postgres) -
     real = psycopg.Connection.execute
 
     def execute(self: psycopg.Connection[Any], query: Any, *args: Any, **kw: Any) -> Any:
-        sent.append(str(query).split()[0])
+        sent.append(" ".join(str(query).split()[:5]))
         return real(self, query, *args, **kw)
 
     psycopg.Connection.execute = execute  # type: ignore[method-assign]
@@ -290,16 +290,30 @@ def test_writes_are_one_round_trip_on_a_cached_row(postgres: servers.Postgres) -
             svc.increment("ana", "hits")
     finally:
         psycopg.Connection.execute = real  # type: ignore[method-assign]
-    assert sent == ["UPDATE"] * 10
+    assert sent == ['WITH u AS (UPDATE "public"."trips_users"'] * 10
     svc.close()
 
 
-def test_the_log_appended_to_reads_as_the_log_encoded_whole(postgres: servers.Postgres) -> None:
-    """A cached write appends its record to the stored text; that text is the whole encoding.
+def _records(
+    dsn: str, prefix: str, user: str
+) -> tuple[list[tuple[Any, ...]], int | None, int | None]:
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            f"SELECT seq, op_key FROM {prefix}_ops WHERE user_id = %s ORDER BY seq",  # noqa: S608 - a test's own prefix
+            (user,),
+        ).fetchall()
+        found = conn.execute(
+            f"SELECT ops_seq, ops_floor FROM {prefix}_users WHERE user_id = %s",  # noqa: S608 - a test's own prefix
+            (user,),
+        ).fetchone()
+    return (rows, found[0], found[1]) if found else (rows, None, None)
 
-    Over the trim (124 records back to 100), with repeated op ids, from a cached row and
-    from a fresh process's read, the stored log is exactly what encoding it whole gives,
-    and holds exactly the newest ids.
+
+def test_the_records_table_holds_exactly_the_newest_ids(postgres: servers.Postgres) -> None:
+    """Each write inserts its record; the trim (124 back to 100) deletes the oldest.
+
+    Over the trim, with repeated op ids, from a cached row and from a fresh process's
+    read, the records stored are exactly the newest ids, none missing, none twice.
     """
     sent: list[str] = []
     for round_ in range(3):
@@ -312,15 +326,41 @@ def test_the_log_appended_to_reads_as_the_log_encoded_whole(postgres: servers.Po
                     svc.update("ana", {"n": i}, op_id=op_id)  # a repeat records nothing
                 svc.update("ana", {"m": i})  # a write without an op id records its own key
                 sent.append("")
-    with psycopg.connect(postgres.dsn) as conn:
-        found = conn.execute("SELECT ops::text, ops_seq FROM appended_users").fetchone()
-    assert found is not None
-    text, seq = found
-    records = json.loads(text)
-    assert text == json.dumps(records, ensure_ascii=False, separators=(",", ":"))
+    rows, seq, floor = _records(postgres.dsn, "appended", "ana")
+    seqs = [r[0] for r in rows]
     assert seq == len(sent) == 360
-    seqs = [r[0] for r in records.values()]
-    assert seqs == sorted(seqs)
-    assert seqs[-1] == seq
-    assert 100 <= len(records) < 124
-    assert seqs == list(range(seq - len(records) + 1, seq + 1))  # the newest, none missing
+    assert 100 <= len(rows) < 124
+    assert seqs == list(range(seq - len(rows) + 1, seq + 1))  # the newest, none missing
+    assert floor == seqs[0] - 1
+    assert len({key for _, key in rows}) == len(rows)
+    with StateService(PostgresBackend(postgres.dsn, table_prefix="appended")) as svc:
+        assert svc.update_once("ana", {"n": 59}, op_id="op-2-59").status == "duplicate"
+        assert svc.update_once("ana", {"n": 0}, op_id="op-0-0").status == "applied"
+
+
+def test_an_expired_log_s_records_go_with_the_next_write_or_a_purge(
+    postgres: servers.Postgres,
+) -> None:
+    """A log that outlived the dedupe window leaves no record behind.
+
+    The next write starts a new log (its sequence goes on) and deletes the old
+    records in the same statement; a purge deletes them for a user who never writes
+    again; an op id of the old log is new again.
+    """
+    clock = FakeClock(1_700_000_000.0)
+    backend = PostgresBackend(postgres.dsn, table_prefix="expiry", clock=clock)
+    with StateService(backend, dedupe_window=60) as svc:
+        for i in range(5):
+            svc.update("ana", {"n": i}, op_id=f"a{i}")
+            svc.update("bob", {"n": i}, op_id=f"b{i}")
+        clock.now += 61
+        assert svc.update_once("ana", {"n": 9}, op_id="a0").status == "applied"
+        rows, seq, floor = _records(postgres.dsn, "expiry", "ana")
+        assert len(rows) == 1
+        assert (rows[0][0], seq, floor) == (6, 6, 5)
+        assert backend.purge() == 0  # both documents live on; only bob's records go
+        assert _records(postgres.dsn, "expiry", "bob")[0] == []
+        assert _records(postgres.dsn, "expiry", "ana")[0] == rows
+        assert svc.update_once("bob", {"n": 9}, op_id="b0").status == "applied"
+        assert svc.erase("bob") == ["document", "operations"]
+        assert _records(postgres.dsn, "expiry", "bob")[0] == []

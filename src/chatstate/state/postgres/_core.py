@@ -1,16 +1,26 @@
 r"""What both PostgreSQL twins share, with no I/O: tables, statements, rows, the error table.
 
-One row per user in ``<prefix>_users`` holds the document *and* the operation
-log, so that a write changes both with one statement. Beside it, ``rev``: a
-random 63-bit revision that every change of the row replaces. A backend keeps
-the rows it last read or wrote in a small cache; a write is computed by
+One row per user in ``<prefix>_users`` holds the document, the claim and the
+operation log's counters; the log's records (one per remembered op id) are rows
+of ``<prefix>_ops``, keyed by user and sequence number. Every change of a
+user's row replaces ``rev``, a random 63-bit revision, and every change of the
+user's records comes with one. A backend keeps the rows it last read or wrote
+(records included) in a small cache; a write is computed by
 :func:`~chatstate.state.backend.apply_write` on the cached row and stored with
-one ``UPDATE ... WHERE rev = <cached rev>``: one round trip, atomic, and applied
-only to exactly the row it was computed from. When the row changed meanwhile
-(another process wrote), nothing is written and the write is made again under
-``SELECT ... FOR UPDATE`` in a transaction (two round trips, pipelined), which
-refreshes the cache. Because ``rev`` is random and never reused, a row deleted
-and made again never matches a stale cache entry.
+one statement: ``UPDATE ... WHERE rev = <cached rev>``, with the new record's
+``INSERT`` and the trim's ``DELETE`` as parts of it that apply only if the
+``UPDATE`` did. One round trip, atomic, applied only to exactly the row it was
+computed from. When the row changed meanwhile (another process wrote), nothing
+is written and the write is made again under ``SELECT ... FOR UPDATE`` in a
+transaction (two round trips, pipelined), which refreshes the cache. Because
+``rev`` is random and never reused, a row deleted and made again never matches
+a stale cache entry.
+
+Why the records are not in the row (they were, as one ``json`` column): a log
+of 100 ids is 4.5 KB, which every write rewrote; the row then no longer fit
+twice in a page, so no update was HOT, and each wrote about 4.7 KB of WAL
+against the naive ``doc || patch`` update's 196 bytes. A record of its own is
+one small insert (and a trim, one ``DELETE`` every 24 writes).
 
 The document column is ``json``, not ``jsonb``: ``jsonb`` stores numbers as
 ``numeric`` (``-0.0`` comes back as ``0.0``, ``1e16`` as the integer
@@ -66,6 +76,7 @@ __all__ = [
     "DEFAULT_PREFIX",
     "DEFAULT_SCHEMA",
     "SCHEMA_VERSION",
+    "Plan",
     "Row",
     "RowCache",
     "Tables",
@@ -90,8 +101,8 @@ _COLUMNS: Final = (
     "size",
     "schema",
     "expires_at",
-    "ops",
     "ops_seq",
+    "ops_floor",
     "ops_expires_at",
     "lease_nonce",
     "lease_expires_at",
@@ -121,6 +132,9 @@ class Tables:
 
     schema: str = attrs.field(default=DEFAULT_SCHEMA)
     prefix: str = attrs.field(default=DEFAULT_PREFIX)
+    _stored: dict[tuple[str, bool, bool], str] = attrs.field(
+        factory=dict, init=False, eq=False, repr=False
+    )
 
     def __attrs_post_init__(self) -> None:
         _identifier("schema", self.schema)
@@ -132,8 +146,13 @@ class Tables:
 
     @property
     def users(self) -> str:
-        """One row per user: the document and the operation log."""
+        """One row per user: the document, the claim and the operation log's counters."""
         return self.name("users")
+
+    @property
+    def ops(self) -> str:
+        """The operation log's records: one row per remembered op id."""
+        return self.name("ops")
 
     @property
     def locks(self) -> str:
@@ -156,6 +175,9 @@ class Tables:
             f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"',
             # Times are milliseconds of the backends' clock. doc is NULL while only the
             # operation log is kept (after a delete, or once the document expired).
+            # ops_seq: the sequence number of the newest record; ops_floor: no record
+            # at or below it is stored. fillfactor leaves room in each page for the
+            # row's next version (a HOT update: no index write).
             f"""CREATE TABLE IF NOT EXISTS {self.users} (
                 user_id text COLLATE "C" PRIMARY KEY,
                 rev bigint NOT NULL,
@@ -164,12 +186,23 @@ class Tables:
                 size bigint NOT NULL DEFAULT 0,
                 schema integer NOT NULL DEFAULT 1,
                 expires_at bigint,
-                ops json NOT NULL DEFAULT '{{}}',
                 ops_seq bigint NOT NULL DEFAULT 0,
+                ops_floor bigint NOT NULL DEFAULT 0,
                 ops_expires_at bigint NOT NULL DEFAULT 0,
                 lease_nonce text,
                 lease_expires_at bigint,
                 lease_op_key text
+            ) WITH (fillfactor = 80)""",
+            # A record lives while its user's row says the log does (ops_expires_at);
+            # the write that starts a new log deletes the old one's records.
+            f"""CREATE TABLE IF NOT EXISTS {self.ops} (
+                user_id text COLLATE "C" NOT NULL,
+                seq bigint NOT NULL,
+                op_key text COLLATE "C" NOT NULL,
+                version bigint NOT NULL,
+                nonce text NOT NULL,
+                digest text NOT NULL,
+                PRIMARY KEY (user_id, seq)
             )""",
             f"""CREATE TABLE IF NOT EXISTS {self.locks} (
                 user_id text COLLATE "C" NOT NULL,
@@ -216,39 +249,78 @@ class Tables:
 
     @property
     def select(self) -> str:
-        """A user's row (``doc`` and ``ops`` as text: decoded by chatstate, exactly)."""
-        return f"SELECT {_SELECTED} FROM {self.users} WHERE user_id = %s"
+        """A user's row and its records, as of one snapshot (``doc`` as text: decoded exactly)."""
+        return (
+            f"SELECT {_SELECTED}, (SELECT {_RECORDS} FROM {self.ops} o "
+            f"WHERE o.user_id = u.user_id) FROM {self.users} u WHERE u.user_id = %s"
+        )
 
     @property
     def select_for_update(self) -> str:
-        """A user's row, locked until the transaction ends."""
-        return self.select + " FOR UPDATE"
+        """A user's row, locked until the transaction ends (its records: :attr:`select_ops`)."""
+        return f"SELECT {_SELECTED}, NULL FROM {self.users} u WHERE u.user_id = %s FOR UPDATE"
+
+    @property
+    def select_ops(self) -> str:
+        """A user's records, read in a statement of its own after the row is locked.
+
+        Not a sub-select of :attr:`select_for_update`: when that statement waited
+        for another writer, it returns the row that writer committed, while a
+        sub-select would still read the records as they were before.
+        """
+        return f"SELECT {_RECORDS} FROM {self.ops} o WHERE o.user_id = %s"
 
     @property
     def placeholder(self) -> str:
         """An empty row to lock when the user has none (it never outlives the transaction)."""
         return f"INSERT INTO {self.users} (user_id, rev) VALUES (%s, 0) ON CONFLICT DO NOTHING"
 
-    @property
-    def insert(self) -> str:
-        """A new row, unless another writer made one first (then no row is inserted)."""
-        names = ", ".join(_COLUMNS)
-        marks = ", ".join(["%s"] * len(_COLUMNS))
-        return (
-            f"INSERT INTO {self.users} (user_id, {names}) VALUES (%s, {marks}) "
-            "ON CONFLICT DO NOTHING"
-        )
+    def store(self, how: str, *, record: bool, trim: bool) -> str:
+        """One statement that stores a planned row: says 1 if it was stored, else 0.
 
-    @property
-    def update(self) -> str:
-        """Store a row, only if it is still the revision the write was computed from."""
-        sets = ", ".join(f"{c} = %s" for c in _COLUMNS)
-        return f"UPDATE {self.users} SET {sets} WHERE user_id = %s AND rev = %s"
-
-    @property
-    def delete(self) -> str:
-        """Remove a row, only if it is still the revision the write was computed from."""
-        return f"DELETE FROM {self.users} WHERE user_id = %s AND rev = %s"
+        ``how`` is ``"update"`` (only if the row is still the revision the write
+        was computed from), ``"insert"`` (a new row, unless another writer made one
+        first) or ``"delete"`` (the row and every record, at that revision).
+        ``record`` inserts the write's record; ``trim`` deletes the records at or
+        below ``%(floor)s``. Both happen only when the row's change did.
+        """
+        key = (how, record, trim)
+        found = self._stored.get(key)
+        if found is not None:
+            return found
+        marks = ", ".join(f"%({c})s" for c in _COLUMNS)
+        if how == "update":
+            sets = ", ".join(f"{c} = %({c})s" for c in _COLUMNS)
+            change = (
+                f"UPDATE {self.users} SET {sets} "
+                "WHERE user_id = %(user_id)s AND rev = %(old_rev)s RETURNING 1"
+            )
+        elif how == "insert":
+            change = (
+                f"INSERT INTO {self.users} (user_id, {', '.join(_COLUMNS)}) "
+                f"VALUES (%(user_id)s, {marks}) ON CONFLICT DO NOTHING RETURNING 1"
+            )
+        else:
+            change = (
+                f"DELETE FROM {self.users} WHERE user_id = %(user_id)s AND rev = %(old_rev)s "
+                "RETURNING 1"
+            )
+        parts = [f"u AS ({change})"]
+        if record:
+            parts.append(
+                f"r AS (INSERT INTO {self.ops} (user_id, seq, op_key, version, nonce, digest) "
+                "SELECT %(user_id)s, %(r_seq)s, %(r_key)s, %(r_version)s, %(r_nonce)s, "
+                "%(r_digest)s FROM u)"
+            )
+        if trim or how == "delete":
+            below = "" if how == "delete" else " AND seq <= %(floor)s"
+            parts.append(
+                f"t AS (DELETE FROM {self.ops} WHERE user_id = %(user_id)s{below} "
+                "AND EXISTS (SELECT FROM u))"
+            )
+        sql = f"WITH {', '.join(parts)} SELECT count(*) FROM u"
+        self._stored[key] = sql
+        return sql
 
     @property
     def revision(self) -> str:
@@ -274,22 +346,33 @@ class Tables:
         return f"""WITH
             u AS (DELETE FROM {self.users} WHERE user_id = %(user_id)s RETURNING
                 doc IS NOT NULL AND (expires_at IS NULL OR expires_at > %(now)s) AS doc,
-                ops_expires_at > %(now)s AND ops::text <> '{{}}' AS ops,
+                ops_expires_at > %(now)s AS ops,
                 coalesce(lease_expires_at > %(now)s, false) AS claim),
+            o AS (DELETE FROM {self.ops} WHERE user_id = %(user_id)s RETURNING 1),
             l AS (DELETE FROM {self.locks} WHERE user_id = %(user_id)s
                 RETURNING expires_at > %(now)s AS live),
             d AS (DELETE FROM {self.deadlines} WHERE user_id = %(user_id)s RETURNING 1)
-            SELECT coalesce((SELECT doc FROM u), false), coalesce((SELECT ops FROM u), false),
+            SELECT coalesce((SELECT doc FROM u), false),
+                coalesce((SELECT ops FROM u), false) AND EXISTS (SELECT FROM o),
                 coalesce((SELECT claim FROM u), false), coalesce((SELECT bool_or(live) FROM l),
                 false), EXISTS (SELECT FROM d)"""
 
     @property
     def purge(self) -> str:
-        """Delete what has expired everywhere; count the rows."""
+        """Delete what has expired everywhere; count the users' and the locks' rows.
+
+        The records of a log that expired go too, those of a user whose row is
+        deleted and those of a live document's row (only up to the row's
+        ``ops_seq``: a write that started a new log meanwhile is not seen here).
+        """
         return f"""WITH
             u AS (DELETE FROM {self.users} WHERE (doc IS NULL OR expires_at <= %(now)s)
                 AND ops_expires_at <= %(now)s
-                AND (lease_expires_at IS NULL OR lease_expires_at <= %(now)s) RETURNING 1),
+                AND (lease_expires_at IS NULL OR lease_expires_at <= %(now)s)
+                RETURNING user_id),
+            o AS (DELETE FROM {self.ops} o USING {self.users} s
+                WHERE o.user_id = s.user_id AND s.ops_expires_at <= %(now)s
+                AND o.seq <= s.ops_seq),
             l AS (DELETE FROM {self.locks} WHERE expires_at <= %(now)s RETURNING 1)
             SELECT (SELECT count(*) FROM u) + (SELECT count(*) FROM l)"""
 
@@ -343,7 +426,12 @@ class Tables:
         )
 
 
-_SELECTED: Final = ", ".join(f"{c}::text" if c in ("doc", "ops") else c for c in _COLUMNS)
+_SELECTED: Final = ", ".join(f"u.{c}::text" if c == "doc" else f"u.{c}" for c in _COLUMNS)
+# A user's records as one JSON array of [op_key, seq, version, nonce, digest], oldest first.
+_RECORDS: Final = (
+    "coalesce(json_agg(json_build_array(o.op_key, o.seq, o.version, o.nonce, o.digest) "
+    "ORDER BY o.seq), '[]')::text"
+)
 
 
 def install_sql(schema: str = DEFAULT_SCHEMA, table_prefix: str = DEFAULT_PREFIX) -> str:
@@ -368,7 +456,12 @@ def install_sql(schema: str = DEFAULT_SCHEMA, table_prefix: str = DEFAULT_PREFIX
 
 @attrs.frozen
 class Row:
-    """A user's row as stored (``rev`` is ``None`` when there is none)."""
+    """A user's row as stored (``rev`` is ``None`` when there is none), with its records.
+
+    ``ops`` is the records as the server sent them (a JSON array, decoded when a
+    write needs them), or as this process wrote them (a dict: the next write on
+    the cached row copies it instead of parsing).
+    """
 
     rev: int | None = None
     doc: str | None = None
@@ -376,41 +469,58 @@ class Row:
     size: int = 0
     schema: int = 1
     expires_at: int | None = None
-    ops: str = "{}"
     ops_seq: int = 0
+    ops_floor: int = 0
     ops_expires_at: int = 0
     lease_nonce: str | None = None
     lease_expires_at: int | None = None
     lease_op_key: str | None = None
-    decoded: tuple[dict[str, OpRecord], int] | None = attrs.field(
-        default=None, eq=False, repr=False
-    )
-    """``ops`` decoded (the records and the sequence), when this process wrote the row: the
-    next write on the cached row copies it instead of parsing the text (not stored)."""
+    ops: str | dict[str, OpRecord] = attrs.field(default="[]", eq=False, repr=False)
 
     @classmethod
-    def read(cls, found: tuple[Any, ...] | None) -> Row:
-        """The row a ``SELECT`` of :data:`_SELECTED` returned (``None``: no row)."""
-        return NO_ROW if found is None else cls(*found)
+    def read(cls, found: tuple[Any, ...] | None, ops: str | None = None) -> Row:
+        """The row a ``SELECT`` of :data:`_SELECTED` and the records returned (``None``: no row)."""
+        if found is None:
+            return NO_ROW
+        rev, doc, version, size, schema, expires_at, seq, floor, expiry, *lease, text = found
+        return cls(
+            rev, doc, version, size, schema, expires_at, seq, floor, expiry,
+            lease[0], lease[1], lease[2], ops if ops is not None else text or "[]",
+        )  # fmt: skip
 
-    def values(self) -> tuple[Any, ...]:
-        """The columns after ``rev``'s, in statement order."""
-        return (
-            self.doc,
-            self.version,
-            self.size,
-            self.schema,
-            self.expires_at,
-            self.ops,
-            self.ops_seq,
-            self.ops_expires_at,
-            self.lease_nonce,
-            self.lease_expires_at,
-            self.lease_op_key,
-        )
+    def params(self, user_id: str) -> dict[str, Any]:
+        """The row's columns as the parameters of :meth:`Tables.store`."""
+        return {
+            "user_id": user_id,
+            "rev": self.rev,
+            "doc": self.doc,
+            "version": self.version,
+            "size": self.size,
+            "schema": self.schema,
+            "expires_at": self.expires_at,
+            "ops_seq": self.ops_seq,
+            "ops_floor": self.ops_floor,
+            "ops_expires_at": self.ops_expires_at,
+            "lease_nonce": self.lease_nonce,
+            "lease_expires_at": self.lease_expires_at,
+            "lease_op_key": self.lease_op_key,
+        }
 
 
 NO_ROW: Final = Row()
+
+
+@attrs.frozen
+class Plan:
+    """How to store what a write did to a row: the statement's kind, parts and parameters."""
+
+    how: str
+    """``"update"``, ``"insert"`` or ``"delete"`` (see :meth:`Tables.store`)."""
+    row: Row
+    """The row to cache once stored (``NO_ROW`` after a delete)."""
+    params: dict[str, Any]
+    record: bool
+    trim: bool
 
 
 def _dumps(value: Any) -> str:
@@ -443,18 +553,26 @@ def live_snapshot(user_id: str, row: Row, now: int) -> tuple[Snapshot | None, in
 
 
 def _decode_log(user_id: str, row: Row, now: int) -> OpLog:
+    """The row's log, its records dropped if it expired.
+
+    Its sequence goes on from the row's even then, so that a new log's records
+    never share a number with an old one's still stored.
+    """
     log = OpLog()
+    log.seq = row.ops_seq
+    ops = row.ops
     try:
-        if row.ops_expires_at > now and row.decoded is not None:
-            log.records, log.seq = dict(row.decoded[0]), row.decoded[1]
-        elif row.ops_expires_at > now:
-            raw = json.loads(row.ops)
-            if type(raw) is not dict:
+        if row.ops_expires_at <= now:
+            pass
+        elif isinstance(ops, dict):
+            log.records = dict(ops)
+        else:
+            raw = json.loads(ops)
+            if type(raw) is not list:
                 raise _corrupt(user_id, "the stored operation log is unreadable")
             log.records = {
-                key: OpRecord(int(r[0]), int(r[1]), str(r[2]), str(r[3])) for key, r in raw.items()
+                str(r[0]): OpRecord(int(r[1]), int(r[2]), str(r[3]), str(r[4])) for r in raw
             }
-            log.seq = row.ops_seq
         if row.lease_expires_at is not None and row.lease_expires_at > now:
             log.lease = Lease(str(row.lease_nonce), row.lease_expires_at, str(row.lease_op_key))
     except (ValueError, TypeError, IndexError, KeyError) as exc:
@@ -462,14 +580,15 @@ def _decode_log(user_id: str, row: Row, now: int) -> OpLog:
     return log
 
 
-def plan(  # noqa: C901 - one branch per part of the row
+def plan(  # noqa: C901, PLR0912 - one branch per part of the row
     user_id: str, row: Row, write: Write, now: int
-) -> tuple[Outcome, Row | object | None]:
-    """What ``write`` does to ``row`` at ``now``: the outcome and the row to store.
+) -> tuple[Outcome, Plan | object]:
+    """What ``write`` does to ``row`` at ``now``: the outcome and how to store it.
 
-    The row is :data:`UNCHANGED` when nothing changes, ``None`` when the row goes
-    (no live document, no operation ids, no claim), else the new row with a new
-    random ``rev``.
+    The plan is :data:`UNCHANGED` when nothing changes. Else it deletes the row
+    (no live document, no operation ids, no claim), inserts it (there was none)
+    or updates it, with a new random ``rev``; with the write's new record, and
+    with a trim of the records the log no longer holds.
     """
     current, expires_at = live_snapshot(user_id, row, now)
     try:
@@ -479,9 +598,8 @@ def plan(  # noqa: C901 - one branch per part of the row
         if not (isinstance(op, Delete) and op.force):
             raise
         log = OpLog()  # a forced delete replaces a corrupt log
-    # What the stored text holds, for appending one record to it instead of writing it anew.
-    before = len(log.records) if write.op_key not in log.records else -1
-    base = row.ops if row.ops_expires_at > now else "{}"
+        log.seq = row.ops_seq
+    known = write.op_key in log.records
     result = apply_write(current, log, write, now, row.size if current is not None else None)
     if result.data is UNCHANGED and not result.log_changed:
         return result.outcome, UNCHANGED
@@ -497,47 +615,48 @@ def plan(  # noqa: C901 - one branch per part of the row
             expires_at = now + write.ttl_ms
     if doc is None:
         expires_at = None
-    claim: tuple[str | None, int | None, str | None] = (None, None, None)
+    records = log.records
+    floor = row.ops_floor
+    claim: tuple[str | None, int | None, str | None]
     if result.log_changed:
         ops_expires_at = row.ops_expires_at if row.ops_expires_at > now else 0
         if not isinstance(write.operation, Acquire | Release):
             # As on Redis: recorded ids live dedupe_ms after the last one; a claim
             # lives by its own lease and keeps nothing else alive.
             ops_expires_at = now + write.dedupe_ms
-        ops, seq = _encode_log(log, write.op_key, base, before)
         lease = log.lease
         claim = (
             (None, None, None) if lease is None else (lease.nonce, lease.expires_ms, lease.op_key)
         )
+        # Every record below the oldest kept one goes (the trim, or a whole expired
+        # log); the floor says what is gone already. The records are in sequence
+        # order (read ORDER BY seq, appended, trimmed in order), so the oldest is first.
+        floor = next(iter(records.values())).seq - 1 if records else log.seq
     else:
-        ops, seq, ops_expires_at = row.ops, row.ops_seq, row.ops_expires_at
+        ops_expires_at = row.ops_expires_at
         claim = (row.lease_nonce, row.lease_expires_at, row.lease_op_key)
-    if doc is None and ops == "{}" and (claim[1] is None or claim[1] <= now):
-        return result.outcome, None
-    decoded = (log.records, seq) if result.log_changed and log.records else None
+    trim = floor > row.ops_floor
+    if doc is None and not records and (claim[1] is None or claim[1] <= now):
+        if row.rev is None:
+            return result.outcome, UNCHANGED
+        return result.outcome, Plan(
+            "delete", NO_ROW, {"user_id": user_id, "old_rev": row.rev}, record=False, trim=True
+        )
     new = Row(
-        new_rev(), doc, version, size, schema, expires_at, ops, seq, ops_expires_at, *claim, decoded
-    )
-    return result.outcome, new
-
-
-def _encode_log(log: OpLog, op_key: str, base: str, before: int) -> tuple[str, int]:
-    """The log as stored text, and its sequence.
-
-    When the write only added its own record (``before`` records, none of them its
-    key, and no trim), the record is appended to ``base``, the text the log was
-    read from: the same text as encoding the whole log, without encoding the
-    other hundred records again.
-    """
-    records = log.records
-    if not records:
-        return "{}", 0
-    if before >= 0 and len(records) == before + 1 and op_key in records:
-        r = records[op_key]
-        entry = f"{_dumps(op_key)}:{_dumps([r.seq, r.version, r.nonce, r.digest])}}}"
-        return (f"{base[:-1]},{entry}" if before else f"{{{entry}"), log.seq
-    encoded = {k: [r.seq, r.version, r.nonce, r.digest] for k, r in records.items()}
-    return _dumps(encoded), log.seq
+        new_rev(), doc, version, size, schema, expires_at, log.seq, max(floor, row.ops_floor),
+        ops_expires_at, claim[0], claim[1], claim[2], records,
+    )  # fmt: skip
+    params = new.params(user_id)
+    added = records.get(write.op_key) if not known else None
+    if added is not None:
+        params.update(r_seq=added.seq, r_key=write.op_key, r_version=added.version,
+                      r_nonce=added.nonce, r_digest=added.digest)  # fmt: skip
+    if trim:
+        params["floor"] = floor
+    if row.rev is None:
+        return result.outcome, Plan("insert", new, params, record=added is not None, trim=trim)
+    params["old_rev"] = row.rev
+    return result.outcome, Plan("update", new, params, record=added is not None, trim=trim)
 
 
 def new_rev() -> int:

@@ -41,6 +41,7 @@ from chatstate.state.postgres._core import (
     NO_ROW,
     SCHEMA_VERSION,
     TRANSLATED,
+    Plan,
     Row,
     RowCache,
     Tables,
@@ -356,28 +357,26 @@ class AsyncPostgresBackend:
         if row is None:
             return None
         try:
-            outcome, new = plan(user_id, row, write, self._now_ms())
+            outcome, how = plan(user_id, row, write, self._now_ms())
         except Exception:  # noqa: BLE001 - a refusal may come of a stale row: decided under lock
             return None
-        if new is UNCHANGED or (new is None and row.rev is None):
+        if how is UNCHANGED:
             cur = await conn.execute(self.tables.revision, (user_id,))
             found = await cur.fetchone()
             return outcome if (None if found is None else found[0]) == row.rev else None
-        if new is None:
-            cur = await conn.execute(self.tables.delete, (user_id, row.rev))
-        else:
-            assert isinstance(new, Row)
-            if row.rev is None:
-                cur = await conn.execute(self.tables.insert, (user_id, new.rev, *new.values()))
-            else:
-                cur = await conn.execute(
-                    self.tables.update, (new.rev, *new.values(), user_id, row.rev)
-                )
-        if cur.rowcount != 1:
+        assert isinstance(how, Plan)
+        if not await self._store(conn, how):
             self._cache.drop(user_id)
             return None
-        self._cache.put(user_id, new if isinstance(new, Row) else NO_ROW)
+        self._cache.put(user_id, how.row)
         return outcome
+
+    async def _store(self, conn: psycopg.AsyncConnection[Any], how: Plan) -> bool:
+        """Run the plan's statement; True if the row was the one it was made from."""
+        sql = self.tables.store(how.how, record=how.record, trim=how.trim)
+        cur = await conn.execute(sql, how.params)
+        found = await cur.fetchone()
+        return found is not None and found[0] == 1
 
     async def _apply_locked(
         self, conn: psycopg.AsyncConnection[Any], user_id: str, write: Write
@@ -388,22 +387,20 @@ class AsyncPostgresBackend:
         try:
             async with conn.pipeline(), conn.transaction():
                 await conn.execute(self.tables.placeholder, (user_id,))
-                cur = await conn.execute(self.tables.select_for_update, (user_id,))
-                row = Row.read(await cur.fetchone())
-                outcome, new = plan(user_id, row, write, self._now_ms())
-                if new is UNCHANGED:
+                locked = await conn.execute(self.tables.select_for_update, (user_id,))
+                records = await conn.execute(self.tables.select_ops, (user_id,))
+                found = await locked.fetchone()
+                ops = await records.fetchone()
+                row = Row.read(found, ops[0] if ops else None)
+                outcome, how = plan(user_id, row, write, self._now_ms())
+                if how is UNCHANGED:
                     # Nothing to store; the placeholder, if it is ours, goes with the rollback.
                     stored = row if row.rev else NO_ROW
                     raise psycopg.Rollback  # noqa: TRY301 - psycopg's way to roll back a block
-                if new is None:
-                    await conn.execute(self.tables.delete, (user_id, row.rev))
-                    stored = NO_ROW
-                else:
-                    assert isinstance(new, Row)
-                    await conn.execute(
-                        self.tables.update, (new.rev, *new.values(), user_id, row.rev)
-                    )
-                    stored = new
+                assert isinstance(how, Plan)
+                if not await self._store(conn, how):  # pragma: no cover - the row is locked
+                    raise BackendError(f"user {user_id!r}'s locked row changed")
+                stored = how.row
         except psycopg.Rollback:
             # It escapes only when the rollback itself failed: the connection broke, and
             # the server rolls the unfinished transaction back. Nothing was to be stored,

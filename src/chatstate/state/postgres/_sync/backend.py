@@ -42,6 +42,7 @@ from chatstate.state.postgres._core import (
     NO_ROW,
     SCHEMA_VERSION,
     TRANSLATED,
+    Plan,
     Row,
     RowCache,
     Tables,
@@ -353,26 +354,26 @@ class PostgresBackend:
         if row is None:
             return None
         try:
-            outcome, new = plan(user_id, row, write, self._now_ms())
+            outcome, how = plan(user_id, row, write, self._now_ms())
         except Exception:  # noqa: BLE001 - a refusal may come of a stale row: decided under lock
             return None
-        if new is UNCHANGED or (new is None and row.rev is None):
+        if how is UNCHANGED:
             cur = conn.execute(self.tables.revision, (user_id,))
             found = cur.fetchone()
             return outcome if (None if found is None else found[0]) == row.rev else None
-        if new is None:
-            cur = conn.execute(self.tables.delete, (user_id, row.rev))
-        else:
-            assert isinstance(new, Row)
-            if row.rev is None:
-                cur = conn.execute(self.tables.insert, (user_id, new.rev, *new.values()))
-            else:
-                cur = conn.execute(self.tables.update, (new.rev, *new.values(), user_id, row.rev))
-        if cur.rowcount != 1:
+        assert isinstance(how, Plan)
+        if not self._store(conn, how):
             self._cache.drop(user_id)
             return None
-        self._cache.put(user_id, new if isinstance(new, Row) else NO_ROW)
+        self._cache.put(user_id, how.row)
         return outcome
+
+    def _store(self, conn: psycopg.Connection[Any], how: Plan) -> bool:
+        """Run the plan's statement; True if the row was the one it was made from."""
+        sql = self.tables.store(how.how, record=how.record, trim=how.trim)
+        cur = conn.execute(sql, how.params)
+        found = cur.fetchone()
+        return found is not None and found[0] == 1
 
     def _apply_locked(self, conn: psycopg.Connection[Any], user_id: str, write: Write) -> Outcome:
         """Read the row under ``FOR UPDATE``, plan, store: two pipelined round trips."""
@@ -381,20 +382,20 @@ class PostgresBackend:
         try:
             with conn.pipeline(), conn.transaction():
                 conn.execute(self.tables.placeholder, (user_id,))
-                cur = conn.execute(self.tables.select_for_update, (user_id,))
-                row = Row.read(cur.fetchone())
-                outcome, new = plan(user_id, row, write, self._now_ms())
-                if new is UNCHANGED:
+                locked = conn.execute(self.tables.select_for_update, (user_id,))
+                records = conn.execute(self.tables.select_ops, (user_id,))
+                found = locked.fetchone()
+                ops = records.fetchone()
+                row = Row.read(found, ops[0] if ops else None)
+                outcome, how = plan(user_id, row, write, self._now_ms())
+                if how is UNCHANGED:
                     # Nothing to store; the placeholder, if it is ours, goes with the rollback.
                     stored = row if row.rev else NO_ROW
                     raise psycopg.Rollback  # noqa: TRY301 - psycopg's way to roll back a block
-                if new is None:
-                    conn.execute(self.tables.delete, (user_id, row.rev))
-                    stored = NO_ROW
-                else:
-                    assert isinstance(new, Row)
-                    conn.execute(self.tables.update, (new.rev, *new.values(), user_id, row.rev))
-                    stored = new
+                assert isinstance(how, Plan)
+                if not self._store(conn, how):  # pragma: no cover - the row is locked
+                    raise BackendError(f"user {user_id!r}'s locked row changed")
+                stored = how.row
         except psycopg.Rollback:
             # It escapes only when the rollback itself failed: the connection broke, and
             # the server rolls the unfinished transaction back. Nothing was to be stored,
