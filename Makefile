@@ -92,6 +92,7 @@ bench: $(VENV)/.test-installed
 	$(BIN)/python benchmarks/bench_aiogram.py --rounds 3
 	$(BIN)/python benchmarks/bench_ptb.py
 	$(BIN)/python benchmarks/bench_postgres.py
+	$(BIN)/python benchmarks/bench_postgres_sql.py
 
 # The long chaos run (docs/chaos.md): a wallet bot in 4 worker processes behind an
 # at-least-once dispatcher, workers and the server killed, 5 seeds; exits 1 if a seed
