@@ -313,22 +313,31 @@ def test_the_records_table_holds_exactly_the_newest_ids(postgres: servers.Postgr
     """Each write inserts its record; the trim (124 back to 100) deletes the oldest.
 
     Over the trim, with repeated op ids, from a cached row and from a fresh process's
-    read, the records stored are exactly the newest ids, none missing, none twice.
+    read, the records stored are exactly the newest ids, none missing, none twice,
+    numbered on from a random base.
     """
     sent: list[str] = []
+    base: int | None = None
     for round_ in range(3):
         with StateService(PostgresBackend(postgres.dsn, table_prefix="appended")) as svc:
             for i in range(60):
                 op_id = f"op-{round_}-{i}"
                 svc.update("ana", {"n": i}, op_id=op_id)
                 sent.append(op_id)
+                if base is None:
+                    first = _records(postgres.dsn, "appended", "ana")[1]
+                    assert first is not None
+                    assert first > 1
+                    base = first - 1
                 if i % 7 == 0:
                     svc.update("ana", {"n": i}, op_id=op_id)  # a repeat records nothing
                 svc.update("ana", {"m": i})  # a write without an op id records its own key
                 sent.append("")
     rows, seq, floor = _records(postgres.dsn, "appended", "ana")
+    assert base is not None
+    assert seq is not None
     seqs = [r[0] for r in rows]
-    assert seq == len(sent) == 360
+    assert seq - base == len(sent) == 360
     assert 100 <= len(rows) < 124
     assert seqs == list(range(seq - len(rows) + 1, seq + 1))  # the newest, none missing
     assert floor == seqs[0] - 1
@@ -338,14 +347,12 @@ def test_the_records_table_holds_exactly_the_newest_ids(postgres: servers.Postgr
         assert svc.update_once("ana", {"n": 0}, op_id="op-0-0").status == "applied"
 
 
-def test_an_expired_log_s_records_go_with_the_next_write_or_a_purge(
-    postgres: servers.Postgres,
-) -> None:
-    """A log that outlived the dedupe window leaves no record behind.
+def test_an_expired_log_s_records_go_with_the_next_write(postgres: servers.Postgres) -> None:
+    """A log that outlived the dedupe window leaves no record behind once the user writes.
 
-    The next write starts a new log (its sequence goes on) and deletes the old
-    records in the same statement; a purge deletes them for a user who never writes
-    again; an op id of the old log is new again.
+    The next write starts a new log (its numbers go on) and deletes the old records in
+    the same statement; an op id of the old log is new again. A purge leaves the records
+    of a live document's expired log (the user's next write or erase takes them).
     """
     clock = FakeClock(1_700_000_000.0)
     backend = PostgresBackend(postgres.dsn, table_prefix="expiry", clock=clock)
@@ -357,10 +364,105 @@ def test_an_expired_log_s_records_go_with_the_next_write_or_a_purge(
         assert svc.update_once("ana", {"n": 9}, op_id="a0").status == "applied"
         rows, seq, floor = _records(postgres.dsn, "expiry", "ana")
         assert len(rows) == 1
-        assert (rows[0][0], seq, floor) == (6, 6, 5)
-        assert backend.purge() == 0  # both documents live on; only bob's records go
-        assert _records(postgres.dsn, "expiry", "bob")[0] == []
+        assert seq is not None
+        assert (rows[0][0], floor) == (seq, seq - 1)
+        assert backend.purge() == 0  # both documents live on
+        assert len(_records(postgres.dsn, "expiry", "bob")[0]) == 5
         assert _records(postgres.dsn, "expiry", "ana")[0] == rows
         assert svc.update_once("bob", {"n": 9}, op_id="b0").status == "applied"
+        assert len(_records(postgres.dsn, "expiry", "bob")[0]) == 1
         assert svc.erase("bob") == ["document", "operations"]
         assert _records(postgres.dsn, "expiry", "bob")[0] == []
+
+
+def _hold_after_store(backend: PostgresBackend) -> tuple[threading.Event, threading.Event]:
+    """Make ``backend``'s locked writes wait, row locked and store sent, until released."""
+    holding, release = threading.Event(), threading.Event()
+    send = backend._send_store
+
+    def held(conn: psycopg.Connection[Any], how: Any) -> Any:
+        cur = send(conn, how)
+        conn.execute("SELECT 1")  # the store has run: the row is locked, nothing committed
+        holding.set()
+        assert release.wait(60)
+        return cur
+
+    backend._send_store = held  # type: ignore[method-assign]
+    return holding, release
+
+
+def _wait_for_a_lock_wait(dsn: str) -> None:
+    """Return once some session waits for a row lock (polled: a hang guard, not a pace)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for _ in range(6000):
+            found = conn.execute("SELECT count(*) FROM pg_locks WHERE NOT granted").fetchone()
+            if found and found[0]:
+                return
+            threading.Event().wait(0.01)
+    raise AssertionError("no session waited for the row lock")
+
+
+def test_an_erase_during_a_write_leaves_no_record_and_the_user_writable(
+    postgres: servers.Postgres,
+) -> None:
+    """erase() that waits for a write's row lock also deletes the record that write adds.
+
+    Without the row lock taken first, the erase's snapshot predates the record: it was
+    left behind, its op id counted as remembered again, and the user's next writes
+    collided with it.
+    """
+    writer = PostgresBackend(postgres.dsn, table_prefix="eraserace", cache_size=0)
+    svc = StateService(writer)
+    for i in range(3):
+        svc.update("ana", {"n": i}, op_id=f"a{i}")
+    holding, release = _hold_after_store(writer)
+    done: list[Any] = []
+    thread = threading.Thread(target=lambda: done.append(svc.update("ana", {"n": 3}, op_id="a3")))
+    thread.start()
+    assert holding.wait(60)
+    with StateService(PostgresBackend(postgres.dsn, table_prefix="eraserace")) as other:
+        erased: list[list[str]] = []
+        eraser = threading.Thread(target=lambda: erased.append(other.erase("ana")))
+        eraser.start()
+        _wait_for_a_lock_wait(postgres.dsn)
+        release.set()
+        thread.join(60)
+        eraser.join(60)
+        assert done
+        assert erased == [["document", "operations"]]
+        assert _records(postgres.dsn, "eraserace", "ana") == ([], None, None)
+        for op_id in ("a3", "a4", "a5"):
+            assert other.update_once("ana", {"op": op_id}, op_id=op_id).status == "applied"
+        assert other.get("ana") == {"op": "a5"}
+    svc.close()
+
+
+def test_a_purge_during_a_write_that_renews_the_log_keeps_its_records(
+    postgres: servers.Postgres,
+) -> None:
+    """A write just inside the dedupe window keeps the log, whatever a purge just past it sees.
+
+    The purge's snapshot predates the write's commit: it must not delete the records
+    that write keeps (their op ids would be new again for another window).
+    """
+    start = 1_700_000_000.0
+    clock = FakeClock(start)
+    writer = PostgresBackend(postgres.dsn, table_prefix="purgerace", clock=clock, cache_size=0)
+    svc = StateService(writer, dedupe_window=60)
+    for i in range(3):
+        svc.update("ana", {"n": i}, op_id=f"a{i}")
+    clock.now = start + 59.999
+    holding, release = _hold_after_store(writer)
+    thread = threading.Thread(target=lambda: svc.update("ana", {"n": 3}, op_id="a3"))
+    thread.start()
+    assert holding.wait(60)
+    late = FakeClock(start + 60.001)
+    purger = PostgresBackend(postgres.dsn, table_prefix="purgerace", clock=late)
+    assert purger.purge() == 0
+    release.set()
+    thread.join(60)
+    clock.now = start + 90
+    assert svc.update_once("ana", {"n": 1}, op_id="a1").status == "duplicate"
+    assert len(_records(postgres.dsn, "purgerace", "ana")[0]) == 4
+    purger.close()
+    svc.close()

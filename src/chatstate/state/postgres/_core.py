@@ -252,7 +252,7 @@ class Tables:
         """A user's row and its records, as of one snapshot (``doc`` as text: decoded exactly)."""
         return (
             f"SELECT {_SELECTED}, (SELECT {_RECORDS} FROM {self.ops} o "
-            f"WHERE o.user_id = u.user_id) FROM {self.users} u WHERE u.user_id = %s"
+            f"WHERE o.user_id = u.user_id AND {_LIVE}) FROM {self.users} u WHERE u.user_id = %s"
         )
 
     @property
@@ -268,7 +268,10 @@ class Tables:
         for another writer, it returns the row that writer committed, while a
         sub-select would still read the records as they were before.
         """
-        return f"SELECT {_RECORDS} FROM {self.ops} o WHERE o.user_id = %s"
+        return (
+            f"SELECT {_RECORDS} FROM {self.ops} o JOIN {self.users} u ON u.user_id = o.user_id "
+            f"WHERE o.user_id = %s AND {_LIVE}"
+        )
 
     @property
     def placeholder(self) -> str:
@@ -341,8 +344,18 @@ class Tables:
         )
 
     @property
+    def lock_row(self) -> str:
+        """Take a user's row lock in a transaction, so that what follows sees every record.
+
+        :attr:`erase` runs after it: a statement that waited for a writer's row lock
+        deletes the row the writer committed, but its other parts read the records as
+        they were before, and would leave the writer's new record behind.
+        """
+        return f"SELECT FROM {self.users} WHERE user_id = %s FOR UPDATE"
+
+    @property
     def erase(self) -> str:
-        """Everything of one user removed in one statement; says which parts were live."""
+        """Everything of one user removed (after :attr:`lock_row`); says which parts were live."""
         return f"""WITH
             u AS (DELETE FROM {self.users} WHERE user_id = %(user_id)s RETURNING
                 doc IS NOT NULL AND (expires_at IS NULL OR expires_at > %(now)s) AS doc,
@@ -361,18 +374,16 @@ class Tables:
     def purge(self) -> str:
         """Delete what has expired everywhere; count the users' and the locks' rows.
 
-        The records of a log that expired go too, those of a user whose row is
-        deleted and those of a live document's row (only up to the row's
-        ``ops_seq``: a write that started a new log meanwhile is not seen here).
+        A user's row goes with its records. The records of an expired log whose
+        document lives on stay until the user's next write deletes them (deciding
+        that here would race a write that renews the log).
         """
         return f"""WITH
             u AS (DELETE FROM {self.users} WHERE (doc IS NULL OR expires_at <= %(now)s)
                 AND ops_expires_at <= %(now)s
                 AND (lease_expires_at IS NULL OR lease_expires_at <= %(now)s)
                 RETURNING user_id),
-            o AS (DELETE FROM {self.ops} o USING {self.users} s
-                WHERE o.user_id = s.user_id AND s.ops_expires_at <= %(now)s
-                AND o.seq <= s.ops_seq),
+            o AS (DELETE FROM {self.ops} WHERE user_id IN (SELECT user_id FROM u)),
             l AS (DELETE FROM {self.locks} WHERE expires_at <= %(now)s RETURNING 1)
             SELECT (SELECT count(*) FROM u) + (SELECT count(*) FROM l)"""
 
@@ -428,6 +439,10 @@ class Tables:
 
 _SELECTED: Final = ", ".join(f"u.{c}::text" if c == "doc" else f"u.{c}" for c in _COLUMNS)
 # A user's records as one JSON array of [op_key, seq, version, nonce, digest], oldest first.
+# A record belongs to the row's log only between its floor and its newest number; anything
+# else (a record a race left behind) is never read, and a new row's numbers start at a
+# random base, so such a record cannot take a new one's key either.
+_LIVE: Final = "o.seq > u.ops_floor AND o.seq <= u.ops_seq"
 _RECORDS: Final = (
     "coalesce(json_agg(json_build_array(o.op_key, o.seq, o.version, o.nonce, o.digest) "
     "ORDER BY o.seq), '[]')::text"
@@ -556,10 +571,11 @@ def _decode_log(user_id: str, row: Row, now: int) -> OpLog:
     """The row's log, its records dropped if it expired.
 
     Its sequence goes on from the row's even then, so that a new log's records
-    never share a number with an old one's still stored.
+    never share a number with an old one's still stored; a row with no log yet
+    starts from a random base (:func:`new_seq_base`).
     """
     log = OpLog()
-    log.seq = row.ops_seq
+    log.seq = row.ops_seq or new_seq_base()
     ops = row.ops
     try:
         if row.ops_expires_at <= now:
@@ -598,7 +614,7 @@ def plan(  # noqa: C901, PLR0912 - one branch per part of the row
         if not (isinstance(op, Delete) and op.force):
             raise
         log = OpLog()  # a forced delete replaces a corrupt log
-        log.seq = row.ops_seq
+        log.seq = row.ops_seq or new_seq_base()
     known = write.op_key in log.records
     result = apply_write(current, log, write, now, row.size if current is not None else None)
     if result.data is UNCHANGED and not result.log_changed:
@@ -657,6 +673,11 @@ def plan(  # noqa: C901, PLR0912 - one branch per part of the row
         return result.outcome, Plan("insert", new, params, record=added is not None, trim=trim)
     params["old_rev"] = row.rev
     return result.outcome, Plan("update", new, params, record=added is not None, trim=trim)
+
+
+def new_seq_base() -> int:
+    """Where a new row's log numbers its records from: random, 60 bits at most."""
+    return secrets.randbits(40) << 20
 
 
 def new_rev() -> int:

@@ -62,6 +62,24 @@ log = logging.getLogger("chatstate.state")
 _RETRY_DELAYS = (0.05, 0.2, 0.5)
 
 
+async def _roll_back(conn: psycopg.AsyncConnection[Any]) -> None:
+    """End a transaction a failure left open, if the connection still works.
+
+    On a broken connection there is nothing to do: the server rolls back
+    what the connection left unfinished, and the pool drops it.
+    """
+    if conn.closed or conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+        return
+    with contextlib.suppress(*TRANSLATED):
+        await conn.execute("ROLLBACK")
+
+
+async def _stored(cur: psycopg.AsyncCursor[Any]) -> bool:
+    """Whether a store statement's reply says it changed the row (1, not 0)."""
+    found = await cur.fetchone()
+    return found is not None and found[0] == 1
+
+
 def _prefix_end(prefix: str) -> str | None:
     """The least string above every string that starts with ``prefix`` (None: no bound)."""
     chars = list(prefix)
@@ -79,10 +97,10 @@ def _prefix_end(prefix: str) -> str | None:
 class AsyncPostgresBackend:
     """A store of documents in PostgreSQL (psycopg 3), for the processes of any number of machines.
 
-    One row per user holds the JSON document and the operation log, so every
-    write is atomic in one statement or one transaction (see
-    ``docs/postgres.md``). The tables are made on first use (``create=True``) or
-    by :meth:`install`.
+    One row per user holds the JSON document, and the operation log's records
+    are rows beside it, written with it: every write is atomic in one statement
+    or one transaction (see ``docs/postgres.md``). The tables are made on first
+    use (``create=True``) or by :meth:`install`.
 
     Args:
         conninfo: A connection string (``"postgresql://bot@db/bot"`` or
@@ -371,46 +389,56 @@ class AsyncPostgresBackend:
         self._cache.put(user_id, how.row)
         return outcome
 
+    async def _send_store(
+        self, conn: psycopg.AsyncConnection[Any], how: Plan
+    ) -> psycopg.AsyncCursor[Any]:
+        """Send the plan's statement (in a pipeline, its reply is read later)."""
+        sql = self.tables.store(how.how, record=how.record, trim=how.trim)
+        return await conn.execute(sql, how.params)
+
     async def _store(self, conn: psycopg.AsyncConnection[Any], how: Plan) -> bool:
         """Run the plan's statement; True if the row was the one it was made from."""
-        sql = self.tables.store(how.how, record=how.record, trim=how.trim)
-        cur = await conn.execute(sql, how.params)
-        found = await cur.fetchone()
-        return found is not None and found[0] == 1
+        return await _stored(await self._send_store(conn, how))
 
     async def _apply_locked(
         self, conn: psycopg.AsyncConnection[Any], user_id: str, write: Write
     ) -> Outcome:
-        """Read the row under ``FOR UPDATE``, plan, store: two pipelined round trips."""
-        stored: Row | None = None
-        outcome: Outcome | None = None
+        """Read the row under ``FOR UPDATE``, plan, store: two pipelined round trips.
+
+        The first sends ``BEGIN``, the placeholder, the locking read and the
+        records; the second the store and ``COMMIT`` (or ``ROLLBACK`` when nothing
+        changes). Explicit statements, not psycopg's transaction block, whose
+        entry and exit each wait for the server in a pipeline.
+        """
         try:
-            async with conn.pipeline(), conn.transaction():
+            async with conn.pipeline() as pipeline:
+                await conn.execute("BEGIN")
                 await conn.execute(self.tables.placeholder, (user_id,))
                 locked = await conn.execute(self.tables.select_for_update, (user_id,))
                 records = await conn.execute(self.tables.select_ops, (user_id,))
+                await pipeline.sync()
                 found = await locked.fetchone()
                 ops = await records.fetchone()
                 row = Row.read(found, ops[0] if ops else None)
                 outcome, how = plan(user_id, row, write, self._now_ms())
                 if how is UNCHANGED:
                     # Nothing to store; the placeholder, if it is ours, goes with the rollback.
+                    await conn.execute("ROLLBACK")
                     stored = row if row.rev else NO_ROW
-                    raise psycopg.Rollback  # noqa: TRY301 - psycopg's way to roll back a block
-                assert isinstance(how, Plan)
-                if not await self._store(conn, how):  # pragma: no cover - the row is locked
-                    raise BackendError(f"user {user_id!r}'s locked row changed")
-                stored = how.row
-        except psycopg.Rollback:
-            # It escapes only when the rollback itself failed: the connection broke, and
-            # the server rolls the unfinished transaction back. Nothing was to be stored,
-            # and the outcome was decided under the row lock; the connection is not trusted
-            # for the cache.
-            assert outcome is not None
-            return outcome
-        assert outcome is not None
-        if stored is not None:
-            self._cache.put(user_id, stored)
+                    sent = None
+                else:
+                    assert isinstance(how, Plan)
+                    sent = await self._send_store(conn, how)
+                    await conn.execute("COMMIT")
+                    stored = how.row
+        except BaseException:
+            await _roll_back(conn)
+            raise
+        # The row was locked, so a store that was sent changed it.
+        if sent is not None and not await _stored(sent):  # pragma: no cover
+            self._cache.drop(user_id)
+            raise BackendError(f"user {user_id!r}'s locked row changed")
+        self._cache.put(user_id, stored)
         return outcome
 
     # -- expiry ------------------------------------------------------------------------
@@ -488,8 +516,10 @@ class AsyncPostgresBackend:
         params = {"user_id": user_id, "now": self._now_ms()}
 
         async def run(conn: psycopg.AsyncConnection[Any]) -> tuple[Any, ...]:
-            cur = await conn.execute(self.tables.erase, params)
-            found = await cur.fetchone()
+            async with conn.transaction():
+                await conn.execute(self.tables.lock_row, (user_id,))
+                cur = await conn.execute(self.tables.erase, params)
+                found = await cur.fetchone()
             assert found is not None
             return tuple(found)
 

@@ -63,6 +63,24 @@ log = logging.getLogger("chatstate.state")
 _RETRY_DELAYS = (0.05, 0.2, 0.5)
 
 
+def _roll_back(conn: psycopg.Connection[Any]) -> None:
+    """End a transaction a failure left open, if the connection still works.
+
+    On a broken connection there is nothing to do: the server rolls back
+    what the connection left unfinished, and the pool drops it.
+    """
+    if conn.closed or conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+        return
+    with contextlib.suppress(*TRANSLATED):
+        conn.execute("ROLLBACK")
+
+
+def _stored(cur: psycopg.Cursor[Any]) -> bool:
+    """Whether a store statement's reply says it changed the row (1, not 0)."""
+    found = cur.fetchone()
+    return found is not None and found[0] == 1
+
+
 def _prefix_end(prefix: str) -> str | None:
     """The least string above every string that starts with ``prefix`` (None: no bound)."""
     chars = list(prefix)
@@ -80,10 +98,10 @@ def _prefix_end(prefix: str) -> str | None:
 class PostgresBackend:
     """A store of documents in PostgreSQL (psycopg 3), for the processes of any number of machines.
 
-    One row per user holds the JSON document and the operation log, so every
-    write is atomic in one statement or one transaction (see
-    ``docs/postgres.md``). The tables are made on first use (``create=True``) or
-    by :meth:`install`.
+    One row per user holds the JSON document, and the operation log's records
+    are rows beside it, written with it: every write is atomic in one statement
+    or one transaction (see ``docs/postgres.md``). The tables are made on first
+    use (``create=True``) or by :meth:`install`.
 
     Args:
         conninfo: A connection string (``"postgresql://bot@db/bot"`` or
@@ -368,44 +386,52 @@ class PostgresBackend:
         self._cache.put(user_id, how.row)
         return outcome
 
+    def _send_store(self, conn: psycopg.Connection[Any], how: Plan) -> psycopg.Cursor[Any]:
+        """Send the plan's statement (in a pipeline, its reply is read later)."""
+        sql = self.tables.store(how.how, record=how.record, trim=how.trim)
+        return conn.execute(sql, how.params)
+
     def _store(self, conn: psycopg.Connection[Any], how: Plan) -> bool:
         """Run the plan's statement; True if the row was the one it was made from."""
-        sql = self.tables.store(how.how, record=how.record, trim=how.trim)
-        cur = conn.execute(sql, how.params)
-        found = cur.fetchone()
-        return found is not None and found[0] == 1
+        return _stored(self._send_store(conn, how))
 
     def _apply_locked(self, conn: psycopg.Connection[Any], user_id: str, write: Write) -> Outcome:
-        """Read the row under ``FOR UPDATE``, plan, store: two pipelined round trips."""
-        stored: Row | None = None
-        outcome: Outcome | None = None
+        """Read the row under ``FOR UPDATE``, plan, store: two pipelined round trips.
+
+        The first sends ``BEGIN``, the placeholder, the locking read and the
+        records; the second the store and ``COMMIT`` (or ``ROLLBACK`` when nothing
+        changes). Explicit statements, not psycopg's transaction block, whose
+        entry and exit each wait for the server in a pipeline.
+        """
         try:
-            with conn.pipeline(), conn.transaction():
+            with conn.pipeline() as pipeline:
+                conn.execute("BEGIN")
                 conn.execute(self.tables.placeholder, (user_id,))
                 locked = conn.execute(self.tables.select_for_update, (user_id,))
                 records = conn.execute(self.tables.select_ops, (user_id,))
+                pipeline.sync()
                 found = locked.fetchone()
                 ops = records.fetchone()
                 row = Row.read(found, ops[0] if ops else None)
                 outcome, how = plan(user_id, row, write, self._now_ms())
                 if how is UNCHANGED:
                     # Nothing to store; the placeholder, if it is ours, goes with the rollback.
+                    conn.execute("ROLLBACK")
                     stored = row if row.rev else NO_ROW
-                    raise psycopg.Rollback  # noqa: TRY301 - psycopg's way to roll back a block
-                assert isinstance(how, Plan)
-                if not self._store(conn, how):  # pragma: no cover - the row is locked
-                    raise BackendError(f"user {user_id!r}'s locked row changed")
-                stored = how.row
-        except psycopg.Rollback:
-            # It escapes only when the rollback itself failed: the connection broke, and
-            # the server rolls the unfinished transaction back. Nothing was to be stored,
-            # and the outcome was decided under the row lock; the connection is not trusted
-            # for the cache.
-            assert outcome is not None
-            return outcome
-        assert outcome is not None
-        if stored is not None:
-            self._cache.put(user_id, stored)
+                    sent = None
+                else:
+                    assert isinstance(how, Plan)
+                    sent = self._send_store(conn, how)
+                    conn.execute("COMMIT")
+                    stored = how.row
+        except BaseException:
+            _roll_back(conn)
+            raise
+        # The row was locked, so a store that was sent changed it.
+        if sent is not None and not _stored(sent):  # pragma: no cover
+            self._cache.drop(user_id)
+            raise BackendError(f"user {user_id!r}'s locked row changed")
+        self._cache.put(user_id, stored)
         return outcome
 
     # -- expiry ------------------------------------------------------------------------
@@ -483,8 +509,10 @@ class PostgresBackend:
         params = {"user_id": user_id, "now": self._now_ms()}
 
         def run(conn: psycopg.Connection[Any]) -> tuple[Any, ...]:
-            cur = conn.execute(self.tables.erase, params)
-            found = cur.fetchone()
+            with conn.transaction():
+                conn.execute(self.tables.lock_row, (user_id,))
+                cur = conn.execute(self.tables.erase, params)
+                found = cur.fetchone()
             assert found is not None
             return tuple(found)
 
