@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 import threading
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -465,4 +467,35 @@ def test_a_purge_during_a_write_that_renews_the_log_keeps_its_records(
     assert svc.update_once("ana", {"n": 1}, op_id="a1").status == "duplicate"
     assert len(_records(postgres.dsn, "purgerace", "ana")[0]) == 4
     purger.close()
+    svc.close()
+
+
+def test_a_forked_child_opens_its_own_pool_and_the_parent_keeps_its_own(
+    postgres: servers.Postgres,
+) -> None:
+    """A backend used before a fork works in the child too, on connections of its own.
+
+    The child's writes and the parent's, at the same time, all count, and neither
+    process's session is disturbed (the child never sends on an inherited socket).
+    """
+    svc = StateService(PostgresBackend(postgres.dsn, table_prefix="forked", max_connections=2))
+    svc.increment("ana", "hits")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork() of a threaded process
+        pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child, which reports by its exit status
+        status = 1
+        try:
+            for _ in range(50):
+                svc.increment("ana", "hits")
+            status = 0
+        finally:
+            os._exit(status)
+    for _ in range(50):
+        svc.increment("ana", "hits")
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert svc.get("ana") == {"hits": 101}
+    with StateService(PostgresBackend(postgres.dsn, table_prefix="forked")) as fresh:
+        assert fresh.get("ana") == {"hits": 101}
     svc.close()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -185,6 +186,7 @@ class AsyncPostgresBackend:
         self._ready = False
         self._ready_lock = new_lock_async()
         self._closed = False
+        self._pid = os.getpid()
 
     def __repr__(self) -> str:
         where = describe_conninfo(self._conninfo)
@@ -207,9 +209,28 @@ class AsyncPostgresBackend:
         if self._closed:
             raise UsageError(f"{self!r} is closed")
 
+    def _forked(self) -> bool:
+        """In a process forked after this backend opened its pool, start over.
+
+        The parent's connections are its own (a statement sent on one would
+        corrupt both processes' sessions) and the pool's threads did not survive
+        the fork: the child opens a pool of its own. The parent's pool is dropped,
+        never closed (closing would end the parent's sessions; psycopg leaves an
+        inherited connection alone when it is collected). A pool you passed stays
+        as it is: it is yours to make in each process.
+        """
+        if self._pid == os.getpid() or not self._owned:
+            return False
+        self._pid = os.getpid()
+        self._pool = None
+        self._ready_lock = new_lock_async()
+        self._cache.clear()
+        return True
+
     async def _opened(self) -> AsyncConnectionPool[Any]:
         """The pool, opened on first use (the tables not yet checked)."""
         self._check_open()
+        self._forked()
         if self._pool is None:
             pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
                 self._conninfo, min_size=1, open=False, name="chatstate", **self._pool_options
@@ -220,7 +241,7 @@ class AsyncPostgresBackend:
 
     async def _open_pool(self) -> AsyncConnectionPool[Any]:
         """The pool, opened and the tables checked (made if asked) on first use."""
-        if self._ready and self._pool is not None:
+        if self._ready and self._pool is not None and not self._forked():
             return self._pool
         async with self._ready_lock:
             pool = await self._opened()

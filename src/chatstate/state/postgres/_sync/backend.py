@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -186,6 +187,7 @@ class PostgresBackend:
         self._ready = False
         self._ready_lock = new_lock_sync()
         self._closed = False
+        self._pid = os.getpid()
 
     def __repr__(self) -> str:
         where = describe_conninfo(self._conninfo)
@@ -208,9 +210,28 @@ class PostgresBackend:
         if self._closed:
             raise UsageError(f"{self!r} is closed")
 
+    def _forked(self) -> bool:
+        """In a process forked after this backend opened its pool, start over.
+
+        The parent's connections are its own (a statement sent on one would
+        corrupt both processes' sessions) and the pool's threads did not survive
+        the fork: the child opens a pool of its own. The parent's pool is dropped,
+        never closed (closing would end the parent's sessions; psycopg leaves an
+        inherited connection alone when it is collected). A pool you passed stays
+        as it is: it is yours to make in each process.
+        """
+        if self._pid == os.getpid() or not self._owned:
+            return False
+        self._pid = os.getpid()
+        self._pool = None
+        self._ready_lock = new_lock_sync()
+        self._cache.clear()
+        return True
+
     def _opened(self) -> ConnectionPool[Any]:
         """The pool, opened on first use (the tables not yet checked)."""
         self._check_open()
+        self._forked()
         if self._pool is None:
             pool: ConnectionPool[Any] = ConnectionPool(
                 self._conninfo, min_size=1, open=False, name="chatstate", **self._pool_options
@@ -221,7 +242,7 @@ class PostgresBackend:
 
     def _open_pool(self) -> ConnectionPool[Any]:
         """The pool, opened and the tables checked (made if asked) on first use."""
-        if self._ready and self._pool is not None:
+        if self._ready and self._pool is not None and not self._forked():
             return self._pool
         with self._ready_lock:
             pool = self._opened()
