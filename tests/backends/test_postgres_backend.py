@@ -80,7 +80,10 @@ def test_four_processes_count_exactly_and_apply_each_op_id_once(
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(PROCESSES)
     with ctx.Pool(PROCESSES, initializer=_init_worker, initargs=(barrier,)) as pool:
-        results = pool.starmap(_worker, [(postgres.dsn, i) for i in range(PROCESSES)], chunksize=1)
+        work = pool.starmap_async(
+            _worker, [(postgres.dsn, i) for i in range(PROCESSES)], chunksize=1
+        )
+        results = work.get(timeout=600)  # a hang guard (a worker that died), not a pace
     applied = [op for ops in results for op in ops]
     expected_ids = {f"op-{n}" for n in range(ROUNDS + 1)}
     assert sorted(applied) == sorted(expected_ids), "an op id applied twice or never"
