@@ -538,9 +538,9 @@ class Plan:
     trim: bool
 
 
-def _dumps(value: Any) -> str:
-    # Python's json writes ints exactly and floats by repr, which reads back bit for bit.
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+# Python's json writes ints exactly and floats by repr, which reads back bit for bit. One
+# encoder for every write: json.dumps with options builds a new one per call.
+_dumps: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 
 
 def _corrupt(user_id: str, why: str) -> CorruptStateError:
