@@ -18,6 +18,7 @@ import pytest
 
 import servers
 from chatstate.exceptions import (
+    BackendAuthenticationError,
     BackendError,
     BackendPermissionError,
     BackendUnavailable,
@@ -226,6 +227,9 @@ def test_bad_options_are_configuration_errors() -> None:
         {"pool_timeout": 0},
         {"cache_size": -1},
         {"purge_every": 0},
+        {"purge_every": float("inf")},
+        {"connect_timeout": float("inf")},
+        {"pool_timeout": float("nan")},
         {"resolve_attempts": True},
         {"clock": 5},
     ):
@@ -244,6 +248,61 @@ def test_the_password_is_never_shown() -> None:
         StateService(backend).get("ana")
     assert "hunter2secret" not in str(info.value)
     backend.close()
+
+
+def test_a_malformed_connection_string_is_refused_at_once_and_never_quoted(
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A string libpq cannot parse is refused at once: libpq's message quotes it, password too."""
+    secret = "Sup3rS3cretPW"
+    for dsn in (f"postgresql://bot:{secret}@[::1/bot", f"password={secret} host"):
+        with pytest.raises(ConfigurationError) as info:
+            PostgresBackend(dsn)
+        assert secret not in str(info.value)
+        assert info.value.__cause__ is None
+        with pytest.raises(ConfigurationError):
+            AsyncPostgresBackend(dsn)
+    from chatstate.cli import main
+
+    assert main(["users", "--postgres", f"postgresql://bot:{secret}@[::1/bot"]) != 0
+    out, err = capsys.readouterr()
+    assert secret not in out + err + caplog.text
+
+
+def test_refused_credentials_are_an_authentication_error_at_once(
+    postgres: servers.Postgres,
+) -> None:
+    """A wrong password is BackendAuthenticationError on the first call, not a pool timeout."""
+    with psycopg.connect(postgres.dsn, autocommit=True) as conn:
+        conn.execute("DROP ROLE IF EXISTS pwbot")
+        conn.execute("CREATE ROLE pwbot LOGIN PASSWORD 'right-pw'")
+        hba = postgres.data / "pg_hba.conf"
+        hba.write_text("host all pwbot 127.0.0.1/32 scram-sha-256\n" + hba.read_text())
+        conn.execute("SELECT pg_reload_conf()")
+    wrong = f"postgresql://pwbot:wrong-pw@127.0.0.1:{postgres.port}/postgres"
+    for _ in range(600):  # until the reload took effect (a hang guard, not a pace)
+        try:
+            psycopg.connect(wrong).close()
+        except psycopg.OperationalError:
+            break
+        threading.Event().wait(0.01)
+    backend = PostgresBackend(wrong, pool_timeout=30)
+    with StateService(backend) as svc, pytest.raises(BackendAuthenticationError) as info:
+        svc.update("ana", {"a": 1})
+    assert "wrong-pw" not in str(info.value)
+    right = wrong.replace("wrong-pw", "right-pw")
+    with psycopg.connect(postgres.dsn, autocommit=True) as conn:
+        conn.execute("GRANT ALL ON SCHEMA public TO pwbot")
+    with StateService(PostgresBackend(right, table_prefix="pwbot")) as svc:
+        assert svc.update("ana", {"a": 1}) == {"a": 1}
+
+    async def main() -> None:
+        backend = AsyncPostgresBackend(wrong, pool_timeout=30)
+        with pytest.raises(BackendAuthenticationError):
+            await backend.load("ana")
+        await backend.aclose()
+
+    asyncio.run(main())
 
 
 def test_an_unreachable_server_is_backend_unavailable_and_a_write_says_nothing_was_sent() -> None:
@@ -502,3 +561,43 @@ def test_a_forked_child_opens_its_own_pool_and_the_parent_keeps_its_own(
     with StateService(PostgresBackend(postgres.dsn, table_prefix="forked")) as fresh:
         assert fresh.get("ana") == {"hits": 101}
     svc.close()
+
+
+def test_a_write_whose_row_is_erased_and_made_again_while_it_waits_runs_again(
+    postgres: servers.Postgres,
+) -> None:
+    """The uncached write waits on a row that an erase deletes and another writer makes anew.
+
+    Its locking read then finds no row and plans an insert, which loses to the new row:
+    it runs again on that row instead of failing, and both writes count.
+    """
+    prefix = "remade"
+    with StateService(PostgresBackend(postgres.dsn, table_prefix=prefix)) as other:
+        other.increment("ana", "hits")
+        writer = PostgresBackend(postgres.dsn, table_prefix=prefix, cache_size=0)
+        send = writer._send_store
+        remade: list[bool] = []
+
+        def remake_first(conn: psycopg.Connection[Any], how: Any) -> Any:
+            if not remade:  # the first attempt: another writer makes the row anew first
+                remade.append(True)
+                other.increment("ana", "hits")
+            return send(conn, how)
+
+        writer._send_store = remake_first  # type: ignore[method-assign]
+        eraser = psycopg.connect(postgres.dsn)
+        eraser.execute(f"SELECT FROM {prefix}_users WHERE user_id = 'ana' FOR UPDATE")
+        svc = StateService(writer)
+        done: list[Any] = []
+        thread = threading.Thread(target=lambda: done.append(svc.increment("ana", "hits")))
+        thread.start()
+        _wait_for_a_lock_wait(postgres.dsn)  # the write's locking read waits for the eraser
+        eraser.execute(f"DELETE FROM {prefix}_ops WHERE user_id = 'ana'")  # noqa: S608 - a constant
+        eraser.execute(f"DELETE FROM {prefix}_users WHERE user_id = 'ana'")  # noqa: S608 - a constant
+        eraser.commit()
+        eraser.close()
+        thread.join(60)
+        assert remade == [True]
+        assert done == [2]
+        assert other.get("ana") == {"hits": 2}
+        svc.close()

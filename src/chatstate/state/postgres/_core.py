@@ -80,6 +80,8 @@ __all__ = [
     "Row",
     "RowCache",
     "Tables",
+    "check_conninfo",
+    "connect_error",
     "install_sql",
     "translate",
 ]
@@ -839,6 +841,32 @@ def translate(
     return row.error(f"Failed to {what}: {text}")
 
 
+# What libpq says when the server refuses who connects (a connection error carries no
+# SQLSTATE). A server whose messages are translated falls back to BackendUnavailable.
+_REFUSED: Final = re.compile(
+    r"authentication failed|no pg_hba\.conf entry|role \"[^\"]*\" does not exist"
+    r"|no password supplied",
+    re.IGNORECASE,
+)
+
+
+def connect_error(exc: psycopg.Error) -> StateError:
+    """The chatstate error for a failed connection (nothing was sent on it).
+
+    :class:`~chatstate.exceptions.BackendAuthenticationError` when the server
+    refused the credentials, else :class:`~chatstate.exceptions.BackendUnavailable`.
+    """
+    if exc.sqlstate is None and _REFUSED.search(str(exc)):
+        return BackendAuthenticationError(
+            f"Failed to connect to the server: the server refused the credentials "
+            f"({_detail(exc)}); nothing was sent"
+        )
+    error = translate(exc, "connect to the server")
+    if isinstance(error, BackendAuthenticationError):
+        return error
+    return BackendUnavailable(f"{error}; nothing was sent")
+
+
 def may_resend(exc: BaseException) -> bool:
     """True when the connection broke: the statement may be sent again on another one."""
     return translation(exc).sent
@@ -861,6 +889,26 @@ def describe_conninfo(conninfo: str) -> dict[str, Any]:
     return out
 
 
+_LONGEST_SECONDS: Final = 365 * 24 * 3600.0
+"""The longest timeout or period an option takes (``inf`` and NaN are refused)."""
+
+
+def check_conninfo(conninfo: str) -> None:
+    """Raise :class:`ConfigurationError` for a connection string libpq cannot parse.
+
+    Checked when the backend is made: libpq's own message quotes the whole string,
+    password included, and the pool would log it on every attempt.
+    """
+    try:
+        psycopg.conninfo.conninfo_to_dict(conninfo)
+    except psycopg.Error:
+        raise ConfigurationError(
+            "conninfo is not a PostgreSQL connection string (a URL such as "
+            "postgresql://user:password@host:5432/dbname, or key=value pairs); it is not "
+            "shown, as it may hold a password"
+        ) from None
+
+
 def check_options(
     *,
     max_connections: object,
@@ -880,8 +928,15 @@ def check_options(
         raise ConfigurationError("max_connections must be at least 1")
     for name, value in (("pool_timeout", pool_timeout), ("connect_timeout", connect_timeout),
                         ("purge_every", purge_every)):  # fmt: skip
-        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-            raise ConfigurationError(f"{name} must be a number of seconds > 0, not {value!r}")
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not 0 < value < _LONGEST_SECONDS
+        ):
+            raise ConfigurationError(
+                f"{name} must be a number of seconds > 0 and below {_LONGEST_SECONDS:.0f} "
+                f"(a year), not {value!r}"
+            )
     if not callable(clock):
         raise ConfigurationError("clock must be a function returning Unix seconds")
 

@@ -24,7 +24,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from chatstate.exceptions import BackendError, UsageError
+from chatstate.exceptions import BackendError, StoreBusyError, UsageError
 from chatstate.state._async.leases import hold_lease_async
 from chatstate.state._backend import (
     ERASED_PARTS,
@@ -46,7 +46,9 @@ from chatstate.state.postgres._core import (
     Row,
     RowCache,
     Tables,
+    check_conninfo,
     check_options,
+    connect_error,
     describe_conninfo,
     live_snapshot,
     may_resend,
@@ -61,6 +63,8 @@ __all__ = ["AsyncPostgresBackend"]
 log = logging.getLogger("chatstate.state")
 
 _RETRY_DELAYS = (0.05, 0.2, 0.5)
+# How often the locked path runs again when its row was deleted and made anew meanwhile.
+_LOCKED_ATTEMPTS = 10
 
 
 async def _roll_back(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -132,7 +136,14 @@ class AsyncPostgresBackend:
             rows that expired; :meth:`purge` does it on demand.
 
     Raises:
-        ConfigurationError: an option is out of range.
+        ConfigurationError: an option is out of range, or ``conninfo`` is not a
+            connection string libpq can read (the message never quotes it).
+
+    The first call connects once before opening the pool, so that refused
+    credentials are a :class:`~chatstate.exceptions.BackendAuthenticationError`
+    at once, and a server out of reach a
+    :class:`~chatstate.exceptions.BackendUnavailable` that says why (rather than
+    the pool's retries until ``pool_timeout``).
     """
 
     kind = "postgres"
@@ -164,6 +175,8 @@ class AsyncPostgresBackend:
             clock=clock,
         )
         self.tables = Tables(schema, table_prefix)
+        if isinstance(conninfo, str):
+            check_conninfo(conninfo)
         self._owned = isinstance(conninfo, str)
         self._conninfo = conninfo if isinstance(conninfo, str) else str(conninfo.conninfo)
         self._pool: AsyncConnectionPool[Any] | None = None if self._owned else conninfo  # type: ignore[assignment]
@@ -232,12 +245,32 @@ class AsyncPostgresBackend:
         self._check_open()
         self._forked()
         if self._pool is None:
+            await self._first_connection()
             pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
                 self._conninfo, min_size=1, open=False, name="chatstate", **self._pool_options
             )
             await pool.open()
             self._pool = pool
         return self._pool
+
+    async def _first_connection(self) -> None:
+        """Connect once before the pool is made, to say why the server refuses, if it does.
+
+        The pool retries a connection that fails in the background and reports
+        only that none came within ``pool_timeout``: refused credentials would be
+        a :class:`~chatstate.exceptions.BackendUnavailable` after that wait. This
+        makes them a :class:`~chatstate.exceptions.BackendAuthenticationError` at
+        once, and any other failure to connect a ``BackendUnavailable`` that
+        says why (nothing was sent).
+        """
+        kwargs = self._pool_options["kwargs"]
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                self._conninfo, connect_timeout=kwargs["connect_timeout"], autocommit=True
+            )
+        except psycopg.Error as exc:
+            raise connect_error(exc) from None
+        await conn.close()
 
     async def _open_pool(self) -> AsyncConnectionPool[Any]:
         """The pool, opened and the tables checked (made if asked) on first use."""
@@ -384,8 +417,15 @@ class AsyncPostgresBackend:
                     outcome = (
                         await self._apply_cached(conn, user_id, write) if not attempt else None
                     )
-                    if outcome is None:
+                    for _ in range(_LOCKED_ATTEMPTS):
+                        if outcome is not None:
+                            break
                         outcome = await self._apply_locked(conn, user_id, write)
+                    if outcome is None:
+                        raise StoreBusyError(
+                            f"Failed to {what}: its row was deleted and made again by other "
+                            f"writers {_LOCKED_ATTEMPTS} times while it waited; nothing was written"
+                        )
             except TRANSLATED as exc:
                 self._cache.drop(user_id)
                 if not may_resend(exc):
@@ -434,13 +474,17 @@ class AsyncPostgresBackend:
 
     async def _apply_locked(
         self, conn: psycopg.AsyncConnection[Any], user_id: str, write: Write
-    ) -> Outcome:
+    ) -> Outcome | None:
         """Read the row under ``FOR UPDATE``, plan, store: two pipelined round trips.
 
         The first sends ``BEGIN``, the placeholder, the locking read and the
         records; the second the store and ``COMMIT`` (or ``ROLLBACK`` when nothing
         changes). Explicit statements, not psycopg's transaction block, whose
         entry and exit each wait for the server in a pipeline.
+
+        ``None`` (nothing written) when the row the lock waited for was deleted
+        (an ``erase``) and another writer made a new one before this write's
+        insert: the caller runs it again, on that row.
         """
         try:
             async with conn.pipeline() as pipeline:
@@ -466,10 +510,9 @@ class AsyncPostgresBackend:
         except BaseException:
             await _roll_back(conn)
             raise
-        # The row was locked, so a store that was sent changed it.
-        if sent is not None and not await _stored(sent):  # pragma: no cover
+        if sent is not None and not await _stored(sent):
             self._cache.drop(user_id)
-            raise BackendError(f"user {user_id!r}'s locked row changed")
+            return None
         self._cache.put(user_id, stored)
         return outcome
 

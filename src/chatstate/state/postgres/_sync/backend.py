@@ -25,7 +25,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from chatstate.exceptions import BackendError, UsageError
+from chatstate.exceptions import BackendError, StoreBusyError, UsageError
 from chatstate.state._backend import (
     ERASED_PARTS,
     UNCHANGED,
@@ -47,7 +47,9 @@ from chatstate.state.postgres._core import (
     Row,
     RowCache,
     Tables,
+    check_conninfo,
     check_options,
+    connect_error,
     describe_conninfo,
     live_snapshot,
     may_resend,
@@ -62,6 +64,8 @@ __all__ = ["PostgresBackend"]
 log = logging.getLogger("chatstate.state")
 
 _RETRY_DELAYS = (0.05, 0.2, 0.5)
+# How often the locked path runs again when its row was deleted and made anew meanwhile.
+_LOCKED_ATTEMPTS = 10
 
 
 def _roll_back(conn: psycopg.Connection[Any]) -> None:
@@ -133,7 +137,14 @@ class PostgresBackend:
             rows that expired; :meth:`purge` does it on demand.
 
     Raises:
-        ConfigurationError: an option is out of range.
+        ConfigurationError: an option is out of range, or ``conninfo`` is not a
+            connection string libpq can read (the message never quotes it).
+
+    The first call connects once before opening the pool, so that refused
+    credentials are a :class:`~chatstate.exceptions.BackendAuthenticationError`
+    at once, and a server out of reach a
+    :class:`~chatstate.exceptions.BackendUnavailable` that says why (rather than
+    the pool's retries until ``pool_timeout``).
     """
 
     kind = "postgres"
@@ -165,6 +176,8 @@ class PostgresBackend:
             clock=clock,
         )
         self.tables = Tables(schema, table_prefix)
+        if isinstance(conninfo, str):
+            check_conninfo(conninfo)
         self._owned = isinstance(conninfo, str)
         self._conninfo = conninfo if isinstance(conninfo, str) else str(conninfo.conninfo)
         self._pool: ConnectionPool[Any] | None = None if self._owned else conninfo  # type: ignore[assignment]
@@ -233,12 +246,32 @@ class PostgresBackend:
         self._check_open()
         self._forked()
         if self._pool is None:
+            self._first_connection()
             pool: ConnectionPool[Any] = ConnectionPool(
                 self._conninfo, min_size=1, open=False, name="chatstate", **self._pool_options
             )
             pool.open()
             self._pool = pool
         return self._pool
+
+    def _first_connection(self) -> None:
+        """Connect once before the pool is made, to say why the server refuses, if it does.
+
+        The pool retries a connection that fails in the background and reports
+        only that none came within ``pool_timeout``: refused credentials would be
+        a :class:`~chatstate.exceptions.BackendUnavailable` after that wait. This
+        makes them a :class:`~chatstate.exceptions.BackendAuthenticationError` at
+        once, and any other failure to connect a ``BackendUnavailable`` that
+        says why (nothing was sent).
+        """
+        kwargs = self._pool_options["kwargs"]
+        try:
+            conn = psycopg.Connection.connect(
+                self._conninfo, connect_timeout=kwargs["connect_timeout"], autocommit=True
+            )
+        except psycopg.Error as exc:
+            raise connect_error(exc) from None
+        conn.close()
 
     def _open_pool(self) -> ConnectionPool[Any]:
         """The pool, opened and the tables checked (made if asked) on first use."""
@@ -381,8 +414,15 @@ class PostgresBackend:
             try:
                 with self._connection() as conn:
                     outcome = self._apply_cached(conn, user_id, write) if not attempt else None
-                    if outcome is None:
+                    for _ in range(_LOCKED_ATTEMPTS):
+                        if outcome is not None:
+                            break
                         outcome = self._apply_locked(conn, user_id, write)
+                    if outcome is None:
+                        raise StoreBusyError(
+                            f"Failed to {what}: its row was deleted and made again by other "
+                            f"writers {_LOCKED_ATTEMPTS} times while it waited; nothing was written"
+                        )
             except TRANSLATED as exc:
                 self._cache.drop(user_id)
                 if not may_resend(exc):
@@ -427,13 +467,19 @@ class PostgresBackend:
         """Run the plan's statement; True if the row was the one it was made from."""
         return _stored(self._send_store(conn, how))
 
-    def _apply_locked(self, conn: psycopg.Connection[Any], user_id: str, write: Write) -> Outcome:
+    def _apply_locked(
+        self, conn: psycopg.Connection[Any], user_id: str, write: Write
+    ) -> Outcome | None:
         """Read the row under ``FOR UPDATE``, plan, store: two pipelined round trips.
 
         The first sends ``BEGIN``, the placeholder, the locking read and the
         records; the second the store and ``COMMIT`` (or ``ROLLBACK`` when nothing
         changes). Explicit statements, not psycopg's transaction block, whose
         entry and exit each wait for the server in a pipeline.
+
+        ``None`` (nothing written) when the row the lock waited for was deleted
+        (an ``erase``) and another writer made a new one before this write's
+        insert: the caller runs it again, on that row.
         """
         try:
             with conn.pipeline() as pipeline:
@@ -459,10 +505,9 @@ class PostgresBackend:
         except BaseException:
             _roll_back(conn)
             raise
-        # The row was locked, so a store that was sent changed it.
-        if sent is not None and not _stored(sent):  # pragma: no cover
+        if sent is not None and not _stored(sent):
             self._cache.drop(user_id)
-            raise BackendError(f"user {user_id!r}'s locked row changed")
+            return None
         self._cache.put(user_id, stored)
         return outcome
 
