@@ -18,12 +18,13 @@ every contender meets the same server state:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -94,6 +95,21 @@ def _threaded(
     return go
 
 
+@contextlib.contextmanager
+def server_dsn(dsn: str | None) -> Iterator[str]:
+    """``dsn``, or the DSN of a throwaway PostgreSQL (tests/servers.py) removed afterwards."""
+    if dsn is not None:
+        yield dsn
+        return
+    import servers
+
+    server = servers.start_postgres()
+    try:
+        yield server.dsn
+    finally:
+        server.cleanup()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ops", type=int, default=5000)
@@ -102,14 +118,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--dsn", help="an existing server (default: a throwaway one)")
     args = parser.parse_args()
-    server = None
-    dsn = args.dsn
-    if dsn is None:
-        import servers
-
-        server = servers.start_postgres()
-        dsn = server.dsn
-    try:
+    with server_dsn(args.dsn) as dsn:
         PostgresBackend(dsn, table_prefix="bench").install()
         contenders = {
             "naive UPDATE doc = doc || patch": _naive(dsn),
@@ -135,9 +144,6 @@ def main() -> None:
             if name.endswith("threads"):
                 base += f", {args.threads} threads"
             print(f"{name:48} {rate:8.0f} updates/s  {rate / rates[base]:.2f}x naive")
-    finally:
-        if server is not None:
-            server.cleanup()
 
 
 if __name__ == "__main__":

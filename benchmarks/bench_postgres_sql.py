@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from bench_postgres import server_dsn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
@@ -171,14 +172,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--dsn", help="an existing server (default: a throwaway one)")
     args = parser.parse_args()
-    server = None
-    dsn = args.dsn
-    if dsn is None:
-        import servers
-
-        server = servers.start_postgres()
-        dsn = server.dsn
-    try:
+    with server_dsn(args.dsn) as dsn:
         with psycopg.connect(dsn, autocommit=True) as conn:
             _setup(conn, args.users)
             contenders: dict[str, Callable[[int], None]] = {"naive": _naive(conn, args.users)}
@@ -199,9 +193,6 @@ def main() -> None:
             ratio = naive / statistics.median(runs)
             median = statistics.median(runs)
             print(f"{name:16} {median:6.0f} us/write ({spread})  {ratio:.2f}x naive")
-    finally:
-        if server is not None:
-            server.cleanup()
 
 
 if __name__ == "__main__":
