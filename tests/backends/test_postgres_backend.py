@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import signal
 import threading
 import warnings
 from collections.abc import Iterator
@@ -290,6 +291,13 @@ def test_refused_credentials_are_an_authentication_error_at_once(
     with StateService(backend) as svc, pytest.raises(BackendAuthenticationError) as info:
         svc.update("ana", {"a": 1})
     assert "wrong-pw" not in str(info.value)
+    assert str(info.value).count("Failed to connect") == 1
+    with psycopg.connect(postgres.dsn, autocommit=True) as conn:
+        conn.execute("DROP ROLE IF EXISTS sleeper")
+        conn.execute("CREATE ROLE sleeper NOLOGIN")
+    sleeper = f"postgresql://sleeper@127.0.0.1:{postgres.port}/postgres"
+    with pytest.raises(BackendAuthenticationError):
+        PostgresBackend(sleeper).ping()
     right = wrong.replace("wrong-pw", "right-pw")
     with psycopg.connect(postgres.dsn, autocommit=True) as conn:
         conn.execute("GRANT ALL ON SCHEMA public TO pwbot")
@@ -532,6 +540,38 @@ def test_a_purge_during_a_write_that_renews_the_log_keeps_its_records(
     svc.close()
 
 
+def _fork(child: Any) -> int:
+    """Fork; run ``child()`` in the child, which exits 0 if it returned (30 s at most)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork() of a threaded process
+        pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child, which reports by its exit status
+        status = 1
+        try:
+            signal.alarm(30)  # a hang guard: a child stuck on an inherited lock dies
+            child()
+            status = 0
+        finally:
+            os._exit(status)
+    return pid
+
+
+def _exit_code(pid: int) -> int:
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def _sessions(dsn: str) -> int:
+    """The client sessions of the server, this query's own left out."""
+    with psycopg.connect(dsn) as conn:
+        found = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
+            "AND pid <> pg_backend_pid()"
+        ).fetchone()
+    assert found is not None
+    return int(found[0])
+
+
 def test_a_forked_child_opens_its_own_pool_and_the_parent_keeps_its_own(
     postgres: servers.Postgres,
 ) -> None:
@@ -539,27 +579,40 @@ def test_a_forked_child_opens_its_own_pool_and_the_parent_keeps_its_own(
 
     The child's writes and the parent's, at the same time, all count, and neither
     process's session is disturbed (the child never sends on an inherited socket).
+    The fork happens while a parent thread holds the backend's locks (as one in the
+    middle of a first call would): the child makes its own.
     """
-    svc = StateService(PostgresBackend(postgres.dsn, table_prefix="forked", max_connections=2))
+    backend = PostgresBackend(postgres.dsn, table_prefix="forked", max_connections=2)
+    svc = StateService(backend)
     svc.increment("ana", "hits")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # fork() of a threaded process
-        pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child, which reports by its exit status
-        status = 1
-        try:
-            for _ in range(50):
-                svc.increment("ana", "hits")
-            status = 0
-        finally:
-            os._exit(status)
+
+    def child() -> None:
+        for _ in range(50):
+            svc.increment("ana", "hits")
+
+    with backend._ready_lock, backend._cache._lock:
+        pid = _fork(child)
     for _ in range(50):
         svc.increment("ana", "hits")
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+    assert _exit_code(pid) == 0
     assert svc.get("ana") == {"hits": 101}
     with StateService(PostgresBackend(postgres.dsn, table_prefix="forked")) as fresh:
         assert fresh.get("ana") == {"hits": 101}
+    svc.close()
+
+
+def test_closing_a_backend_in_a_forked_child_leaves_the_parent_s_sessions(
+    postgres: servers.Postgres,
+) -> None:
+    """close() in a child closes what the child opened, never the parent's connections."""
+    svc = StateService(PostgresBackend(postgres.dsn, table_prefix="forkclose", max_connections=2))
+    svc.increment("ana", "hits")
+    before = _sessions(postgres.dsn)
+    assert before >= 1
+    assert _exit_code(_fork(svc.close)) == 0
+    assert _sessions(postgres.dsn) == before
+    svc.increment("ana", "hits")
+    assert svc.get("ana") == {"hits": 2}
     svc.close()
 
 

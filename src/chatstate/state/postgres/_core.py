@@ -844,8 +844,8 @@ def translate(
 # What libpq says when the server refuses who connects (a connection error carries no
 # SQLSTATE). A server whose messages are translated falls back to BackendUnavailable.
 _REFUSED: Final = re.compile(
-    r"authentication failed|no pg_hba\.conf entry|role \"[^\"]*\" does not exist"
-    r"|no password supplied",
+    r"authentication failed|pg_hba\.conf|role \"[^\"]*\" does not exist"
+    r"|is not permitted to log in|no password supplied",
     re.IGNORECASE,
 )
 
@@ -854,17 +854,22 @@ def connect_error(exc: psycopg.Error) -> StateError:
     """The chatstate error for a failed connection (nothing was sent on it).
 
     :class:`~chatstate.exceptions.BackendAuthenticationError` when the server
-    refused the credentials, else :class:`~chatstate.exceptions.BackendUnavailable`.
+    refused who connects (a wrong password, no ``pg_hba.conf`` entry or a
+    ``reject`` one, an unknown or ``NOLOGIN`` role), else the error table's
+    (:class:`~chatstate.exceptions.BackendUnavailable` for a server out of reach).
     """
-    if exc.sqlstate is None and _REFUSED.search(str(exc)):
+    row = translation(exc)
+    detail = _detail(exc)
+    if row.error is BackendAuthenticationError or (
+        exc.sqlstate is None and _REFUSED.search(str(exc))
+    ):
         return BackendAuthenticationError(
-            f"Failed to connect to the server: the server refused the credentials "
-            f"({_detail(exc)}); nothing was sent"
+            f"Failed to connect to the server: the server refused the credentials ({detail}); "
+            "nothing was sent"
         )
-    error = translate(exc, "connect to the server")
-    if isinstance(error, BackendAuthenticationError):
-        return error
-    return BackendUnavailable(f"{error}; nothing was sent")
+    why = row.why.format(detail=detail)
+    error = row.error if row.error is not BackendError else BackendUnavailable
+    return error(f"Failed to connect to the server: {why}; nothing was sent")
 
 
 def may_resend(exc: BaseException) -> bool:

@@ -19,13 +19,20 @@ import contextlib
 import logging
 import os
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from chatstate.exceptions import BackendError, StoreBusyError, UsageError
+from chatstate.exceptions import (
+    BackendError,
+    OutcomeUnknown,
+    StateError,
+    StoreBusyError,
+    UsageError,
+)
 from chatstate.state._backend import (
     ERASED_PARTS,
     UNCHANGED,
@@ -66,6 +73,31 @@ log = logging.getLogger("chatstate.state")
 _RETRY_DELAYS = (0.05, 0.2, 0.5)
 # How often the locked path runs again when its row was deleted and made anew meanwhile.
 _LOCKED_ATTEMPTS = 10
+
+
+# Every backend of this process, so that a forked child can drop what it inherited.
+_LIVE_BACKENDS: weakref.WeakSet[PostgresBackend] = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    for backend in list(_LIVE_BACKENDS):
+        backend._after_fork()  # noqa: SLF001 - the module's own class
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def _remade(what: str, write: Write, *, applied_before: bool) -> StateError:
+    """The error of a write whose row was erased and made anew under it every time."""
+    why = f"its row was deleted and made again by other writers {_LOCKED_ATTEMPTS} times"
+    if applied_before:  # an earlier attempt lost its connection: it may have committed
+        return OutcomeUnknown(
+            f"Failed to {what}: {why}; an earlier attempt may have been applied: calling "
+            "again with the same op_id is safe",
+            op_id=write.op_id or write.op_key,
+        )
+    return StoreBusyError(f"Failed to {what}: {why} while it waited; nothing was written")
 
 
 def _roll_back(conn: psycopg.Connection[Any]) -> None:
@@ -193,6 +225,7 @@ class PostgresBackend:
         self._pool_timeout = float(pool_timeout)
         self._create = create
         self._clock = clock
+        self._cache_size = cache_size
         self._cache = RowCache(cache_size)
         self._resolve_attempts = resolve_attempts
         self._purge_every_ms = int(purge_every * 1000)
@@ -200,7 +233,7 @@ class PostgresBackend:
         self._ready = False
         self._ready_lock = new_lock_sync()
         self._closed = False
-        self._pid = os.getpid()
+        _LIVE_BACKENDS.add(self)
 
     def __repr__(self) -> str:
         where = describe_conninfo(self._conninfo)
@@ -223,28 +256,27 @@ class PostgresBackend:
         if self._closed:
             raise UsageError(f"{self!r} is closed")
 
-    def _forked(self) -> bool:
-        """In a process forked after this backend opened its pool, start over.
+    def _after_fork(self) -> None:
+        """In a child just forked (one thread, before anything else runs): start over.
 
         The parent's connections are its own (a statement sent on one would
         corrupt both processes' sessions) and the pool's threads did not survive
-        the fork: the child opens a pool of its own. The parent's pool is dropped,
-        never closed (closing would end the parent's sessions; psycopg leaves an
-        inherited connection alone when it is collected). A pool you passed stays
-        as it is: it is yours to make in each process.
+        the fork: the child opens a pool of its own on its first call. The
+        parent's pool is dropped, never closed (closing would end the parent's
+        sessions; psycopg leaves an inherited connection alone when it is
+        collected). The locks a parent's thread may have held at the fork are
+        made anew, with the row cache. A pool you passed stays as it is: it is
+        yours to make in each process.
         """
-        if self._pid == os.getpid() or not self._owned:
-            return False
-        self._pid = os.getpid()
+        if not self._owned:
+            return
         self._pool = None
         self._ready_lock = new_lock_sync()
-        self._cache.clear()
-        return True
+        self._cache = RowCache(self._cache_size)
 
     def _opened(self) -> ConnectionPool[Any]:
         """The pool, opened on first use (the tables not yet checked)."""
         self._check_open()
-        self._forked()
         if self._pool is None:
             self._first_connection()
             pool: ConnectionPool[Any] = ConnectionPool(
@@ -275,7 +307,7 @@ class PostgresBackend:
 
     def _open_pool(self) -> ConnectionPool[Any]:
         """The pool, opened and the tables checked (made if asked) on first use."""
-        if self._ready and self._pool is not None and not self._forked():
+        if self._ready and self._pool is not None:
             return self._pool
         with self._ready_lock:
             pool = self._opened()
@@ -419,10 +451,7 @@ class PostgresBackend:
                             break
                         outcome = self._apply_locked(conn, user_id, write)
                     if outcome is None:
-                        raise StoreBusyError(
-                            f"Failed to {what}: its row was deleted and made again by other "
-                            f"writers {_LOCKED_ATTEMPTS} times while it waited; nothing was written"
-                        )
+                        raise _remade(what, write, applied_before=lost is not None)
             except TRANSLATED as exc:
                 self._cache.drop(user_id)
                 if not may_resend(exc):
