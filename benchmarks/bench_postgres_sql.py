@@ -1,6 +1,6 @@
 """What one write's statement costs on PostgreSQL, in SQL alone, against the naive write (printed).
 
-    python benchmarks/bench_postgres_sql.py [--ops 3000] [--users 100] [--repeat 3] [--dsn DSN]
+    python benchmarks/bench_postgres_sql.py [--ops 200] [--rounds 30] [--users 100] [--dsn DSN]
 
 No chatstate code runs in the timed loops: each contender sends its statement on one
 autocommit connection, with parameters built the same way, so the differences are the
@@ -15,7 +15,10 @@ backend can reach against ``UPDATE t SET doc = doc || $1``:
 - pipelined: the ``UPDATE`` and a guarded ``INSERT`` sent together, one round trip;
 - slot upsert: the record upserted into slot ``seq % 128`` (no trim, no index insert).
 
-Without ``--dsn`` it starts a throwaway PostgreSQL (tests/servers.py) and removes it after.
+Every round runs a slice of ``--ops`` writes of each contender in turn, so that the
+server's slow moments fall on all of them alike; a ratio is the median of the rounds'
+ratios to the naive write of the same round. Without ``--dsn`` it starts a throwaway
+PostgreSQL (tests/servers.py) and removes it after.
 """
 
 # ruff: noqa: S608 - every name in the SQL is a constant of this script; values are bound
@@ -96,18 +99,20 @@ def _patch(i: int) -> dict[str, object]:
     return {"step": i, "cart": {"apples": i % 7}}
 
 
-def _naive(conn: psycopg.Connection[Any], users: int) -> Callable[[int], None]:
-    def run(ops: int) -> None:
+def _naive(conn: psycopg.Connection[Any], users: int) -> Callable[[int], float]:
+    def run(ops: int) -> float:
+        start = time.perf_counter()
         for i in range(ops):
             conn.execute(
                 "UPDATE sql_naive SET doc = doc || %s::jsonb WHERE user_id = %s",
                 (json.dumps(_patch(i)), f"user-{i % users}"),
             )
+        return time.perf_counter() - start
 
     return run
 
 
-def _layout(conn: psycopg.Connection[Any], users: int, how: str) -> Callable[[int], None]:
+def _layout(conn: psycopg.Connection[Any], users: int, how: str) -> Callable[[int], float]:
     revs = {f"user-{u}": 0 for u in range(users)}
     seqs = dict.fromkeys(revs, 0)
     table, ops = _tables(how)
@@ -155,44 +160,46 @@ def _layout(conn: psycopg.Connection[Any], users: int, how: str) -> Callable[[in
             assert cur.fetchone() == (1,)
         revs[user] = rev
 
-    def run(count: int) -> None:
+    def run(count: int) -> float:
+        start = time.perf_counter()
         for i in range(count):
             write(i)
+        took = time.perf_counter() - start
         # The trim the backend makes every 24 writes, made here after the timed loop.
         conn.execute(f"DELETE FROM {ops} o USING {table} u WHERE o.user_id = u.user_id "
                      "AND o.seq <= u.ops_seq - 100")  # fmt: skip
+        return took
 
     return run
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ops", type=int, default=3000)
+    parser.add_argument("--ops", type=int, default=200, help="writes per contender and round")
+    parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--users", type=int, default=100)
-    parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--dsn", help="an existing server (default: a throwaway one)")
     args = parser.parse_args()
     with server_dsn(args.dsn) as dsn:
         with psycopg.connect(dsn, autocommit=True) as conn:
             _setup(conn, args.users)
-            contenders: dict[str, Callable[[int], None]] = {"naive": _naive(conn, args.users)}
+            contenders: dict[str, Callable[[int], float]] = {"naive": _naive(conn, args.users)}
             for how in _HOWS:
                 contenders[how] = _layout(conn, args.users, how)
             for run in contenders.values():
                 run(200)  # warm up: prepared statements, the tables' pages
             times: dict[str, list[float]] = {name: [] for name in contenders}
-            for _ in range(args.repeat):
+            for _ in range(args.rounds):
                 for name, run in contenders.items():
-                    start = time.perf_counter()
-                    run(args.ops)
-                    times[name].append((time.perf_counter() - start) / args.ops * 1e6)
-        print(f"{args.ops} writes on {args.users} users, {args.repeat} interleaved runs")
-        naive = statistics.median(times["naive"])
-        for name, runs in times.items():
-            spread = ", ".join(f"{t:.0f}" for t in runs)
-            ratio = naive / statistics.median(runs)
-            median = statistics.median(runs)
-            print(f"{name:16} {median:6.0f} us/write ({spread})  {ratio:.2f}x naive")
+                    times[name].append(run(args.ops) / args.ops * 1e6)
+        print(f"{args.rounds} rounds of {args.ops} writes per contender on {args.users} users")
+        for name, took in times.items():
+            ratios = [b / t for b, t in zip(times["naive"], took, strict=True)]
+            low, high = min(took), max(took)
+            print(
+                f"{name:16} {statistics.median(took):6.0f} us/write ({low:.0f} to {high:.0f})"
+                f"  {statistics.median(ratios):.2f}x naive"
+            )
 
 
 if __name__ == "__main__":
