@@ -25,6 +25,7 @@ from chatstate.exceptions import (
     BackendUnavailable,
     ConfigurationError,
     OutcomeUnknown,
+    UsageError,
 )
 from chatstate.state import StateService
 from chatstate.state.postgres import AsyncPostgresBackend, PostgresBackend, install_sql
@@ -233,9 +234,67 @@ def test_bad_options_are_configuration_errors() -> None:
         {"pool_timeout": float("nan")},
         {"resolve_attempts": True},
         {"clock": 5},
+        {"max_connections": -1},
+        {"create": "no"},
+        {"prepared_statements": "no"},
+        {"prepared_statements": None},
+        {"schema": "pg_catalog"},
+        {"schema": "pg_temp"},
     ):
         with pytest.raises(ConfigurationError):
             PostgresBackend(dsn, **options)  # type: ignore[arg-type]
+        with pytest.raises(ConfigurationError):
+            AsyncPostgresBackend(dsn, **options)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="max_connections must be a whole number >= 1"):
+        PostgresBackend(dsn, max_connections=-1)
+
+
+def test_a_connection_argument_it_cannot_use_is_refused_when_the_backend_is_made() -> None:
+    """Not a string or pool, an empty string, a port, mode or timeout libpq would refuse.
+
+    Each was accepted and failed on the first call instead, as a raw AttributeError or
+    TypeError, or as a BackendUnavailable ("cannot reach the server") that invites
+    retries; an empty string connected wherever libpq's defaults pointed.
+    """
+    secret = "Sup3rS3cretPW"
+    for bad in (42, None, b"postgresql://x@h/db", ["host=h"]):
+        with pytest.raises(
+            ConfigurationError, match="connection string or a psycopg_pool ConnectionPool"
+        ):
+            PostgresBackend(bad)  # type: ignore[arg-type]
+        with pytest.raises(ConfigurationError, match="or a psycopg_pool AsyncConnectionPool"):
+            AsyncPostgresBackend(bad)  # type: ignore[arg-type]
+    for empty in ("", "   "):
+        with pytest.raises(ConfigurationError, match="conninfo is empty"):
+            PostgresBackend(empty)
+    for dsn, option in (
+        (f"postgresql://bot:{secret}@127.0.0.1:notaport/db", "port"),
+        (f"postgresql://bot:{secret}@127.0.0.1:70000/db", "port"),
+        (f"postgresql://bot:{secret}@127.0.0.1/db?sslmode=bogus", "sslmode"),
+        (f"host=h password={secret} connect_timeout=abc", "connect_timeout"),
+        (f"host=h password={secret} target_session_attrs=writable", "target_session_attrs"),
+    ):
+        for backend in (PostgresBackend, AsyncPostgresBackend):
+            with pytest.raises(ConfigurationError, match=f"string's {option} must be") as info:
+                backend(dsn)
+            assert secret not in str(info.value)
+    for fine in ("postgresql://", "postgresql://h1:5432,h2:5433/db?sslmode=verify-full",
+                 "host=h port=5432 connect_timeout=3 keepalives=1"):  # fmt: skip
+        PostgresBackend(fine).close()
+
+
+def test_a_pool_of_the_other_twin_is_a_usage_error() -> None:
+    """A sync pool given to the asyncio backend (or the reverse) fails when it is made."""
+    from psycopg_pool import AsyncConnectionPool, ConnectionPool
+
+    sync_pool = ConnectionPool("postgresql://x@127.0.0.1:1/db", open=False)
+    async_pool = AsyncConnectionPool("postgresql://x@127.0.0.1:1/db", open=False)
+    with pytest.raises(
+        UsageError, match="AsyncPostgresBackend needs a psycopg_pool AsyncConnectionPool"
+    ):
+        AsyncPostgresBackend(sync_pool)  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match=r"^PostgresBackend needs a psycopg_pool ConnectionPool"):
+        PostgresBackend(async_pool)  # type: ignore[arg-type]
 
 
 def test_the_password_is_never_shown() -> None:
@@ -445,6 +504,39 @@ def test_an_expired_log_s_records_go_with_the_next_write(postgres: servers.Postg
         assert len(_records(postgres.dsn, "expiry", "bob")[0]) == 1
         assert svc.erase("bob") == ["document", "operations"]
         assert _records(postgres.dsn, "expiry", "bob")[0] == []
+
+
+def test_a_purge_removes_an_expired_document_whose_log_lives_on(
+    postgres: servers.Postgres,
+) -> None:
+    """An expired document leaves the table at the purge, even while its op ids are kept.
+
+    Every write records an op id, so a document's row nearly always has a live log
+    when the document expires: the purge sets ``doc`` to NULL (and a new rev, so a
+    cached copy elsewhere is not written over) and keeps the log, which still
+    answers a redelivery.
+    """
+    clock = FakeClock(1_700_000_000.0)
+    backend = PostgresBackend(postgres.dsn, table_prefix="purged", clock=clock)
+    other = PostgresBackend(postgres.dsn, table_prefix="purged", clock=clock)
+    with StateService(backend, ttl=10, dedupe_window=600) as svc, StateService(other) as two:
+        svc.update_once("ana", {"address": "Calle Mayor 1"}, op_id="m1")
+        svc.update("bob", {"address": "Calle Menor 2"})
+        assert two.get("ana") == {"address": "Calle Mayor 1"}  # cached in the other backend
+        clock.now += 60
+        assert svc.get("ana") == {}
+        assert backend.purge() == 2
+        with psycopg.connect(postgres.dsn) as conn:
+            found = conn.execute(
+                "SELECT user_id, doc, version, size, expires_at FROM purged_users ORDER BY 1"
+            ).fetchall()
+        assert found == [("ana", None, 0, 0, None), ("bob", None, 0, 0, None)]
+        assert backend.purge() == 0
+        assert (
+            svc.update_once("ana", {"address": "Calle Mayor 1"}, op_id="m1").status == "duplicate"
+        )
+        assert two.update("ana", {"n": 1}) == {"n": 1}  # its cached row is stale: no resurrection
+        assert svc.get("ana") == {"n": 1}
 
 
 def _hold_after_store(backend: PostgresBackend) -> tuple[threading.Event, threading.Event]:

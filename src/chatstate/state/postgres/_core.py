@@ -56,6 +56,7 @@ from chatstate.exceptions import (
     StateError,
     StoreBusyError,
     StoreFullError,
+    UsageError,
 )
 from chatstate.state._backend import (
     UNCHANGED,
@@ -116,6 +117,10 @@ def _identifier(what: str, value: object) -> str:
     if not isinstance(value, str) or not _IDENTIFIER.fullmatch(value):
         raise ConfigurationError(
             f"{what} must be a lowercase SQL name (a-z, 0-9, _; at most 40), not {value!r}"
+        )
+    if what == "schema" and value.startswith("pg_"):
+        raise ConfigurationError(
+            f"schema must not start with pg_ (PostgreSQL keeps those names), not {value!r}"
         )
     return value
 
@@ -374,20 +379,30 @@ class Tables:
 
     @property
     def purge(self) -> str:
-        """Delete what has expired everywhere; count the users' and the locks' rows.
+        """Delete what has expired everywhere; count the documents and the locks it removed.
 
-        A user's row goes with its records. The records of an expired log whose
-        document lives on stay until the user's next write deletes them (deciding
-        that here would race a write that renews the log).
+        A user's row goes with its records once nothing in it lives on. A row
+        whose document expired while its log or claim lives on keeps them and
+        loses the document (``doc`` set to ``NULL``, a new ``rev``): expired
+        content is gone from the table at the purge, as it is on the other
+        backends, not kept until the log expires too. The records of an expired
+        log whose document lives on stay until the user's next write deletes
+        them (deciding that here would race a write that renews the log).
         """
+        gone = (
+            "ops_expires_at <= %(now)s AND (lease_expires_at IS NULL OR "
+            "lease_expires_at <= %(now)s)"
+        )
         return f"""WITH
             u AS (DELETE FROM {self.users} WHERE (doc IS NULL OR expires_at <= %(now)s)
-                AND ops_expires_at <= %(now)s
-                AND (lease_expires_at IS NULL OR lease_expires_at <= %(now)s)
-                RETURNING user_id),
+                AND {gone} RETURNING user_id),
             o AS (DELETE FROM {self.ops} WHERE user_id IN (SELECT user_id FROM u)),
+            d AS (UPDATE {self.users} SET doc = NULL, version = 0, size = 0, schema = 1,
+                expires_at = NULL, rev = (random() * 4611686018427387903)::bigint * 2 + 1
+                WHERE doc IS NOT NULL AND expires_at <= %(now)s AND NOT ({gone})
+                RETURNING 1),
             l AS (DELETE FROM {self.locks} WHERE expires_at <= %(now)s RETURNING 1)
-            SELECT (SELECT count(*) FROM u) + (SELECT count(*) FROM l)"""
+            SELECT (SELECT count(*) FROM u) + (SELECT count(*) FROM d) + (SELECT count(*) FROM l)"""
 
     # -- locks and deadlines -----------------------------------------------------------
 
@@ -898,20 +913,77 @@ _LONGEST_SECONDS: Final = 365 * 24 * 3600.0
 """The longest timeout or period an option takes (``inf`` and NaN are refused)."""
 
 
-def check_conninfo(conninfo: str) -> None:
-    """Raise :class:`ConfigurationError` for a connection string libpq cannot parse.
+# Options whose values libpq checks only when it connects, with what they may be: a
+# mistake there is a ConfigurationError when the backend is made, not a BackendUnavailable
+# (a call that "cannot reach the server") on the first call.
+_CHOICES: Final = {
+    "sslmode": {"disable", "allow", "prefer", "require", "verify-ca", "verify-full"},
+    "gssencmode": {"disable", "prefer", "require"},
+    "channel_binding": {"disable", "prefer", "require"},
+    "target_session_attrs": {
+        "any", "read-write", "read-only", "primary", "standby", "prefer-standby",
+    },
+}  # fmt: skip
+_WHOLE_NUMBERS: Final = ("connect_timeout", "keepalives", "keepalives_idle",
+                         "keepalives_interval", "keepalives_count")  # fmt: skip
 
-    Checked when the backend is made: libpq's own message quotes the whole string,
-    password included, and the pool would log it on every attempt.
+
+def check_conninfo(conninfo: object, pool: type, backend: str) -> None:
+    """Raise for a ``conninfo`` argument a backend cannot use, before anything connects.
+
+    ``pool`` is the pool class the backend takes (a twin's). A string must be one
+    libpq can parse, not empty (libpq would connect wherever its defaults and
+    ``PG*`` variables say, and ``create=True`` make tables there), with ports,
+    modes and timeouts libpq accepts. The message never quotes the string: libpq's
+    own quotes the whole of it, password included, and the pool would log it on
+    every attempt.
+
+    Raises:
+        ConfigurationError: not a string or a pool; an empty string; one libpq
+            cannot read; an option's value libpq would refuse.
+        UsageError: a pool of the other twin.
     """
+    if isinstance(conninfo, pool):
+        return
+    if isinstance(conninfo, psycopg_pool.ConnectionPool | psycopg_pool.AsyncConnectionPool):
+        raise UsageError(
+            f"{backend} needs a psycopg_pool {pool.__name__}, not the "
+            f"{type(conninfo).__name__} given: pass an asyncio pool to AsyncPostgresBackend "
+            "and a sync one to PostgresBackend"
+        )
+    if not isinstance(conninfo, str):
+        raise ConfigurationError(
+            f"conninfo must be a connection string or a psycopg_pool {pool.__name__}, not "
+            f"{type(conninfo).__name__}"
+        )
+    if not conninfo.strip():
+        raise ConfigurationError(
+            "conninfo is empty (an unset variable?): libpq would connect wherever its "
+            "defaults say; pass postgresql:// to take everything from its PG* variables"
+        )
     try:
-        psycopg.conninfo.conninfo_to_dict(conninfo)
+        params = psycopg.conninfo.conninfo_to_dict(conninfo)
     except psycopg.Error:
         raise ConfigurationError(
             "conninfo is not a PostgreSQL connection string (a URL such as "
             "postgresql://user:password@host:5432/dbname, or key=value pairs); it is not "
             "shown, as it may hold a password"
         ) from None
+    for name, value in params.items():
+        text = str(value)
+        if name == "port" and not all(
+            not p or (p.isdigit() and 0 < int(p) < 65536) for p in text.split(",")
+        ):
+            why = "a port number (1 to 65535, or a comma-separated list of them)"
+        elif name in _WHOLE_NUMBERS and not text.strip().lstrip("-").isdigit():
+            why = "a whole number"
+        elif name in _CHOICES and text not in _CHOICES[name]:
+            why = "one of " + ", ".join(sorted(_CHOICES[name]))
+        else:
+            continue
+        raise ConfigurationError(
+            f"the connection string's {name} must be {why} (the value is not shown)"
+        )
 
 
 def check_options(
@@ -923,14 +995,18 @@ def check_options(
     purge_every: object,
     resolve_attempts: object,
     clock: object,
+    create: object,
+    prepared_statements: object,
 ) -> None:
     """Raise :class:`ConfigurationError` for an option out of range."""
-    for name, value in (("max_connections", max_connections), ("cache_size", cache_size),
-                        ("resolve_attempts", resolve_attempts)):  # fmt: skip
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ConfigurationError(f"{name} must be a whole number >= 0, not {value!r}")
-    if max_connections == 0:
-        raise ConfigurationError("max_connections must be at least 1")
+    for name, value, least in (("max_connections", max_connections, 1),
+                               ("cache_size", cache_size, 0),
+                               ("resolve_attempts", resolve_attempts, 0)):  # fmt: skip
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ConfigurationError(f"{name} must be a whole number >= {least}, not {value!r}")
+    for name, value in (("create", create), ("prepared_statements", prepared_statements)):
+        if not isinstance(value, bool):
+            raise ConfigurationError(f"{name} must be True or False, not {value!r}")
     for name, value in (("pool_timeout", pool_timeout), ("connect_timeout", connect_timeout),
                         ("purge_every", purge_every)):  # fmt: skip
         if (

@@ -156,6 +156,7 @@ class AsyncPostgresBackend:
         pool_timeout: How long a call waits for a connection (seconds) before
             :class:`~chatstate.exceptions.BackendUnavailable`.
         connect_timeout: How long opening a connection may take (seconds).
+            libpq counts whole seconds and waits at least 2: ``0.5`` waits 2.
         prepared_statements: Let psycopg prepare the statements it runs often
             (its ``prepare_threshold`` of 5). ``False`` for PgBouncer in
             transaction mode before 1.21 (``prepare_threshold=None``).
@@ -168,8 +169,12 @@ class AsyncPostgresBackend:
             rows that expired; :meth:`purge` does it on demand.
 
     Raises:
-        ConfigurationError: an option is out of range, or ``conninfo`` is not a
-            connection string libpq can read (the message never quotes it).
+        ConfigurationError: an option is out of range or of the wrong type, or
+            ``conninfo`` is not a connection string libpq can read (or an empty
+            one, or one with a port, mode or timeout libpq would refuse; the
+            message never quotes it) or a pool.
+        UsageError: ``conninfo`` is a pool of the other twin (a sync pool given
+            to the asyncio backend, or the reverse).
 
     The first call connects once before opening the pool, so that refused
     credentials are a :class:`~chatstate.exceptions.BackendAuthenticationError`
@@ -205,10 +210,11 @@ class AsyncPostgresBackend:
             purge_every=purge_every,
             resolve_attempts=resolve_attempts,
             clock=clock,
+            create=create,
+            prepared_statements=prepared_statements,
         )
         self.tables = Tables(schema, table_prefix)
-        if isinstance(conninfo, str):
-            check_conninfo(conninfo)
+        check_conninfo(conninfo, AsyncConnectionPool, type(self).__name__)
         self._owned = isinstance(conninfo, str)
         self._conninfo = conninfo if isinstance(conninfo, str) else str(conninfo.conninfo)
         self._pool: AsyncConnectionPool[Any] | None = None if self._owned else conninfo  # type: ignore[assignment]
