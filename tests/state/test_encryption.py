@@ -184,6 +184,26 @@ def test_the_request_digest_holds_no_hash_of_a_secret() -> None:
     assert one.digest == two.digest != other.digest
 
 
+def test_an_unkeyed_digest_leaves_secret_fields_out_without_encryption_too() -> None:
+    """No key ring, no digest_key: the request digest still holds no hash of a secret.
+
+    Its digest is a plain 48-bit hash, which trying every 6-digit PIN would match;
+    the secret field stays out of it even though the document keeps it in clear.
+    """
+    plain = StateService(MemoryBackend(), StateData(secret=["profile.pin"])).manager
+    one = plain.update_write({"profile": {"pin": "PIN-739155"}, "a": 1}, "m")
+    two = plain.update_write({"profile": {"pin": "PIN-000000"}, "a": 1}, "m")
+    other = plain.update_write({"profile": {"pin": "PIN-739155"}, "a": 2}, "m")
+    assert one.digest == two.digest != other.digest
+    keyed = StateService(
+        MemoryBackend(), StateData(secret=["profile.pin"], digest_key=b"k" * 16)
+    ).manager  # keyed: nothing can be matched against guesses, so the value counts
+    assert (
+        keyed.update_write({"profile": {"pin": "1"}}, "m").digest
+        != keyed.update_write({"profile": {"pin": "2"}}, "m").digest
+    )
+
+
 def test_export_redacts_secret_fields_unless_asked() -> None:
     """export() hides secret fields (not only preserved ones) and decrypts them on request."""
     svc = StateService(MemoryBackend(), RULES)

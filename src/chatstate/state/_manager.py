@@ -312,9 +312,11 @@ class _ManagerCore:
                 # unkeyed digest falls to trying every PIN).
                 digest = "" if secret is None else digest_text(fingerprint, secret)
             elif digest_request:
-                digest = request_digest(
-                    operation if self.cipher is None else mask(operation, self.secret), secret
-                )
+                # Secret values are left out of the digest when it is unkeyed (a PIN's
+                # plain hash falls to trying every PIN), encrypted or not, and always
+                # when they are encrypted (the digest then never depends on them).
+                hidden = self.rules.secret if self.cipher is not None or secret is None else ()
+                digest = request_digest(mask(operation, hidden) if hidden else operation, secret)
             else:
                 digest = ""
         return Write(
