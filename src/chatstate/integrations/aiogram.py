@@ -33,6 +33,7 @@ Needs ``pip install 'chatstate[aiogram]'``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
@@ -57,6 +58,7 @@ from aiogram.fsm.storage.base import (
 from aiogram.types import Message, TelegramObject, Update
 from aiogram.types.update import UpdateTypeLookupError
 
+from chatstate._locks import AsyncKeyedLocks
 from chatstate._plain import plain as _plain
 from chatstate.exceptions import (
     ClaimLostError,
@@ -597,7 +599,10 @@ class ChatstateEventIsolation(BaseEventIsolation):
     atomic write that also releases the key (and, with
     :meth:`ChatstateDedupeMiddleware.setup`, remembers the update). An event
     whose handlers raise, or whose process dies, writes nothing to its key.
-    On the memory backend it serialises the tasks of one process.
+    The events of a key that one process received run in the order they came
+    (first in, first out, as with aiogram's ``SimpleEventIsolation``); across
+    processes, one at a time. On the memory backend it serialises the tasks of
+    one process.
 
     Args:
         service: The service whose backend holds the documents and claims.
@@ -626,6 +631,7 @@ class ChatstateEventIsolation(BaseEventIsolation):
         self.key_builder = key_builder if key_builder is not None else ChatstateKeyBuilder()
         self.lease = _seconds(lease)
         self.wait = _seconds(wait)
+        self._turns = AsyncKeyedLocks()
 
     @asynccontextmanager
     async def lock(self, key: StorageKey) -> AsyncGenerator[None, None]:
@@ -643,26 +649,39 @@ class ChatstateEventIsolation(BaseEventIsolation):
         if pending is not None and not pending.taken and pending.backend is service.manager.backend:
             pending.taken = True
             op_id = pending.op_id
-        try:
-            claim = await service.claim(
-                user_id, op_id, purpose=DEDUPE_PURPOSE, lease=self.lease, wait=self.wait
-            )
-        except UserBusyError as busy:
-            raise LockTimeoutError(
-                f"another event held the key for longer than {self.wait:g} s"
-            ) from busy
-        if claim.duplicate:
-            raise _DuplicateUpdate(op_id)
-        session = _KeySession(service, claim, key, self.key_builder)
-        token = _SESSIONS.set((*_SESSIONS.get(), session))
-        try:
-            yield
-        except BaseException as exc:
+        timeout = f"another event held the key for longer than {self.wait:g} s"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.wait
+        # This process's events of the key queue here first, in the order they came
+        # (an asyncio lock is first in, first out): the claim alone would let waiting
+        # events retry in any order, and a user's answers would run out of order.
+        async with contextlib.AsyncExitStack() as turn:
+            try:
+                await turn.enter_async_context(self._turns.hold(user_id, self.wait, "key"))
+            except LockTimeoutError:
+                raise LockTimeoutError(timeout) from None
+            try:
+                claim = await service.claim(
+                    user_id,
+                    op_id,
+                    purpose=DEDUPE_PURPOSE,
+                    lease=self.lease,
+                    wait=max(deadline - loop.time(), 0.0),
+                )
+            except UserBusyError as busy:
+                raise LockTimeoutError(timeout) from busy
+            if claim.duplicate:
+                raise _DuplicateUpdate(op_id)
+            session = _KeySession(service, claim, key, self.key_builder)
+            token = _SESSIONS.set((*_SESSIONS.get(), session))
+            try:
+                yield
+            except BaseException as exc:
+                _SESSIONS.reset(token)
+                await session.finish(exc)
+                raise
             _SESSIONS.reset(token)
-            await session.finish(exc)
-            raise
-        _SESSIONS.reset(token)
-        await session.finish(None)
+            await session.finish(None)
 
     async def close(self) -> None:
         """Nothing to release: the locks live in the store."""

@@ -66,6 +66,7 @@ from telegram.ext._handlers.conversationhandler import PendingState
 from telegram.ext._utils.trackingdict import TrackingDict
 from telegram.ext._utils.types import CDCData, ConversationDict, ConversationKey
 
+from chatstate._locks import AsyncKeyedLocks
 from chatstate._plain import plain as _plain
 from chatstate.exceptions import (
     ChatstateError,
@@ -735,9 +736,11 @@ class ChatstateApplication(Application[Any, Any, Any, Any, Any, Any]):
        and remembers the key when it commits. A copy that arrives after the
        update was handled, in this process or another, runs no handler and
        sends nothing; a copy that arrives while it is being handled waits for
-       it, then does nothing. When a handler raises (or the update's data
-       cannot be written), the claim is released, so a redelivery is handled
-       again. An update with neither user nor chat takes its claim on a
+       it, then does nothing. A user's updates that one process received run
+       in the order they came (first in, first out). When a handler raises
+       (or the update's data cannot be written), the claim is released, so a
+       redelivery is handled again, and the user's and chat's data are put
+       back as stored: nothing of the update is written later by another. An update with neither user nor chat takes its claim on a
        record of its own (:meth:`ChatstatePersistence.dedupe_doc`).
     2. **Fresh.** Before the handlers, the update's chat and bot data and
        its persistent conversation states are read, in one round trip
@@ -803,6 +806,7 @@ class ChatstateApplication(Application[Any, Any, Any, Any, Any, Any]):
         # The users and chats of the updates being processed (each one's data is theirs to write).
         self._busy_users: Counter[int | None] = Counter()
         self._busy_chats: Counter[int | None] = Counter()
+        self._turns = AsyncKeyedLocks()  # this process's updates of a user, in order
 
     async def initialize(self) -> None:
         """Tell the persistence each conversation handler's states, then initialize."""
@@ -854,30 +858,79 @@ class ChatstateApplication(Application[Any, Any, Any, Any, Any, Any]):
                 lease=self.lease,
                 wait=self.dedupe_wait,
             )
-        else:
+            await self._process_claimed(persistence, update, processing, claim)
+            return
+        timeout = f"another update of this user ran for longer than {self.isolation_wait:g} s"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.isolation_wait
+        # This process's updates of the user queue here first, in the order they came (an
+        # asyncio lock is first in, first out): the claim alone would let waiting updates
+        # retry in any order, and a user's answers would run out of order.
+        async with contextlib.AsyncExitStack() as turn:
+            try:
+                await turn.enter_async_context(self._turns.hold(doc, self.isolation_wait, "user"))
+            except LockTimeoutError:
+                raise LockTimeoutError(timeout) from None
             # One claim on the user's document: the update once (its key is remembered in
             # the document's log), the user's updates one at a time, and the document read.
             try:
                 claim = await service.claim(
-                    doc, key, purpose=DEDUPE_PURPOSE, lease=self.lease, wait=self.isolation_wait
+                    doc,
+                    key,
+                    purpose=DEDUPE_PURPOSE,
+                    lease=self.lease,
+                    wait=max(deadline - loop.time(), 0.0),
                 )
             except UserBusyError as busy:
-                raise LockTimeoutError(
-                    f"another update of this user ran for longer than {self.isolation_wait:g} s"
-                ) from busy
+                raise LockTimeoutError(timeout) from busy
             processing.claimed = (doc, claim)
             processing.key = key
+            await self._process_claimed(persistence, update, processing, claim)
+
+    async def _process_claimed(
+        self,
+        persistence: ChatstatePersistence,
+        update: object,
+        processing: _Processing,
+        claim: AsyncClaim,
+    ) -> None:
         async with claim:  # an exception releases it
             if claim.duplicate:
-                log.info("update %s was handled already; skipping it", key)
+                log.info("update %s was handled already; skipping it", claim.op_id)
                 return
             await self._process_and_write(persistence, update, processing)
             if processing.failed:
                 await claim.release()  # a redelivery is handled again
                 return
             # The claimed document's changes, the update's key and the release: one write.
-            await claim.commit()
+            try:
+                await claim.commit()
+            except BaseException:
+                self._forget_changes(persistence, *_ids(update))
+                raise
             persistence._synced.update(processing.staged)  # noqa: SLF001 - its own module
+
+    def _forget_changes(
+        self, persistence: ChatstatePersistence, user: int | None, chat: int | None
+    ) -> None:
+        """Put the user's and chat's data back as stored: the update that changed them failed.
+
+        Left as they were, its changes would count as this process's unwritten ones,
+        and the next update of the user or chat would store them over newer data.
+        A chat another update of this process is handling keeps its data (their
+        changes are mixed in it); the bot data is shared by every update.
+        """
+        synced = persistence._synced  # noqa: SLF001 - its own module
+        for ident, busy, kept, doc_of in (
+            (user, self._busy_users, self.user_data, persistence.user_doc),
+            (chat, self._busy_chats, self.chat_data, persistence.chat_doc),
+        ):
+            data = kept.get(ident) if ident is not None else None
+            if data is None or busy[ident] > 1:
+                continue
+            assert ident is not None
+            data.clear()
+            data.update(_copy(synced.get(doc_of(ident), {})))
 
     async def _process_and_write(
         self, persistence: ChatstatePersistence, update: object, processing: _Processing
@@ -905,6 +958,9 @@ class ChatstateApplication(Application[Any, Any, Any, Any, Any, Any]):
                 await super().process_update(update)
             finally:
                 _read_ahead.reset(token)
+            if processing.failed:  # a handler raised: nothing of the update is stored
+                self._forget_changes(persistence, user, chat)
+                return
             processing.writing = True
             await self._write_update(persistence, user, chat, processing)
         finally:
