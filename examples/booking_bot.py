@@ -16,7 +16,6 @@ times are in ``CLINIC_TZ``.
 from __future__ import annotations
 
 import datetime as dt
-import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -265,8 +264,7 @@ def _remind(booking: dict[str, str], ctx: Ctx) -> None:
     """Schedule a reminder 24 h before the appointment (none if that is past already)."""
     starts = dt.datetime.fromisoformat(f"{booking['day']}T{booking['time']}")
     remind_at = starts.replace(tzinfo=CLINIC_TZ) - REMIND_BEFORE
-    now = ctx.message.timestamp if ctx.message.timestamp is not None else time.time()
-    if remind_at.timestamp() <= now:
+    if remind_at.timestamp() <= ctx.now:
         return
     text = ctx.t(
         "Reminder: {service} tomorrow, {day}, at {time}.",

@@ -160,21 +160,25 @@ def test_reminders_and_timeouts_fire_once_on_redis(redis_url: str, namespace: st
         service.close()
 
 
-def _appointment_reminder(service: StateService) -> None:
-    clock = FakeClock(dt.datetime(2030, 1, 10, 8, 0, tzinfo=dt.UTC).timestamp())
-    router = build_router(service, Clinic(today=TODAY), clock=clock)
+def _appointment_reminder(service: StateService, year: int = 2030) -> None:
+    clock = FakeClock(dt.datetime(year, 1, 10, 8, 0, tzinfo=dt.UTC).timestamp())
+    router = build_router(service, Clinic(today=dt.date(year, 1, 10)), clock=clock)
     chat = Conversation(router, "34655555555")
     _register(chat, "es", "Eva")
-    assert _book(chat, "2030-01-12", "10:00") == ["Reservado: Revisión el 2030-01-12 a las 10:00."]
+    assert _book(chat, f"{year}-01-12", "10:00") == [
+        f"Reservado: Revisión el {year}-01-12 a las 10:00."
+    ]
     assert router.scheduled("34655555555") == {
-        "appointment-2030-01-12-10:00": dt.datetime(2030, 1, 11, 10, 0, tzinfo=dt.UTC).timestamp()
+        f"appointment-{year}-01-12-10:00": dt.datetime(
+            year, 1, 11, 10, 0, tzinfo=dt.UTC
+        ).timestamp()
     }
-    clock.now = dt.datetime(2030, 1, 11, 9, 59, tzinfo=dt.UTC).timestamp()
+    clock.now = dt.datetime(year, 1, 11, 9, 59, tzinfo=dt.UTC).timestamp()
     assert _due(router) == []
     clock.now += 60
-    restarted = build_router(service, Clinic(today=TODAY), clock=clock)  # survives a restart
-    assert _due(restarted) == [
-        ("34655555555", ["Recordatorio: Revisión mañana, 2030-01-12, a las 10:00."])
+    restarted = build_router(service, Clinic(today=dt.date(year, 1, 10)), clock=clock)
+    assert _due(restarted) == [  # it survives a restart
+        ("34655555555", [f"Recordatorio: Revisión mañana, {year}-01-12, a las 10:00."])
     ]
     assert _due(router) == _due(restarted) == []  # once
     assert router.scheduled("34655555555") == {}
@@ -183,6 +187,11 @@ def _appointment_reminder(service: StateService) -> None:
 def test_each_appointment_is_reminded_24_hours_before_on_memory() -> None:
     """Booking schedules a reminder 24 h before the appointment, in the user's language."""
     _appointment_reminder(StateService(rules=RULES))
+
+
+def test_the_reminder_follows_the_router_s_clock_not_the_machine_s() -> None:
+    """Under a clock set in 2020 the reminder is still scheduled (it compared with time.time())."""
+    _appointment_reminder(StateService(rules=RULES), year=2020)
 
 
 @pytest.mark.redis

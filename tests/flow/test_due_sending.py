@@ -53,6 +53,12 @@ def test_run_due_refuses_bad_arguments() -> None:
     sync = Router(StateService(), main_menu=MENU)
     with pytest.raises(UsageError, match="sync send"):
         sync.run_due(send)
+    # A send that cannot take (user_id, replies): every send would fail, each only logged.
+    for wrong in (lambda user_id: None, lambda user_id, replies, extra: None):
+        with pytest.raises(UsageError, match=r"calls send\(user_id, replies\)"):
+            sync.run_due(wrong)
+        with pytest.raises(UsageError, match=r"calls send\(user_id, replies\)"):
+            asyncio.run(router.run_due(wrong))
 
 
 def _async_router(clock: FakeClock, **options: Any) -> AsyncRouter:

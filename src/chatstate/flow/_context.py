@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import time
 from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, Protocol
@@ -180,7 +181,7 @@ class Context(Generic[DepsT]):
         read-only), data (what the flow collected so far; the whole answer set
         in ``on_complete``), deps (the object given to the router as ``deps=``),
         language, authenticated, flow and step (names, or ``None``),
-        idempotency_key.
+        idempotency_key, now.
 
     Change, all in the one atomic write that ends the step (nothing is written
     if the handling fails): :meth:`update`, :meth:`assign`,
@@ -206,6 +207,7 @@ class Context(Generic[DepsT]):
         "flow",
         "language",
         "message",
+        "now",
         "step",
     )
 
@@ -226,9 +228,19 @@ class Context(Generic[DepsT]):
         flow: str | None = None,
         step: str | None = None,
         data: dict[str, Any] | None = None,
+        now: float | None = None,
     ) -> None:
         self.message = message
         """The message being handled."""
+        self.now: float = (
+            now
+            if now is not None
+            else (message.timestamp if message.timestamp is not None else time.time())
+        )
+        """When the message is handled, Unix seconds: its timestamp, else the router's clock.
+
+        Deadlines the step stores (``schedule``) are measured against it, so
+        compare with it rather than ``time.time()``: a test clock moves it too."""
         self._doc = state
         self.deps: DepsT = deps
         """The bot's own services, as given to the router (``deps=``)."""

@@ -20,7 +20,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterable, Awaitable, Callable, Collection, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any, Final, Generic, Protocol, TypeVar
@@ -36,6 +36,7 @@ from chatstate.exceptions import (
     ConfigurationError,
     FlowError,
     InvalidScreenError,
+    InvalidUserIdError,
     UsageError,
     UserBusyError,
 )
@@ -61,6 +62,8 @@ from chatstate.flow._sending import (
     DeliveryMode,
     RateLimit,
     check_key,
+    check_progress,
+    check_send,
     check_sending,
     event_key,
     identity,
@@ -272,9 +275,6 @@ class _Fired:
     user_id: str
     parcels: list[_Parcel]
     claim: Any
-
-
-_Deliver = Callable[[str, list[Screen], str], Awaitable[None]]
 
 
 class _ClaimLike(Protocol):
@@ -571,6 +571,7 @@ class _RouterCore(Generic[DepsT]):
     def _context(self, message: Message, doc: dict[str, Any], claim: Any) -> Context[DepsT]:
         return Context(
             message=message,
+            now=message.timestamp if message.timestamp is not None else self.clock(),
             state=doc,
             deps=self.deps,
             authenticated=bool(self._is_authenticated(doc)),
@@ -1187,13 +1188,17 @@ class _RouterCore(Generic[DepsT]):
             log.warning("user %r was taken over before the acknowledgement", fired.user_id)
 
     async def due_one(  # noqa: C901 - each failure has its own handling
-        self, state: _StateLike, user_id: str, at_ms: int, deliver: _Deliver, *, keep: bool
+        self, state: _StateLike, user_id: str, at_ms: int, deliver: _Sender, *, keep: bool
     ) -> bool:
         """One index entry of :meth:`run_due`: fire, send each parcel, acknowledge.
 
         Returns False when the entry could not be handled now (busy, failed).
         """
         resend = self.resend_after_ms is not None
+        # One message's turn of the rate before the user is claimed (most due entries
+        # send one): a claimed user waiting for the rate could not answer meanwhile.
+        await deliver.pace(1)
+        paced = 1
         try:
             fired = await self._fire_due(
                 state, user_id, at_ms, self.clock(), keep=keep, resend=resend
@@ -1210,7 +1215,9 @@ class _RouterCore(Generic[DepsT]):
         try:
             for parcel in fired.parcels:
                 if parcel.replies:
-                    await deliver(user_id, parcel.replies, identity(user_id, parcel.key))
+                    ident = identity(user_id, parcel.key)
+                    await deliver(user_id, parcel.replies, ident, paced=paced)
+                    paced = 0
                 if parcel.stored:
                     sent.append(parcel.key)
         except asyncio.CancelledError:
@@ -1233,10 +1240,17 @@ class _RouterCore(Generic[DepsT]):
         broadcast_id: str,
         user_id: str,
         screens: list[Screen],
-        deliver: _Deliver,
+        deliver: _Sender,
     ) -> str:
-        """One user of a broadcast: ``"sent"``, ``"skipped"`` (had it) or ``"failed"``."""
+        """One user of a broadcast: ``"sent"``, ``"skipped"`` (had it) or ``"failed"``.
+
+        The rate's turn is taken after a read says the user gets it and before
+        they are claimed, so a user is never held while the rate holds their send.
+        """
         key = f"broadcast:{broadcast_id}"
+        if not self._gets_broadcast(await state.get(user_id), broadcast_id, key):
+            return "skipped"
+        await deliver.pace(len(screens))
         claim = await state.claim(
             user_id, None, purpose=ROUTER_PURPOSE, lease=self.lease, wait=self.wait
         )
@@ -1266,7 +1280,7 @@ class _RouterCore(Generic[DepsT]):
             raise
         fired = _Fired(user_id, [], claim)
         try:
-            await deliver(user_id, replies, identity(user_id, key))
+            await deliver(user_id, replies, identity(user_id, key), paced=len(screens))
         except asyncio.CancelledError:
             await self._close_fired(fired, [])
             raise
@@ -1276,6 +1290,11 @@ class _RouterCore(Generic[DepsT]):
             return "failed"
         await self._close_fired(fired, [key])
         return "sent"
+
+    def _gets_broadcast(self, doc: Mapping[str, Any], broadcast_id: str, key: str) -> bool:
+        """Whether a user whose document is ``doc`` is sent the broadcast now (read unclaimed)."""
+        seen = doc.get(self.broadcast_field)
+        return not (isinstance(seen, dict) and broadcast_id in seen) or key in self._outbox(doc)
 
     # -- scheduled messages --------------------------------------------------------
 
@@ -1350,10 +1369,19 @@ class _RouterCore(Generic[DepsT]):
                 "after resend_after: build the router with resend_after"
             )
         assert callable(send)
-        return takes_identity(send), limiter, delivery == "at-least-once"
+        keyed = takes_identity(send)
+        check_send(send, keyed, "run_due")
+        return keyed, limiter, delivery == "at-least-once"
 
-    def _broadcast_options(
-        self, broadcast_id: object, replies: object, send: object, concurrency: object, rate: object
+    def _broadcast_options(  # noqa: PLR0917 - broadcast's arguments, checked in one place
+        self,
+        broadcast_id: object,
+        replies: object,
+        send: object,
+        concurrency: object,
+        rate: object,
+        users: object,
+        on_progress: object,
     ) -> tuple[list[Screen], bool, RateLimit | None]:
         check_key(broadcast_id, "a broadcast id")
         screens = [screen_from_json(s) for s in screens_of(replies)]
@@ -1362,7 +1390,19 @@ class _RouterCore(Generic[DepsT]):
         if not callable(send):
             raise UsageError("broadcast takes send(user_id, replies), a function")
         check_sending(concurrency, "at-least-once")
-        return screens, takes_identity(send), rate_limit(rate)
+        keyed = takes_identity(send)
+        check_send(send, keyed, "broadcast")
+        check_progress(on_progress)
+        if isinstance(users, Collection) and not isinstance(users, str):
+            # A list given whole is checked before anyone is sent anything (an iterator
+            # is read as the broadcast goes: a bad id in it counts as failed).
+            check = self.service.manager.user_id
+            for user_id in users:
+                try:
+                    check(user_id)
+                except InvalidUserIdError as exc:
+                    raise InvalidUserIdError(f"broadcast users: {exc}") from None
+        return screens, keyed, rate_limit(rate)
 
     async def fresh_due(self, exclude: set[str], limit: int) -> list[tuple[str, int]]:
         """Due index entries of users not in ``exclude`` (``[]`` if the store failed; logged)."""
@@ -1561,7 +1601,7 @@ class Router(_RouterCore[DepsT]):
         if stop is not None and not isinstance(stop, threading.Event):
             raise UsageError("stop takes a threading.Event")
         stop = stop or threading.Event()
-        deliver = _sync_deliver(send, keyed, limiter)
+        deliver = _Sender(send, keyed, limiter, sync=True)
         slots = threading.BoundedSemaphore(concurrency)
         lock = threading.Lock()
         busy: set[str] = set()
@@ -1613,12 +1653,12 @@ class Router(_RouterCore[DepsT]):
         one at a time.
         """
         screens, keyed, limiter = self._broadcast_options(
-            broadcast_id, replies, send, concurrency, rate
+            broadcast_id, replies, send, concurrency, rate, users, on_progress
         )
         if is_async(send) or (on_progress is not None and is_async(on_progress)):
             raise UsageError("the sync Router's broadcast takes sync functions; use AsyncRouter")
         source: Iterable[str] = self.service.users(prefix) if users is None else _user_ids(users)
-        deliver = _sync_deliver(send, keyed, limiter)
+        deliver = _Sender(send, keyed, limiter, sync=True)
         progress = BroadcastProgress(broadcast_id)
         lock = threading.Lock()
         slots = threading.BoundedSemaphore(concurrency)
@@ -1652,6 +1692,8 @@ class Router(_RouterCore[DepsT]):
         for future in futures:
             future.result()  # an on_progress error surfaces here
         progress.done = True
+        if on_progress is not None:
+            on_progress(progress)
         return progress
 
 
@@ -1661,27 +1703,45 @@ def _user_ids(users: object) -> Iterable[str]:
     return users
 
 
-def _sync_deliver(send: Callable[..., Any], keyed: bool, limiter: RateLimit | None) -> _Deliver:
-    async def deliver(user_id: str, replies: list[Screen], ident: str) -> None:
-        if limiter is not None:
-            limiter.acquire_sync(len(replies))
-        if keyed:
-            send(user_id, replies, identity=ident)
+class _Sender:
+    """Calls ``send`` for one user's replies, paced by the rate limit.
+
+    :meth:`pace` may take the rate's tokens ahead, before the user is claimed
+    (a user is never held while their send waits for the rate); the call
+    then takes only those it was not given ahead.
+    """
+
+    __slots__ = ("keyed", "limiter", "send", "sync")
+
+    def __init__(
+        self, send: Callable[..., Any], keyed: bool, limiter: RateLimit | None, *, sync: bool
+    ) -> None:
+        self.send, self.keyed, self.limiter, self.sync = send, keyed, limiter, sync
+
+    async def pace(self, screens: int) -> None:
+        """Wait for the rate to allow ``screens`` more messages."""
+        if self.limiter is None or screens <= 0:
+            return
+        if self.sync:
+            self.limiter.acquire_sync(screens)
         else:
-            send(user_id, replies)
+            await self.limiter.acquire(screens)
 
-    return deliver
-
-
-def _async_deliver(send: Callable[..., Any], keyed: bool, limiter: RateLimit | None) -> _Deliver:
-    async def deliver(user_id: str, replies: list[Screen], ident: str) -> None:
-        if limiter is not None:
-            await limiter.acquire(len(replies))
-        result = send(user_id, replies, identity=ident) if keyed else send(user_id, replies)
+    async def __call__(
+        self, user_id: str, replies: list[Screen], ident: str, *, paced: int = 0
+    ) -> None:
+        await self.pace(len(replies) - paced)
+        send = self.send
+        result = send(user_id, replies, identity=ident) if self.keyed else send(user_id, replies)
         if inspect.isawaitable(result):
+            if self.sync:
+                if inspect.iscoroutine(result):
+                    result.close()  # never awaited: no "coroutine was never awaited" warning
+                raise UsageError(
+                    "send returned an awaitable, which the sync Router cannot await (its "
+                    "replies were not sent): use AsyncRouter for an async send"
+                )
             await result
-
-    return deliver
 
 
 def _check_limit(limit: object) -> None:
@@ -1832,7 +1892,7 @@ class AsyncRouter(_RouterCore[DepsT]):
         keyed, limiter, keep = self._sending_options(
             send, interval, limit, concurrency, rate, delivery
         )
-        deliver = _async_deliver(send, keyed, limiter)
+        deliver = _Sender(send, keyed, limiter, sync=False)
         slots = asyncio.Semaphore(concurrency)
         busy: set[str] = set()
         resting: dict[str, float] = {}
@@ -1899,7 +1959,8 @@ class AsyncRouter(_RouterCore[DepsT]):
             concurrency: Users handled at once (1 to 10,000).
             rate: Messages a second, or a shared :class:`RateLimit` (``None``: no limit).
             on_progress: Called (awaited if async) with the
-                :class:`BroadcastProgress` after each user.
+                :class:`BroadcastProgress` after each user, and once more at
+                the end, with ``done`` true.
 
         Returns:
             The counts: ``sent``, ``skipped``, ``failed``, ``total``.
@@ -1909,14 +1970,14 @@ class AsyncRouter(_RouterCore[DepsT]):
             ConfigurationError: ``users`` omitted over a backend that cannot list users.
         """
         screens, keyed, limiter = self._broadcast_options(
-            broadcast_id, replies, send, concurrency, rate
+            broadcast_id, replies, send, concurrency, rate, users, on_progress
         )
         source: Iterable[str] | AsyncIterable[str] = (
             self.service.users(prefix) if users is None else users
         )
         if not isinstance(source, AsyncIterable):
             source = _user_ids(source)
-        deliver = _async_deliver(send, keyed, limiter)
+        deliver = _Sender(send, keyed, limiter, sync=False)
         progress = BroadcastProgress(broadcast_id)
         slots = asyncio.Semaphore(concurrency)
         tasks: set[asyncio.Task[None]] = set()
@@ -1962,4 +2023,6 @@ class AsyncRouter(_RouterCore[DepsT]):
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         progress.done = True
+        if on_progress is not None:
+            await _call(on_progress, progress)
         return progress

@@ -154,13 +154,54 @@ def takes_identity(send: Callable[..., Any]) -> bool:
     return False
 
 
+def check_send(send: Callable[..., Any], keyed: bool, what: str) -> None:
+    """Raise :class:`UsageError` when ``send`` cannot be called as ``what`` will call it.
+
+    Checked when ``run_due`` or ``broadcast`` starts: a wrong signature would
+    fail every send, each only logged (at most once: every message lost; at
+    least once: each retried forever). A function whose signature cannot be
+    read (some built-ins) is left to its first call.
+    """
+    try:
+        signature = inspect.signature(send)
+    except (TypeError, ValueError):
+        return
+    try:
+        if keyed:
+            signature.bind("user", [], identity="user:key")
+        else:
+            signature.bind("user", [])
+    except TypeError as exc:
+        shape = "send(user_id, replies, identity=...)" if keyed else "send(user_id, replies)"
+        raise UsageError(f"{what} calls {shape}, which this send cannot take: {exc}") from None
+
+
+def check_progress(on_progress: object) -> None:
+    """Raise :class:`UsageError` unless ``on_progress`` is None or takes one argument."""
+    if on_progress is None:
+        return
+    if not callable(on_progress):
+        raise UsageError(
+            f"on_progress takes a function of the progress, or None, not {on_progress!r}"
+        )
+    try:
+        inspect.signature(on_progress).bind(None)
+    except ValueError:
+        return
+    except TypeError as exc:
+        raise UsageError(
+            f"broadcast calls on_progress(progress), which it cannot take: {exc}"
+        ) from None
+
+
 @attrs.define
 class BroadcastProgress:
     """How far a broadcast got; :meth:`~chatstate.flow.AsyncRouter.broadcast` returns it.
 
     Attributes:
         broadcast_id: The broadcast.
-        total: Users seen so far (all of them once ``done``).
+        total: Users seen so far (all of them once ``done``: a list given as
+            ``users`` is read as the broadcast goes, like the backend's listing).
         sent: Users whose ``send`` succeeded in this run (a resumed user counts here).
         skipped: Users who had it already (sent by an earlier run).
         failed: Users whose ``send`` failed, or who stayed busy longer than the
