@@ -740,8 +740,9 @@ class ChatstateApplication(Application[Any, Any, Any, Any, Any, Any]):
        in the order they came (first in, first out). When a handler raises
        (or the update's data cannot be written), the claim is released, so a
        redelivery is handled again, and the user's and chat's data are put
-       back as stored: nothing of the update is written later by another. An update with neither user nor chat takes its claim on a
-       record of its own (:meth:`ChatstatePersistence.dedupe_doc`).
+       back as stored: nothing of the update is written later by another. An
+       update with neither user nor chat takes its claim on a record of its
+       own (:meth:`ChatstatePersistence.dedupe_doc`).
     2. **Fresh.** Before the handlers, the update's chat and bot data and
        its persistent conversation states are read, in one round trip
        (python-telegram-bot reads conversations only at start-up).
