@@ -883,6 +883,40 @@ def test_a_failed_update_s_changes_are_never_stored_by_a_later_one() -> None:
     assert texts == ["a", "a,b,name"]
 
 
+def test_an_update_whose_writes_fail_leaves_the_user_s_data_as_stored() -> None:
+    """A write that fails (here a set, which JSON cannot hold) puts the user's data back.
+
+    Left in memory, the update's changes were replayed by every later update of the
+    user, which then failed the same way (or, after a store outage, stored them late
+    over newer data: a probe's form ended "Done slowX|33|Rome" after the user said Y).
+    """
+
+    async def main() -> tuple[list[type[BaseException]], dict[str, Any], list[str]]:
+        svc = AsyncStateService()
+        app, sent = build_app(ChatstatePersistence(svc), app_class=ChatstateApplication)
+        errors: list[type[BaseException]] = []
+
+        async def on_error(update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
+            errors.append(type(context.error))
+
+        async def bad(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+            context.user_data["ok"] = 1
+            context.user_data["bad"] = {1, 2}
+
+        app.add_error_handler(on_error)
+        app.add_handler(CommandHandler("bad", bad), group=-1)
+        async with app:
+            await app.process_update(message(app, "/set_a"))
+            await app.process_update(message(app, "/bad"))
+            await app.process_update(message(app, "/set_b"))
+        return errors, await svc.get(f"ptb:user:{ANA}"), sent.texts
+
+    errors, stored, texts = asyncio.run(main())
+    assert errors == [SerializationError]
+    assert stored == {"a": True, "b": True}
+    assert texts == ["a", "a,b"]
+
+
 def test_one_process_runs_a_user_s_updates_in_the_order_they_came() -> None:
     """Updates of one user given at once (one getUpdates batch) run first in, first out.
 

@@ -900,7 +900,8 @@ class ChatstateApplication(Application[Any, Any, Any, Any, Any, Any]):
                 log.info("update %s was handled already; skipping it", claim.op_id)
                 return
             await self._process_and_write(persistence, update, processing)
-            if processing.failed:
+            if processing.failed:  # a handler raised, or a write failed
+                self._forget_changes(persistence, *_ids(update))
                 await claim.release()  # a redelivery is handled again
                 return
             # The claimed document's changes, the update's key and the release: one write.
