@@ -33,7 +33,6 @@ Needs ``pip install 'chatstate[aiogram]'``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
@@ -64,9 +63,8 @@ from chatstate.exceptions import (
     ClaimLostError,
     ConfigurationError,
     LockLostError,
-    LockTimeoutError,
-    UserBusyError,
 )
+from chatstate.integrations._turns import claim_in_turn
 from chatstate.state import AsyncClaim, AsyncRedisBackend, AsyncStateService
 from chatstate.typing import JSONObject
 
@@ -649,27 +647,17 @@ class ChatstateEventIsolation(BaseEventIsolation):
         if pending is not None and not pending.taken and pending.backend is service.manager.backend:
             pending.taken = True
             op_id = pending.op_id
-        timeout = f"another event held the key for longer than {self.wait:g} s"
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.wait
-        # This process's events of the key queue here first, in the order they came
-        # (an asyncio lock is first in, first out): the claim alone would let waiting
-        # events retry in any order, and a user's answers would run out of order.
-        async with contextlib.AsyncExitStack() as turn:
-            try:
-                await turn.enter_async_context(self._turns.hold(user_id, self.wait, "key"))
-            except LockTimeoutError:
-                raise LockTimeoutError(timeout) from None
-            try:
-                claim = await service.claim(
-                    user_id,
-                    op_id,
-                    purpose=DEDUPE_PURPOSE,
-                    lease=self.lease,
-                    wait=max(deadline - loop.time(), 0.0),
-                )
-            except UserBusyError as busy:
-                raise LockTimeoutError(timeout) from busy
+        busy = f"another event held the key for longer than {self.wait:g} s"
+        async with claim_in_turn(
+            self._turns,
+            service,
+            user_id,
+            op_id,
+            purpose=DEDUPE_PURPOSE,
+            lease=self.lease,
+            wait=self.wait,
+            busy=busy,
+        ) as claim:
             if claim.duplicate:
                 raise _DuplicateUpdate(op_id)
             session = _KeySession(service, claim, key, self.key_builder)

@@ -71,9 +71,8 @@ from chatstate._plain import plain as _plain
 from chatstate.exceptions import (
     ChatstateError,
     ConfigurationError,
-    LockTimeoutError,
-    UserBusyError,
 )
+from chatstate.integrations._turns import claim_in_turn
 from chatstate.state import AsyncClaim, AsyncRedisBackend, AsyncStateService
 from chatstate.typing import JSONObject
 
@@ -861,29 +860,20 @@ class ChatstateApplication(Application[Any, Any, Any, Any, Any, Any]):
             )
             await self._process_claimed(persistence, update, processing, claim)
             return
-        timeout = f"another update of this user ran for longer than {self.isolation_wait:g} s"
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.isolation_wait
-        # This process's updates of the user queue here first, in the order they came (an
-        # asyncio lock is first in, first out): the claim alone would let waiting updates
-        # retry in any order, and a user's answers would run out of order.
-        async with contextlib.AsyncExitStack() as turn:
-            try:
-                await turn.enter_async_context(self._turns.hold(doc, self.isolation_wait, "user"))
-            except LockTimeoutError:
-                raise LockTimeoutError(timeout) from None
-            # One claim on the user's document: the update once (its key is remembered in
-            # the document's log), the user's updates one at a time, and the document read.
-            try:
-                claim = await service.claim(
-                    doc,
-                    key,
-                    purpose=DEDUPE_PURPOSE,
-                    lease=self.lease,
-                    wait=max(deadline - loop.time(), 0.0),
-                )
-            except UserBusyError as busy:
-                raise LockTimeoutError(timeout) from busy
+        busy = f"another update of this user ran for longer than {self.isolation_wait:g} s"
+        # One claim on the user's document: the update once (its key is remembered in the
+        # document's log), the user's updates one at a time (in this process, in the order
+        # they came), and the document read.
+        async with claim_in_turn(
+            self._turns,
+            service,
+            doc,
+            key,
+            purpose=DEDUPE_PURPOSE,
+            lease=self.lease,
+            wait=self.isolation_wait,
+            busy=busy,
+        ) as claim:
             processing.claimed = (doc, claim)
             processing.key = key
             await self._process_claimed(persistence, update, processing, claim)
