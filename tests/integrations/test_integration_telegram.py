@@ -917,6 +917,105 @@ def test_an_update_whose_writes_fail_leaves_the_user_s_data_as_stored() -> None:
     assert texts == ["a", "a,b"]
 
 
+def _group_message(app: Application, text: str, user: int, chat: int = -100) -> Update:
+    data = payload(text, user)
+    data["message"]["chat"] = {"id": chat, "type": "group", "title": "G"}
+    return Update.de_json(data, app.bot)
+
+
+def test_a_failed_update_leaves_the_chat_data_of_another_running_update() -> None:
+    """In a group, A's update fails while B's runs: B's change to chat_data is stored."""
+
+    async def main() -> dict[str, Any]:
+        svc = AsyncStateService()
+        entered, go_on = asyncio.Event(), asyncio.Event()
+
+        async def slow(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+            context.chat_data["b"] = True
+            entered.set()
+            await go_on.wait()
+
+        async def boom(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+            raise RuntimeError("boom")
+
+        async def on_error(update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
+            pass
+
+        app, _ = build_app(ChatstatePersistence(svc), app_class=ChatstateApplication)
+        app.add_handler(MessageHandler(filters.Regex("^slow"), slow), group=-1)
+        app.add_handler(MessageHandler(filters.Regex("^boom"), boom), group=-1)
+        app.add_error_handler(on_error)
+        async with app:
+            running = asyncio.create_task(app.process_update(_group_message(app, "slow", BEA)))
+            await entered.wait()
+            await app.process_update(_group_message(app, "boom", ANA))
+            go_on.set()
+            await running
+        return await svc.get("ptb:chat:-100")
+
+    assert asyncio.run(main()) == {"b": True}
+
+
+def test_a_failed_update_keeps_the_user_data_of_a_kind_not_stored() -> None:
+    """With user_data not stored, a failed update does not wipe what the process holds."""
+
+    async def main() -> dict[str, Any]:
+        persistence = ChatstatePersistence(
+            AsyncStateService(), store_data=PersistenceInput(user_data=False)
+        )
+        app, _ = build_app(persistence, app_class=ChatstateApplication)
+
+        async def keep(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+            context.user_data["cart"] = ["apples"]
+
+        async def boom(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+            raise RuntimeError("boom")
+
+        async def on_error(update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
+            pass
+
+        app.add_handler(MessageHandler(filters.Regex("^keep"), keep), group=-1)
+        app.add_handler(MessageHandler(filters.Regex("^boom"), boom), group=-1)
+        app.add_error_handler(on_error)
+        async with app:
+            await app.process_update(message(app, "keep"))
+            await app.process_update(message(app, "boom"))
+            return dict(app.user_data[ANA])
+
+    assert asyncio.run(main()) == {"cart": ["apples"]}
+
+
+def test_a_failed_update_puts_its_conversation_state_back() -> None:
+    """A conversation moved by one handler group, then a later group raised: not moved.
+
+    Left moved and marked, python-telegram-bot's own run wrote it later, over what
+    another process had stored meanwhile.
+    """
+
+    async def main() -> tuple[list[str], dict[str, Any]]:
+        svc = AsyncStateService()
+
+        async def boom(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+            raise RuntimeError("boom")
+
+        async def on_error(update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
+            pass
+
+        persistence = ChatstatePersistence(svc)
+        app, sent = build_app(persistence, app_class=ChatstateApplication)
+        app.add_handler(CommandHandler("start", boom), group=1)  # after the conversation
+        app.add_error_handler(on_error)
+        async with app:
+            await app.process_update(message(app, "/start"))
+            await app.process_update(message(app, "Ana"))  # no conversation to continue
+            await app.update_persistence()
+        return sent.texts, await svc.get(persistence.conversation_key_doc("form", (ANA, ANA)))
+
+    texts, stored = asyncio.run(main())
+    assert texts == ["What is your name?"]
+    assert stored == {}
+
+
 def test_one_process_runs_a_user_s_updates_in_the_order_they_came() -> None:
     """Updates of one user given at once (one getUpdates batch) run first in, first out.
 

@@ -702,6 +702,25 @@ def _sync_key(
         states[key] = stored
 
 
+def _restore_key(
+    states: MutableMapping[ConversationKey, object], key: ConversationKey, state: object | None
+) -> None:
+    """Set one key of ``states`` back to ``state`` (``None``: none), as not changed here."""
+    if isinstance(states.get(key), PendingState):
+        return
+    if isinstance(states, TrackingDict):
+        for other in states.pop_accessed_keys() - {key}:
+            states.mark_as_accessed(other)
+        if state is None:
+            states.data.pop(key, None)
+        else:
+            states.update_no_track({key: state})
+    elif state is None:
+        states.pop(key, None)
+    else:
+        states[key] = state
+
+
 @dataclass
 class _Processing:
     """The update a task is processing, and whether it failed (see ``process_error``)."""
@@ -738,10 +757,14 @@ class ChatstateApplication(Application[Any, Any, Any, Any, Any, Any]):
        it, then does nothing. A user's updates that one process received run
        in the order they came (first in, first out). When a handler raises
        (or the update's data cannot be written), the claim is released, so a
-       redelivery is handled again, and the user's and chat's data are put
-       back as stored: nothing of the update is written later by another. An
-       update with neither user nor chat takes its claim on a record of its
-       own (:meth:`ChatstatePersistence.dedupe_doc`).
+       redelivery is handled again, and the user's and chat's data and the
+       update's conversation states are put back, in memory, as they were
+       stored (the bot data, shared by every update, keeps its change). When
+       the commit fails after the conversation states, chat and bot data were
+       written, those stay written (the states marked as the update's, so its
+       redelivery runs from the states before). An update with neither user
+       nor chat takes its claim on a record of its own
+       (:meth:`ChatstatePersistence.dedupe_doc`).
     2. **Fresh.** Before the handlers, the update's chat and bot data and
        its persistent conversation states are read, in one round trip
        (python-telegram-bot reads conversations only at start-up).
@@ -891,38 +914,50 @@ class ChatstateApplication(Application[Any, Any, Any, Any, Any, Any]):
                 return
             await self._process_and_write(persistence, update, processing)
             if processing.failed:  # a handler raised, or a write failed
-                self._forget_changes(persistence, *_ids(update))
+                self._forget_changes(persistence, update, processing)
                 await claim.release()  # a redelivery is handled again
                 return
             # The claimed document's changes, the update's key and the release: one write.
             try:
                 await claim.commit()
             except BaseException:
-                self._forget_changes(persistence, *_ids(update))
+                self._forget_changes(persistence, update, processing)
                 raise
             persistence._synced.update(processing.staged)  # noqa: SLF001 - its own module
 
     def _forget_changes(
-        self, persistence: ChatstatePersistence, user: int | None, chat: int | None
+        self, persistence: ChatstatePersistence, update: object, processing: _Processing
     ) -> None:
-        """Put the user's and chat's data back as stored: the update that changed them failed.
+        """Put back, in memory, what a failed update changed and did not store.
 
-        Left as they were, its changes would count as this process's unwritten ones,
-        and the next update of the user or chat would store them over newer data.
-        A chat another update of this process is handling keeps its data (their
-        changes are mixed in it); the bot data is shared by every update.
+        Left as they were, its changes would count as this process's unwritten
+        ones, and a later update (or python-telegram-bot's own run) would store
+        them over newer data. The user's and chat's data go back to what was last
+        stored (unless another update of theirs is running in this process:
+        their changes are mixed in; or the kind is not stored); the update's
+        conversation states to the states it found. The bot data, shared by
+        every update, keeps the change.
         """
+        user, chat = _ids(update)
         synced = persistence._synced  # noqa: SLF001 - its own module
-        for ident, busy, kept, doc_of in (
-            (user, self._busy_users, self.user_data, persistence.user_doc),
-            (chat, self._busy_chats, self.chat_data, persistence.chat_doc),
+        store = persistence.store_data
+        for ident, stored, busy, kept, doc_of in (
+            (user, store.user_data, self._busy_users, self.user_data, persistence.user_doc),
+            (chat, store.chat_data, self._busy_chats, self.chat_data, persistence.chat_doc),
         ):
-            data = kept.get(ident) if ident is not None else None
-            if data is None or busy[ident] > 1:
+            if ident is None or not stored or busy[ident] or doc_of(ident) not in synced:
                 continue
-            assert ident is not None
-            data.clear()
-            data.update(_copy(synced.get(doc_of(ident), {})))
+            data = kept.get(ident)
+            if data is not None:
+                data.clear()
+                data.update(_copy(synced[doc_of(ident)]))
+        conversations = self._conversation_handler_conversations
+        for name, key in processing.keys.items():
+            states = conversations.get(name)
+            if states is not None and name in processing.before:
+                before = processing.before[name]
+                found = None if before is None else persistence._state(name, before)  # noqa: SLF001 - its own module
+                _restore_key(states, key, found)
 
     async def _process_and_write(
         self, persistence: ChatstatePersistence, update: object, processing: _Processing
@@ -951,7 +986,6 @@ class ChatstateApplication(Application[Any, Any, Any, Any, Any, Any]):
             finally:
                 _read_ahead.reset(token)
             if processing.failed:  # a handler raised: nothing of the update is stored
-                self._forget_changes(persistence, user, chat)
                 return
             processing.writing = True
             await self._write_update(persistence, user, chat, processing)
