@@ -66,17 +66,16 @@ class AsyncKeyedLocks:
         entry[1] += 1
         try:
             lock = entry[0]
-            timeout = LockTimeoutError(f"another holder kept the {what!r} lock for {wait} s")
-            if not lock.locked():
-                await lock.acquire()
-            elif wait <= 0:
-                raise timeout
-            else:
-                try:
-                    async with asyncio.timeout(wait):  # not wait_for: see _pipeline
-                        await lock.acquire()
-                except TimeoutError:
-                    raise timeout from None
+            # Always under the timeout: a lock just released may still have a woken
+            # waiter queued, and acquire() then waits behind it (free, it returns at
+            # once without waiting, so the timeout costs nothing).
+            try:
+                async with asyncio.timeout(max(wait, 0)):  # not wait_for: see _pipeline
+                    await lock.acquire()
+            except TimeoutError:
+                raise LockTimeoutError(
+                    f"another holder kept the {what!r} lock for {wait} s"
+                ) from None
             try:
                 yield
             finally:

@@ -1,4 +1,4 @@
-"""Concurrent writers on the memory backend: no lost update, contiguous versions."""
+"""Concurrent writers on the memory backend: no lost update, contiguous versions; its locks."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import asyncio
 import threading
 
 from chatstate import AsyncMemoryBackend, AsyncStateService, MemoryBackend, StateService
+from chatstate._locks import AsyncKeyedLocks
+from chatstate.exceptions import LockTimeoutError
 
 
 def test_threads_and_tasks_lose_no_update() -> None:
@@ -64,3 +66,39 @@ def test_transactions_from_threads_count_exactly() -> None:
     for t in threads:
         t.join()
     assert svc.get("c") == {"n": 400}
+
+
+def test_a_keyed_lock_s_wait_holds_when_a_woken_waiter_is_queued() -> None:
+    """Just released, a lock looks free while its woken waiter has not run: the wait still holds.
+
+    acquire() then queued behind that waiter with no bound (a 0.3 s wait took 2 s).
+    """
+
+    async def main() -> str:
+        locks = AsyncKeyedLocks()
+        release = asyncio.Event()
+
+        async def holder() -> None:
+            async with locks.hold("k", 5, "k"):
+                await release.wait()
+
+        async def next_in_line() -> None:
+            async with locks.hold("k", 5, "k"):
+                await asyncio.sleep(10)
+
+        first = asyncio.create_task(holder())
+        await asyncio.sleep(0)
+        second = asyncio.create_task(next_in_line())
+        await asyncio.sleep(0)
+        release.set()
+        await asyncio.sleep(0)  # the holder lets go; the next in line is woken, not yet run
+        try:
+            async with locks.hold("k", 0.05, "k"):
+                result = "acquired"
+        except LockTimeoutError:
+            result = "timed out"
+        second.cancel()
+        await asyncio.gather(first, second, return_exceptions=True)
+        return result
+
+    assert asyncio.run(main()) == "timed out"
