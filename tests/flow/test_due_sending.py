@@ -31,6 +31,17 @@ def test_a_rate_limit_spaces_messages_evenly() -> None:
             RateLimit(bad)
 
 
+def test_turns_given_back_come_sooner_and_keep_the_rate() -> None:
+    """A turn booked for a send that will not happen (a busy user) is given back."""
+    clock = FakeClock(0.0)
+    limit = RateLimit(10, clock=clock)
+    assert [limit.reserve() for _ in range(3)] == [0.0, pytest.approx(0.1), pytest.approx(0.2)]
+    limit.give_back(2)  # the last two will not be sent
+    assert limit.reserve() == pytest.approx(0.1)
+    limit.give_back(0)
+    assert limit.reserve() == pytest.approx(0.2)
+
+
 def test_run_due_refuses_bad_arguments() -> None:
     """Wrong call-time arguments raise UsageError before anything runs."""
     router = AsyncRouter(AsyncStateService(), main_menu=MENU)

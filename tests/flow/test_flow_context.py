@@ -594,3 +594,27 @@ def test_the_contexts_state_is_read_only_and_its_repr_hides_secrets() -> None:
     assert "Ana" in shown
     assert (pin, has) == ("4321", True)
     assert whole["jwt_token"].startswith("eyJ")
+
+
+def test_ctx_now_is_the_time_the_step_stores_its_deadlines_against() -> None:
+    """ctx.now: the message's timestamp, else the router's clock, read once per message."""
+    ticks = iter(range(1000, 2000, 10))
+    seen: list[float] = []
+
+    def prompt(data: dict[str, Any], ctx: Context[None]) -> str:
+        seen.append(ctx.now)
+        return "Your name?"
+
+    class Ask(Flow):
+        who = Step(prompt)
+
+    service = StateService()
+    router = Router(
+        service,
+        main_menu=Menu("Menu", [MenuItem("ask", "Ask", flow=Ask)]),
+        clock=lambda: float(next(ticks)),  # a clock that moves on every reading
+    )
+    router.handle(Message("u", text="ask", message_id="m1"))
+    assert seen == [service.get("u")["flow"]["at"]]
+    router.handle(Message("v", text="ask", message_id="m2", timestamp=5.0))
+    assert seen[-1] == 5.0 == service.get("v")["flow"]["at"]

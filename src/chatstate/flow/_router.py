@@ -568,10 +568,12 @@ class _RouterCore(Generic[DepsT]):
             self._indexes[language] = index
         return index
 
-    def _context(self, message: Message, doc: dict[str, Any], claim: Any) -> Context[DepsT]:
+    def _context(
+        self, message: Message, doc: dict[str, Any], claim: Any, now: float
+    ) -> Context[DepsT]:
         return Context(
             message=message,
-            now=message.timestamp if message.timestamp is not None else self.clock(),
+            now=now,
             state=doc,
             deps=self.deps,
             authenticated=bool(self._is_authenticated(doc)),
@@ -617,8 +619,8 @@ class _RouterCore(Generic[DepsT]):
         """
         try:
             doc = claim.data
-            ctx = self._context(message, doc, claim)
             now = message.timestamp if message.timestamp is not None else self.clock()
+            ctx = self._context(message, doc, claim, now)
             plan = await self._plan(ctx, doc, message, now)
             replies = await self._settle(ctx, doc, plan, now, claim)
             keep = keep and bool(replies)
@@ -1099,7 +1101,7 @@ class _RouterCore(Generic[DepsT]):
                 events.append(f"{event[0]}-{event[1]}")
                 message_id = f"deadline-{event[1]}"
             message = Message(user_id, message_id=message_id, timestamp=now)
-            ctx = self._context(message, doc, claim)
+            ctx = self._context(message, doc, claim, now)
             replies: list[Screen] = [s for _k, _a, screens, _f in sched for s in screens]
             starts = [self.flows[f] for _k, _a, _s, f in sched if f in self.flows]
             if sched:
@@ -1197,6 +1199,7 @@ class _RouterCore(Generic[DepsT]):
         resend = self.resend_after_ms is not None
         # One message's turn of the rate before the user is claimed (most due entries
         # send one): a claimed user waiting for the rate could not answer meanwhile.
+        # A turn that goes unused (a busy user, nothing to send) is given back.
         await deliver.pace(1)
         paced = 1
         try:
@@ -1204,12 +1207,17 @@ class _RouterCore(Generic[DepsT]):
                 state, user_id, at_ms, self.clock(), keep=keep, resend=resend
             )
         except UserBusyError:
+            deliver.give_back(paced)
             return False
         except asyncio.CancelledError:
+            deliver.give_back(paced)
             raise
         except Exception:
+            deliver.give_back(paced)
             log.exception("a due reminder or timeout of user %r failed; it stays due", user_id)
             return False
+        if not any(parcel.replies for parcel in fired.parcels):
+            deliver.give_back(paced)
         sent: list[str] = []
         ok = True
         try:
@@ -1251,16 +1259,21 @@ class _RouterCore(Generic[DepsT]):
         if not self._gets_broadcast(await state.get(user_id), broadcast_id, key):
             return "skipped"
         await deliver.pace(len(screens))
-        claim = await state.claim(
-            user_id, None, purpose=ROUTER_PURPOSE, lease=self.lease, wait=self.wait
-        )
+        try:
+            claim = await state.claim(
+                user_id, None, purpose=ROUTER_PURPOSE, lease=self.lease, wait=self.wait
+            )
+        except BaseException:
+            deliver.give_back(len(screens))
+            raise
         try:
             doc = claim.data
             seen = doc.get(self.broadcast_field)
             seen = seen if isinstance(seen, dict) else {}
             box = self._outbox(doc)
             if broadcast_id in seen:
-                if key not in box:
+                if key not in box:  # another process sent it since the read
+                    deliver.give_back(len(screens))
                     await claim.release()
                     return "skipped"
                 replies = [screen_from_json(r) for r in _entry_replies(box[key])]
@@ -1717,6 +1730,11 @@ class _Sender:
         self, send: Callable[..., Any], keyed: bool, limiter: RateLimit | None, *, sync: bool
     ) -> None:
         self.send, self.keyed, self.limiter, self.sync = send, keyed, limiter, sync
+
+    def give_back(self, screens: int) -> None:
+        """Return turns :meth:`pace` took for messages that will not be sent."""
+        if self.limiter is not None:
+            self.limiter.give_back(screens)
 
     async def pace(self, screens: int) -> None:
         """Wait for the rate to allow ``screens`` more messages."""

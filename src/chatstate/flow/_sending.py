@@ -80,6 +80,16 @@ class RateLimit:
             self._next = start + max(messages, 1) / self.per_second
             return start - now
 
+    def give_back(self, messages: int = 1) -> None:
+        """Return turns booked by :meth:`reserve` for sends that will not happen.
+
+        The next booking comes that much sooner, so the rate stays what it was
+        over time: a turn booked for a user who turned out busy is not lost.
+        """
+        if messages > 0:
+            with self._lock:
+                self._next -= messages / self.per_second
+
     async def acquire(self, messages: int = 1) -> None:
         """Wait (asyncio) until ``messages`` sends fit in the rate."""
         delay = self.reserve(messages)
@@ -185,9 +195,11 @@ def check_progress(on_progress: object) -> None:
             f"on_progress takes a function of the progress, or None, not {on_progress!r}"
         )
     try:
-        inspect.signature(on_progress).bind(None)
-    except ValueError:
-        return
+        signature = inspect.signature(on_progress)
+    except (TypeError, ValueError):
+        return  # a function whose signature cannot be read: left to its first call
+    try:
+        signature.bind(None)
     except TypeError as exc:
         raise UsageError(
             f"broadcast calls on_progress(progress), which it cannot take: {exc}"
