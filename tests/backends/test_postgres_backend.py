@@ -271,7 +271,7 @@ def test_a_connection_argument_it_cannot_use_is_refused_when_the_backend_is_made
         (f"postgresql://bot:{secret}@127.0.0.1:notaport/db", "port"),
         (f"postgresql://bot:{secret}@127.0.0.1:70000/db", "port"),
         (f"postgresql://bot:{secret}@127.0.0.1/db?sslmode=bogus", "sslmode"),
-        (f"host=h password={secret} connect_timeout=abc", "connect_timeout"),
+        (f"host=h password={secret} keepalives=abc", "keepalives"),
         (f"host=h password={secret} target_session_attrs=writable", "target_session_attrs"),
     ):
         for backend in (PostgresBackend, AsyncPostgresBackend):
@@ -279,7 +279,9 @@ def test_a_connection_argument_it_cannot_use_is_refused_when_the_backend_is_made
                 backend(dsn)
             assert secret not in str(info.value)
     for fine in ("postgresql://", "postgresql://h1:5432,h2:5433/db?sslmode=verify-full",
-                 "host=h port=5432 connect_timeout=3 keepalives=1"):  # fmt: skip
+                 "host=h port=5432 connect_timeout=3 keepalives=1",
+                 "host=h port=' 5432' keepalives=+1 connect_timeout=2.5",  # as libpq reads them
+                 "host=h1,h2 port=5432,"):  # fmt: skip
         PostgresBackend(fine).close()
 
 

@@ -924,8 +924,17 @@ _CHOICES: Final = {
         "any", "read-write", "read-only", "primary", "standby", "prefer-standby",
     },
 }  # fmt: skip
-_WHOLE_NUMBERS: Final = ("connect_timeout", "keepalives", "keepalives_idle",
-                         "keepalives_interval", "keepalives_count")  # fmt: skip
+# (connect_timeout is not among them: the backend's own connect_timeout replaces it.)
+_WHOLE_NUMBERS: Final = ("keepalives", "keepalives_idle", "keepalives_interval",
+                         "keepalives_count")  # fmt: skip
+
+
+def _libpq_int(text: str) -> int | None:
+    """A whole number as libpq reads one (a sign and spaces around allowed), else None."""
+    try:
+        return int(text.strip())
+    except ValueError:
+        return None
 
 
 def check_conninfo(conninfo: object, pool: type, backend: str) -> None:
@@ -972,10 +981,10 @@ def check_conninfo(conninfo: object, pool: type, backend: str) -> None:
     for name, value in params.items():
         text = str(value)
         if name == "port" and not all(
-            not p or (p.isdigit() and 0 < int(p) < 65536) for p in text.split(",")
+            not p.strip() or 0 < (_libpq_int(p) or 0) < 65536 for p in text.split(",")
         ):
             why = "a port number (1 to 65535, or a comma-separated list of them)"
-        elif name in _WHOLE_NUMBERS and not text.strip().lstrip("-").isdigit():
+        elif name in _WHOLE_NUMBERS and _libpq_int(text) is None:
             why = "a whole number"
         elif name in _CHOICES and text not in _CHOICES[name]:
             why = "one of " + ", ".join(sorted(_CHOICES[name]))
