@@ -152,7 +152,9 @@ class StateData:
             (``fingerprint=``) is never digested (an id reused for other
             content is not detected), and request digests of ``update_once``
             and the like are plain 48-bit hashes of the values written
-            (secret fields left out).
+            (secret fields left out: a request that differs only in a secret
+            value is taken for the same one, so a reused op id does not store
+            a new PIN).
 
     Raises:
         ConfigurationError: a field is both preserved and replaced, a replaced
