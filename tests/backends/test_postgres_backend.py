@@ -115,13 +115,16 @@ def test_no_acknowledged_write_is_lost_across_a_restart(  # noqa: C901 - writers
     unknown: list[str] = []
     stop = threading.Event()
 
-    def write() -> None:
+    def write(writer: int) -> None:
         with StateService(
             PostgresBackend(postgres.dsn, table_prefix=prefix, pool_timeout=1)
         ) as svc:
             n = 0
             while not stop.is_set():
-                op_id = f"w{n}"
+                # Op ids of their own: shared, a writer that fell more than the op log's
+                # memory (100 ids) behind another, as one waiting out pool_timeout while
+                # another burns ids on BackendUnavailable does, re-applied a forgotten id.
+                op_id = f"w{writer}-{n}"
                 n += 1
                 try:
                     svc.update_once("ana", {"seen": {op_id: True}}, op_id=op_id)
@@ -133,7 +136,7 @@ def test_no_acknowledged_write_is_lost_across_a_restart(  # noqa: C901 - writers
                     acknowledged.append(op_id)
 
     PostgresBackend(postgres.dsn, table_prefix=prefix).install()
-    writers = [threading.Thread(target=write) for _ in range(3)]
+    writers = [threading.Thread(target=write, args=(w,)) for w in range(3)]
     for thread in writers:
         thread.start()
     try:
