@@ -706,19 +706,10 @@ def _restore_key(
     states: MutableMapping[ConversationKey, object], key: ConversationKey, state: object | None
 ) -> None:
     """Set one key of ``states`` back to ``state`` (``None``: none), as not changed here."""
-    if isinstance(states.get(key), PendingState):
-        return
     if isinstance(states, TrackingDict):
-        for other in states.pop_accessed_keys() - {key}:
+        for other in states.pop_accessed_keys() - {key}:  # forget the change, keep the rest
             states.mark_as_accessed(other)
-        if state is None:
-            states.data.pop(key, None)
-        else:
-            states.update_no_track({key: state})
-    elif state is None:
-        states.pop(key, None)
-    else:
-        states[key] = state
+    _sync_key(states, key, state)
 
 
 @dataclass
@@ -913,8 +904,7 @@ class ChatstateApplication(Application[Any, Any, Any, Any, Any, Any]):
                 log.info("update %s was handled already; skipping it", claim.op_id)
                 return
             await self._process_and_write(persistence, update, processing)
-            if processing.failed:  # a handler raised, or a write failed
-                self._forget_changes(persistence, update, processing)
+            if processing.failed:  # its changes are put back already
                 await claim.release()  # a redelivery is handled again
                 return
             # The claimed document's changes, the update's key and the release: one write.
@@ -985,13 +975,14 @@ class ChatstateApplication(Application[Any, Any, Any, Any, Any, Any]):
                 await super().process_update(update)
             finally:
                 _read_ahead.reset(token)
-            if processing.failed:  # a handler raised: nothing of the update is stored
-                return
-            processing.writing = True
-            await self._write_update(persistence, user, chat, processing)
+            if not processing.failed:  # a handler raised: nothing of the update is stored
+                processing.writing = True
+                await self._write_update(persistence, user, chat, processing)
         finally:
             _discard(self._busy_users, user)
             _discard(self._busy_chats, chat)
+        if processing.failed:  # a handler raised, or a write failed
+            self._forget_changes(persistence, update, processing)
 
     def _keys(self, update: object) -> dict[str, ConversationKey]:
         """Each persistent conversation handler's key for ``update`` (where it has one)."""
