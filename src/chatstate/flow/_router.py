@@ -1201,23 +1201,22 @@ class _RouterCore(Generic[DepsT]):
         # send one): a claimed user waiting for the rate could not answer meanwhile.
         # A turn that goes unused (a busy user, nothing to send) is given back.
         await deliver.pace(1)
-        paced = 1
+        fired: _Fired | None = None
         try:
             fired = await self._fire_due(
                 state, user_id, at_ms, self.clock(), keep=keep, resend=resend
             )
         except UserBusyError:
-            deliver.give_back(paced)
             return False
         except asyncio.CancelledError:
-            deliver.give_back(paced)
             raise
         except Exception:
-            deliver.give_back(paced)
             log.exception("a due reminder or timeout of user %r failed; it stays due", user_id)
             return False
-        if not any(parcel.replies for parcel in fired.parcels):
-            deliver.give_back(paced)
+        finally:
+            if fired is None or not any(parcel.replies for parcel in fired.parcels):
+                deliver.give_back(1)
+        paced = 1
         sent: list[str] = []
         ok = True
         try:
@@ -1268,15 +1267,14 @@ class _RouterCore(Generic[DepsT]):
             raise
         try:
             doc = claim.data
+            if not self._gets_broadcast(doc, broadcast_id, key):  # sent since the read
+                deliver.give_back(len(screens))
+                await claim.release()
+                return "skipped"
             seen = doc.get(self.broadcast_field)
             seen = seen if isinstance(seen, dict) else {}
-            box = self._outbox(doc)
-            if broadcast_id in seen:
-                if key not in box:  # another process sent it since the read
-                    deliver.give_back(len(screens))
-                    await claim.release()
-                    return "skipped"
-                replies = [screen_from_json(r) for r in _entry_replies(box[key])]
+            if broadcast_id in seen:  # resumed: the replies stored then
+                replies = [screen_from_json(r) for r in _entry_replies(self._outbox(doc)[key])]
             else:
                 now = self.clock()
                 patch: dict[str, Any] = {broadcast_id: _ms(now)}

@@ -164,26 +164,36 @@ def takes_identity(send: Callable[..., Any]) -> bool:
     return False
 
 
+def _bind_error(function: Callable[..., Any], *args: Any, **kwargs: Any) -> str | None:
+    """Why ``function`` cannot take these arguments; None if it can, or if its signature is unknown.
+
+    A function whose signature cannot be read (some built-ins) is left to its first call.
+    """
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):
+        return None
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        return str(exc)
+    return None
+
+
 def check_send(send: Callable[..., Any], keyed: bool, what: str) -> None:
     """Raise :class:`UsageError` when ``send`` cannot be called as ``what`` will call it.
 
     Checked when ``run_due`` or ``broadcast`` starts: a wrong signature would
     fail every send, each only logged (at most once: every message lost; at
-    least once: each retried forever). A function whose signature cannot be
-    read (some built-ins) is left to its first call.
+    least once: each retried forever).
     """
-    try:
-        signature = inspect.signature(send)
-    except (TypeError, ValueError):
-        return
-    try:
-        if keyed:
-            signature.bind("user", [], identity="user:key")
-        else:
-            signature.bind("user", [])
-    except TypeError as exc:
+    if keyed:
+        why = _bind_error(send, "user", [], identity="user:key")
+    else:
+        why = _bind_error(send, "user", [])
+    if why is not None:
         shape = "send(user_id, replies, identity=...)" if keyed else "send(user_id, replies)"
-        raise UsageError(f"{what} calls {shape}, which this send cannot take: {exc}") from None
+        raise UsageError(f"{what} calls {shape}, which this send cannot take: {why}")
 
 
 def check_progress(on_progress: object) -> None:
@@ -194,16 +204,9 @@ def check_progress(on_progress: object) -> None:
         raise UsageError(
             f"on_progress takes a function of the progress, or None, not {on_progress!r}"
         )
-    try:
-        signature = inspect.signature(on_progress)
-    except (TypeError, ValueError):
-        return  # a function whose signature cannot be read: left to its first call
-    try:
-        signature.bind(None)
-    except TypeError as exc:
-        raise UsageError(
-            f"broadcast calls on_progress(progress), which it cannot take: {exc}"
-        ) from None
+    why = _bind_error(on_progress, None)
+    if why is not None:
+        raise UsageError(f"broadcast calls on_progress(progress), which it cannot take: {why}")
 
 
 @attrs.define
