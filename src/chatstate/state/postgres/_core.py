@@ -383,9 +383,10 @@ class Tables:
 
         A user's row goes with its records once nothing in it lives on. A row
         whose document expired while its log or claim lives on keeps them and
-        loses the document (``doc`` set to ``NULL``, a new ``rev``): expired
-        content is gone from the table at the purge, as it is on the other
-        backends, not kept until the log expires too. The records of an expired
+        loses the document (``doc`` set to ``NULL``, ``rev`` to the fresh
+        ``%(rev)s``, so no cached copy matches): expired content is gone from
+        the table at the purge, as it is on the other backends, not kept until
+        the log expires too. The records of an expired
         log whose document lives on stay until the user's next write deletes
         them (deciding that here would race a write that renews the log).
         """
@@ -398,7 +399,7 @@ class Tables:
                 AND {gone} RETURNING user_id),
             o AS (DELETE FROM {self.ops} WHERE user_id IN (SELECT user_id FROM u)),
             d AS (UPDATE {self.users} SET doc = NULL, version = 0, size = 0, schema = 1,
-                expires_at = NULL, rev = (random() * 4611686018427387903)::bigint * 2 + 1
+                expires_at = NULL, rev = %(rev)s
                 WHERE doc IS NOT NULL AND expires_at <= %(now)s AND NOT ({gone})
                 RETURNING 1),
             l AS (DELETE FROM {self.locks} WHERE expires_at <= %(now)s RETURNING 1)
@@ -943,7 +944,7 @@ def check_conninfo(conninfo: object, pool: type, backend: str) -> None:
     ``pool`` is the pool class the backend takes (a twin's). A string must be one
     libpq can parse, not empty (libpq would connect wherever its defaults and
     ``PG*`` variables say, and ``create=True`` make tables there), with ports,
-    modes and timeouts libpq accepts. The message never quotes the string: libpq's
+    modes and keepalive settings libpq accepts. The message never quotes the string: libpq's
     own quotes the whole of it, password included, and the pool would log it on
     every attempt.
 

@@ -59,6 +59,7 @@ from chatstate.state.postgres._core import (
     describe_conninfo,
     live_snapshot,
     may_resend,
+    new_rev,
     plan,
     schema_error,
     translate,
@@ -171,7 +172,7 @@ class AsyncPostgresBackend:
     Raises:
         ConfigurationError: an option is out of range or of the wrong type, or
             ``conninfo`` is not a connection string libpq can read (or an empty
-            one, or one with a port, mode or timeout libpq would refuse; the
+            one, or one with a port, mode or keepalive libpq would refuse; the
             message never quotes it) or a pool.
         UsageError: ``conninfo`` is a pool of the other twin (a sync pool given
             to the asyncio backend, or the reverse).
@@ -573,7 +574,7 @@ class AsyncPostgresBackend:
         now = self._now_ms()
 
         async def run(conn: psycopg.AsyncConnection[Any]) -> int:
-            cur = await conn.execute(self.tables.purge, {"now": now})
+            cur = await conn.execute(self.tables.purge, {"now": now, "rev": new_rev()})
             found = await cur.fetchone()
             return int(found[0]) if found else 0
 
